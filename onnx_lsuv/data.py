@@ -1,0 +1,170 @@
+"""Loading the data batch and matching it to the model's graph inputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping, Union
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+log = logging.getLogger("onnx_lsuv")
+
+BatchLike = Union[np.ndarray, Mapping[str, np.ndarray], str, os.PathLike]
+MIN_RECOMMENDED_BATCH = 16  # the paper: LSUV is insensitive to the batch size from 16 on
+
+# Casts done without asking: lossless, or the convention of feeding float64 numpy arrays to
+# float32 models. Anything else is refused.
+_ALLOWED_CASTS = {
+    (np.dtype(np.float64), np.dtype(np.float32)),
+    (np.dtype(np.float64), np.dtype(np.float16)),
+    (np.dtype(np.float32), np.dtype(np.float16)),
+    (np.dtype(np.float32), np.dtype(np.float64)),
+    (np.dtype(np.float16), np.dtype(np.float32)),
+    (np.dtype(np.int32), np.dtype(np.int64)),
+    (np.dtype(np.int64), np.dtype(np.int32)),
+    (np.dtype(np.uint8), np.dtype(np.float32)),
+    (np.dtype(np.int64), np.dtype(np.float32)),
+    (np.dtype(np.int32), np.dtype(np.float32)),
+}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller must feed: graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _expected(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, list[int | str | None] | None]:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return None, None
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
+    if not t.HasField("shape"):
+        return dtype, None
+    dims: list[int | str | None] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dtype, dims
+
+
+def _fmt_shape(dims) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+def _load_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"data path is a directory, expected a .npy or .npz file: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:  # numpy raises ValueError/OSError/UnpicklingError variously
+        raise InputError(f"cannot read data file {path} as .npy or .npz: {err}") from err
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    if len(names) != 1:
+        raise InputError(
+            f"{path} holds one array but the model has {len(names)} inputs "
+            f"({', '.join(names)}): give an .npz with one array per input name, e.g. "
+            f"np.savez('batch.npz', {', '.join(f'{n}=...' for n in names)})"
+        )
+    return {names[0]: loaded}
+
+
+def load_batch(data: BatchLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Load ``data`` and check it against ``model``'s inputs.
+
+    Args:
+        data: A numpy array (single-input models), a mapping input name -> array, or the path of
+            a .npy (single input) or .npz (one array per input name) file.
+        model: The model whose inputs the data must feed.
+
+    Returns:
+        Input name -> C-contiguous array of the input's dtype.
+
+    Raises:
+        InputError: With what was expected and what was given.
+    """
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    if not names:
+        raise InputError("the model has no graph inputs to feed")
+    if isinstance(data, (str, os.PathLike)):
+        arrays = _load_file(data, names)
+    elif isinstance(data, Mapping):
+        arrays = dict(data)
+    else:
+        if len(names) != 1:
+            raise InputError(
+                f"the model has {len(names)} inputs ({', '.join(names)}): pass a dict of arrays"
+            )
+        arrays = {names[0]: data}
+
+    missing = [n for n in names if n not in arrays]
+    unknown = [k for k in arrays if k not in names]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s): {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown key(s): {', '.join(unknown)}")
+        raise InputError(f"data does not match the model's inputs ({'; '.join(parts)}); "
+                         f"the model expects: {', '.join(names)}")
+
+    feeds: dict[str, np.ndarray] = {}
+    for vi in inputs:
+        feeds[vi.name] = _check_one(vi, np.asarray(arrays[vi.name]))
+    batch = next(iter(feeds.values())).shape[0] if feeds else 0
+    if 0 < batch < MIN_RECOMMENDED_BATCH:
+        log.warning(
+            "the batch has %d samples; LSUV's variance estimate wants at least %d",
+            batch,
+            MIN_RECOMMENDED_BATCH,
+        )
+    return feeds
+
+
+def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
+    name = vi.name
+    dtype, dims = _expected(vi)
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InputError(f"input {name!r}: data of dtype {arr.dtype} is not numeric")
+    if arr.ndim == 0:
+        raise InputError(f"input {name!r}: got a scalar, expected an array"
+                         + (f" of shape {_fmt_shape(dims)}" if dims is not None else ""))
+    if dims is not None:
+        if arr.ndim != len(dims):
+            raise InputError(
+                f"input {name!r}: expected rank {len(dims)} with shape {_fmt_shape(dims)}, "
+                f"got rank {arr.ndim} with shape {tuple(arr.shape)}"
+            )
+        bad = [k for k, d in enumerate(dims) if isinstance(d, int) and d != arr.shape[k]]
+        if bad:
+            raise InputError(
+                f"input {name!r}: expected shape {_fmt_shape(dims)}, got {tuple(arr.shape)} "
+                f"(axis {bad[0]} differs)"
+            )
+    if arr.size == 0:
+        raise InputError(f"input {name!r}: the array is empty (shape {tuple(arr.shape)})")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise InputError(f"input {name!r}: the data contains NaN or Inf values")
+    if dtype is not None and arr.dtype != dtype:
+        if (arr.dtype, dtype) not in _ALLOWED_CASTS:
+            raise InputError(
+                f"input {name!r}: expected dtype {dtype}, got {arr.dtype}; convert it with "
+                f"arr.astype(np.{dtype.name}) if that is what you mean"
+            )
+        log.info("input %r: casting the data from %s to %s", name, arr.dtype, dtype)
+        arr = arr.astype(dtype)
+    return np.ascontiguousarray(arr)

@@ -1,0 +1,132 @@
+"""The only module that touches ONNX Runtime: providers, sessions, runs."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import ProviderError, RuntimeFailure
+from .orthonormal import default_workers
+
+log = logging.getLogger("onnx_lsuv")
+
+PROVIDERS = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# A measuring run happens once: cuDNN's exhaustive algorithm search (the default) costs more than
+# it saves there.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def _cuda_driver_present() -> bool:
+    """Whether an NVIDIA driver library can be loaded (no GPU, no driver: skip the CUDA probe)."""
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so"]
+    found = ctypes.util.find_library("cuda")
+    if found:
+        names.append(found)
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or default_workers()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class Engine:
+    """Creates sessions on one resolved execution provider.
+
+    Args:
+        provider: "cpu", "cuda" or "auto" (CUDA when it works, else the CPU with one line
+            saying so). Defaults to "auto".
+        threads: CPU threads per session. Defaults to the CPUs this process may use.
+
+    Raises:
+        ProviderError: "cuda" was asked for and CUDA cannot be used here.
+    """
+
+    def __init__(self, provider: str = "auto", threads: int | None = None) -> None:
+        if provider not in PROVIDERS:
+            raise ProviderError(f"unknown provider {provider!r}; choose one of {PROVIDERS}")
+        self.threads = threads
+        self.requested = provider
+        if provider == "cpu":
+            self.providers: list = [CPU]
+        else:
+            reason = self._cuda_unavailable_reason()
+            if reason is None:
+                self.providers = [(CUDA, dict(CUDA_OPTIONS)), CPU]
+            elif provider == "cuda":
+                raise ProviderError(f"the CUDA provider is not available: {reason}")
+            else:
+                log.info("CUDA not available (%s); using the CPU provider", reason)
+                self.providers = [CPU]
+        self.name = "cuda" if self.providers[0] != CPU else "cpu"
+
+    def _cuda_unavailable_reason(self) -> str | None:
+        if CUDA not in ort.get_available_providers():
+            return f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
+        if not _cuda_driver_present():
+            return "no NVIDIA driver found"
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            try:
+                preload()
+            except Exception as err:  # missing pip CUDA packages: the probe below decides
+                log.debug("onnxruntime.preload_dlls failed: %s", err)
+        probe = _probe_model()
+        try:
+            sess = ort.InferenceSession(
+                probe.SerializeToString(), _session_options(1),
+                providers=[(CUDA, dict(CUDA_OPTIONS)), CPU],
+            )
+        except Exception as err:
+            return f"creating a CUDA session failed: {err}"
+        if sess.get_providers()[0] != CUDA:
+            return "onnxruntime could not load the CUDA libraries (CUDA 12/13, cuDNN 9)"
+        return None
+
+    def session(self, model: onnx.ModelProto | bytes) -> ort.InferenceSession:
+        """An inference session for ``model`` on this engine's provider."""
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        try:
+            sess = ort.InferenceSession(data, _session_options(self.threads),
+                                        providers=self.providers)
+        except Exception as err:
+            raise RuntimeFailure(f"ONNX Runtime could not load the model: {err}") from err
+        if self.name == "cuda" and sess.get_providers()[0] != CUDA:
+            raise RuntimeFailure("ONNX Runtime silently fell back from CUDA to the CPU")
+        return sess
+
+    @staticmethod
+    def run(
+        sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Run ``sess`` and fetch ``outputs``; ONNX Runtime errors become RuntimeFailure."""
+        try:
+            return sess.run(list(outputs), feeds)
+        except Exception as err:
+            raise RuntimeFailure(f"ONNX Runtime failed to run the model: {err}") from err
+
+
+def _probe_model() -> onnx.ModelProto:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)],
+                                  ir_version=7)

@@ -1,0 +1,99 @@
+"""How each target op's weight tensor is viewed as (output units x fan-in) matrices, per group.
+
+This is the one table that the orthonormal init, the scaling and the tests all use: a weight of
+any supported op becomes an array of shape (groups, out_per_group, fan_in) and back, bit for bit.
+
+| op            | weight layout           | output units          | groups |
+|---------------|-------------------------|-----------------------|--------|
+| Conv          | (M, C/g, k1, k2, ...)   | axis 0 (M/g per group)| group  |
+| ConvTranspose | (C, M/g, k1, k2, ...)   | axis 1                | group  |
+| Gemm          | (K, N), transB=1: (N, K)| N                     | 1      |
+| MatMul        | (K, N) (second operand) | N                     | 1      |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """The matrix view of one layer's weight.
+
+    Attributes:
+        op: The ONNX op type.
+        shape: The weight tensor's shape as stored in the model.
+        groups: Number of independent groups (Conv/ConvTranspose ``group``; 1 otherwise).
+        trans: For Gemm only: the ``transB`` attribute.
+    """
+
+    op: str
+    shape: tuple[int, ...]
+    groups: int = 1
+    trans: bool = False
+
+    def __post_init__(self) -> None:
+        if self.op not in TARGET_OPS:
+            raise ValueError(f"no weight layout for op {self.op!r}")
+        if self.op in ("Conv", "ConvTranspose"):
+            if len(self.shape) < 3:
+                raise ValueError(f"{self.op} weight must have rank >= 3, got shape {self.shape}")
+            if self.groups < 1 or self.shape[0] % self.groups:
+                raise ValueError(
+                    f"{self.op} weight shape {self.shape} does not split into {self.groups} groups"
+                )
+        elif len(self.shape) != 2:
+            raise ValueError(f"{self.op} weight must be 2-D, got shape {self.shape}")
+
+    @property
+    def matrix_shape(self) -> tuple[int, int, int]:
+        """(groups, output units per group, fan-in) of the matrix view."""
+        s = self.shape
+        if self.op == "Conv":
+            return self.groups, s[0] // self.groups, int(np.prod(s[1:]))
+        if self.op == "ConvTranspose":
+            return self.groups, s[1], (s[0] // self.groups) * int(np.prod(s[2:]))
+        if self.op == "Gemm" and self.trans:
+            return 1, s[0], s[1]
+        return 1, s[1], s[0]  # Gemm (K, N) and MatMul (K, N)
+
+    @property
+    def output_units(self) -> int:
+        g, out, _ = self.matrix_shape
+        return g * out
+
+    def to_matrices(self, weight: np.ndarray) -> np.ndarray:
+        """View ``weight`` as (groups, out, fan_in) matrices (a copy where a transpose is needed)."""
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"weight shape {weight.shape} does not match layout {self.shape}")
+        g, out, fan_in = self.matrix_shape
+        if self.op == "Conv":
+            return weight.reshape(g, out, fan_in)
+        if self.op == "ConvTranspose":
+            c = self.shape[0] // g
+            k = int(np.prod(self.shape[2:]))
+            return weight.reshape(g, c, out, k).transpose(0, 2, 1, 3).reshape(g, out, fan_in)
+        if self.op == "Gemm" and self.trans:
+            return weight.reshape(1, out, fan_in)
+        return weight.T.reshape(1, out, fan_in)
+
+    def from_matrices(self, matrices: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_matrices`: a C-contiguous tensor of the stored shape."""
+        g, out, fan_in = self.matrix_shape
+        if tuple(matrices.shape) != (g, out, fan_in):
+            raise ValueError(f"matrices shape {matrices.shape} != {(g, out, fan_in)}")
+        if self.op == "Conv":
+            w = matrices.reshape(self.shape)
+        elif self.op == "ConvTranspose":
+            c = self.shape[0] // g
+            k = int(np.prod(self.shape[2:]))
+            w = matrices.reshape(g, out, c, k).transpose(0, 2, 1, 3).reshape(self.shape)
+        elif self.op == "Gemm" and self.trans:
+            w = matrices.reshape(self.shape)
+        else:
+            w = matrices.reshape(out, fan_in).T
+        return np.ascontiguousarray(w)

@@ -1,0 +1,350 @@
+"""LSUV (Mishkin & Matas 2015, Algorithm 1) on ONNX models: the public ``lsuv_init``.
+
+1. Pre-initialise every target weight with an orthonormal matrix (per group), zero the biases.
+2. From the first target layer to the last: measure the variance of the layer's output on the
+   batch, divide the weight by sqrt(var / target), until |var - target| < tol or max_iter tries.
+
+Two strategies compute step 2 and must agree within tol:
+
+* ``fast`` (default): one forward pass of a copy of the graph that normalises each layer's output
+  in-graph (LSUV is batch normalisation done once), giving every factor; one more forward pass of
+  the written model re-measures every layer. A layer found off its target there (a non-linearity
+  the one-pass solve cannot see, such as tied weights) is redone with tries on the layer alone,
+  its input computed once from the final upstream weights, and so are the layers after it.
+* ``naive``: the plain re-run: a whole forward pass per try of every layer. The reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import scipy
+
+from . import __version__
+from .data import BatchLike, load_batch
+from .engine import Engine
+from .errors import InputError
+from .layers import Layer, find_layers
+from .measure_graph import LayerBias, normalizing_model, stats_model
+from .model_io import ModelLike, load_model
+from .orthonormal import compute_dtype, orthonormal_many
+from .report import CONVERGED, NOT_CONVERGED, NOT_SCALED, SKIPPED, LayerRecord, Report
+from .weights import WeightState, unshare_biases
+
+log = logging.getLogger("onnx_lsuv")
+
+STRATEGIES = ("fast", "naive")
+
+
+@dataclass
+class LSUVResult:
+    """What ``lsuv_init`` returns.
+
+    Attributes:
+        model: The new model (a copy; the model passed in is untouched).
+        report: Per-layer records, skipped candidates, timings; ``report.to_dict()`` is
+            JSON-serialisable.
+    """
+
+    model: onnx.ModelProto
+    report: Report
+
+
+def validate_options(target_var: float, tol: float, max_iter: int, strategy: str) -> None:
+    """Raise InputError for option values LSUV cannot work with."""
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InputError(f"tol must be a positive number, got {tol!r}")
+    if not (isinstance(target_var, (int, float)) and math.isfinite(target_var) and target_var > 0):
+        raise InputError(f"target_var must be a positive number, got {target_var!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise InputError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def lsuv_init(
+    model: ModelLike,
+    data: BatchLike,
+    *,
+    target_var: float = 1.0,
+    tol: float = 0.1,
+    max_iter: int = 10,
+    seed: int = 0,
+    keep_bias: bool = False,
+    orthonormal: bool = True,
+    orthonormal_only: bool = False,
+    provider: str = "auto",
+    strategy: str = "fast",
+    threads: int | None = None,
+) -> LSUVResult:
+    """LSUV-initialise the Conv, ConvTranspose, Gemm and MatMul layers of an ONNX model.
+
+    Args:
+        model: An onnx.ModelProto (left untouched) or the path of an .onnx file.
+        data: The batch: an array (single-input models), a dict input name -> array, or the path
+            of a .npy / .npz file.
+        target_var: Output variance to reach per layer. Defaults to 1.0.
+        tol: Tolerance on the variance (the paper's Tol_var). Defaults to 0.1.
+        max_iter: Most tries per layer (the paper's T_max). Defaults to 10.
+        seed: Seed of the orthonormal draws; the same seed gives the same bytes. Defaults to 0.
+        keep_bias: Keep the biases instead of zeroing them with the pre-init. Defaults to False.
+        orthonormal: Orthonormal pre-init; False keeps the existing weights and biases and only
+            rescales. Defaults to True.
+        orthonormal_only: Stop after the pre-init (no data pass). Defaults to False.
+        provider: "auto", "cpu" or "cuda". Defaults to "auto".
+        strategy: "fast" (about one forward pass) or "naive" (a forward pass per try).
+            Defaults to "fast".
+        threads: CPU threads for ONNX Runtime and the pre-init. Defaults to the CPUs available.
+
+    Returns:
+        LSUVResult with the new model and the report.
+
+    Raises:
+        InputError: Unusable model, data or option (the message says which and why).
+        ProviderError: The provider asked for is not available.
+        RuntimeFailure: ONNX Runtime failed on the model.
+    """
+    t_start = time.perf_counter()
+    validate_options(target_var, tol, max_iter, strategy)
+    if orthonormal_only and not orthonormal:
+        raise InputError("orthonormal_only and orthonormal=False together would change nothing")
+    work = load_model(model)
+    feeds = None if orthonormal_only else load_batch(data, work)
+    discovery = find_layers(work)
+    layers = discovery.layers
+    report = Report(
+        skipped=[{"name": s.name, "op": s.op, "reason": s.reason} for s in discovery.skipped],
+        options=dict(target_var=target_var, tol=tol, max_iter=max_iter, seed=seed,
+                     keep_bias=keep_bias, orthonormal=orthonormal,
+                     orthonormal_only=orthonormal_only, strategy=strategy),
+        versions={"onnx_lsuv": __version__, "onnx": onnx.__version__,
+                  "onnxruntime": ort.__version__, "numpy": np.__version__,
+                  "scipy": scipy.__version__},
+    )
+    for s in discovery.skipped:
+        log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
+    if not layers:
+        log.warning("the model has no Conv, ConvTranspose, Gemm or MatMul layer with a constant "
+                    "weight: nothing to do")
+        report.timings["total_s"] = time.perf_counter() - t_start
+        return LSUVResult(work, report)
+
+    zeroing = {lay.index for lay in layers} if orthonormal and not keep_bias else set()
+    report.notes.extend(unshare_biases(work, layers, zeroing))
+    state = WeightState(work, layers)
+    report.layers = [
+        LayerRecord(index=lay.index, name=lay.name, op=lay.op, weight=lay.weight.name,
+                    weight_shape=list(lay.weight_shape), groups=lay.layout.groups,
+                    bias=lay.bias.name if lay.bias else None)
+        for lay in layers
+    ]
+    for lay in layers:
+        if lay.shared_weight_users:
+            report.notes.append(f"layer {lay.name}: its weight is also read by "
+                                f"{', '.join(lay.shared_weight_users)} (tied: set here)")
+
+    if orthonormal:
+        t = time.perf_counter()
+        _orthonormal_init(state, layers, seed, threads, zero_bias=not keep_bias)
+        report.timings["orthonormal_s"] = time.perf_counter() - t
+        log.info("orthonormal init of %d layers: %.2f s", len(layers),
+                 report.timings["orthonormal_s"])
+
+    if not orthonormal_only:
+        engine = Engine(provider, threads)
+        report.provider = engine.name
+        t = time.perf_counter()
+        scaler = _scale_fast if strategy == "fast" else _scale_naive
+        scaler(engine, work, state, layers, feeds, report, target_var, tol, max_iter)
+        report.timings["scaling_s"] = time.perf_counter() - t
+        for rec in report.layers:
+            if rec.status == SKIPPED:
+                log.warning("layer %s skipped: %s", rec.name, rec.message)
+            elif rec.status == NOT_CONVERGED:
+                log.warning("layer %s did not converge: %s", rec.name, rec.message)
+
+    state.write(work)
+    report.timings["total_s"] = time.perf_counter() - t_start
+    return LSUVResult(work, report)
+
+
+def _orthonormal_init(state: WeightState, layers: list[Layer], seed: int,
+                      threads: int | None, zero_bias: bool) -> None:
+    mats = orthonormal_many([lay.layout.matrix_shape for lay in layers], seed,
+                            [compute_dtype(lay.dtype) for lay in layers], workers=threads)
+    for lay, m in zip(layers, mats):
+        state.set_base(lay, lay.layout.from_matrices(m))
+        if zero_bias:
+            state.zero_bias(lay)
+
+
+def _model_with(model: onnx.ModelProto, state: WeightState) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    state.write(copy)
+    return copy
+
+
+def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
+    biases = {}
+    for lay in layers:
+        if not state.has_nonzero_bias(lay):
+            continue
+        b = state.bias[lay.index].astype(np.float64) * lay.bias_scale
+        if lay.op in ("Conv", "ConvTranspose"):
+            b = b.reshape((1, -1) + (1,) * (len(lay.weight_shape) - 2))
+        biases[lay.index] = LayerBias(b, float(b.mean()), float(b.var()))
+    return biases
+
+
+def _bad_variance(v: float) -> str | None:
+    if not math.isfinite(v):
+        return f"output variance is {v}"
+    if v <= 0:
+        return "output variance is 0 (constant output)"
+    return None
+
+
+def _scale_fast(engine, work, state, layers, feeds, report, target, tol, max_iter) -> None:
+    records = report.layers
+    t = time.perf_counter()
+    norm, outs = normalizing_model(_model_with(work, state), layers, _kept_biases(state, layers),
+                                   target, tol)
+    sess = engine.session(norm)
+    values = engine.run(sess, feeds, [n for o in outs for n in (o.var_before, o.scale)])
+    del sess
+    for lay, rec, k in zip(layers, records, range(0, len(values), 2)):
+        var, scale = float(values[k]), float(values[k + 1])
+        rec.var_before = var
+        bad = _bad_variance(var)
+        if bad:
+            rec.status, rec.message = SKIPPED, bad
+            continue
+        if scale != 1.0:
+            state.multiply(lay, scale)
+            rec.tries = 1
+        rec.scale = state.scale[lay.index]
+    report.timings["one_pass_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    after = measure_variances(engine, _model_with(work, state), layers, feeds)
+    report.timings["verify_s"] = time.perf_counter() - t
+    first_off = None
+    for rec, var in zip(records, after):
+        rec.var_after = var
+        if rec.status == SKIPPED:
+            continue
+        if abs(var - target) < tol:
+            rec.status = CONVERGED
+        elif first_off is None:
+            first_off = rec.index
+    if first_off is not None:
+        log.info("layer %s is off its target after the one-pass solve (var %.4g): "
+                 "retrying it and the layers after it one at a time",
+                 records[first_off].name, records[first_off].var_after)
+        t = time.perf_counter()
+        for lay in layers[first_off:]:
+            if records[lay.index].status == SKIPPED:
+                continue
+            measure = _layer_measure(engine, work, state, lay, feeds)
+            _tries(measure, state, lay, records[lay.index], target, tol, max_iter,
+                   keep_before=True)
+        report.timings["retry_s"] = time.perf_counter() - t
+
+
+def _scale_naive(engine, work, state, layers, feeds, report, target, tol, max_iter) -> None:
+    for lay in layers:
+        def measure(lay=lay) -> float:
+            model = _model_with(work, state)
+            del model.graph.output[:]
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(lay.output))
+            (y,) = engine.run(engine.session(model), feeds, [lay.output])
+            return float(np.var(y, dtype=np.float64))
+
+        _tries(measure, state, lay, report.layers[lay.index], target, tol, max_iter)
+
+
+def _tries(measure: Callable[[], float], state: WeightState, lay: Layer, rec: LayerRecord,
+           target: float, tol: float, max_iter: int, keep_before: bool = False) -> None:
+    """The paper's inner loop for one layer: measure, rescale, until within tol or max_iter."""
+    var = measure()
+    if not keep_before or rec.var_before is None:
+        rec.var_before = var
+    tries = 0
+    while True:
+        bad = _bad_variance(var)
+        if bad:
+            rec.status, rec.message = SKIPPED, bad
+            break
+        if abs(var - target) < tol:
+            rec.status = CONVERGED
+            break
+        if tries >= max_iter:
+            rec.status = NOT_CONVERGED
+            rec.message = f"|var - target| = {abs(var - target):.4g} after {tries} tries"
+            break
+        state.multiply(lay, math.sqrt(target / var))
+        tries += 1
+        var = measure()
+    rec.tries += tries
+    rec.var_after = var
+    rec.scale = state.scale[lay.index]
+
+
+def _layer_measure(engine: Engine, work: onnx.ModelProto, state: WeightState, lay: Layer,
+                   feeds: dict[str, np.ndarray]) -> Callable[[], float]:
+    """A measurement of one layer alone: its input from one forward pass, then only its nodes."""
+    node = work.graph.node[lay.node_index]
+    x_name = node.input[0]
+    full = _model_with(work, state)
+    del full.graph.output[:]
+    full.graph.output.append(onnx.helper.make_empty_tensor_value_info(x_name))
+    (x,) = engine.run(engine.session(full), feeds, [x_name])
+
+    nodes = [node] + ([work.graph.node[lay.bias_add_node]] if lay.bias_add_node is not None
+                      else [])
+    w_input = "onnx_lsuv::weight"
+    single_nodes = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        if n is node:
+            c.input[1] = w_input
+        single_nodes.append(c)
+    inits = []
+    if lay.bias is not None:
+        b = state.bias[lay.index]
+        b_name = nodes[-1].input[lay.bias_input[1]] if lay.bias_input else None
+        inits.append(onnx.numpy_helper.from_array(b, b_name))
+    elem = onnx.helper.np_dtype_to_tensor_dtype
+    graph = onnx.helper.make_graph(
+        single_nodes, "layer",
+        [onnx.helper.make_tensor_value_info(x_name, elem(x.dtype), list(x.shape)),
+         onnx.helper.make_tensor_value_info(w_input, elem(lay.dtype), list(lay.weight_shape))],
+        [onnx.helper.make_empty_tensor_value_info(lay.output)],
+        initializer=inits,
+    )
+    single = onnx.helper.make_model(graph, opset_imports=work.opset_import,
+                                    ir_version=work.ir_version)
+    sess = engine.session(single)
+
+    def measure() -> float:
+        (y,) = engine.run(sess, {x_name: x, w_input: state.weight(lay)}, [lay.output])
+        return float(np.var(y, dtype=np.float64))
+
+    return measure
+
+
+def measure_variances(engine: Engine, model: onnx.ModelProto, layers: list[Layer],
+                      feeds: dict[str, np.ndarray]) -> list[float]:
+    """Each layer's output variance on the batch, from one forward pass of ``model``."""
+    measuring, names = stats_model(model, layers)
+    sess = engine.session(measuring)
+    return [float(v) for v in engine.run(sess, feeds, names)]

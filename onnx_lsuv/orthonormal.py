@@ -1,0 +1,128 @@
+"""Orthonormal pre-initialisation (Saxe et al. 2014), over the matrix views of ``layouts``.
+
+Each matrix is the Q factor of a Gaussian draw, with the signs of R's diagonal folded in so that
+the result is uniformly (Haar) distributed. Rows are orthonormal when a matrix has no more rows
+than columns, columns otherwise.
+
+Tall, well-conditioned draws (long side >= 1.5x the short side) use CholeskyQR2: two GEMMs, a
+Cholesky and a triangular solve, repeated once. Its R has a positive diagonal, so its Q is the same
+matrix Householder QR gives after the sign fix, hence the same distribution, at less cost for
+large shapes. Near-square draws (whose Gram matrix is ill-conditioned) use scipy's Householder QR.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+
+# Long side / short side from which CholeskyQR2 is used. A Gaussian m x n draw has condition number
+# about (sqrt(m) + sqrt(n)) / (sqrt(m) - sqrt(n)): 10 at m = 1.5 n, well inside CholeskyQR2's range.
+CHOLQR_MIN_ASPECT = 1.5
+CHOLQR_MIN_SIZE = 256
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float64 weights are drawn in float64; every other float type in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _householder_q(a: np.ndarray) -> np.ndarray:
+    q, r = scipy.linalg.qr(a, mode="economic", overwrite_a=True, check_finite=False)
+    signs = np.sign(np.diagonal(r)).astype(q.dtype)
+    signs[signs == 0] = 1
+    return q * signs
+
+
+def _cholesky_q(a: np.ndarray) -> np.ndarray:
+    """One CholeskyQR step: Q = A R^-1 with R = chol(A^T A); raises LinAlgError if not SPD."""
+    r = scipy.linalg.cholesky(a.T @ a, lower=False, check_finite=False)
+    return scipy.linalg.solve_triangular(r, a.T, trans="T", lower=False, check_finite=False).T
+
+
+def tall_orthonormal(a: np.ndarray) -> np.ndarray:
+    """Q factor (positive-diagonal R convention) of a tall or square matrix ``a``."""
+    m, n = a.shape
+    if n >= CHOLQR_MIN_SIZE and m >= CHOLQR_MIN_ASPECT * n:
+        try:
+            q = _cholesky_q(_cholesky_q(a))
+            if np.all(np.isfinite(q)):
+                return np.ascontiguousarray(q)
+        except np.linalg.LinAlgError:
+            pass
+    return _householder_q(a)
+
+
+def orthonormal_matrices(
+    groups: int, rows: int, cols: int, rng: np.random.Generator, dtype: np.dtype = np.float32
+) -> np.ndarray:
+    """Draw ``groups`` orthonormal (rows x cols) matrices.
+
+    Args:
+        groups: Number of independent matrices.
+        rows: Output units per matrix.
+        cols: Fan-in per matrix.
+        rng: The random generator to draw from; the result depends only on its state.
+        dtype: float32 or float64. Defaults to float32.
+
+    Returns:
+        Array of shape (groups, rows, cols): W W^T = I if rows <= cols, else W^T W = I.
+    """
+    dtype = np.dtype(dtype)
+    tall, short = max(rows, cols), min(rows, cols)
+    draws = rng.standard_normal((groups, tall, short), dtype=dtype)
+    out = np.empty((groups, rows, cols), dtype=dtype)
+    for i in range(groups):
+        q = tall_orthonormal(draws[i])
+        out[i] = q.T if rows <= cols else q
+    return out
+
+
+def default_workers() -> int:
+    """CPUs this process may run on (containers restrict affinity; ``os.cpu_count`` does not)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def orthonormal_many(
+    shapes: Sequence[tuple[int, int, int]],
+    seed: int,
+    dtypes: Sequence[np.dtype],
+    workers: int | None = None,
+) -> list[np.ndarray]:
+    """Orthonormal matrices for many layers, in parallel threads (LAPACK releases the GIL).
+
+    Layer ``i`` draws from its own generator seeded with ``(seed, i)``, so the result does not
+    depend on the number of threads or the order in which layers finish. The largest layers are
+    started first.
+
+    Args:
+        shapes: (groups, rows, cols) per layer.
+        seed: Base seed.
+        dtypes: Compute dtype per layer.
+        workers: Thread count. Defaults to the CPUs available to this process.
+
+    Returns:
+        One (groups, rows, cols) array per layer, in the order of ``shapes``.
+    """
+
+    def job(i: int) -> np.ndarray:
+        g, r, c = shapes[i]
+        return orthonormal_matrices(g, r, c, np.random.default_rng([seed, i]), dtypes[i])
+
+    order = sorted(range(len(shapes)), key=lambda i: -int(np.prod(shapes[i])))
+    workers = workers or default_workers()
+    results: list[np.ndarray | None] = [None] * len(shapes)
+    if workers <= 1 or len(shapes) <= 1:
+        for i in order:
+            results[i] = job(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, res in zip(order, pool.map(job, order)):
+                results[i] = res
+    return results  # type: ignore[return-value]

@@ -1,0 +1,111 @@
+"""Per-layer records, the pasteable table, and the JSON form of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# A layer's status, one word each.
+CONVERGED = "converged"  # |var - target| < tol on the batch
+NOT_CONVERGED = "not_converged"  # max_iter tries were not enough
+SKIPPED = "skipped"  # zero or non-finite output variance: not rescaled
+NOT_SCALED = "not_scaled"  # --orthonormal-only
+STATUSES = (CONVERGED, NOT_CONVERGED, SKIPPED, NOT_SCALED)
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one target layer."""
+
+    index: int
+    name: str
+    op: str
+    weight: str
+    weight_shape: list[int]
+    groups: int
+    bias: str | None
+    tries: int = 0
+    var_before: float | None = None
+    var_after: float | None = None
+    scale: float = 1.0
+    status: str = NOT_SCALED
+    message: str = ""
+
+
+@dataclass
+class Report:
+    """The result of one run: per-layer records, skipped candidates, timings, settings."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    provider: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def converged(self) -> bool:
+        """True when no layer ended 'not_converged'."""
+        return all(r.status != NOT_CONVERGED for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["converged"] = self.converged
+        return _finite(d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        """A fixed-width table of the layers, for stderr and for pasting into issues."""
+        head = ["#", "node", "op", "weight shape", "tries", "var before", "var after", "scale",
+                "status"]
+        rows = [
+            [
+                str(r.index),
+                r.name,
+                r.op,
+                "x".join(str(d) for d in r.weight_shape) + (f" g{r.groups}" if r.groups > 1 else ""),
+                str(r.tries),
+                _num(r.var_before),
+                _num(r.var_after),
+                _num(r.scale),
+                r.status,
+            ]
+            for r in self.layers
+        ]
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        right = {0, 4, 5, 6, 7}
+
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths))
+            ).rstrip()
+
+        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        for s in self.skipped:
+            lines.append(f"not a target: {s['name']} ({s['op']}): {s['reason']}")
+        return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,116 @@
+"""The target layers' weights and biases while LSUV works on them, and their write-back."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .layers import ConstRef, GraphIndex, Layer
+
+
+class WeightState:
+    """Current weight (as base x scale) and bias of every target layer.
+
+    A weight is kept as its pre-scaling array plus one accumulated factor, so repeated tries do
+    not compound rounding: the written weight is ``base * scale`` computed once, in float64.
+    """
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer]) -> None:
+        self.index = GraphIndex(model.graph)
+        self.layers = layers
+        self.base = {lay.index: self.index.const_array(lay.weight) for lay in layers}
+        self.scale = {lay.index: 1.0 for lay in layers}
+        self.bias = {
+            lay.index: self.index.const_array(lay.bias) if lay.bias is not None else None
+            for lay in layers
+        }
+        self.changed_bias: set[int] = set()
+
+    def weight(self, layer: Layer) -> np.ndarray:
+        """The layer's current weight, in its own dtype."""
+        s = self.scale[layer.index]
+        base = self.base[layer.index]
+        if s == 1.0:
+            return base
+        return (base.astype(np.float64) * s).astype(layer.dtype)
+
+    def set_base(self, layer: Layer, weight: np.ndarray) -> None:
+        self.base[layer.index] = np.ascontiguousarray(weight.astype(layer.dtype))
+        self.scale[layer.index] = 1.0
+
+    def multiply(self, layer: Layer, factor: float) -> None:
+        self.scale[layer.index] *= float(factor)
+
+    def zero_bias(self, layer: Layer) -> None:
+        b = self.bias[layer.index]
+        if b is not None and np.any(b != 0):
+            self.bias[layer.index] = np.zeros_like(b)
+            self.changed_bias.add(layer.index)
+
+    def has_nonzero_bias(self, layer: Layer) -> bool:
+        b = self.bias[layer.index]
+        return b is not None and bool(np.any(b != 0))
+
+    def write(self, model: onnx.ModelProto) -> None:
+        """Write the current weights and changed biases into ``model`` (same names, dtypes)."""
+        index = GraphIndex(model.graph)
+        for layer in self.layers:
+            _write_const(index, layer.weight, self.weight(layer))
+            if layer.index in self.changed_bias and layer.bias is not None:
+                _write_const(index, layer.bias, self.bias[layer.index])
+
+
+def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
+    proto = index.tensor_proto(ref)
+    new = numpy_helper.from_array(np.ascontiguousarray(value).astype(
+        onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)), proto.name)
+    proto.CopyFrom(new)
+
+
+def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int]) -> list[str]:
+    """Give each layer whose bias will be zeroed its own bias tensor where others read it too.
+
+    PyTorch's exporter deduplicates equal initializers (through Identity nodes), so one bias
+    tensor often serves several layers. Zeroing it is harmless when every reader zeroes it; any
+    other reader would silently change, so that layer gets a private copy instead.
+
+    Args:
+        model: The model to edit (rewires the layer's bias input, appends initializers).
+        layers: All target layers; their ``bias`` and ``bias_input`` are updated.
+        zeroing: Indices of the layers whose biases are zeroed.
+
+    Returns:
+        One note per bias that was unshared.
+    """
+    index = GraphIndex(model.graph)
+    graph = model.graph
+    by_ref: dict[ConstRef, list[Layer]] = {}
+    for layer in layers:
+        if layer.bias is not None:
+            by_ref.setdefault(layer.bias, []).append(layer)
+    notes = []
+    taken = set(index.initializers) | set(index.producer)
+    for ref, owners in by_ref.items():
+        users = set(index.users_of_const(ref))
+        zeroed_slots = {
+            (lay.bias_input[0], lay.bias_input[1]) for lay in owners if lay.index in zeroing
+        }
+        if users <= zeroed_slots and not index.const_is_graph_output(ref):
+            continue  # every reader zeroes it: nothing else changes
+        for lay in owners:
+            if lay.index not in zeroing:
+                continue
+            name = f"{lay.name}.bias"
+            k = 1
+            while name in taken:
+                name = f"{lay.name}.bias.{k}"
+                k += 1
+            taken.add(name)
+            tensor = numpy_helper.from_array(index.const_array(ref), name)
+            graph.initializer.append(tensor)
+            node_i, pos = lay.bias_input
+            graph.node[node_i].input[pos] = name
+            lay.bias = ConstRef(name)
+            notes.append(f"layer {lay.name}: bias {ref.name!r} is shared; gave it its own {name!r}")
+    return notes

@@ -1,0 +1,176 @@
+"""The LSUV paper's Table 1 architectures as ONNX graphs, built with onnx.helper.
+
+FitNet-MNIST, FitNet-1, FitNet-4 and FitResNet-4 (Mishkin & Matas 2016, Table 1, after Romero et
+al. 2015), with a choice of activation: relu, vlrelu (leaky ReLU with slope 0.333), tanh,
+sigmoid, maxout (max of two feature maps: each conv or fc produces twice the channels).
+Weights are drawn from N(0, 0.01^2) (an arbitrary starting point LSUV replaces), biases 0.
+Convs are 3x3, padding 1, as in the paper; pools are max pools.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8  # accepted by onnxruntime >= 1.14; the newest onnx would write 14 otherwise
+ACTIVATIONS = ("relu", "vlrelu", "tanh", "sigmoid", "maxout")
+
+# ("conv", out_channels) | ("pool", kernel, stride) | ("gpool",) | ("res", [convs...])
+_C = "conv"
+ARCHITECTURES: dict[str, dict] = {
+    "fitnet_mnist": {
+        "input": (1, 28, 28),
+        "layers": [(_C, 16), (_C, 16), ("pool", 4, 2), (_C, 16), (_C, 16), ("pool", 4, 2),
+                   (_C, 12), (_C, 12), ("pool", 2, 2)],
+    },
+    "fitnet1": {
+        "input": (3, 32, 32),
+        "layers": [(_C, 16)] * 3 + [("pool", 2, 2)] + [(_C, 32)] * 3 + [("pool", 2, 2)]
+        + [(_C, 48)] * 3 + [("gpool",)],
+    },
+    "fitnet4": {
+        "input": (3, 32, 32),
+        "layers": [(_C, 32)] * 3 + [(_C, 48)] * 2 + [("pool", 2, 2)] + [(_C, 80)] * 5
+        + [("pool", 2, 2)] + [(_C, 128)] * 5 + [("gpool",)],
+    },
+    "fitresnet4": {
+        "input": (3, 32, 32),
+        "layers": [(_C, 32), ("res", [32, 32]), (_C, 48), ("res", [48, 48]), ("pool", 2, 2),
+                   (_C, 80), ("res", [80, 80]), ("res", [80, 80]), ("pool", 2, 2),
+                   (_C, 128), ("res", [128, 128]), ("res", [128, 128]), ("gpool",)],
+    },
+}
+
+
+class _Builder:
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}{self.n}"
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> str:
+        w = (self.rng.standard_normal(shape) * 0.01).astype(np.float32)
+        self.inits.append(numpy_helper.from_array(w, name))
+        return name
+
+    def bias(self, name: str, n: int) -> str:
+        self.inits.append(numpy_helper.from_array(np.zeros(n, np.float32), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str, n_out: int = 1, **attrs) -> list[str]:
+        base = self.name(hint)
+        outs = [base] if n_out == 1 else [f"{base}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=base, **attrs))
+        return outs
+
+    def conv(self, x: str, c_in: int, c_out: int, act: str | None) -> str:
+        k = self.n + 1
+        mult = 2 if act == "maxout" else 1
+        w = self.weight(f"conv{k}.weight", (c_out * mult, c_in, 3, 3))
+        b = self.bias(f"conv{k}.bias", c_out * mult)
+        (y,) = self.node("Conv", [x, w, b], "conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        return self.act(y, act)
+
+    def act(self, y: str, act: str | None) -> str:
+        if act is None:
+            return y
+        if act == "relu":
+            return self.node("Relu", [y], "relu")[0]
+        if act == "vlrelu":
+            return self.node("LeakyRelu", [y], "vlrelu", alpha=0.333)[0]
+        if act == "tanh":
+            return self.node("Tanh", [y], "tanh")[0]
+        if act == "sigmoid":
+            return self.node("Sigmoid", [y], "sigmoid")[0]
+        if act == "maxout":
+            a, b = self.node("Split", [y], "maxout_split", n_out=2, axis=1)
+            return self.node("Max", [a, b], "maxout")[0]
+        raise ValueError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
+
+
+def build(arch: str, activation: str = "relu", classes: int = 10, seed: int = 0,
+          batch: int | str = "N") -> onnx.ModelProto:
+    """Build one Table 1 architecture.
+
+    Args:
+        arch: One of ``ARCHITECTURES``: fitnet_mnist, fitnet1, fitnet4, fitresnet4.
+        activation: One of ``ACTIVATIONS``. Defaults to "relu".
+        classes: Outputs of the final fc layer. Defaults to 10.
+        seed: Seed of the N(0, 0.01^2) starting weights. Defaults to 0.
+        batch: The batch dimension: a number or a symbolic name. Defaults to "N".
+
+    Returns:
+        A checked ModelProto (opset 17, IR version 8) with input "input" and output "logits".
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {list(ARCHITECTURES)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    spec = ARCHITECTURES[arch]
+    c, h, w = spec["input"]
+    b = _Builder(seed)
+    x = "input"
+    for layer in spec["layers"]:
+        kind = layer[0]
+        if kind == _C:
+            x = b.conv(x, c, layer[1], activation)
+            c = layer[1]
+        elif kind == "pool":
+            _, k, s = layer
+            pad = max(0, (k - s)) // 2
+            (x,) = b.node("MaxPool", [x], "pool", kernel_shape=[k, k], strides=[s, s],
+                          pads=[pad, pad, pad, pad])
+            h = (h + 2 * pad - k) // s + 1
+            w = (w + 2 * pad - k) // s + 1
+        elif kind == "gpool":
+            (x,) = b.node("GlobalMaxPool", [x], "gpool")
+            h = w = 1
+        elif kind == "res":
+            shortcut = x
+            for i, co in enumerate(layer[1]):
+                last = i == len(layer[1]) - 1
+                x = b.conv(x, c, co, None if last else activation)
+                c = co
+            (x,) = b.node("Add", [x, shortcut], "add")
+            x = b.act(x, activation)
+    (x,) = b.node("Flatten", [x], "flatten", axis=1)
+    fan_in = c * h * w
+    k = b.n + 1
+    wname = b.weight(f"fc{k}.weight", (classes, fan_in))
+    bname = b.bias(f"fc{k}.bias", classes)
+    b.node("Gemm", [x, wname, bname], "fc", transB=1)
+    b.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(
+        b.nodes, arch,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *spec["input"]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        initializer=b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              ir_version=IR_VERSION, producer_name="onnx-lsuv sample_models")
+    model.doc_string = f"{arch} ({activation}) after Table 1 of Mishkin & Matas 2016"
+    onnx.checker.check_model(model)
+    return model
+
+
+def digits_batch(n: int = 128, size: int = 28, seed: int = 0) -> np.ndarray:
+    """A real batch: scikit-learn's bundled handwritten digits, resized to (n, 1, size, size).
+
+    Pixels are scaled to [0, 1], resized with cubic spline interpolation, then standardised to
+    zero mean and unit variance over the batch. The n images are drawn without replacement.
+    """
+    from scipy.ndimage import zoom
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.float64) / 16.0  # (1797, 8, 8)
+    idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
+    big = np.stack([zoom(images[i], size / 8.0, order=3) for i in idx])
+    big = (big - big.mean()) / big.std()
+    return big[:, None].astype(np.float32)
