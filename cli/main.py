@@ -8,7 +8,7 @@ import sys
 import click
 
 import onnx_lsuv
-from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_FAILURE, InputError, LSUVError
+from onnx_lsuv.errors import EXIT_FAILURE, InputError, LSUVError
 from onnx_lsuv.model_io import check_output_path, save_model_atomic
 
 EPILOG = """\b

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Union
+from collections.abc import Mapping
+from typing import Union
 
 import numpy as np
 import onnx

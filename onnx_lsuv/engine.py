@@ -6,7 +6,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx

@@ -67,7 +67,7 @@ class WeightLayout:
         return g * out
 
     def to_matrices(self, weight: np.ndarray) -> np.ndarray:
-        """View ``weight`` as (groups, out, fan_in) matrices (a copy where a transpose is needed)."""
+        """View ``weight`` as (groups, out, fan_in) matrices (copied if transposed)."""
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"weight shape {weight.shape} does not match layout {self.shape}")
         g, out, fan_in = self.matrix_shape

@@ -35,7 +35,7 @@ from .layers import Layer, find_layers
 from .measure_graph import LayerBias, normalizing_model, stats_model
 from .model_io import ModelLike, load_model
 from .orthonormal import compute_dtype, orthonormal_many
-from .report import CONVERGED, NOT_CONVERGED, NOT_SCALED, SKIPPED, LayerRecord, Report
+from .report import CONVERGED, NOT_CONVERGED, SKIPPED, LayerRecord, Report
 from .weights import WeightState, unshare_biases
 
 log = logging.getLogger("onnx_lsuv")

@@ -13,8 +13,8 @@ large shapes. Near-square draws (whose Gram matrix is ill-conditioned) use scipy
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 import scipy.linalg

@@ -68,7 +68,7 @@ class Report:
                 str(r.index),
                 r.name,
                 r.op,
-                "x".join(str(d) for d in r.weight_shape) + (f" g{r.groups}" if r.groups > 1 else ""),
+                "x".join(map(str, r.weight_shape)) + (f" g{r.groups}" if r.groups > 1 else ""),
                 str(r.tries),
                 _num(r.var_before),
                 _num(r.var_after),

@@ -139,7 +139,8 @@ def build(arch: str, activation: str = "relu", classes: int = 10, seed: int = 0,
                 x = b.conv(x, c, co, None if last else activation)
                 c = co
             (x,) = b.node("Add", [x, shortcut], "add")
-            x = b.act(x, activation)
+            if activation != "maxout":  # maxout belongs to a conv: it would halve the sum
+                x = b.act(x, activation)
     (x,) = b.node("Flatten", [x], "flatten", axis=1)
     fan_in = c * h * w
     k = b.n + 1

@@ -1,0 +1,81 @@
+"""Shared test helpers: model builders and an independent variance measurement."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "sample_models"))
+
+OPSET = 17
+IR_VERSION = 8
+
+
+def make_model(nodes, inputs, outputs, inits, opset=OPSET, ir_version=IR_VERSION):
+    """A checked model. inputs/outputs: (name, shape) or (name, shape, elem_type)."""
+
+    def vi(spec):
+        name, shape = spec[0], spec[1]
+        if shape is None:  # filled in by shape inference below
+            return helper.make_empty_tensor_value_info(name)
+        elem = spec[2] if len(spec) > 2 else TensorProto.FLOAT
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    graph = helper.make_graph(
+        nodes, "test", [vi(i) for i in inputs], [vi(o) for o in outputs],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=ir_version)
+    model = onnx.shape_inference.infer_shapes(model)
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model)
+    return model
+
+
+def output_variances(model: onnx.ModelProto, feeds: dict, names: list[str]) -> list[float]:
+    """Variance of tensors ``names`` on ``feeds``, measured here with numpy in float64.
+
+    Independent of onnx_lsuv: its own ORT session with the tensors exposed as outputs.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    for n in names:
+        m.graph.output.append(helper.make_empty_tensor_value_info(n))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [float(np.var(y, dtype=np.float64)) for y in sess.run(names, feeds)]
+
+
+def target_outputs(model: onnx.ModelProto) -> list[str]:
+    """Output tensor of every Conv/ConvTranspose/Gemm node (the test's own notion)."""
+    return [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")]
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in model.graph.initializer}
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from fitnets import digits_batch
+
+    return digits_batch(n=64, size=28, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_heldout():
+    from fitnets import digits_batch
+
+    return digits_batch(n=64, size=28, seed=1)

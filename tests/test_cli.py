@@ -1,0 +1,150 @@
+"""The command end to end: as the installed console script and through click's runner."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnx_lsuv.errors import EXIT_BAD_INPUT
+from onnx_lsuv_cli.main import lsuv_command
+
+import models
+from conftest import ROOT, output_variances, target_outputs
+
+SAMPLE = os.path.join(ROOT, "sample_models", "fitnet_mnist_relu.onnx")
+BATCH = os.path.join(ROOT, "sample_models", "digits_batch.npy")
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_installed_command_initialises_the_sample(tmp_path):
+    exe = shutil.which("onnx-lsuv")
+    assert exe, "onnx-lsuv is not installed (pip install -e .)"
+    out, rep = tmp_path / "init.onnx", tmp_path / "report.json"
+    before = sha(SAMPLE), sha(BATCH)
+    proc = subprocess.run([exe, SAMPLE, "--data", BATCH, "-o", str(out), "--report", str(rep),
+                           "--provider", "cpu"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "var after" in proc.stderr and "conv1" in proc.stderr
+    assert (sha(SAMPLE), sha(BATCH)) == before
+    model = onnx.load(out)
+    onnx.checker.check_model(model)
+    names = target_outputs(model)
+    for v in output_variances(model, {"input": np.load(BATCH)}, names):
+        assert abs(v - 1) < 0.1
+    report = json.loads(rep.read_text())
+    assert len(report["layers"]) == len(names) and report["converged"]
+
+
+def test_python_dash_m_runs_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "onnx_lsuv", "--version"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "onnx-lsuv" in proc.stdout
+
+
+def test_npz_data_for_a_two_input_model(tmp_path):
+    model, feeds, outputs = models.two_inputs()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", **feeds)
+    res = CliRunner().invoke(lsuv_command, [str(tmp_path / "m.onnx"), "--data",
+                                            str(tmp_path / "d.npz"), "-o",
+                                            str(tmp_path / "o.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    for v in output_variances(onnx.load(tmp_path / "o.onnx"), feeds, outputs):
+        assert abs(v - 1) < 0.1
+
+
+def test_same_seed_gives_a_byte_identical_file(tmp_path):
+    runner = CliRunner()
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        res = runner.invoke(lsuv_command, [SAMPLE, "--data", BATCH, "-o", str(tmp_path / name),
+                                           "--seed", str(seed), "--provider", "cpu", "-q"])
+        assert res.exit_code == 0, res.output
+    assert sha(tmp_path / "a") == sha(tmp_path / "b") != sha(tmp_path / "c")
+
+
+def bad(tmp_path, args):
+    res = CliRunner().invoke(lsuv_command, args)
+    assert res.exit_code == EXIT_BAD_INPUT, res.output
+    assert "error:" in res.output and "Traceback" not in res.output
+    assert not any(p.name.endswith((".onnx", ".tmp")) and p.name != "m.onnx"
+                   for p in tmp_path.iterdir())
+    return res.output
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing_model", "model file not found"),
+    ("not_onnx", "cannot read"),
+    ("missing_data", "data file not found"),
+    ("bad_data", "cannot read data file"),
+    ("wrong_shape", "expected shape"),
+    ("scalar", "scalar"),
+    ("nan", "NaN"),
+    ("npy_for_two_inputs", ".npz"),
+    ("npz_missing_key", "missing input"),
+    ("no_out_dir", "output directory does not exist"),
+    ("out_is_input", "--overwrite"),
+    ("tol", "tol must be"),
+    ("max_iter", "max_iter must be"),
+    ("target_var", "target_var must be"),
+])
+def test_bad_input_exits_2_with_one_clear_message(tmp_path, case, expect):
+    model, feeds, _ = models.two_inputs() if "two" in case or "npz" in case \
+        else models.gemm_mlp(1)
+    m = tmp_path / "m.onnx"
+    onnx.save(model, m)
+    data = tmp_path / "d.npy"
+    x = next(iter(feeds.values()))
+    np.save(data, x)
+    out = str(tmp_path / "o.onnx")
+    args = [str(m), "--data", str(data), "-o", out, "--provider", "cpu"]
+    if case == "missing_model":
+        args[0] = str(tmp_path / "nope.onnx")
+    elif case == "not_onnx":
+        (tmp_path / "junk.onnx.txt").write_text("not a model")
+        args[0] = str(tmp_path / "junk.onnx.txt")
+    elif case == "missing_data":
+        args[2] = str(tmp_path / "nope.npy")
+    elif case == "bad_data":
+        (tmp_path / "bad.npy").write_text("garbage")
+        args[2] = str(tmp_path / "bad.npy")
+    elif case == "wrong_shape":
+        np.save(data, x[:, :5])
+    elif case == "scalar":
+        np.save(data, np.float32(1))
+    elif case == "nan":
+        y = x.copy()
+        y[0, 0] = np.nan
+        np.save(data, y)
+    elif case == "npz_missing_key":
+        np.savez(tmp_path / "d.npz", a=feeds["a"])
+        args[2] = str(tmp_path / "d.npz")
+    elif case == "no_out_dir":
+        args[4] = str(tmp_path / "missing" / "o.onnx")
+    elif case == "out_is_input":
+        args[4] = str(m)
+    elif case in ("tol", "max_iter", "target_var"):
+        args += [f"--{case.replace('_', '-')}", "0"]
+    before = sha(m)
+    output = bad(tmp_path, args)
+    assert expect in output
+    assert sha(m) == before
+    for p in tmp_path.iterdir():
+        assert not p.name.endswith(".tmp")
+
+
+def test_orthonormal_only_needs_no_data(tmp_path):
+    res = CliRunner().invoke(lsuv_command, [SAMPLE, "-o", str(tmp_path / "o.onnx"),
+                                            "--orthonormal-only"])
+    assert res.exit_code == 0, res.output
+    assert "not_scaled" in res.output
