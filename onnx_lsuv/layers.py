@@ -76,6 +76,11 @@ class Layer:
         return self.layout.shape
 
     @property
+    def channel_axis(self) -> int:
+        """The output's axis of output units: 1 for convolutions, the last one otherwise."""
+        return 1 if self.op in ("Conv", "ConvTranspose") else -1
+
+    @property
     def bias_add_node(self) -> int | None:
         """Index of the separate bias Add node (MatMul + Add), if any."""
         if self.bias_input is not None and self.bias_input[0] != self.node_index:

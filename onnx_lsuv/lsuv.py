@@ -193,14 +193,22 @@ def _model_with(model: onnx.ModelProto, state: WeightState) -> onnx.ModelProto:
 
 
 def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
+    """Kept non-zero biases as one value per output unit (what the one-pass solve handles).
+
+    A Gemm bias that is not per output unit (a full (M, N) matrix) is left out: the one-pass
+    factor is then approximate, and the re-measurement sends the layer to the try loop.
+    """
     biases = {}
     for lay in layers:
         if not state.has_nonzero_bias(lay):
             continue
         b = state.bias[lay.index].astype(np.float64) * lay.bias_scale
-        if lay.op in ("Conv", "ConvTranspose"):
-            b = b.reshape((1, -1) + (1,) * (len(lay.weight_shape) - 2))
-        biases[lay.index] = LayerBias(b, float(b.mean()), float(b.var()))
+        units = lay.layout.output_units
+        if b.size == 1:
+            b = np.full(units, b.item())
+        if b.size != units:
+            continue
+        biases[lay.index] = LayerBias(b.reshape(units))
     return biases
 
 

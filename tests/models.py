@@ -147,3 +147,29 @@ ALL = {
 }
 
 __all__ = ["ALL", "np"]
+
+
+def tied_weights():
+    """One square weight read by two Gemms (fc1 and, later, fc2): tied, set at first use."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["y1"], name="fc1", transB=1),
+        helper.make_node("Tanh", ["y1"], ["t1"]),
+        helper.make_node("Gemm", ["t1", "w"], ["y2"], name="fc2", transB=1),
+        helper.make_node("Relu", ["y2"], ["r2"]),
+        helper.make_node("Gemm", ["r2", "w3"], ["y3"], name="fc3", transB=1),
+    ]
+    inits = {"w": w(16, 16, seed=1), "w3": w(8, 16, seed=2)}
+    return make_model(nodes, [("x", ["N", 16])], [("y3", None)], inits), \
+        {"x": rand(32, 16, seed=9)}, ["y1", "y3"]
+
+
+def full_matrix_bias():
+    """Gemm whose bias C is a full (M, N) matrix: not per output unit."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "c1"], ["y1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["y1"], ["r1"]),
+        helper.make_node("Gemm", ["r1", "w2"], ["y2"], name="fc2", transB=1),
+    ]
+    inits = {"w1": w(16, 10, seed=1), "c1": rand(32, 16, seed=2) * 0.3, "w2": w(8, 16, seed=3)}
+    return make_model(nodes, [("x", [32, 10])], [("y2", None)], inits), \
+        {"x": rand(32, 10, seed=9)}, ["y1", "y2"]
