@@ -104,14 +104,27 @@ class Engine:
             return "onnxruntime could not load the CUDA libraries (CUDA 12/13, cuDNN 9)"
         return None
 
-    def session(self, model: onnx.ModelProto | bytes) -> ort.InferenceSession:
-        """An inference session for ``model`` on this engine's provider."""
+    def session(self, model: onnx.ModelProto | bytes,
+                initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+        """An inference session for ``model`` on this engine's provider.
+
+        Args:
+            model: The model, or its serialised bytes.
+            initializers: Values for the model's initializers that are external placeholders
+                (see ``WeightState.skeleton``); handed to ONNX Runtime as OrtValues, which
+                skips serialising and parsing them. Defaults to none.
+        """
         data = model if isinstance(model, bytes) else model.SerializeToString()
+        so = _session_options(self.threads)
+        values = []
+        if initializers:
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
+            so.add_external_initializers(list(initializers), values)
         try:
-            sess = ort.InferenceSession(data, _session_options(self.threads),
-                                        providers=self.providers)
+            sess = ort.InferenceSession(data, so, providers=self.providers)
         except Exception as err:
             raise RuntimeFailure(f"ONNX Runtime could not load the model: {err}") from err
+        sess._onnx_lsuv_keep = (so, values)  # the OrtValues must outlive the session
         if self.name == "cuda" and sess.get_providers()[0] != CUDA:
             raise RuntimeFailure("ONNX Runtime silently fell back from CUDA to the CPU")
         return sess

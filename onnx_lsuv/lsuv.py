@@ -32,7 +32,7 @@ from .data import BatchLike, load_batch
 from .engine import Engine
 from .errors import InputError
 from .layers import Layer, find_layers
-from .measure_graph import LayerBias, normalizing_model, stats_model
+from .measure_graph import LayerBias, normalizing_model
 from .model_io import ModelLike, load_model
 from .orthonormal import compute_dtype, orthonormal_many
 from .report import CONVERGED, NOT_CONVERGED, SKIPPED, LayerRecord, Report
@@ -185,11 +185,19 @@ def _orthonormal_init(state: WeightState, layers: list[Layer], seed: int,
             state.zero_bias(lay)
 
 
-def _model_with(model: onnx.ModelProto, state: WeightState) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    state.write(copy)
-    return copy
+def _session(engine: Engine, state: WeightState, model: onnx.ModelProto):
+    """A session of ``model`` (derived from ``state.skeleton``) with the current weights."""
+    state.write_constants(model)
+    return engine.session(model, state.in_memory())
+
+
+def _fetching(skeleton: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``skeleton`` whose only output is tensor ``name``."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return model
 
 
 def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
@@ -223,9 +231,9 @@ def _bad_variance(v: float) -> str | None:
 def _scale_fast(engine, work, state, layers, feeds, report, target, tol, max_iter) -> None:
     records = report.layers
     t = time.perf_counter()
-    norm, outs = normalizing_model(_model_with(work, state), layers, _kept_biases(state, layers),
-                                   target, tol)
-    sess = engine.session(norm)
+    skeleton = state.skeleton(work)
+    norm, outs = normalizing_model(skeleton, layers, _kept_biases(state, layers), target, tol)
+    sess = _session(engine, state, norm)
     values = engine.run(sess, feeds, [n for o in outs for n in (o.var_before, o.scale)])
     del sess
     for lay, rec, k in zip(layers, records, range(0, len(values), 2)):
@@ -242,14 +250,20 @@ def _scale_fast(engine, work, state, layers, feeds, report, target, tol, max_ite
     report.timings["one_pass_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    after = measure_variances(engine, _model_with(work, state), layers, feeds)
+    # Re-measure the written weights with the same rewrite: where every layer is within tol all
+    # factors are 1 and the variances are the written model's. At the first layer off target
+    # the rest is no longer the written model, and the try loop below redoes it anyway.
+    norm, outs = normalizing_model(skeleton, layers, _kept_biases(state, layers), target, tol)
+    sess = _session(engine, state, norm)
+    values = engine.run(sess, feeds, [o.var_before for o in outs])
+    del sess
     report.timings["verify_s"] = time.perf_counter() - t
     first_off = None
-    for rec, var in zip(records, after):
-        rec.var_after = var
+    for rec, value in zip(records, values):
+        rec.var_after = float(value)
         if rec.status == SKIPPED:
             continue
-        if abs(var - target) < tol:
+        if abs(rec.var_after - target) < tol:
             rec.status = CONVERGED
         elif first_off is None:
             first_off = rec.index
@@ -261,19 +275,19 @@ def _scale_fast(engine, work, state, layers, feeds, report, target, tol, max_ite
         for lay in layers[first_off:]:
             if records[lay.index].status == SKIPPED:
                 continue
-            measure = _layer_measure(engine, work, state, lay, feeds)
+            measure = _layer_measure(engine, skeleton, state, lay, feeds)
             _tries(measure, state, lay, records[lay.index], target, tol, max_iter,
                    keep_before=True)
         report.timings["retry_s"] = time.perf_counter() - t
 
 
 def _scale_naive(engine, work, state, layers, feeds, report, target, tol, max_iter) -> None:
+    skeleton = state.skeleton(work)
     for lay in layers:
-        def measure(lay=lay) -> float:
-            model = _model_with(work, state)
-            del model.graph.output[:]
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(lay.output))
-            (y,) = engine.run(engine.session(model), feeds, [lay.output])
+        fetch = _fetching(skeleton, lay.output)
+
+        def measure(lay=lay, fetch=fetch) -> float:
+            (y,) = engine.run(_session(engine, state, fetch), feeds, [lay.output])
             return float(np.var(y, dtype=np.float64))
 
         _tries(measure, state, lay, report.layers[lay.index], target, tol, max_iter)
@@ -306,17 +320,14 @@ def _tries(measure: Callable[[], float], state: WeightState, lay: Layer, rec: La
     rec.scale = state.scale[lay.index]
 
 
-def _layer_measure(engine: Engine, work: onnx.ModelProto, state: WeightState, lay: Layer,
+def _layer_measure(engine: Engine, skeleton: onnx.ModelProto, state: WeightState, lay: Layer,
                    feeds: dict[str, np.ndarray]) -> Callable[[], float]:
     """A measurement of one layer alone: its input from one forward pass, then only its nodes."""
-    node = work.graph.node[lay.node_index]
+    node = skeleton.graph.node[lay.node_index]
     x_name = node.input[0]
-    full = _model_with(work, state)
-    del full.graph.output[:]
-    full.graph.output.append(onnx.helper.make_empty_tensor_value_info(x_name))
-    (x,) = engine.run(engine.session(full), feeds, [x_name])
+    (x,) = engine.run(_session(engine, state, _fetching(skeleton, x_name)), feeds, [x_name])
 
-    nodes = [node] + ([work.graph.node[lay.bias_add_node]] if lay.bias_add_node is not None
+    nodes = [node] + ([skeleton.graph.node[lay.bias_add_node]] if lay.bias_add_node is not None
                       else [])
     w_input = "onnx_lsuv::weight"
     single_nodes = []
@@ -339,8 +350,8 @@ def _layer_measure(engine: Engine, work: onnx.ModelProto, state: WeightState, la
         [onnx.helper.make_empty_tensor_value_info(lay.output)],
         initializer=inits,
     )
-    single = onnx.helper.make_model(graph, opset_imports=work.opset_import,
-                                    ir_version=work.ir_version)
+    single = onnx.helper.make_model(graph, opset_imports=skeleton.opset_import,
+                                    ir_version=skeleton.ir_version)
     sess = engine.session(single)
 
     def measure() -> float:
@@ -348,11 +359,3 @@ def _layer_measure(engine: Engine, work: onnx.ModelProto, state: WeightState, la
         return float(np.var(y, dtype=np.float64))
 
     return measure
-
-
-def measure_variances(engine: Engine, model: onnx.ModelProto, layers: list[Layer],
-                      feeds: dict[str, np.ndarray]) -> list[float]:
-    """Each layer's output variance on the batch, from one forward pass of ``model``."""
-    measuring, names = stats_model(model, layers)
-    sess = engine.session(measuring)
-    return [float(v) for v in engine.run(sess, feeds, names)]

@@ -77,6 +77,55 @@ def _stat_dtype(layer: Layer) -> np.dtype:
 
 
 @dataclass(frozen=True)
+class Tap:
+    """Where a layer's output is read: the output itself, or the output of the inference-mode
+    BatchNormalization that is its only consumer, t = a * y + b per channel.
+
+    Reading after the BatchNormalization lets ONNX Runtime keep fusing it into the convolution;
+    reading the convolution's own output stops that fusion, and the BatchNormalization then ran
+    as a separate grouped convolution (3.5x the convolution time of a ResNet-50 forward pass).
+    The layer's statistics follow exactly from t's per-channel sums.
+    """
+
+    tensor: str
+    a: np.ndarray | None = None  # (C,) per-channel factor, None for the identity
+    b: np.ndarray | None = None  # (C,) per-channel offset
+
+
+def find_tap(index: GraphIndex, layer: Layer) -> Tap:
+    """The invertible BatchNormalization tap of ``layer`` if it has one, else its output."""
+    plain = Tap(layer.output)
+    users = index.consumers.get(layer.output, [])
+    if len(users) != 1 or layer.output in index.graph_outputs:
+        return plain
+    if layer.channel_axis != 1 and layer.output_rank != 2:
+        return plain
+    i, pos = users[0]
+    bn = index.graph.node[i]
+    if (bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or pos != 0
+            or any(bn.output[1:]) or _attr_value(bn, "training_mode", 0)):
+        return plain
+    refs = [index.resolve_const(name) for name in bn.input[1:5]]
+    if len(refs) != 4 or any(r is None for r in refs):
+        return plain
+    scale, bias, mean, var = (index.const_array(r).astype(np.float64).reshape(-1) for r in refs)
+    a = scale / np.sqrt(var + float(_attr_value(bn, "epsilon", 1e-5)))
+    b = bias - a * mean
+    if a.size != layer.layout.output_units or not np.all(np.isfinite(a) & np.isfinite(b)):
+        return plain
+    if np.any(np.abs(a) < 1e-6 * max(1.0, float(np.abs(a).max()))):
+        return plain  # a (near) zero factor: the layer output cannot be recovered from t
+    return Tap(bn.output[0], a, b)
+
+
+def _attr_value(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+@dataclass(frozen=True)
 class ChannelSums:
     """Per-channel sum and sum of squares of a layer output, and its element count."""
 
@@ -87,10 +136,13 @@ class ChannelSums:
     var: str  # scalar E[y^2] - E[y]^2
 
 
-def channel_sums(ed: GraphEditor, layer: Layer, y: str) -> ChannelSums:
-    """Nodes computing ``y``'s per-channel sums and its overall mean and variance."""
+def channel_sums(ed: GraphEditor, layer: Layer, tap: Tap) -> ChannelSums:
+    """Nodes computing the layer output's per-channel sums and its overall mean and variance,
+    read at ``tap`` (with n_c elements per channel, y = (t - b) / a gives
+    sum y = (sum t - n_c b) / a and sum y^2 = (sum t^2 - 2 b sum t + n_c b^2) / a^2)."""
     dt = _stat_dtype(layer)
-    x = y if layer.dtype in (np.float32, np.float64) else ed.op("Cast", [y], to=TensorProto.FLOAT)
+    t = tap.tensor
+    x = t if layer.dtype in (np.float32, np.float64) else ed.op("Cast", [t], to=TensorProto.FLOAT)
     units = layer.layout.output_units
     if layer.channel_axis == 1:
         axes = [0] + list(range(2, layer.output_rank))
@@ -101,6 +153,15 @@ def channel_sums(ed: GraphEditor, layer: Layer, y: str) -> ChannelSums:
     s1 = ed.reduce("ReduceSum", x, axes)
     s2 = ed.reduce("ReduceSumSquare", x, axes)
     n = ed.op("Cast", [ed.op("Size", [x])], to=helper.np_dtype_to_tensor_dtype(dt))
+    if tap.a is not None:
+        n_c = ed.op("Div", [n, ed.const(np.array(units, dt), "channels")])
+        b = ed.const(tap.b.astype(dt), "tap_b")
+        inv_a = ed.const((1.0 / tap.a).astype(dt), "tap_inv_a")
+        nb = ed.op("Mul", [n_c, b])
+        s2 = ed.op("Add", [ed.op("Sub", [s2, ed.op("Mul", [ed.op("Add", [b, b]), s1])]),
+                           ed.op("Mul", [nb, b])])
+        s2 = ed.op("Mul", [s2, ed.op("Mul", [inv_a, inv_a])])
+        s1 = ed.op("Mul", [ed.op("Sub", [s1, nb]), inv_a])
     mean = ed.op("Div", [ed.reduce("ReduceSum", s1, None), n])
     mean_sq = ed.op("Div", [ed.reduce("ReduceSum", s2, None), n])
     var = ed.op("Sub", [mean_sq, ed.op("Mul", [mean, mean])])
@@ -122,14 +183,16 @@ def _set_outputs(graph: onnx.GraphProto, names: list[str]) -> None:
 def stats_model(model: onnx.ModelProto, layers: list[Layer]) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose outputs are the variances of the layers' outputs.
 
+    It is the normalising rewrite with an infinite tolerance: every factor is 1, so each layer
+    is measured as the model computes it. (A rewrite with statistics only was slower: reading a
+    tensor that also feeds a residual Add made ONNX Runtime run that Add on a slow path, 0.64 to
+    1.5 s against 0.53 to 0.58 s for a ResNet-50 batch of 8.)
+
     Returns:
         The measuring model, and per layer the name of its (scalar) variance output.
     """
-    copy = _measuring_copy(model)
-    ed = GraphEditor(copy)
-    names = [channel_sums(ed, layer, layer.output).var for layer in layers]
-    _set_outputs(copy.graph, names)
-    return copy, names
+    copy, outs = normalizing_model(model, layers, {}, 1.0, float("inf"))
+    return copy, [o.var_before for o in outs]
 
 
 @dataclass(frozen=True)
@@ -138,10 +201,6 @@ class LayerBias:
 
     value: np.ndarray  # (C,)
 
-    def broadcast_shape(self, layer: Layer) -> tuple[int, ...]:
-        if layer.channel_axis == 1:
-            return (1, -1) + (1,) * (layer.output_rank - 2)
-        return (-1,)
 
 
 @dataclass(frozen=True)
@@ -213,11 +272,12 @@ def normalizing_model(
     ed = GraphEditor(copy)
     result = []
     for layer in layers:
-        consumers = list(index.consumers.get(layer.output, []))
+        tap = find_tap(index, layer)
+        consumers = list(index.consumers.get(tap.tensor, []))
         dt = _stat_dtype(layer)
         c_target = ed.const(np.array(target, dt), "target")
         c_zero = ed.const(np.array(0, dt), "zero")
-        cs = channel_sums(ed, layer, layer.output)
+        cs = channel_sums(ed, layer, tap)
         bias = biases.get(layer.index)
         if bias is None:
             vz = cs.var
@@ -233,14 +293,21 @@ def normalizing_model(
         scale = ed.op("Where", [apply, factor, ed.const(np.array(1, dt), "one")])
         to_model = helper.np_dtype_to_tensor_dtype(layer.dtype)
         scale_m = scale if dt == layer.dtype else ed.op("Cast", [scale], to=to_model)
-        y_new = ed.op("Mul", [layer.output, scale_m])
-        if bias is not None:  # a z + b = a y + (1 - a) b
-            b = ed.const(bias.value.astype(layer.dtype).reshape(bias.broadcast_shape(layer)),
-                         "bias_b")
+        # The layer's new output is a y + (1 - a) bias; read through the tap t = A y + B it is
+        # a t + (1 - a) k with k = A bias + B per channel.
+        k = np.zeros(layer.layout.output_units)
+        if bias is not None:
+            k = k + bias.value
+        if tap.a is not None:
+            k = tap.a * k + tap.b
+        t_new = ed.op("Mul", [tap.tensor, scale_m])
+        if np.any(k != 0):
+            shape = (1, -1) + (1,) * (layer.output_rank - 2) if layer.channel_axis == 1 else (-1,)
+            k_c = ed.const(k.astype(layer.dtype).reshape(shape), "offset")
             one_m = ed.op("Sub", [ed.const(np.array(1, layer.dtype), "one_m"), scale_m])
-            y_new = ed.op("Add", [y_new, ed.op("Mul", [b, one_m])])
+            t_new = ed.op("Add", [t_new, ed.op("Mul", [k_c, one_m])])
         for i, pos in consumers:
-            copy.graph.node[i].input[pos] = y_new
+            copy.graph.node[i].input[pos] = t_new
         # Tied weights: later readers of this weight see it scaled, as in the written model.
         # (Earlier readers would make a cycle; the re-measurement catches what they change.)
         for i, pos in index.users_of_const(layer.weight):

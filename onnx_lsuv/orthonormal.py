@@ -4,10 +4,13 @@ Each matrix is the Q factor of a Gaussian draw, with the signs of R's diagonal f
 the result is uniformly (Haar) distributed. Rows are orthonormal when a matrix has no more rows
 than columns, columns otherwise.
 
-Tall, well-conditioned draws (long side >= 1.5x the short side) use CholeskyQR2: two GEMMs, a
-Cholesky and a triangular solve, repeated once. Its R has a positive diagonal, so its Q is the same
-matrix Householder QR gives after the sign fix, hence the same distribution, at less cost for
-large shapes. Near-square draws (whose Gram matrix is ill-conditioned) use scipy's Householder QR.
+Tall, well-conditioned draws use CholeskyQR: a GEMM, a Cholesky and a triangular solve. Its R has
+a positive diagonal, so its Q is the matrix Householder QR gives after the sign fix (the same
+draw, to rounding), at less cost for large shapes. A Gaussian m x n draw has condition number
+about (sqrt(m) + sqrt(n)) / (sqrt(m) - sqrt(n)) and CholeskyQR loses orthogonality as its square:
+from m >= 2n (condition <= 5.8) one pass leaves |Q^T Q - I| <= 1.2e-6 in float32 (measured on
+ResNet and CaffeNet shapes), for 1.5n <= m < 2n a second pass brings it to 5e-7, and nearer to
+square it is Householder QR (scipy).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from threadpoolctl import threadpool_limits
 # QR of ResNet-18's weights 3x slower (1.8 s) than one thread per layer (0.6 s).
 BIG_MATRIX = 1 << 22
 
-# Long side / short side from which CholeskyQR2 is used. A Gaussian m x n draw has condition number
-# about (sqrt(m) + sqrt(n)) / (sqrt(m) - sqrt(n)): 10 at m = 1.5 n, well inside CholeskyQR2's range.
-CHOLQR_MIN_ASPECT = 1.5
+# Long side / short side from which CholeskyQR2, and from which one CholeskyQR pass, is used.
+CHOLQR2_MIN_ASPECT = 1.5
+CHOLQR_MIN_ASPECT = 2.0
 CHOLQR_MIN_SIZE = 256
 
 
@@ -52,9 +55,11 @@ def _cholesky_q(a: np.ndarray) -> np.ndarray:
 def tall_orthonormal(a: np.ndarray) -> np.ndarray:
     """Q factor (positive-diagonal R convention) of a tall or square matrix ``a``."""
     m, n = a.shape
-    if n >= CHOLQR_MIN_SIZE and m >= CHOLQR_MIN_ASPECT * n:
+    if n >= CHOLQR_MIN_SIZE and m >= CHOLQR2_MIN_ASPECT * n:
         try:
-            q = _cholesky_q(_cholesky_q(a))
+            q = _cholesky_q(a)
+            if m < CHOLQR_MIN_ASPECT * n:
+                q = _cholesky_q(q)
             if np.all(np.isfinite(q)):
                 return np.ascontiguousarray(q)
         except np.linalg.LinAlgError:

@@ -8,6 +8,8 @@ from onnx import numpy_helper
 
 from .layers import ConstRef, GraphIndex, Layer
 
+PLACEHOLDER = "onnx-lsuv-in-memory"
+
 
 class WeightState:
     """Current weight (as base x scale) and bias of every target layer.
@@ -26,6 +28,12 @@ class WeightState:
             for lay in layers
         }
         self.changed_bias: set[int] = set()
+        # Weights handed to sessions as OrtValues; the rest (Constant nodes, initializers that
+        # old exporters also list as graph inputs) are written into each measuring model.
+        graph_inputs = {i.name for i in model.graph.input}
+        self._in_memory = [lay for lay in layers if lay.weight.constant_node is None
+                           and lay.weight.name not in graph_inputs]
+        self._in_proto = [lay for lay in layers if lay not in self._in_memory]
 
     def weight(self, layer: Layer) -> np.ndarray:
         """The layer's current weight, in its own dtype."""
@@ -51,6 +59,37 @@ class WeightState:
     def has_nonzero_bias(self, layer: Layer) -> bool:
         b = self.bias[layer.index]
         return b is not None and bool(np.any(b != 0))
+
+    def in_memory(self) -> dict[str, np.ndarray]:
+        """Current weights stored as initializers, by name: what ``skeleton`` leaves out."""
+        return {lay.weight.name: np.ascontiguousarray(self.weight(lay)) for lay in self._in_memory}
+
+    def write_constants(self, model: onnx.ModelProto) -> None:
+        """Write the current weights that ``in_memory`` does not supply into ``model``."""
+        index = GraphIndex(model.graph)
+        for layer in self._in_proto:
+            _write_const(index, layer.weight, self.weight(layer))
+
+    def skeleton(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of ``model`` with the changed biases written and every target weight that is
+        an initializer left as a placeholder without bytes, to be supplied at session creation
+        (``in_memory``): no multi-megabyte copy and serialisation per measuring session."""
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        index = GraphIndex(copy.graph)
+        for layer in self.layers:
+            if layer.index in self.changed_bias and layer.bias is not None:
+                _write_const(index, layer.bias, self.bias[layer.index])
+        names = {lay.weight.name for lay in self._in_memory}
+        for t in copy.graph.initializer:
+            if t.name in names:
+                for f in ("raw_data", "float_data", "double_data", "int32_data"):
+                    t.ClearField(f)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                entry = t.external_data.add()
+                entry.key, entry.value = "location", PLACEHOLDER
+        return copy
 
     def write(self, model: onnx.ModelProto) -> None:
         """Write the current weights and changed biases into ``model`` (same names, dtypes)."""

@@ -173,3 +173,44 @@ def full_matrix_bias():
     inits = {"w1": w(16, 10, seed=1), "c1": rand(32, 16, seed=2) * 0.3, "w2": w(8, 16, seed=3)}
     return make_model(nodes, [("x", [32, 10])], [("y2", None)], inits), \
         {"x": rand(32, 10, seed=9)}, ["y1", "y2"]
+
+
+def conv_bn(zero_gamma=False):
+    """Conv -> BatchNormalization -> Relu twice, then Gemm -> BatchNormalization (1-D)."""
+    def bn(c, seed, zero=False):
+        r = np.random.default_rng(seed)
+        gamma = np.zeros(c, np.float32) if zero else r.uniform(0.5, 2, c).astype(np.float32)
+        return [gamma, r.normal(0, 0.5, c).astype(np.float32),
+                r.normal(0, 0.5, c).astype(np.float32), r.uniform(0.5, 2, c).astype(np.float32)]
+
+    inits = {"w1": w(8, 3, 3, 3, seed=1), "b1": rand(8, seed=2) * 0.2,
+             "w2": w(8, 8, 3, 3, seed=3), "wf": w(6, 8 * 36, seed=4)}
+    for name, c, seed, zero in (("bn1", 8, 5, False), ("bn2", 8, 6, zero_gamma),
+                                ("bnf", 6, 7, False)):
+        for suffix, v in zip(("scale", "bias", "mean", "var"), bn(c, seed, zero)):
+            inits[f"{name}.{suffix}"] = v
+
+    def bn_node(x, y, name):
+        return helper.make_node("BatchNormalization", [x] + [f"{name}.{s}" for s in
+                                ("scale", "bias", "mean", "var")], [y], name=name, epsilon=1e-3)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="conv1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        bn_node("y1", "n1", "bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["y2"], name="conv2", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        bn_node("y2", "n2", "bn2"),
+        helper.make_node("Add", ["n2", "r1"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf"], ["yf"], name="fc", transB=1),
+        bn_node("yf", "nf", "bnf"),
+    ]
+    return make_model(nodes, [("x", ["N", 3, 6, 6])], [("nf", None)], inits), \
+        {"x": rand(16, 3, 6, 6, seed=9)}, ["y1", "y2", "yf"]
+
+
+ALL["conv_bn"] = conv_bn
+ALL["conv_bn_zero_gamma"] = lambda: conv_bn(zero_gamma=True)

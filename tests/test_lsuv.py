@@ -265,7 +265,7 @@ def test_model_without_targets_is_returned_unchanged():
 
 
 @pytest.mark.parametrize("kind", ["residual", "gemm_transB1", "matmul", "conv_transpose",
-                                  "two_inputs"])
+                                  "two_inputs", "conv_bn", "conv_bn_zero_gamma"])
 @pytest.mark.parametrize("keep_bias", [False, True])
 def test_one_pass_solve_is_exact_without_retries(kind, keep_bias):
     model, feeds, outputs = models.ALL[kind]()
@@ -301,3 +301,26 @@ def test_retry_loop_fixes_what_one_pass_cannot():
     naive = lsuv_init(model, feeds, provider="cpu", keep_bias=True, tol=0.01, strategy="naive")
     np.testing.assert_allclose(output_variances(naive.model, feeds, outputs),
                                output_variances(result.model, feeds, outputs), atol=0.02)
+
+
+def test_constant_node_and_graph_input_weights_are_handled():
+    # Weights in a Constant node, and an initializer that an old exporter also lists as input.
+    from onnx import helper
+
+    model, feeds, outputs = models.gemm_mlp(1)
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    const = helper.make_node("Constant", [], ["w1"], value=w1)
+    keep = [t for t in model.graph.initializer if t.name != "w1"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    model.graph.node.insert(0, const)
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    model.graph.input.append(helper.make_tensor_value_info("w2", w2.data_type, list(w2.dims)))
+    onnx.checker.check_model(model)
+    for strategy in ("fast", "naive"):
+        result = lsuv_init(model, feeds, provider="cpu", strategy=strategy)
+        assert len(result.report.layers) == 3
+        for v in output_variances(result.model, feeds, outputs):
+            assert abs(v - 1) < TOL
+        assert [n.op_type for n in result.model.graph.node] == \
+               [n.op_type for n in model.graph.node]
