@@ -1,0 +1,130 @@
+"""Time the reference PyTorch LSUV (``lsuv`` 0.3.0, D. Mishkin) on CPU.
+
+    .venv/bin/python benchmarks/bench_lsuv_torch.py                # default table
+    .venv/bin/python benchmarks/bench_lsuv_torch.py resnet50_like:8:224 caffenet_like:16:227
+
+Each positional argument is MODEL:BATCH:HW. The call timed is exactly the
+package README's single-batch form,
+``lsuv_with_singlebatch(model, batch, device=torch.device('cpu'))``, plus
+``verbose=False`` (its default ``True`` prints several lines per layer and
+per attempt). Defaults otherwise: needed_std=1.0, std_tol=0.1, max_attempts=10,
+do_orthonorm=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib.metadata import version
+
+import torch
+import torch.nn as nn
+
+if __package__ in (None, ""):  # run as a script: make torch_models importable
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from torch_models import MODELS  # type: ignore
+else:
+    from .torch_models import MODELS
+
+import lsuv
+
+# The layer types lsuv 0.3.0 processes (lsuv.lsuvinit.is_relevant_layer).
+_LSUV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d, nn.Linear, nn.MultiheadAttention)
+
+
+def _layer_output_stds(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Std of every LSUV-relevant layer's output in one eval forward
+    (the quantity lsuv drives to 1: ``output.std()`` over the whole tensor)."""
+    stds: list[float] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: stds.append(float(o.std())))
+             for m in model.modules() if isinstance(m, _LSUV_TYPES)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stds
+
+
+def time_lsuv_torch(model_name: str, batch: int, hw: int, seed: int = 0,
+                    in_ch: int = 3, verbose: bool = False) -> dict:
+    """Build ``model_name``, run lsuv 0.3.0 on one N(0,1) batch of shape
+    (batch, in_ch, hw, hw) on the CPU and time it.
+
+    Returns seconds (wall time of the lsuv call), forward_seconds (one plain
+    eval/no_grad forward, after one untimed warm-up forward), torch_version,
+    lsuv_version, plus threads, n_layers, n_forwards (model forwards lsuv ran)
+    and max_std_err (max |std - 1| over layer outputs after lsuv, measured
+    outside the timing).
+    """
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    x = torch.randn(batch, in_ch, hw, hw)
+    model = MODELS[model_name]()
+    model.eval()
+
+    with torch.no_grad():
+        model(x)  # warm-up (oneDNN primitive creation, allocator)
+        t0 = time.perf_counter()
+        model(x)
+        forward_seconds = time.perf_counter() - t0
+
+    n_forwards = 0
+
+    def _count(_m, _inp):
+        nonlocal n_forwards
+        n_forwards += 1
+
+    counter = model.register_forward_pre_hook(_count)
+    t0 = time.perf_counter()
+    model = lsuv.lsuv_with_singlebatch(model, x, device=torch.device("cpu"), verbose=verbose)
+    seconds = time.perf_counter() - t0
+    counter.remove()
+
+    stds = _layer_output_stds(model, x)
+    return {
+        "model": model_name,
+        "batch": batch,
+        "hw": hw,
+        "seconds": seconds,
+        "forward_seconds": forward_seconds,
+        "torch_version": torch.__version__,
+        "lsuv_version": version("lsuv"),
+        "threads": threads,
+        "n_layers": len(stds),
+        "n_forwards": n_forwards,
+        "max_std_err": max(abs(s - 1.0) for s in stds),
+    }
+
+
+DEFAULT_RUNS = [("fitnet4", 128, 32), ("resnet18_like", 32, 64)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="*", help="MODEL:BATCH:HW (default: "
+                    + " ".join(f"{m}:{b}:{h}" for m, b, h in DEFAULT_RUNS) + ")")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    runs = [(r.split(":")[0], int(r.split(":")[1]), int(r.split(":")[2])) for r in args.runs] \
+        or DEFAULT_RUNS
+
+    rows = [time_lsuv_torch(m, b, h, seed=args.seed) for m, b, h in runs]
+    r0 = rows[0]
+    print(f"torch {r0['torch_version']}, lsuv {r0['lsuv_version']}, {r0['threads']} threads")
+    print(f"{'model':14s} {'batch':>5s} {'hw':>4s} {'lsuv s':>8s} {'fwd s':>8s} "
+          f"{'lsuv/fwd':>8s} {'layers':>6s} {'fwds':>5s} {'max|std-1|':>10s}")
+    for r in rows:
+        print(f"{r['model']:14s} {r['batch']:5d} {r['hw']:4d} {r['seconds']:8.3f} "
+              f"{r['forward_seconds']:8.4f} {r['seconds'] / r['forward_seconds']:8.1f} "
+              f"{r['n_layers']:6d} {r['n_forwards']:5d} {r['max_std_err']:10.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Side-by-side benchmark: onnx-lsuv against one plain ONNX Runtime forward, its own naive
+strategy, and the author's PyTorch ``lsuv`` 0.3.0, every figure measured in this run.
+
+    python benchmarks/run.py                      # CPU table, markdown on stdout
+    python benchmarks/run.py --provider cuda --models resnet50_224
+    python benchmarks/run.py --append benchmarks/RESULTS.md
+
+Needs torch (the models are defined in PyTorch and exported with torch.onnx.export, so both
+sides run the same architecture); lsuv 0.3.0 adds its column when installed. Without torch only
+FitNet-4 (built with onnx.helper, from sample_models/) and the CaffeNet-sized orthonormal init
+run. Times are medians over --reps runs; a forward-equivalent is our time divided by the median
+plain forward of the same model, batch and provider, in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "sample_models"))
+
+from onnx_lsuv import __version__, lsuv_init  # noqa: E402
+from onnx_lsuv.engine import Engine  # noqa: E402
+from onnx_lsuv.layers import find_layers  # noqa: E402
+from onnx_lsuv.orthonormal import orthonormal_many  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str  # row name
+    torch_name: str  # name in torch_models.MODELS
+    batch: int
+    hw: int
+    naive: bool = True  # run our naive strategy too
+
+
+CASES = {
+    "fitnet4": Case("fitnet4", "fitnet4", 128, 32),
+    "resnet18": Case("resnet18", "resnet18_cifar", 32, 64),
+    "resnet50": Case("resnet50", "resnet50_like", 8, 224),
+    "resnet50_224": Case("resnet50_224", "resnet50_like", 32, 224),
+}
+DEFAULT_CPU = ["fitnet4", "resnet18", "resnet50"]
+
+# CaffeNet (Krizhevsky et al. 2012 as in Caffe): weight matrices as (groups, out, fan-in).
+CAFFENET = [(1, 96, 363), (2, 128, 1200), (1, 384, 2304), (2, 192, 1728), (2, 128, 1728),
+            (1, 4096, 9216), (1, 4096, 4096), (1, 1000, 4096)]
+
+
+def _median_time(fn, reps: int) -> tuple[float, list]:
+    times, results = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        results.append(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), results
+
+
+def plain_forward(path: str, x: np.ndarray, provider: str, reps: int) -> float:
+    engine = Engine(provider)
+    with open(path, "rb") as f:
+        sess = engine.session(f.read())
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: x})  # warm-up: the figure is a steady-state forward
+    return _median_time(lambda: sess.run(None, {name: x}), reps)[0]
+
+
+def peak_rss_mb(mode: str, path: str, data: str, provider: str) -> float:
+    """Peak resident memory of a fresh process doing ``mode`` (forward or lsuv), in MiB."""
+    code = (
+        "import sys, numpy as np\n"
+        "mode, path, data, provider = sys.argv[1:]\n"
+        "x = np.load(data)\n"
+        "if mode == 'baseline':\n"
+        "    import onnx_lsuv, onnx_lsuv.engine\n"
+        "elif mode == 'forward':\n"
+        "    from onnx_lsuv.engine import Engine\n"
+        "    s = Engine(provider).session(open(path, 'rb').read())\n"
+        "    s.run(None, {s.get_inputs()[0].name: x})\n"
+        "else:\n"
+        "    from onnx_lsuv import lsuv_init\n"
+        "    lsuv_init(path, x, provider=provider)\n"
+        # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's across exec)
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, mode, path, data, provider],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
+               lsuv_ok: bool, naive: bool) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((case.batch, 3, case.hw, case.hw)).astype(np.float32)
+    path = os.path.join(tmp, f"{case.key}.onnx")
+    if torch_ok:
+        import torch
+        import torch_models
+
+        torch.manual_seed(0)
+        torch_models.export_onnx(torch_models.MODELS[case.torch_name](), x.shape, path)
+    elif case.key == "fitnet4":
+        from fitnets import build
+
+        onnx.save(build("fitnet4", "relu"), path)
+    else:
+        return {}
+    data = os.path.join(tmp, f"{case.key}.npy")
+    np.save(data, x)
+    model = onnx.load(path)
+    layers = find_layers(model).layers
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+    fwd = plain_forward(path, x, provider, reps)
+    ours_s, results = _median_time(lambda: lsuv_init(path, x, provider=provider), reps)
+    timings = {k: statistics.median(r.report.timings.get(k, 0.0) for r in results)
+               for k in ("orthonormal_s", "one_pass_s", "verify_s", "retry_s")}
+    rep = results[-1].report
+    row = dict(model=case.key, batch=case.batch, hw=case.hw, layers=len(layers),
+               params=params, provider=rep.provider, forward_s=fwd, ours_s=ours_s, **timings,
+               converged=rep.converged,
+               worst=max(abs(r.var_after - 1.0) for r in rep.layers if r.var_after is not None))
+    if naive and case.naive:
+        t = time.perf_counter()
+        lsuv_init(path, x, provider=provider, strategy="naive")
+        row["naive_s"] = time.perf_counter() - t
+    if lsuv_ok and provider == "cpu":
+        from bench_lsuv_torch import time_lsuv_torch
+
+        r = time_lsuv_torch(case.torch_name, case.batch, case.hw)
+        row["lsuv030_s"] = r["seconds"]
+        row["torch_forward_s"] = r["forward_seconds"]
+    if provider == "cpu":  # above the imports and the batch: what the model run itself holds
+        base = peak_rss_mb("baseline", path, data, provider)
+        row["peak_forward_mb"] = peak_rss_mb("forward", path, data, provider) - base
+        row["peak_ours_mb"] = peak_rss_mb("lsuv", path, data, provider) - base
+    return row
+
+
+def bench_caffenet_orthonormal(reps: int) -> dict:
+    dts = [np.dtype(np.float32)] * len(CAFFENET)
+    secs, _ = _median_time(lambda: orthonormal_many(CAFFENET, 0, dts), reps)
+    params = sum(int(np.prod(s)) for s in CAFFENET)
+    return dict(model="caffenet (orthonormal init only)", params=params, orthonormal_s=secs)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} CPUs available"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | batch x hw | layers | params | provider | ORT forward s | ortho init s "
+            "| one-pass scaling s (fwd-eq) | re-measure s (fwd-eq) | ours end-to-end s (fwd-eq) "
+            "| naive s (fwd-eq) | lsuv 0.3.0 s | lsuv 0.3.0 / ours "
+            "| peak MiB: forward / ours (ratio) | worst abs(var-1) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "forward_s" not in r:
+            lines.append(f"| {r['model']} | | | {r['params'] / 1e6:.1f} M | cpu | | "
+                         f"{r['orthonormal_s']:.2f} | | | | | | | | |")
+            continue
+        f = r["forward_s"]
+
+        def fe(s, f=f):
+            return f"{s:.2f} ({s / f:.2f})"
+
+        naive = fe(r["naive_s"]) if "naive_s" in r else "-"
+        lsuv = f"{r['lsuv030_s']:.2f}" if "lsuv030_s" in r else "-"
+        ratio = f"{r['lsuv030_s'] / r['ours_s']:.1f}x" if "lsuv030_s" in r else "-"
+        mem = (f"{r['peak_forward_mb']:.0f} / {r['peak_ours_mb']:.0f} "
+               f"({r['peak_ours_mb'] / r['peak_forward_mb']:.2f})" if "peak_ours_mb" in r else "-")
+        lines.append(
+            f"| {r['model']} | {r['batch']} x {r['hw']} | {r['layers']} | "
+            f"{r['params'] / 1e6:.1f} M | {r['provider']} | {f:.3f} | {r['orthonormal_s']:.2f} | "
+            f"{fe(r['one_pass_s'])} | {fe(r['verify_s'])} | {fe(r['ours_s'])} | {naive} | "
+            f"{lsuv} | {ratio} | {mem} | {r['worst']:.3g} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_CPU),
+                    help=f"comma-separated, from {sorted(CASES)} (default: %(default)s)")
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per figure (median)")
+    ap.add_argument("--no-naive", action="store_true", help="skip our naive strategy")
+    ap.add_argument("--no-caffenet", action="store_true", help="skip the orthonormal-init row")
+    ap.add_argument("--json", help="also write the rows as JSON to this file")
+    ap.add_argument("--append", help="append the table, with date and versions, to this file")
+    args = ap.parse_args(argv)
+
+    try:
+        import torch  # noqa: F401
+
+        torch_ok = True
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    except ImportError:
+        torch_ok = False
+    try:
+        import lsuv  # noqa: F401
+
+        lsuv_ok = torch_ok
+    except ImportError:
+        lsuv_ok = False
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.models.split(","):
+            row = bench_case(CASES[key], args.provider, args.reps, tmp, torch_ok, lsuv_ok,
+                             not args.no_naive)
+            if row:
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+            else:
+                print(f"skipped {key}: needs torch", file=sys.stderr)
+    if not args.no_caffenet:
+        rows.append(bench_caffenet_orthonormal(args.reps))
+
+    versions = (f"onnx-lsuv {__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}"
+                f", numpy {np.__version__}")
+    if torch_ok:
+        import torch
+
+        versions += f", torch {torch.__version__}"
+    if lsuv_ok:
+        from importlib.metadata import version
+
+        versions += f", lsuv {version('lsuv')}"
+    header = (f"### {time.strftime('%Y-%m-%d')}: {machine()}, provider {args.provider}\n\n"
+              f"{versions}. Command: `python benchmarks/run.py "
+              f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+    text = header + "\n" + table(rows) + "\n"
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
