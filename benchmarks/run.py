@@ -102,17 +102,22 @@ def peak_rss_mb(mode: str, path: str, data: str, provider: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
+def _torch_call(code: str) -> str:
+    """Run ``code`` in a fresh Python with benchmarks/ importable; its stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env).stdout
+
+
 def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
                lsuv_ok: bool, naive: bool) -> dict:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((case.batch, 3, case.hw, case.hw)).astype(np.float32)
     path = os.path.join(tmp, f"{case.key}.onnx")
-    if torch_ok:
-        import torch
-        import torch_models
-
-        torch.manual_seed(0)
-        torch_models.export_onnx(torch_models.MODELS[case.torch_name](), x.shape, path)
+    if torch_ok:  # torch works in subprocesses: its threads never share this process's cores
+        _torch_call(f"import torch, torch_models; torch.manual_seed(0); "
+                    f"torch_models.export_onnx(torch_models.MODELS[{case.torch_name!r}](), "
+                    f"{tuple(x.shape)!r}, {path!r})")
     elif case.key == "fitnet4":
         from fitnets import build
 
@@ -139,9 +144,10 @@ def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
         lsuv_init(path, x, provider=provider, strategy="naive")
         row["naive_s"] = time.perf_counter() - t
     if lsuv_ok and provider == "cpu":
-        from bench_lsuv_torch import time_lsuv_torch
-
-        r = time_lsuv_torch(case.torch_name, case.batch, case.hw)
+        r = json.loads(_torch_call(
+            f"import json; from bench_lsuv_torch import time_lsuv_torch; "
+            f"print(json.dumps(time_lsuv_torch({case.torch_name!r}, {case.batch}, {case.hw})))"
+        ).splitlines()[-1])
         row["lsuv030_s"] = r["seconds"]
         row["torch_forward_s"] = r["forward_seconds"]
     if provider == "cpu":  # above the imports and the batch: what the model run itself holds
@@ -209,20 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--append", help="append the table, with date and versions, to this file")
     args = ap.parse_args(argv)
 
-    try:
-        import torch  # noqa: F401
+    from importlib.util import find_spec
 
-        torch_ok = True
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-    except ImportError:
-        torch_ok = False
-    try:
-        import lsuv  # noqa: F401
-
-        lsuv_ok = torch_ok
-    except ImportError:
-        lsuv_ok = False
-
+    torch_ok = find_spec("torch") is not None
+    lsuv_ok = torch_ok and find_spec("lsuv") is not None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
@@ -238,13 +234,11 @@ def main(argv: list[str] | None = None) -> None:
 
     versions = (f"onnx-lsuv {__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}"
                 f", numpy {np.__version__}")
+    from importlib.metadata import version
+
     if torch_ok:
-        import torch
-
-        versions += f", torch {torch.__version__}"
+        versions += f", torch {version('torch')}"
     if lsuv_ok:
-        from importlib.metadata import version
-
         versions += f", lsuv {version('lsuv')}"
     header = (f"### {time.strftime('%Y-%m-%d')}: {machine()}, provider {args.provider}\n\n"
               f"{versions}. Command: `python benchmarks/run.py "

@@ -59,7 +59,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
               show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--strategy", type=click.Choice(["fast", "naive"]), default="fast",
               show_default=True,
-              help="fast: about one forward pass in all; naive: one forward pass per try.")
+              help="fast: two forward passes in all; naive: one forward pass per try.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the per-layer report as JSON to this file.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")

@@ -99,7 +99,7 @@ def lsuv_init(
             rescales. Defaults to True.
         orthonormal_only: Stop after the pre-init (no data pass). Defaults to False.
         provider: "auto", "cpu" or "cuda". Defaults to "auto".
-        strategy: "fast" (about one forward pass) or "naive" (a forward pass per try).
+        strategy: "fast" (two forward passes in all) or "naive" (one per try).
             Defaults to "fast".
         threads: CPU threads for ONNX Runtime and the pre-init. Defaults to the CPUs available.
 
