@@ -9,7 +9,7 @@ import click
 
 import onnx_lsuv
 from onnx_lsuv.errors import EXIT_FAILURE, InputError, LSUVError
-from onnx_lsuv.model_io import check_output_path, save_model_atomic
+from onnx_lsuv.model_io import check_output_path, save_model_atomic, uses_external_data
 
 EPILOG = """\b
 Examples:
@@ -62,12 +62,16 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
               help="fast: two forward passes in all; naive: one forward pass per try.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the per-layer report as JSON to this file.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write tensors to OUT.data beside OUT. Default: as the input model does, "
+                   "and always above protobuf's 2 GiB.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no table.")
 @click.version_option(onnx_lsuv.__version__, "--version", prog_name="onnx-lsuv")
 def lsuv_command(model, data, output, tol, max_iter, target_var, seed, keep_bias, no_orthonormal,
-                 orthonormal_only, provider, strategy, report_path, overwrite, verbose, quiet):
+                 orthonormal_only, provider, strategy, report_path, external_data, overwrite,
+                 verbose, quiet):
     """LSUV-initialise the Conv, ConvTranspose, Gemm and MatMul layers of MODEL.
 
     Orthonormal pre-init (Saxe et al. 2014), then each layer's weights are rescaled in order
@@ -85,7 +89,9 @@ def lsuv_command(model, data, output, tol, max_iter, target_var, seed, keep_bias
             model, data, target_var=target_var, tol=tol, max_iter=max_iter, seed=seed,
             keep_bias=keep_bias, orthonormal=not no_orthonormal,
             orthonormal_only=orthonormal_only, provider=provider, strategy=strategy)
-        save_model_atomic(result.model, out)
+        if external_data is None and uses_external_data(model):
+            external_data = True
+        save_model_atomic(result.model, out, external_data=external_data)
         if report_path:
             with open(report_path, "w") as f:
                 f.write(result.report.to_json())

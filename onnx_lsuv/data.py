@@ -31,6 +31,11 @@ _ALLOWED_CASTS = {
     (np.dtype(np.int64), np.dtype(np.float32)),
     (np.dtype(np.int32), np.dtype(np.float32)),
 }
+try:  # bfloat16 inputs, as onnx maps them (ml_dtypes comes with onnx)
+    _BF16 = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
+    _ALLOWED_CASTS |= {(np.dtype(np.float32), _BF16), (np.dtype(np.float64), _BF16)}
+except (TypeError, ValueError, KeyError):
+    pass
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -126,7 +131,7 @@ def load_batch(data: BatchLike, model: onnx.ModelProto) -> dict[str, np.ndarray]
     feeds: dict[str, np.ndarray] = {}
     for vi in inputs:
         feeds[vi.name] = _check_one(vi, np.asarray(arrays[vi.name]))
-    batch = next(iter(feeds.values())).shape[0] if feeds else 0
+    batch = next((a.shape[0] for a in feeds.values() if a.ndim > 0), 0)
     if 0 < batch < MIN_RECOMMENDED_BATCH:
         log.warning(
             "the batch has %d samples; LSUV's variance estimate wants at least %d",
@@ -141,7 +146,7 @@ def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
     dtype, dims = _expected(vi)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise InputError(f"input {name!r}: data of dtype {arr.dtype} is not numeric")
-    if arr.ndim == 0:
+    if arr.ndim == 0 and (dims is None or len(dims) > 0):
         raise InputError(f"input {name!r}: got a scalar, expected an array"
                          + (f" of shape {_fmt_shape(dims)}" if dims is not None else ""))
     if dims is not None:

@@ -117,10 +117,10 @@ class Engine:
         data = model if isinstance(model, bytes) else model.SerializeToString()
         so = _session_options(self.threads)
         values = []
-        if initializers:
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
-            so.add_external_initializers(list(initializers), values)
         try:
+            if initializers:
+                values = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
+                so.add_external_initializers(list(initializers), values)
             sess = ort.InferenceSession(data, so, providers=self.providers)
         except Exception as err:
             raise RuntimeFailure(f"ONNX Runtime could not load the model: {err}") from err

@@ -226,6 +226,7 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
     layers: list[Layer] = []
     skipped: list[Skipped] = []
     weight_owner: dict[ConstRef, Layer] = {}
+    reached = _reached_by_data(model)
 
     for i, node in enumerate(graph.node):
         name = index.node_name(i)
@@ -249,6 +250,10 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
             continue
         if x_ref is not None:
             skipped.append(Skipped(name, node.op_type, "both operands are constants"))
+            continue
+        if node.input[0] not in reached:
+            skipped.append(Skipped(name, node.op_type,
+                                   "not reached by the data: its input depends on no graph input"))
             continue
         tensor = index.tensor_proto(w_ref)
         if tensor.data_type not in FLOAT_TYPES:
@@ -323,6 +328,16 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
         ]
         layer.shared_weight_users.extend(others)
     return Discovery(layers, skipped)
+
+
+def _reached_by_data(model: onnx.ModelProto) -> set[str]:
+    """Tensors that depend on at least one graph input that is not an initializer."""
+    inits = {t.name for t in model.graph.initializer}
+    reached = {i.name for i in model.graph.input if i.name not in inits}
+    for node in model.graph.node:  # topological order
+        if any(name in reached for name in node.input):
+            reached.update(o for o in node.output if o)
+    return reached
 
 
 def _count_subgraph_targets(node: onnx.NodeProto) -> int:

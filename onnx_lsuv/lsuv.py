@@ -30,11 +30,12 @@ import scipy
 from . import __version__
 from .data import BatchLike, load_batch
 from .engine import Engine
-from .errors import InputError
+from .errors import InputError, RuntimeFailure
 from .layers import Layer, find_layers
 from .measure_graph import LayerBias, normalizing_model
 from .model_io import ModelLike, load_model
 from .orthonormal import compute_dtype, orthonormal_many
+from .precision import float32_twin, has_low_precision
 from .report import CONVERGED, NOT_CONVERGED, SKIPPED, LayerRecord, Report
 from .weights import WeightState, unshare_biases
 
@@ -162,7 +163,15 @@ def lsuv_init(
         report.provider = engine.name
         t = time.perf_counter()
         scaler = _scale_fast if strategy == "fast" else _scale_naive
-        scaler(engine, work, state, layers, feeds, report, target_var, tol, max_iter)
+        m_work, m_state, m_feeds = work, state, feeds
+        if has_low_precision(work) and not _runs(engine, work, state):
+            m_work, m_state, m_feeds = _float32_measuring(work, state, feeds)
+            report.notes.append(f"ONNX Runtime ({engine.name}) cannot run this float16/bfloat16 "
+                                "model: measured in float32, weights written in their own dtype")
+            log.info("%s", report.notes[-1])
+        scaler(engine, m_work, m_state, m_state.layers, m_feeds, report, target_var, tol,
+               max_iter)
+        state.scale = dict(m_state.scale)
         report.timings["scaling_s"] = time.perf_counter() - t
         for rec in report.layers:
             if rec.status == SKIPPED:
@@ -183,6 +192,32 @@ def _orthonormal_init(state: WeightState, layers: list[Layer], seed: int,
         state.set_base(lay, lay.layout.from_matrices(m))
         if zero_bias:
             state.zero_bias(lay)
+
+
+def _runs(engine: Engine, work: onnx.ModelProto, state: WeightState) -> bool:
+    """Whether ONNX Runtime can build a session of the model as it is."""
+    try:
+        _session(engine, state, state.skeleton(work))
+        return True
+    except RuntimeFailure:
+        return False
+
+
+def _float32_measuring(work: onnx.ModelProto, state: WeightState, feeds: dict[str, np.ndarray]):
+    """The float32 twin of a float16/bfloat16 model, with the current weights and the feeds."""
+    twin = float32_twin(work)
+    twin_layers = find_layers(twin).layers
+    twin_state = WeightState(twin, twin_layers)
+    for lay in twin_layers:
+        twin_state.set_base(lay, state.base[lay.index].astype(np.float32))
+        twin_state.scale[lay.index] = state.scale[lay.index]
+        if state.bias[lay.index] is not None:
+            twin_state.bias[lay.index] = state.bias[lay.index].astype(np.float32)
+    twin_state.changed_bias = set(state.changed_bias)
+    low = {np.dtype(np.float16), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+        onnx.TensorProto.BFLOAT16))}
+    twin_feeds = {k: v.astype(np.float32) if v.dtype in low else v for k, v in feeds.items()}
+    return twin, twin_state, twin_feeds
 
 
 def _session(engine: Engine, state: WeightState, model: onnx.ModelProto):

@@ -108,7 +108,11 @@ def find_tap(index: GraphIndex, layer: Layer) -> Tap:
     refs = [index.resolve_const(name) for name in bn.input[1:5]]
     if len(refs) != 4 or any(r is None for r in refs):
         return plain
-    scale, bias, mean, var = (index.const_array(r).astype(np.float64).reshape(-1) for r in refs)
+    try:
+        scale, bias, mean, var = (index.const_array(r).astype(np.float64).reshape(-1)
+                                  for r in refs)
+    except (ValueError, TypeError, OSError):  # e.g. a placeholder without bytes
+        return plain
     a = scale / np.sqrt(var + float(_attr_value(bn, "epsilon", 1e-5)))
     b = bias - a * mean
     if a.size != layer.layout.output_units or not np.all(np.isfinite(a) & np.isfinite(b)):

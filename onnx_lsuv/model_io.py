@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Union
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model
 
 from .errors import InputError
 
 ModelLike = Union[onnx.ModelProto, str, os.PathLike]
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialised in one piece
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the .onnx file
 
 
 def load_model(model: ModelLike) -> onnx.ModelProto:
@@ -34,12 +39,52 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     if os.path.isdir(path):
         raise InputError(f"model path is a directory, expected an .onnx file: {path}")
     try:
-        loaded = onnx.load(path)
+        loaded = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise InputError(f"cannot read {path} as an ONNX model: {err}") from err
     if not loaded.HasField("graph") or not loaded.opset_import:
         raise InputError(f"{path} is not an ONNX model (no graph or no opset)")
+    if _has_external(loaded):
+        try:
+            load_external_data_for_model(loaded, os.path.dirname(os.path.abspath(path)))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise InputError(f"cannot read the external data of {path}: {err}") from err
     return loaded
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in _all_tensors(model))
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims and type (strings count as 0)."""
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the model's tensors (ByteSize() is not reliable past 2 GiB)."""
+    return sum(tensor_nbytes(t) for t in _all_tensors(model))
+
+
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file at ``path`` keeps tensors in external data files."""
+    try:
+        return _has_external(onnx.load(os.fspath(path), load_external_data=False))
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return False
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -67,20 +112,58 @@ def check_output_path(output: str | os.PathLike, inputs: list[str], overwrite: b
     return out
 
 
-def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike) -> None:
-    """Write ``model`` to a temporary file beside ``output``, re-load it, then rename it in place.
+def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
+                      external_data: bool | None = None) -> list[str]:
+    """Write ``model`` beside ``output`` in a temporary place, re-load it, then rename it in place.
 
-    An error or Ctrl-C on the way leaves neither ``output`` nor the temporary file behind.
+    An error or Ctrl-C on the way leaves neither ``output`` nor a temporary file behind.
+
+    Args:
+        model: The model (not modified).
+        output: The .onnx path.
+        external_data: Keep tensors of 1 KiB and more in ``<output name>.data`` beside it
+            (location relative to the model). Defaults to doing so only when the model is too
+            large for one protobuf (2 GiB).
+
+    Returns:
+        The paths written: the model, then its data file if any.
     """
     out = os.path.abspath(os.fspath(output))
     directory = os.path.dirname(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
+    if external_data is None:
+        external_data = _tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
+    if not external_data:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp",
+                                   dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.SerializeToString())
+            onnx.load(tmp)  # the file reads back as a model
+            os.replace(tmp, out)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return [out]
+
+    location = os.path.basename(out) + ".data"
+    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        onnx.load(tmp)  # the file reads back as a model
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # onnx.save strips raw_data from the proto it is given
+        tmp_model = os.path.join(tmpdir, os.path.basename(out))
+        onnx.save_model(copy, tmp_model, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=location,
+                        size_threshold=EXTERNAL_THRESHOLD)
+        del copy
+        check = onnx.load(tmp_model, load_external_data=False)  # reads back; data file present
+        if _has_external(check) and not os.path.exists(os.path.join(tmpdir, location)):
+            raise OSError(f"external data file {location} was not written")
+        written = [out]
+        if os.path.exists(os.path.join(tmpdir, location)):
+            os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
+            written.append(os.path.join(directory, location))
+        os.replace(tmp_model, out)
+        return written
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -7,8 +7,12 @@ import onnx
 from onnx import numpy_helper
 
 from .layers import ConstRef, GraphIndex, Layer
+from .model_io import tensor_nbytes
 
 PLACEHOLDER = "onnx-lsuv-in-memory"
+# Other initializers from this size on also reach sessions as OrtValues: a measuring model must
+# serialise below protobuf's 2 GiB, and there is no point copying big constants into it.
+LARGE_CONSTANT = 1 << 20
 
 
 class WeightState:
@@ -34,6 +38,12 @@ class WeightState:
         self._in_memory = [lay for lay in layers if lay.weight.constant_node is None
                            and lay.weight.name not in graph_inputs]
         self._in_proto = [lay for lay in layers if lay not in self._in_memory]
+        targets = {lay.weight.name for lay in layers}
+        self._large = {
+            t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.name not in targets and t.name not in graph_inputs
+            and tensor_nbytes(t) >= LARGE_CONSTANT
+        }
 
     def weight(self, layer: Layer) -> np.ndarray:
         """The layer's current weight, in its own dtype."""
@@ -62,7 +72,10 @@ class WeightState:
 
     def in_memory(self) -> dict[str, np.ndarray]:
         """Current weights stored as initializers, by name: what ``skeleton`` leaves out."""
-        return {lay.weight.name: np.ascontiguousarray(self.weight(lay)) for lay in self._in_memory}
+        arrays = {lay.weight.name: np.ascontiguousarray(self.weight(lay))
+                  for lay in self._in_memory}
+        arrays.update(self._large)
+        return arrays
 
     def write_constants(self, model: onnx.ModelProto) -> None:
         """Write the current weights that ``in_memory`` does not supply into ``model``."""
@@ -80,10 +93,11 @@ class WeightState:
         for layer in self.layers:
             if layer.index in self.changed_bias and layer.bias is not None:
                 _write_const(index, layer.bias, self.bias[layer.index])
-        names = {lay.weight.name for lay in self._in_memory}
+        names = {lay.weight.name for lay in self._in_memory} | set(self._large)
         for t in copy.graph.initializer:
             if t.name in names:
-                for f in ("raw_data", "float_data", "double_data", "int32_data"):
+                for f in ("raw_data", "float_data", "double_data", "int32_data", "int64_data",
+                          "uint64_data"):
                     t.ClearField(f)
                 t.data_location = onnx.TensorProto.EXTERNAL
                 del t.external_data[:]

@@ -89,6 +89,7 @@ def bad(tmp_path, args):
     ("bad_data", "cannot read data file"),
     ("wrong_shape", "expected shape"),
     ("scalar", "scalar"),
+    ("wrong_dtype", "expected dtype float32"),
     ("nan", "NaN"),
     ("npy_for_two_inputs", ".npz"),
     ("npz_missing_key", "missing input"),
@@ -120,6 +121,8 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path, case, expect):
         args[2] = str(tmp_path / "bad.npy")
     elif case == "wrong_shape":
         np.save(data, x[:, :5])
+    elif case == "wrong_dtype":
+        np.save(data, x.astype(np.int8))
     elif case == "scalar":
         np.save(data, np.float32(1))
     elif case == "nan":

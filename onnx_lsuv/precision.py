@@ -1,0 +1,56 @@
+"""float16 / bfloat16 models: a float32 twin to measure in where the provider lacks a kernel.
+
+ONNX Runtime's CPU provider has no bfloat16 kernels for most ops (and the ONNX spec allows no
+bfloat16 Conv), while some float16 graphs run. onnx-lsuv first tries the model as it is; when
+ONNX Runtime cannot build it, LSUV measures on a twin whose float16/bfloat16 tensors, types and
+casts are float32, and the weights are written back in the model's own dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+LOW_PRECISION = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+def has_low_precision(model: onnx.ModelProto) -> bool:
+    """Whether any initializer or graph input is float16 or bfloat16."""
+    g = model.graph
+    return any(t.data_type in LOW_PRECISION for t in g.initializer) or any(
+        i.type.tensor_type.elem_type in LOW_PRECISION for i in g.input)
+
+
+def _to_float32_tensor(t: onnx.TensorProto) -> None:
+    if t.data_type in LOW_PRECISION:
+        arr = numpy_helper.to_array(t).astype(np.float32)
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+
+def _retype(vi: onnx.ValueInfoProto) -> None:
+    tt = vi.type.tensor_type
+    if vi.type.HasField("tensor_type") and tt.elem_type in LOW_PRECISION:
+        tt.elem_type = TensorProto.FLOAT
+
+
+def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` computing in float32 wherever it used float16 or bfloat16.
+
+    Node order and names are kept, so layers found on the model and on the twin correspond by
+    node index.
+    """
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    g = twin.graph
+    for t in g.initializer:
+        _to_float32_tensor(t)
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        _retype(vi)
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                _to_float32_tensor(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i in LOW_PRECISION:
+                attr.i = TensorProto.FLOAT
+    return twin

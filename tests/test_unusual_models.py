@@ -1,0 +1,100 @@
+"""Models that real exporters produce: dynamic dims, quantized or cast weights, subgraphs, dead
+branches, batches of one, models without targets."""
+
+import logging
+
+import numpy as np
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from onnx_lsuv import lsuv_init
+from onnx_lsuv_cli.main import lsuv_command
+
+import models
+from conftest import make_model, output_variances, rand
+
+
+def test_symbolic_batch_and_spatial_dims_take_any_size():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="c", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", ["N", 3, "H", "W"])], [("y", None)],
+                       {"w": rand(4, 3, 3, 3, seed=1)})
+    for shape in ((16, 3, 5, 7), (2, 3, 11, 4)):
+        x = rand(*shape, seed=2)
+        result = lsuv_init(model, x, provider="cpu")
+        assert abs(output_variances(result.model, {"x": x}, ["y"])[0] - 1) < 0.1
+
+
+def test_batch_of_one_works_with_a_warning(caplog):
+    model, feeds, outputs = models.conv_chain()
+    x = feeds["x"][:1]
+    with caplog.at_level(logging.WARNING, logger="onnx_lsuv"):
+        result = lsuv_init(model, x, provider="cpu")
+    assert "1 samples" in caplog.text
+    for v in output_variances(result.model, {"x": x}, outputs):
+        assert abs(v - 1) < 0.1
+
+
+def test_quantized_and_cast_weights_are_skipped_with_a_named_warning(caplog):
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+        helper.make_node("Gemm", ["x", "wd"], ["y1"], name="quantized_fc", transB=1),
+        helper.make_node("Cast", ["wh"], ["wc"], to=TensorProto.FLOAT),
+        helper.make_node("Gemm", ["y1", "wc"], ["y2"], name="cast_fc", transB=1),
+        helper.make_node("Gemm", ["y2", "w3"], ["y3"], name="plain_fc", transB=1),
+    ]
+    inits = {"wq": np.ones((8, 6), np.int8), "s": np.array(0.1, np.float32),
+             "z": np.array(0, np.int8), "wh": rand(8, 8).astype(np.float16),
+             "w3": rand(4, 8, seed=3)}
+    model = make_model(nodes, [("x", ["N", 6])], [("y3", None)], inits, opset=17)
+    with caplog.at_level(logging.WARNING, logger="onnx_lsuv"):
+        result = lsuv_init(model, rand(32, 6), provider="cpu")
+    assert [r.name for r in result.report.layers] == ["plain_fc"]
+    reasons = {s["name"]: s["reason"] for s in result.report.skipped}
+    assert "DequantizeLinear" in reasons["quantized_fc"] and "Cast" in reasons["cast_fc"]
+    assert "quantized_fc" in caplog.text and "cast_fc" in caplog.text
+
+
+def test_targets_inside_subgraphs_are_skipped_with_a_warning(caplog):
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "wi"], ["t"], name="inner")],
+                             "then", [], [helper.make_tensor_value_info("t", 1, None)],
+                             initializer=[helper.make_tensor("wi", 1, [4, 4], [0.1] * 16)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", 1, None)])
+    nodes = [helper.make_node("Gemm", ["x0", "w"], ["x"], name="fc", transB=1),
+             helper.make_node("If", ["cond"], ["out"], name="branch", then_branch=then,
+                              else_branch=other)]
+    model = make_model(nodes, [("x0", ["N", 4]), ("cond", [], TensorProto.BOOL)],
+                       [("out", None)], {"w": rand(4, 4)})
+    with caplog.at_level(logging.WARNING, logger="onnx_lsuv"):
+        result = lsuv_init(model, {"x0": rand(16, 4), "cond": np.array(True)}, provider="cpu")
+    assert [r.name for r in result.report.layers] == ["fc"]
+    assert any(s["name"] == "branch" and "subgraph" in s["reason"]
+               for s in result.report.skipped)
+    assert "branch" in caplog.text
+
+
+def test_layer_the_data_never_reaches_is_reported_not_failed():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], name="live", transB=1),
+             helper.make_node("Relu", ["k"], ["kr"]),
+             helper.make_node("Gemm", ["kr", "w2"], ["dead_out"], name="dead", transB=1)]
+    model = make_model(nodes, [("x", ["N", 4])], [("y", None), ("dead_out", None)],
+                       {"w": rand(4, 4), "k": rand(2, 4, seed=5), "w2": rand(3, 4, seed=6)})
+    result = lsuv_init(model, rand(16, 4), provider="cpu")
+    assert [r.name for r in result.report.layers] == ["live"]
+    assert any(s["name"] == "dead" and "not reached" in s["reason"]
+               for s in result.report.skipped)
+
+
+def test_model_without_targets_is_a_clear_message_and_exit_0(tmp_path):
+    import onnx
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", 3])],
+                       [("y", None)], {})
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", rand(4, 3))
+    res = CliRunner().invoke(lsuv_command, [str(tmp_path / "m.onnx"), "--data",
+                                            str(tmp_path / "x.npy"), "-o",
+                                            str(tmp_path / "o.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "nothing to do" in res.output
