@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .model_io import existing_file
 
 log = logging.getLogger("onnx_lsuv")
 
@@ -67,11 +68,7 @@ def _fmt_shape(dims) -> str:
 
 
 def _load_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"data file not found: {path}")
-    if os.path.isdir(path):
-        raise InputError(f"data path is a directory, expected a .npy or .npz file: {path}")
+    path = existing_file(path, "data", "a .npy or .npz file")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as err:  # numpy raises ValueError/OSError/UnpicklingError variously

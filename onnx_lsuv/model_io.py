@@ -19,6 +19,16 @@ PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialised in
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the .onnx file
 
 
+def existing_file(path: str | os.PathLike, what: str, expected: str) -> str:
+    """``path`` as a string; InputError if it is missing or a directory."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{what} file not found: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"{what} path is a directory, expected {expected}: {path}")
+    return path
+
+
 def load_model(model: ModelLike) -> onnx.ModelProto:
     """A private copy of ``model``: the caller's ModelProto or file is never modified.
 
@@ -33,11 +43,7 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
-    path = os.fspath(model)
-    if not os.path.exists(path):
-        raise InputError(f"model file not found: {path}")
-    if os.path.isdir(path):
-        raise InputError(f"model path is a directory, expected an .onnx file: {path}")
+    path = existing_file(model, "model", "an .onnx file")
     try:
         loaded = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
