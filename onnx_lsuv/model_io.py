@@ -118,6 +118,12 @@ def check_output_path(output: str | os.PathLike, inputs: list[str], overwrite: b
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
                       external_data: bool | None = None) -> list[str]:
     """Write ``model`` beside ``output`` in a temporary place, re-load it, then rename it in place.
@@ -145,6 +151,7 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
             with os.fdopen(fd, "wb") as f:
                 f.write(model.SerializeToString())
             onnx.load(tmp)  # the file reads back as a model
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is not what users expect
             os.replace(tmp, out)
         except BaseException:
             if os.path.exists(tmp):

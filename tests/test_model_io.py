@@ -127,3 +127,11 @@ def test_model_over_2_gib_is_initialised_and_saved_with_external_data(tmp_path):
     assert len(written) == 2 and os.path.getsize(written[1]) > 2**31
     back = onnx.load(written[0], load_external_data=False)
     assert back.graph.node[0].name == "fc"
+
+
+def test_written_model_gets_ordinary_file_permissions(tmp_path):
+    model, feeds, _ = models.conv_chain()
+    save_model_atomic(lsuv_init(model, feeds, provider="cpu").model, tmp_path / "o.onnx")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "o.onnx").st_mode & 0o777 == 0o666 & ~mask
