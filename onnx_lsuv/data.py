@@ -138,6 +138,44 @@ def load_batch(data: BatchLike, model: onnx.ModelProto) -> dict[str, np.ndarray]
     return feeds
 
 
+def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``load_batch`` for one batch, or several pooled into one along the batch axis.
+
+    Args:
+        data: One BatchLike, a list or tuple of them, or a directory of .npy files (pooled in
+            name order).
+        model: The model whose inputs the data must feed.
+
+    Raises:
+        InputError: A part is unusable, or the parts cannot be pooled (an input with a fixed
+            batch dimension, or parts that disagree beyond the batch axis).
+    """
+    if isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
+        files = sorted(f for f in os.listdir(data) if f.endswith(".npy"))
+        if not files:
+            raise InputError(f"data directory {os.fspath(data)} holds no .npy files")
+        data = [os.path.join(data, f) for f in files]
+    if not isinstance(data, (list, tuple)):
+        return load_batch(data, model)
+    if not data:
+        raise InputError("no data given")
+    parts = [load_batch(d, model) for d in data]
+    if len(parts) == 1:
+        return parts[0]
+    pooled = {}
+    for vi in graph_inputs(model):
+        _, dims = _expected(vi)
+        if dims and isinstance(dims[0], int):
+            raise InputError(f"input {vi.name!r} has a fixed batch dimension of {dims[0]}: "
+                             "several batches cannot be pooled; pass one batch")
+        arrays = [p[vi.name] for p in parts]
+        if len({a.shape[1:] for a in arrays}) > 1 or any(a.ndim == 0 for a in arrays):
+            raise InputError(f"input {vi.name!r}: the batches' shapes "
+                             f"{[tuple(a.shape) for a in arrays]} differ beyond the batch axis")
+        pooled[vi.name] = np.concatenate(arrays, axis=0)
+    return pooled
+
+
 def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
     name = vi.name
     dtype, dims = _expected(vi)

@@ -9,9 +9,11 @@ Two strategies compute step 2 and must agree within tol:
 * ``fast`` (default): one forward pass of a copy of the graph that normalises each layer's output
   in-graph (LSUV is batch normalisation done once), giving every factor; one more forward pass of
   the written model re-measures every layer. A layer found off its target there (a non-linearity
-  the one-pass solve cannot see, such as tied weights) is redone with tries on the layer alone,
-  its input computed once from the final upstream weights, and so are the layers after it.
+  the one-pass solve cannot see) is redone with tries on the layer alone, its input computed once
+  from the final upstream weights, and so are the layers after it.
 * ``naive``: the plain re-run: a whole forward pass per try of every layer. The reference.
+
+``check_variances`` re-measures a model without changing it (the CLI's ``--check``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import numpy as np
 import onnx
@@ -28,20 +31,32 @@ import onnxruntime as ort
 import scipy
 
 from . import __version__
-from .data import BatchLike, load_batch
+from .baselines import BASELINES, baseline_weight
+from .data import BatchLike, load_batches
 from .engine import Engine
 from .errors import InputError, RuntimeFailure
 from .layers import Layer, find_layers
-from .measure_graph import LayerBias, normalizing_model
+from .measure_graph import LayerBias, normalizing_model, stats_model
 from .model_io import ModelLike, load_model
 from .orthonormal import compute_dtype, orthonormal_many
 from .precision import float32_twin, has_low_precision
-from .report import CONVERGED, NOT_CONVERGED, SKIPPED, LayerRecord, Report
+from .report import (
+    CONVERGED,
+    NOT_CONVERGED,
+    OFF_TARGET,
+    SKIPPED,
+    LayerRecord,
+    Report,
+)
 from .weights import WeightState, unshare_biases
 
 log = logging.getLogger("onnx_lsuv")
 
 STRATEGIES = ("fast", "naive")
+INITS = ("lsuv", "orthonormal") + BASELINES
+# progress(stage, done, total, detail): stages "init", "scaling", "re-measure", "retry", "check"
+ProgressFn = Callable[[str, int, int, str], None]
+DataLike = Union[BatchLike, Sequence[BatchLike]]
 
 
 @dataclass
@@ -52,13 +67,40 @@ class LSUVResult:
         model: The new model (a copy; the model passed in is untouched).
         report: Per-layer records, skipped candidates, timings; ``report.to_dict()`` is
             JSON-serialisable.
+        weights: The tensors that changed, by initializer (or Constant output) name: each target
+            layer's weight, and its bias where it was zeroed. What a framework loads back.
     """
 
     model: onnx.ModelProto
     report: Report
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def validate_options(target_var: float, tol: float, max_iter: int, strategy: str) -> None:
+def _no_progress(stage: str, done: int, total: int, detail: str) -> None:
+    pass
+
+
+@dataclass
+class _Run:
+    """What the scaling strategies share for one call."""
+
+    engine: Engine
+    work: onnx.ModelProto
+    state: WeightState
+    feeds: dict[str, np.ndarray]
+    report: Report
+    target: float
+    tol: float
+    max_iter: int
+    progress: ProgressFn
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self.state.layers
+
+
+def validate_options(target_var: float, tol: float, max_iter: int, strategy: str = "fast",
+                     init: str = "lsuv") -> None:
     """Raise InputError for option values LSUV cannot work with."""
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise InputError(f"tol must be a positive number, got {tol!r}")
@@ -68,11 +110,13 @@ def validate_options(target_var: float, tol: float, max_iter: int, strategy: str
         raise InputError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if strategy not in STRATEGIES:
         raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if init not in INITS:
+        raise InputError(f"init must be one of {INITS}, got {init!r}")
 
 
 def lsuv_init(
     model: ModelLike,
-    data: BatchLike,
+    data: DataLike | None,
     *,
     target_var: float = 1.0,
     tol: float = 0.1,
@@ -81,31 +125,39 @@ def lsuv_init(
     keep_bias: bool = False,
     orthonormal: bool = True,
     orthonormal_only: bool = False,
+    init: str = "lsuv",
     provider: str = "auto",
     strategy: str = "fast",
     threads: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> LSUVResult:
     """LSUV-initialise the Conv, ConvTranspose, Gemm and MatMul layers of an ONNX model.
 
     Args:
         model: An onnx.ModelProto (left untouched) or the path of an .onnx file.
         data: The batch: an array (single-input models), a dict input name -> array, or the path
-            of a .npy / .npz file.
+            of a .npy / .npz file; or a list of these, pooled into one batch. Not needed when no
+            data pass runs (``orthonormal_only`` or a baseline ``init``).
         target_var: Output variance to reach per layer. Defaults to 1.0.
         tol: Tolerance on the variance (the paper's Tol_var). Defaults to 0.1.
         max_iter: Most tries per layer (the paper's T_max). Defaults to 10.
-        seed: Seed of the orthonormal draws; the same seed gives the same bytes. Defaults to 0.
+        seed: Seed of the random draws; the same seed gives the same bytes. Defaults to 0.
         keep_bias: Keep the biases instead of zeroing them with the pre-init. Defaults to False.
         orthonormal: Orthonormal pre-init; False keeps the existing weights and biases and only
             rescales. Defaults to True.
-        orthonormal_only: Stop after the pre-init (no data pass). Defaults to False.
+        orthonormal_only: Stop after the pre-init (no data pass); same as init="orthonormal".
+            Defaults to False.
+        init: "lsuv", or a baseline to compare with: "orthonormal" (Saxe et al.), "xavier"
+            (Glorot & Bengio), "msra" (He et al.); baselines run no data pass. Defaults to "lsuv".
         provider: "auto", "cpu" or "cuda". Defaults to "auto".
         strategy: "fast" (two forward passes in all) or "naive" (one per try).
             Defaults to "fast".
         threads: CPU threads for ONNX Runtime and the pre-init. Defaults to the CPUs available.
+        progress: Called as progress(stage, done, total, detail) as the work goes on.
+            Defaults to none.
 
     Returns:
-        LSUVResult with the new model and the report.
+        LSUVResult with the new model, the report and the changed tensors.
 
     Raises:
         InputError: Unusable model, data or option (the message says which and why).
@@ -113,65 +165,58 @@ def lsuv_init(
         RuntimeFailure: ONNX Runtime failed on the model.
     """
     t_start = time.perf_counter()
-    validate_options(target_var, tol, max_iter, strategy)
-    if orthonormal_only and not orthonormal:
-        raise InputError("orthonormal_only and orthonormal=False together would change nothing")
+    progress = progress or _no_progress
+    validate_options(target_var, tol, max_iter, strategy, init)
+    if orthonormal_only:
+        if not orthonormal:
+            raise InputError("orthonormal_only and orthonormal=False together would change "
+                             "nothing")
+        if init != "lsuv":
+            raise InputError(f"orthonormal_only and init={init!r} contradict each other")
+        init = "orthonormal"
+    if init != "lsuv" and not orthonormal:
+        raise InputError(f"init={init!r} replaces the weights: orthonormal=False does not apply")
+    scaling = init == "lsuv"
     work = load_model(model)
-    feeds = None if orthonormal_only else load_batch(data, work)
+    feeds = load_batches(data, work) if scaling else None
     discovery = find_layers(work)
     layers = discovery.layers
-    report = Report(
-        skipped=[{"name": s.name, "op": s.op, "reason": s.reason} for s in discovery.skipped],
-        options=dict(target_var=target_var, tol=tol, max_iter=max_iter, seed=seed,
-                     keep_bias=keep_bias, orthonormal=orthonormal,
-                     orthonormal_only=orthonormal_only, strategy=strategy),
-        versions={"onnx_lsuv": __version__, "onnx": onnx.__version__,
-                  "onnxruntime": ort.__version__, "numpy": np.__version__,
-                  "scipy": scipy.__version__},
-    )
-    for s in discovery.skipped:
-        log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
+    report = _new_report(discovery, dict(
+        target_var=target_var, tol=tol, max_iter=max_iter, seed=seed, keep_bias=keep_bias,
+        orthonormal=orthonormal, init=init, strategy=strategy))
     if not layers:
         log.warning("the model has no Conv, ConvTranspose, Gemm or MatMul layer with a constant "
                     "weight: nothing to do")
         report.timings["total_s"] = time.perf_counter() - t_start
         return LSUVResult(work, report)
 
-    zeroing = {lay.index for lay in layers} if orthonormal and not keep_bias else set()
+    reinit = init != "lsuv" or orthonormal
+    zeroing = {lay.index for lay in layers} if reinit and not keep_bias else set()
     report.notes.extend(unshare_biases(work, layers, zeroing))
     state = WeightState(work, layers)
-    report.layers = [
-        LayerRecord(index=lay.index, name=lay.name, op=lay.op, weight=lay.weight.name,
-                    weight_shape=list(lay.weight_shape), groups=lay.layout.groups,
-                    bias=lay.bias.name if lay.bias else None)
-        for lay in layers
-    ]
     for lay in layers:
         if lay.shared_weight_users:
             report.notes.append(f"layer {lay.name}: its weight is also read by "
                                 f"{', '.join(lay.shared_weight_users)} (tied: set here)")
 
-    if orthonormal:
+    if reinit:
         t = time.perf_counter()
-        _orthonormal_init(state, layers, seed, threads, zero_bias=not keep_bias)
-        report.timings["orthonormal_s"] = time.perf_counter() - t
-        log.info("orthonormal init of %d layers: %.2f s", len(layers),
-                 report.timings["orthonormal_s"])
+        _pre_init(state, init, seed, threads, progress)
+        if not keep_bias:
+            for lay in layers:
+                state.zero_bias(lay)
+        report.timings["init_s"] = time.perf_counter() - t
+        log.info("%s init of %d layers: %.2f s", "orthonormal" if init == "lsuv" else init,
+                 len(layers), report.timings["init_s"])
 
-    if not orthonormal_only:
+    if scaling:
         engine = Engine(provider, threads)
         report.provider = engine.name
         t = time.perf_counter()
-        scaler = _scale_fast if strategy == "fast" else _scale_naive
-        m_work, m_state, m_feeds = work, state, feeds
-        if has_low_precision(work) and not _runs(engine, work, state):
-            m_work, m_state, m_feeds = _float32_measuring(work, state, feeds)
-            report.notes.append(f"ONNX Runtime ({engine.name}) cannot run this float16/bfloat16 "
-                                "model: measured in float32, weights written in their own dtype")
-            log.info("%s", report.notes[-1])
-        scaler(engine, m_work, m_state, m_state.layers, m_feeds, report, target_var, tol,
-               max_iter)
-        state.scale = dict(m_state.scale)
+        run = _measuring_run(engine, work, state, feeds, report, progress, target_var, tol,
+                             max_iter)
+        (_scale_fast if strategy == "fast" else _scale_naive)(run)
+        state.scale = dict(run.state.scale)
         report.timings["scaling_s"] = time.perf_counter() - t
         for rec in report.layers:
             if rec.status == SKIPPED:
@@ -180,18 +225,105 @@ def lsuv_init(
                 log.warning("layer %s did not converge: %s", rec.name, rec.message)
 
     state.write(work)
+    for lay, rec in zip(layers, report.layers):
+        rec.weight_std = float(np.std(state.weight(lay), dtype=np.float64))
     report.timings["total_s"] = time.perf_counter() - t_start
-    return LSUVResult(work, report)
+    return LSUVResult(work, report, state.changed())
 
 
-def _orthonormal_init(state: WeightState, layers: list[Layer], seed: int,
-                      threads: int | None, zero_bias: bool) -> None:
+def check_variances(
+    model: ModelLike,
+    data: DataLike,
+    *,
+    target_var: float = 1.0,
+    tol: float = 0.1,
+    provider: str = "auto",
+    threads: int | None = None,
+) -> Report:
+    """Re-measure every target layer's output variance on ``data``; the model is not changed.
+
+    Each record's ``var_after`` is the measured variance and its status ``converged`` (within
+    ``tol`` of ``target_var``), ``off_target`` or ``skipped`` (zero or non-finite variance).
+    ``report.converged`` is False when any layer is off target: a gate for CI.
+    """
+    t_start = time.perf_counter()
+    validate_options(target_var, tol, 1)
+    work = load_model(model)
+    feeds = load_batches(data, work)
+    discovery = find_layers(work)
+    report = _new_report(discovery, dict(target_var=target_var, tol=tol, check=True))
+    if discovery.layers:
+        engine = Engine(provider, threads)
+        report.provider = engine.name
+        state = WeightState(work, discovery.layers)
+        run = _measuring_run(engine, work, state, feeds, report, _no_progress, target_var, tol)
+        measuring, names = stats_model(run.state.skeleton(run.work), run.layers)
+        values = engine.run(_session(engine, run.state, measuring), run.feeds, names)
+        for lay, rec, value in zip(run.layers, report.layers, values):
+            rec.var_after = float(value)
+            rec.weight_std = float(np.std(state.weight(lay), dtype=np.float64))
+            bad = _bad_variance(rec.var_after)
+            if bad:
+                rec.status, rec.message = SKIPPED, bad
+            elif abs(rec.var_after - target_var) < tol:
+                rec.status = CONVERGED
+            else:
+                rec.status = OFF_TARGET
+                rec.message = f"|var - target| = {abs(rec.var_after - target_var):.4g} >= {tol}"
+    report.timings["total_s"] = time.perf_counter() - t_start
+    return report
+
+
+def _new_report(discovery, options: dict) -> Report:
+    for s in discovery.skipped:
+        log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
+    return Report(
+        layers=[LayerRecord(index=lay.index, name=lay.name, op=lay.op, weight=lay.weight.name,
+                            weight_shape=list(lay.weight_shape), groups=lay.layout.groups,
+                            bias=lay.bias.name if lay.bias else None)
+                for lay in discovery.layers],
+        skipped=[{"name": s.name, "op": s.op, "reason": s.reason} for s in discovery.skipped],
+        options=options,
+        versions={"onnx_lsuv": __version__, "onnx": onnx.__version__,
+                  "onnxruntime": ort.__version__, "numpy": np.__version__,
+                  "scipy": scipy.__version__},
+    )
+
+
+def _pre_init(state: WeightState, init: str, seed: int, threads: int | None,
+              progress: ProgressFn) -> None:
+    layers = state.layers
+    n = len(layers)
+    if init in BASELINES:
+        for lay in layers:
+            state.set_base(lay, baseline_weight(init, lay.layout, seed, lay.index,
+                                                compute_dtype(lay.dtype)))
+            progress("init", lay.index + 1, n, lay.name)
+        return
+    done = []
+
+    def finished(i: int) -> None:
+        done.append(i)
+        progress("init", len(done), n, layers[i].name)
+
     mats = orthonormal_many([lay.layout.matrix_shape for lay in layers], seed,
-                            [compute_dtype(lay.dtype) for lay in layers], workers=threads)
+                            [compute_dtype(lay.dtype) for lay in layers], workers=threads,
+                            on_done=finished)
     for lay, m in zip(layers, mats):
         state.set_base(lay, lay.layout.from_matrices(m))
-        if zero_bias:
-            state.zero_bias(lay)
+
+
+def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
+                   feeds: dict[str, np.ndarray], report: Report, progress: ProgressFn,
+                   target: float, tol: float, max_iter: int = 1) -> _Run:
+    """The model, weights and feeds to measure with: the model itself, or its float32 twin
+    where ONNX Runtime cannot run its float16/bfloat16 form."""
+    if has_low_precision(work) and not _runs(engine, work, state):
+        work, state, feeds = _float32_measuring(work, state, feeds)
+        report.notes.append(f"ONNX Runtime ({engine.name}) cannot run this float16/bfloat16 "
+                            "model: measured in float32, weights written in their own dtype")
+        log.info("%s", report.notes[-1])
+    return _Run(engine, work, state, feeds, report, target, tol, max_iter, progress)
 
 
 def _runs(engine: Engine, work: onnx.ModelProto, state: WeightState) -> bool:
@@ -263,14 +395,15 @@ def _bad_variance(v: float) -> str | None:
     return None
 
 
-def _scale_fast(engine, work, state, layers, feeds, report, target, tol, max_iter) -> None:
-    records = report.layers
+def _scale_fast(run: _Run) -> None:
+    records, layers, state, n = run.report.layers, run.layers, run.state, len(run.layers)
     t = time.perf_counter()
-    skeleton = state.skeleton(work)
-    norm, outs = normalizing_model(skeleton, layers, _kept_biases(state, layers), target, tol)
-    sess = _session(engine, state, norm)
-    values = engine.run(sess, feeds, [n for o in outs for n in (o.var_before, o.scale)])
-    del sess
+    run.progress("scaling", 0, n, "one forward pass for every layer")
+    skeleton = state.skeleton(run.work)
+    biases = _kept_biases(state, layers)
+    norm, outs = normalizing_model(skeleton, layers, biases, run.target, run.tol)
+    values = run.engine.run(_session(run.engine, state, norm), run.feeds,
+                            [n for o in outs for n in (o.var_before, o.scale)])
     for lay, rec, k in zip(layers, records, range(0, len(values), 2)):
         var, scale = float(values[k]), float(values[k + 1])
         rec.var_before = var
@@ -282,23 +415,26 @@ def _scale_fast(engine, work, state, layers, feeds, report, target, tol, max_ite
             state.multiply(lay, scale)
             rec.tries = 1
         rec.scale = state.scale[lay.index]
-    report.timings["one_pass_s"] = time.perf_counter() - t
+        log.debug("layer %s: var %.4g, scale %.4g", rec.name, var, scale)
+    run.progress("scaling", n, n, "")
+    run.report.timings["one_pass_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    run.progress("re-measure", 0, 1, "one forward pass of the written weights")
     # Re-measure the written weights with the same rewrite: where every layer is within tol all
     # factors are 1 and the variances are the written model's. At the first layer off target
     # the rest is no longer the written model, and the try loop below redoes it anyway.
-    norm, outs = normalizing_model(skeleton, layers, _kept_biases(state, layers), target, tol)
-    sess = _session(engine, state, norm)
-    values = engine.run(sess, feeds, [o.var_before for o in outs])
-    del sess
-    report.timings["verify_s"] = time.perf_counter() - t
+    norm, outs = normalizing_model(skeleton, layers, biases, run.target, run.tol)
+    values = run.engine.run(_session(run.engine, state, norm), run.feeds,
+                            [o.var_before for o in outs])
+    run.progress("re-measure", 1, 1, "")
+    run.report.timings["verify_s"] = time.perf_counter() - t
     first_off = None
     for rec, value in zip(records, values):
         rec.var_after = float(value)
         if rec.status == SKIPPED:
             continue
-        if abs(rec.var_after - target) < tol:
+        if abs(rec.var_after - run.target) < run.tol:
             rec.status = CONVERGED
         elif first_off is None:
             first_off = rec.index
@@ -308,29 +444,28 @@ def _scale_fast(engine, work, state, layers, feeds, report, target, tol, max_ite
                  records[first_off].name, records[first_off].var_after)
         t = time.perf_counter()
         for lay in layers[first_off:]:
-            if records[lay.index].status == SKIPPED:
-                continue
-            measure = _layer_measure(engine, skeleton, state, lay, feeds)
-            _tries(measure, state, lay, records[lay.index], target, tol, max_iter,
-                   keep_before=True)
-        report.timings["retry_s"] = time.perf_counter() - t
+            if records[lay.index].status != SKIPPED:
+                _tries(run, lay, _layer_measure(run, skeleton, lay), keep_before=True)
+            run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)
+        run.report.timings["retry_s"] = time.perf_counter() - t
 
 
-def _scale_naive(engine, work, state, layers, feeds, report, target, tol, max_iter) -> None:
-    skeleton = state.skeleton(work)
-    for lay in layers:
+def _scale_naive(run: _Run) -> None:
+    skeleton = run.state.skeleton(run.work)
+    for lay in run.layers:
         fetch = _fetching(skeleton, lay.output)
 
         def measure(lay=lay, fetch=fetch) -> float:
-            (y,) = engine.run(_session(engine, state, fetch), feeds, [lay.output])
+            (y,) = run.engine.run(_session(run.engine, run.state, fetch), run.feeds, [lay.output])
             return float(np.var(y, dtype=np.float64))
 
-        _tries(measure, state, lay, report.layers[lay.index], target, tol, max_iter)
+        _tries(run, lay, measure)
+        run.progress("scaling", lay.index + 1, len(run.layers), lay.name)
 
 
-def _tries(measure: Callable[[], float], state: WeightState, lay: Layer, rec: LayerRecord,
-           target: float, tol: float, max_iter: int, keep_before: bool = False) -> None:
+def _tries(run: _Run, lay: Layer, measure: Callable[[], float], keep_before: bool = False) -> None:
     """The paper's inner loop for one layer: measure, rescale, until within tol or max_iter."""
+    rec, state, target = run.report.layers[lay.index], run.state, run.target
     var = measure()
     if not keep_before or rec.var_before is None:
         rec.var_before = var
@@ -340,24 +475,25 @@ def _tries(measure: Callable[[], float], state: WeightState, lay: Layer, rec: La
         if bad:
             rec.status, rec.message = SKIPPED, bad
             break
-        if abs(var - target) < tol:
+        if abs(var - target) < run.tol:
             rec.status = CONVERGED
             break
-        if tries >= max_iter:
+        if tries >= run.max_iter:
             rec.status = NOT_CONVERGED
             rec.message = f"|var - target| = {abs(var - target):.4g} after {tries} tries"
             break
         state.multiply(lay, math.sqrt(target / var))
         tries += 1
         var = measure()
+        log.debug("layer %s try %d: var %.4g", lay.name, tries, var)
     rec.tries += tries
     rec.var_after = var
     rec.scale = state.scale[lay.index]
 
 
-def _layer_measure(engine: Engine, skeleton: onnx.ModelProto, state: WeightState, lay: Layer,
-                   feeds: dict[str, np.ndarray]) -> Callable[[], float]:
+def _layer_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], float]:
     """A measurement of one layer alone: its input from one forward pass, then only its nodes."""
+    engine, state, feeds = run.engine, run.state, run.feeds
     node = skeleton.graph.node[lay.node_index]
     x_name = node.input[0]
     (x,) = engine.run(_session(engine, state, _fetching(skeleton, x_name)), feeds, [x_name])

@@ -16,7 +16,7 @@ square it is Householder QR (scipy).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -105,6 +105,7 @@ def orthonormal_many(
     seed: int,
     dtypes: Sequence[np.dtype],
     workers: int | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
     """Orthonormal matrices for many layers, in parallel threads (LAPACK releases the GIL).
 
@@ -117,6 +118,8 @@ def orthonormal_many(
         seed: Base seed.
         dtypes: Compute dtype per layer.
         workers: Thread count. Defaults to the CPUs available to this process.
+        on_done: Called with a layer's index when its matrices are ready (in this thread).
+            Defaults to none.
 
     Returns:
         One (groups, rows, cols) array per layer, in the order of ``shapes``.
@@ -126,19 +129,24 @@ def orthonormal_many(
         g, r, c = shapes[i]
         return orthonormal_matrices(g, r, c, np.random.default_rng([seed, i]), dtypes[i])
 
+    def finished(i: int, res: np.ndarray) -> None:
+        results[i] = res
+        if on_done is not None:
+            on_done(i)
+
     order = sorted(range(len(shapes)), key=lambda i: -int(np.prod(shapes[i])))
     big = [i for i in order if int(np.prod(shapes[i])) >= BIG_MATRIX]
     small = [i for i in order if int(np.prod(shapes[i])) < BIG_MATRIX]
     workers = workers or default_workers()
     results: list[np.ndarray | None] = [None] * len(shapes)
     for i in big:
-        results[i] = job(i)
+        finished(i, job(i))
     with threadpool_limits(limits=1, user_api="blas"):
         if workers <= 1 or len(small) <= 1:
             for i in small:
-                results[i] = job(i)
+                finished(i, job(i))
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 for i, res in zip(small, pool.map(job, small)):
-                    results[i] = res
+                    finished(i, res)
     return results  # type: ignore[return-value]

@@ -11,8 +11,9 @@ from typing import Any
 CONVERGED = "converged"  # |var - target| < tol on the batch
 NOT_CONVERGED = "not_converged"  # max_iter tries were not enough
 SKIPPED = "skipped"  # zero or non-finite output variance: not rescaled
-NOT_SCALED = "not_scaled"  # --orthonormal-only
-STATUSES = (CONVERGED, NOT_CONVERGED, SKIPPED, NOT_SCALED)
+NOT_SCALED = "not_scaled"  # no data pass: --orthonormal-only or a baseline --init
+OFF_TARGET = "off_target"  # check mode: |var - target| >= tol
+STATUSES = (CONVERGED, NOT_CONVERGED, SKIPPED, NOT_SCALED, OFF_TARGET)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class LayerRecord:
     var_before: float | None = None
     var_after: float | None = None
     scale: float = 1.0
+    weight_std: float | None = None
     status: str = NOT_SCALED
     message: str = ""
 
@@ -48,8 +50,26 @@ class Report:
 
     @property
     def converged(self) -> bool:
-        """True when no layer ended 'not_converged'."""
-        return all(r.status != NOT_CONVERGED for r in self.layers)
+        """True when no layer ended 'not_converged' or 'off_target'."""
+        return all(r.status not in (NOT_CONVERGED, OFF_TARGET) for r in self.layers)
+
+    def summary(self) -> dict[str, Any]:
+        """The one-object summary that ``--json`` prints: counts, worst deviation, times."""
+        target = self.options.get("target_var", 1.0)
+        done = [r for r in self.layers if r.var_after is not None and r.status != SKIPPED]
+        counts = {s: sum(r.status == s for r in self.layers) for s in STATUSES}
+        return _finite({
+            "ok": self.converged,
+            "layers": len(self.layers),
+            **counts,
+            "not_targets": len(self.skipped),
+            "worst_abs_var_minus_target": max((abs(r.var_after - target) for r in done),
+                                              default=None),
+            "provider": self.provider,
+            "timings": self.timings,
+            "options": self.options,
+            "versions": self.versions,
+        })
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -105,6 +105,14 @@ class WeightState:
                 entry.key, entry.value = "location", PLACEHOLDER
         return copy
 
+    def changed(self) -> dict[str, np.ndarray]:
+        """Every target weight and every changed bias, by tensor name, as written."""
+        out = {lay.weight.name: self.weight(lay) for lay in self.layers}
+        for lay in self.layers:
+            if lay.index in self.changed_bias and lay.bias is not None:
+                out[lay.bias.name] = self.bias[lay.index]
+        return out
+
     def write(self, model: onnx.ModelProto) -> None:
         """Write the current weights and changed biases into ``model`` (same names, dtypes)."""
         index = GraphIndex(model.graph)
