@@ -6,13 +6,14 @@ Mishkin & Matas, "All you need is a good init", ICLR 2016 (arXiv:1511.06422).
 __version__ = "0.1.0"
 
 from .errors import InputError, LSUVError, ProviderError, RuntimeFailure  # noqa: E402
-from .lsuv import LSUVResult, lsuv_init  # noqa: E402
+from .lsuv import LSUVResult, check_variances, lsuv_init  # noqa: E402
 from .model_io import save_model_atomic  # noqa: E402
 from .report import LayerRecord, Report  # noqa: E402
 
 __all__ = [
     "__version__",
     "lsuv_init",
+    "check_variances",
     "LSUVResult",
     "Report",
     "LayerRecord",

@@ -138,6 +138,16 @@ def load_batch(data: BatchLike, model: onnx.ModelProto) -> dict[str, np.ndarray]
     return feeds
 
 
+def _expand_directory(item):
+    """A directory's .npy files in name order; anything else as it is."""
+    if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
+        files = sorted(f for f in os.listdir(item) if f.endswith(".npy"))
+        if not files:
+            raise InputError(f"data directory {os.fspath(item)} holds no .npy files")
+        return [os.path.join(item, f) for f in files]
+    return [item]
+
+
 def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """``load_batch`` for one batch, or several pooled into one along the batch axis.
 
@@ -150,13 +160,9 @@ def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         InputError: A part is unusable, or the parts cannot be pooled (an input with a fixed
             batch dimension, or parts that disagree beyond the batch axis).
     """
-    if isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
-        files = sorted(f for f in os.listdir(data) if f.endswith(".npy"))
-        if not files:
-            raise InputError(f"data directory {os.fspath(data)} holds no .npy files")
-        data = [os.path.join(data, f) for f in files]
     if not isinstance(data, (list, tuple)):
-        return load_batch(data, model)
+        data = [data]
+    data = [part for item in data for part in _expand_directory(item)]
     if not data:
         raise InputError("no data given")
     parts = [load_batch(d, model) for d in data]

@@ -1,0 +1,150 @@
+"""What ONNX users expect from the command: progress, --json, --check, --plot, --save-weights,
+pooled data, baseline inits, shell completion."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from onnx_lsuv.errors import EXIT_CHECK_FAILED
+from onnx_lsuv.layers import find_layers
+from onnx_lsuv_cli.main import lsuv_command
+
+import models
+from conftest import ROOT, output_variances, target_outputs
+
+SAMPLE = os.path.join(ROOT, "sample_models", "fitnet_mnist_relu.onnx")
+BATCH = os.path.join(ROOT, "sample_models", "digits_batch.npy")
+
+
+def invoke(*args):
+    return CliRunner().invoke(lsuv_command, [str(a) for a in args])
+
+
+def test_progress_lines_on_a_log_and_silence_with_q(tmp_path):
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "a.onnx", "--provider", "cpu")
+    assert res.exit_code == 0
+    for line in ("pre-init: 7/7 layers", "scaling: 7/7", "re-measure: 1/1"):
+        assert line in res.output
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "b.onnx", "--provider", "cpu", "-q")
+    assert res.exit_code == 0 and res.output == ""
+
+
+def test_verbose_adds_per_layer_detail(tmp_path):
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "a.onnx", "--provider", "cpu", "-v")
+    assert "layer conv1: var" in res.output
+
+
+def test_json_summary_on_stdout(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(lsuv_command, [SAMPLE, "-d", BATCH, "-o", str(tmp_path / "a.onnx"),
+                                       "--provider", "cpu", "--json", "-q"])
+    summary = json.loads(res.stdout)
+    assert summary["ok"] is True and summary["layers"] == 7 and summary["converged"] == 7
+    assert summary["worst_abs_var_minus_target"] < 0.1
+    assert {"total_s", "one_pass_s"} <= summary["timings"].keys()
+    assert summary["versions"]["onnxruntime"]
+
+
+def test_check_gates_ci_on_the_target_variance(tmp_path):
+    out = tmp_path / "init.onnx"
+    assert invoke(SAMPLE, "-d", BATCH, "-o", out, "--provider", "cpu", "-q").exit_code == 0
+    ok = invoke(out, "-d", BATCH, "--check", "--provider", "cpu")
+    assert ok.exit_code == 0, ok.output
+    bad = invoke(SAMPLE, "-d", BATCH, "--check", "--provider", "cpu", "--json", "-q")
+    assert bad.exit_code == EXIT_CHECK_FAILED
+    assert json.loads(bad.stdout)["off_target"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["init.onnx"]  # --check wrote nothing
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "a.onnx", "--plot", tmp_path / "p.png",
+                 "--provider", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "a.onnx", "--plot", tmp_path / "p.png",
+                 "--provider", "cpu", "-q")
+    assert res.exit_code == 2 and "pip install 'onnx-lsuv[plot]'" in res.output
+
+
+def test_save_weights_holds_exactly_the_changed_tensors(tmp_path):
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "a.onnx", "--save-weights",
+                 tmp_path / "w.npz", "--provider", "cpu", "-q")
+    assert res.exit_code == 0, res.output
+    saved = np.load(tmp_path / "w.npz")
+    model = onnx.load(tmp_path / "a.onnx")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = find_layers(model).layers
+    assert {lay.weight.name for lay in layers} <= set(saved.files)
+    for name in saved.files:
+        assert np.array_equal(saved[name], inits[name])
+
+
+def test_several_batches_and_a_directory_are_pooled(tmp_path):
+    x = np.load(BATCH)
+    np.save(tmp_path / "a.npy", x[:64])
+    np.save(tmp_path / "b.npy", x[64:])
+    (tmp_path / "dir").mkdir()
+    np.save(tmp_path / "dir" / "0.npy", x[:64])
+    np.save(tmp_path / "dir" / "1.npy", x[64:])
+    outs = []
+    for name, data in (("whole", ["-d", BATCH]), ("two", ["-d", tmp_path / "a.npy", "-d",
+                                                           tmp_path / "b.npy"]),
+                       ("dir", ["-d", tmp_path / "dir"])):
+        res = invoke(SAMPLE, *data, "-o", tmp_path / f"{name}.onnx", "--provider", "cpu", "-q")
+        assert res.exit_code == 0, res.output
+        outs.append((tmp_path / f"{name}.onnx").read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("init,check", [
+    ("xavier", lambda w, fi, fo: abs(w.std() - np.sqrt(2.0 / (fi + fo))) < 0.15 * w.std()),
+    ("msra", lambda w, fi, fo: abs(w.std() - np.sqrt(2.0 / fi)) < 0.15 * w.std()),
+])
+def test_baseline_inits_follow_their_distributions(tmp_path, init, check):
+    from onnx_lsuv.baselines import fans
+
+    res = invoke(SAMPLE, "-o", tmp_path / "b.onnx", "--init", init, "-q")
+    assert res.exit_code == 0, res.output
+    model = onnx.load(tmp_path / "b.onnx")
+    for lay in find_layers(model).layers:
+        w = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                       if t.name == lay.weight.name)).astype(np.float64)
+        fi, fo = fans(lay.layout)
+        assert check(w, fi, fo), (lay.name, w.std())
+    # LSUV reaches the target where the baselines leave the variance where it falls.
+    x = np.load(BATCH)
+    names = target_outputs(model)
+    assert any(abs(v - 1) > 0.1 for v in output_variances(model, {"input": x}, names))
+
+
+def test_shell_completion_script():
+    env = dict(os.environ, _ONNX_LSUV_COMPLETE="bash_source")
+    proc = subprocess.run(["onnx-lsuv"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "complete" in proc.stdout
+
+
+def test_check_and_output_together_are_refused(tmp_path):
+    res = invoke(SAMPLE, "-d", BATCH, "--check", "-o", tmp_path / "x.onnx")
+    assert res.exit_code == 2 and "--check writes no model" in res.output
+
+
+def test_library_check_on_a_fresh_model_lists_off_target_layers():
+    from onnx_lsuv import check_variances, lsuv_init
+
+    model, feeds, _ = models.residual_block()
+    assert not check_variances(model, feeds, provider="cpu").converged
+    done = lsuv_init(model, feeds, provider="cpu").model
+    rep = check_variances(done, feeds, provider="cpu")
+    assert rep.converged and all(r.status == "converged" for r in rep.layers)
