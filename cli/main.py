@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -11,7 +12,12 @@ import numpy as np
 
 import onnx_lsuv
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
-from onnx_lsuv.model_io import check_output_path, save_model_atomic, uses_external_data
+from onnx_lsuv.model_io import (
+    check_output_path,
+    external_data_files,
+    save_model_atomic,
+    uses_external_data,
+)
 
 EPILOG = f"""\b
 Examples:
@@ -42,6 +48,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     log.handlers[:] = [_StderrHandler()]
     log.propagate = False
     log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # ONNX Runtime's own warnings (e.g. initializers listed as inputs)
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
 
 
 class Progress:
@@ -173,10 +183,19 @@ def _run(model, data, output, tol, max_iter, target_var, seed, init, keep_bias, 
     if needs_data and not data:
         raise InputError("--data is required (except with --orthonormal-only or a baseline "
                          "--init)")
-    inputs = [model] + [d for d in data]
-    for path in (report_path, plot_path, weights_path):
-        if path:
-            check_output_path(path, inputs, False)
+    inputs = [model] + list(data) + external_data_files(model)
+    side = [p for p in (report_path, plot_path, weights_path) if p]
+    for path in side:
+        check_output_path(path, inputs, False)
+    if output and not check:
+        data_file = os.path.abspath(output) + ".data"
+        if data_file in inputs and os.path.abspath(output) != os.path.abspath(model):
+            raise InputError(f"{data_file} holds the input model's external data: writing "
+                             "the output there would break the input; choose another -o")
+        side += [output, data_file]
+    resolved = [os.path.abspath(p) for p in side]
+    if len(set(resolved)) != len(resolved):
+        raise InputError("-o, --report, --plot and --save-weights must be different files")
     progress = None if quiet else Progress(sys.stderr.isatty())
     if check:
         if output or weights_path:

@@ -4,8 +4,9 @@
 * msra: He et al. 2015, normal N(0, 2 / fan_in).
 
 fan_in is the matrix view's fan-in (input channels per group x kernel size); fan_out is the
-output units per group x kernel size, as PyTorch and Caffe count them. Layer ``i`` draws from the
-generator seeded with ``(seed, i)``, as the orthonormal init does.
+output units per group x kernel size, both per group on the layouts table (PyTorch counts a
+grouped Conv's fan_out over all groups, and swaps the two for ConvTranspose). Layer ``i`` draws
+from the generator seeded with ``(seed, i)``, as the orthonormal init does.
 """
 
 from __future__ import annotations

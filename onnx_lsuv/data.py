@@ -71,11 +71,11 @@ def _load_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarra
     path = existing_file(path, "data", "a .npy or .npz file")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except Exception as err:  # numpy raises ValueError/OSError/UnpicklingError variously
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:  # members load lazily: read them here, inside the try
+                return {k: loaded[k] for k in loaded.files}
+    except Exception as err:  # numpy raises ValueError/OSError/BadZipFile variously
         raise InputError(f"cannot read data file {path} as .npy or .npz: {err}") from err
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            return {k: loaded[k] for k in loaded.files}
     if len(names) != 1:
         raise InputError(
             f"{path} holds one array but the model has {len(names)} inputs "
@@ -85,7 +85,8 @@ def _load_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarra
     return {names[0]: loaded}
 
 
-def load_batch(data: BatchLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def load_batch(data: BatchLike, model: onnx.ModelProto,
+               warn_small: bool = True) -> dict[str, np.ndarray]:
     """Load ``data`` and check it against ``model``'s inputs.
 
     Args:
@@ -128,6 +129,12 @@ def load_batch(data: BatchLike, model: onnx.ModelProto) -> dict[str, np.ndarray]
     feeds: dict[str, np.ndarray] = {}
     for vi in inputs:
         feeds[vi.name] = _check_one(vi, np.asarray(arrays[vi.name]))
+    if warn_small:
+        _warn_small(feeds)
+    return feeds
+
+
+def _warn_small(feeds: dict[str, np.ndarray]) -> None:
     batch = next((a.shape[0] for a in feeds.values() if a.ndim > 0), 0)
     if 0 < batch < MIN_RECOMMENDED_BATCH:
         log.warning(
@@ -135,7 +142,6 @@ def load_batch(data: BatchLike, model: onnx.ModelProto) -> dict[str, np.ndarray]
             batch,
             MIN_RECOMMENDED_BATCH,
         )
-    return feeds
 
 
 def _expand_directory(item):
@@ -165,7 +171,7 @@ def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     data = [part for item in data for part in _expand_directory(item)]
     if not data:
         raise InputError("no data given")
-    parts = [load_batch(d, model) for d in data]
+    parts = [load_batch(d, model, warn_small=len(data) == 1) for d in data]
     if len(parts) == 1:
         return parts[0]
     pooled = {}
@@ -179,13 +185,14 @@ def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
             raise InputError(f"input {vi.name!r}: the batches' shapes "
                              f"{[tuple(a.shape) for a in arrays]} differ beyond the batch axis")
         pooled[vi.name] = np.concatenate(arrays, axis=0)
+    _warn_small(pooled)
     return pooled
 
 
 def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
     name = vi.name
     dtype, dims = _expected(vi)
-    if arr.dtype == object or arr.dtype.kind not in "biuf":
+    if arr.dtype != dtype and (arr.dtype == object or arr.dtype.kind not in "biuf"):
         raise InputError(f"input {name!r}: data of dtype {arr.dtype} is not numeric")
     if arr.ndim == 0 and (dims is None or len(dims) > 0):
         raise InputError(f"input {name!r}: got a scalar, expected an array"
@@ -204,7 +211,7 @@ def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
             )
     if arr.size == 0:
         raise InputError(f"input {name!r}: the array is empty (shape {tuple(arr.shape)})")
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+    if arr.dtype.kind in "fV" and not np.all(np.isfinite(arr.astype(np.float32))):
         raise InputError(f"input {name!r}: the data contains NaN or Inf values")
     if dtype is not None and arr.dtype != dtype:
         if (arr.dtype, dtype) not in _ALLOWED_CASTS:

@@ -54,6 +54,8 @@ class Layer:
         pre_bias_output: The tensor before a separate bias Add (== output when there is none).
         output_rank: Rank of ``output`` when known from the weight (Conv: weight rank; Gemm: 2).
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
+        weight_read_upstream: Whether a node before this one reads the weight too, so that
+            rescaling it also changes the layer's own input.
     """
 
     index: int
@@ -70,6 +72,7 @@ class Layer:
     pre_bias_output: str
     output_rank: int | None
     shared_weight_users: list[str] = field(default_factory=list)
+    weight_read_upstream: bool = False  # a node before this one reads the same weight
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -321,12 +324,11 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
         layers.append(layer)
 
     for layer in layers:
-        others = [
-            index.node_name(j)
-            for j, _ in index.users_of_const(layer.weight)
-            if j != layer.node_index and index.node_name(j) not in layer.shared_weight_users
-        ]
-        layer.shared_weight_users.extend(others)
+        users = [j for j, _ in index.users_of_const(layer.weight) if j != layer.node_index]
+        layer.shared_weight_users.extend(
+            index.node_name(j) for j in users
+            if index.node_name(j) not in layer.shared_weight_users)
+        layer.weight_read_upstream = any(j < layer.node_index for j in users)
     return Discovery(layers, skipped)
 
 

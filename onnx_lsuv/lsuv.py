@@ -37,7 +37,7 @@ from .engine import Engine
 from .errors import InputError, RuntimeFailure
 from .layers import Layer, find_layers
 from .measure_graph import LayerBias, normalizing_model, stats_model
-from .model_io import ModelLike, load_model
+from .model_io import ModelLike, default_opset, load_model
 from .orthonormal import compute_dtype, orthonormal_many
 from .precision import float32_twin, has_low_precision
 from .report import (
@@ -53,6 +53,7 @@ from .weights import WeightState, unshare_biases
 log = logging.getLogger("onnx_lsuv")
 
 STRATEGIES = ("fast", "naive")
+MIN_FAST_OPSET = 9  # the in-graph rewrites use Where
 INITS = ("lsuv", "orthonormal") + BASELINES
 # progress(stage, done, total, detail): stages "init", "scaling", "re-measure", "retry", "check"
 ProgressFn = Callable[[str, int, int, str], None]
@@ -215,6 +216,11 @@ def lsuv_init(
         t = time.perf_counter()
         run = _measuring_run(engine, work, state, feeds, report, progress, target_var, tol,
                              max_iter)
+        if strategy == "fast" and default_opset(run.work) < MIN_FAST_OPSET:
+            strategy = "naive"
+            report.notes.append(f"opset {default_opset(run.work)} has no Where: the in-graph "
+                                "solve needs opset 9; used the naive strategy")
+            log.info("%s", report.notes[-1])
         (_scale_fast if strategy == "fast" else _scale_naive)(run)
         state.scale = dict(run.state.scale)
         report.timings["scaling_s"] = time.perf_counter() - t
@@ -257,8 +263,7 @@ def check_variances(
         report.provider = engine.name
         state = WeightState(work, discovery.layers)
         run = _measuring_run(engine, work, state, feeds, report, _no_progress, target_var, tol)
-        measuring, names = stats_model(run.state.skeleton(run.work), run.layers)
-        values = engine.run(_session(engine, run.state, measuring), run.feeds, names)
+        values = _measure_all(run, run.state.skeleton(run.work))
         for lay, rec, value in zip(run.layers, report.layers, values):
             rec.var_after = float(value)
             rec.weight_std = float(np.std(state.weight(lay), dtype=np.float64))
@@ -358,12 +363,13 @@ def _session(engine: Engine, state: WeightState, model: onnx.ModelProto):
     return engine.session(model, state.in_memory())
 
 
-def _fetching(skeleton: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """A copy of ``skeleton`` whose only output is tensor ``name``."""
+def _fetching(skeleton: onnx.ModelProto, *names: str) -> onnx.ModelProto:
+    """A copy of ``skeleton`` whose only outputs are tensors ``names``."""
     model = onnx.ModelProto()
     model.CopyFrom(skeleton)
     del model.graph.output[:]
-    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    for name in dict.fromkeys(names):
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return model
 
 
@@ -381,7 +387,7 @@ def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias
         units = lay.layout.output_units
         if b.size == 1:
             b = np.full(units, b.item())
-        if b.size != units:
+        if b.size != units or b.shape[-1] != units:  # e.g. a Gemm bias of shape (M, 1)
             continue
         biases[lay.index] = LayerBias(b.reshape(units))
     return biases
@@ -445,22 +451,59 @@ def _scale_fast(run: _Run) -> None:
         t = time.perf_counter()
         for lay in layers[first_off:]:
             if records[lay.index].status != SKIPPED:
-                _tries(run, lay, _layer_measure(run, skeleton, lay), keep_before=True)
+                # A weight also read upstream changes the layer's own input: whole passes then.
+                measure = (_full_measure(run, skeleton, lay) if lay.weight_read_upstream
+                           else _layer_measure(run, skeleton, lay))
+                _tries(run, lay, measure, keep_before=True)
             run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)
+        _final_check(run, skeleton)
         run.report.timings["retry_s"] = time.perf_counter() - t
+
+
+def _measure_all(run: _Run, skeleton: onnx.ModelProto) -> list[float]:
+    """Every layer's output variance with the current weights, in one forward pass."""
+    if default_opset(skeleton) >= MIN_FAST_OPSET:
+        measuring, names = stats_model(skeleton, run.layers)
+        values = run.engine.run(_session(run.engine, run.state, measuring), run.feeds, names)
+        return [float(v) for v in values]
+    # Below opset 9 (no Where) the statistics are taken here from the fetched outputs.
+    fetch = _fetching(skeleton, *[lay.output for lay in run.layers])
+    outs = run.engine.run(_session(run.engine, run.state, fetch), run.feeds,
+                          [lay.output for lay in run.layers])
+    return [float(np.var(y, dtype=np.float64)) for y in outs]
+
+
+def _final_check(run: _Run, skeleton: onnx.ModelProto) -> None:
+    """Re-measure the written weights once more after tries: a tied weight set later can still
+    have moved an earlier layer (its reader upstream), which no per-layer loop sees."""
+    for rec, value in zip(run.report.layers, _measure_all(run, skeleton)):
+        if rec.status == SKIPPED:
+            continue
+        rec.var_after = float(value)
+        if abs(rec.var_after - run.target) >= run.tol:
+            rec.status = NOT_CONVERGED
+            rec.message = (f"var {rec.var_after:.4g} in the final re-measurement: a weight tied "
+                           "to a later layer changed it")
 
 
 def _scale_naive(run: _Run) -> None:
     skeleton = run.state.skeleton(run.work)
     for lay in run.layers:
-        fetch = _fetching(skeleton, lay.output)
-
-        def measure(lay=lay, fetch=fetch) -> float:
-            (y,) = run.engine.run(_session(run.engine, run.state, fetch), run.feeds, [lay.output])
-            return float(np.var(y, dtype=np.float64))
-
-        _tries(run, lay, measure)
+        _tries(run, lay, _full_measure(run, skeleton, lay))
         run.progress("scaling", lay.index + 1, len(run.layers), lay.name)
+    if any(lay.weight_read_upstream for lay in run.layers):
+        _final_check(run, skeleton)
+
+
+def _full_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], float]:
+    """A measurement of one layer by a whole forward pass with the current weights."""
+    fetch = _fetching(skeleton, lay.output)
+
+    def measure() -> float:
+        (y,) = run.engine.run(_session(run.engine, run.state, fetch), run.feeds, [lay.output])
+        return float(np.var(y, dtype=np.float64))
+
+    return measure
 
 
 def _tries(run: _Run, lay: Layer, measure: Callable[[], float], keep_before: bool = False) -> None:
@@ -470,6 +513,8 @@ def _tries(run: _Run, lay: Layer, measure: Callable[[], float], keep_before: boo
     if not keep_before or rec.var_before is None:
         rec.var_before = var
     tries = 0
+    exponent = 2.0  # var ~ scale^2 for a linear layer; re-estimated from the last two tries
+    last = None
     while True:
         bad = _bad_variance(var)
         if bad:
@@ -482,7 +527,15 @@ def _tries(run: _Run, lay: Layer, measure: Callable[[], float], keep_before: boo
             rec.status = NOT_CONVERGED
             rec.message = f"|var - target| = {abs(var - target):.4g} after {tries} tries"
             break
-        state.multiply(lay, math.sqrt(target / var))
+        if last is not None:
+            # var ~ scale^p: estimate p in log space from the last step (a weight that is also
+            # read upstream gives p = 4, for instance), and keep it in a sane range.
+            step, var_before_step = last
+            p = math.log(var / var_before_step) / math.log(step) if step != 1.0 else 2.0
+            exponent = p if math.isfinite(p) and 0.5 <= p <= 8.0 else 2.0
+        step = (target / var) ** (1.0 / exponent)
+        state.multiply(lay, step)
+        last = (step, var)
         tries += 1
         var = measure()
         log.debug("layer %s try %d: var %.4g", lay.name, tries, var)

@@ -85,12 +85,20 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in _all_tensors(model))
 
 
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """Absolute paths of the external data files the model file at ``path`` reads."""
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return []
+    base = os.path.dirname(os.path.abspath(os.fspath(path)))
+    return sorted({os.path.abspath(os.path.join(base, e.value)) for t in _all_tensors(model)
+                   for e in t.external_data if e.key == "location"})
+
+
 def uses_external_data(path: str | os.PathLike) -> bool:
     """Whether the model file at ``path`` keeps tensors in external data files."""
-    try:
-        return _has_external(onnx.load(os.fspath(path), load_external_data=False))
-    except (DecodeError, RuntimeError, ValueError, OSError):
-        return False
+    return bool(external_data_files(path))
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -173,9 +181,14 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
         if _has_external(check) and not os.path.exists(os.path.join(tmpdir, location)):
             raise OSError(f"external data file {location} was not written")
         written = [out]
+        mode = 0o666 & ~_umask()
         if os.path.exists(os.path.join(tmpdir, location)):
+            os.chmod(os.path.join(tmpdir, location), mode)
             os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
             written.append(os.path.join(directory, location))
+        os.chmod(tmp_model, mode)
+        # Two renames, data first: an interruption between them leaves the old model beside
+        # the new data file.
         os.replace(tmp_model, out)
         return written
     finally:

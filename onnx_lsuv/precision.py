@@ -16,9 +16,11 @@ LOW_PRECISION = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
 def has_low_precision(model: onnx.ModelProto) -> bool:
-    """Whether any initializer or graph input is float16 or bfloat16."""
+    """Whether any initializer, Constant or graph input is float16 or bfloat16."""
     g = model.graph
+    constants = (a.t for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
     return any(t.data_type in LOW_PRECISION for t in g.initializer) or any(
+        t.data_type in LOW_PRECISION for t in constants) or any(
         i.type.tensor_type.elem_type in LOW_PRECISION for i in g.input)
 
 

@@ -38,7 +38,9 @@ class WeightState:
         self._in_memory = [lay for lay in layers if lay.weight.constant_node is None
                            and lay.weight.name not in graph_inputs]
         self._in_proto = [lay for lay in layers if lay not in self._in_memory]
-        targets = {lay.weight.name for lay in layers}
+        # Target weights and biases change: they are supplied from this state, never cached.
+        targets = {lay.weight.name for lay in layers} | {
+            lay.bias.name for lay in layers if lay.bias is not None}
         self._large = {
             t.name: numpy_helper.to_array(t) for t in model.graph.initializer
             if t.name not in targets and t.name not in graph_inputs
@@ -170,6 +172,9 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             taken.add(name)
             tensor = numpy_helper.from_array(index.const_array(ref), name)
             graph.initializer.append(tensor)
+            if model.ir_version < 4:  # initializers must be graph inputs there
+                graph.input.append(onnx.helper.make_tensor_value_info(
+                    name, tensor.data_type, list(tensor.dims)))
             node_i, pos = lay.bias_input
             graph.node[node_i].input[pos] = name
             lay.bias = ConstRef(name)

@@ -151,3 +151,29 @@ def test_orthonormal_only_needs_no_data(tmp_path):
                                             "--orthonormal-only"])
     assert res.exit_code == 0, res.output
     assert "not_scaled" in res.output
+
+
+def test_side_outputs_may_not_clobber_the_model_or_each_other(tmp_path):
+    out = tmp_path / "o.onnx"
+    for extra in (["--report", str(out)], ["--plot", str(tmp_path / "r"), "--report",
+                                            str(tmp_path / "r")]):
+        res = CliRunner().invoke(lsuv_command, [SAMPLE, "--data", BATCH, "-o", str(out)] + extra)
+        assert res.exit_code == EXIT_BAD_INPUT and "different files" in res.output
+        assert not out.exists()
+
+
+def test_output_may_not_overwrite_the_inputs_external_data(tmp_path):
+    model = onnx.load(SAMPLE)
+    onnx.save_model(model, tmp_path / "in.onnx", save_as_external_data=True,
+                    location="out.onnx.data", size_threshold=0)
+    res = CliRunner().invoke(lsuv_command, [str(tmp_path / "in.onnx"), "--data", BATCH, "-o",
+                                            str(tmp_path / "out.onnx")])
+    assert res.exit_code == EXIT_BAD_INPUT and "external data" in res.output
+    onnx.load(tmp_path / "in.onnx")  # still loads
+
+
+def test_bad_npz_member_is_a_clean_input_error(tmp_path):
+    np.savez(tmp_path / "d.npz", input=np.array([object()], dtype=object))
+    res = CliRunner().invoke(lsuv_command, [SAMPLE, "--data", str(tmp_path / "d.npz"), "-o",
+                                            str(tmp_path / "o.onnx")])
+    assert res.exit_code == EXIT_BAD_INPUT and "cannot read data file" in res.output

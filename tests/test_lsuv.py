@@ -324,3 +324,57 @@ def test_constant_node_and_graph_input_weights_are_handled():
             assert abs(v - 1) < TOL
         assert [n.op_type for n in result.model.graph.node] == \
                [n.op_type for n in model.graph.node]
+
+
+def test_opset_8_models_fall_back_to_the_naive_strategy():
+    model, feeds, outputs = models.ALL["conv2d"]()
+    model.opset_import[0].version = 8
+    onnx.checker.check_model(model)
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert any("opset 8" in n for n in result.report.notes)
+    for v in output_variances(result.model, feeds, outputs):
+        assert abs(v - 1) < TOL
+
+
+def test_weight_read_upstream_converges_with_whole_passes():
+    # E is an embedding table (Gather) and the weight of a later MatMul: scaling it also
+    # scales the MatMul's input, so var goes as scale^4; both strategies must still converge.
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="emb"),
+             helper.make_node("MatMul", ["e", "E"], ["y"], name="mm"),
+             helper.make_node("Tanh", ["y"], ["t"]),
+             helper.make_node("MatMul", ["t", "w2"], ["y2"], name="mm2")]
+    graph = helper.make_graph(
+        nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32),
+                                             "E"),
+                     numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32),
+                                             "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"ids": rng.integers(0, 32, (64, 5)).astype(np.int64)}
+    for strategy in ("fast", "naive"):
+        result = lsuv_init(model, feeds, provider="cpu", strategy=strategy)
+        assert result.report.converged
+        for v in output_variances(result.model, feeds, ["y", "y2"]):
+            assert abs(v - 1) < TOL
+
+
+def test_zeroed_bias_over_a_megabyte_is_measured_as_zero():
+    from onnx import helper
+
+    from conftest import make_model, rand
+
+    nodes = [helper.make_node("Gemm", ["x", "w1", "c1"], ["y1"], name="fc1", transB=1),
+             helper.make_node("Tanh", ["y1"], ["t"]),
+             helper.make_node("Gemm", ["t", "w2"], ["y2"], name="fc2", transB=1)]
+    model = make_model(nodes, [("x", [256, 64])], [("y2", None)],
+                       {"w1": rand(1024, 64), "c1": rand(256, 1024, seed=2) * 3,
+                        "w2": rand(16, 1024, seed=3)})
+    feeds = {"x": rand(256, 64, seed=4)}
+    for strategy in ("fast", "naive"):
+        result = lsuv_init(model, feeds, provider="cpu", strategy=strategy)
+        for v in output_variances(result.model, feeds, ["y1", "y2"]):
+            assert abs(v - 1) < TOL
