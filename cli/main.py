@@ -109,6 +109,8 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
               default="lsuv", show_default=True,
               help="LSUV, or a baseline to compare with (no data pass).")
 @click.option("--keep-bias", is_flag=True, help="Keep the biases instead of zeroing them.")
+@click.option("--lstm-forget-bias", type=float, default=None,
+              help="Set every LSTM's forget-gate input bias to this value (e.g. 1.0).")
 @click.option("--no-orthonormal", is_flag=True,
               help="Keep the existing weights and biases; only rescale.")
 @click.option("--orthonormal-only", is_flag=True,
@@ -139,9 +141,10 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress, no table.")
 @click.version_option(onnx_lsuv.__version__, "--version", prog_name="onnx-lsuv")
 def lsuv_command(model, data, output, tol, max_iter, target_var, seed, init, keep_bias,
-                 no_orthonormal, orthonormal_only, check, provider, strategy, report_path,
-                 as_json, plot_path, weights_path, external_data, overwrite, verbose, quiet):
-    """LSUV-initialise the Conv, ConvTranspose, Gemm and MatMul layers of MODEL.
+                 lstm_forget_bias, no_orthonormal, orthonormal_only, check, provider, strategy,
+                 report_path, as_json, plot_path, weights_path, external_data, overwrite,
+                 verbose, quiet):
+    """LSUV-initialise the Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU and RNN layers of MODEL.
 
     Orthonormal pre-init (Saxe et al. 2014), then each layer's weights are rescaled in order
     until its output variance on the batch is TARGET_VAR within TOL (Mishkin & Matas 2016).
@@ -150,9 +153,9 @@ def lsuv_command(model, data, output, tol, max_iter, target_var, seed, init, kee
     _setup_logging(verbose, quiet)
     try:
         report, out = _run(model, list(data), output, tol, max_iter, target_var, seed, init,
-                           keep_bias, no_orthonormal, orthonormal_only, check, provider,
-                           strategy, report_path, plot_path, weights_path, external_data,
-                           overwrite, quiet)
+                           keep_bias, lstm_forget_bias, no_orthonormal, orthonormal_only, check,
+                           provider, strategy, report_path, plot_path, weights_path,
+                           external_data, overwrite, quiet)
     except LSUVError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -175,9 +178,9 @@ def lsuv_command(model, data, output, tol, max_iter, target_var, seed, init, kee
         sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
 
 
-def _run(model, data, output, tol, max_iter, target_var, seed, init, keep_bias, no_orthonormal,
-         orthonormal_only, check, provider, strategy, report_path, plot_path, weights_path,
-         external_data, overwrite, quiet):
+def _run(model, data, output, tol, max_iter, target_var, seed, init, keep_bias,
+         lstm_forget_bias, no_orthonormal, orthonormal_only, check, provider, strategy,
+         report_path, plot_path, weights_path, external_data, overwrite, quiet):
     """Validate the options together, call the library, write the outputs; (report, out)."""
     needs_data = check or (init == "lsuv" and not orthonormal_only)
     if needs_data and not data:
@@ -211,7 +214,7 @@ def _run(model, data, output, tol, max_iter, target_var, seed, init, keep_bias, 
             model, data or None, target_var=target_var, tol=tol, max_iter=max_iter, seed=seed,
             keep_bias=keep_bias, orthonormal=not no_orthonormal,
             orthonormal_only=orthonormal_only, init=init, provider=provider, strategy=strategy,
-            progress=progress)
+            progress=progress, lstm_forget_bias=lstm_forget_bias)
         report = result.report
         if external_data is None and uses_external_data(model):
             external_data = True

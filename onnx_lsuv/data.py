@@ -130,12 +130,19 @@ def load_batch(data: BatchLike, model: onnx.ModelProto,
     for vi in inputs:
         feeds[vi.name] = _check_one(vi, np.asarray(arrays[vi.name]))
     if warn_small:
-        _warn_small(feeds)
+        _warn_small(feeds, model)
     return feeds
 
 
-def _warn_small(feeds: dict[str, np.ndarray]) -> None:
-    batch = next((a.shape[0] for a in feeds.values() if a.ndim > 0), 0)
+def _warn_small(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> None:
+    """Warn about a small batch, on the first input whose first axis is a symbolic (batch)
+    dimension: a fixed first axis is often not the batch (a recurrent op's time axis)."""
+    batch = 0
+    for vi in graph_inputs(model):
+        _, dims = _expected(vi)
+        if dims and not isinstance(dims[0], int) and feeds[vi.name].ndim > 0:
+            batch = feeds[vi.name].shape[0]
+            break
     if 0 < batch < MIN_RECOMMENDED_BATCH:
         log.warning(
             "the batch has %d samples; LSUV's variance estimate wants at least %d",
@@ -185,7 +192,7 @@ def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
             raise InputError(f"input {vi.name!r}: the batches' shapes "
                              f"{[tuple(a.shape) for a in arrays]} differ beyond the batch axis")
         pooled[vi.name] = np.concatenate(arrays, axis=0)
-    _warn_small(pooled)
+    _warn_small(pooled, model)
     return pooled
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layouts import TARGET_OPS, WeightLayout
+from .layouts import GATES, RNN_OPS, TARGET_OPS, WeightLayout
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -25,6 +25,10 @@ FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16,
 }
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
+# Attention exported as one node (com.microsoft and opset 23): its weights are not handled.
+FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "PackedAttention",
+                       "PackedMultiHeadAttention", "GroupQueryAttention", "DecoderAttention",
+                       "DecoderMaskedMultiHeadAttention", "QAttention")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,12 @@ class Layer:
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
         weight_read_upstream: Whether a node before this one reads the weight too, so that
             rescaling it also changes the layer's own input.
+        blocks: The parts of the output that get a variance and a factor each, in the order of
+            the output units: ("",) for one; ("q", "k", "v") for a fused projection that a
+            Split cuts; the gates ("i", "o", "f", "c", per direction) of a recurrent op, whose
+            parts are the input projections W_g x. One matrix group per block.
+        recurrent: For LSTM/GRU/RNN, the recurrent weight R.
+        recurrent_layout: Its matrix view, one matrix per direction and gate.
     """
 
     index: int
@@ -73,10 +83,21 @@ class Layer:
     output_rank: int | None
     shared_weight_users: list[str] = field(default_factory=list)
     weight_read_upstream: bool = False  # a node before this one reads the same weight
+    weight_transpose: int | None = None  # MatMul: the Transpose node its weight comes through
+    blocks: tuple[str, ...] = ("",)  # names of the separately scaled parts of the output
+    recurrent: ConstRef | None = None  # LSTM/GRU/RNN: R, orthonormal per gate, not scaled
+    recurrent_layout: WeightLayout | None = None
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return self.layout.shape
+
+    @property
+    def is_recurrent(self) -> bool:
+        return self.op in RNN_OPS
+
+    def block_name(self, b: int) -> str:
+        return self.name if self.blocks == ("",) else f"{self.name}[{self.blocks[b]}]"
 
     @property
     def channel_axis(self) -> int:
@@ -240,12 +261,29 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
                     Skipped(name, node.op_type, f"{inner} target op(s) inside a subgraph")
                 )
             continue
+        if node.op_type in FUSED_ATTENTION_OPS:
+            consts = [n for n in node.input if n and index.resolve_const(n) is not None]
+            if consts:
+                skipped.append(Skipped(name, node.op_type, "fused attention node: its weights "
+                                       f"({', '.join(consts)}) are not changed"))
+            continue
+        if node.op_type in RNN_OPS and node.domain in ("", "ai.onnx"):
+            found = _recurrent_layer(index, i, len(layers), reached)
+            if isinstance(found, Skipped):
+                skipped.append(found)
+            elif found is not None:
+                weight_owner[found.weight] = found
+                layers.append(found)
+            continue
         if node.op_type not in TARGET_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if len(node.input) < 2:
             continue
         x_ref = index.resolve_const(node.input[0])
         w_ref = index.resolve_const(node.input[1])
+        transpose = _transposed_const(index, node.input[1]) if node.op_type == "MatMul" else None
+        if w_ref is None and transpose is not None:
+            transpose, w_ref = transpose
         if w_ref is None:
             reason = _why_not_const(index, node.input[1])
             if reason or node.op_type != "MatMul":
@@ -264,7 +302,7 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
             continue
         shape = tuple(int(d) for d in tensor.dims)
         groups = int(_attr(node, "group", 1)) if node.op_type.startswith("Conv") else 1
-        trans = bool(_attr(node, "transB", 0)) if node.op_type == "Gemm" else False
+        trans = bool(_attr(node, "transB", 0)) if node.op_type == "Gemm" else transpose is not None
         try:
             layout = WeightLayout(node.op_type, shape, groups, trans)
         except ValueError as err:
@@ -304,6 +342,14 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
             rank = 2
         else:
             rank = None
+        blocks = ("",)
+        parts = _equal_split(index, output, rank) if node.op_type in ("Gemm", "MatMul") else 0
+        if parts > 1:  # a fused projection (QKV): orthonormal and scaled per part
+            try:
+                layout = WeightLayout(node.op_type, shape, parts, trans)
+                blocks = ("q", "k", "v") if parts == 3 else tuple(f"p{k}" for k in range(parts))
+            except ValueError:
+                pass
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         layer = Layer(
             index=len(layers),
@@ -319,17 +365,90 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
             output=output,
             pre_bias_output=pre_bias,
             output_rank=rank,
+            blocks=blocks,
+            weight_transpose=transpose,
         )
         weight_owner[w_ref] = layer
         layers.append(layer)
 
     for layer in layers:
-        users = [j for j, _ in index.users_of_const(layer.weight) if j != layer.node_index]
+        own = {layer.node_index, layer.weight_transpose}
+        users = [j for j, _ in index.users_of_const(layer.weight) if j not in own]
         layer.shared_weight_users.extend(
             index.node_name(j) for j in users
             if index.node_name(j) not in layer.shared_weight_users)
         layer.weight_read_upstream = any(j < layer.node_index for j in users)
     return Discovery(layers, skipped)
+
+
+def _transposed_const(index: GraphIndex, name: str) -> tuple[int, ConstRef] | None:
+    """(Transpose node, constant) when ``name`` is a 2-D constant read through a Transpose."""
+    i = index.producer.get(name)
+    if i is None:
+        return None
+    node = index.graph.node[i]
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    ref = index.resolve_const(node.input[0])
+    if ref is None or len(index.tensor_proto(ref).dims) != 2:
+        return None
+    if list(_attr(node, "perm", [1, 0])) != [1, 0]:
+        return None
+    return i, ref
+
+
+def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
+    """Parts of ``output`` when its only reader is a Split into equal parts on the last axis."""
+    users = index.consumers.get(output, [])
+    if len(users) != 1 or output in index.graph_outputs:
+        return 0
+    node = index.graph.node[users[0][0]]
+    if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or users[0][1] != 0:
+        return 0
+    axis = int(_attr(node, "axis", 0))
+    if not (axis == -1 or (rank is not None and axis == rank - 1)):
+        return 0
+    sizes = _attr(node, "split", None)
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        ref = index.resolve_const(node.input[1])
+        if ref is None:
+            return 0
+        sizes = index.const_array(ref).tolist()
+    if sizes is not None and len(set(sizes)) != 1:
+        return 0
+    return len(node.output)
+
+
+def _recurrent_layer(index: GraphIndex, i: int, position: int,
+                     reached: set[str]) -> Layer | Skipped | None:
+    """The LSUV layer of an LSTM, GRU or RNN node: W scaled per gate, R orthonormal per gate."""
+    node = index.graph.node[i]
+    name = index.node_name(i)
+    if len(node.input) < 3 or node.input[0] not in reached:
+        return None
+    w_ref, r_ref = index.resolve_const(node.input[1]), index.resolve_const(node.input[2])
+    if w_ref is None or r_ref is None:
+        return Skipped(name, node.op_type, "W or R is not a constant")
+    w, r = index.tensor_proto(w_ref), index.tensor_proto(r_ref)
+    if w.data_type not in FLOAT_TYPES:
+        return Skipped(name, node.op_type, "weight is not a floating-point tensor")
+    gates = GATES[node.op_type]
+    dirs = int(w.dims[0])
+    try:
+        layout = WeightLayout(node.op_type, tuple(w.dims), dirs * len(gates))
+        r_layout = WeightLayout(node.op_type, tuple(r.dims), dirs * len(gates))
+    except ValueError as err:
+        return Skipped(name, node.op_type, str(err))
+    prefixes = ("fw.", "bw.") if dirs == 2 else ("",)
+    bias = index.resolve_const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    return Layer(
+        index=position, name=name, op=node.op_type, node_index=i, weight=w_ref, layout=layout,
+        dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(w.data_type)), bias=bias,
+        bias_input=(i, 3) if bias is not None else None, bias_scale=1.0, output="",
+        pre_bias_output="", output_rank=None,
+        blocks=tuple(p + g for p in prefixes for g in gates),
+        recurrent=r_ref, recurrent_layout=r_layout,
+    )
 
 
 def _reached_by_data(model: onnx.ModelProto) -> set[str]:

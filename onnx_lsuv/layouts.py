@@ -9,6 +9,11 @@ any supported op becomes an array of shape (groups, out_per_group, fan_in) and b
 | ConvTranspose | (C, M/g, k1, k2, ...)   | axis 1                | group  |
 | Gemm          | (K, N), transB=1: (N, K)| N                     | 1      |
 | MatMul        | (K, N) (second operand) | N                     | 1      |
+| LSTM/GRU/RNN  | W (D, G*H, I), R (D, G*H, H) | H per gate      | D * G  |
+
+Gemm and MatMul also take ``groups`` > 1 for a fused projection (QKV): the output units split
+into equal contiguous parts, one matrix each, sharing the fan-in. A recurrent op's W and R hold
+one (H x input) matrix per direction and gate (G = 4 for LSTM, 3 for GRU, 1 for RNN).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RNN_OPS = ("LSTM", "GRU", "RNN")
+GATES = {"LSTM": "iofc", "GRU": "zrh", "RNN": "h"}  # ONNX's order of the gates in W, R, B
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,8 @@ class WeightLayout:
         op: The ONNX op type.
         shape: The weight tensor's shape as stored in the model.
         groups: Number of independent groups (Conv/ConvTranspose ``group``; 1 otherwise).
-        trans: For Gemm only: the ``transB`` attribute.
+        trans: The weight is stored (N, K): Gemm's ``transB``, or a MatMul that reads its
+            weight through a Transpose (PyTorch's Linear exported without constant folding).
     """
 
     op: str
@@ -37,9 +45,14 @@ class WeightLayout:
     trans: bool = False
 
     def __post_init__(self) -> None:
-        if self.op not in TARGET_OPS:
+        if self.op not in TARGET_OPS + RNN_OPS:
             raise ValueError(f"no weight layout for op {self.op!r}")
-        if self.op in ("Conv", "ConvTranspose"):
+        if self.op in RNN_OPS:
+            if len(self.shape) != 3 or self.groups < 1 or (self.shape[0] * self.shape[1]) % \
+                    self.groups:
+                raise ValueError(f"{self.op} weight shape {self.shape} does not split into "
+                                 f"{self.groups} gate matrices")
+        elif self.op in ("Conv", "ConvTranspose"):
             if len(self.shape) < 3:
                 raise ValueError(f"{self.op} weight must have rank >= 3, got shape {self.shape}")
             if self.groups < 1 or self.shape[0] % self.groups:
@@ -48,6 +61,11 @@ class WeightLayout:
                 )
         elif len(self.shape) != 2:
             raise ValueError(f"{self.op} weight must be 2-D, got shape {self.shape}")
+        else:
+            n = self.shape[0] if self.trans else self.shape[1]
+            if self.groups < 1 or n % self.groups:
+                raise ValueError(f"{self.op} weight shape {self.shape} does not split into "
+                                 f"{self.groups} projections")
 
     @property
     def matrix_shape(self) -> tuple[int, int, int]:
@@ -57,9 +75,11 @@ class WeightLayout:
             return self.groups, s[0] // self.groups, int(np.prod(s[1:]))
         if self.op == "ConvTranspose":
             return self.groups, s[1], (s[0] // self.groups) * int(np.prod(s[2:]))
-        if self.op == "Gemm" and self.trans:
-            return 1, s[0], s[1]
-        return 1, s[1], s[0]  # Gemm (K, N) and MatMul (K, N)
+        if self.op in RNN_OPS:
+            return self.groups, s[0] * s[1] // self.groups, s[2]
+        if self.trans:  # Gemm transB=1, or MatMul reading the weight through a Transpose
+            return self.groups, s[0] // self.groups, s[1]
+        return self.groups, s[1] // self.groups, s[0]  # Gemm (K, N) and MatMul (K, N)
 
     @property
     def output_units(self) -> int:
@@ -77,9 +97,9 @@ class WeightLayout:
             c = self.shape[0] // g
             k = int(np.prod(self.shape[2:]))
             return weight.reshape(g, c, out, k).transpose(0, 2, 1, 3).reshape(g, out, fan_in)
-        if self.op == "Gemm" and self.trans:
-            return weight.reshape(1, out, fan_in)
-        return weight.T.reshape(1, out, fan_in)
+        if self.op in RNN_OPS or self.trans:
+            return weight.reshape(g, out, fan_in)
+        return weight.T.reshape(g, out, fan_in)
 
     def from_matrices(self, matrices: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`to_matrices`: a C-contiguous tensor of the stored shape."""
@@ -92,8 +112,8 @@ class WeightLayout:
             c = self.shape[0] // g
             k = int(np.prod(self.shape[2:]))
             w = matrices.reshape(g, out, c, k).transpose(0, 2, 1, 3).reshape(self.shape)
-        elif self.op == "Gemm" and self.trans:
+        elif self.op in RNN_OPS or self.trans:
             w = matrices.reshape(self.shape)
         else:
-            w = matrices.reshape(out, fan_in).T
+            w = matrices.reshape(g * out, fan_in).T
         return np.ascontiguousarray(w)

@@ -99,6 +99,15 @@ class _Run:
     def layers(self) -> list[Layer]:
         return self.state.layers
 
+    def records(self, lay: Layer) -> list[LayerRecord]:
+        """The report rows of ``lay``: one per block (projection or gate)."""
+        return _records_of(self.report, self.layers, lay)
+
+
+def _records_of(report: Report, layers: list[Layer], lay: Layer) -> list[LayerRecord]:
+    start = sum(len(other.blocks) for other in layers[:lay.index])
+    return report.layers[start:start + len(lay.blocks)]
+
 
 def validate_options(target_var: float, tol: float, max_iter: int, strategy: str = "fast",
                      init: str = "lsuv") -> None:
@@ -131,6 +140,7 @@ def lsuv_init(
     strategy: str = "fast",
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    lstm_forget_bias: float | None = None,
 ) -> LSUVResult:
     """LSUV-initialise the Conv, ConvTranspose, Gemm and MatMul layers of an ONNX model.
 
@@ -156,6 +166,8 @@ def lsuv_init(
         threads: CPU threads for ONNX Runtime and the pre-init. Defaults to the CPUs available.
         progress: Called as progress(stage, done, total, detail) as the work goes on.
             Defaults to none.
+        lstm_forget_bias: Set the input bias of every LSTM's forget gate to this value
+            (Jozefowicz et al. 2015 suggest 1.0) after zeroing the biases. Defaults to none.
 
     Returns:
         LSUVResult with the new model, the report and the changed tensors.
@@ -186,8 +198,8 @@ def lsuv_init(
         target_var=target_var, tol=tol, max_iter=max_iter, seed=seed, keep_bias=keep_bias,
         orthonormal=orthonormal, init=init, strategy=strategy))
     if not layers:
-        log.warning("the model has no Conv, ConvTranspose, Gemm or MatMul layer with a constant "
-                    "weight: nothing to do")
+        log.warning("the model has no Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU or RNN layer "
+                    "with a constant weight: nothing to do")
         report.timings["total_s"] = time.perf_counter() - t_start
         return LSUVResult(work, report)
 
@@ -206,6 +218,10 @@ def lsuv_init(
         if not keep_bias:
             for lay in layers:
                 state.zero_bias(lay)
+        if lstm_forget_bias is not None:
+            for lay in layers:
+                if lay.op == "LSTM":
+                    state.set_forget_bias(lay, lstm_forget_bias)
         report.timings["init_s"] = time.perf_counter() - t
         log.info("%s init of %d layers: %.2f s", "orthonormal" if init == "lsuv" else init,
                  len(layers), report.timings["init_s"])
@@ -231,10 +247,17 @@ def lsuv_init(
                 log.warning("layer %s did not converge: %s", rec.name, rec.message)
 
     state.write(work)
-    for lay, rec in zip(layers, report.layers):
-        rec.weight_std = float(np.std(state.weight(lay), dtype=np.float64))
+    _weight_stds(report, state)
     report.timings["total_s"] = time.perf_counter() - t_start
     return LSUVResult(work, report, state.changed())
+
+
+def _weight_stds(report: Report, state: WeightState) -> None:
+    for lay in state.layers:
+        mats = lay.layout.to_matrices(state.weight(lay).astype(np.float64))
+        per_block = mats.reshape(len(lay.blocks), -1)
+        for rec, block in zip(_records_of(report, state.layers, lay), per_block):
+            rec.weight_std = float(np.std(block))
 
 
 def check_variances(
@@ -264,9 +287,9 @@ def check_variances(
         state = WeightState(work, discovery.layers)
         run = _measuring_run(engine, work, state, feeds, report, _no_progress, target_var, tol)
         values = _measure_all(run, run.state.skeleton(run.work))
-        for lay, rec, value in zip(run.layers, report.layers, values):
+        _weight_stds(report, state)
+        for rec, value in zip(report.layers, np.concatenate(values)):
             rec.var_after = float(value)
-            rec.weight_std = float(np.std(state.weight(lay), dtype=np.float64))
             bad = _bad_variance(rec.var_after)
             if bad:
                 rec.status, rec.message = SKIPPED, bad
@@ -283,10 +306,11 @@ def _new_report(discovery, options: dict) -> Report:
     for s in discovery.skipped:
         log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
     return Report(
-        layers=[LayerRecord(index=lay.index, name=lay.name, op=lay.op, weight=lay.weight.name,
-                            weight_shape=list(lay.weight_shape), groups=lay.layout.groups,
-                            bias=lay.bias.name if lay.bias else None)
-                for lay in discovery.layers],
+        layers=[LayerRecord(index=lay.index, name=lay.block_name(b), op=lay.op,
+                            weight=lay.weight.name, weight_shape=list(lay.weight_shape),
+                            groups=lay.layout.groups, bias=lay.bias.name if lay.bias else None,
+                            block=lay.blocks[b])
+                for lay in discovery.layers for b in range(len(lay.blocks))],
         skipped=[{"name": s.name, "op": s.op, "reason": s.reason} for s in discovery.skipped],
         options=options,
         versions={"onnx_lsuv": __version__, "onnx": onnx.__version__,
@@ -298,24 +322,30 @@ def _new_report(discovery, options: dict) -> Report:
 def _pre_init(state: WeightState, init: str, seed: int, threads: int | None,
               progress: ProgressFn) -> None:
     layers = state.layers
-    n = len(layers)
-    if init in BASELINES:
-        for lay in layers:
-            state.set_base(lay, baseline_weight(init, lay.layout, seed, lay.index,
-                                                compute_dtype(lay.dtype)))
-            progress("init", lay.index + 1, n, lay.name)
-        return
+    recurrent = [lay for lay in layers if lay.recurrent_layout is not None]
+    # One draw per weight: the layers' W first, then the recurrent R, each seeded by position.
+    layouts = [lay.layout for lay in layers] + [lay.recurrent_layout for lay in recurrent]
+    dtypes = [compute_dtype(lay.dtype) for lay in layers + recurrent]
+    n = len(layouts)
     done = []
 
     def finished(i: int) -> None:
         done.append(i)
-        progress("init", len(done), n, layers[i].name)
+        progress("init", len(done), n, (layers + recurrent)[i].name)
 
-    mats = orthonormal_many([lay.layout.matrix_shape for lay in layers], seed,
-                            [compute_dtype(lay.dtype) for lay in layers], workers=threads,
-                            on_done=finished)
-    for lay, m in zip(layers, mats):
-        state.set_base(lay, lay.layout.from_matrices(m))
+    if init in BASELINES:
+        weights = []
+        for i, (layout, dtype) in enumerate(zip(layouts, dtypes)):
+            weights.append(baseline_weight(init, layout, seed, i, dtype))
+            finished(i)
+    else:
+        mats = orthonormal_many([layout.matrix_shape for layout in layouts], seed, dtypes,
+                                workers=threads, on_done=finished)
+        weights = [layout.from_matrices(m) for layout, m in zip(layouts, mats)]
+    for lay, w in zip(layers, weights):
+        state.set_base(lay, w)
+    for lay, w in zip(recurrent, weights[len(layers):]):
+        state.recurrent[lay.index] = w.astype(lay.dtype)
 
 
 def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
@@ -347,7 +377,9 @@ def _float32_measuring(work: onnx.ModelProto, state: WeightState, feeds: dict[st
     twin_state = WeightState(twin, twin_layers)
     for lay in twin_layers:
         twin_state.set_base(lay, state.base[lay.index].astype(np.float32))
-        twin_state.scale[lay.index] = state.scale[lay.index]
+        twin_state.scale[lay.index] = state.scale[lay.index].copy()
+        if lay.index in state.recurrent:
+            twin_state.recurrent[lay.index] = state.recurrent[lay.index].astype(np.float32)
         if state.bias[lay.index] is not None:
             twin_state.bias[lay.index] = state.bias[lay.index].astype(np.float32)
     twin_state.changed_bias = set(state.changed_bias)
@@ -376,12 +408,13 @@ def _fetching(skeleton: onnx.ModelProto, *names: str) -> onnx.ModelProto:
 def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
     """Kept non-zero biases as one value per output unit (what the one-pass solve handles).
 
-    A Gemm bias that is not per output unit (a full (M, N) matrix) is left out: the one-pass
-    factor is then approximate, and the re-measurement sends the layer to the try loop.
+    A Gemm bias that is not per output unit (a full (M, N) matrix), and the bias of a layer
+    scaled in parts, are left out: the one-pass factor is then approximate, and the
+    re-measurement sends the layer to the try loop.
     """
     biases = {}
     for lay in layers:
-        if not state.has_nonzero_bias(lay):
+        if not state.has_nonzero_bias(lay) or lay.is_recurrent or len(lay.blocks) > 1:
             continue
         b = state.bias[lay.index].astype(np.float64) * lay.bias_scale
         units = lay.layout.output_units
@@ -402,7 +435,7 @@ def _bad_variance(v: float) -> str | None:
 
 
 def _scale_fast(run: _Run) -> None:
-    records, layers, state, n = run.report.layers, run.layers, run.state, len(run.layers)
+    layers, state, n = run.layers, run.state, len(run.layers)
     t = time.perf_counter()
     run.progress("scaling", 0, n, "one forward pass for every layer")
     skeleton = state.skeleton(run.work)
@@ -410,18 +443,20 @@ def _scale_fast(run: _Run) -> None:
     norm, outs = normalizing_model(skeleton, layers, biases, run.target, run.tol)
     values = run.engine.run(_session(run.engine, state, norm), run.feeds,
                             [n for o in outs for n in (o.var_before, o.scale)])
-    for lay, rec, k in zip(layers, records, range(0, len(values), 2)):
-        var, scale = float(values[k]), float(values[k + 1])
-        rec.var_before = var
-        bad = _bad_variance(var)
-        if bad:
-            rec.status, rec.message = SKIPPED, bad
-            continue
-        if scale != 1.0:
-            state.multiply(lay, scale)
-            rec.tries = 1
-        rec.scale = state.scale[lay.index]
-        log.debug("layer %s: var %.4g, scale %.4g", rec.name, var, scale)
+    for lay, k in zip(layers, range(0, len(values), 2)):
+        variances, scales = np.atleast_1d(values[k]), np.atleast_1d(values[k + 1])
+        scales = scales.astype(np.float64)
+        for rec, var, scale in zip(run.records(lay), variances, scales):
+            rec.var_before = float(var)
+            bad = _bad_variance(rec.var_before)
+            if bad:
+                rec.status, rec.message = SKIPPED, bad
+            elif scale != 1.0:
+                rec.tries = 1
+            log.debug("layer %s: var %.4g, scale %.4g", rec.name, var, scale)
+        state.multiply(lay, scales)
+        for rec, scale in zip(run.records(lay), state.scale[lay.index]):
+            rec.scale = float(scale)
     run.progress("scaling", n, n, "")
     run.report.timings["one_pass_s"] = time.perf_counter() - t
 
@@ -436,54 +471,55 @@ def _scale_fast(run: _Run) -> None:
     run.progress("re-measure", 1, 1, "")
     run.report.timings["verify_s"] = time.perf_counter() - t
     first_off = None
-    for rec, value in zip(records, values):
-        rec.var_after = float(value)
-        if rec.status == SKIPPED:
-            continue
-        if abs(rec.var_after - run.target) < run.tol:
-            rec.status = CONVERGED
-        elif first_off is None:
-            first_off = rec.index
+    for lay, value in zip(layers, values):
+        for rec, var in zip(run.records(lay), np.atleast_1d(value)):
+            rec.var_after = float(var)
+            if rec.status == SKIPPED:
+                continue
+            if abs(rec.var_after - run.target) < run.tol:
+                rec.status = CONVERGED
+            elif first_off is None:
+                first_off = lay.index
     if first_off is not None:
-        log.info("layer %s is off its target after the one-pass solve (var %.4g): "
-                 "retrying it and the layers after it one at a time",
-                 records[first_off].name, records[first_off].var_after)
+        log.info("layer %s is off its target after the one-pass solve: retrying it and the "
+                 "layers after it one at a time", layers[first_off].name)
         t = time.perf_counter()
         for lay in layers[first_off:]:
-            if records[lay.index].status != SKIPPED:
-                # A weight also read upstream changes the layer's own input: whole passes then.
-                measure = (_full_measure(run, skeleton, lay) if lay.weight_read_upstream
-                           else _layer_measure(run, skeleton, lay))
-                _tries(run, lay, measure, keep_before=True)
+            # A weight also read upstream changes the layer's own input: whole passes then.
+            measure = (_full_measure(run, skeleton, lay) if lay.weight_read_upstream
+                       else _layer_measure(run, skeleton, lay))
+            _tries(run, lay, measure, keep_before=True)
             run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)
         _final_check(run, skeleton)
         run.report.timings["retry_s"] = time.perf_counter() - t
 
 
-def _measure_all(run: _Run, skeleton: onnx.ModelProto) -> list[float]:
-    """Every layer's output variance with the current weights, in one forward pass."""
+def _measure_all(run: _Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
+    """Every layer's output variances (one per block) with the current weights, in one pass."""
     if default_opset(skeleton) >= MIN_FAST_OPSET:
         measuring, names = stats_model(skeleton, run.layers)
         values = run.engine.run(_session(run.engine, run.state, measuring), run.feeds, names)
-        return [float(v) for v in values]
-    # Below opset 9 (no Where) the statistics are taken here from the fetched outputs.
-    fetch = _fetching(skeleton, *[lay.output for lay in run.layers])
-    outs = run.engine.run(_session(run.engine, run.state, fetch), run.feeds,
-                          [lay.output for lay in run.layers])
-    return [float(np.var(y, dtype=np.float64)) for y in outs]
+        return [np.atleast_1d(v).astype(np.float64) for v in values]
+    # Below opset 9 (no Where) the statistics are taken here from the fetched tensors.
+    names = [_measured_tensor(run, lay) for lay in run.layers]
+    fetch = _fetching(skeleton, *names)
+    outs = dict(zip(dict.fromkeys(names), run.engine.run(
+        _session(run.engine, run.state, fetch), run.feeds, list(dict.fromkeys(names)))))
+    return [_block_variances(run, lay, outs[name]) for lay, name in zip(run.layers, names)]
 
 
 def _final_check(run: _Run, skeleton: onnx.ModelProto) -> None:
     """Re-measure the written weights once more after tries: a tied weight set later can still
     have moved an earlier layer (its reader upstream), which no per-layer loop sees."""
-    for rec, value in zip(run.report.layers, _measure_all(run, skeleton)):
-        if rec.status == SKIPPED:
-            continue
-        rec.var_after = float(value)
-        if abs(rec.var_after - run.target) >= run.tol:
-            rec.status = NOT_CONVERGED
-            rec.message = (f"var {rec.var_after:.4g} in the final re-measurement: a weight tied "
-                           "to a later layer changed it")
+    for lay, values in zip(run.layers, _measure_all(run, skeleton)):
+        for rec, value in zip(run.records(lay), values):
+            if rec.status == SKIPPED:
+                continue
+            rec.var_after = float(value)
+            if abs(rec.var_after - run.target) >= run.tol:
+                rec.status = NOT_CONVERGED
+                rec.message = (f"var {rec.var_after:.4g} in the final re-measurement: a weight "
+                               "tied to a later layer changed it")
 
 
 def _scale_naive(run: _Run) -> None:
@@ -495,61 +531,101 @@ def _scale_naive(run: _Run) -> None:
         _final_check(run, skeleton)
 
 
-def _full_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], float]:
-    """A measurement of one layer by a whole forward pass with the current weights."""
-    fetch = _fetching(skeleton, lay.output)
+def _measured_tensor(run: _Run, lay: Layer) -> str:
+    """The tensor a layer's variances come from: its output, or a recurrent op's input x."""
+    node = run.work.graph.node[lay.node_index]
+    return node.input[0] if lay.is_recurrent else lay.output
 
-    def measure() -> float:
-        (y,) = run.engine.run(_session(run.engine, run.state, fetch), run.feeds, [lay.output])
-        return float(np.var(y, dtype=np.float64))
+
+def _block_variances(run: _Run, lay: Layer, tensor: np.ndarray) -> np.ndarray:
+    """Population variance per block of ``tensor`` (the tensor ``_measured_tensor`` names).
+
+    A fused projection's blocks are equal parts of the last axis. A recurrent op's blocks are
+    its gates' input projections W_g x per direction, computed here from its input x.
+    """
+    if lay.is_recurrent:
+        w = run.state.weight(lay).astype(np.float64)  # (D, G*H, I)
+        x = tensor.astype(np.float64).reshape(-1, w.shape[2])
+        proj = np.einsum("ni,dki->dnk", x, w)  # (D, N, G*H)
+        d, n, gh = proj.shape
+        gates = len(lay.blocks) // d
+        return proj.reshape(d, n, gates, gh // gates).transpose(0, 2, 1, 3).reshape(
+            d * gates, -1).var(axis=1)
+    blocks = len(lay.blocks)
+    y = tensor.astype(np.float64)
+    return y.reshape(-1, blocks, y.shape[-1] // blocks).transpose(1, 0, 2).reshape(
+        blocks, -1).var(axis=1)
+
+
+def _full_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], np.ndarray]:
+    """A measurement of one layer by a whole forward pass with the current weights."""
+    name = _measured_tensor(run, lay)
+    fetch = _fetching(skeleton, name)
+
+    def measure() -> np.ndarray:
+        (y,) = run.engine.run(_session(run.engine, run.state, fetch), run.feeds, [name])
+        return _block_variances(run, lay, y)
 
     return measure
 
 
-def _tries(run: _Run, lay: Layer, measure: Callable[[], float], keep_before: bool = False) -> None:
-    """The paper's inner loop for one layer: measure, rescale, until within tol or max_iter."""
-    rec, state, target = run.report.layers[lay.index], run.state, run.target
+def _tries(run: _Run, lay: Layer, measure: Callable[[], np.ndarray],
+           keep_before: bool = False) -> None:
+    """The paper's inner loop for one layer, for each of its blocks at once: measure, rescale,
+    until every block is within tol (or degenerate) or max_iter tries."""
+    records, target = run.records(lay), run.target
     var = measure()
-    if not keep_before or rec.var_before is None:
-        rec.var_before = var
-    tries = 0
-    exponent = 2.0  # var ~ scale^2 for a linear layer; re-estimated from the last two tries
-    last = None
+    for rec, v in zip(records, var):
+        if not keep_before or rec.var_before is None:
+            rec.var_before = float(v)
+    blocks = len(records)
+    tries = np.zeros(blocks, int)
+    exponent = np.full(blocks, 2.0)  # var ~ scale^2 for a linear layer
+    last_step, last_var = None, None
     while True:
-        bad = _bad_variance(var)
-        if bad:
-            rec.status, rec.message = SKIPPED, bad
+        bad = np.array([_bad_variance(float(v)) is not None for v in var])
+        active = ~bad & (np.abs(var - target) >= run.tol) & (tries < run.max_iter)
+        if not active.any():
             break
-        if abs(var - target) < run.tol:
-            rec.status = CONVERGED
-            break
-        if tries >= run.max_iter:
-            rec.status = NOT_CONVERGED
-            rec.message = f"|var - target| = {abs(var - target):.4g} after {tries} tries"
-            break
-        if last is not None:
+        if last_step is not None:
             # var ~ scale^p: estimate p in log space from the last step (a weight that is also
             # read upstream gives p = 4, for instance), and keep it in a sane range.
-            step, var_before_step = last
-            p = math.log(var / var_before_step) / math.log(step) if step != 1.0 else 2.0
-            exponent = p if math.isfinite(p) and 0.5 <= p <= 8.0 else 2.0
-        step = (target / var) ** (1.0 / exponent)
-        state.multiply(lay, step)
-        last = (step, var)
-        tries += 1
+            with np.errstate(all="ignore"):
+                p = np.log(var / last_var) / np.log(last_step)
+            ok = np.isfinite(p) & (p >= 0.5) & (p <= 8.0) & (last_step != 1.0)
+            exponent = np.where(ok, p, 2.0)
+        with np.errstate(all="ignore"):
+            step = np.where(active, (target / var) ** (1.0 / exponent), 1.0)
+        run.state.multiply(lay, step)
+        tries += active
+        last_step, last_var = step, var
         var = measure()
-        log.debug("layer %s try %d: var %.4g", lay.name, tries, var)
-    rec.tries += tries
-    rec.var_after = var
-    rec.scale = state.scale[lay.index]
+        log.debug("layer %s try %d: var %s", lay.name, int(tries.max()),
+                  np.array2string(var, precision=4))
+    for b, rec in enumerate(records):
+        v = float(var[b])
+        rec.tries += int(tries[b])
+        rec.var_after = v
+        rec.scale = float(run.state.scale[lay.index][b])
+        problem = _bad_variance(v)
+        if problem:
+            rec.status, rec.message = SKIPPED, problem
+        elif abs(v - target) < run.tol:
+            rec.status = CONVERGED
+        else:
+            rec.status = NOT_CONVERGED
+            rec.message = f"|var - target| = {abs(v - target):.4g} after {int(tries[b])} tries"
 
 
-def _layer_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], float]:
-    """A measurement of one layer alone: its input from one forward pass, then only its nodes."""
+def _layer_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], np.ndarray]:
+    """A measurement of one layer alone: its input from one forward pass, then only its nodes
+    (for a recurrent op, only its input projections, here)."""
     engine, state, feeds = run.engine, run.state, run.feeds
     node = skeleton.graph.node[lay.node_index]
     x_name = node.input[0]
     (x,) = engine.run(_session(engine, state, _fetching(skeleton, x_name)), feeds, [x_name])
+    if lay.is_recurrent:
+        return lambda: _block_variances(run, lay, x)
 
     nodes = [node] + ([skeleton.graph.node[lay.bias_add_node]] if lay.bias_add_node is not None
                       else [])
@@ -570,7 +646,7 @@ def _layer_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable
     graph = onnx.helper.make_graph(
         single_nodes, "layer",
         [onnx.helper.make_tensor_value_info(x_name, elem(x.dtype), list(x.shape)),
-         onnx.helper.make_tensor_value_info(w_input, elem(lay.dtype), list(lay.weight_shape))],
+         onnx.helper.make_tensor_value_info(w_input, elem(lay.dtype), None)],
         [onnx.helper.make_empty_tensor_value_info(lay.output)],
         initializer=inits,
     )
@@ -578,8 +654,11 @@ def _layer_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable
                                     ir_version=skeleton.ir_version)
     sess = engine.session(single)
 
-    def measure() -> float:
-        (y,) = engine.run(sess, {x_name: x, w_input: state.weight(lay)}, [lay.output])
-        return float(np.var(y, dtype=np.float64))
+    def measure() -> np.ndarray:
+        w = state.weight(lay)
+        if lay.weight_transpose is not None:  # the MatMul reads it through a Transpose
+            w = np.ascontiguousarray(w.T)
+        (y,) = engine.run(sess, {x_name: x, w_input: w}, [lay.output])
+        return _block_variances(run, lay, y)
 
     return measure

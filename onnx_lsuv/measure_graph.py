@@ -166,10 +166,49 @@ def channel_sums(ed: GraphEditor, layer: Layer, tap: Tap) -> ChannelSums:
                            ed.op("Mul", [nb, b])])
         s2 = ed.op("Mul", [s2, ed.op("Mul", [inv_a, inv_a])])
         s1 = ed.op("Mul", [ed.op("Sub", [s1, nb]), inv_a])
-    mean = ed.op("Div", [ed.reduce("ReduceSum", s1, None), n])
-    mean_sq = ed.op("Div", [ed.reduce("ReduceSum", s2, None), n])
+    return _finish(ed, s1, s2, n, len(layer.blocks), dt)
+
+
+def _finish(ed: GraphEditor, s1: str, s2: str, n: str, blocks: int, dt: np.dtype) -> ChannelSums:
+    """Mean and variance from channel sums: one scalar, or one per block of equal channels."""
+    if blocks == 1:
+        mean = ed.op("Div", [ed.reduce("ReduceSum", s1, None), n])
+        mean_sq = ed.op("Div", [ed.reduce("ReduceSum", s2, None), n])
+    else:
+        shape = ed.const(np.array([blocks, -1], np.int64))
+        n_b = ed.op("Div", [n, ed.const(np.array(blocks, dt), "blocks")])
+        mean = ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [s1, shape]), [1]), n_b])
+        mean_sq = ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [s2, shape]), [1]), n_b])
     var = ed.op("Sub", [mean_sq, ed.op("Mul", [mean, mean])])
     return ChannelSums(s1, s2, n, mean, var)
+
+
+def recurrent_sums(ed: GraphEditor, layer: Layer, node: onnx.NodeProto) -> ChannelSums:
+    """Per direction and gate, the mean and variance of the input projection W_g x of an
+    LSTM/GRU/RNN node, computed from its input x and its current W (a MatMul as large as the
+    op's own input projection)."""
+    dt = _stat_dtype(layer)
+    d, gh, inputs = layer.weight_shape
+    x = ed.op("Reshape", [node.input[0], ed.const(np.array([-1, inputs], np.int64))])
+    w = node.input[1]
+    if layer.dtype not in (np.float32, np.float64):
+        x = ed.op("Cast", [x], to=TensorProto.FLOAT)
+        w = ed.op("Cast", [w], to=TensorProto.FLOAT)
+    proj = ed.op("MatMul", [x, ed.op("Transpose", [w], perm=[0, 2, 1])])  # (D, T*B, G*H)
+    s1 = ed.op("Reshape", [ed.reduce("ReduceSum", proj, [1]), ed.const(np.array([-1],
+                                                                              np.int64))])
+    s2 = ed.op("Reshape", [ed.reduce("ReduceSumSquare", proj, [1]),
+                           ed.const(np.array([-1], np.int64))])
+    n = ed.op("Cast", [ed.op("Size", [proj])], to=helper.np_dtype_to_tensor_dtype(dt))
+    return _finish(ed, s1, s2, n, len(layer.blocks), dt)
+
+
+def _per_unit(ed: GraphEditor, scale: str, blocks: int, units: int, shape: list[int],
+              dt: np.dtype) -> str:
+    """A per-block factor repeated over each block's units, then reshaped to ``shape``."""
+    per_block = ed.op("Reshape", [scale, ed.const(np.array([blocks, 1], np.int64))])
+    expanded = ed.op("Mul", [per_block, ed.const(np.ones((1, units // blocks), dt), "ones")])
+    return ed.op("Reshape", [expanded, ed.const(np.array(shape, np.int64))])
 
 
 def _measuring_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -276,12 +315,19 @@ def normalizing_model(
     ed = GraphEditor(copy)
     result = []
     for layer in layers:
-        tap = find_tap(index, layer)
-        consumers = list(index.consumers.get(tap.tensor, []))
         dt = _stat_dtype(layer)
         c_target = ed.const(np.array(target, dt), "target")
         c_zero = ed.const(np.array(0, dt), "zero")
-        cs = channel_sums(ed, layer, tap)
+        blocks = len(layer.blocks)
+        if layer.is_recurrent:
+            tap = Tap("")
+            node = copy.graph.node[layer.node_index]
+            cs = recurrent_sums(ed, layer, node)
+            consumers = []
+        else:
+            tap = find_tap(index, layer)
+            consumers = list(index.consumers.get(tap.tensor, []))
+            cs = channel_sums(ed, layer, tap)
         bias = biases.get(layer.index)
         if bias is None:
             vz = cs.var
@@ -296,7 +342,19 @@ def normalizing_model(
         apply = ed.op("And", [valid, ed.op("Not", [within])])
         scale = ed.op("Where", [apply, factor, ed.const(np.array(1, dt), "one")])
         to_model = helper.np_dtype_to_tensor_dtype(layer.dtype)
-        scale_m = scale if dt == layer.dtype else ed.op("Cast", [scale], to=to_model)
+        if layer.is_recurrent:
+            d, gh, _ = layer.weight_shape
+            s_w = _per_unit(ed, scale, blocks, d * gh, [d, gh, 1], dt)
+            s_w = s_w if dt == layer.dtype else ed.op("Cast", [s_w], to=to_model)
+            node.input[1] = ed.op("Mul", [node.input[1], s_w])
+            result.append(NormalizedOutputs(cs.var, scale))
+            continue
+        if blocks > 1:  # output units on the last axis, one factor per part
+            units = layer.layout.output_units
+            scale_units = _per_unit(ed, scale, blocks, units, [units], dt)
+        else:
+            scale_units = scale
+        scale_m = scale_units if dt == layer.dtype else ed.op("Cast", [scale_units], to=to_model)
         # The layer's new output is a y + (1 - a) bias; read through the tap t = A y + B it is
         # a t + (1 - a) k with k = A bias + B per channel.
         k = np.zeros(layer.layout.output_units)
@@ -314,7 +372,7 @@ def normalizing_model(
             copy.graph.node[i].input[pos] = t_new
         # Tied weights: later readers of this weight see it scaled, as in the written model.
         # (Earlier readers would make a cycle; the re-measurement catches what they change.)
-        for i, pos in index.users_of_const(layer.weight):
+        for i, pos in index.users_of_const(layer.weight) if blocks == 1 else []:
             if i > layer.node_index:
                 w_scaled = ed.op("Mul", [copy.graph.node[i].input[pos], scale_m])
                 copy.graph.node[i].input[pos] = w_scaled

@@ -27,6 +27,7 @@ class LayerRecord:
     weight_shape: list[int]
     groups: int
     bias: str | None
+    block: str = ""  # the projection (q, k, v) or gate (i, o, f, c; fw./bw.) of this row
     tries: int = 0
     var_before: float | None = None
     var_after: float | None = None

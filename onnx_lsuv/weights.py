@@ -26,7 +26,10 @@ class WeightState:
         self.index = GraphIndex(model.graph)
         self.layers = layers
         self.base = {lay.index: self.index.const_array(lay.weight) for lay in layers}
-        self.scale = {lay.index: 1.0 for lay in layers}
+        self.scale = {lay.index: np.ones(len(lay.blocks)) for lay in layers}
+        # Recurrent weights R: orthonormal per gate, never scaled.
+        self.recurrent = {lay.index: self.index.const_array(lay.recurrent) for lay in layers
+                          if lay.recurrent is not None}
         self.bias = {
             lay.index: self.index.const_array(lay.bias) if lay.bias is not None else None
             for lay in layers
@@ -39,8 +42,8 @@ class WeightState:
                            and lay.weight.name not in graph_inputs]
         self._in_proto = [lay for lay in layers if lay not in self._in_memory]
         # Target weights and biases change: they are supplied from this state, never cached.
-        targets = {lay.weight.name for lay in layers} | {
-            lay.bias.name for lay in layers if lay.bias is not None}
+        targets = {ref.name for lay in layers for ref in (lay.weight, lay.bias, lay.recurrent)
+                   if ref is not None}
         self._large = {
             t.name: numpy_helper.to_array(t) for t in model.graph.initializer
             if t.name not in targets and t.name not in graph_inputs
@@ -51,22 +54,37 @@ class WeightState:
         """The layer's current weight, in its own dtype."""
         s = self.scale[layer.index]
         base = self.base[layer.index]
-        if s == 1.0:
+        if np.all(s == 1.0):
             return base
-        return (base.astype(np.float64) * s).astype(layer.dtype)
+        if len(s) == 1:
+            return (base.astype(np.float64) * s[0]).astype(layer.dtype)
+        mats = layer.layout.to_matrices(base.astype(np.float64)) * s[:, None, None]
+        return layer.layout.from_matrices(mats).astype(layer.dtype)
 
     def set_base(self, layer: Layer, weight: np.ndarray) -> None:
         self.base[layer.index] = np.ascontiguousarray(weight.astype(layer.dtype))
-        self.scale[layer.index] = 1.0
+        self.scale[layer.index] = np.ones(len(layer.blocks))
 
-    def multiply(self, layer: Layer, factor: float) -> None:
-        self.scale[layer.index] *= float(factor)
+    def multiply(self, layer: Layer, factor) -> None:
+        """Scale the weight by ``factor``: one number, or one per block."""
+        self.scale[layer.index] = self.scale[layer.index] * np.asarray(factor, np.float64)
 
     def zero_bias(self, layer: Layer) -> None:
         b = self.bias[layer.index]
         if b is not None and np.any(b != 0):
             self.bias[layer.index] = np.zeros_like(b)
             self.changed_bias.add(layer.index)
+
+    def set_forget_bias(self, layer: Layer, value: float) -> None:
+        """LSTM: the input bias of the forget gate (gates i, o, f, c; B is [Wb, Rb]) = value."""
+        b = self.bias[layer.index]
+        if b is None:
+            return
+        hidden = layer.layout.matrix_shape[1]
+        b = b.copy()
+        b[:, 2 * hidden:3 * hidden] = value
+        self.bias[layer.index] = b
+        self.changed_bias.add(layer.index)
 
     def has_nonzero_bias(self, layer: Layer) -> bool:
         b = self.bias[layer.index]
@@ -76,6 +94,8 @@ class WeightState:
         """Current weights stored as initializers, by name: what ``skeleton`` leaves out."""
         arrays = {lay.weight.name: np.ascontiguousarray(self.weight(lay))
                   for lay in self._in_memory}
+        arrays.update((lay.recurrent.name, self.recurrent[lay.index]) for lay in self._in_memory
+                      if lay.recurrent is not None and lay.recurrent.constant_node is None)
         arrays.update(self._large)
         return arrays
 
@@ -84,6 +104,8 @@ class WeightState:
         index = GraphIndex(model.graph)
         for layer in self._in_proto:
             _write_const(index, layer.weight, self.weight(layer))
+            if layer.recurrent is not None:
+                _write_const(index, layer.recurrent, self.recurrent[layer.index])
 
     def skeleton(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` with the changed biases written and every target weight that is
@@ -95,7 +117,9 @@ class WeightState:
         for layer in self.layers:
             if layer.index in self.changed_bias and layer.bias is not None:
                 _write_const(index, layer.bias, self.bias[layer.index])
-        names = {lay.weight.name for lay in self._in_memory} | set(self._large)
+        names = {lay.weight.name for lay in self._in_memory} | set(self._large) | {
+            lay.recurrent.name for lay in self._in_memory
+            if lay.recurrent is not None and lay.recurrent.constant_node is None}
         for t in copy.graph.initializer:
             if t.name in names:
                 for f in ("raw_data", "float_data", "double_data", "int32_data", "int64_data",
@@ -110,6 +134,8 @@ class WeightState:
     def changed(self) -> dict[str, np.ndarray]:
         """Every target weight and every changed bias, by tensor name, as written."""
         out = {lay.weight.name: self.weight(lay) for lay in self.layers}
+        out.update((lay.recurrent.name, self.recurrent[lay.index]) for lay in self.layers
+                   if lay.recurrent is not None)
         for lay in self.layers:
             if lay.index in self.changed_bias and lay.bias is not None:
                 out[lay.bias.name] = self.bias[lay.index]
@@ -120,6 +146,8 @@ class WeightState:
         index = GraphIndex(model.graph)
         for layer in self.layers:
             _write_const(index, layer.weight, self.weight(layer))
+            if layer.recurrent is not None:
+                _write_const(index, layer.recurrent, self.recurrent[layer.index])
             if layer.index in self.changed_bias and layer.bias is not None:
                 _write_const(index, layer.bias, self.bias[layer.index])
 
