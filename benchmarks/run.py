@@ -133,7 +133,7 @@ def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
     fwd = plain_forward(path, x, provider, reps)
     ours_s, results = _median_time(lambda: lsuv_init(path, x, provider=provider), reps)
     timings = {k: statistics.median(r.report.timings.get(k, 0.0) for r in results)
-               for k in ("orthonormal_s", "one_pass_s", "verify_s", "retry_s")}
+               for k in ("init_s", "one_pass_s", "verify_s", "retry_s")}
     rep = results[-1].report
     row = dict(model=case.key, batch=case.batch, hw=case.hw, layers=len(layers),
                params=params, provider=rep.provider, forward_s=fwd, ours_s=ours_s, **timings,
@@ -161,7 +161,7 @@ def bench_caffenet_orthonormal(reps: int) -> dict:
     dts = [np.dtype(np.float32)] * len(CAFFENET)
     secs, _ = _median_time(lambda: orthonormal_many(CAFFENET, 0, dts), reps)
     params = sum(int(np.prod(s)) for s in CAFFENET)
-    return dict(model="caffenet (orthonormal init only)", params=params, orthonormal_s=secs)
+    return dict(model="caffenet (orthonormal init only)", params=params, init_s=secs)
 
 
 def machine() -> str:
@@ -183,7 +183,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "forward_s" not in r:
             lines.append(f"| {r['model']} | | | {r['params'] / 1e6:.1f} M | cpu | | "
-                         f"{r['orthonormal_s']:.2f} | | | | | | | | |")
+                         f"{r['init_s']:.2f} | | | | | | | | |")
             continue
         f = r["forward_s"]
 
@@ -197,7 +197,7 @@ def table(rows: list[dict]) -> str:
                f"({r['peak_ours_mb'] / r['peak_forward_mb']:.2f})" if "peak_ours_mb" in r else "-")
         lines.append(
             f"| {r['model']} | {r['batch']} x {r['hw']} | {r['layers']} | "
-            f"{r['params'] / 1e6:.1f} M | {r['provider']} | {f:.3f} | {r['orthonormal_s']:.2f} | "
+            f"{r['params'] / 1e6:.1f} M | {r['provider']} | {f:.3f} | {r['init_s']:.2f} | "
             f"{fe(r['one_pass_s'])} | {fe(r['verify_s'])} | {fe(r['ours_s'])} | {naive} | "
             f"{lsuv} | {ratio} | {mem} | {r['worst']:.3g} |")
     return "\n".join(lines)
