@@ -38,9 +38,10 @@ class WeightState:
         # Weights handed to sessions as OrtValues; the rest (Constant nodes, initializers that
         # old exporters also list as graph inputs) are written into each measuring model.
         graph_inputs = {i.name for i in model.graph.input}
-        self._in_memory = [lay for lay in layers if lay.weight.constant_node is None
-                           and lay.weight.name not in graph_inputs]
-        self._in_proto = [lay for lay in layers if lay not in self._in_memory]
+        pairs = [(lay, ref) for lay in layers for ref in _weights_of(lay)]
+        as_value = [ref.constant_node is None and ref.name not in graph_inputs for _, ref in pairs]
+        self._in_memory = [pair for pair, ok in zip(pairs, as_value) if ok]
+        self._in_proto = [pair for pair, ok in zip(pairs, as_value) if not ok]
         # Target weights and biases change: they are supplied from this state, never cached.
         targets = {ref.name for lay in layers for ref in (lay.weight, lay.bias, lay.recurrent)
                    if ref is not None}
@@ -92,20 +93,19 @@ class WeightState:
 
     def in_memory(self) -> dict[str, np.ndarray]:
         """Current weights stored as initializers, by name: what ``skeleton`` leaves out."""
-        arrays = {lay.weight.name: np.ascontiguousarray(self.weight(lay))
-                  for lay in self._in_memory}
-        arrays.update((lay.recurrent.name, self.recurrent[lay.index]) for lay in self._in_memory
-                      if lay.recurrent is not None and lay.recurrent.constant_node is None)
+        arrays = {ref.name: np.ascontiguousarray(self._current(lay, ref))
+                  for lay, ref in self._in_memory}
         arrays.update(self._large)
         return arrays
+
+    def _current(self, layer: Layer, ref: ConstRef) -> np.ndarray:
+        return self.weight(layer) if ref == layer.weight else self.recurrent[layer.index]
 
     def write_constants(self, model: onnx.ModelProto) -> None:
         """Write the current weights that ``in_memory`` does not supply into ``model``."""
         index = GraphIndex(model.graph)
-        for layer in self._in_proto:
-            _write_const(index, layer.weight, self.weight(layer))
-            if layer.recurrent is not None:
-                _write_const(index, layer.recurrent, self.recurrent[layer.index])
+        for layer, ref in self._in_proto:
+            _write_const(index, ref, self._current(layer, ref))
 
     def skeleton(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` with the changed biases written and every target weight that is
@@ -117,9 +117,7 @@ class WeightState:
         for layer in self.layers:
             if layer.index in self.changed_bias and layer.bias is not None:
                 _write_const(index, layer.bias, self.bias[layer.index])
-        names = {lay.weight.name for lay in self._in_memory} | set(self._large) | {
-            lay.recurrent.name for lay in self._in_memory
-            if lay.recurrent is not None and lay.recurrent.constant_node is None}
+        names = {ref.name for _, ref in self._in_memory} | set(self._large)
         for t in copy.graph.initializer:
             if t.name in names:
                 for f in ("raw_data", "float_data", "double_data", "int32_data", "int64_data",
@@ -133,9 +131,8 @@ class WeightState:
 
     def changed(self) -> dict[str, np.ndarray]:
         """Every target weight and every changed bias, by tensor name, as written."""
-        out = {lay.weight.name: self.weight(lay) for lay in self.layers}
-        out.update((lay.recurrent.name, self.recurrent[lay.index]) for lay in self.layers
-                   if lay.recurrent is not None)
+        out = {ref.name: self._current(lay, ref) for lay in self.layers
+               for ref in _weights_of(lay)}
         for lay in self.layers:
             if lay.index in self.changed_bias and lay.bias is not None:
                 out[lay.bias.name] = self.bias[lay.index]
@@ -145,11 +142,15 @@ class WeightState:
         """Write the current weights and changed biases into ``model`` (same names, dtypes)."""
         index = GraphIndex(model.graph)
         for layer in self.layers:
-            _write_const(index, layer.weight, self.weight(layer))
-            if layer.recurrent is not None:
-                _write_const(index, layer.recurrent, self.recurrent[layer.index])
+            for ref in _weights_of(layer):
+                _write_const(index, ref, self._current(layer, ref))
             if layer.index in self.changed_bias and layer.bias is not None:
                 _write_const(index, layer.bias, self.bias[layer.index])
+
+
+def _weights_of(layer: Layer) -> list[ConstRef]:
+    """The weights LSUV sets for a layer: W, and a recurrent op's R."""
+    return [ref for ref in (layer.weight, layer.recurrent) if ref is not None]
 
 
 def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
