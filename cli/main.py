@@ -77,7 +77,7 @@ class Progress:
         elif stage != "init":
             click.echo(f"{label}: {done}/{total}" + (f" {detail}" if detail else ""), err=True)
         elif done == total:  # a line per pre-init layer says little in a log
-            click.echo(f"{label}: {done}/{total} layers", err=True)
+            click.echo(f"{label}: {done}/{total} weights", err=True)
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -130,8 +130,9 @@ class Discovery:
 class GraphIndex:
     """Producers, consumers and constants of a graph, built once."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, opset: int = 0) -> None:
         self.graph = graph
+        self.opset = opset
         self.initializers = {t.name: t for t in graph.initializer}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -246,7 +247,8 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
         The targets, and the candidates that were skipped with the reason.
     """
     graph = model.graph
-    index = GraphIndex(graph)
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    index = GraphIndex(graph, opset)
     layers: list[Layer] = []
     skipped: list[Skipped] = []
     weight_owner: dict[ConstRef, Layer] = {}
@@ -269,10 +271,17 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
             continue
         if node.op_type in RNN_OPS and node.domain in ("", "ai.onnx"):
             found = _recurrent_layer(index, i, len(layers), reached)
+            owner = None if isinstance(found, Skipped) else next(
+                (weight_owner[r] for r in (found.weight, found.recurrent) if r in weight_owner),
+                None)
             if isinstance(found, Skipped):
                 skipped.append(found)
-            elif found is not None:
-                weight_owner[found.weight] = found
+            elif owner is not None:  # one LSTM called twice: its weights are set once
+                owner.shared_weight_users.append(name)
+                skipped.append(Skipped(name, node.op_type,
+                                       f"weights tied to layer {owner.name} (set at first use)"))
+            else:
+                weight_owner[found.weight] = weight_owner[found.recurrent] = found
                 layers.append(found)
             continue
         if node.op_type not in TARGET_OPS or node.domain not in ("", "ai.onnx"):
@@ -397,6 +406,10 @@ def _transposed_const(index: GraphIndex, name: str) -> tuple[int, ConstRef] | No
     return i, ref
 
 
+def _opset(index: GraphIndex) -> int:
+    return index.opset
+
+
 def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
     """Parts of ``output`` when its only reader is a Split into equal parts on the last axis."""
     users = index.consumers.get(output, [])
@@ -424,8 +437,13 @@ def _recurrent_layer(index: GraphIndex, i: int, position: int,
     """The LSUV layer of an LSTM, GRU or RNN node: W scaled per gate, R orthonormal per gate."""
     node = index.graph.node[i]
     name = index.node_name(i)
-    if len(node.input) < 3 or node.input[0] not in reached:
+    if len(node.input) < 3:
         return None
+    if node.input[0] not in reached:
+        return Skipped(name, node.op_type,
+                       "not reached by the data: its input depends on no graph input")
+    if len(node.input) > 4 and node.input[4] and _opset(index) < 11:
+        return Skipped(name, node.op_type, "sequence_lens below opset 11 (no Range) is not handled")
     w_ref, r_ref = index.resolve_const(node.input[1]), index.resolve_const(node.input[2])
     if w_ref is None or r_ref is None:
         return Skipped(name, node.op_type, "W or R is not a constant")

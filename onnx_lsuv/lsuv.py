@@ -218,13 +218,20 @@ def lsuv_init(
         if not keep_bias:
             for lay in layers:
                 state.zero_bias(lay)
-        if lstm_forget_bias is not None:
-            for lay in layers:
-                if lay.op == "LSTM":
-                    state.set_forget_bias(lay, lstm_forget_bias)
         report.timings["init_s"] = time.perf_counter() - t
         log.info("%s init of %d layers: %.2f s", "orthonormal" if init == "lsuv" else init,
                  len(layers), report.timings["init_s"])
+
+    if lstm_forget_bias is not None:
+        for lay in layers:
+            if lay.op != "LSTM":
+                continue
+            if lay.bias is None:
+                report.notes.append(f"layer {lay.name}: LSTM without a bias input; the forget "
+                                    "gate bias was not set")
+                log.warning("%s", report.notes[-1])
+            else:
+                state.set_forget_bias(lay, lstm_forget_bias)
 
     if scaling:
         engine = Engine(provider, threads)
@@ -501,11 +508,11 @@ def _measure_all(run: _Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
         values = run.engine.run(_session(run.engine, run.state, measuring), run.feeds, names)
         return [np.atleast_1d(v).astype(np.float64) for v in values]
     # Below opset 9 (no Where) the statistics are taken here from the fetched tensors.
-    names = [_measured_tensor(run, lay) for lay in run.layers]
-    fetch = _fetching(skeleton, *names)
-    outs = dict(zip(dict.fromkeys(names), run.engine.run(
-        _session(run.engine, run.state, fetch), run.feeds, list(dict.fromkeys(names)))))
-    return [_block_variances(run, lay, outs[name]) for lay, name in zip(run.layers, names)]
+    names = list(dict.fromkeys(n for lay in run.layers for n in _measured_tensors(run, lay)))
+    outs = dict(zip(names, run.engine.run(
+        _session(run.engine, run.state, _fetching(skeleton, *names)), run.feeds, names)))
+    return [_block_variances(run, lay, *[outs[n] for n in _measured_tensors(run, lay)])
+            for lay in run.layers]
 
 
 def _final_check(run: _Run, skeleton: onnx.ModelProto) -> None:
@@ -516,10 +523,15 @@ def _final_check(run: _Run, skeleton: onnx.ModelProto) -> None:
             if rec.status == SKIPPED:
                 continue
             rec.var_after = float(value)
-            if abs(rec.var_after - run.target) >= run.tol:
+            if abs(rec.var_after - run.target) >= run.tol and rec.status == CONVERGED:
                 rec.status = NOT_CONVERGED
-                rec.message = (f"var {rec.var_after:.4g} in the final re-measurement: a weight "
-                               "tied to a later layer changed it")
+                rec.message = f"var {rec.var_after:.4g} in the final re-measurement" + (
+                    ": a weight tied to a later layer changed it" if _has_tied_users(run)
+                    else "")
+
+
+def _has_tied_users(run: _Run) -> bool:
+    return any(lay.shared_weight_users for lay in run.layers)
 
 
 def _scale_naive(run: _Run) -> None:
@@ -531,21 +543,35 @@ def _scale_naive(run: _Run) -> None:
         _final_check(run, skeleton)
 
 
-def _measured_tensor(run: _Run, lay: Layer) -> str:
-    """The tensor a layer's variances come from: its output, or a recurrent op's input x."""
+def _measured_tensors(run: _Run, lay: Layer) -> list[str]:
+    """What a layer's variances come from: its output, or a recurrent op's input x (and its
+    sequence_lens, when given)."""
     node = run.work.graph.node[lay.node_index]
-    return node.input[0] if lay.is_recurrent else lay.output
+    if not lay.is_recurrent:
+        return [lay.output]
+    return [node.input[0]] + ([node.input[4]] if len(node.input) > 4 and node.input[4] else [])
 
 
-def _block_variances(run: _Run, lay: Layer, tensor: np.ndarray) -> np.ndarray:
-    """Population variance per block of ``tensor`` (the tensor ``_measured_tensor`` names).
+def _block_variances(run: _Run, lay: Layer, tensor: np.ndarray,
+                     seq_lens: np.ndarray | None = None) -> np.ndarray:
+    """Population variance per block of ``tensor`` (what ``_measured_tensors`` names).
 
     A fused projection's blocks are equal parts of the last axis. A recurrent op's blocks are
-    its gates' input projections W_g x per direction, computed here from its input x.
+    its gates' input projections W_g x per direction, computed here from its input x, over
+    the time steps that ``seq_lens`` leaves valid.
     """
     if lay.is_recurrent:
         w = run.state.weight(lay).astype(np.float64)  # (D, G*H, I)
-        x = tensor.astype(np.float64).reshape(-1, w.shape[2])
+        x3 = tensor.astype(np.float64)
+        if seq_lens is not None:
+            node = run.work.graph.node[lay.node_index]
+            batch_first = any(a.name == "layout" and a.i == 1 for a in node.attribute)
+            steps = np.arange(x3.shape[1 if batch_first else 0])
+            lens = np.asarray(seq_lens).astype(np.int64)
+            valid = steps[None, :] < lens[:, None] if batch_first else \
+                steps[:, None] < lens[None, :]
+            x3 = x3[valid]
+        x = x3.reshape(-1, w.shape[2])
         proj = np.einsum("ni,dki->dnk", x, w)  # (D, N, G*H)
         d, n, gh = proj.shape
         gates = len(lay.blocks) // d
@@ -559,12 +585,12 @@ def _block_variances(run: _Run, lay: Layer, tensor: np.ndarray) -> np.ndarray:
 
 def _full_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], np.ndarray]:
     """A measurement of one layer by a whole forward pass with the current weights."""
-    name = _measured_tensor(run, lay)
-    fetch = _fetching(skeleton, name)
+    names = _measured_tensors(run, lay)
+    fetch = _fetching(skeleton, *names)
 
     def measure() -> np.ndarray:
-        (y,) = run.engine.run(_session(run.engine, run.state, fetch), run.feeds, [name])
-        return _block_variances(run, lay, y)
+        return _block_variances(run, lay, *run.engine.run(
+            _session(run.engine, run.state, fetch), run.feeds, names))
 
     return measure
 
@@ -622,10 +648,12 @@ def _layer_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable
     (for a recurrent op, only its input projections, here)."""
     engine, state, feeds = run.engine, run.state, run.feeds
     node = skeleton.graph.node[lay.node_index]
+    if lay.is_recurrent:
+        names = _measured_tensors(run, lay)
+        tensors = engine.run(_session(engine, state, _fetching(skeleton, *names)), feeds, names)
+        return lambda: _block_variances(run, lay, *tensors)
     x_name = node.input[0]
     (x,) = engine.run(_session(engine, state, _fetching(skeleton, x_name)), feeds, [x_name])
-    if lay.is_recurrent:
-        return lambda: _block_variances(run, lay, x)
 
     nodes = [node] + ([skeleton.graph.node[lay.bias_add_node]] if lay.bias_add_node is not None
                       else [])

@@ -63,6 +63,11 @@ class GraphEditor:
         self.graph.node.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.const(np.array(axes, np.int64))])
+        return self.op("Unsqueeze", [x], axes=axes)
+
     def reduce(self, op_type: str, x: str, axes: list[int] | None, keepdims: int = 0) -> str:
         """A reduction over ``axes`` (all axes when None), in the form the model's opset wants."""
         if axes is None:
@@ -186,7 +191,8 @@ def _finish(ed: GraphEditor, s1: str, s2: str, n: str, blocks: int, dt: np.dtype
 def recurrent_sums(ed: GraphEditor, layer: Layer, node: onnx.NodeProto) -> ChannelSums:
     """Per direction and gate, the mean and variance of the input projection W_g x of an
     LSTM/GRU/RNN node, computed from its input x and its current W (a MatMul as large as the
-    op's own input projection)."""
+    op's own input projection). With ``sequence_lens``, only the time steps the op computes
+    count: the padded ones are masked out."""
     dt = _stat_dtype(layer)
     d, gh, inputs = layer.weight_shape
     x = ed.op("Reshape", [node.input[0], ed.const(np.array([-1, inputs], np.int64))])
@@ -194,13 +200,35 @@ def recurrent_sums(ed: GraphEditor, layer: Layer, node: onnx.NodeProto) -> Chann
     if layer.dtype not in (np.float32, np.float64):
         x = ed.op("Cast", [x], to=TensorProto.FLOAT)
         w = ed.op("Cast", [w], to=TensorProto.FLOAT)
+    to_dt = helper.np_dtype_to_tensor_dtype(dt)
+    if len(node.input) > 4 and node.input[4]:
+        mask = ed.op("Cast", [_valid_steps(ed, node)], to=to_dt)  # (T*B, 1) of 0 / 1
+        x = ed.op("Mul", [x, ed.op("Cast", [mask], to=TensorProto.FLOAT)
+                          if layer.dtype not in (np.float32, np.float64) else mask])
+        rows = ed.reduce("ReduceSum", mask, None)
+    else:
+        rows = ed.op("Cast", [ed.op("Size", [x])], to=to_dt)
+        rows = ed.op("Div", [rows, ed.const(np.array(inputs, dt), "inputs")])
     proj = ed.op("MatMul", [x, ed.op("Transpose", [w], perm=[0, 2, 1])])  # (D, T*B, G*H)
     s1 = ed.op("Reshape", [ed.reduce("ReduceSum", proj, [1]), ed.const(np.array([-1],
                                                                               np.int64))])
     s2 = ed.op("Reshape", [ed.reduce("ReduceSumSquare", proj, [1]),
                            ed.const(np.array([-1], np.int64))])
-    n = ed.op("Cast", [ed.op("Size", [proj])], to=helper.np_dtype_to_tensor_dtype(dt))
+    n = ed.op("Mul", [rows, ed.const(np.array(d * gh, dt), "units")])
     return _finish(ed, s1, s2, n, len(layer.blocks), dt)
+
+
+def _valid_steps(ed: GraphEditor, node: onnx.NodeProto) -> str:
+    """(T*B, 1) booleans, in the row order of x reshaped to (-1, input): t < sequence_lens[b]."""
+    batch_first = any(a.name == "layout" and a.i == 1 for a in node.attribute)
+    shape = ed.op("Shape", [node.input[0]])
+    steps = ed.op("Gather", [shape, ed.const(np.array(1 if batch_first else 0, np.int64))])
+    t = ed.op("Range", [ed.const(np.array(0, np.int64), "zero_i"), steps,
+                        ed.const(np.array(1, np.int64), "one_i")])
+    lens = ed.op("Cast", [node.input[4]], to=TensorProto.INT64)
+    t_axis, b_axis = (1, 0) if batch_first else (0, 1)
+    valid = ed.op("Less", [ed.unsqueeze(t, [1 - t_axis]), ed.unsqueeze(lens, [1 - b_axis])])
+    return ed.op("Reshape", [valid, ed.const(np.array([-1, 1], np.int64))])
 
 
 def _per_unit(ed: GraphEditor, scale: str, blocks: int, units: int, shape: list[int],

@@ -286,3 +286,55 @@ def test_report_names_the_gate_or_projection_of_each_row():
 def test_sequence_model_input_types_are_kept():
     model, _ = rnn_model("RNN")
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def test_padded_time_steps_do_not_count_in_the_gate_statistics():
+    b = Builder(6)
+    hidden, inputs = 8, 5
+    w = b.const(b.rng.standard_normal((1, 4 * hidden, inputs)).astype(np.float32), "lstm.W")
+    r = b.const(b.rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "lstm.R")
+    y = b.node("LSTM", ["x", w, r, "", "lens"], name="lstm", hidden_size=hidden)
+    model = make_model(b.nodes, [("x", [T, "B", inputs]), ("lens", ["B"], TensorProto.INT32)],
+                       [(y, None)], b.inits)
+    rng = np.random.default_rng(1)
+    lens = rng.integers(1, T + 1, 16).astype(np.int32)
+    x = rng.standard_normal((T, 16, inputs)).astype(np.float32)
+    x[np.arange(T)[:, None] >= lens[None, :]] = 0.0  # zero padding after each sequence
+    for strategy in ("fast", "naive"):
+        result = lsuv_init(model, {"x": x, "lens": lens}, provider="cpu", strategy=strategy)
+        assert result.report.converged
+        wt = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                        if t.name == "lstm.W")).astype(np.float64)
+        valid = x[np.arange(T)[:, None] < lens[None, :]].astype(np.float64)  # (steps, I)
+        for g in range(4):
+            assert abs((valid @ wt[0, g * hidden:(g + 1) * hidden].T).var() - 1) < 0.1
+
+
+def test_one_lstm_applied_twice_is_set_once():
+    b = Builder(7)
+    hidden = 5
+    w = b.const(b.rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "lstm.W")
+    r = b.const(b.rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "lstm.R")
+    y1 = b.node("LSTM", ["x", w, r], name="first", hidden_size=hidden)
+    x2 = b.node("Squeeze", [y1, b.const(np.array([1]))])  # (T, 1, B, H) -> (T, B, H)
+    y2 = b.node("LSTM", [x2, w, r], name="second", hidden_size=hidden)
+    model = make_model(b.nodes, [("x", [T, "B", hidden])], [(y2, None)], b.inits)
+    feeds = {"x": np.random.default_rng(2).standard_normal((T, 16, hidden)).astype(np.float32)}
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert {r.name.split("[")[0] for r in result.report.layers} == {"first"}
+    assert any(s["name"] == "second" and "tied" in s["reason"] for s in result.report.skipped)
+    assert result.report.converged
+
+
+def test_forget_bias_applies_without_orthonormal_and_notes_a_missing_bias():
+    model, _ = rnn_model("LSTM")
+    feeds = {"x": np.random.default_rng(5).standard_normal((T, 16, 5)).astype(np.float32)}
+    result = lsuv_init(model, feeds, provider="cpu", orthonormal=False, lstm_forget_bias=1.0)
+    bias = numpy_helper.to_array(next(t for t in result.model.graph.initializer
+                                      if t.name == "lstm0.B"))
+    assert np.all(bias[0, 16:24] == 1.0)
+    no_bias = onnx.ModelProto()
+    no_bias.CopyFrom(model)
+    del no_bias.graph.node[0].input[3:]
+    result = lsuv_init(no_bias, feeds, provider="cpu", lstm_forget_bias=1.0)
+    assert any("forget gate bias was not set" in n for n in result.report.notes)
