@@ -55,7 +55,6 @@ class Layer:
         bias_input: (node index, input position) through which the layer reads its bias.
         bias_scale: Factor the op applies to the bias (Gemm's ``beta``; 1 otherwise).
         output: The tensor whose variance LSUV sets (after the bias).
-        pre_bias_output: The tensor before a separate bias Add (== output when there is none).
         output_rank: Rank of ``output`` when known from the weight (Conv: weight rank; Gemm: 2).
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
         weight_read_upstream: Whether a node before this one reads the weight too, so that
@@ -79,7 +78,6 @@ class Layer:
     bias_input: tuple[int, int] | None
     bias_scale: float
     output: str
-    pre_bias_output: str
     output_rank: int | None
     shared_weight_users: list[str] = field(default_factory=list)
     weight_read_upstream: bool = False  # a node before this one reads the same weight
@@ -329,7 +327,6 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
         bias_input = None
         bias_scale = 1.0
         output = node.output[0]
-        pre_bias = node.output[0]
         if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2:
             if node.input[2]:
                 bias = index.resolve_const(node.input[2])
@@ -372,7 +369,6 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
             bias_input=bias_input,
             bias_scale=bias_scale,
             output=output,
-            pre_bias_output=pre_bias,
             output_rank=rank,
             blocks=blocks,
             weight_transpose=transpose,
@@ -404,10 +400,6 @@ def _transposed_const(index: GraphIndex, name: str) -> tuple[int, ConstRef] | No
     if list(_attr(node, "perm", [1, 0])) != [1, 0]:
         return None
     return i, ref
-
-
-def _opset(index: GraphIndex) -> int:
-    return index.opset
 
 
 def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
@@ -442,7 +434,7 @@ def _recurrent_layer(index: GraphIndex, i: int, position: int,
     if node.input[0] not in reached:
         return Skipped(name, node.op_type,
                        "not reached by the data: its input depends on no graph input")
-    if len(node.input) > 4 and node.input[4] and _opset(index) < 11:
+    if len(node.input) > 4 and node.input[4] and index.opset < 11:
         return Skipped(name, node.op_type, "sequence_lens below opset 11 (no Range) is not handled")
     w_ref, r_ref = index.resolve_const(node.input[1]), index.resolve_const(node.input[2])
     if w_ref is None or r_ref is None:
@@ -463,7 +455,7 @@ def _recurrent_layer(index: GraphIndex, i: int, position: int,
         index=position, name=name, op=node.op_type, node_index=i, weight=w_ref, layout=layout,
         dtype=np.dtype(onnx.helper.tensor_dtype_to_np_dtype(w.data_type)), bias=bias,
         bias_input=(i, 3) if bias is not None else None, bias_scale=1.0, output="",
-        pre_bias_output="", output_rank=None,
+        output_rank=None,
         blocks=tuple(p + g for p in prefixes for g in gates),
         recurrent=r_ref, recurrent_layout=r_layout,
     )
