@@ -197,7 +197,8 @@ class GraphIndex:
         return ref.name in self.graph_outputs
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def attribute(node: onnx.NodeProto, name: str, default):
+    """The value of ``node``'s attribute ``name``, or ``default`` when it is absent."""
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -308,8 +309,9 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
             skipped.append(Skipped(name, node.op_type, "weight is not a floating-point tensor"))
             continue
         shape = tuple(int(d) for d in tensor.dims)
-        groups = int(_attr(node, "group", 1)) if node.op_type.startswith("Conv") else 1
-        trans = bool(_attr(node, "transB", 0)) if node.op_type == "Gemm" else transpose is not None
+        groups = int(attribute(node, "group", 1)) if node.op_type.startswith("Conv") else 1
+        trans = (bool(attribute(node, "transB", 0)) if node.op_type == "Gemm"
+                 else transpose is not None)
         try:
             layout = WeightLayout(node.op_type, shape, groups, trans)
         except ValueError as err:
@@ -335,7 +337,7 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
                     continue
                 bias_input = (i, 2)
                 if node.op_type == "Gemm":
-                    bias_scale = float(_attr(node, "beta", 1.0))
+                    bias_scale = float(attribute(node, "beta", 1.0))
         elif node.op_type == "MatMul":
             found = _matmul_bias(index, i, layout.output_units)
             if found is not None:
@@ -397,7 +399,7 @@ def _transposed_const(index: GraphIndex, name: str) -> tuple[int, ConstRef] | No
     ref = index.resolve_const(node.input[0])
     if ref is None or len(index.tensor_proto(ref).dims) != 2:
         return None
-    if list(_attr(node, "perm", [1, 0])) != [1, 0]:
+    if list(attribute(node, "perm", [1, 0])) != [1, 0]:
         return None
     return i, ref
 
@@ -410,10 +412,10 @@ def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
     node = index.graph.node[users[0][0]]
     if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or users[0][1] != 0:
         return 0
-    axis = int(_attr(node, "axis", 0))
+    axis = int(attribute(node, "axis", 0))
     if not (axis == -1 or (rank is not None and axis == rank - 1)):
         return 0
-    sizes = _attr(node, "split", None)
+    sizes = attribute(node, "split", None)
     if sizes is None and len(node.input) > 1 and node.input[1]:
         ref = index.resolve_const(node.input[1])
         if ref is None:

@@ -35,7 +35,7 @@ from .baselines import BASELINES, baseline_weight
 from .data import BatchLike, load_batches
 from .engine import Engine
 from .errors import InputError, RuntimeFailure
-from .layers import Layer, find_layers
+from .layers import Layer, attribute, find_layers
 from .measure_graph import LayerBias, normalizing_model, stats_model
 from .model_io import ModelLike, default_opset, load_model
 from .orthonormal import compute_dtype, orthonormal_many
@@ -469,10 +469,10 @@ def _scale_fast(run: _Run) -> None:
 
     t = time.perf_counter()
     run.progress("re-measure", 0, 1, "one forward pass of the written weights")
-    # Re-measure the written weights with the same rewrite: where every layer is within tol all
-    # factors are 1 and the variances are the written model's. At the first layer off target
-    # the rest is no longer the written model, and the try loop below redoes it anyway.
-    norm, outs = normalizing_model(skeleton, layers, biases, run.target, run.tol)
+    # Re-measure the written weights with the same rewrite (a new session gets the new weights):
+    # where every layer is within tol all factors are 1 and the variances are the written
+    # model's. At the first layer off target the rest is no longer the written model, and the
+    # try loop below redoes it anyway.
     values = run.engine.run(_session(run.engine, state, norm), run.feeds,
                             [o.var_before for o in outs])
     run.progress("re-measure", 1, 1, "")
@@ -565,7 +565,7 @@ def _block_variances(run: _Run, lay: Layer, tensor: np.ndarray,
         x3 = tensor.astype(np.float64)
         if seq_lens is not None:
             node = run.work.graph.node[lay.node_index]
-            batch_first = any(a.name == "layout" and a.i == 1 for a in node.attribute)
+            batch_first = attribute(node, "layout", 0) == 1
             steps = np.arange(x3.shape[1 if batch_first else 0])
             lens = np.asarray(seq_lens).astype(np.int64)
             valid = steps[None, :] < lens[:, None] if batch_first else \
@@ -583,16 +583,16 @@ def _block_variances(run: _Run, lay: Layer, tensor: np.ndarray,
         blocks, -1).var(axis=1)
 
 
+def _fetch_measured(run: _Run, fetch: onnx.ModelProto, lay: Layer) -> list[np.ndarray]:
+    """One forward pass with the current weights; the tensors ``_measured_tensors`` names."""
+    return run.engine.run(_session(run.engine, run.state, fetch), run.feeds,
+                          _measured_tensors(run, lay))
+
+
 def _full_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable[[], np.ndarray]:
     """A measurement of one layer by a whole forward pass with the current weights."""
-    names = _measured_tensors(run, lay)
-    fetch = _fetching(skeleton, *names)
-
-    def measure() -> np.ndarray:
-        return _block_variances(run, lay, *run.engine.run(
-            _session(run.engine, run.state, fetch), run.feeds, names))
-
-    return measure
+    fetch = _fetching(skeleton, *_measured_tensors(run, lay))
+    return lambda: _block_variances(run, lay, *_fetch_measured(run, fetch, lay))
 
 
 def _tries(run: _Run, lay: Layer, measure: Callable[[], np.ndarray],
@@ -648,9 +648,8 @@ def _layer_measure(run: _Run, skeleton: onnx.ModelProto, lay: Layer) -> Callable
     (for a recurrent op, only its input projections, here)."""
     engine, state, feeds = run.engine, run.state, run.feeds
     node = skeleton.graph.node[lay.node_index]
-    if lay.is_recurrent:
-        names = _measured_tensors(run, lay)
-        tensors = engine.run(_session(engine, state, _fetching(skeleton, *names)), feeds, names)
+    if lay.is_recurrent:  # x is fixed: the projections are computed here on each try
+        tensors = _fetch_measured(run, _fetching(skeleton, *_measured_tensors(run, lay)), lay)
         return lambda: _block_variances(run, lay, *tensors)
     x_name = node.input[0]
     (x,) = engine.run(_session(engine, state, _fetching(skeleton, x_name)), feeds, [x_name])

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .layers import GraphIndex, Layer
+from .layers import GraphIndex, Layer, attribute
 from .model_io import default_opset
 
 _PREFIX = "onnx_lsuv::"
@@ -108,7 +108,7 @@ def find_tap(index: GraphIndex, layer: Layer) -> Tap:
     i, pos = users[0]
     bn = index.graph.node[i]
     if (bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or pos != 0
-            or any(bn.output[1:]) or _attr_value(bn, "training_mode", 0)):
+            or any(bn.output[1:]) or attribute(bn, "training_mode", 0)):
         return plain
     refs = [index.resolve_const(name) for name in bn.input[1:5]]
     if len(refs) != 4 or any(r is None for r in refs):
@@ -118,20 +118,13 @@ def find_tap(index: GraphIndex, layer: Layer) -> Tap:
                                   for r in refs)
     except (ValueError, TypeError, OSError):  # e.g. a placeholder without bytes
         return plain
-    a = scale / np.sqrt(var + float(_attr_value(bn, "epsilon", 1e-5)))
+    a = scale / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
     b = bias - a * mean
     if a.size != layer.layout.output_units or not np.all(np.isfinite(a) & np.isfinite(b)):
         return plain
     if np.any(np.abs(a) < 1e-6 * max(1.0, float(np.abs(a).max()))):
         return plain  # a (near) zero factor: the layer output cannot be recovered from t
     return Tap(bn.output[0], a, b)
-
-
-def _attr_value(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
 
 
 @dataclass(frozen=True)
@@ -220,7 +213,7 @@ def recurrent_sums(ed: GraphEditor, layer: Layer, node: onnx.NodeProto) -> Chann
 
 def _valid_steps(ed: GraphEditor, node: onnx.NodeProto) -> str:
     """(T*B, 1) booleans, in the row order of x reshaped to (-1, input): t < sequence_lens[b]."""
-    batch_first = any(a.name == "layout" and a.i == 1 for a in node.attribute)
+    batch_first = attribute(node, "layout", 0) == 1
     shape = ed.op("Shape", [node.input[0]])
     steps = ed.op("Gather", [shape, ed.const(np.array(1 if batch_first else 0, np.int64))])
     t = ed.op("Range", [ed.const(np.array(0, np.int64), "zero_i"), steps,
