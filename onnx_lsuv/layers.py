@@ -405,7 +405,11 @@ def _transposed_const(index: GraphIndex, name: str) -> tuple[int, ConstRef] | No
 
 
 def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
-    """Parts of ``output`` when its only reader is a Split into equal parts on the last axis."""
+    """Parts of ``output`` when its only reader is a Split into equal parts on the last axis.
+
+    A Split whose parts all go to one node (maxout's Max) is part of the activation, not a
+    fused projection: the layer stays whole, as the paper measures a maxout layer's output.
+    """
     users = index.consumers.get(output, [])
     if len(users) != 1 or output in index.graph_outputs:
         return 0
@@ -422,6 +426,9 @@ def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
             return 0
         sizes = index.const_array(ref).tolist()
     if sizes is not None and len(set(sizes)) != 1:
+        return 0
+    readers = {i for part in node.output for i, _ in index.consumers.get(part, [])}
+    if len(readers) == 1 and len(node.output) > 1:
         return 0
     return len(node.output)
 

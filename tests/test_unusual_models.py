@@ -98,3 +98,24 @@ def test_model_without_targets_is_a_clear_message_and_exit_0(tmp_path):
                                             str(tmp_path / "o.onnx")])
     assert res.exit_code == 0, res.output
     assert "nothing to do" in res.output
+
+
+def test_maxout_fc_is_one_layer_orthonormal_and_scaled_as_a_whole():
+    # Gemm -> Split -> Max is maxout, not a fused QKV projection: one layer, one scale.
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Split", ["h"], ["h0", "h1"], axis=1),
+        helper.make_node("Max", ["h0", "h1"], ["m"]),
+        helper.make_node("Gemm", ["m", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, [("x", ["N", 8])], [("y", None)],
+                       {"w1": rand(12, 8, seed=1), "b1": rand(12, seed=2),
+                        "w2": rand(3, 6, seed=3)})
+    x = rand(64, 8, seed=4)
+    result = lsuv_init(model, x, provider="cpu")
+    assert [r.name for r in result.report.layers] == ["fc1", "fc2"]
+    w1 = result.weights["w1"].astype(np.float64)
+    gram = w1.T @ w1  # 12x8: orthonormal columns, times the one LSUV scale
+    assert np.allclose(gram / gram[0, 0], np.eye(8), atol=1e-5)
+    for v in output_variances(result.model, {"x": x}, ["h", "y"]):
+        assert abs(v - 1) < 0.1
