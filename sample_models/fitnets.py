@@ -17,7 +17,8 @@ OPSET = 17
 IR_VERSION = 8  # accepted by onnxruntime >= 1.14; the newest onnx would write 14 otherwise
 ACTIVATIONS = ("relu", "vlrelu", "tanh", "sigmoid", "maxout")
 
-# ("conv", out_channels) | ("pool", kernel, stride) | ("gpool",) | ("res", [convs...])
+# ("conv", out_channels) | ("fc", out_units) | ("pool", kernel, stride) | ("gpool",)
+# | ("res", [convs...]). "input" is (channels, height, width), or (features,) for an MLP.
 _C = "conv"
 ARCHITECTURES: dict[str, dict] = {
     "fitnet_mnist": {
@@ -30,10 +31,10 @@ ARCHITECTURES: dict[str, dict] = {
         "layers": [(_C, 16)] * 3 + [("pool", 2, 2)] + [(_C, 32)] * 3 + [("pool", 2, 2)]
         + [(_C, 48)] * 3 + [("gpool",)],
     },
-    "fitnet4": {
+    "fitnet4": {  # as in the authors' Caffe file (LSUVinit, fitnet4_relu_lsuv.prototxt)
         "input": (3, 32, 32),
-        "layers": [(_C, 32)] * 3 + [(_C, 48)] * 2 + [("pool", 2, 2)] + [(_C, 80)] * 5
-        + [("pool", 2, 2)] + [(_C, 128)] * 5 + [("gpool",)],
+        "layers": [(_C, 32)] * 3 + [(_C, 48)] * 2 + [("pool", 2, 2)] + [(_C, 80)] * 6
+        + [("pool", 2, 2)] + [(_C, 128)] * 6 + [("gpool",), ("fc", 500)],
     },
     "fitresnet4": {
         "input": (3, 32, 32),
@@ -42,6 +43,21 @@ ARCHITECTURES: dict[str, dict] = {
                    (_C, 128), ("res", [128, 128]), ("res", [128, 128]), ("gpool",)],
     },
 }
+# Deep, thin nets for the experiments (experiments/README.md), sized for scikit-learn's 8x8
+# digits on 2 CPU cores: FitNet-4's 17 convs and hidden fc at half width (fc 500 -> 128) on
+# 16x16 inputs, and a 25-layer plain MLP on the 64 raw pixels.
+EXPERIMENT_ARCHITECTURES: dict[str, dict] = {
+    "fitnet4_digits": {
+        "input": (1, 16, 16),
+        "layers": [(_C, 16)] * 3 + [(_C, 24)] * 2 + [("pool", 2, 2)] + [(_C, 40)] * 6
+        + [("pool", 2, 2)] + [(_C, 64)] * 6 + [("gpool",), ("fc", 128)],
+    },
+    "mlp25_digits": {
+        "input": (64,),
+        "layers": [("fc", 64)] * 24,
+    },
+}
+ARCHITECTURES.update(EXPERIMENT_ARCHITECTURES)
 
 
 class _Builder:
@@ -78,6 +94,14 @@ class _Builder:
         (y,) = self.node("Conv", [x, w, b], "conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
         return self.act(y, act)
 
+    def fc(self, x: str, fan_in: int, n_out: int, act: str | None) -> str:
+        k = self.n + 1
+        mult = 2 if act == "maxout" else 1
+        w = self.weight(f"fc{k}.weight", (n_out * mult, fan_in))
+        b = self.bias(f"fc{k}.bias", n_out * mult)
+        (y,) = self.node("Gemm", [x, w, b], "fc", transB=1)
+        return self.act(y, act)
+
     def act(self, y: str, act: str | None) -> str:
         if act is None:
             return y
@@ -95,12 +119,18 @@ class _Builder:
         raise ValueError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
 
 
+def _flat(b: _Builder, x: str, shape: tuple[int, ...]) -> str:
+    """``x`` as (batch, features): a Flatten node unless it already is."""
+    return x if len(shape) == 1 else b.node("Flatten", [x], "flatten", axis=1)[0]
+
+
 def build(arch: str, activation: str = "relu", classes: int = 10, seed: int = 0,
           batch: int | str = "N") -> onnx.ModelProto:
     """Build one Table 1 architecture.
 
     Args:
-        arch: One of ``ARCHITECTURES``: fitnet_mnist, fitnet1, fitnet4, fitresnet4.
+        arch: One of ``ARCHITECTURES``: fitnet_mnist, fitnet1, fitnet4, fitresnet4, or an
+            experiment net (fitnet4_digits, mlp25_digits).
         activation: One of ``ACTIVATIONS``. Defaults to "relu".
         classes: Outputs of the final fc layer. Defaults to 10.
         seed: Seed of the N(0, 0.01^2) starting weights. Defaults to 0.
@@ -114,39 +144,36 @@ def build(arch: str, activation: str = "relu", classes: int = 10, seed: int = 0,
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
     spec = ARCHITECTURES[arch]
-    c, h, w = spec["input"]
+    shape = tuple(spec["input"])  # of the current tensor, without the batch
     b = _Builder(seed)
     x = "input"
     for layer in spec["layers"]:
         kind = layer[0]
         if kind == _C:
-            x = b.conv(x, c, layer[1], activation)
-            c = layer[1]
+            x = b.conv(x, shape[0], layer[1], activation)
+            shape = (layer[1], *shape[1:])
+        elif kind == "fc":
+            x = b.fc(_flat(b, x, shape), int(np.prod(shape)), layer[1], activation)
+            shape = (layer[1],)
         elif kind == "pool":
             _, k, s = layer
             pad = max(0, (k - s)) // 2
             (x,) = b.node("MaxPool", [x], "pool", kernel_shape=[k, k], strides=[s, s],
                           pads=[pad, pad, pad, pad])
-            h = (h + 2 * pad - k) // s + 1
-            w = (w + 2 * pad - k) // s + 1
+            shape = (shape[0], *((d + 2 * pad - k) // s + 1 for d in shape[1:]))
         elif kind == "gpool":
             (x,) = b.node("GlobalMaxPool", [x], "gpool")
-            h = w = 1
+            shape = (shape[0], 1, 1)
         elif kind == "res":
             shortcut = x
             for i, co in enumerate(layer[1]):
                 last = i == len(layer[1]) - 1
-                x = b.conv(x, c, co, None if last else activation)
-                c = co
+                x = b.conv(x, shape[0], co, None if last else activation)
+                shape = (co, *shape[1:])
             (x,) = b.node("Add", [x, shortcut], "add")
             if activation != "maxout":  # maxout belongs to a conv: it would halve the sum
                 x = b.act(x, activation)
-    (x,) = b.node("Flatten", [x], "flatten", axis=1)
-    fan_in = c * h * w
-    k = b.n + 1
-    wname = b.weight(f"fc{k}.weight", (classes, fan_in))
-    bname = b.bias(f"fc{k}.bias", classes)
-    b.node("Gemm", [x, wname, bname], "fc", transB=1)
+    b.fc(_flat(b, x, shape), int(np.prod(shape)), classes, None)
     b.nodes[-1].output[0] = "logits"
     graph = helper.make_graph(
         b.nodes, arch,

@@ -7,13 +7,18 @@ import pytest
 from onnx_lsuv import lsuv_init
 
 from conftest import output_variances, target_outputs
-from fitnets import ACTIVATIONS, ARCHITECTURES, build
+from fitnets import ACTIVATIONS, ARCHITECTURES, build, digits_batch
 
 
 def batch_for(arch, digits):
-    c, h, w = ARCHITECTURES[arch]["input"]
-    if (c, h, w) == digits.shape[1:]:
+    shape = ARCHITECTURES[arch]["input"]
+    if shape == digits.shape[1:]:
         return digits
+    if len(shape) == 1:  # an MLP on the raw 8x8 pixels
+        return digits_batch(n=64, size=8, seed=0).reshape(64, -1)
+    c, h, w = shape
+    if h != 32:  # the experiments' 16x16 digits
+        return digits_batch(n=64, size=h, seed=0)
     # 3x32x32 architectures: the same digits, padded to 32x32 and repeated over channels.
     x = np.pad(digits, ((0, 0), (0, 0), (2, 2), (2, 2)))
     return np.repeat(x, c, axis=1)[:32]
