@@ -1,0 +1,168 @@
+"""An ONNX graph as a trainable PyTorch module, for the experiments' training runs.
+
+``OnnxModule(model)`` holds every floating-point initializer as an ``nn.Parameter`` (keyed by
+its ONNX name) and evaluates the graph's nodes in order with ``torch.nn.functional``, so
+autograd trains exactly the weights onnx-lsuv wrote. ``to_onnx_weights`` gives them back.
+
+Why not onnx2torch: it imports torchvision at import time (for its NMS and RoIAlign
+converters), and PyPI's torchvision fails to import beside the CPU build of torch; the CUDA
+build of torch with a matching torchvision is a 5.5 GB install. The experiment nets use a
+dozen ops, listed in ``OPS``; any other op is refused by name, and ``max_rel_diff_vs_ort``
+checks each converted model against ONNX Runtime before it is trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _same_pads(pads: list[int], spatial: int) -> list[int]:
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin != end:
+        raise ValueError(f"asymmetric pads {pads} are not supported")
+    return begin
+
+
+def _conv(x, w, b=None, *, kernel_shape=None, pads=None, strides=None, dilations=None, group=1,
+          auto_pad="NOTSET"):
+    spatial = w.dim() - 2
+    if auto_pad not in ("NOTSET", b"NOTSET"):
+        raise ValueError(f"Conv auto_pad={auto_pad!r} is not supported")
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return conv(x, w, b, stride=strides or 1, dilation=dilations or 1,
+                padding=_same_pads(pads or [0] * 2 * spatial, spatial), groups=group)
+
+
+def _gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
+    a = a.t() if transA else a
+    b = b.t() if transB else b
+    y = alpha * (a @ b)
+    return y if c is None else y + beta * c
+
+
+def _max_pool(x, *, kernel_shape, pads=None, strides=None, ceil_mode=0, dilations=None,
+              auto_pad="NOTSET", storage_order=0):
+    spatial = len(kernel_shape)
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+    return pool(x, kernel_shape, stride=strides or 1, ceil_mode=bool(ceil_mode),
+                padding=_same_pads(pads or [0] * 2 * spatial, spatial),
+                dilation=dilations or 1)
+
+
+def _split(x, split=None, *, axis=0, num_outputs=None, n_out):
+    if split is not None:
+        return torch.split(x, [int(s) for s in split], dim=axis)
+    return torch.chunk(x, n_out, dim=axis)
+
+
+def _max(*xs):
+    y = xs[0]
+    for x in xs[1:]:
+        y = torch.maximum(y, x)
+    return y
+
+
+def _reshape(x, shape, *, allowzero=0):
+    dims = [int(d) for d in shape]
+    dims = [x.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+OPS: dict[str, Callable] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": lambda a, b: a @ b,
+    "Add": lambda a, b: a + b,
+    "Relu": lambda x: F.relu(x),
+    "LeakyRelu": lambda x, *, alpha=0.01: F.leaky_relu(x, alpha),
+    "Tanh": lambda x: torch.tanh(x),
+    "Sigmoid": lambda x: torch.sigmoid(x),
+    "Max": _max,
+    "MaxPool": _max_pool,
+    "GlobalMaxPool": lambda x: torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True),
+    "GlobalAveragePool": lambda x: torch.mean(x, dim=tuple(range(2, x.dim())), keepdim=True),
+    "Flatten": lambda x, *, axis=1: x.reshape(int(np.prod(x.shape[:axis])), -1),
+    "Reshape": _reshape,
+    "Identity": lambda x: x,
+}
+_MULTI_OUTPUT = {"Split": _split}
+
+
+class OnnxModule(torch.nn.Module):
+    """A single-input, single-output ONNX graph, evaluated node by node in torch.
+
+    Args:
+        model: The ModelProto. Its float initializers become parameters; others (shapes)
+            stay constant tensors.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        graph = model.graph
+        unknown = sorted({n.op_type for n in graph.node} - set(OPS) - set(_MULTI_OUTPUT))
+        if unknown:
+            raise ValueError(f"ops {unknown} are not supported; supported: "
+                             f"{sorted(OPS) + sorted(_MULTI_OUTPUT)}")
+        inits = {t.name for t in graph.initializer}
+        inputs = [i.name for i in graph.input if i.name not in inits]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise ValueError("only single-input, single-output graphs are supported")
+        self.input_name, self.output_name = inputs[0], graph.output[0].name
+        self.nodes = list(graph.node)
+        self.weights = torch.nn.ParameterDict()
+        self.names: dict[str, str] = {}  # ONNX name -> key in self.weights (no dots allowed)
+        self.constants: dict[str, torch.Tensor] = {}
+        for t in graph.initializer:
+            array = numpy_helper.to_array(t)
+            if np.issubdtype(array.dtype, np.floating):
+                key = f"p{len(self.names)}"
+                self.names[t.name] = key
+                self.weights[key] = torch.nn.Parameter(torch.from_numpy(array.copy()))
+            else:
+                self.constants[t.name] = torch.from_numpy(array.copy())
+
+    def parameter(self, onnx_name: str) -> torch.nn.Parameter:
+        """The parameter that holds initializer ``onnx_name``."""
+        return self.weights[self.names[onnx_name]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {self.input_name: x, **self.constants}
+        env.update({name: self.weights[key] for name, key in self.names.items()})
+        for node in self.nodes:
+            args = [env[name] if name else None for name in node.input]
+            while args and args[-1] is None:
+                args.pop()
+            attrs = _attrs(node)
+            if node.op_type in _MULTI_OUTPUT:
+                outs = _MULTI_OUTPUT[node.op_type](*args, **attrs, n_out=len(node.output))
+            else:
+                outs = (OPS[node.op_type](*args, **attrs),)
+            env.update(zip(node.output, outs))
+        return env[self.output_name]
+
+    def to_onnx_weights(self) -> dict[str, np.ndarray]:
+        """The current parameters, by ONNX initializer name."""
+        return {name: self.weights[key].detach().numpy().copy()
+                for name, key in self.names.items()}
+
+
+def max_rel_diff_vs_ort(model: onnx.ModelProto, module: OnnxModule, x: np.ndarray) -> float:
+    """max |torch - ONNX Runtime| / max |ONNX Runtime| over the output on ``x``: the conversion
+    check (relative, since an exploding init's outputs can be huge)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (expected,) = sess.run([module.output_name], {module.input_name: x})
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    return float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))

@@ -1,0 +1,323 @@
+"""Does an onnx-lsuv-initialised ONNX net train where standard inits stall? Measure it.
+
+    python experiments/run.py            # the full study (about 25 minutes on 2 cores)
+    python experiments/run.py --quick    # the smoke test CI runs (seconds)
+
+Builds deep, thin nets in ONNX (a FitNet-4-like CNN and a 25-layer MLP) with five activations,
+initialises each with onnx-lsuv (LSUV, and the orthonormal, Xavier and MSRA baselines), trains
+it in PyTorch on scikit-learn's handwritten digits, and writes RESULTS.md (tables in the style
+of the paper's Tables 3, 7 and 8), results.json (every curve) and training-curve PNGs.
+Needs torch, scikit-learn and matplotlib: pip install -e ".[experiments]" torch==2.13.0
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+
+import click
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import tables  # noqa: E402
+from train import INITS, Budget, RunConfig, digits_split, run  # noqa: E402
+
+ACTIVATIONS = ("relu", "vlrelu", "tanh", "sigmoid", "maxout")
+ARCH_TITLES = {
+    "fitnet4_digits": "FitNet-4-like CNN (17 conv + 2 fc, 16x16 digits)",
+    "mlp25_digits": "25-layer MLP (64 units, raw 8x8 digits)",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation runs."""
+
+    budgets: dict[str, Budget]  # architecture -> its training budget
+    activations: tuple[str, ...]
+    inits: tuple[str, ...]
+    seeds: tuple[int, ...]
+    threshold: float  # the test accuracy "epochs to" counts towards
+    lsuv_batch: int  # images LSUV measures on in the main grid
+    batch_arch: str  # Table 7: this net and activation, LSUV on these batch sizes
+    batch_activation: str
+    batch_sizes: tuple[int, ...]
+
+    def configs(self) -> list[RunConfig]:
+        grid = [RunConfig(arch, act, init, seed, budget, lsuv_batch=self.lsuv_batch)
+                for (arch, budget), act, init, seed in itertools.product(
+                    self.budgets.items(), self.activations, self.inits, self.seeds)]
+        study = [RunConfig(self.batch_arch, self.batch_activation, "lsuv", seed,
+                           self.budgets[self.batch_arch], lsuv_batch=size)
+                 for size in self.batch_sizes if size != self.lsuv_batch
+                 for seed in self.seeds] if self.has_batch_study else []
+        return grid + study
+
+    @property
+    def has_batch_study(self) -> bool:
+        return (self.batch_arch in self.budgets and self.batch_activation in self.activations
+                and "lsuv" in self.inits)
+
+    def narrowed(self, archs: tuple[str, ...], activations: tuple[str, ...],
+                 inits: tuple[str, ...]) -> Plan:
+        """This plan on some nets, activations and inits only (all where one is empty)."""
+        def keep(chosen: tuple[str, ...], full) -> tuple[str, ...]:
+            return tuple(x for x in full if not chosen or x in chosen)
+
+        return replace(self, budgets={a: self.budgets[a] for a in keep(archs, self.budgets)},
+                       activations=keep(activations, self.activations),
+                       inits=keep(inits, self.inits))
+
+
+FULL = Plan(
+    budgets={
+        "fitnet4_digits": Budget(epochs=10, lr=0.003, lr_drop_epoch=7),
+        "mlp25_digits": Budget(epochs=30, lr=0.003, lr_drop_epoch=22),
+    },
+    activations=ACTIVATIONS,
+    inits=INITS,
+    seeds=(0, 1),
+    threshold=0.9,
+    lsuv_batch=128,
+    batch_arch="fitnet4_digits",
+    batch_activation="tanh",
+    batch_sizes=(2, 16, 32, 128, 1024),
+)
+QUICK = Plan(
+    budgets={
+        "fitnet4_digits": Budget(epochs=2, lr=0.003, lr_drop_epoch=1, train_subset=192),
+        "mlp25_digits": Budget(epochs=3, lr=0.003, lr_drop_epoch=2, train_subset=192),
+    },
+    activations=("relu", "maxout"),
+    inits=("lsuv", "xavier"),
+    seeds=(0,),
+    threshold=0.5,
+    lsuv_batch=32,
+    batch_arch="mlp25_digits",
+    batch_activation="relu",
+    batch_sizes=(2, 32),
+)
+
+
+def _work(cfg: RunConfig) -> dict:
+    return run(cfg).to_dict()
+
+
+def execute(plan: Plan, jobs: int, echo=print) -> tuple[list[dict], float]:
+    """Every run of ``plan``, ``jobs`` at a time in worker processes; (results, seconds)."""
+    configs = plan.configs()
+    # The slowest first (FitNet before MLP, maxout's doubled layers first), so the pool drains
+    # evenly.
+    configs.sort(key=lambda c: (c.arch != "fitnet4_digits", c.activation != "maxout"))
+    t = time.perf_counter()
+    results = []
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_work, cfg): cfg for cfg in configs}
+        for done, fut in enumerate(as_completed(futures), 1):
+            cfg, res = futures[fut], fut.result()
+            results.append(res)
+            status = "n/c" if tables.not_converged(res) else f"{res['test_acc'][-1]:.1%}"
+            echo(f"[{done:3d}/{len(configs)}] {cfg.arch:15s} {cfg.activation:8s} "
+                 f"{cfg.init:12s} seed {cfg.seed} batch {cfg.lsuv_batch:4d}: test {status}, "
+                 f"{res['init_s'] + res['train_s']:.0f} s")
+    results.sort(key=lambda r: json.dumps(r["config"], sort_keys=True))
+    return results, time.perf_counter() - t
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import sklearn
+    import torch
+
+    import onnx_lsuv
+
+    return {"onnx_lsuv": onnx_lsuv.__version__, "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def write_outputs(plan: Plan, results: list[dict], seconds: float, jobs: int, out: str,
+                  command: str) -> None:
+    """results.json, then RESULTS.md and the PNG curves, under ``out``."""
+    os.makedirs(out, exist_ok=True)
+    meta = {"command": command, "date": datetime.date.today().isoformat(),
+            "wall_s": round(seconds, 1), "jobs": jobs, "machine": _machine(),
+            "versions": _versions(), "plan": _plan_dict(plan)}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "runs": results}, f, indent=1)
+    write_tables(plan, results, meta, out)
+
+
+def write_tables(plan: Plan, results: list[dict], meta: dict, out: str) -> None:
+    """RESULTS.md and the PNG curves under ``out``, from the runs' results."""
+    for arch in plan.budgets:
+        tables.plot_curves(results, arch, plan.activations, plan.inits, plan.lsuv_batch,
+                           os.path.join(out, f"curves_{arch}.png"), ARCH_TITLES[arch])
+    if plan.has_batch_study:
+        tables.plot_batch_sizes(results, plan.batch_arch, plan.batch_activation,
+                                plan.batch_sizes, os.path.join(out, "curves_lsuv_batch.png"),
+                                f"LSUV batch size: {ARCH_TITLES[plan.batch_arch]}")
+    with open(os.path.join(out, "RESULTS.md"), "w") as f:
+        f.write(results_markdown(plan, results, meta))
+
+
+def _plan_dict(plan: Plan) -> dict:
+    d = asdict(plan)
+    d["budgets"] = {k: asdict(v) for k, v in plan.budgets.items()}
+    return d
+
+
+def _plan_from_dict(d: dict) -> Plan:
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    d["budgets"] = {k: Budget(**v) for k, v in d["budgets"].items()}
+    return Plan(**d)
+
+
+def _machine() -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.machine()}, {cpus} CPUs available, {platform.system()}"
+
+
+def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
+    """RESULTS.md: settings, the three tables, the checks, the plots."""
+    n_train = len(digits_split()[0])
+    thr = f"{plan.threshold:.0%}"
+    out = [
+        "# Results",
+        "",
+        f"Written by `{meta['command']}` on {meta['date']}: {len(results)} runs in "
+        f"{meta['wall_s'] / 60:.1f} minutes, {meta['jobs']} at a time ({meta['machine']}).",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "Every number below is computed from `results.json` by `experiments/tables.py`.",
+        "",
+        "## Settings",
+        "",
+        f"- Data: scikit-learn's digits, {n_train} training and "
+        f"{len(digits_split()[2])} test images (stratified split, random_state=0), "
+        "standardised with the training set's mean and std.",
+        f"- Seeds per cell: {len(plan.seeds)} ({', '.join(map(str, plan.seeds))}). A seed "
+        "sets the initial weights and the order of the training batches.",
+        f"- LSUV: onnx-lsuv's defaults (Tol_var 0.1, T_max 10) on {plan.lsuv_batch} training "
+        "images; OrthoNorm, Xavier and MSRA are onnx-lsuv's `--init` baselines. Biases start "
+        "at zero in every run.",
+        "- Training: SGD, momentum 0.9, weight decay 5e-4, cross-entropy; the same budget "
+        "for every init and activation of a net:",
+    ]
+    for arch, b in plan.budgets.items():
+        subset = f", first {b.train_subset} training images" if b.train_subset else ""
+        drop = f", x0.1 from epoch {b.lr_drop_epoch + 1}" if b.lr_drop_epoch is not None else ""
+        out.append(f"  - {ARCH_TITLES[arch]}: {b.epochs} epochs, batch {b.batch}, "
+                   f"lr {b.lr}{drop}{subset}.")
+    out += [
+        "- A cell reads `accuracy (e0, e1, ...)`: the final test accuracy in %, averaged over "
+        "the seeds that converged, then for each seed the epoch at which its test accuracy "
+        f"first reached {thr} (`-`: never). `n/c` (not converged): the final training loss "
+        f"stayed above {tables.NC_LOSS:.2f} (chance is ln 10 = 2.30) or went non-finite; a "
+        "cell is `n/c` alone when no seed converged.",
+        "",
+    ]
+    for arch in plan.budgets:
+        out += [f"## Table 3 style: {ARCH_TITLES[arch]}", "",
+                tables.table3(results, arch, plan.activations, plan.inits, plan.threshold,
+                              plan.lsuv_batch),
+                "", f"![training curves](curves_{arch}.png)", ""]
+    for arch in plan.budgets:
+        columns = [(plan.activations[0], init) for init in plan.inits] + [
+            (act, "lsuv") for act in plan.activations[1:] if "lsuv" in plan.inits]
+        out += [f"## Table 8 style: weight std per layer at init, {ARCH_TITLES[arch]}", "",
+                "Seed 0. The baselines' stds depend only on the layer's shape; LSUV's on "
+                "the activation and the data.", "",
+                tables.table8(results, arch, columns, plan.lsuv_batch), ""]
+    if plan.has_batch_study:
+        out += [f"## Table 7 style: LSUV batch size, {ARCH_TITLES[plan.batch_arch]}, "
+                f"{plan.batch_activation}", "",
+                tables.table7(results, plan.batch_arch, plan.batch_activation,
+                              plan.batch_sizes, plan.threshold),
+                "", "![LSUV batch size curves](curves_lsuv_batch.png)", ""]
+    out += ["## Checks", ""] + checks(results)
+    return "\n".join(out) + "\n"
+
+
+def checks(results: list[dict]) -> list[str]:
+    """Lines that say whether the runs measured what they claim to."""
+    lsuv = [r for r in results if r["config"]["init"] == "lsuv"]
+    grid = [r for r in lsuv if r["config"]["lsuv_batch"] >= 16]
+    worst_port = max(r["conversion_diff"] for r in results)
+    converged = sum(bool(r["lsuv_converged"]) for r in lsuv)
+    lines = [
+        "- ONNX to PyTorch conversion: largest max |torch - ONNX Runtime| / max |ONNX Runtime| "
+        f"on the output of any net before training: {worst_port:.2g}.",
+        f"- onnx-lsuv reported every layer converged in {converged} of {len(lsuv)} LSUV runs.",
+    ]
+    if grid:
+        lines.append(
+            "- Worst |var - 1| of any Conv/Gemm output over the whole training set, measured "
+            "independently with numpy, for LSUV on batches of 16 or more images: "
+            f"{max(r['train_var_worst'] for r in grid):.3f}.")
+    return lines
+
+
+@click.command(help=__doc__.split("\n\n")[0])
+@click.option("--quick", is_flag=True,
+              help="Smoke mode: 2 activations, 2 inits, 2-3 epochs on 192 images (CI runs it).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where to write. Defaults to experiments/results, or out/experiments-quick "
+                   "with --quick.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Runs at a time, each in its own process on one thread. Defaults to the "
+                   "CPUs available.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="Seeds per cell. Defaults to 2 (1 with --quick).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate for every net, instead of the study's 0.003.")
+@click.option("--tables-only", is_flag=True,
+              help="Rewrite RESULTS.md and the plots from the results.json in --out; no runs.")
+@click.option("--arch", "archs", multiple=True, type=click.Choice(list(ARCH_TITLES)),
+              help="Only this net (repeat for more). Defaults to both.")
+@click.option("--activation", "activations", multiple=True, type=click.Choice(ACTIVATIONS),
+              help="Only this activation (repeat for more). Defaults to all five.")
+@click.option("--init", "inits", multiple=True, type=click.Choice(INITS),
+              help="Only this init (repeat for more). Defaults to all four.")
+def main(quick: bool, out: str | None, jobs: int | None, seeds: int | None,
+         lr: float | None, tables_only: bool, archs: tuple[str, ...],
+         activations: tuple[str, ...], inits: tuple[str, ...]) -> None:
+    root = os.path.dirname(HERE)
+    out = out or (os.path.join(root, "out", "experiments-quick") if quick
+                  else os.path.join(HERE, "results"))
+    if tables_only:
+        with open(os.path.join(out, "results.json")) as f:
+            saved = json.load(f)
+        write_tables(_plan_from_dict(saved["meta"]["plan"]), saved["runs"], saved["meta"], out)
+        click.echo(f"rewrote {os.path.join(out, 'RESULTS.md')}", err=True)
+        return
+    plan = (QUICK if quick else FULL).narrowed(archs, activations, inits)
+    if not plan.configs():
+        raise click.UsageError("nothing to run: the --arch, --activation and --init choices "
+                               "leave no run in this plan")
+    if seeds is not None:
+        plan = replace(plan, seeds=tuple(range(seeds)))
+    if lr is not None:
+        plan = replace(plan, budgets={k: replace(b, lr=lr) for k, b in plan.budgets.items()})
+    jobs = jobs or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1)
+    command = " ".join(["python experiments/run.py", *sys.argv[1:]])
+    click.echo(f"{len(plan.configs())} runs, {jobs} at a time; writing to {out}", err=True)
+    results, seconds = execute(plan, jobs, echo=lambda s: click.echo(s, err=True))
+    write_outputs(plan, results, seconds, jobs, out, command)
+    click.echo(f"done in {seconds / 60:.1f} min: {os.path.join(out, 'RESULTS.md')}", err=True)
+
+
+if __name__ == "__main__":
+    main()

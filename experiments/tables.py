@@ -1,0 +1,142 @@
+"""The experiments' tables (markdown, in the style of the paper's Tables 3, 7 and 8) and plots.
+
+Every figure is computed from the run results passed in; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from train import CHANCE_LOSS, INIT_LABELS
+
+NC_LOSS = 0.9 * CHANCE_LOSS  # a final training loss above this: "n/c", the net did not learn
+
+
+def not_converged(run: dict) -> bool:
+    """The paper's "n/c": the loss went non-finite, or never fell clearly below chance."""
+    return run["diverged"] or not run["train_loss"] or run["train_loss"][-1] > NC_LOSS
+
+
+def epochs_to(run: dict, threshold: float) -> int | None:
+    """The first epoch (1-based) whose test accuracy reached ``threshold``."""
+    return next((i + 1 for i, a in enumerate(run["test_acc"]) if a >= threshold), None)
+
+
+def _cell(runs: Sequence[dict], threshold: float) -> str:
+    """Mean final test accuracy over the seeds that learned, then per seed the epoch at which
+    the test accuracy reached ``threshold`` ("-": never, "n/c": did not converge)."""
+    learned = [r for r in runs if not not_converged(r)]
+    if not learned:
+        return "n/c"
+    acc = statistics.mean(r["test_acc"][-1] for r in learned) * 100
+    marks = ["n/c" if not_converged(r) else str(epochs_to(r, threshold) or "-") for r in runs]
+    return f"{acc:.1f} ({', '.join(marks)})"
+
+
+def table3(results: Sequence[dict], arch: str, activations: Sequence[str],
+           inits: Sequence[str], threshold: float, lsuv_batch: int) -> str:
+    """Init x activation: final test accuracy (epochs to ``threshold``), or n/c."""
+    head = "| init | " + " | ".join(activations) + " |"
+    lines = [head, "|---|" + "---|" * len(activations)]
+    for init in inits:
+        cells = []
+        for act in activations:
+            runs = _select(results, arch=arch, activation=act, init=init,
+                           lsuv_batch=lsuv_batch)
+            cells.append(_cell(runs, threshold) if runs else "")
+        lines.append(f"| {INIT_LABELS[init]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table7(results: Sequence[dict], arch: str, activation: str, sizes: Sequence[int],
+           threshold: float) -> str:
+    """LSUV's batch size x (accuracy, epochs, how well the batch's variance held)."""
+    lines = ["| LSUV batch | " + " | ".join(map(str, sizes)) + " |",
+             "|---|" + "---|" * len(sizes)]
+    per_size = [_select(results, arch=arch, activation=activation, init="lsuv",
+                        lsuv_batch=size) for size in sizes]
+    lines.append(f"| test accuracy, % (epochs to {threshold * 100:.0f}%) | "
+                 + " | ".join(_cell(runs, threshold) for runs in per_size) + " |")
+    lines.append("| worst \\|var - 1\\| of a layer on the whole training set | "
+                 + " | ".join(f"{max(r['train_var_worst'] for r in runs):.2f}"
+                              for runs in per_size) + " |")
+    return "\n".join(lines)
+
+
+def table8(results: Sequence[dict], arch: str, columns: Sequence[tuple[str, str]],
+           lsuv_batch: int) -> str:
+    """Per-layer weight std at initialisation, one column per (activation, init), seed 0."""
+    picked = []
+    for act, init in columns:
+        runs = _select(results, arch=arch, activation=act, init=init, lsuv_batch=lsuv_batch,
+                       seed=0)
+        picked.append(runs[0] if runs else None)
+    names = next(iter(r["weight_std"] for r in picked if r is not None))
+    head = "| layer | " + " | ".join(f"{INIT_LABELS[i]} ({a})" for a, i in columns) + " |"
+    lines = [head, "|---|" + "---:|" * len(columns)]
+    for name in names:
+        cells = [f"{r['weight_std'][name]:.4f}" if r is not None else "" for r in picked]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _select(results: Sequence[dict], **where) -> list[dict]:
+    """The runs whose config matches ``where``, by seed."""
+    out = [r for r in results if all(r["config"][k] == v for k, v in where.items())]
+    return sorted(out, key=lambda r: r["config"]["seed"])
+
+
+def plot_curves(results: Sequence[dict], arch: str, activations: Sequence[str],
+                inits: Sequence[str], lsuv_batch: int, path: str, title: str) -> None:
+    """The main grid's curves: one column per activation, a line per init."""
+    colors = dict(zip(INIT_LABELS, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    columns = [(act, [(INIT_LABELS[init], colors[init],
+                       _select(results, arch=arch, activation=act, init=init,
+                               lsuv_batch=lsuv_batch)) for init in inits])
+               for act in activations]
+    _plot_columns(columns, path, title)
+
+
+def plot_batch_sizes(results: Sequence[dict], arch: str, activation: str,
+                     sizes: Sequence[int], path: str, title: str) -> None:
+    """The Table 7 runs' curves: a line per LSUV batch size."""
+    cmap = ("tab:gray", "tab:olive", "tab:cyan", "tab:red", "tab:brown")
+    lines = [(f"batch {n}", cmap[i % len(cmap)],
+              _select(results, arch=arch, activation=activation, init="lsuv", lsuv_batch=n))
+             for i, n in enumerate(sizes)]
+    _plot_columns([(f"LSUV, {activation}", lines)], path, title)
+
+
+def _plot_columns(columns, path: str, title: str) -> None:
+    """Training loss (top) and test accuracy (bottom) per epoch; per column, lines given as
+    (label, color, runs): seed 0 solid, other seeds faint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * max(len(columns), 2), 5.6),
+                             squeeze=False, sharex=True)
+    for col, (name, lines) in enumerate(columns):
+        loss_ax, acc_ax = axes[0][col], axes[1][col]
+        for label, color, runs in lines:
+            for r in runs:
+                epochs = range(1, len(r["train_loss"]) + 1)
+                first = r["config"]["seed"] == 0
+                style = dict(color=color, alpha=1.0 if first else 0.3, lw=1.4,
+                             label=label if first else None)
+                loss_ax.plot(epochs, r["train_loss"], **style)
+                acc_ax.plot(epochs, [a * 100 for a in r["test_acc"]], **style)
+        loss_ax.set_title(name)
+        loss_ax.set_yscale("log")
+        acc_ax.set_ylim(0, 100)
+        acc_ax.set_xlabel("epoch")
+        if col == 0:
+            loss_ax.set_ylabel("training loss")
+            acc_ax.set_ylabel("test accuracy, %")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

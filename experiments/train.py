@@ -1,0 +1,221 @@
+"""One experiment run: build a net in ONNX, initialise it, train it in PyTorch, measure.
+
+The data is scikit-learn's bundled handwritten digits (1797 8x8 images, nothing downloaded),
+split once into 1347 training and 450 test images (stratified, ``random_state=0``). Every run
+of one architecture gets the same budget: the same epochs, batch size, learning rate schedule
+and order of the training batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cache
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "sample_models"))
+sys.path.insert(0, HERE)
+
+from onnx_lsuv import lsuv_init  # noqa: E402
+
+from fitnets import build  # noqa: E402
+from onnx_torch import OnnxModule, max_rel_diff_vs_ort  # noqa: E402
+
+INITS = ("lsuv", "orthonormal", "xavier", "msra")
+INIT_LABELS = {"lsuv": "LSUV", "orthonormal": "OrthoNorm", "xavier": "Xavier", "msra": "MSRA"}
+CHANCE_LOSS = math.log(10.0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How one architecture is trained: the same for every init, activation and seed."""
+
+    epochs: int
+    lr: float
+    batch: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_drop_epoch: int | None = None  # lr x 0.1 from this epoch on (0-based)
+    train_subset: int | None = None  # first n training images only (the quick smoke mode)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    arch: str
+    activation: str
+    init: str
+    seed: int
+    budget: Budget
+    lsuv_batch: int = 128  # images LSUV measures on (the paper's Table 7 varies it)
+    tol: float = 0.1  # onnx-lsuv's defaults: Tol_var 0.1, T_max 10
+    max_iter: int = 10
+
+
+@dataclass
+class RunResult:
+    config: dict
+    train_loss: list[float] = field(default_factory=list)  # mean over each epoch
+    test_acc: list[float] = field(default_factory=list)  # after each epoch
+    weight_std: dict[str, float] = field(default_factory=dict)  # per layer label, at init
+    lsuv_converged: bool | None = None  # every layer within tol (LSUV runs)
+    train_var_worst: float | None = None  # worst |var - 1| of a layer output, training set
+    conversion_diff: float = 0.0  # max |torch - ORT| / max |ORT| on the output, at init
+    diverged: bool = False
+    init_s: float = 0.0
+    train_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@cache
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels): 8x8 images in [0, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        digits.images / 16.0, digits.target, test_size=0.25, random_state=0,
+        stratify=digits.target)
+    return x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64)
+
+
+@cache
+def arch_data(input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                     np.ndarray]:
+    """The split shaped for a net's input: (64,) raw pixels, or (1, s, s) resized images.
+
+    Resizing is bilinear (scipy's zoom, order 1). Both sets are standardised with the training
+    set's mean and std, as a real pipeline would.
+    """
+    from scipy.ndimage import zoom
+
+    x_tr, y_tr, x_te, y_te = digits_split()
+
+    def shape(x: np.ndarray) -> np.ndarray:
+        if len(input_shape) == 1:
+            return x.reshape(len(x), -1)
+        size = input_shape[-1]
+        return np.stack([zoom(im, size / 8.0, order=1) for im in x])[:, None]
+
+    x_tr, x_te = shape(x_tr), shape(x_te)
+    mean, std = x_tr.mean(), x_tr.std()
+    return ((x_tr - mean) / std).astype(np.float32), y_tr, ((x_te - mean) / std).astype(
+        np.float32), y_te
+
+
+def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
+    return tuple(int(d.dim_value) for d in dims)
+
+
+def lsuv_batch(x_train: np.ndarray, n: int) -> np.ndarray:
+    """The n training images LSUV measures on: a fixed draw, the same for every run."""
+    order = np.random.default_rng(1234).permutation(len(x_train))
+    return x_train[order[:n]]
+
+
+def target_weights(model: onnx.ModelProto) -> dict[str, str]:
+    """Layer label ("conv1", ..., "fc1", ...: the same for every activation) -> the weight
+    initializer of that Conv or Gemm node, in graph order."""
+    labels, counts = {}, {"Conv": 0, "Gemm": 0}
+    for node in model.graph.node:
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+            labels[f"{'conv' if node.op_type == 'Conv' else 'fc'}{counts[node.op_type]}"] = (
+                node.input[1])
+    return labels
+
+
+def worst_variance_error(model: onnx.ModelProto, x: np.ndarray) -> float:
+    """Largest |var - 1| of a Conv/Gemm output on ``x``, measured here in float64 numpy."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = [n.output[0] for n in m.graph.node if n.op_type in ("Conv", "Gemm")]
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outs = sess.run(names, {m.graph.input[0].name: x})
+    return max(abs(float(np.var(y, dtype=np.float64)) - 1.0) for y in outs)
+
+
+def initialise(cfg: RunConfig, x_train: np.ndarray) -> tuple[onnx.ModelProto, bool | None]:
+    """The net with ``cfg.init`` applied by onnx-lsuv; whether every LSUV layer converged."""
+    model = build(cfg.arch, cfg.activation, seed=cfg.seed)
+    if cfg.init == "lsuv":
+        result = lsuv_init(model, lsuv_batch(x_train, cfg.lsuv_batch), seed=cfg.seed,
+                           tol=cfg.tol, max_iter=cfg.max_iter, provider="cpu", threads=1)
+        return result.model, result.report.converged
+    return lsuv_init(model, None, init=cfg.init, seed=cfg.seed, threads=1).model, None
+
+
+def accuracy(module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((module(x).argmax(1).numpy() == y).mean())
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Initialise and train one net; everything the tables and plots need."""
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    res = RunResult(config=asdict(cfg))
+    shape = input_shape(build(cfg.arch, cfg.activation))
+    x_tr, y_tr, x_te, y_te = arch_data(shape)
+    if cfg.budget.train_subset:
+        x_tr, y_tr = x_tr[:cfg.budget.train_subset], y_tr[:cfg.budget.train_subset]
+
+    t = time.perf_counter()
+    model, res.lsuv_converged = initialise(cfg, x_tr)
+    res.init_s = time.perf_counter() - t
+    inits = {t.name: t for t in model.graph.initializer}
+    res.weight_std = {label: float(np.std(numpy_helper.to_array(inits[name]), dtype=np.float64))
+                      for label, name in target_weights(model).items()}
+    res.train_var_worst = worst_variance_error(model, x_tr)
+
+    module = OnnxModule(model)
+    res.conversion_diff = max_rel_diff_vs_ort(model, module, x_te[:64])
+    res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res)
+    return res
+
+
+def train(module: OnnxModule, budget: Budget, seed: int, x_tr: np.ndarray, y_tr: np.ndarray,
+          x_te: np.ndarray, y_te: np.ndarray, res: RunResult) -> float:
+    """SGD with momentum; appends per-epoch loss and test accuracy to ``res``. Seconds taken."""
+    t = time.perf_counter()
+    opt = torch.optim.SGD(module.parameters(), lr=budget.lr, momentum=budget.momentum,
+                          weight_decay=budget.weight_decay)
+    xt, yt, xv = torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te)
+    order = torch.Generator().manual_seed(seed)  # the batch order: one per seed, any init
+    for epoch in range(budget.epochs):
+        if epoch == budget.lr_drop_epoch:
+            for group in opt.param_groups:
+                group["lr"] = budget.lr * 0.1
+        perm = torch.randperm(len(xt), generator=order)
+        total = 0.0
+        for start in range(0, len(xt), budget.batch):
+            idx = perm[start:start + budget.batch]
+            loss = F.cross_entropy(module(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        res.train_loss.append(total / len(xt))
+        res.test_acc.append(accuracy(module, xv, y_te))
+        if not math.isfinite(res.train_loss[-1]):
+            res.diverged = True
+            break
+    return time.perf_counter() - t
