@@ -407,8 +407,9 @@ def _transposed_const(index: GraphIndex, name: str) -> tuple[int, ConstRef] | No
 def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
     """Parts of ``output`` when its only reader is a Split into equal parts on the last axis.
 
-    A Split whose parts all go to one node (maxout's Max) is part of the activation, not a
-    fused projection: the layer stays whole, as the paper measures a maxout layer's output.
+    A Split whose parts are all read, and only by Max nodes (maxout, pairwise or in one node),
+    is part of the activation, not a fused projection: the layer stays whole, as the paper
+    measures a maxout layer's output.
     """
     users = index.consumers.get(output, [])
     if len(users) != 1 or output in index.graph_outputs:
@@ -427,10 +428,15 @@ def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:
         sizes = index.const_array(ref).tolist()
     if sizes is not None and len(set(sizes)) != 1:
         return 0
-    readers = {i for part in node.output for i, _ in index.consumers.get(part, [])}
-    if len(readers) == 1 and len(node.output) > 1:
-        return 0
-    return len(node.output)
+    return 0 if _is_maxout(index, node) else len(node.output)
+
+
+def _is_maxout(index: GraphIndex, split: onnx.NodeProto) -> bool:
+    parts = [p for p in split.output if p]
+    readers = [index.graph.node[i] for p in parts for i, _ in index.consumers.get(p, [])]
+    return (len(parts) == len(split.output)
+            and all(index.consumers.get(p) and p not in index.graph_outputs for p in parts)
+            and all(r.op_type == "Max" and r.domain in ("", "ai.onnx") for r in readers))
 
 
 def _recurrent_layer(index: GraphIndex, i: int, position: int,

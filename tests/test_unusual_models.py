@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from onnx_lsuv import lsuv_init
+from onnx_lsuv.layers import find_layers
 from onnx_lsuv_cli.main import lsuv_command
 
 import models
@@ -119,3 +120,22 @@ def test_maxout_fc_is_one_layer_orthonormal_and_scaled_as_a_whole():
     assert np.allclose(gram / gram[0, 0], np.eye(8), atol=1e-5)
     for v in output_variances(result.model, {"x": x}, ["h", "y"]):
         assert abs(v - 1) < 0.1
+
+
+def _split_gemm(reader_nodes, outputs):
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc", transB=1),
+             helper.make_node("Split", ["h"], ["a", "b", "c"], axis=1), *reader_nodes]
+    return make_model(nodes, [("x", ["N", 4])], outputs, {"w": rand(12, 4, seed=1)})
+
+
+def test_split_read_by_one_non_max_node_stays_a_fused_projection():
+    # e.g. Q, K and V into one attention node: still scaled per projection
+    model = _split_gemm([helper.make_node("Concat", ["a", "b", "c"], ["y"], axis=1)],
+                        [("y", None)])
+    assert find_layers(model).layers[0].blocks == ("q", "k", "v")
+
+
+def test_pairwise_max_over_all_split_parts_is_maxout():
+    model = _split_gemm([helper.make_node("Max", ["a", "b"], ["m"]),
+                         helper.make_node("Max", ["m", "c"], ["y"])], [("y", None)])
+    assert len(find_layers(model).layers[0].blocks) == 1
