@@ -6,13 +6,15 @@ autograd trains exactly the weights onnx-lsuv wrote. ``to_onnx_weights`` gives t
 
 Why not onnx2torch: it imports torchvision at import time (for its NMS and RoIAlign
 converters), and PyPI's torchvision fails to import beside the CPU build of torch; the CUDA
-build of torch with a matching torchvision is a 5.5 GB install. The experiment nets use a
-dozen ops, listed in ``OPS``; any other op is refused by name, and ``max_rel_diff_vs_ort``
-checks each converted model against ONNX Runtime before it is trained.
+build of torch with a matching torchvision is a 5.5 GB install. The experiment nets use the
+ops in ``OPS`` and nothing else; any other op, or an attribute this port does not implement,
+is refused by name, and ``max_rel_diff_vs_ort`` checks each converted model against ONNX
+Runtime before it is trained.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -22,111 +24,108 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _same_pads(pads: list[int], spatial: int) -> list[int]:
-    begin, end = pads[:spatial], pads[spatial:]
-    if begin != end:
+def _symmetric_pads(pads: list[int] | None, spatial: int) -> list[int]:
+    """ONNX's [begin..., end...] pads as torch's one padding per axis."""
+    pads = pads or [0] * 2 * spatial
+    if pads[:spatial] != pads[spatial:]:
         raise ValueError(f"asymmetric pads {pads} are not supported")
-    return begin
+    return pads[:spatial]
+
+
+def _explicit(auto_pad: str | bytes, op: str) -> None:
+    if auto_pad not in ("NOTSET", b"NOTSET"):
+        raise ValueError(f"{op} auto_pad={auto_pad!r} is not supported")
 
 
 def _conv(x, w, b=None, *, kernel_shape=None, pads=None, strides=None, dilations=None, group=1,
           auto_pad="NOTSET"):
+    """ONNX Conv (1-D to 3-D, grouped, explicit pads)."""
+    _explicit(auto_pad, "Conv")
     spatial = w.dim() - 2
-    if auto_pad not in ("NOTSET", b"NOTSET"):
-        raise ValueError(f"Conv auto_pad={auto_pad!r} is not supported")
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return conv(x, w, b, stride=strides or 1, dilation=dilations or 1,
-                padding=_same_pads(pads or [0] * 2 * spatial, spatial), groups=group)
+                padding=_symmetric_pads(pads, spatial), groups=group)
 
 
 def _gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
-    a = a.t() if transA else a
-    b = b.t() if transB else b
-    y = alpha * (a @ b)
+    """ONNX Gemm: alpha * A' B' + beta * C."""
+    y = alpha * ((a.t() if transA else a) @ (b.t() if transB else b))
     return y if c is None else y + beta * c
 
 
 def _max_pool(x, *, kernel_shape, pads=None, strides=None, ceil_mode=0, dilations=None,
               auto_pad="NOTSET", storage_order=0):
+    """ONNX MaxPool (its first output; explicit pads)."""
+    _explicit(auto_pad, "MaxPool")
     spatial = len(kernel_shape)
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
     return pool(x, kernel_shape, stride=strides or 1, ceil_mode=bool(ceil_mode),
-                padding=_same_pads(pads or [0] * 2 * spatial, spatial),
-                dilation=dilations or 1)
+                padding=_symmetric_pads(pads, spatial), dilation=dilations or 1)
 
 
 def _split(x, split=None, *, axis=0, num_outputs=None, n_out):
+    """ONNX Split: the sizes given, or equal parts (the last one smaller, as ONNX says)."""
     if split is not None:
         return torch.split(x, [int(s) for s in split], dim=axis)
-    return torch.chunk(x, n_out, dim=axis)
+    size = math.ceil(x.shape[axis] / n_out)
+    return torch.split(x, [size] * (n_out - 1) + [x.shape[axis] - size * (n_out - 1)], dim=axis)
 
 
 def _max(*xs):
+    """ONNX Max: elementwise over any number of inputs."""
     y = xs[0]
     for x in xs[1:]:
         y = torch.maximum(y, x)
     return y
 
 
-def _reshape(x, shape, *, allowzero=0):
-    dims = [int(d) for d in shape]
-    dims = [x.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(dims)]
-    return x.reshape(dims)
-
-
+# op type -> function(*inputs, **attributes) returning one tensor, or a tuple for multi-output
 OPS: dict[str, Callable] = {
     "Conv": _conv,
     "Gemm": _gemm,
-    "MatMul": lambda a, b: a @ b,
-    "Add": lambda a, b: a + b,
     "Relu": lambda x: F.relu(x),
     "LeakyRelu": lambda x, *, alpha=0.01: F.leaky_relu(x, alpha),
-    "Tanh": lambda x: torch.tanh(x),
-    "Sigmoid": lambda x: torch.sigmoid(x),
+    "Tanh": torch.tanh,
+    "Sigmoid": torch.sigmoid,
     "Max": _max,
     "MaxPool": _max_pool,
     "GlobalMaxPool": lambda x: torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True),
-    "GlobalAveragePool": lambda x: torch.mean(x, dim=tuple(range(2, x.dim())), keepdim=True),
     "Flatten": lambda x, *, axis=1: x.reshape(int(np.prod(x.shape[:axis])), -1),
-    "Reshape": _reshape,
-    "Identity": lambda x: x,
+    "Split": _split,
 }
-_MULTI_OUTPUT = {"Split": _split}
 
 
 class OnnxModule(torch.nn.Module):
-    """A single-input, single-output ONNX graph, evaluated node by node in torch.
+    """A single-input, single-output ONNX graph of ``OPS``, evaluated node by node in torch.
 
     Args:
-        model: The ModelProto. Its float initializers become parameters; others (shapes)
-            stay constant tensors.
+        model: The ModelProto. Its float initializers become parameters; others (such as
+            Split sizes) stay constant tensors.
     """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
         graph = model.graph
-        unknown = sorted({n.op_type for n in graph.node} - set(OPS) - set(_MULTI_OUTPUT))
+        unknown = sorted({f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx")
+                          else n.op_type for n in graph.node} - set(OPS))
         if unknown:
-            raise ValueError(f"ops {unknown} are not supported; supported: "
-                             f"{sorted(OPS) + sorted(_MULTI_OUTPUT)}")
+            raise ValueError(f"ops {unknown} are not supported; supported: {sorted(OPS)}")
         inits = {t.name for t in graph.initializer}
         inputs = [i.name for i in graph.input if i.name not in inits]
         if len(inputs) != 1 or len(graph.output) != 1:
             raise ValueError("only single-input, single-output graphs are supported")
         self.input_name, self.output_name = inputs[0], graph.output[0].name
-        self.nodes = list(graph.node)
+        # (op, inputs, outputs, attributes), parsed once
+        self.steps = [(n.op_type, list(n.input), list(n.output),
+                       {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
+                      for n in graph.node]
         self.weights = torch.nn.ParameterDict()
         self.names: dict[str, str] = {}  # ONNX name -> key in self.weights (no dots allowed)
         self.constants: dict[str, torch.Tensor] = {}
         for t in graph.initializer:
             array = numpy_helper.to_array(t)
             if np.issubdtype(array.dtype, np.floating):
-                key = f"p{len(self.names)}"
-                self.names[t.name] = key
+                self.names[t.name] = key = f"p{len(self.names)}"
                 self.weights[key] = torch.nn.Parameter(torch.from_numpy(array.copy()))
             else:
                 self.constants[t.name] = torch.from_numpy(array.copy())
@@ -138,16 +137,14 @@ class OnnxModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {self.input_name: x, **self.constants}
         env.update({name: self.weights[key] for name, key in self.names.items()})
-        for node in self.nodes:
-            args = [env[name] if name else None for name in node.input]
+        for op, inputs, outputs, attrs in self.steps:
+            args = [env[name] if name else None for name in inputs]
             while args and args[-1] is None:
                 args.pop()
-            attrs = _attrs(node)
-            if node.op_type in _MULTI_OUTPUT:
-                outs = _MULTI_OUTPUT[node.op_type](*args, **attrs, n_out=len(node.output))
-            else:
-                outs = (OPS[node.op_type](*args, **attrs),)
-            env.update(zip(node.output, outs))
+            if op == "Split":
+                attrs = {**attrs, "n_out": len(outputs)}
+            out = OPS[op](*args, **attrs)
+            env.update(zip(outputs, out if isinstance(out, tuple) else (out,)))
         return env[self.output_name]
 
     def to_onnx_weights(self) -> dict[str, np.ndarray]:

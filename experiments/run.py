@@ -28,8 +28,10 @@ import click
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import tables  # noqa: E402
-from train import INITS, Budget, RunConfig, digits_split, run  # noqa: E402
+import result_tables as tables  # noqa: E402
+from training import INITS, LSUV_BATCH_SEED, Budget, RunConfig, digits_split, run  # noqa: E402
+
+from onnx_lsuv.data import MIN_RECOMMENDED_BATCH  # noqa: E402
 
 ACTIVATIONS = ("relu", "vlrelu", "tanh", "sigmoid", "maxout")
 ARCH_TITLES = {
@@ -112,25 +114,40 @@ def _work(cfg: RunConfig) -> dict:
     return run(cfg).to_dict()
 
 
-def execute(plan: Plan, jobs: int, echo=print) -> tuple[list[dict], float]:
-    """Every run of ``plan``, ``jobs`` at a time in worker processes; (results, seconds)."""
+def _label(cfg: RunConfig) -> str:
+    return (f"{cfg.arch:15s} {cfg.activation:8s} {cfg.init:12s} seed {cfg.seed} "
+            f"batch {cfg.lsuv_batch:4d}")
+
+
+def execute(plan: Plan, jobs: int, echo=print) -> tuple[list[dict], list[str], float]:
+    """Every run of ``plan``, ``jobs`` at a time in worker processes.
+
+    Returns (results, failures, seconds). A run that raises is reported and the others go on,
+    so one failure does not throw away the rest of a long study.
+    """
     configs = plan.configs()
-    # The slowest first (FitNet before MLP, maxout's doubled layers first), so the pool drains
-    # evenly.
-    configs.sort(key=lambda c: (c.arch != "fitnet4_digits", c.activation != "maxout"))
+    # The slowest first (the nets in the plan's order, maxout's doubled layers first within a
+    # net), so the pool drains evenly.
+    order = list(plan.budgets)
+    configs.sort(key=lambda c: (order.index(c.arch), c.activation != "maxout"))
     t = time.perf_counter()
-    results = []
+    results, failures = [], []
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_work, cfg): cfg for cfg in configs}
         for done, fut in enumerate(as_completed(futures), 1):
-            cfg, res = futures[fut], fut.result()
+            cfg = futures[fut]
+            try:
+                res = fut.result()
+            except Exception as err:  # noqa: BLE001 -- reported, and the study goes on
+                failures.append(f"{_label(cfg)}: {err!r}")
+                echo(f"[{done:3d}/{len(configs)}] {_label(cfg)}: FAILED: {err!r}")
+                continue
             results.append(res)
             status = "n/c" if tables.not_converged(res) else f"{res['test_acc'][-1]:.1%}"
-            echo(f"[{done:3d}/{len(configs)}] {cfg.arch:15s} {cfg.activation:8s} "
-                 f"{cfg.init:12s} seed {cfg.seed} batch {cfg.lsuv_batch:4d}: test {status}, "
+            echo(f"[{done:3d}/{len(configs)}] {_label(cfg)}: test {status}, "
                  f"{res['init_s'] + res['train_s']:.0f} s")
     results.sort(key=lambda r: json.dumps(r["config"], sort_keys=True))
-    return results, time.perf_counter() - t
+    return results, failures, time.perf_counter() - t
 
 
 def _versions() -> dict[str, str]:
@@ -174,9 +191,7 @@ def write_tables(plan: Plan, results: list[dict], meta: dict, out: str) -> None:
 
 
 def _plan_dict(plan: Plan) -> dict:
-    d = asdict(plan)
-    d["budgets"] = {k: asdict(v) for k, v in plan.budgets.items()}
-    return d
+    return asdict(plan)
 
 
 def _plan_from_dict(d: dict) -> Plan:
@@ -185,14 +200,21 @@ def _plan_from_dict(d: dict) -> Plan:
     return Plan(**d)
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (a container may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
 def _machine() -> str:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.machine()}, {cpus} CPUs available, {platform.system()}"
+    return f"{platform.machine()}, {_cpus()} CPUs available, {platform.system()}"
 
 
 def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
     """RESULTS.md: settings, the three tables, the checks, the plots."""
-    n_train = len(digits_split()[0])
+    x_tr, _, x_te, _ = digits_split()
+    some = results[0]["config"] if results else {}
+    b0 = next(iter(plan.budgets.values()))
     thr = f"{plan.threshold:.0%}"
     out = [
         "# Results",
@@ -200,20 +222,23 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
         f"Written by `{meta['command']}` on {meta['date']}: {len(results)} runs in "
         f"{meta['wall_s'] / 60:.1f} minutes, {meta['jobs']} at a time ({meta['machine']}).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
-        "Every number below is computed from `results.json` by `experiments/tables.py`.",
+        "Every number below is computed from `results.json` by "
+        "`experiments/result_tables.py`; `experiments/README.md` discusses them.",
         "",
         "## Settings",
         "",
-        f"- Data: scikit-learn's digits, {n_train} training and "
-        f"{len(digits_split()[2])} test images (stratified split, random_state=0), "
-        "standardised with the training set's mean and std.",
+        f"- Data: scikit-learn's digits, {len(x_tr)} training and {len(x_te)} test images "
+        "(stratified split, random_state=0), standardised with the training set's mean and "
+        "std.",
         f"- Seeds per cell: {len(plan.seeds)} ({', '.join(map(str, plan.seeds))}). A seed "
         "sets the initial weights and the order of the training batches.",
-        f"- LSUV: onnx-lsuv's defaults (Tol_var 0.1, T_max 10) on {plan.lsuv_batch} training "
-        "images; OrthoNorm, Xavier and MSRA are onnx-lsuv's `--init` baselines. Biases start "
-        "at zero in every run.",
-        "- Training: SGD, momentum 0.9, weight decay 5e-4, cross-entropy; the same budget "
-        "for every init and activation of a net:",
+        f"- LSUV: Tol_var {some.get('tol')}, T_max {some.get('max_iter')} (onnx-lsuv's "
+        f"defaults), on {plan.lsuv_batch} training images: one fixed draw (seed "
+        f"{LSUV_BATCH_SEED}) for every run. OrthoNorm, Xavier (Glorot's uniform, variance "
+        "2 / (fan_in + fan_out)) and MSRA (normal, variance 2 / fan_in) are onnx-lsuv's "
+        "`--init` baselines. Biases start at zero in every run.",
+        f"- Training: SGD, momentum {b0.momentum}, weight decay {b0.weight_decay}, "
+        "cross-entropy; the same budget for every init and activation of a net:",
     ]
     for arch, b in plan.budgets.items():
         subset = f", first {b.train_subset} training images" if b.train_subset else ""
@@ -237,8 +262,9 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
         columns = [(plan.activations[0], init) for init in plan.inits] + [
             (act, "lsuv") for act in plan.activations[1:] if "lsuv" in plan.inits]
         out += [f"## Table 8 style: weight std per layer at init, {ARCH_TITLES[arch]}", "",
-                "Seed 0. The baselines' stds depend only on the layer's shape; LSUV's on "
-                "the activation and the data.", "",
+                f"Seed 0. The baselines' stds depend only on the layer's shape (shown for the "
+                f"{plan.activations[0]} net; maxout doubles every layer's outputs, which "
+                "changes Xavier's); LSUV's also depend on the activation and the data.", "",
                 tables.table8(results, arch, columns, plan.lsuv_batch), ""]
     if plan.has_batch_study:
         out += [f"## Table 7 style: LSUV batch size, {ARCH_TITLES[plan.batch_arch]}, "
@@ -246,14 +272,16 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
                 tables.table7(results, plan.batch_arch, plan.batch_activation,
                               plan.batch_sizes, plan.threshold),
                 "", "![LSUV batch size curves](curves_lsuv_batch.png)", ""]
-    out += ["## Checks", ""] + checks(results)
+    out += ["## Checks", ""] + checks(results, len(x_te))
     return "\n".join(out) + "\n"
 
 
-def checks(results: list[dict]) -> list[str]:
+def checks(results: list[dict], n_test: int) -> list[str]:
     """Lines that say whether the runs measured what they claim to."""
+    if not results:
+        return ["- No run finished."]
     lsuv = [r for r in results if r["config"]["init"] == "lsuv"]
-    grid = [r for r in lsuv if r["config"]["lsuv_batch"] >= 16]
+    enough = [r for r in lsuv if r["config"]["lsuv_batch"] >= MIN_RECOMMENDED_BATCH]
     worst_port = max(r["conversion_diff"] for r in results)
     converged = sum(bool(r["lsuv_converged"]) for r in lsuv)
     lines = [
@@ -261,11 +289,12 @@ def checks(results: list[dict]) -> list[str]:
         f"on the output of any net before training: {worst_port:.2g}.",
         f"- onnx-lsuv reported every layer converged in {converged} of {len(lsuv)} LSUV runs.",
     ]
-    if grid:
+    if enough:
         lines.append(
-            "- Worst |var - 1| of any Conv/Gemm output over the whole training set, measured "
-            "independently with numpy, for LSUV on batches of 16 or more images: "
-            f"{max(r['train_var_worst'] for r in grid):.3f}.")
+            f"- Worst |var - 1| of any Conv/Gemm output on the {n_test} held-out test images "
+            f"(which LSUV never saw), for LSUV on batches of {MIN_RECOMMENDED_BATCH} or more "
+            "images; measured apart from onnx-lsuv, with its own ONNX Runtime session and "
+            f"numpy: {max(r['test_var_worst'] for r in enough):.3f}.")
     return lines
 
 
@@ -310,13 +339,15 @@ def main(quick: bool, out: str | None, jobs: int | None, seeds: int | None,
         plan = replace(plan, seeds=tuple(range(seeds)))
     if lr is not None:
         plan = replace(plan, budgets={k: replace(b, lr=lr) for k, b in plan.budgets.items()})
-    jobs = jobs or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                    else os.cpu_count() or 1)
+    jobs = jobs or _cpus()
     command = " ".join(["python experiments/run.py", *sys.argv[1:]])
     click.echo(f"{len(plan.configs())} runs, {jobs} at a time; writing to {out}", err=True)
-    results, seconds = execute(plan, jobs, echo=lambda s: click.echo(s, err=True))
+    results, failures, seconds = execute(plan, jobs, echo=lambda s: click.echo(s, err=True))
     write_outputs(plan, results, seconds, jobs, out, command)
     click.echo(f"done in {seconds / 60:.1f} min: {os.path.join(out, 'RESULTS.md')}", err=True)
+    if failures:
+        raise click.ClickException(f"{len(failures)} run(s) failed (the tables leave them "
+                                   "out):\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":

@@ -194,11 +194,17 @@ def digits_batch(n: int = 128, size: int = 28, seed: int = 0) -> np.ndarray:
     Pixels are scaled to [0, 1], resized with cubic spline interpolation, then standardised to
     zero mean and unit variance over the batch. The n images are drawn without replacement.
     """
-    from scipy.ndimage import zoom
     from sklearn.datasets import load_digits
 
     images = load_digits().images.astype(np.float64) / 16.0  # (1797, 8, 8)
     idx = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
-    big = np.stack([zoom(images[i], size / 8.0, order=3) for i in idx])
+    big = resize_digits(images[idx], size)
     big = (big - big.mean()) / big.std()
     return big[:, None].astype(np.float32)
+
+
+def resize_digits(images: np.ndarray, size: int) -> np.ndarray:
+    """(n, 8, 8) digit images resized to (n, size, size) with cubic spline interpolation."""
+    from scipy.ndimage import zoom
+
+    return np.stack([zoom(im, size / 8.0, order=3) for im in images])

@@ -5,11 +5,12 @@ Every figure is computed from the run results passed in; nothing is typed in by 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
-from train import CHANCE_LOSS, INIT_LABELS
-
+INIT_LABELS = {"lsuv": "LSUV", "orthonormal": "OrthoNorm", "xavier": "Xavier", "msra": "MSRA"}
+CHANCE_LOSS = math.log(10.0)  # cross-entropy of a uniform guess over the 10 digits
 NC_LOSS = 0.9 * CHANCE_LOSS  # a final training loss above this: "n/c", the net did not learn
 
 
@@ -57,9 +58,10 @@ def table7(results: Sequence[dict], arch: str, activation: str, sizes: Sequence[
     per_size = [_select(results, arch=arch, activation=activation, init="lsuv",
                         lsuv_batch=size) for size in sizes]
     lines.append(f"| test accuracy, % (epochs to {threshold * 100:.0f}%) | "
-                 + " | ".join(_cell(runs, threshold) for runs in per_size) + " |")
-    lines.append("| worst \\|var - 1\\| of a layer on the whole training set | "
-                 + " | ".join(f"{max(r['train_var_worst'] for r in runs):.2f}"
+                 + " | ".join(_cell(runs, threshold) if runs else "" for runs in per_size)
+                 + " |")
+    lines.append("| worst \\|var - 1\\| of a layer output, held-out test images | "
+                 + " | ".join(f"{max(r['test_var_worst'] for r in runs):.2f}" if runs else ""
                               for runs in per_size) + " |")
     return "\n".join(lines)
 
@@ -72,7 +74,7 @@ def table8(results: Sequence[dict], arch: str, columns: Sequence[tuple[str, str]
         runs = _select(results, arch=arch, activation=act, init=init, lsuv_batch=lsuv_batch,
                        seed=0)
         picked.append(runs[0] if runs else None)
-    names = next(iter(r["weight_std"] for r in picked if r is not None))
+    names = next((r["weight_std"] for r in picked if r is not None), {})
     head = "| layer | " + " | ".join(f"{INIT_LABELS[i]} ({a})" for a, i in columns) + " |"
     lines = [head, "|---|" + "---:|" * len(columns)]
     for name in names:

@@ -2,8 +2,8 @@
 
 The data is scikit-learn's bundled handwritten digits (1797 8x8 images, nothing downloaded),
 split once into 1347 training and 450 test images (stratified, ``random_state=0``). Every run
-of one architecture gets the same budget: the same epochs, batch size, learning rate schedule
-and order of the training batches.
+of one architecture gets the same budget: the same epochs, batch size and learning rate
+schedule; runs with the same seed also see the training batches in the same order.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ sys.path.insert(0, HERE)
 
 from onnx_lsuv import lsuv_init  # noqa: E402
 
-from fitnets import build  # noqa: E402
+from fitnets import ARCHITECTURES, build, resize_digits  # noqa: E402
 from onnx_torch import OnnxModule, max_rel_diff_vs_ort  # noqa: E402
 
 INITS = ("lsuv", "orthonormal", "xavier", "msra")
-INIT_LABELS = {"lsuv": "LSUV", "orthonormal": "OrthoNorm", "xavier": "Xavier", "msra": "MSRA"}
-CHANCE_LOSS = math.log(10.0)
+LSUV_BATCH_SEED = 1234  # the draw of LSUV's batch from the training set: one for every run
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,8 @@ class RunResult:
     train_loss: list[float] = field(default_factory=list)  # mean over each epoch
     test_acc: list[float] = field(default_factory=list)  # after each epoch
     weight_std: dict[str, float] = field(default_factory=dict)  # per layer label, at init
-    lsuv_converged: bool | None = None  # every layer within tol (LSUV runs)
-    train_var_worst: float | None = None  # worst |var - 1| of a layer output, training set
+    lsuv_converged: bool | None = None  # onnx-lsuv's own verdict (LSUV runs only)
+    test_var_worst: float | None = None  # worst |var - 1| of a layer output on the test set
     conversion_diff: float = 0.0  # max |torch - ORT| / max |ORT| on the output, at init
     diverged: bool = False
     init_s: float = 0.0
@@ -91,37 +90,23 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @cache
-def arch_data(input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                     np.ndarray]:
-    """The split shaped for a net's input: (64,) raw pixels, or (1, s, s) resized images.
-
-    Resizing is bilinear (scipy's zoom, order 1). Both sets are standardised with the training
-    set's mean and std, as a real pipeline would.
-    """
-    from scipy.ndimage import zoom
-
+def arch_data(arch: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The split shaped for ``arch``'s input: (64,) raw pixels, or (1, s, s) resized images,
+    both standardised with the training set's mean and std, as a real pipeline would."""
+    shape = ARCHITECTURES[arch]["input"]
     x_tr, y_tr, x_te, y_te = digits_split()
-
-    def shape(x: np.ndarray) -> np.ndarray:
-        if len(input_shape) == 1:
-            return x.reshape(len(x), -1)
-        size = input_shape[-1]
-        return np.stack([zoom(im, size / 8.0, order=1) for im in x])[:, None]
-
-    x_tr, x_te = shape(x_tr), shape(x_te)
+    if len(shape) == 1:
+        x_tr, x_te = x_tr.reshape(len(x_tr), -1), x_te.reshape(len(x_te), -1)
+    else:
+        x_tr, x_te = (resize_digits(x, shape[-1])[:, None] for x in (x_tr, x_te))
     mean, std = x_tr.mean(), x_tr.std()
     return ((x_tr - mean) / std).astype(np.float32), y_tr, ((x_te - mean) / std).astype(
         np.float32), y_te
 
 
-def input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
-    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
-    return tuple(int(d.dim_value) for d in dims)
-
-
 def lsuv_batch(x_train: np.ndarray, n: int) -> np.ndarray:
     """The n training images LSUV measures on: a fixed draw, the same for every run."""
-    order = np.random.default_rng(1234).permutation(len(x_train))
+    order = np.random.default_rng(LSUV_BATCH_SEED).permutation(len(x_train))
     return x_train[order[:n]]
 
 
@@ -138,7 +123,11 @@ def target_weights(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def worst_variance_error(model: onnx.ModelProto, x: np.ndarray) -> float:
-    """Largest |var - 1| of a Conv/Gemm output on ``x``, measured here in float64 numpy."""
+    """Largest |var - 1| of a Conv/Gemm output on ``x``.
+
+    Deliberately apart from onnx-lsuv (not its check_variances): a plain ONNX Runtime session
+    with the layer outputs exposed, and numpy's float64 variance over each whole output.
+    """
     import onnxruntime as ort
 
     m = onnx.ModelProto()
@@ -164,6 +153,7 @@ def initialise(cfg: RunConfig, x_train: np.ndarray) -> tuple[onnx.ModelProto, bo
 
 
 def accuracy(module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
+    """Fraction of ``x`` classified as ``y``."""
     with torch.no_grad():
         return float((module(x).argmax(1).numpy() == y).mean())
 
@@ -173,18 +163,18 @@ def run(cfg: RunConfig) -> RunResult:
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     res = RunResult(config=asdict(cfg))
-    shape = input_shape(build(cfg.arch, cfg.activation))
-    x_tr, y_tr, x_te, y_te = arch_data(shape)
+    x_tr, y_tr, x_te, y_te = arch_data(cfg.arch)
     if cfg.budget.train_subset:
         x_tr, y_tr = x_tr[:cfg.budget.train_subset], y_tr[:cfg.budget.train_subset]
 
     t = time.perf_counter()
     model, res.lsuv_converged = initialise(cfg, x_tr)
     res.init_s = time.perf_counter() - t
+    # The stds straight from the written initializers, not from onnx-lsuv's report.
     inits = {t.name: t for t in model.graph.initializer}
     res.weight_std = {label: float(np.std(numpy_helper.to_array(inits[name]), dtype=np.float64))
                       for label, name in target_weights(model).items()}
-    res.train_var_worst = worst_variance_error(model, x_tr)
+    res.test_var_worst = worst_variance_error(model, x_te)
 
     module = OnnxModule(model)
     res.conversion_diff = max_rel_diff_vs_ort(model, module, x_te[:64])
