@@ -67,18 +67,19 @@ def table7(results: Sequence[dict], arch: str, activation: str, sizes: Sequence[
 
 
 def table8(results: Sequence[dict], arch: str, columns: Sequence[tuple[str, str]],
-           lsuv_batch: int) -> str:
-    """Per-layer weight std at initialisation, one column per (activation, init), seed 0."""
+           lsuv_batch: int, field: str = "weight_std") -> str:
+    """A per-layer figure at initialisation (``field``: the weight std, or the gradient
+    ratio), one column per (activation, init), seed 0."""
     picked = []
     for act, init in columns:
         runs = _select(results, arch=arch, activation=act, init=init, lsuv_batch=lsuv_batch,
                        seed=0)
         picked.append(runs[0] if runs else None)
-    names = next((r["weight_std"] for r in picked if r is not None), {})
+    names = next((r[field] for r in picked if r is not None), {})
     head = "| layer | " + " | ".join(f"{INIT_LABELS[i]} ({a})" for a, i in columns) + " |"
     lines = [head, "|---|" + "---:|" * len(columns)]
     for name in names:
-        cells = [f"{r['weight_std'][name]:.4f}" if r is not None else "" for r in picked]
+        cells = [f"{r[field][name]:.4g}" if r is not None else "" for r in picked]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

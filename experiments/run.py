@@ -265,7 +265,12 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
                 f"Seed 0. The baselines' stds depend only on the layer's shape (shown for the "
                 f"{plan.activations[0]} net; maxout doubles every layer's outputs, which "
                 "changes Xavier's); LSUV's also depend on the activation and the data.", "",
-                tables.table8(results, arch, columns, plan.lsuv_batch), ""]
+                tables.table8(results, arch, columns, plan.lsuv_batch), "",
+                f"### Gradient at init, {ARCH_TITLES[arch]}", "",
+                "`|dL/dW| / |W|` per layer on all the training images before the first step: "
+                "the relative size of a layer's first update, i.e. its effective learning "
+                "rate. Seed 0.", "",
+                tables.table8(results, arch, columns, plan.lsuv_batch, "grad_ratio"), ""]
     if plan.has_batch_study:
         out += [f"## Table 7 style: LSUV batch size, {ARCH_TITLES[plan.batch_arch]}, "
                 f"{plan.batch_activation}", "",

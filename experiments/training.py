@@ -65,6 +65,7 @@ class RunResult:
     train_loss: list[float] = field(default_factory=list)  # mean over each epoch
     test_acc: list[float] = field(default_factory=list)  # after each epoch
     weight_std: dict[str, float] = field(default_factory=dict)  # per layer label, at init
+    grad_ratio: dict[str, float] = field(default_factory=dict)  # |dL/dW| / |W|, at init
     lsuv_converged: bool | None = None  # onnx-lsuv's own verdict (LSUV runs only)
     test_var_worst: float | None = None  # worst |var - 1| of a layer output on the test set
     conversion_diff: float = 0.0  # max |torch - ORT| / max |ORT| on the output, at init
@@ -178,8 +179,21 @@ def run(cfg: RunConfig) -> RunResult:
 
     module = OnnxModule(model)
     res.conversion_diff = max_rel_diff_vs_ort(model, module, x_te[:64])
+    res.grad_ratio = gradient_ratios(module, target_weights(model), x_tr, y_tr)
     res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res)
     return res
+
+
+def gradient_ratios(module: OnnxModule, weights: dict[str, str], x: np.ndarray,
+                    y: np.ndarray) -> dict[str, float]:
+    """|dL/dW| / |W| per layer on the whole training set, before any step: how far one SGD
+    step moves each layer relative to its size (its effective learning rate)."""
+    module.zero_grad()
+    F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    ratios = {label: float(module.parameter(name).grad.norm() / module.parameter(name).norm())
+              for label, name in weights.items()}
+    module.zero_grad()
+    return ratios
 
 
 def train(module: OnnxModule, budget: Budget, seed: int, x_tr: np.ndarray, y_tr: np.ndarray,

@@ -130,7 +130,7 @@ def test_table8_has_a_row_per_layer_and_a_column_per_init():
     results[1]["weight_std"] = {"conv1": 0.125, "fc1": 0.0625}
     text = tables.table8(results, "a", [("relu", "lsuv"), ("relu", "msra")], lsuv_batch=128)
     assert text.splitlines()[0] == "| layer | LSUV (relu) | MSRA (relu) |"
-    assert _rows(text) == {"conv1": ["0.5000", "0.1250"], "fc1": ["0.2500", "0.0625"]}
+    assert _rows(text) == {"conv1": ["0.5", "0.125"], "fc1": ["0.25", "0.0625"]}
 
 
 def test_plans_round_trip_through_json_and_narrow_to_what_was_asked():
@@ -165,6 +165,7 @@ def test_quick_mode_writes_every_table_plot_and_curve(tmp_path):
         assert r["conversion_diff"] < 1e-5
         if r["config"]["arch"] == "fitnet4_digits":
             assert list(r["weight_std"]) == [f"conv{i}" for i in range(1, 18)] + ["fc1", "fc2"]
+        assert list(r["grad_ratio"]) == list(r["weight_std"])
         if r["config"]["init"] == "lsuv":
             assert r["lsuv_converged"]
             if r["config"]["lsuv_batch"] >= 16:
