@@ -84,6 +84,32 @@ def table8(results: Sequence[dict], arch: str, columns: Sequence[tuple[str, str]
     return "\n".join(lines)
 
 
+def gain_table(results: Sequence[dict], arch: str, activations: Sequence[str],
+               inits: Sequence[str], lsuv_batch: int, fan_ins: dict[str, dict[str, int]],
+               analytic: dict[str, float | None]) -> str:
+    """Init x activation: the median over the hidden layers (all but the first and the last)
+    of std(W) * sqrt(fan_in), seed 0: the gain an init gives a layer, in the units of
+    ``torch.nn.init.calculate_gain`` (``analytic``, per activation; None where it has none)."""
+    lines = ["| init | " + " | ".join(activations) + " |",
+             "|---|" + "---:|" * len(activations)]
+    for init in inits:
+        cells = []
+        for act in activations:
+            runs = _select(results, arch=arch, activation=act, init=init,
+                           lsuv_batch=lsuv_batch, seed=0)
+            if not runs:
+                cells.append("")
+                continue
+            hidden = list(runs[0]["weight_std"].items())[1:-1]
+            gains = [std * math.sqrt(fan_ins[act][label]) for label, std in hidden]
+            cells.append(f"{statistics.median(gains):.2f}")
+        lines.append(f"| {INIT_LABELS[init]} | " + " | ".join(cells) + " |")
+    lines.append("| calculate_gain | " + " | ".join(
+        "" if analytic.get(act) is None else f"{analytic[act]:.2f}" for act in activations)
+        + " |")
+    return "\n".join(lines)
+
+
 def _select(results: Sequence[dict], **where) -> list[dict]:
     """The runs whose config matches ``where``, by seed."""
     out = [r for r in results if all(r["config"][k] == v for k, v in where.items())]

@@ -1,6 +1,6 @@
 """Does an onnx-lsuv-initialised ONNX net train where standard inits stall? Measure it.
 
-    python experiments/run.py            # the full study (about 25 minutes on 2 cores)
+    python experiments/run.py            # the full study (about 16 minutes on 2 cores)
     python experiments/run.py --quick    # the smoke test CI runs (seconds)
 
 Builds deep, thin nets in ONNX (a FitNet-4-like CNN and a 25-layer MLP) with five activations,
@@ -29,9 +29,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import result_tables as tables  # noqa: E402
-from training import INITS, LSUV_BATCH_SEED, Budget, RunConfig, digits_split, run  # noqa: E402
+from training import INITS, LSUV_BATCH_SEED, Budget, RunConfig, digits_split, fan_ins, run  # noqa: E402
 
 from onnx_lsuv.data import MIN_RECOMMENDED_BATCH  # noqa: E402
+
+from fitnets import VLRELU_SLOPE  # noqa: E402
 
 ACTIVATIONS = ("relu", "vlrelu", "tanh", "sigmoid", "maxout")
 ARCH_TITLES = {
@@ -266,6 +268,19 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
                 f"{plan.activations[0]} net; maxout doubles every layer's outputs, which "
                 "changes Xavier's); LSUV's also depend on the activation and the data.", "",
                 tables.table8(results, arch, columns, plan.lsuv_batch), "",
+                f"### Gain at init, {ARCH_TITLES[arch]}", "",
+                "std(W) x sqrt(fan_in), the median over the hidden layers (all but the first "
+                "and the last), seed 0: the gain an init gives a layer. The last row is what "
+                "`torch.nn.init.calculate_gain` recommends for the activation; for maxout, "
+                "which it does not cover, 1, since max(a, b)^2 and min(a, b)^2 share a "
+                "distribution for i.i.d. symmetric a, b, so E[max(a, b)^2] = E[a^2]. "
+                "OrthoNorm's gain is 1 where a layer has no more outputs than fan-in (every "
+                "conv), and sqrt(fan_in / outputs) where it has more (the maxout MLP's 128 "
+                "outputs on 64 inputs).", "",
+                tables.gain_table(results, arch, plan.activations, plan.inits,
+                                  plan.lsuv_batch,
+                                  {act: fan_ins(arch, act) for act in plan.activations},
+                                  analytic_gains()), "",
                 f"### Gradient at init, {ARCH_TITLES[arch]}", "",
                 "`|dL/dW| / |W|` per layer on all the training images before the first step: "
                 "the relative size of a layer's first update, i.e. its effective learning "
@@ -279,6 +294,16 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
                 "", "![LSUV batch size curves](curves_lsuv_batch.png)", ""]
     out += ["## Checks", ""] + checks(results, len(x_te))
     return "\n".join(out) + "\n"
+
+
+def analytic_gains() -> dict[str, float]:
+    """``torch.nn.init.calculate_gain`` per activation, and 1 for maxout (it has none)."""
+    from torch.nn.init import calculate_gain
+
+    return {"relu": calculate_gain("relu"),
+            "vlrelu": calculate_gain("leaky_relu", VLRELU_SLOPE),
+            "tanh": calculate_gain("tanh"), "sigmoid": calculate_gain("sigmoid"),
+            "maxout": 1.0}
 
 
 def checks(results: list[dict], n_test: int) -> list[str]:

@@ -123,6 +123,13 @@ def target_weights(model: onnx.ModelProto) -> dict[str, str]:
     return labels
 
 
+def fan_ins(arch: str, activation: str) -> dict[str, int]:
+    """Layer label -> its weight's fan-in (input channels x kernel size)."""
+    model = build(arch, activation)
+    dims = {t.name: t.dims for t in model.graph.initializer}
+    return {label: math.prod(dims[name][1:]) for label, name in target_weights(model).items()}
+
+
 def worst_variance_error(model: onnx.ModelProto, x: np.ndarray) -> float:
     """Largest |var - 1| of a Conv/Gemm output on ``x``.
 
@@ -190,8 +197,10 @@ def gradient_ratios(module: OnnxModule, weights: dict[str, str], x: np.ndarray,
     step moves each layer relative to its size (its effective learning rate)."""
     module.zero_grad()
     F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y)).backward()
-    ratios = {label: float(module.parameter(name).grad.norm() / module.parameter(name).norm())
-              for label, name in weights.items()}
+    with torch.no_grad():
+        ratios = {label: float(module.parameter(name).grad.norm()
+                               / module.parameter(name).norm())
+                  for label, name in weights.items()}
     module.zero_grad()
     return ratios
 

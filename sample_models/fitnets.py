@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 8  # accepted by onnxruntime >= 1.14; the newest onnx would write 14 otherwise
 ACTIVATIONS = ("relu", "vlrelu", "tanh", "sigmoid", "maxout")
+VLRELU_SLOPE = 0.333  # the negative slope of the paper's very leaky ReLU
 
 # ("conv", out_channels) | ("fc", out_units) | ("pool", kernel, stride) | ("gpool",)
 # | ("res", [convs...]). "input" is (channels, height, width), or (features,) for an MLP.
@@ -108,7 +109,7 @@ class _Builder:
         if act == "relu":
             return self.node("Relu", [y], "relu")[0]
         if act == "vlrelu":
-            return self.node("LeakyRelu", [y], "vlrelu", alpha=0.333)[0]
+            return self.node("LeakyRelu", [y], "vlrelu", alpha=VLRELU_SLOPE)[0]
         if act == "tanh":
             return self.node("Tanh", [y], "tanh")[0]
         if act == "sigmoid":

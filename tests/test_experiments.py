@@ -19,13 +19,13 @@ from conftest import ROOT, make_model, rand  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import result_tables as tables  # noqa: E402
-from training import INITS, arch_data, target_weights  # noqa: E402
+from training import INITS, arch_data, fan_ins, target_weights  # noqa: E402
 
 from onnx_lsuv import lsuv_init  # noqa: E402
 
 from fitnets import ACTIVATIONS, EXPERIMENT_ARCHITECTURES, build  # noqa: E402
 from onnx_torch import OnnxModule, max_rel_diff_vs_ort  # noqa: E402
-from run import FULL, QUICK, _plan_dict, _plan_from_dict  # noqa: E402
+from run import FULL, QUICK, _plan_dict, _plan_from_dict, analytic_gains  # noqa: E402
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -133,6 +133,27 @@ def test_table8_has_a_row_per_layer_and_a_column_per_init():
     assert _rows(text) == {"conv1": ["0.5", "0.125"], "fc1": ["0.25", "0.0625"]}
 
 
+def test_gain_table_reads_the_baselines_formulas_back_from_their_weights():
+    """std(W) x sqrt(fan_in) over the hidden layers: MSRA's sqrt(2); Xavier's 1 on the
+    FitNet's square convs (fan_in = fan_out), sqrt(2/3) where maxout doubles the outputs."""
+    results = []
+    for act, init in [("relu", "msra"), ("relu", "xavier"), ("maxout", "xavier")]:
+        model = lsuv_init(build("fitnet4_digits", act), None, init=init, seed=0).model
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        run = _run([1.0], [0.5], arch="fitnet4_digits", activation=act, init=init)
+        run["weight_std"] = {label: float(np.std(weights[name]))
+                             for label, name in target_weights(model).items()}
+        results.append(run)
+    fans = {act: fan_ins("fitnet4_digits", act) for act in ("relu", "maxout")}
+    assert fans["relu"]["conv2"] == 16 * 9 and fans["relu"]["fc1"] == 64
+    text = tables.gain_table(results, "fitnet4_digits", ["relu", "maxout"], ["xavier", "msra"],
+                             lsuv_batch=128, fan_ins=fans, analytic=analytic_gains())
+    rows = _rows(text)
+    assert rows["Xavier"] == ["1.00", f"{np.sqrt(2 / 3):.2f}"]
+    assert rows["MSRA"] == [f"{np.sqrt(2):.2f}", ""]
+    assert rows["calculate_gain"] == ["1.41", "1.00"]
+
+
 def test_plans_round_trip_through_json_and_narrow_to_what_was_asked():
     for plan in (FULL, QUICK):
         assert _plan_from_dict(json.loads(json.dumps(_plan_dict(plan)))) == plan
@@ -178,7 +199,7 @@ def test_quick_mode_writes_every_table_plot_and_curve(tmp_path):
                              QUICK.lsuv_batch) in text
     assert tables.table7(runs, QUICK.batch_arch, QUICK.batch_activation, QUICK.batch_sizes,
                          QUICK.threshold) in text
-    assert "Table 8 style" in text and "## Checks" in text
+    assert "Table 8 style" in text and "### Gain at init" in text and "## Checks" in text
     for name in [f"curves_{arch}.png" for arch in QUICK.budgets] + ["curves_lsuv_batch.png"]:
         png = (out / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
