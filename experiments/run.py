@@ -26,14 +26,13 @@ from multiprocessing import get_context
 import click
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import result_tables as tables  # noqa: E402
-from training import INITS, LSUV_BATCH_SEED, Budget, RunConfig, digits_split, fan_ins, run  # noqa: E402
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "sample_models")]
 
 from onnx_lsuv.data import MIN_RECOMMENDED_BATCH  # noqa: E402
 
+import result_tables as tables  # noqa: E402
 from fitnets import VLRELU_SLOPE  # noqa: E402
+from training import INITS, LSUV_BATCH_SEED, Budget, RunConfig, digits_split, fan_ins, run  # noqa: E402
 
 ACTIVATIONS = ("relu", "vlrelu", "tanh", "sigmoid", "maxout")
 ARCH_TITLES = {

@@ -18,14 +18,13 @@ from conftest import ROOT, make_model, rand  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-import result_tables as tables  # noqa: E402
-from training import INITS, arch_data, fan_ins, target_weights  # noqa: E402
-
 from onnx_lsuv import lsuv_init  # noqa: E402
 
+import result_tables as tables  # noqa: E402
 from fitnets import ACTIVATIONS, EXPERIMENT_ARCHITECTURES, build  # noqa: E402
 from onnx_torch import OnnxModule, max_rel_diff_vs_ort  # noqa: E402
 from run import FULL, QUICK, _plan_dict, _plan_from_dict, analytic_gains  # noqa: E402
+from training import INITS, arch_data, fan_ins, target_weights  # noqa: E402
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
