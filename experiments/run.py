@@ -1,6 +1,6 @@
 """Does an onnx-lsuv-initialised ONNX net train where standard inits stall? Measure it.
 
-    python experiments/run.py            # the full study (about 16 minutes on 2 cores)
+    python experiments/run.py            # the full study (10 to 16 minutes on 2 cores)
     python experiments/run.py --quick    # the smoke test CI runs (seconds)
 
 Builds deep, thin nets in ONNX (a FitNet-4-like CNN and a 25-layer MLP) with five activations,
