@@ -82,13 +82,14 @@ def test_save_weights_holds_exactly_the_changed_tensors(tmp_path):
     res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "a.onnx", "--save-weights",
                  tmp_path / "w.npz", "--provider", "cpu", "-q")
     assert res.exit_code == 0, res.output
-    saved = np.load(tmp_path / "w.npz")
+    with np.load(tmp_path / "w.npz") as npz:
+        saved = dict(npz)
     model = onnx.load(tmp_path / "a.onnx")
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     layers = find_layers(model).layers
-    assert {lay.weight.name for lay in layers} <= set(saved.files)
-    for name in saved.files:
-        assert np.array_equal(saved[name], inits[name])
+    assert {lay.weight.name for lay in layers} <= set(saved)
+    for name, array in saved.items():
+        assert np.array_equal(array, inits[name])
 
 
 def test_several_batches_and_a_directory_are_pooled(tmp_path):
