@@ -158,7 +158,10 @@ def max_rel_diff_vs_ort(model: onnx.ModelProto, module: OnnxModule, x: np.ndarra
     check (relative, since an exploding init's outputs can be huge)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # each run is one thread, like the runs beside it
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
     (expected,) = sess.run([module.output_name], {module.input_name: x})
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()

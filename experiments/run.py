@@ -281,9 +281,9 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
                                   {act: fan_ins(arch, act) for act in plan.activations},
                                   analytic_gains()), "",
                 f"### Gradient at init, {ARCH_TITLES[arch]}", "",
-                "`|dL/dW| / |W|` per layer on all the training images before the first step: "
-                "the relative size of a layer's first update, i.e. its effective learning "
-                "rate. Seed 0.", "",
+                "`|dL/dW| / |W|` per layer, for the mean loss over all the training images, "
+                "before the first step: a layer's first SGD step relative to its weights is "
+                "about this times the lr (its effective learning rate). Seed 0.", "",
                 tables.table8(results, arch, columns, plan.lsuv_batch, "grad_ratio"), ""]
     if plan.has_batch_study:
         out += [f"## Table 7 style: LSUV batch size, {ARCH_TITLES[plan.batch_arch]}, "
