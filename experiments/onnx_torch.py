@@ -153,15 +153,20 @@ class OnnxModule(torch.nn.Module):
                 for name, key in self.names.items()}
 
 
-def max_rel_diff_vs_ort(model: onnx.ModelProto, module: OnnxModule, x: np.ndarray) -> float:
-    """max |torch - ONNX Runtime| / max |ONNX Runtime| over the output on ``x``: the conversion
-    check (relative, since an exploding init's outputs can be huge)."""
+def cpu_session(model: onnx.ModelProto):
+    """A plain one-thread ONNX Runtime CPU session (each run is one thread, beside others)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # each run is one thread, like the runs beside it
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
+
+
+def max_rel_diff_vs_ort(model: onnx.ModelProto, module: OnnxModule, x: np.ndarray) -> float:
+    """max |torch - ONNX Runtime| / max |ONNX Runtime| over the output on ``x``: the conversion
+    check (relative, since an exploding init's outputs can be huge)."""
+    sess = cpu_session(model)
     (expected,) = sess.run([module.output_name], {module.input_name: x})
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()

@@ -28,7 +28,7 @@ sys.path.insert(0, HERE)
 from onnx_lsuv import lsuv_init  # noqa: E402
 
 from fitnets import ARCHITECTURES, build, resize_digits  # noqa: E402
-from onnx_torch import OnnxModule, max_rel_diff_vs_ort  # noqa: E402
+from onnx_torch import OnnxModule, cpu_session, max_rel_diff_vs_ort  # noqa: E402
 
 INITS = ("lsuv", "orthonormal", "xavier", "msra")
 LSUV_BATCH_SEED = 1234  # the draw of LSUV's batch from the training set: one for every run
@@ -136,17 +136,12 @@ def worst_variance_error(model: onnx.ModelProto, x: np.ndarray) -> float:
     Deliberately apart from onnx-lsuv (not its check_variances): a plain ONNX Runtime session
     with the layer outputs exposed, and numpy's float64 variance over each whole output.
     """
-    import onnxruntime as ort
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     names = [n.output[0] for n in m.graph.node if n.op_type in ("Conv", "Gemm")]
     del m.graph.output[:]
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    outs = sess.run(names, {m.graph.input[0].name: x})
+    outs = cpu_session(m).run(names, {m.graph.input[0].name: x})
     return max(abs(float(np.var(y, dtype=np.float64)) - 1.0) for y in outs)
 
 
