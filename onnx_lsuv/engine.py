@@ -7,17 +7,18 @@ import ctypes.util
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .errors import ProviderError, RuntimeFailure
+from .options import PROVIDERS
 from .orthonormal import default_workers
 
 log = logging.getLogger("onnx_lsuv")
 
-PROVIDERS = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # A measuring run happens once: cuDNN's exhaustive algorithm search (the default) costs more than
@@ -67,7 +68,6 @@ class Engine:
         if provider not in PROVIDERS:
             raise ProviderError(f"unknown provider {provider!r}; choose one of {PROVIDERS}")
         self.threads = threads
-        self.requested = provider
         if provider == "cpu":
             self.providers: list = [CPU]
         else:
@@ -105,7 +105,7 @@ class Engine:
         return None
 
     def session(self, model: onnx.ModelProto | bytes,
-                initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+                initializers: dict[str, np.ndarray] | None = None) -> Session:
         """An inference session for ``model`` on this engine's provider.
 
         Args:
@@ -124,18 +124,22 @@ class Engine:
             sess = ort.InferenceSession(data, so, providers=self.providers)
         except Exception as err:
             raise RuntimeFailure(f"ONNX Runtime could not load the model: {err}") from err
-        sess._onnx_lsuv_keep = (so, values)  # the OrtValues must outlive the session
         if self.name == "cuda" and sess.get_providers()[0] != CUDA:
             raise RuntimeFailure("ONNX Runtime silently fell back from CUDA to the CPU")
-        return sess
+        return Session(sess, [so, *values])
 
-    @staticmethod
-    def run(
-        sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: Sequence[str]
-    ) -> list[np.ndarray]:
-        """Run ``sess`` and fetch ``outputs``; ONNX Runtime errors become RuntimeFailure."""
+
+@dataclass
+class Session:
+    """An ONNX Runtime session and what must outlive it (the OrtValues of its initializers)."""
+
+    ort_session: ort.InferenceSession
+    keep: list = field(default_factory=list, repr=False)
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """Fetch ``outputs``; ONNX Runtime errors become RuntimeFailure."""
         try:
-            return sess.run(list(outputs), feeds)
+            return self.ort_session.run(list(outputs), feeds)
         except Exception as err:
             raise RuntimeFailure(f"ONNX Runtime failed to run the model: {err}") from err
 

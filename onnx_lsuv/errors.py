@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_FAILURE = 1  # a runtime failure: ONNX Runtime error, a layer that could not be processed
+EXIT_FAILURE = 1  # a layer not on target (the model is written), or a failure of our own rewrites
+# (ONNX Runtime failing on a measuring copy, nothing written)
 EXIT_BAD_INPUT = 2  # bad input or usage: missing or invalid model, data or option
-EXIT_CHECK_FAILED = 3  # reserved for the check mode: a layer is off its target variance
+EXIT_CHECK_FAILED = 3  # check mode: a layer is off its target variance (degenerate ones too)
 
 
 class LSUVError(Exception):
@@ -27,6 +27,7 @@ class ProviderError(LSUVError, RuntimeError):
 
 
 class RuntimeFailure(LSUVError, RuntimeError):
-    """ONNX Runtime failed to build or run the model."""
+    """ONNX Runtime failed to build or run one of onnx-lsuv's measuring copies of the model
+    (when it refuses the user's own model, that is an InputError)."""
 
     exit_code = EXIT_FAILURE

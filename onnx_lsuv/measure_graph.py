@@ -10,13 +10,17 @@ prunes the nodes that no statistic needs):
   One forward pass yields every layer's factor.
 
 A layer output is read twice, by a ReduceSum and a ReduceSumSquare over every axis but the
-output-unit (channel) axis; everything after works on per-channel sums, which are small. This
-costs two reads of the tensor and no writes (a centred variance would write two temporaries of
-the tensor's size, which on a 64-channel ResNet cost as much as the convolution). The two-stage
-sums keep float32 accurate (one ReduceMean over 25 M elements was off by 0.3%); the variance is
-E[y^2] - E[y]^2 from those sums. With a kept per-channel bias b the statistics of the bias-free
-part z = y - b follow from the same per-channel sums, so the closed-form solve needs no extra
-pass either.
+output-unit (channel) axis; everything after works on per-channel sums, which are small. The
+reductions run on a float64 view of the output, and every statistic after them is float64: in
+float32, E[y^2] - E[y]^2 lost most of its digits when the mean dwarfed the spread (a
+BatchNormalization tap with running_mean 300 read a variance of 1.000 as 0.877), overflowed
+for outputs around 1e18 and underflowed around 1e-20. With a kept per-channel bias b the
+statistics of the bias-free part z = y - b follow from the same per-channel sums, so the
+closed-form solve needs no extra pass either.
+
+Every measurement of a layer, whether of the whole model, of the layer alone (the try loop) or
+of the model at an opset without ``Where`` (statistics only), is built here from the same
+``channel_sums`` / ``recurrent_sums``: the statistics are written once.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .layers import GraphIndex, Layer, attribute
+from .graph import OUTER_SCOPE, GraphIndex, attribute, rename_input, toposort
+from .layers import Layer
 from .model_io import default_opset
 
 _PREFIX = "onnx_lsuv::"
@@ -77,8 +82,17 @@ class GraphEditor:
         return self.op(op_type, [x], axes=axes, keepdims=keepdims)
 
 
+STAT_DTYPE = np.dtype(np.float64)  # every statistic, from the reductions on
+MIN_WHERE_OPSET = 9  # the normalising rewrite selects its factor with Where
+
+
 def _stat_dtype(layer: Layer) -> np.dtype:
-    return np.dtype(np.float64) if layer.dtype == np.float64 else np.dtype(np.float32)
+    return STAT_DTYPE
+
+
+def _as_stat(ed: "GraphEditor", x: str, dtype: np.dtype) -> str:
+    """``x`` cast to the statistics dtype unless it is already float64."""
+    return x if dtype == STAT_DTYPE else ed.op("Cast", [x], to=TensorProto.DOUBLE)
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ def find_tap(index: GraphIndex, layer: Layer) -> Tap:
     """The invertible BatchNormalization tap of ``layer`` if it has one, else its output."""
     plain = Tap(layer.output)
     users = index.consumers.get(layer.output, [])
-    if len(users) != 1 or layer.output in index.graph_outputs:
+    if len(users) != 1 or layer.output in index.graph_outputs or users[0][1] == OUTER_SCOPE:
         return plain
     if layer.channel_axis != 1 and layer.output_rank != 2:
         return plain
@@ -144,7 +158,7 @@ def channel_sums(ed: GraphEditor, layer: Layer, tap: Tap) -> ChannelSums:
     sum y = (sum t - n_c b) / a and sum y^2 = (sum t^2 - 2 b sum t + n_c b^2) / a^2)."""
     dt = _stat_dtype(layer)
     t = tap.tensor
-    x = t if layer.dtype in (np.float32, np.float64) else ed.op("Cast", [t], to=TensorProto.FLOAT)
+    x = _as_stat(ed, t, layer.dtype)
     units = layer.layout.output_units
     if layer.channel_axis == 1:
         axes = [0] + list(range(2, layer.output_rank))
@@ -189,15 +203,12 @@ def recurrent_sums(ed: GraphEditor, layer: Layer, node: onnx.NodeProto) -> Chann
     dt = _stat_dtype(layer)
     d, gh, inputs = layer.weight_shape
     x = ed.op("Reshape", [node.input[0], ed.const(np.array([-1, inputs], np.int64))])
-    w = node.input[1]
-    if layer.dtype not in (np.float32, np.float64):
-        x = ed.op("Cast", [x], to=TensorProto.FLOAT)
-        w = ed.op("Cast", [w], to=TensorProto.FLOAT)
+    x = _as_stat(ed, x, layer.dtype)
+    w = _as_stat(ed, node.input[1], layer.dtype)
     to_dt = helper.np_dtype_to_tensor_dtype(dt)
     if len(node.input) > 4 and node.input[4]:
         mask = ed.op("Cast", [_valid_steps(ed, node)], to=to_dt)  # (T*B, 1) of 0 / 1
-        x = ed.op("Mul", [x, ed.op("Cast", [mask], to=TensorProto.FLOAT)
-                          if layer.dtype not in (np.float32, np.float64) else mask])
+        x = ed.op("Mul", [x, mask])
         rows = ed.reduce("ReduceSum", mask, None)
     else:
         rows = ed.op("Cast", [ed.op("Size", [x])], to=to_dt)
@@ -245,18 +256,100 @@ def _set_outputs(graph: onnx.GraphProto, names: list[str]) -> None:
 
 
 def stats_model(model: onnx.ModelProto, layers: list[Layer]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` whose outputs are the variances of the layers' outputs.
+    """A copy of ``model`` whose outputs are the variances of the layers' outputs (one per
+    block), measured as the model computes them.
 
-    It is the normalising rewrite with an infinite tolerance: every factor is 1, so each layer
-    is measured as the model computes it. (A rewrite with statistics only was slower: reading a
-    tensor that also feeds a residual Add made ONNX Runtime run that Add on a slow path, 0.64 to
-    1.5 s against 0.53 to 0.58 s for a ResNet-50 batch of 8.)
+    From opset 9 on it is the normalising rewrite with an infinite tolerance (every factor is
+    1). A rewrite with statistics only was slower there: reading a tensor that also feeds a
+    residual Add made ONNX Runtime run that Add on a slow path (0.64 to 1.5 s against 0.53 to
+    0.58 s for a ResNet-50 batch of 8). Below opset 9 (no Where) it is statistics only.
 
     Returns:
-        The measuring model, and per layer the name of its (scalar) variance output.
+        The measuring model, and per layer the name of its variance output.
     """
-    copy, outs = normalizing_model(model, layers, {}, 1.0, float("inf"))
-    return copy, [o.var_before for o in outs]
+    if default_opset(model) >= MIN_WHERE_OPSET:
+        copy, outs = normalizing_model(model, layers, {}, 1.0, float("inf"))
+        return copy, [o.var_before for o in outs]
+    copy = _measuring_copy(model)
+    index = GraphIndex(copy.graph)
+    ed = GraphEditor(copy)
+    names = []
+    for layer in layers:
+        if layer.is_recurrent:
+            cs = recurrent_sums(ed, layer, copy.graph.node[layer.node_index])
+        else:
+            cs = channel_sums(ed, layer, find_tap(index, layer))
+        names.append(cs.var)
+    _set_outputs(copy.graph, names)
+    return copy, names
+
+
+def fetching_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose only outputs are the tensors ``names``."""
+    copy = _measuring_copy(model)
+    _set_outputs(copy.graph, list(dict.fromkeys(names)))
+    return copy
+
+
+WEIGHT_INPUT = _PREFIX + "weight"
+
+
+def layer_inputs(model: onnx.ModelProto, layer: Layer) -> list[str]:
+    """The tensors that ``layer_model`` takes besides the weight: the layer's input x (and a
+    recurrent op's sequence_lens, when given)."""
+    node = model.graph.node[layer.node_index]
+    lens = [node.input[4]] if layer.is_recurrent and len(node.input) > 4 and node.input[4] else []
+    return [node.input[0]] + lens
+
+
+def layer_model(model: onnx.ModelProto, layer: Layer, inputs: dict[str, np.ndarray],
+                bias: np.ndarray | None) -> tuple[onnx.ModelProto, str]:
+    """The layer alone: its node(s) fed with ``inputs`` (named by ``layer_inputs``) and its
+    weight as input ``WEIGHT_INPUT`` (as stored, the layer's Transpose applied in the graph),
+    with the variance per block as the only output.
+
+    A recurrent op is measured by its input projections W_g x, so only ``recurrent_sums`` runs.
+
+    Returns:
+        The model, and the name of its variance output.
+    """
+    src = model.graph.node[layer.node_index]
+    ed_model = helper.make_model(helper.make_graph([], "layer", [], []),
+                                 opset_imports=model.opset_import, ir_version=model.ir_version)
+    ed = GraphEditor(ed_model)
+    graph = ed_model.graph
+    elem = helper.np_dtype_to_tensor_dtype
+    for name, value in inputs.items():
+        graph.input.append(helper.make_tensor_value_info(name, elem(value.dtype),
+                                                         list(value.shape)))
+    graph.input.append(helper.make_tensor_value_info(WEIGHT_INPUT, elem(layer.dtype),
+                                                     list(layer.weight_shape)))
+    node = onnx.NodeProto()
+    node.CopyFrom(src)
+    if layer.is_recurrent:
+        node.input[1] = WEIGHT_INPUT
+        cs = recurrent_sums(ed, layer, node)
+    else:
+        w = WEIGHT_INPUT
+        if layer.weight_transpose is not None:
+            t = model.graph.node[layer.weight_transpose]
+            w = ed.op("Transpose", [WEIGHT_INPUT], perm=list(attribute(t, "perm", [1, 0])))
+        node.input[1] = w
+        nodes = [node]
+        if layer.bias_add_node is not None:
+            add = onnx.NodeProto()
+            add.CopyFrom(model.graph.node[layer.bias_add_node])
+            nodes.append(add)
+        if layer.bias is not None and bias is not None:
+            holder = nodes[-1] if layer.bias_add_node is not None else node
+            b_name = holder.input[layer.bias_input[1]]
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(bias), b_name))
+        graph.node.extend(nodes)
+        cs = channel_sums(ed, layer, Tap(layer.output))
+    toposort(graph)
+    _set_outputs(graph, [cs.var])
+    return ed_model, cs.var
 
 
 @dataclass(frozen=True)
@@ -319,7 +412,11 @@ def normalizing_model(
     For a layer without bias (or a zeroed one) the output scales exactly with its weight, so the
     factor is sqrt(target / var). With a kept bias b the output becomes a z + b for factor a
     (z = y - b), solved in closed form. A layer already within ``tol`` keeps factor 1, as in the
-    paper's loop; a zero or non-finite variance also gets 1 (the caller skips that layer).
+    paper's loop; a zero or non-finite variance also gets 1: the factor is applied exactly
+    where ``verdict.needs_factor`` holds. Statuses are never decided here.
+
+    A tied weight's readers that are not upstream of the layer (by data flow) read it scaled,
+    as in the written model; the graph is then put back in topological order.
 
     Args:
         model: The model with its current (pre-initialised) weights.
@@ -335,6 +432,7 @@ def normalizing_model(
     index = GraphIndex(copy.graph)
     ed = GraphEditor(copy)
     result = []
+    reordered = False
     for layer in layers:
         dt = _stat_dtype(layer)
         c_target = ed.const(np.array(target, dt), "target")
@@ -355,8 +453,10 @@ def normalizing_model(
             factor = ed.op("Sqrt", [ed.op("Div", [c_target, vz])])
         else:
             vz, factor = _bias_solve(ed, cs, bias.value, dt, c_target)
+        # verdict.needs_factor in-graph: finite, positive and not within tol. (Less with a
+        # NaN is false, so a NaN variance is never "within".)
         valid = ed.op("And", [ed.op("Greater", [vz, c_zero]),
-                              ed.op("Less", [vz, ed.const(np.array(np.finfo(np.float32).max, dt),
+                              ed.op("Less", [vz, ed.const(np.array(np.finfo(dt).max, dt),
                                                           "big")])])
         within = ed.op("Less", [ed.op("Abs", [ed.op("Sub", [cs.var, c_target])]),
                                 ed.const(np.array(tol, dt), "tol")])
@@ -390,13 +490,24 @@ def normalizing_model(
             one_m = ed.op("Sub", [ed.const(np.array(1, layer.dtype), "one_m"), scale_m])
             t_new = ed.op("Add", [t_new, ed.op("Mul", [k_c, one_m])])
         for i, pos in consumers:
-            copy.graph.node[i].input[pos] = t_new
-        # Tied weights: later readers of this weight see it scaled, as in the written model.
-        # (Earlier readers would make a cycle; the re-measurement catches what they change.)
-        for i, pos in index.users_of_const(layer.weight) if blocks == 1 else []:
-            if i > layer.node_index:
+            if pos == OUTER_SCOPE:  # an If/Loop/Scan body reads it from the enclosing graph
+                rename_input(copy.graph.node[i], tap.tensor, t_new)
+            else:
+                copy.graph.node[i].input[pos] = t_new
+        # Tied weights: readers of this weight that are not upstream of the layer see it
+        # scaled, as in the written model. (Upstream readers would make a cycle; the
+        # re-measurement catches what they change. So does a read inside a body.)
+        readers = [(i, pos) for i, pos in index.users_of_const(layer.weight)
+                   if i not in layer.own_nodes and pos != OUTER_SCOPE] if blocks == 1 else []
+        # Upstream in the graph as rewritten so far (earlier ties add edges): no cycle.
+        upstream = GraphIndex(copy.graph).ancestors(layer.node_index) if readers else set()
+        for i, pos in readers:
+            if i not in upstream:
                 w_scaled = ed.op("Mul", [copy.graph.node[i].input[pos], scale_m])
                 copy.graph.node[i].input[pos] = w_scaled
+                reordered = True
         result.append(NormalizedOutputs(cs.var, scale))
+    if reordered:
+        toposort(copy.graph)
     _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale)])
     return copy, result

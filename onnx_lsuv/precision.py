@@ -56,3 +56,30 @@ def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
             elif node.op_type == "Cast" and attr.name == "to" and attr.i in LOW_PRECISION:
                 attr.i = TensorProto.FLOAT
     return twin
+
+
+def float32_measuring(work: onnx.ModelProto, state, feeds: dict[str, np.ndarray]):
+    """The float32 twin of a float16/bfloat16 model, its weight state (the current weights,
+    factors and biases of ``state``, in float32) and the feeds cast to float32.
+
+    Returns:
+        (twin model, twin WeightState, twin feeds).
+    """
+    from .layers import find_layers
+    from .weights import WeightState
+
+    twin = float32_twin(work)
+    twin_layers = find_layers(twin).layers
+    twin_state = WeightState(twin, twin_layers)
+    for lay in twin_layers:
+        twin_state.set_base(lay, state.base[lay.index].astype(np.float32))
+        twin_state.scale[lay.index] = state.scale[lay.index].copy()
+        if lay.index in state.recurrent:
+            twin_state.recurrent[lay.index] = state.recurrent[lay.index].astype(np.float32)
+        if state.bias[lay.index] is not None:
+            twin_state.bias[lay.index] = state.bias[lay.index].astype(np.float32)
+    twin_state.changed_bias = set(state.changed_bias)
+    low = {np.dtype(np.float16), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+        TensorProto.BFLOAT16))}
+    twin_feeds = {k: v.astype(np.float32) if v.dtype in low else v for k, v in feeds.items()}
+    return twin, twin_state, twin_feeds

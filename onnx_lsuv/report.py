@@ -7,13 +7,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# A layer's status, one word each.
-CONVERGED = "converged"  # |var - target| < tol on the batch
-NOT_CONVERGED = "not_converged"  # max_iter tries were not enough
-SKIPPED = "skipped"  # zero or non-finite output variance: not rescaled
-NOT_SCALED = "not_scaled"  # no data pass: --orthonormal-only or a baseline --init
-OFF_TARGET = "off_target"  # check mode: |var - target| >= tol
-STATUSES = (CONVERGED, NOT_CONVERGED, SKIPPED, NOT_SCALED, OFF_TARGET)
+from .verdict import (  # noqa: F401  (the statuses, re-exported)
+    CONVERGED,
+    GOOD,
+    NOT_CONVERGED,
+    NOT_SCALED,
+    OFF_TARGET,
+    SKIPPED,
+    STATUSES,
+)
 
 
 @dataclass
@@ -51,13 +53,15 @@ class Report:
 
     @property
     def converged(self) -> bool:
-        """True when no layer ended 'not_converged' or 'off_target'."""
-        return all(r.status not in (NOT_CONVERGED, OFF_TARGET) for r in self.layers)
+        """True when every layer is on target ('converged'), or no data pass was asked for
+        ('not_scaled'). A degenerate ('skipped') layer makes it False: it is not on target."""
+        return all(r.status in GOOD for r in self.layers)
 
     def summary(self) -> dict[str, Any]:
         """The one-object summary that ``--json`` prints: counts, worst deviation, times."""
         target = self.options.get("target_var", 1.0)
-        done = [r for r in self.layers if r.var_after is not None and r.status != SKIPPED]
+        done = [r for r in self.layers if r.var_after is not None
+                and math.isfinite(r.var_after)]
         counts = {s: sum(r.status == s for r in self.layers) for s in STATUSES}
         return _finite({
             "ok": self.converged,

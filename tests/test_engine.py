@@ -26,8 +26,8 @@ def test_cpu_engine_runs_on_the_cpu_provider():
     model, feeds, _ = models.conv_chain()
     engine = Engine("cpu")
     sess = engine.session(model)
-    assert sess.get_providers() == ["CPUExecutionProvider"]
-    assert engine.run(sess, feeds, ["y2"])[0].shape == (16, 8, 6, 6)
+    assert sess.ort_session.get_providers() == ["CPUExecutionProvider"]
+    assert sess.run(feeds, ["y2"])[0].shape == (16, 8, 6, 6)
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA works here: the error path cannot be seen")

@@ -34,7 +34,9 @@ def test_ported_net_computes_what_onnxruntime_computes(arch, activation):
     # reaches the output (a deep sigmoid net on a default init would hide it).
     x = arch_data(arch)[0][:48]
     model = lsuv_init(build(arch, activation), x, provider="cpu").model
-    assert max_rel_diff_vs_ort(model, OnnxModule(model), x) < 1e-5
+    # float32 rounding through 19 layers differs with torch's thread count and summation
+    # order: up to 6e-5 was seen when the whole suite runs (3.9e-6 alone); a wrong op is O(1).
+    assert max_rel_diff_vs_ort(model, OnnxModule(model), x) < 2e-4
 
 
 def test_port_matches_onnxruntime_on_strided_pools_gemm_options_and_uneven_split():

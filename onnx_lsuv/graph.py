@@ -1,0 +1,222 @@
+"""Facts about a graph's data flow, built once: producers, consumers (including the names that
+If/Loop/Scan bodies read from the enclosing graph), constants, ancestry, and the edits that keep
+a rewritten graph valid (rewiring a name everywhere it is read, a topological order).
+
+"Upstream" always means data flow here, never a position in the node list.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Input position of a name that a node does not take explicitly but that one of its subgraph
+# bodies reads from the enclosing scope.
+OUTER_SCOPE = -1
+SUBGRAPH_OPS = ("If", "Loop", "Scan")
+
+
+@dataclass(frozen=True)
+class ConstRef:
+    """A constant tensor of the graph: an initializer, or the ``value`` of a Constant node."""
+
+    name: str  # the initializer's name, or the Constant node's output name
+    constant_node: int | None = None  # index in graph.node when the tensor is a Constant's value
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of an If/Loop/Scan (or any node with graph attributes)."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names that ``node``'s subgraph bodies read from the enclosing scope (recursively)."""
+    reads: set[str] = set()
+    for g in subgraphs(node):
+        defined = ({i.name for i in g.input} | {t.name for t in g.initializer}
+                   | {o for n in g.node for o in n.output})
+        for n in g.node:
+            reads.update(name for name in n.input if name and name not in defined)
+            reads.update(outer_reads(n) - defined)
+        reads.update(o.name for o in g.output if o.name not in defined)
+    return reads
+
+
+def rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    """Make ``node`` read ``new`` wherever it reads ``old``: its inputs and, where no body
+    defines ``old`` itself, inside its subgraph bodies."""
+    for k, name in enumerate(node.input):
+        if name == old:
+            node.input[k] = new
+    for g in subgraphs(node):
+        defined = ({i.name for i in g.input} | {t.name for t in g.initializer}
+                   | {o for n in g.node for o in n.output})
+        if old in defined:
+            continue
+        for n in g.node:
+            rename_input(n, old, new)
+        for o in g.output:
+            if o.name == old:  # a body that returns the outer value itself (outputs are
+                o.name = new   # positional, so the name can change)
+
+
+class GraphIndex:
+    """Producers, consumers and constants of a graph, built once.
+
+    ``consumers[name]`` lists (node, input position) for every node that reads ``name``; a read
+    by a subgraph body of node i is listed as (i, OUTER_SCOPE).
+    """
+
+    def __init__(self, graph: onnx.GraphProto, opset: int = 0) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self.reads: list[set[str]] = []  # per node: every name it reads, outer scope included
+        for i, node in enumerate(graph.node):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            for pos, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((i, pos))
+            reads = {n for n in node.input if n}
+            for name in sorted(outer_reads(node) - reads) if node.attribute else ():
+                self.consumers[name].append((i, OUTER_SCOPE))
+                reads.add(name)
+            self.reads.append(reads)
+        self.graph_outputs = {o.name for o in graph.output}
+
+    def node_name(self, i: int) -> str:
+        node = self.graph.node[i]
+        return node.name or f"{node.op_type}_{i}"
+
+    def resolve_const(self, name: str) -> ConstRef | None:
+        """Follow Identity nodes back from ``name``; the constant found there, if any."""
+        seen = set()
+        while name and name not in seen:
+            seen.add(name)
+            if name in self.initializers:
+                return ConstRef(name)
+            i = self.producer.get(name)
+            if i is None:
+                return None
+            node = self.graph.node[i]
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant" and any(a.name == "value" for a in node.attribute):
+                return ConstRef(name, constant_node=i)
+            return None
+        return None
+
+    def tensor_proto(self, ref: ConstRef) -> onnx.TensorProto:
+        if ref.constant_node is None:
+            return self.initializers[ref.name]
+        node = self.graph.node[ref.constant_node]
+        return next(a.t for a in node.attribute if a.name == "value")
+
+    def const_array(self, ref: ConstRef) -> np.ndarray:
+        return numpy_helper.to_array(self.tensor_proto(ref))
+
+    def users_of_const(self, ref: ConstRef) -> list[tuple[int, int]]:
+        """Every (node, input position) that reads ``ref``, through Identity chains too."""
+        users: list[tuple[int, int]] = []
+        stack = [ref.name]
+        seen = set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for i, pos in self.consumers.get(name, []):
+                node = self.graph.node[i]
+                if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                    stack.extend(o for o in node.output if o)
+                else:
+                    users.append((i, pos))
+        return users
+
+    def const_is_graph_output(self, ref: ConstRef) -> bool:
+        return ref.name in self.graph_outputs
+
+    def ancestors(self, i: int) -> set[int]:
+        """The nodes whose outputs node ``i`` depends on (explicitly or through a body)."""
+        seen: set[int] = set()
+        stack = [i]
+        while stack:
+            for name in self.reads[stack.pop()]:
+                j = self.producer.get(name)
+                if j is not None and j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+        return seen
+
+
+def reached_by_data(model: onnx.ModelProto) -> set[str]:
+    """Tensors that depend on at least one graph input that is not an initializer, following
+    the names that subgraph bodies read from the enclosing scope too."""
+    inits = {t.name for t in model.graph.initializer}
+    reached = {i.name for i in model.graph.input if i.name not in inits}
+    for node in model.graph.node:  # topological order
+        reads = set(node.input) | (outer_reads(node) if node.attribute else set())
+        if reads & reached:
+            reached.update(o for o in node.output if o)
+    return reached
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` topologically, keeping the given order wherever it is valid
+    (a rewrite may make an early node read a value computed later)."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        reads = {x for x in n.input if x} | (outer_reads(n) if n.attribute else set())
+        d = {producer[x] for x in reads if x in producer and producer[x] != i}
+        deps.append(d)
+        for j in d:
+            users[j].append(i)
+    if all(j < i for i, d in enumerate(deps) for j in d):
+        return
+    missing = [len(d) for d in deps]
+    ready = [i for i, m in enumerate(missing) if m == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ValueError("the rewritten graph has a cycle")
+    ordered = []
+    for i in order:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(nodes[i])
+        ordered.append(copy)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def attribute(node: onnx.NodeProto, name: str, default):
+    """The value of ``node``'s attribute ``name``, or ``default`` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default

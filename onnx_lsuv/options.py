@@ -1,0 +1,129 @@
+"""The options of one run: built once (by the CLI or by ``lsuv_init``'s keywords), validated
+once, carried through the run and written into the report."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .baselines import BASELINES
+from .errors import InputError
+
+STRATEGIES = ("fast", "naive")
+PROVIDERS = ("auto", "cpu", "cuda")
+# lsuv: orthonormal pre-init, then LSUV scaling (the paper). rescale: keep the model's weights
+# and biases, only the LSUV scaling. orthonormal: the pre-init alone (Saxe et al.). xavier and
+# msra: baselines to compare with. Only lsuv and rescale read data.
+INITS = ("lsuv", "rescale", "orthonormal") + BASELINES
+MAX_SEED = 2**63 - 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class LSUVOptions:
+    """Everything a run can be told. Invalid values raise InputError when it is built.
+
+    Attributes:
+        target_var: Output variance to reach per layer. Defaults to 1.0.
+        tol: Tolerance on the variance (the paper's Tol_var). Defaults to 0.1.
+        max_iter: Most rescaling tries per layer, all strategies and retries together (the
+            paper's T_max). Defaults to 10.
+        seed: Seed of the random draws, 0 to 2**63 - 1: the same seed gives the same bytes.
+            Defaults to 0.
+        init: "lsuv", "rescale", "orthonormal", "xavier" or "msra" (see ``INITS``).
+            Defaults to "lsuv".
+        keep_bias: Keep the biases instead of zeroing them with the pre-init. Defaults to False.
+        lstm_forget_bias: Set every LSTM's forget-gate input bias to this finite value.
+            Defaults to None (left as the init leaves it).
+        provider: "auto", "cpu" or "cuda". Defaults to "auto".
+        strategy: "fast" (the in-graph one-pass solve) or "naive" (a whole forward pass per
+            try). Defaults to "fast".
+        threads: CPU threads for ONNX Runtime and the pre-init. Defaults to None (the CPUs
+            this process may use).
+    """
+
+    target_var: float = 1.0
+    tol: float = 0.1
+    max_iter: int = 10
+    seed: int = 0
+    init: str = "lsuv"
+    keep_bias: bool = False
+    lstm_forget_bias: float | None = None
+    provider: str = "auto"
+    strategy: str = "fast"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tol", "target_var"):
+            value = getattr(self, name)
+            if not (_number(value) and math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a positive number, got {value!r}")
+        if not (isinstance(self.max_iter, numbers.Integral) and not isinstance(self.max_iter, bool)
+                and self.max_iter >= 1):
+            raise InputError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
+                and 0 <= self.seed <= MAX_SEED):
+            raise InputError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+        if self.init not in INITS:
+            raise InputError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.provider not in PROVIDERS:
+            raise InputError(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
+        if self.lstm_forget_bias is not None and not (
+                _number(self.lstm_forget_bias) and math.isfinite(self.lstm_forget_bias)):
+            raise InputError(f"lstm_forget_bias must be a finite number, got "
+                             f"{self.lstm_forget_bias!r}")
+        if self.threads is not None and not (
+                isinstance(self.threads, numbers.Integral) and not isinstance(self.threads, bool)
+                and self.threads >= 1):
+            raise InputError(f"threads must be an integer >= 1, got {self.threads!r}")
+        # Store plain Python numbers: the report is JSON.
+        object.__setattr__(self, "target_var", float(self.target_var))
+        object.__setattr__(self, "tol", float(self.tol))
+        object.__setattr__(self, "max_iter", int(self.max_iter))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    @property
+    def scaling(self) -> bool:
+        """Whether the run measures data and rescales (init "lsuv" or "rescale")."""
+        return self.init in ("lsuv", "rescale")
+
+    @property
+    def reinit(self) -> bool:
+        """Whether the weights are drawn anew (every init but "rescale")."""
+        return self.init != "rescale"
+
+    @property
+    def zero_bias(self) -> bool:
+        """Whether the targets' biases are zeroed with the new draw."""
+        return self.reinit and not self.keep_bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def legacy_init(init: str, orthonormal: bool | None, orthonormal_only: bool | None) -> str:
+    """The ``init`` meant by the old ``orthonormal=False`` / ``orthonormal_only=True`` keywords
+    (and the CLI's ``--no-orthonormal`` / ``--orthonormal-only``), with a DeprecationWarning.
+
+    Raises:
+        InputError: The old and new spellings contradict each other.
+    """
+    if orthonormal is None and not orthonormal_only:
+        return init
+    warnings.warn("orthonormal=False and orthonormal_only=True are deprecated: use "
+                  "init='rescale' or init='orthonormal'", DeprecationWarning, stacklevel=3)
+    if orthonormal_only and orthonormal is False:
+        raise InputError("orthonormal_only and orthonormal=False together would change nothing")
+    meant = "orthonormal" if orthonormal_only else "rescale" if orthonormal is False else init
+    if init not in ("lsuv", meant):
+        raise InputError(f"init={init!r} contradicts the deprecated "
+                         f"{'orthonormal_only' if orthonormal_only else 'orthonormal'} option")
+    return meant

@@ -1,0 +1,265 @@
+"""Step 2 of Algorithm 1, the scaling: two strategies, the paper's try loop, and the checks.
+
+* ``scale_fast`` (default): one forward pass of a copy of the graph that normalises each layer's
+  output in-graph (LSUV is batch normalisation done once) gives every factor; one more pass of
+  the same copy on the written weights re-measures every layer. From the first layer found off
+  its target there, every layer is redone with the try loop, and a final pass re-measures the
+  written model.
+* ``scale_naive``: the plain re-run, a whole forward pass per try of every layer, then the same
+  final pass. The reference.
+
+Every status comes from ``verdict.judge`` on a variance measured on the written model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .engine import Engine, Session
+from .layers import Layer
+from .measure_graph import (
+    MIN_WHERE_OPSET,
+    WEIGHT_INPUT,
+    LayerBias,
+    fetching_model,
+    layer_inputs,
+    layer_model,
+    normalizing_model,
+    stats_model,
+)
+from .model_io import default_opset
+from .options import LSUVOptions
+from .report import LayerRecord, Report
+from .verdict import CONVERGED, judge, needs_factor
+from .weights import WeightState
+
+log = logging.getLogger("onnx_lsuv")
+
+# progress(stage, done, total, detail): stages "init", "scaling", "re-measure", "retry"
+ProgressFn = Callable[[str, int, int, str], None]
+Measure = Callable[[], np.ndarray]
+
+
+def no_progress(stage: str, done: int, total: int, detail: str) -> None:
+    pass
+
+
+@dataclass
+class Run:
+    """What the strategies share for one call: the model to measure, its weights, the data."""
+
+    engine: Engine
+    work: onnx.ModelProto
+    state: WeightState
+    feeds: dict[str, np.ndarray]
+    report: Report
+    options: LSUVOptions
+    progress: ProgressFn = no_progress
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self.state.layers
+
+    def rows(self, lay: Layer) -> list[LayerRecord]:
+        """The report rows of ``lay``: one per block (projection or gate)."""
+        return self.report.layers[lay.row:lay.row + len(lay.blocks)]
+
+    def session(self, model: onnx.ModelProto) -> Session:
+        """A session of ``model`` (derived from ``state.skeleton``) with the current weights."""
+        self.state.write_constants(model)
+        return self.engine.session(model, self.state.in_memory())
+
+    def judge(self, lay: Layer, values: np.ndarray, check: bool = False) -> None:
+        """Record ``values`` (one per block, measured on the written model) as the layer's
+        final variances, with the status ``verdict.judge`` gives them."""
+        for rec, value in zip(self.rows(lay), np.atleast_1d(values)):
+            rec.var_after = float(value)
+            rec.status, rec.message = judge(rec.var_after, self.options.target_var,
+                                            self.options.tol, check=check,
+                                            tries=None if check else rec.tries)
+
+
+def measure_all(run: Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
+    """Every layer's output variances (one per block) with the current weights, in one pass."""
+    measuring, names = stats_model(skeleton, run.layers)
+    values = run.session(measuring).run(run.feeds, names)
+    return [np.atleast_1d(v).astype(np.float64) for v in values]
+
+
+def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False) -> None:
+    """Re-measure the written weights and judge every layer: the run's last word. A weight
+    tied to a later layer may still have moved an earlier one, which no per-layer loop sees."""
+    ties = any(lay.shared_weight_users for lay in run.layers)
+    for lay, values in zip(run.layers, measure_all(run, skeleton)):
+        before = [(rec.status, rec.message) for rec in run.rows(lay)]
+        run.judge(lay, values, check=check)
+        for rec, (status, _) in zip(run.rows(lay), before):
+            if not check and ties and status == CONVERGED and rec.status != status:
+                rec.message += " in the final re-measurement: a weight tied to another layer " \
+                               "changed it"
+
+
+def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
+    """Kept non-zero biases as one value per output unit (what the one-pass solve handles).
+
+    A Gemm bias that is not per output unit (a full (M, N) matrix), and the bias of a layer
+    scaled in parts, are left out: the one-pass factor is then approximate, and the
+    re-measurement sends the layer to the try loop.
+    """
+    biases = {}
+    for lay in layers:
+        if not state.has_nonzero_bias(lay) or lay.is_recurrent or len(lay.blocks) > 1:
+            continue
+        b = state.bias[lay.index].astype(np.float64) * lay.bias_scale
+        units = lay.layout.output_units
+        if b.size == 1:
+            b = np.full(units, b.item())
+        if b.size != units or b.shape[-1] != units:  # e.g. a Gemm bias of shape (M, 1)
+            continue
+        biases[lay.index] = LayerBias(b.reshape(units))
+    return biases
+
+
+def scale_fast(run: Run) -> None:
+    """The one-pass solve, its re-measurement, and the try loop from the first layer off."""
+    layers, state, n, opts = run.layers, run.state, len(run.layers), run.options
+    t = time.perf_counter()
+    run.progress("scaling", 0, n, "one forward pass for every layer")
+    skeleton = state.skeleton(run.work)
+    norm, outs = normalizing_model(skeleton, layers, _kept_biases(state, layers),
+                                   opts.target_var, opts.tol)
+    values = run.session(norm).run(run.feeds, [x for o in outs for x in (o.var_before, o.scale)])
+    for lay, k in zip(layers, range(0, len(values), 2)):
+        variances = np.atleast_1d(values[k]).astype(np.float64)
+        scales = np.atleast_1d(values[k + 1]).astype(np.float64)
+        for rec, var, scale in zip(run.rows(lay), variances, scales):
+            rec.var_before = float(var)
+            rec.tries = int(scale != 1.0)
+            log.debug("layer %s: var %.4g, scale %.4g", rec.name, var, scale)
+        state.multiply(lay, scales)
+    run.progress("scaling", n, n, "")
+    run.report.timings["one_pass_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    run.progress("re-measure", 0, 1, "one forward pass of the written weights")
+    # The same rewrite on the written weights (a new session gets the new weights). Up to the
+    # first layer that gets a factor here, every variance is the written model's: a layer
+    # within tol, or a degenerate one, gets factor 1. From that layer on the try loop redoes
+    # everything, and the final check measures the written model again.
+    values = run.session(norm).run(run.feeds, [o.var_before for o in outs])
+    run.progress("re-measure", 1, 1, "")
+    run.report.timings["verify_s"] = time.perf_counter() - t
+    first_off = None
+    for lay, value in zip(layers, values):
+        value = np.atleast_1d(value).astype(np.float64)
+        if first_off is None:
+            run.judge(lay, value)
+            if any(needs_factor(float(v), opts.target_var, opts.tol) for v in value):
+                first_off = lay.index
+    for lay in layers:
+        for rec, scale in zip(run.rows(lay), state.scale[lay.index]):
+            rec.scale = float(scale)
+    if first_off is None:
+        return
+    log.info("layer %s is off its target after the one-pass solve: retrying it and the "
+             "layers after it one at a time", layers[first_off].name)
+    t = time.perf_counter()
+    for lay in layers[first_off:]:
+        # A weight also read upstream changes the layer's own input: whole passes then.
+        measure = (full_measure(run, skeleton, lay) if lay.weight_read_upstream
+                   else layer_measure(run, skeleton, lay))
+        tries(run, lay, measure)
+        run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)
+    final_check(run, skeleton)
+    run.report.timings["retry_s"] = time.perf_counter() - t
+
+
+def scale_naive(run: Run) -> None:
+    """A whole forward pass per try, layer after layer; then the final check."""
+    skeleton = run.state.skeleton(run.work)
+    for lay in run.layers:
+        tries(run, lay, full_measure(run, skeleton, lay))
+        run.progress("scaling", lay.index + 1, len(run.layers), lay.name)
+    final_check(run, skeleton)
+
+
+def choose(run: Run) -> Callable[[Run], None]:
+    """The strategy asked for, or naive where the model's opset has no Where (with a note)."""
+    if run.options.strategy == "naive":
+        return scale_naive
+    opset = default_opset(run.work)
+    if opset < MIN_WHERE_OPSET:
+        run.report.notes.append(f"opset {opset} has no Where: the in-graph solve needs opset "
+                                f"{MIN_WHERE_OPSET}; used the naive strategy")
+        log.info("%s", run.report.notes[-1])
+        return scale_naive
+    return scale_fast
+
+
+def full_measure(run: Run, skeleton: onnx.ModelProto, lay: Layer) -> Measure:
+    """A measurement of one layer by a whole forward pass with the current weights."""
+    measuring, (name,) = stats_model(skeleton, [lay])
+    return lambda: np.atleast_1d(run.session(measuring).run(run.feeds, [name])[0]).astype(
+        np.float64)
+
+
+def layer_measure(run: Run, skeleton: onnx.ModelProto, lay: Layer) -> Measure:
+    """A measurement of one layer alone: its input from one forward pass with the final
+    upstream weights, then only its own nodes (and the statistics) on each try."""
+    names = layer_inputs(skeleton, lay)
+    inputs = dict(zip(names, run.session(fetching_model(skeleton, names)).run(run.feeds, names)))
+    bias = run.state.bias[lay.index]
+    single, var_name = layer_model(skeleton, lay, inputs, bias)
+    sess = run.engine.session(single)
+
+    def measure() -> np.ndarray:
+        feeds = dict(inputs)
+        feeds[WEIGHT_INPUT] = np.ascontiguousarray(run.state.weight(lay))
+        return np.atleast_1d(sess.run(feeds, [var_name])[0]).astype(np.float64)
+
+    return measure
+
+
+def tries(run: Run, lay: Layer, measure: Measure) -> None:
+    """The paper's inner loop for one layer, for each of its blocks at once: measure, rescale,
+    until every block is within tol (or degenerate) or its tries reach max_iter (those spent
+    by the one-pass solve count)."""
+    records, opts = run.rows(lay), run.options
+    target = opts.target_var
+    var = measure()
+    for rec, v in zip(records, var):
+        if rec.var_before is None:
+            rec.var_before = float(v)
+    spent = np.array([rec.tries for rec in records])
+    exponent = np.full(len(records), 2.0)  # var ~ scale^2 for a linear layer
+    last_step, last_var = None, None
+    while True:
+        active = np.array([needs_factor(float(v), target, opts.tol) for v in var]) & (
+            spent < opts.max_iter)
+        if not active.any():
+            break
+        if last_step is not None:
+            # var ~ scale^p: estimate p in log space from the last step (a weight that is also
+            # read upstream gives p = 4, for instance), and keep it in a sane range.
+            with np.errstate(all="ignore"):
+                p = np.log(var / last_var) / np.log(last_step)
+            ok = np.isfinite(p) & (p >= 0.5) & (p <= 8.0) & (last_step != 1.0)
+            exponent = np.where(ok, p, 2.0)
+        with np.errstate(all="ignore"):
+            step = np.where(active, (target / var) ** (1.0 / exponent), 1.0)
+        run.state.multiply(lay, step)
+        spent += active
+        last_step, last_var = step, var
+        var = measure()
+        log.debug("layer %s try %d: var %s", lay.name, int(spent.max()),
+                  np.array2string(var, precision=4))
+    for rec, n, scale in zip(records, spent, run.state.scale[lay.index]):
+        rec.tries = int(n)
+        rec.scale = float(scale)
+    run.judge(lay, var)

@@ -1,0 +1,70 @@
+"""The one judgement of a layer: is its output variance on target?
+
+Every path that decides a layer's status (the one-pass solve, the re-measurement, the try loop,
+the final check and ``--check``) calls :func:`judge`. A zero, negative, NaN or infinite variance
+has one meaning everywhere: the layer is *degenerate*, it cannot be rescaled and it is not on
+target. The in-graph solve (``measure_graph.normalizing_model``) applies a factor exactly where
+:func:`needs_factor` is true; it decides nothing else, since every status comes from a
+measurement of the written model judged here.
+"""
+
+from __future__ import annotations
+
+import math
+
+# A layer's status, one word each.
+CONVERGED = "converged"  # |var - target| < tol on the batch, measured on the written model
+NOT_CONVERGED = "not_converged"  # a finite variance still off target after max_iter tries
+SKIPPED = "skipped"  # degenerate (zero or non-finite) output variance: not rescaled
+NOT_SCALED = "not_scaled"  # no data pass: --init orthonormal or a baseline
+OFF_TARGET = "off_target"  # check mode: |var - target| >= tol, or a degenerate variance
+STATUSES = (CONVERGED, NOT_CONVERGED, SKIPPED, NOT_SCALED, OFF_TARGET)
+# Statuses that leave the run's verdict true: on target, or no verdict asked for.
+GOOD = (CONVERGED, NOT_SCALED)
+
+
+def degenerate(var: float) -> str | None:
+    """Why ``var`` cannot be rescaled (zero, negative or not finite), or None."""
+    if not math.isfinite(var):
+        return f"output variance is {var}"
+    if var <= 0:
+        return "output variance is 0 (constant output)"
+    return None
+
+
+def on_target(var: float, target: float, tol: float) -> bool:
+    """|var - target| < tol for a finite, positive variance (NaN is never on target)."""
+    return degenerate(var) is None and abs(var - target) < tol
+
+
+def needs_factor(var: float, target: float, tol: float) -> bool:
+    """Whether the solve rescales a layer with this variance: finite, positive, off target."""
+    return degenerate(var) is None and not abs(var - target) < tol
+
+
+def judge(var: float, target: float, tol: float, *, check: bool = False,
+          tries: int | None = None) -> tuple[str, str]:
+    """The status of a layer whose measured output variance is ``var``, and why.
+
+    Args:
+        var: The variance measured on the written (or checked) model.
+        target: The target variance.
+        tol: The tolerance (the paper's Tol_var).
+        check: Check mode (``--check``): anything not on target is ``off_target``. Defaults to
+            False (initialisation: ``skipped`` for a degenerate variance, ``not_converged`` for
+            a finite one off target).
+        tries: Tries spent, named in the message of a layer that did not converge. Defaults
+            to None.
+
+    Returns:
+        (status, message); the message is empty for a converged layer.
+    """
+    problem = degenerate(var)
+    if problem is None and abs(var - target) < tol:
+        return CONVERGED, ""
+    if check:
+        return OFF_TARGET, problem or f"|var - target| = {abs(var - target):.4g} >= {tol}"
+    if problem is not None:
+        return SKIPPED, problem
+    spent = f" after {tries} tries" if tries is not None else ""
+    return NOT_CONVERGED, f"|var - target| = {abs(var - target):.4g} >= {tol}{spent}"
