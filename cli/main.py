@@ -6,12 +6,15 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 import click
 import numpy as np
 
 import onnx_lsuv
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
+from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
+from onnx_lsuv.verdict import GOOD
 from onnx_lsuv.model_io import (
     check_output_path,
     external_data_files,
@@ -26,15 +29,21 @@ Examples:
   onnx-lsuv model.onnx --data b1.npy --data b2.npy -o init.onnx --save-weights init.npz
   onnx-lsuv init.onnx --data batch.npy --check --json  # CI gate: exit {EXIT_CHECK_FAILED} if off
   onnx-lsuv model.onnx -o xavier.onnx --init xavier    # a baseline, no data needed
+  onnx-lsuv trained.onnx -d batch.npy -o scaled.onnx --init rescale  # keep weights, rescale
 
 \b
-Exit codes: {0} done; {EXIT_FAILURE} runtime failure (ONNX Runtime error, a layer that did
-not converge: the model is still written); {EXIT_BAD_INPUT} bad input or usage (nothing
-written); {EXIT_CHECK_FAILED} --check found a layer off its target variance.
+Exit codes: 0 done, every layer on target; {EXIT_FAILURE} a layer not on target (did not
+converge, or dead: variance 0, NaN or Inf; the model IS written), or ONNX Runtime failed on
+a measuring copy (nothing written); {EXIT_BAD_INPUT} bad input or usage, including a model
+ONNX Runtime refuses as it is (nothing written); {EXIT_CHECK_FAILED} --check found a layer
+off its target variance.
 
 \b
 Shell completion (bash): eval "$(_ONNX_LSUV_COMPLETE=bash_source onnx-lsuv)"
 """
+
+
+log = logging.getLogger("onnx_lsuv")
 
 
 class _StderrHandler(logging.Handler):
@@ -90,39 +99,70 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+# --help lists the options in these groups, in this order (as Polygraphy's argument groups do).
+GROUPS = {
+    "Data": ["data"],
+    "Initialisation": ["init", "seed", "keep_bias", "lstm_forget_bias"],
+    "Scaling": ["target_var", "tol", "max_iter", "strategy", "check"],
+    "Output": ["output", "report_path", "as_json", "plot_path", "weights_path",
+               "external_data", "overwrite"],
+    "Runtime": ["provider", "threads", "verbose", "quiet", "version", "help"],
+}
+
+
+class GroupedCommand(click.Command):
+    """A click command whose --help shows its options in ``GROUPS``, with click's own
+    formatter (no add-on needed for five headings)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = [p for p in self.get_params(ctx) if isinstance(p, click.Option)]
+        help_name = self.get_help_option(ctx).name if self.get_help_option(ctx) else None
+        rows = {("help" if p.name == help_name else p.name): p.get_help_record(ctx)
+                for p in params}
+        for title, names in GROUPS.items():
+            records = [rows.pop(n) for n in names if rows.get(n)]
+            if records:
+                with formatter.section(f"{title} options"):
+                    formatter.write_dl(records)
+        rest = [r for r in rows.values() if r]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
+
+
+@click.command(cls=GroupedCommand, epilog=EPILOG,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "-d", "data", multiple=True, type=click.Path(),
               help="Batch: .npy (single-input models) or .npz (one array per input name). Give "
                    "it several times, or a directory of .npy files, to pool batches.")
-@click.option("--output", "-o", "output", type=click.Path(dir_okay=False),
-              help="Where to write the initialised model (not with --check).")
+@click.option("--init", "init", type=click.Choice(INITS), default="lsuv", show_default=True,
+              help="lsuv: orthonormal pre-init, then LSUV scaling. rescale: keep the model's "
+                   "weights and biases, only the LSUV scaling. orthonormal, xavier, msra: "
+                   "baselines to compare with (no data pass).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random draws, 0 to 2**63-1 (same seed, same bytes).")
+@click.option("--keep-bias", is_flag=True, help="Keep the biases instead of zeroing them.")
+@click.option("--lstm-forget-bias", type=float, default=None,
+              help="Set every LSTM's forget-gate input bias to this value (e.g. 1.0).")
+@click.option("--no-orthonormal", is_flag=True, hidden=True,
+              help="Deprecated: --init rescale.")
+@click.option("--orthonormal-only", is_flag=True, hidden=True,
+              help="Deprecated: --init orthonormal.")
+@click.option("--target-var", type=float, default=1.0, show_default=True,
+              help="Output variance to reach per layer.")
 @click.option("--tol", type=float, default=0.1, show_default=True,
               help="Tolerance on the output variance (the paper's Tol_var).")
 @click.option("--max-iter", type=int, default=10, show_default=True,
               help="Most rescaling tries per layer (the paper's T_max).")
-@click.option("--target-var", type=float, default=1.0, show_default=True,
-              help="Output variance to reach per layer.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the random draws (same seed, same bytes).")
-@click.option("--init", "init", type=click.Choice(["lsuv", "orthonormal", "xavier", "msra"]),
-              default="lsuv", show_default=True,
-              help="LSUV, or a baseline to compare with (no data pass).")
-@click.option("--keep-bias", is_flag=True, help="Keep the biases instead of zeroing them.")
-@click.option("--lstm-forget-bias", type=float, default=None,
-              help="Set every LSTM's forget-gate input bias to this value (e.g. 1.0).")
-@click.option("--no-orthonormal", is_flag=True,
-              help="Keep the existing weights and biases; only rescale.")
-@click.option("--orthonormal-only", is_flag=True,
-              help="Only the orthonormal pre-init (same as --init orthonormal).")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="fast", show_default=True,
+              help="fast: the in-graph one-pass solve; naive: one forward pass per try.")
 @click.option("--check", is_flag=True,
               help=f"Re-measure MODEL on the data, write nothing; exit {EXIT_CHECK_FAILED} if any "
-                   "layer is off its target variance by TOL or more.")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="ONNX Runtime execution provider.")
-@click.option("--strategy", type=click.Choice(["fast", "naive"]), default="fast",
-              show_default=True,
-              help="fast: two forward passes in all; naive: one forward pass per try.")
+                   "layer is off its target variance by TOL or more, or dead (variance 0, "
+                   "NaN or Inf).")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False),
+              help="Where to write the initialised model (not with --check).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the per-layer report as JSON to this file.")
 @click.option("--json", "as_json", is_flag=True,
@@ -137,13 +177,14 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
               help="Write tensors to OUT.data beside OUT. Default: as the input model does, "
                    "and always above protobuf's 2 GiB.")
 @click.option("--overwrite", is_flag=True, help="Allow the output to replace the input model.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+              help="ONNX Runtime execution provider.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for ONNX Runtime and the pre-init. Default: the CPUs available.")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr (per-layer values).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr: no progress, no table.")
 @click.version_option(onnx_lsuv.__version__, "--version", prog_name="onnx-lsuv")
-def lsuv_command(model, data, output, tol, max_iter, target_var, seed, init, keep_bias,
-                 lstm_forget_bias, no_orthonormal, orthonormal_only, check, provider, strategy,
-                 report_path, as_json, plot_path, weights_path, external_data, overwrite,
-                 verbose, quiet):
+def lsuv_command(model: str, verbose: int, quiet: bool, as_json: bool, **flags) -> None:
     """LSUV-initialise the Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU and RNN layers of MODEL.
 
     Orthonormal pre-init (Saxe et al. 2014), then each layer's weights are rescaled in order
@@ -151,11 +192,9 @@ def lsuv_command(model, data, output, tol, max_iter, target_var, seed, init, kee
     Everything else in the model is written back unchanged; MODEL itself is never modified.
     """
     _setup_logging(verbose, quiet)
+    check = flags["check"]
     try:
-        report, out = _run(model, list(data), output, tol, max_iter, target_var, seed, init,
-                           keep_bias, lstm_forget_bias, no_orthonormal, orthonormal_only, check,
-                           provider, strategy, report_path, plot_path, weights_path,
-                           external_data, overwrite, quiet)
+        report, out = _run(model, flags, quiet)
     except LSUVError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -175,18 +214,38 @@ def lsuv_command(model, data, output, tol, max_iter, target_var, seed, init, kee
     if as_json:
         click.echo(json.dumps(report.summary(), indent=2))
     if not report.converged:
+        off = sum(r.status not in GOOD for r in report.layers)
+        click.echo(f"error: {off} of {len(report.layers)} layers not on target"
+                   + ("" if check else f" (the model was written to {out})"), err=True)
         sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
 
 
-def _run(model, data, output, tol, max_iter, target_var, seed, init, keep_bias,
-         lstm_forget_bias, no_orthonormal, orthonormal_only, check, provider, strategy,
-         report_path, plot_path, weights_path, external_data, overwrite, quiet):
+def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
+    """The run's options from the flags (the deprecated spellings mapped onto --init)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        init = legacy_init(flags["init"], False if flags["no_orthonormal"] else None,
+                           flags["orthonormal_only"])
+    if flags["no_orthonormal"] or flags["orthonormal_only"]:
+        log.warning("--no-orthonormal and --orthonormal-only are deprecated: use --init %s",
+                    init)
+    return onnx_lsuv.LSUVOptions(
+        target_var=flags["target_var"], tol=flags["tol"], max_iter=flags["max_iter"],
+        seed=flags["seed"], init=init, keep_bias=flags["keep_bias"],
+        lstm_forget_bias=flags["lstm_forget_bias"], provider=flags["provider"],
+        strategy=flags["strategy"], threads=flags["threads"])
+
+
+def _run(model: str, flags: dict, quiet: bool):
     """Validate the options together, call the library, write the outputs; (report, out)."""
-    needs_data = check or (init == "lsuv" and not orthonormal_only)
-    if needs_data and not data:
-        raise InputError("--data is required (except with --orthonormal-only or a baseline "
-                         "--init)")
-    inputs = [model] + list(data) + external_data_files(model)
+    opts = _options(flags)
+    data, output, check = list(flags["data"]), flags["output"], flags["check"]
+    report_path, plot_path = flags["report_path"], flags["plot_path"]
+    weights_path = flags["weights_path"]
+    if (check or opts.scaling) and not data:
+        raise InputError("--data is required (except with a baseline --init: orthonormal, "
+                         "xavier, msra)")
+    inputs = [model] + data + external_data_files(model)
     side = [p for p in (report_path, plot_path, weights_path) if p]
     for path in side:
         check_output_path(path, inputs, False)
@@ -203,19 +262,15 @@ def _run(model, data, output, tol, max_iter, target_var, seed, init, keep_bias,
     if check:
         if output or weights_path:
             raise InputError("--check writes no model: drop -o/--save-weights")
-        report = onnx_lsuv.check_variances(model, data, target_var=target_var, tol=tol,
-                                           provider=provider)
+        report = onnx_lsuv.check_variances(model, data, opts)
         out = None
     else:
         if not output:
             raise InputError("-o/--output is required (or pass --check)")
-        out = check_output_path(output, inputs, overwrite)
-        result = onnx_lsuv.lsuv_init(
-            model, data or None, target_var=target_var, tol=tol, max_iter=max_iter, seed=seed,
-            keep_bias=keep_bias, orthonormal=not no_orthonormal,
-            orthonormal_only=orthonormal_only, init=init, provider=provider, strategy=strategy,
-            progress=progress, lstm_forget_bias=lstm_forget_bias)
+        out = check_output_path(output, inputs, flags["overwrite"])
+        result = onnx_lsuv.lsuv_init(model, data or None, opts, progress=progress)
         report = result.report
+        external_data = flags["external_data"]
         if external_data is None and uses_external_data(model):
             external_data = True
         save_model_atomic(result.model, out, external_data=external_data)

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from .errors import InputError, LSUVError, ProviderError, RuntimeFailure  # noqa: E402
 from .lsuv import LSUVResult, check_variances, lsuv_init  # noqa: E402
 from .model_io import save_model_atomic  # noqa: E402
+from .options import LSUVOptions  # noqa: E402
 from .report import LayerRecord, Report  # noqa: E402
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "lsuv_init",
     "check_variances",
     "LSUVResult",
+    "LSUVOptions",
     "Report",
     "LayerRecord",
     "save_model_atomic",

@@ -32,9 +32,11 @@ _ALLOWED_CASTS = {
     (np.dtype(np.int64), np.dtype(np.float32)),
     (np.dtype(np.int32), np.dtype(np.float32)),
 }
+_BF16_OR_NONE = None
 try:  # bfloat16 inputs, as onnx maps them (ml_dtypes comes with onnx)
     _BF16 = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
     _ALLOWED_CASTS |= {(np.dtype(np.float32), _BF16), (np.dtype(np.float64), _BF16)}
+    _BF16_OR_NONE = _BF16
 except (TypeError, ValueError, KeyError):
     pass
 
@@ -173,6 +175,9 @@ def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         InputError: A part is unusable, or the parts cannot be pooled (an input with a fixed
             batch dimension, or parts that disagree beyond the batch axis).
     """
+    if data is None:
+        raise InputError("data is required: pass a batch (an array, a dict of arrays, or a "
+                         ".npy/.npz path)")
     if not isinstance(data, (list, tuple)):
         data = [data]
     data = [part for item in data for part in _expand_directory(item)]
@@ -194,6 +199,18 @@ def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         pooled[vi.name] = np.concatenate(arrays, axis=0)
     _warn_small(pooled, model)
     return pooled
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    """float16/32/64, and bfloat16 (a numpy void-kind dtype from ml_dtypes)."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == _BF16_OR_NONE
+
+
+def _finfo_max(dtype: np.dtype) -> float:
+    try:
+        return float(np.finfo(dtype).max)
+    except ValueError:
+        return float(3.3895314e38)  # bfloat16
 
 
 def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
@@ -218,7 +235,7 @@ def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
             )
     if arr.size == 0:
         raise InputError(f"input {name!r}: the array is empty (shape {tuple(arr.shape)})")
-    if arr.dtype.kind in "fV" and not np.all(np.isfinite(arr.astype(np.float32))):
+    if _is_float(arr.dtype) and not np.all(np.isfinite(arr)):
         raise InputError(f"input {name!r}: the data contains NaN or Inf values")
     if dtype is not None and arr.dtype != dtype:
         if (arr.dtype, dtype) not in _ALLOWED_CASTS:
@@ -227,5 +244,14 @@ def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
                 f"arr.astype(np.{dtype.name}) if that is what you mean"
             )
         log.info("input %r: casting the data from %s to %s", name, arr.dtype, dtype)
-        arr = arr.astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = arr.astype(dtype)
+        # Finiteness after the cast: float64 data of 1e5 is finite, and Inf as float16.
+        if _is_float(dtype) and not np.all(np.isfinite(cast)):
+            biggest = float(np.max(np.abs(arr.astype(np.float64))))
+            raise InputError(
+                f"input {name!r}: values up to {biggest:.4g} overflow {dtype} (largest "
+                f"{float(_finfo_max(dtype)):.4g}) in the cast from {arr.dtype}; scale the "
+                "data, or feed it in the model's dtype")
+        arr = cast
     return np.ascontiguousarray(arr)

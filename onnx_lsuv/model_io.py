@@ -42,6 +42,7 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        check_tensor_sizes(copy, "the model")
         return copy
     path = existing_file(model, "model", "an .onnx file")
     try:
@@ -55,7 +56,41 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
             load_external_data_for_model(loaded, os.path.dirname(os.path.abspath(path)))
         except (OSError, ValueError, RuntimeError) as err:
             raise InputError(f"cannot read the external data of {path}: {err}") from err
+    check_tensor_sizes(loaded, path)
     return loaded
+
+
+_T = onnx.TensorProto
+# Where a tensor without raw_data keeps its values, and how many numbers each element takes.
+_TYPED_FIELD = {
+    _T.FLOAT: ("float_data", 1), _T.COMPLEX64: ("float_data", 2),
+    _T.DOUBLE: ("double_data", 1), _T.COMPLEX128: ("double_data", 2),
+    _T.INT64: ("int64_data", 1), _T.UINT32: ("uint64_data", 1), _T.UINT64: ("uint64_data", 1),
+    **{t: ("int32_data", 1) for t in (_T.INT32, _T.INT16, _T.INT8, _T.UINT16, _T.UINT8,
+                                      _T.BOOL, _T.FLOAT16, _T.BFLOAT16)},
+}
+
+
+def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
+    """Refuse a tensor whose stored data does not hold as many elements as its dims say (a
+    truncated or corrupt file), naming the tensor and ``source``.
+
+    Raises:
+        InputError: The first such tensor.
+    """
+    for t in _all_tensors(model, subgraphs=True):
+        if t.data_location == _T.EXTERNAL or t.data_type not in _TYPED_FIELD:
+            continue
+        count = int(np.prod(t.dims, dtype=np.int64))
+        if t.HasField("raw_data"):
+            want, have, unit = tensor_nbytes(t), len(t.raw_data), "bytes"
+        else:
+            field_name, per = _TYPED_FIELD[t.data_type]
+            want, have, unit = count * per, len(getattr(t, field_name)), "values"
+        if have != want:
+            raise InputError(f"tensor {t.name!r} in {source} has shape {list(t.dims)} "
+                             f"({want} {unit}) but holds {have} {unit}: the file is truncated "
+                             "or corrupt")
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
@@ -64,12 +99,23 @@ def _has_external(model: onnx.ModelProto) -> bool:
     return any(uses_external_data(t) for t in _all_tensors(model))
 
 
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
+def _all_tensors(model: onnx.ModelProto, subgraphs: bool = False):
+    """The main graph's initializers and Constant values (and, with ``subgraphs``, those of
+    every If/Loop/Scan body too)."""
+    yield from _graph_tensors(model.graph, subgraphs)
+
+
+def _graph_tensors(graph: onnx.GraphProto, subgraphs: bool):
+    yield from graph.initializer
+    for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
+            elif subgraphs and attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g, True)
+            elif subgraphs and attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graph_tensors(g, True)
 
 
 def tensor_nbytes(t: onnx.TensorProto) -> int:
