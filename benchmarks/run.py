@@ -73,7 +73,7 @@ def _median_time(fn, reps: int) -> tuple[float, list]:
 def plain_forward(path: str, x: np.ndarray, provider: str, reps: int) -> float:
     engine = Engine(provider)
     with open(path, "rb") as f:
-        sess = engine.session(f.read())
+        sess = engine.session(f.read()).ort_session
     name = sess.get_inputs()[0].name
     sess.run(None, {name: x})  # warm-up: the figure is a steady-state forward
     return _median_time(lambda: sess.run(None, {name: x}), reps)[0]
@@ -89,7 +89,7 @@ def peak_rss_mb(mode: str, path: str, data: str, provider: str) -> float:
         "    import onnx_lsuv, onnx_lsuv.engine\n"
         "elif mode == 'forward':\n"
         "    from onnx_lsuv.engine import Engine\n"
-        "    s = Engine(provider).session(open(path, 'rb').read())\n"
+        "    s = Engine(provider).session(open(path, 'rb').read()).ort_session\n"
         "    s.run(None, {s.get_inputs()[0].name: x})\n"
         "else:\n"
         "    from onnx_lsuv import lsuv_init\n"

@@ -13,14 +13,14 @@ import numpy as np
 
 import onnx_lsuv
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
-from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
-from onnx_lsuv.verdict import GOOD
 from onnx_lsuv.model_io import (
     check_output_path,
     external_data_files,
     save_model_atomic,
     uses_external_data,
 )
+from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
+from onnx_lsuv.verdict import GOOD
 
 EPILOG = f"""\b
 Examples:

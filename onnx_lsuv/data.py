@@ -210,7 +210,7 @@ def _finfo_max(dtype: np.dtype) -> float:
     try:
         return float(np.finfo(dtype).max)
     except ValueError:
-        return float(3.3895314e38)  # bfloat16
+        return 3.3895314e38  # bfloat16
 
 
 def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:

@@ -132,12 +132,14 @@ def scale_fast(run: Run) -> None:
     t = time.perf_counter()
     run.progress("scaling", 0, n, "one forward pass for every layer")
     skeleton = state.skeleton(run.work)
-    norm, outs = normalizing_model(skeleton, layers, _kept_biases(state, layers),
-                                   opts.target_var, opts.tol)
+    biases = _kept_biases(state, layers)
+    norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol,
+                                   exact=False)
     values = run.session(norm).run(run.feeds, [x for o in outs for x in (o.var_before, o.scale)])
     for lay, k in zip(layers, range(0, len(values), 2)):
         variances = np.atleast_1d(values[k]).astype(np.float64)
         scales = np.atleast_1d(values[k + 1]).astype(np.float64)
+        scales = np.where(np.isfinite(scales) & (scales > 0), scales, 1.0)  # never a NaN weight
         for rec, var, scale in zip(run.rows(lay), variances, scales):
             rec.var_before = float(var)
             rec.tries = int(scale != 1.0)
@@ -148,10 +150,11 @@ def scale_fast(run: Run) -> None:
 
     t = time.perf_counter()
     run.progress("re-measure", 0, 1, "one forward pass of the written weights")
-    # The same rewrite on the written weights (a new session gets the new weights). Up to the
+    # The same rewrite on the written weights, with exact (float64) statistics. Up to the
     # first layer that gets a factor here, every variance is the written model's: a layer
     # within tol, or a degenerate one, gets factor 1. From that layer on the try loop redoes
     # everything, and the final check measures the written model again.
+    norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol)
     values = run.session(norm).run(run.feeds, [o.var_before for o in outs])
     run.progress("re-measure", 1, 1, "")
     run.report.timings["verify_s"] = time.perf_counter() - t

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .layers import ConstRef, GraphIndex, Layer
+from .graph import ConstRef, GraphIndex
+from .layers import Layer
 from .model_io import tensor_nbytes
 
 PLACEHOLDER = "onnx-lsuv-in-memory"

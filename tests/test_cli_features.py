@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from onnx_lsuv.errors import EXIT_CHECK_FAILED
-from onnx_lsuv.layers import find_layers
 from onnx_lsuv_cli.main import lsuv_command
 
 import models
@@ -84,12 +83,16 @@ def test_save_weights_holds_exactly_the_changed_tensors(tmp_path):
     assert res.exit_code == 0, res.output
     with np.load(tmp_path / "w.npz") as npz:
         saved = dict(npz)
-    model = onnx.load(tmp_path / "a.onnx")
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    layers = find_layers(model).layers
-    assert {lay.weight.name for lay in layers} <= set(saved)
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(SAMPLE).graph.initializer}
+    after = {t.name: numpy_helper.to_array(t)
+             for t in onnx.load(tmp_path / "a.onnx").graph.initializer}
+    assert set(after) == set(before)
+    changed = {k for k in after if not np.array_equal(after[k], before[k])}
+    weights = {n.input[1] for n in onnx.load(SAMPLE).graph.node if n.op_type in ("Conv", "Gemm")}
+    assert weights <= changed  # every weight was redrawn...
+    assert set(saved) == changed  # ...and the npz holds exactly what changed, as written
     for name, array in saved.items():
-        assert np.array_equal(array, inits[name])
+        assert array.dtype == after[name].dtype and np.array_equal(array, after[name])
 
 
 def test_several_batches_and_a_directory_are_pooled(tmp_path):
@@ -114,16 +117,26 @@ def test_several_batches_and_a_directory_are_pooled(tmp_path):
     ("msra", lambda w, fi, fo: abs(w.std() - np.sqrt(2.0 / fi)) < 0.15 * w.std()),
 ])
 def test_baseline_inits_follow_their_distributions(tmp_path, init, check):
-    from onnx_lsuv.baselines import fans
-
     res = invoke(SAMPLE, "-o", tmp_path / "b.onnx", "--init", init, "-q")
     assert res.exit_code == 0, res.output
     model = onnx.load(tmp_path / "b.onnx")
-    for lay in find_layers(model).layers:
-        w = numpy_helper.to_array(next(t for t in model.graph.initializer
-                                       if t.name == lay.weight.name)).astype(np.float64)
-        fi, fo = fans(lay.layout)
-        assert check(w, fi, fo), (lay.name, w.std())
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    seen = 0
+    for node in model.graph.node:  # the fans as Glorot and He define them, computed here
+        if node.op_type == "Conv":
+            w = inits[node.input[1]]
+            assert not any(a.name == "group" and a.i != 1 for a in node.attribute)
+            receptive = int(np.prod(w.shape[2:]))
+            fi, fo = w.shape[1] * receptive, w.shape[0] * receptive
+        elif node.op_type == "Gemm":
+            w = inits[node.input[1]]
+            trans = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            fo, fi = w.shape if trans else w.shape[::-1]
+        else:
+            continue
+        seen += 1
+        assert check(w, fi, fo), (node.name, w.std())
+    assert seen == 7
     # LSUV reaches the target where the baselines leave the variance where it falls.
     x = np.load(BATCH)
     names = target_outputs(model)

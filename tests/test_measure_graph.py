@@ -5,7 +5,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnx_lsuv.layers import GraphIndex, find_layers
+from onnx_lsuv.graph import GraphIndex
+from onnx_lsuv.layers import find_layers
 from onnx_lsuv.measure_graph import find_tap, normalizing_model, stats_model
 
 import models

@@ -283,9 +283,19 @@ def test_report_names_the_gate_or_projection_of_each_row():
     assert "gru0[z]" in rep.table()
 
 
-def test_sequence_model_input_types_are_kept():
-    model, _ = rnn_model("RNN")
-    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_sequence_model_inputs_names_and_dtypes_are_kept(op):
+    model, _ = rnn_model(op, stacked=True)
+    feeds = {"x": np.random.default_rng(5).standard_normal((T, 16, 5)).astype(np.float32)}
+    out = lsuv_init(model, feeds, provider="cpu").model
+    assert [i.SerializeToString() for i in out.graph.input] == \
+           [i.SerializeToString() for i in model.graph.input]
+    assert [o.SerializeToString() for o in out.graph.output] == \
+           [o.SerializeToString() for o in model.graph.output]
+    assert [(t.name, t.data_type, list(t.dims)) for t in out.graph.initializer] == \
+           [(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]
+    assert [n.SerializeToString() for n in out.graph.node] == \
+           [n.SerializeToString() for n in model.graph.node]
 
 
 def test_padded_time_steps_do_not_count_in_the_gate_statistics():
@@ -323,6 +333,12 @@ def test_one_lstm_applied_twice_is_set_once():
     result = lsuv_init(model, feeds, provider="cpu")
     assert {r.name.split("[")[0] for r in result.report.layers} == {"first"}
     assert any(s["name"] == "second" and "tied" in s["reason"] for s in result.report.skipped)
+    # Both uses read the one W, R in the written model; the first use's gates are at unit
+    # variance, measured here from its input and the written W.
+    assert [n.input[1:3] for n in result.model.graph.node if n.op_type == "LSTM"] == \
+           [["lstm.W", "lstm.R"]] * 2
+    for v in gate_variances(result.model, feeds, "x", "lstm.W", 4):
+        assert abs(v - 1) < 0.1, v
     assert result.report.converged
 
 
