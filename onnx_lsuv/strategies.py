@@ -229,10 +229,52 @@ def layer_measure(run: Run, skeleton: onnx.ModelProto, lay: Layer) -> Measure:
     return measure
 
 
+def next_scale(points: list[tuple[float, float]], target: float) -> float:
+    """The weight scale to try next for one block, from the (scale, variance) pairs so far.
+
+    A layer measured alone computes y = s z + b from a fixed input, so its variance is exactly
+    quadratic in the scale s: var(s) = s^2 var(z) + 2 s cov(z, b) + var(b). From three points
+    the quadratic is solved for var = target (the root nearest the current scale, or its
+    minimum where the bias keeps every scale above the target); from two, the
+    model s^2 var(z) + var(b) is; from one, var ~ s^2 (exact without a bias: the paper's
+    sqrt(target / var) step). Where a model has no positive root (a weight also read upstream
+    makes var go as s^4, for instance), the power law var ~ s^p fitted to the last two points
+    takes over, with p kept between 0.5 and 8.
+    """
+    s_now, v_now = points[-1]
+    distinct = list({s: (s, v) for s, v in points}.values())
+    candidates = []
+    if len(distinct) >= 3:
+        (s0, v0), (s1, v1), (s2, v2) = distinct[-3:]
+        with np.errstate(all="ignore"):
+            a, b, c = np.polyfit([s0, s1, s2], [v0, v1, v2], 2)
+        if np.isfinite([a, b, c]).all() and a > 0:
+            disc = b * b - 4 * a * (c - target)
+            if disc >= 0:
+                roots = [(-b + sign * np.sqrt(disc)) / (2 * a) for sign in (1.0, -1.0)]
+                candidates = [r for r in roots if r > 0]
+            elif -b / (2 * a) > 0:  # no scale reaches the target: the closest one
+                candidates = [-b / (2 * a)]
+    if not candidates and len(distinct) >= 2:
+        (s0, v0), (s1, v1) = distinct[-2:]
+        a = (v1 - v0) / (s1 * s1 - s0 * s0)
+        if np.isfinite(a) and a > 0 and (target - (v0 - a * s0 * s0)) / a > 0:
+            candidates = [float(np.sqrt((target - (v0 - a * s0 * s0)) / a))]
+        else:
+            with np.errstate(all="ignore"):
+                p = np.log(v1 / v0) / np.log(s1 / s0)
+            p = p if np.isfinite(p) and 0.5 <= p <= 8.0 else 2.0
+            candidates = [s_now * (target / v_now) ** (1.0 / p)]
+    if not candidates:
+        candidates = [s_now * np.sqrt(target / v_now)]
+    best = min(candidates, key=lambda r: abs(np.log(r / s_now)))
+    return float(best) if np.isfinite(best) and best > 0 else s_now * np.sqrt(target / v_now)
+
+
 def tries(run: Run, lay: Layer, measure: Measure) -> None:
     """The paper's inner loop for one layer, for each of its blocks at once: measure, rescale,
     until every block is within tol (or degenerate) or its tries reach max_iter (those spent
-    by the one-pass solve count)."""
+    by the one-pass solve count). Each next scale comes from ``next_scale``."""
     records, opts = run.rows(lay), run.options
     target = opts.target_var
     var = measure()
@@ -240,26 +282,21 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
         if rec.var_before is None:
             rec.var_before = float(v)
     spent = np.array([rec.tries for rec in records])
-    exponent = np.full(len(records), 2.0)  # var ~ scale^2 for a linear layer
-    last_step, last_var = None, None
+    history = [[(float(s), float(v))] for s, v in zip(run.state.scale[lay.index], var)]
     while True:
         active = np.array([needs_factor(float(v), target, opts.tol) for v in var]) & (
             spent < opts.max_iter)
         if not active.any():
             break
-        if last_step is not None:
-            # var ~ scale^p: estimate p in log space from the last step (a weight that is also
-            # read upstream gives p = 4, for instance), and keep it in a sane range.
-            with np.errstate(all="ignore"):
-                p = np.log(var / last_var) / np.log(last_step)
-            ok = np.isfinite(p) & (p >= 0.5) & (p <= 8.0) & (last_step != 1.0)
-            exponent = np.where(ok, p, 2.0)
-        with np.errstate(all="ignore"):
-            step = np.where(active, (target / var) ** (1.0 / exponent), 1.0)
+        scale = run.state.scale[lay.index]
+        step = np.array([next_scale(h, target) / s if on else 1.0
+                         for h, s, on in zip(history, scale, active)])
         run.state.multiply(lay, step)
         spent += active
-        last_step, last_var = step, var
         var = measure()
+        for h, s, v, on in zip(history, run.state.scale[lay.index], var, active):
+            if on:
+                h.append((float(s), float(v)))
         log.debug("layer %s try %d: var %s", lay.name, int(spent.max()),
                   np.array2string(var, precision=4))
     for rec, n, scale in zip(records, spent, run.state.scale[lay.index]):

@@ -176,10 +176,15 @@ def test_fast_naive_and_a_reference_algorithm_1_agree_on_every_layer(case):
         rep = result.report
         assert len(rep.layers) == len(targets)
         measured = variances(result.model, feeds, outputs)
+        # Layer after layer, as long as Algorithm 1 brings each on target, so does each
+        # strategy. (After a layer that a bias keeps off target, the layers downstream see
+        # other inputs in each run, and what each can reach differs.)
         for rec, ref, got in zip(rep.layers, reference, measured):
-            if on_target(ref):  # reachable by Algorithm 1: reached here too
-                assert on_target(got), (strategy, rec, ref, got, rep.table())
-            # The report never claims what the written model does not do.
+            if not on_target(ref):
+                break
+            assert on_target(got), (strategy, rec, ref, got, rep.table())
+        # The report never claims what the written model does not do.
+        for rec, got in zip(rep.layers, measured):
             assert (rec.status == "converged") == on_target(got), (strategy, rec, got)
         assert rep.converged == all(on_target(v) for v in measured)
 
