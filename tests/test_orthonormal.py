@@ -66,3 +66,35 @@ def test_orthonormal_in_every_layout(op, shape, groups, trans):
     w = layout.from_matrices(mats)
     for m in layout.to_matrices(w):
         assert_orthonormal(m)
+
+
+BIG_SHAPES = [(1, 2048, 2048), (1, 1024, 4096)]  # 2^22 elements: Householder; CholeskyQR
+
+
+def test_big_draws_have_the_same_bits_for_any_thread_count():
+    ref = orthonormal_many(BIG_SHAPES, 3, [np.float32] * 2, workers=1)
+    for workers in (2, 3):
+        got = orthonormal_many(BIG_SHAPES, 3, [np.float32] * 2, workers=workers)
+        assert all(np.array_equal(a, b) for a, b in zip(ref, got)), workers
+    for m in ref:
+        assert_orthonormal(m[0].astype(np.float64), atol=2e-5)
+
+
+def test_big_draws_do_not_depend_on_openblas_threads_or_the_cpu_count():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, numpy as np\n"
+            "from onnx_lsuv.orthonormal import orthonormal_many\n"
+            "q = orthonormal_many([(1, 1024, 4096)], 5, [np.float32])[0]\n"
+            "print(hashlib.sha256(q.tobytes()).hexdigest())\n")
+    digests = set()
+    for threads, cpus in (("1", "0"), ("2", "0,1")):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+        cmd = [sys.executable, "-c", code]
+        if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+            cmd = ["taskset", "-c", cpus] + cmd
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
