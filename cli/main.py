@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -12,14 +13,11 @@ import click
 import numpy as np
 
 import onnx_lsuv
+from onnx_lsuv.data import data_files
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
-from onnx_lsuv.model_io import (
-    check_output_path,
-    external_data_files,
-    save_model_atomic,
-    uses_external_data,
-)
+from onnx_lsuv.model_io import external_data_files
 from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
+from onnx_lsuv.outputs import Transaction, check_output_path, stage_model, write_file
 from onnx_lsuv.verdict import GOOD
 
 EPILOG = f"""\b
@@ -89,14 +87,17 @@ class Progress:
             click.echo(f"{label}: {done}/{total} weights", err=True)
 
 
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez without its keyword names: a tensor may be called 'file'."""
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz of ``arrays`` without np.savez's keyword names (a tensor may be called 'file')."""
+    import io
     import zipfile
 
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in arrays.items():
             with zf.open(name + ".npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    return buf.getvalue()
 
 
 # --help lists the options in these groups, in this order (as Polygraphy's argument groups do).
@@ -193,14 +194,19 @@ def lsuv_command(model: str, verbose: int, quiet: bool, as_json: bool, **flags) 
     """
     _setup_logging(verbose, quiet)
     check = flags["check"]
+    tx = Transaction()
     try:
-        report, out = _run(model, flags, quiet)
+        report, out = _run(model, flags, quiet, tx)
     except LSUVError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see main)
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        if tx.committed or tx.written:
+            click.echo(f"{what} after writing {', '.join(tx.written)}", err=True)
+        else:
+            click.echo(f"{what}: nothing was written", err=True)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
     except Exception as err:  # an unexpected failure: one line, not a traceback
         click.echo(f"error: {type(err).__name__}: {err}", err=True)
         if verbose:
@@ -236,57 +242,73 @@ def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
         strategy=flags["strategy"], threads=flags["threads"])
 
 
-def _run(model: str, flags: dict, quiet: bool):
-    """Validate the options together, call the library, write the outputs; (report, out)."""
+def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
+    """Check every path and option first, call the library, then write all outputs in ``tx``
+    as one transaction; (report, model path written)."""
     opts = _options(flags)
     data, output, check = list(flags["data"]), flags["output"], flags["check"]
-    report_path, plot_path = flags["report_path"], flags["plot_path"]
-    weights_path = flags["weights_path"]
+    side = {"--report": flags["report_path"], "--plot": flags["plot_path"],
+            "--save-weights": flags["weights_path"]}
+    side = {k: v for k, v in side.items() if v}
     if (check or opts.scaling) and not data:
         raise InputError("--data is required (except with a baseline --init: orthonormal, "
                          "xavier, msra)")
-    inputs = [model] + data + external_data_files(model)
-    side = [p for p in (report_path, plot_path, weights_path) if p]
-    for path in side:
-        check_output_path(path, inputs, False)
-    if output and not check:
-        data_file = os.path.abspath(output) + ".data"
-        if data_file in inputs and os.path.abspath(output) != os.path.abspath(model):
-            raise InputError(f"{data_file} holds the input model's external data: writing "
-                             "the output there would break the input; choose another -o")
-        side += [output, data_file]
-    resolved = [os.path.abspath(p) for p in side]
-    if len(set(resolved)) != len(resolved):
+    if check and (output or "--save-weights" in side):
+        raise InputError("--check writes no model: drop -o/--save-weights")
+    if not check and not output:
+        raise InputError("-o/--output is required (or pass --check)")
+    # Every file the run reads is protected: the model, each data file (a directory's files
+    # too) and the model's external data.
+    inputs = [os.path.abspath(p) for p in [model] + data_files(data)] + \
+        external_data_files(model)
+    tx.protected |= {os.path.realpath(p) for p in inputs}
+    finals = {k: check_output_path(v, inputs, False, k) for k, v in side.items()}
+    out = None
+    if not check:
+        out = check_output_path(output, inputs, flags["overwrite"])
+        finals["-o"] = out
+    if len(set(finals.values())) != len(finals):
         raise InputError("-o, --report, --plot and --save-weights must be different files")
+    if "--plot" in side:
+        from onnx_lsuv.plot import require_matplotlib
+
+        require_matplotlib()
     progress = None if quiet else Progress(sys.stderr.isatty())
     if check:
-        if output or weights_path:
-            raise InputError("--check writes no model: drop -o/--save-weights")
         report = onnx_lsuv.check_variances(model, data, opts)
-        out = None
+        result = None
     else:
-        if not output:
-            raise InputError("-o/--output is required (or pass --check)")
-        out = check_output_path(output, inputs, flags["overwrite"])
         result = onnx_lsuv.lsuv_init(model, data or None, opts, progress=progress)
         report = result.report
-        external_data = flags["external_data"]
-        if external_data is None and uses_external_data(model):
-            external_data = True
-        save_model_atomic(result.model, out, external_data=external_data)
-        if weights_path:
-            _save_npz(weights_path, result.weights)
-    if report_path:
-        with open(report_path, "w") as f:
-            f.write(report.to_json())
-    if plot_path:
-        from onnx_lsuv.plot import plot_report
+    with tx:
+        if result is not None:
+            external_data = flags["external_data"]
+            if external_data is None and external_data_files(model):
+                external_data = True
+            stage_model(tx, result.model, out, external_data=external_data)
+        if "--save-weights" in finals:
+            write_file(tx, finals["--save-weights"], _npz_bytes(result.weights))
+        if "--report" in finals:
+            write_file(tx, finals["--report"], report.to_json().encode())
+        if "--plot" in finals:
+            from onnx_lsuv.plot import plot_report
 
-        plot_report(report, plot_path)
+            plot_report(report, tx.stage(finals["--plot"]))
+        tx.commit()
     return report, out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (from timeout, CI cancellation, docker stop, systemd): unwinds like Ctrl-C,
+    so that every temporary file is removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     lsuv_command(prog_name="onnx-lsuv")
 
 

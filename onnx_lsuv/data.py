@@ -153,6 +153,14 @@ def _warn_small(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> None:
         )
 
 
+def data_files(items) -> list[str]:
+    """The files that ``load_batches`` reads for ``items`` (directories expanded): what an
+    output must never overwrite."""
+    items = items if isinstance(items, (list, tuple)) else [items]
+    return [os.fspath(p) for item in items for p in _expand_directory(item)
+            if isinstance(p, (str, os.PathLike))]
+
+
 def _expand_directory(item):
     """A directory's .npy files in name order; anything else as it is."""
     if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):

@@ -31,3 +31,10 @@ class RuntimeFailure(LSUVError, RuntimeError):
     (when it refuses the user's own model, that is an InputError)."""
 
     exit_code = EXIT_FAILURE
+
+
+class OutputError(LSUVError, OSError):
+    """An output file could not be written (disk full, file too big, ...): nothing was
+    written; the message names the file."""
+
+    exit_code = EXIT_FAILURE

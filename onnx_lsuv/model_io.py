@@ -1,16 +1,22 @@
-"""Loading models (from a path or a ModelProto) and saving them atomically."""
+"""Loading models (from a path or a ModelProto), checked tensor by tensor, and saving them.
+
+External data is read here, not by onnx's helper, so that the same rules hold whatever onnx is
+installed (onnx 1.15 followed a symlink out of the model's directory; 1.23 refuses every
+symlink, and reports a bad location as an uncaught ValidationError): a location must be
+relative, stay inside the model's directory once normalised, and name a regular file there. A
+symlink is followed when its target stays inside the model's directory, or, for a Hugging Face
+hub snapshot (``.../snapshots/<rev>/model.onnx`` whose files link to ``../../blobs/<sha>``),
+inside the snapshot's ``blobs`` directory. Tensors in If/Loop/Scan bodies count everywhere.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Union
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import load_external_data_for_model
 
 from .errors import InputError
 
@@ -33,11 +39,12 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     """A private copy of ``model``: the caller's ModelProto or file is never modified.
 
     Args:
-        model: A ModelProto, or the path of an .onnx file (external data is loaded from its
-            directory).
+        model: A ModelProto, or the path of an .onnx file (external data is read from its
+            directory, subgraph tensors included).
 
     Raises:
-        InputError: The file is missing, unreadable or not an ONNX model.
+        InputError: The file is missing, unreadable or not an ONNX model; an external data
+            location is unsafe or missing; a tensor holds fewer bytes than its shape says.
     """
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
@@ -45,19 +52,90 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         check_tensor_sizes(copy, "the model")
         return copy
     path = existing_file(model, "model", "an .onnx file")
+    loaded = _parse(path)
+    base = os.path.dirname(os.path.abspath(path))
+    for t in _all_tensors(loaded, subgraphs=True):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            _read_external(t, base, path)
+    check_tensor_sizes(loaded, path)
+    return loaded
+
+
+def _parse(path: str) -> onnx.ModelProto:
     try:
         loaded = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise InputError(f"cannot read {path} as an ONNX model: {err}") from err
     if not loaded.HasField("graph") or not loaded.opset_import:
         raise InputError(f"{path} is not an ONNX model (no graph or no opset)")
-    if _has_external(loaded):
-        try:
-            load_external_data_for_model(loaded, os.path.dirname(os.path.abspath(path)))
-        except (OSError, ValueError, RuntimeError) as err:
-            raise InputError(f"cannot read the external data of {path}: {err}") from err
-    check_tensor_sizes(loaded, path)
     return loaded
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _hub_blobs(base_real: str) -> str | None:
+    """The ``blobs`` directory of the Hugging Face hub repository whose snapshot holds
+    ``base_real``, if it is one."""
+    parts = base_real.split(os.sep)
+    for k in range(len(parts) - 2, 0, -1):
+        if parts[k] == "snapshots":
+            root = os.sep.join(parts[:k])
+            blobs = os.path.join(root, "blobs")
+            return blobs if os.path.isdir(blobs) else None
+    return None
+
+
+def _inside(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory
+
+
+def external_path(tensor_name: str, location: str | None, base: str, source: str) -> str:
+    """The file that an external-data ``location`` names, after the checks in the module
+    docstring (absolute path of the file actually read).
+
+    Raises:
+        InputError: Naming the tensor, the location and what is wrong.
+    """
+    what = f"tensor {tensor_name!r} of {source}: external data location {location!r}"
+    if not location:
+        raise InputError(f"{what} is empty")
+    norm = os.path.normpath(location)
+    if os.path.isabs(location) or os.path.splitdrive(location)[0] or norm == os.pardir or \
+            norm.startswith(os.pardir + os.sep):
+        raise InputError(f"{what} is not a relative path inside the model's directory")
+    full = os.path.join(base, norm)
+    if not os.path.isfile(full):
+        raise InputError(f"{what}: no such file beside the model ({full})")
+    real, base_real = os.path.realpath(full), os.path.realpath(base)
+    blobs = _hub_blobs(base_real)
+    if not (_inside(real, base_real) or (blobs is not None and _inside(real, blobs))):
+        raise InputError(f"{what} is a symlink to {real}, outside the model's directory "
+                         "(only links that stay inside it, or into a Hugging Face hub "
+                         "snapshot's blobs, are followed)")
+    return real
+
+
+def _read_external(t: onnx.TensorProto, base: str, source: str) -> None:
+    """Read one tensor's external bytes into ``raw_data`` (checked: location, length)."""
+    info = _external_info(t)
+    path = external_path(t.name, info.get("location"), base, source)
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError as err:
+        raise InputError(f"tensor {t.name!r} of {source}: bad external data offset or "
+                         f"length ({err})") from err
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(-1 if length is None else length)
+    if length is not None and len(data) != length:
+        raise InputError(f"tensor {t.name!r} of {source}: external data file {path} holds "
+                         f"{len(data)} of the {length} bytes at offset {offset}: truncated")
+    t.raw_data = data
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
 
 
 _T = onnx.TensorProto
@@ -93,10 +171,10 @@ def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
                              "or corrupt")
 
 
-def _has_external(model: onnx.ModelProto) -> bool:
-    from onnx.external_data_helper import uses_external_data
-
-    return any(uses_external_data(t) for t in _all_tensors(model))
+def has_external(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` (subgraphs included) lives in external data."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in _all_tensors(model, subgraphs=True))
 
 
 def _all_tensors(model: onnx.ModelProto, subgraphs: bool = False):
@@ -126,20 +204,34 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * itemsize
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by the model's tensors (ByteSize() is not reliable past 2 GiB)."""
-    return sum(tensor_nbytes(t) for t in _all_tensors(model))
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the model's tensors, subgraphs included (ByteSize() is not reliable past
+    2 GiB)."""
+    return sum(tensor_nbytes(t) for t in _all_tensors(model, subgraphs=True))
+
+
+def all_tensors(model: onnx.ModelProto):
+    """Every initializer and Constant value of ``model``, in If/Loop/Scan bodies too."""
+    return _all_tensors(model, subgraphs=True)
 
 
 def external_data_files(path: str | os.PathLike) -> list[str]:
-    """Absolute paths of the external data files the model file at ``path`` reads."""
+    """Absolute (resolved) paths of the external data files the model file at ``path`` reads,
+    subgraphs included; locations that ``load_model`` would refuse are left out."""
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError):
         return []
     base = os.path.dirname(os.path.abspath(os.fspath(path)))
-    return sorted({os.path.abspath(os.path.join(base, e.value)) for t in _all_tensors(model)
-                   for e in t.external_data if e.key == "location"})
+    files = set()
+    for t in _all_tensors(model, subgraphs=True):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            try:
+                files.add(external_path(t.name, _external_info(t).get("location"), base,
+                                        os.fspath(path)))
+            except InputError:
+                continue
+    return sorted(files)
 
 
 def uses_external_data(path: str | os.PathLike) -> bool:
@@ -153,89 +245,3 @@ def default_opset(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     raise InputError("the model does not import the default ONNX domain")
-
-
-def check_output_path(output: str | os.PathLike, inputs: list[str], overwrite: bool) -> str:
-    """Refuse an output that would clobber an input or land in a missing directory."""
-    out = os.path.abspath(os.fspath(output))
-    directory = os.path.dirname(out)
-    if not os.path.isdir(directory):
-        raise InputError(f"output directory does not exist: {directory}")
-    if os.path.isdir(out):
-        raise InputError(f"output path is a directory: {out}")
-    for src in inputs:
-        same = os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src)
-        if (same or os.path.abspath(src) == out) and not overwrite:
-            raise InputError(
-                f"output path {output} is the input file; pass --overwrite to replace it"
-            )
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
-                      external_data: bool | None = None) -> list[str]:
-    """Write ``model`` beside ``output`` in a temporary place, re-load it, then rename it in place.
-
-    An error or Ctrl-C on the way leaves neither ``output`` nor a temporary file behind.
-
-    Args:
-        model: The model (not modified).
-        output: The .onnx path.
-        external_data: Keep tensors of 1 KiB and more in ``<output name>.data`` beside it
-            (location relative to the model). Defaults to doing so only when the model is too
-            large for one protobuf (2 GiB).
-
-    Returns:
-        The paths written: the model, then its data file if any.
-    """
-    out = os.path.abspath(os.fspath(output))
-    directory = os.path.dirname(out)
-    if external_data is None:
-        external_data = _tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
-    if not external_data:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp",
-                                   dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString())
-            onnx.load(tmp)  # the file reads back as a model
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is not what users expect
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return [out]
-
-    location = os.path.basename(out) + ".data"
-    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=directory)
-    try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # onnx.save strips raw_data from the proto it is given
-        tmp_model = os.path.join(tmpdir, os.path.basename(out))
-        onnx.save_model(copy, tmp_model, save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=location,
-                        size_threshold=EXTERNAL_THRESHOLD)
-        del copy
-        check = onnx.load(tmp_model, load_external_data=False)  # reads back; data file present
-        if _has_external(check) and not os.path.exists(os.path.join(tmpdir, location)):
-            raise OSError(f"external data file {location} was not written")
-        written = [out]
-        mode = 0o666 & ~_umask()
-        if os.path.exists(os.path.join(tmpdir, location)):
-            os.chmod(os.path.join(tmpdir, location), mode)
-            os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
-            written.append(os.path.join(directory, location))
-        os.chmod(tmp_model, mode)
-        # Two renames, data first: an interruption between them leaves the old model beside
-        # the new data file.
-        os.replace(tmp_model, out)
-        return written
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)

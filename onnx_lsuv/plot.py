@@ -9,12 +9,9 @@ from .errors import InputError
 from .report import Report
 
 
-def plot_report(report: Report, path: str | os.PathLike) -> None:
-    """Draw ``report`` into a PNG at ``path``.
-
-    Raises:
-        InputError: matplotlib is not installed.
-    """
+def require_matplotlib():
+    """matplotlib.pyplot on the Agg backend; InputError when matplotlib is missing (checked
+    before any work by the CLI, so that a missing optional package costs nothing)."""
     try:
         import matplotlib
 
@@ -22,6 +19,16 @@ def plot_report(report: Report, path: str | os.PathLike) -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise InputError("--plot needs matplotlib: pip install 'onnx-lsuv[plot]'") from err
+    return plt
+
+
+def plot_report(report: Report, path: str | os.PathLike) -> None:
+    """Draw ``report`` into a PNG at ``path``.
+
+    Raises:
+        InputError: matplotlib is not installed.
+    """
+    plt = require_matplotlib()
 
     recs = report.layers
     x = list(range(len(recs)))
@@ -47,5 +54,5 @@ def plot_report(report: Report, path: str | os.PathLike) -> None:
     bottom.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     bottom.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=120)
+    fig.savefig(os.fspath(path), dpi=120, format="png")
     plt.close(fig)

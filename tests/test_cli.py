@@ -162,14 +162,24 @@ def test_side_outputs_may_not_clobber_the_model_or_each_other(tmp_path):
         assert not out.exists()
 
 
-def test_output_may_not_overwrite_the_inputs_external_data(tmp_path):
+def test_output_never_overwrites_the_inputs_external_data(tmp_path):
+    # The input keeps its tensors in out.onnx.data, the name -o out.onnx would use: the new
+    # model's data goes to a file of its own, and the input stays intact.
     model = onnx.load(SAMPLE)
     onnx.save_model(model, tmp_path / "in.onnx", save_as_external_data=True,
                     location="out.onnx.data", size_threshold=0)
+    before = sha(tmp_path / "out.onnx.data")
     res = CliRunner().invoke(lsuv_command, [str(tmp_path / "in.onnx"), "--data", BATCH, "-o",
-                                            str(tmp_path / "out.onnx")])
-    assert res.exit_code == EXIT_BAD_INPUT and "external data" in res.output
-    onnx.load(tmp_path / "in.onnx")  # still loads
+                                            str(tmp_path / "out.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert sha(tmp_path / "out.onnx.data") == before
+    raw = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    locations = {e.value for t in raw.graph.initializer for e in t.external_data
+                 if e.key == "location"}
+    assert len(locations) == 1 and "out.onnx.data" not in locations
+    back = onnx.load(tmp_path / "out.onnx")
+    assert output_variances(back, {"input": np.load(BATCH)}, target_outputs(back))
+    onnx.load(tmp_path / "in.onnx")  # still loads, with its own data
 
 
 def test_bad_npz_member_is_a_clean_input_error(tmp_path):

@@ -1,5 +1,6 @@
 """Loading and saving: external data, atomic writes, nothing left behind."""
 
+import errno
 import hashlib
 import os
 
@@ -9,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import onnx_lsuv.model_io as model_io
-from onnx_lsuv import lsuv_init, save_model_atomic
+import onnx_lsuv.outputs as outputs
+from onnx_lsuv import OutputError, lsuv_init, save_model_atomic
 from onnx_lsuv_cli.main import lsuv_command
 
 import models
@@ -69,11 +71,11 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     result = lsuv_init(model, feeds, provider="cpu")
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(model_io.onnx, "load", broken)
+    monkeypatch.setattr(outputs.os, "fsync", broken)
     for external in (False, True):
-        with pytest.raises(OSError):
+        with pytest.raises(OutputError, match="o.onnx.*no space left"):
             save_model_atomic(result.model, tmp_path / "o.onnx", external_data=external)
         assert list(tmp_path.iterdir()) == []
 

@@ -1,0 +1,313 @@
+"""Writing a run's files as one transaction: nothing of them appears until all are written.
+
+Every output (the model, its external data, the report, the plot, the weights) is written under
+a temporary name in its own directory, flushed to disk, and renamed into place only at
+``commit``, the model last. A failure, Ctrl-C or SIGTERM before that removes every temporary
+file, and nothing the user had is changed. A model's external data goes to a file name that no
+existing model uses (``OUT.data``, or ``OUT.<token>.data`` when that name is taken, as on a
+rerun): the old model keeps pointing at its own, intact data until the new model replaces it,
+so a model and its data are consistent at every instant. The data file the replaced model used
+is removed after the rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import tempfile
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError, OutputError
+from .model_io import (
+    EXTERNAL_THRESHOLD,
+    PROTOBUF_LIMIT,
+    all_tensors,
+    external_data_files,
+    tensor_bytes,
+    tensor_nbytes,
+)
+
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                "uint64_data")
+PAGE = 4096  # alignment of tensors of 1 MiB and more in a data file (memory-mappable)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def final_path(output: str | os.PathLike) -> str:
+    """Where writing ``output`` lands: the file a symlink points to, else the path itself."""
+    out = os.path.abspath(os.fspath(output))
+    return os.path.realpath(out) if os.path.islink(out) else out
+
+
+def check_output_path(output: str | os.PathLike, inputs: Iterable[str], overwrite: bool = False,
+                      what: str = "output") -> str:
+    """Refuse an output that would clobber an input or cannot be written, before any work.
+
+    Args:
+        output: The path asked for.
+        inputs: Every file the run reads (the model, each data file, external data files).
+        overwrite: Allow replacing an input (the model itself, with --overwrite).
+        what: The option's name, for the messages. Defaults to "output".
+
+    Returns:
+        The absolute path that will be written (through a symlink: its target).
+
+    Raises:
+        InputError: A path ending in a separator, a missing or unwritable directory, a
+            directory in the file's place, or an input file (named).
+    """
+    raw = os.fspath(output)
+    if raw.endswith((os.sep, "/")) or (os.altsep and raw.endswith(os.altsep)):
+        raise InputError(f"{what} path {raw} ends in a path separator: give a file name "
+                         f"(e.g. {raw}model.onnx)")
+    out = final_path(raw)
+    directory = os.path.dirname(out)
+    if not os.path.isdir(directory):
+        raise InputError(f"{what} directory does not exist: {directory}")
+    if os.path.isdir(out):
+        raise InputError(f"{what} path is a directory: {out}")
+    for src in inputs:
+        same = os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src)
+        if (same or os.path.abspath(src) == out) and not overwrite:
+            hint = "; pass --overwrite to replace it" if what == "output" else ""
+            raise InputError(f"{what} path {raw} is an input of this run ({src}){hint}")
+    try:  # writable? (os.access says yes to root on a read-only file system)
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".probe",
+                                     dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"cannot write {what} {raw}: {err.strerror} ({directory})") from err
+    return out
+
+
+class Transaction:
+    """The files of one run, staged under temporary names and renamed into place together.
+
+    Use as a context manager: leaving it by an exception before ``commit`` removes every staged
+    file. ``written`` lists the final paths already renamed (for an honest interrupt message).
+    """
+
+    def __init__(self, protected: Iterable[str] = ()) -> None:
+        self._staged: list[tuple[str, str, bool]] = []  # (temporary, final, is the model)
+        self._created: list[str] = []  # files made at their final name (unique data files)
+        self._obsolete: list[str] = []  # to remove once everything is in place
+        self.protected = {os.path.realpath(p) for p in protected}
+        self.written: list[str] = []
+        self.committed = False
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if kind is not None and not self.committed:
+            self.rollback()
+        return False
+
+    def stage(self, final: str, model: bool = False) -> str:
+        """A new temporary file beside ``final`` (closed, empty) that ``commit`` renames."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp",
+                                   dir=os.path.dirname(final))
+        os.close(fd)
+        self._staged.append((tmp, final, model))
+        return tmp
+
+    def create_unique(self, directory: str, stem: str) -> tuple[str, int]:
+        """A new file ``stem`` in ``directory``, or ``<stem minus .data>.<token>.data`` when
+        that name exists; (name, open descriptor). Removed on rollback."""
+        name = stem
+        while True:
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                name = f"{stem[:-len('.data')]}.{secrets.token_hex(4)}.data"
+                continue
+            self._created.append(path)
+            return name, fd
+
+    def obsolete(self, path: str) -> None:
+        """Remove ``path`` after the commit (never an input of the run)."""
+        if os.path.realpath(path) not in self.protected:
+            self._obsolete.append(path)
+
+    def commit(self) -> list[str]:
+        """Rename every staged file into place, the model last; then remove obsolete files.
+
+        Returns:
+            The final paths written, in the order renamed.
+        """
+        mode = 0o666 & ~_umask()
+        for tmp, final, _ in sorted(self._staged, key=lambda s: s[2]):
+            os.chmod(tmp, mode)  # mkstemp's 0600 is not what users expect
+            os.replace(tmp, final)
+            self.written.append(final)
+        for path in self._created:
+            os.chmod(path, mode)
+        self.committed = True
+        for path in self._obsolete:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return self.written
+
+    def rollback(self) -> None:
+        for tmp, _, _ in self._staged:
+            _remove(tmp)
+        for path in self._created:
+            _remove(path)
+        self._staged.clear()
+        self._created.clear()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_all(fd: int, chunks: Iterable[bytes | memoryview], path: str) -> None:
+    """Write, flush and fsync; an OSError names the file that could not be written."""
+    try:
+        with os.fdopen(fd, "wb", closefd=True) as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        why = {errno.ENOSPC: "no space left on the device",
+               errno.EFBIG: "file too large for the file system"}.get(err.errno, err.strerror)
+        raise OutputError(f"cannot write {path}: {why}") from err
+
+
+def write_file(tx: Transaction, final: str, data: bytes | Iterable[bytes]) -> None:
+    """Stage ``data`` for ``final`` in ``tx``."""
+    tmp = tx.stage(final)
+    _write_all(os.open(tmp, os.O_WRONLY), [data] if isinstance(data, bytes) else data, final)
+
+
+def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
+                external_data: bool | None = None) -> list[str]:
+    """Stage ``model`` (not modified) for ``output`` in ``tx``.
+
+    Args:
+        tx: The transaction.
+        model: The model.
+        output: The final .onnx path (``final_path`` of what was asked).
+        external_data: Keep tensors of 1 KiB and more in a data file beside it (location
+            relative to the model). Defaults to doing so only when the model is too large for
+            one protobuf (2 GiB).
+
+    Returns:
+        The final paths: the model, then its data file if any.
+    """
+    directory = os.path.dirname(output)
+    if os.path.exists(output) and os.path.getsize(output) < (64 << 20):
+        for old in external_data_files(output):  # what the model being replaced reads
+            if os.path.dirname(old) == os.path.realpath(directory):
+                tx.obsolete(old)
+    if external_data is None:
+        external_data = tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
+    if not external_data:
+        write_file(tx, output, model.SerializeToString())
+        return [output]
+    big = [t for t in all_tensors(model) if tensor_nbytes(t) >= EXTERNAL_THRESHOLD
+           and t.data_type != onnx.TensorProto.STRING]
+    if not big:
+        write_file(tx, output, model.SerializeToString())
+        return [output]
+    location, fd = tx.create_unique(directory, os.path.basename(output) + ".data")
+    data_path = os.path.join(directory, location)
+    # The tensors' own bytes are swapped out for external references while the model is
+    # serialised, then put back: the model is never copied, and each tensor's bytes are held
+    # once (and written from there).
+    saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
+    chunks: list[bytes] = []
+    try:
+        serialised = _externalised(model, big, location, saved, chunks)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        for t, raw, original in saved:
+            if original is not None:
+                t.CopyFrom(original)
+            else:
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = raw
+    _write_all(fd, chunks, data_path)
+    del chunks, saved
+    write_file(tx, output, serialised)
+    return [output, data_path]
+
+
+def _externalised(model: onnx.ModelProto, big: list[onnx.TensorProto], location: str,
+                  saved: list, chunks: list) -> bytes:
+    """``model`` serialised with ``big`` as references into ``location``; each tensor's own
+    fields go to ``saved`` (for the caller to put back) and its bytes to ``chunks``."""
+    offset = 0
+    for t in big:
+        raw = _little_endian_bytes(t)
+        if t.HasField("raw_data"):
+            saved.append((t, raw, None))
+        else:  # values in typed fields (small, hand-built models)
+            original = onnx.TensorProto()
+            original.CopyFrom(t)
+            saved.append((t, None, original))
+        pad = (-offset) % (PAGE if len(raw) >= (1 << 20) else 16)
+        chunks += [b"\0" * pad, raw]
+        offset += pad
+        for f in _DATA_FIELDS:
+            t.ClearField(f)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)),
+                           ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        offset += len(raw)
+    return model.SerializeToString()
+
+
+def _little_endian_bytes(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    arr = numpy_helper.to_array(t)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
+                      external_data: bool | None = None) -> list[str]:
+    """Write ``model`` to ``output`` atomically: an error or Ctrl-C on the way leaves the old
+    file (and its data) as it was, and no temporary file behind.
+
+    Args:
+        model: The model (not modified).
+        output: The .onnx path (through a symlink: the file it points to).
+        external_data: Keep tensors of 1 KiB and more in a data file beside it (see
+            ``stage_model``). Defaults to doing so only above protobuf's 2 GiB.
+
+    Returns:
+        The paths written: the model, then its data file if any.
+
+    Raises:
+        OutputError: A file could not be written (disk full, file too big, ...).
+    """
+    out = final_path(output)
+    with Transaction() as tx:
+        written = stage_model(tx, model, out, external_data)
+        tx.commit()
+    return written
