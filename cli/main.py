@@ -55,10 +55,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     log.handlers[:] = [_StderrHandler()]
     log.propagate = False
     log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
-    if not verbose:  # ONNX Runtime's own warnings (e.g. initializers listed as inputs)
-        import onnxruntime
+    if not verbose:  # ONNX Runtime's own lines (e.g. initializers listed as inputs); with -q
+        import onnxruntime  # its error lines too: the reason is in our one error message
 
-        onnxruntime.set_default_logger_severity(3)
+        onnxruntime.set_default_logger_severity(4 if quiet else 3)
 
 
 class Progress:

@@ -18,27 +18,16 @@ log = logging.getLogger("onnx_lsuv")
 BatchLike = Union[np.ndarray, Mapping[str, np.ndarray], str, os.PathLike]
 MIN_RECOMMENDED_BATCH = 16  # the paper: LSUV is insensitive to the batch size from 16 on
 
-# Casts done without asking: lossless, or the convention of feeding float64 numpy arrays to
-# float32 models. Anything else is refused.
-_ALLOWED_CASTS = {
-    (np.dtype(np.float64), np.dtype(np.float32)),
-    (np.dtype(np.float64), np.dtype(np.float16)),
-    (np.dtype(np.float32), np.dtype(np.float16)),
-    (np.dtype(np.float32), np.dtype(np.float64)),
-    (np.dtype(np.float16), np.dtype(np.float32)),
-    (np.dtype(np.int32), np.dtype(np.int64)),
-    (np.dtype(np.int64), np.dtype(np.int32)),
-    (np.dtype(np.uint8), np.dtype(np.float32)),
-    (np.dtype(np.int64), np.dtype(np.float32)),
-    (np.dtype(np.int32), np.dtype(np.float32)),
-}
-_BF16_OR_NONE = None
+# Casts, one rule: the data is converted to the input's dtype when nothing is lost for the
+# values given (the same dtype in the other byte order; integers or booleans into a float or
+# integer type that holds every value exactly, checked), or when it is a float going to
+# another float type (float64 data for float32 models is numpy's habit; a narrower float that
+# overflows is refused). Anything else (floats into integers, into booleans, inexact integer
+# values) is refused with what to do.
 try:  # bfloat16 inputs, as onnx maps them (ml_dtypes comes with onnx)
     _BF16 = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
-    _ALLOWED_CASTS |= {(np.dtype(np.float32), _BF16), (np.dtype(np.float64), _BF16)}
-    _BF16_OR_NONE = _BF16
 except (TypeError, ValueError, KeyError):
-    pass
+    _BF16 = None
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -118,15 +107,18 @@ def load_batch(data: BatchLike, model: onnx.ModelProto,
         arrays = {names[0]: data}
 
     missing = [n for n in names if n not in arrays]
-    unknown = [k for k in arrays if k not in names]
-    if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s): {', '.join(missing)}")
-        if unknown:
-            parts.append(f"unknown key(s): {', '.join(unknown)}")
-        raise InputError(f"data does not match the model's inputs ({'; '.join(parts)}); "
-                         f"the model expects: {', '.join(names)}")
+    if missing:
+        raise InputError(f"data does not match the model's inputs (missing input(s): "
+                         f"{', '.join(missing)}); the model expects: {', '.join(names)}")
+    initializers = {t.name for t in model.graph.initializer}
+    for key in [k for k in arrays if k not in names]:
+        if key in initializers:
+            log.warning("data key %r is a weight the model stores (an initializer that the "
+                        "exporter also lists as a graph input), not data: not fed", key)
+        else:
+            log.warning("data key %r is not an input of the model (it expects %s): ignored",
+                        key, ", ".join(names))
+        del arrays[key]
 
     feeds: dict[str, np.ndarray] = {}
     for vi in inputs:
@@ -211,7 +203,7 @@ def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _is_float(dtype: np.dtype) -> bool:
     """float16/32/64, and bfloat16 (a numpy void-kind dtype from ml_dtypes)."""
-    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == _BF16_OR_NONE
+    return np.dtype(dtype).kind == "f" or (_BF16 is not None and np.dtype(dtype) == _BF16)
 
 
 def _finfo_max(dtype: np.dtype) -> float:
@@ -221,10 +213,42 @@ def _finfo_max(dtype: np.dtype) -> float:
         return 3.3895314e38  # bfloat16
 
 
+def _cast(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr`` as ``dtype`` under the module's one rule; InputError naming the input if not."""
+    src = arr.dtype
+    if src.newbyteorder("=") == dtype.newbyteorder("="):
+        return arr.astype(dtype)  # the other byte order: lossless
+    refuse = (f"input {name!r}: expected dtype {dtype}, got {src}; convert it with "
+              f"arr.astype(np.{dtype.name}) if that is what you mean")
+    if _is_float(src) and _is_float(dtype):
+        log.info("input %r: casting the data from %s to %s", name, src, dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = arr.astype(dtype)
+        # Finiteness after the cast: float64 data of 1e5 is finite, and Inf as float16.
+        if not np.all(np.isfinite(cast)):
+            biggest = float(np.max(np.abs(arr.astype(np.float64))))
+            raise InputError(
+                f"input {name!r}: values up to {biggest:.4g} overflow {dtype} (largest "
+                f"{float(_finfo_max(dtype)):.4g}) in the cast from {src}; scale the data, or "
+                "feed it in the model's dtype")
+        return cast
+    if src.kind in "biu" and (_is_float(dtype) or dtype.kind in "iu"):
+        with np.errstate(all="ignore"):
+            cast = arr.astype(dtype)
+            exact = np.array_equal(cast.astype(src), arr) if src.kind != "b" else True
+        if exact:
+            log.info("input %r: casting the data from %s to %s (exact)", name, src, dtype)
+            return cast
+        raise InputError(f"input {name!r}: {src} values do not all convert exactly to {dtype} "
+                         f"(e.g. integers beyond 2**24 in float32); {refuse.split('; ')[1]}")
+    raise InputError(refuse)
+
+
 def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
     name = vi.name
     dtype, dims = _expected(vi)
-    if arr.dtype != dtype and (arr.dtype == object or arr.dtype.kind not in "biuf"):
+    if arr.dtype != dtype and (arr.dtype == object or (arr.dtype.kind not in "biuf"
+                                                        and not _is_float(arr.dtype))):
         raise InputError(f"input {name!r}: data of dtype {arr.dtype} is not numeric")
     if arr.ndim == 0 and (dims is None or len(dims) > 0):
         raise InputError(f"input {name!r}: got a scalar, expected an array"
@@ -246,20 +270,5 @@ def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
     if _is_float(arr.dtype) and not np.all(np.isfinite(arr)):
         raise InputError(f"input {name!r}: the data contains NaN or Inf values")
     if dtype is not None and arr.dtype != dtype:
-        if (arr.dtype, dtype) not in _ALLOWED_CASTS:
-            raise InputError(
-                f"input {name!r}: expected dtype {dtype}, got {arr.dtype}; convert it with "
-                f"arr.astype(np.{dtype.name}) if that is what you mean"
-            )
-        log.info("input %r: casting the data from %s to %s", name, arr.dtype, dtype)
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = arr.astype(dtype)
-        # Finiteness after the cast: float64 data of 1e5 is finite, and Inf as float16.
-        if _is_float(dtype) and not np.all(np.isfinite(cast)):
-            biggest = float(np.max(np.abs(arr.astype(np.float64))))
-            raise InputError(
-                f"input {name!r}: values up to {biggest:.4g} overflow {dtype} (largest "
-                f"{float(_finfo_max(dtype)):.4g}) in the cast from {arr.dtype}; scale the "
-                "data, or feed it in the model's dtype")
-        arr = cast
+        arr = _cast(name, arr, dtype)
     return np.ascontiguousarray(arr)

@@ -203,6 +203,10 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
             transpose, w_ref = found
     if w_ref is None:
         reason = _why_not_const(index, node.input[1])
+        if reason is None and node.op_type == "MatMul" and \
+                index.resolve_const(node.input[0]) is not None:
+            reason = ("its constant is the first operand (W @ x): only x @ W, or x @ W "
+                      "through a Transpose, is handled")
         if reason or node.op_type != "MatMul":  # a MatMul of two activations is no candidate
             return Skipped(name, node.op_type, reason or "weight is not a constant")
         return None

@@ -294,7 +294,7 @@ class _blaming_the_input:
         except (ValueError, LSUVError):  # e.g. over protobuf's 2 GiB: no verdict either way
             return False
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # its reason is in our message
         try:
             sess = ort.InferenceSession(serialised, so, providers=["CPUExecutionProvider"])
             sess.run(None, self.feeds)
