@@ -259,8 +259,8 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
         raise InputError("-o/--output is required (or pass --check)")
     # Every file the run reads is protected: the model, each data file (a directory's files
     # too) and the model's external data.
-    inputs = [os.path.abspath(p) for p in [model] + data_files(data)] + \
-        external_data_files(model)
+    model_data = external_data_files(model)
+    inputs = [os.path.abspath(p) for p in [model] + data_files(data)] + model_data
     tx.protected |= {os.path.realpath(p) for p in inputs}
     finals = {k: check_output_path(v, inputs, False, k) for k, v in side.items()}
     out = None
@@ -283,7 +283,7 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
     with tx:
         if result is not None:
             external_data = flags["external_data"]
-            if external_data is None and external_data_files(model):
+            if external_data is None and model_data:
                 external_data = True
             stage_model(tx, result.model, out, external_data=external_data)
         if "--save-weights" in finals:

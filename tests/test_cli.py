@@ -146,11 +146,15 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path, case, expect):
         assert not p.name.endswith(".tmp")
 
 
-def test_orthonormal_only_needs_no_data(tmp_path):
+def test_orthonormal_init_needs_no_data_and_the_old_flag_still_works(tmp_path):
     res = CliRunner().invoke(lsuv_command, [SAMPLE, "-o", str(tmp_path / "o.onnx"),
-                                            "--orthonormal-only"])
+                                            "--init", "orthonormal"])
     assert res.exit_code == 0, res.output
     assert "not_scaled" in res.output
+    res = CliRunner().invoke(lsuv_command, [SAMPLE, "-o", str(tmp_path / "p.onnx"),
+                                            "--orthonormal-only"])
+    assert res.exit_code == 0 and "deprecated: use --init orthonormal" in res.output
+    assert sha(tmp_path / "o.onnx") == sha(tmp_path / "p.onnx")
 
 
 def test_side_outputs_may_not_clobber_the_model_or_each_other(tmp_path):

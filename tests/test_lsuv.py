@@ -90,7 +90,7 @@ def test_weights_are_orthonormal_up_to_one_scale(kind):
 
 def test_orthonormal_only_gives_orthonormal_weights_without_data():
     model, _, _ = models.gemm_mlp(1)
-    result = lsuv_init(model, None, orthonormal_only=True)
+    result = lsuv_init(model, None, init="orthonormal")
     for layer in find_layers(result.model).layers:
         m = layer.layout.to_matrices(weight_of(result.model, layer.name))[0].astype(np.float64)
         gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
@@ -149,7 +149,7 @@ def test_keep_bias_keeps_biases_and_still_reaches_unit_variance():
 def test_no_orthonormal_only_rescales_existing_weights():
     model, feeds, outputs = models.conv_chain()
     small_biases(model)
-    result = lsuv_init(model, feeds, provider="cpu", orthonormal=False)
+    result = lsuv_init(model, feeds, provider="cpu", init="rescale")
     for layer in find_layers(model).layers:
         w0 = weight_of(model, layer.name).astype(np.float64)
         w1 = weight_of(result.model, layer.name).astype(np.float64)
@@ -245,11 +245,39 @@ def test_report_is_json_serialisable_and_complete():
 
 @pytest.mark.parametrize("kw", [dict(tol=0), dict(tol=-1), dict(max_iter=0),
                                 dict(target_var=0), dict(strategy="x"),
-                                dict(tol=float("nan"))])
+                                dict(tol=float("nan")), dict(seed=-1), dict(seed=2**63),
+                                dict(seed=1.5), dict(init="he"), dict(provider="tpu"),
+                                dict(lstm_forget_bias=float("inf")), dict(threads=0),
+                                dict(max_iter=True)])
 def test_invalid_options_are_refused(kw):
     model, feeds, _ = models.gemm_mlp(1)
     with pytest.raises(InputError):
-        lsuv_init(model, feeds, provider="cpu", **kw)
+        lsuv_init(model, feeds, **{"provider": "cpu", **kw})
+
+
+def test_deprecated_keywords_mean_the_new_inits_with_a_warning():
+    model, feeds, _ = models.gemm_mlp(1)
+    with pytest.warns(DeprecationWarning, match="init='rescale'"):
+        old = lsuv_init(model, feeds, provider="cpu", orthonormal=False)
+    assert old.report.options["init"] == "rescale"
+    new = lsuv_init(model, feeds, provider="cpu", init="rescale")
+    assert old.model.SerializeToString() == new.model.SerializeToString()
+    with pytest.warns(DeprecationWarning):
+        assert lsuv_init(model, None, orthonormal_only=True).report.options["init"] == \
+            "orthonormal"
+    with pytest.raises(InputError, match="contradicts"), pytest.warns(DeprecationWarning):
+        lsuv_init(model, None, orthonormal_only=True, init="xavier")
+
+
+def test_options_object_and_keywords_combine_and_are_recorded():
+    from onnx_lsuv import LSUVOptions
+
+    model, feeds, _ = models.gemm_mlp(1)
+    rep = lsuv_init(model, feeds, LSUVOptions(tol=0.05, seed=3), provider="cpu", seed=4).report
+    assert rep.options["tol"] == 0.05 and rep.options["seed"] == 4
+    assert rep.options["provider"] == "cpu" and rep.options["init"] == "lsuv"
+    with pytest.raises(TypeError, match="unknown option"):
+        lsuv_init(model, feeds, tolerance=0.1)
 
 
 def test_model_without_targets_is_returned_unchanged():

@@ -152,7 +152,7 @@ def test_fused_qkv_is_orthonormal_and_scaled_per_projection(strategy):
         if t.name == "l0.qkv.weight":
             w = numpy_helper.to_array(t) * np.repeat([1.0, 10.0, 0.1], D).astype(np.float32)
             t.CopyFrom(numpy_helper.from_array(w, t.name))
-    result = lsuv_init(model, feeds, provider="cpu", strategy=strategy, orthonormal=False)
+    result = lsuv_init(model, feeds, provider="cpu", strategy=strategy, init="rescale")
     for v in split_variances(result.model, feeds, "l0.qkv_add"):
         assert abs(v - 1) < 0.1
     scales = [r.scale for r in result.report.layers if r.name.startswith("l0.qkv")]
@@ -345,7 +345,7 @@ def test_one_lstm_applied_twice_is_set_once():
 def test_forget_bias_applies_without_orthonormal_and_notes_a_missing_bias():
     model, _ = rnn_model("LSTM")
     feeds = {"x": np.random.default_rng(5).standard_normal((T, 16, 5)).astype(np.float32)}
-    result = lsuv_init(model, feeds, provider="cpu", orthonormal=False, lstm_forget_bias=1.0)
+    result = lsuv_init(model, feeds, provider="cpu", init="rescale", lstm_forget_bias=1.0)
     bias = numpy_helper.to_array(next(t for t in result.model.graph.initializer
                                       if t.name == "lstm0.B"))
     assert np.all(bias[0, 16:24] == 1.0)
