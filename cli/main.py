@@ -17,7 +17,13 @@ from onnx_lsuv.data import data_files
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
 from onnx_lsuv.model_io import external_data_files
 from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
-from onnx_lsuv.outputs import Transaction, check_output_path, stage_model, write_file
+from onnx_lsuv.outputs import (
+    Transaction,
+    check_output_path,
+    stage_model,
+    sync_file,
+    write_file,
+)
 from onnx_lsuv.verdict import GOOD
 
 EPILOG = f"""\b
@@ -197,6 +203,7 @@ def lsuv_command(model: str, verbose: int, quiet: bool, as_json: bool, **flags) 
     tx = Transaction()
     try:
         report, out = _run(model, flags, quiet, tx)
+        _finish(model, report, out, check, quiet, as_json)
     except LSUVError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -212,6 +219,11 @@ def lsuv_command(model: str, verbose: int, quiet: bool, as_json: bool, **flags) 
         if verbose:
             raise
         sys.exit(EXIT_FAILURE)
+
+
+def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
+            as_json: bool) -> None:
+    """The table, the JSON summary and the exit code of a run that wrote what it had to."""
     if not quiet:
         click.echo(report.table(), err=True)
         what = f"checked {model}" if check else f"wrote {out}"
@@ -262,11 +274,15 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
     model_data = external_data_files(model)
     inputs = [os.path.abspath(p) for p in [model] + data_files(data)] + model_data
     tx.protected |= {os.path.realpath(p) for p in inputs}
-    finals = {k: check_output_path(v, inputs, False, k) for k, v in side.items()}
+    finals = {k: check_output_path(v, inputs, what=k) for k, v in side.items()}
     out = None
-    if not check:
-        out = check_output_path(output, inputs, flags["overwrite"])
+    if not check:  # --overwrite lets -o replace the model file itself, never another input
+        out = check_output_path(output, inputs, [model] if flags["overwrite"] else [])
         finals["-o"] = out
+        if os.path.exists(out) and os.path.samefile(out, model):
+            # The model is replaced: its data files are read by then, and the new model
+            # reads its own, so they may go once it is in place.
+            tx.protected -= {os.path.realpath(p) for p in model_data}
     if len(set(finals.values())) != len(finals):
         raise InputError("-o, --report, --plot and --save-weights must be different files")
     if "--plot" in side:
@@ -293,7 +309,9 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
         if "--plot" in finals:
             from onnx_lsuv.plot import plot_report
 
-            plot_report(report, tx.stage(finals["--plot"]))
+            staged = tx.stage(finals["--plot"])
+            plot_report(report, staged)
+            sync_file(staged)
         tx.commit()
     return report, out
 

@@ -93,7 +93,9 @@ class GraphIndex:
                 if name:
                     self.consumers[name].append((i, pos))
             reads = {n for n in node.input if n}
-            for name in sorted(outer_reads(node) - reads) if node.attribute else ():
+            # A body's read is listed even when the node also takes the name explicitly: a
+            # rewrite that rewires the input must rename it in the body too.
+            for name in sorted(outer_reads(node)) if node.attribute else ():
                 self.consumers[name].append((i, OUTER_SCOPE))
                 reads.add(name)
             self.reads.append(reads)

@@ -47,6 +47,12 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
             location is unsafe or missing; a tensor holds fewer bytes than its shape says.
     """
     if isinstance(model, onnx.ModelProto):
+        unloaded = next((t.name for t in _all_tensors(model, subgraphs=True)
+                         if t.data_location == onnx.TensorProto.EXTERNAL), None)
+        if unloaded is not None:  # relative to what? Only the file's path can say
+            raise InputError(f"tensor {unloaded!r} of the ModelProto given keeps its data in "
+                             "an external file that was not loaded: pass the model's path "
+                             "instead, or load it with onnx.load(path)")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         check_tensor_sizes(copy, "the model")
@@ -80,7 +86,9 @@ def _hub_blobs(base_real: str) -> str | None:
     ``base_real``, if it is one."""
     parts = base_real.split(os.sep)
     for k in range(len(parts) - 2, 0, -1):
-        if parts[k] == "snapshots":
+        # <cache>/models--org--name/snapshots/<rev>/...: the hub's own layout, nothing looser
+        if parts[k] == "snapshots" and parts[k - 1].startswith(
+                ("models--", "datasets--", "spaces--")):
             root = os.sep.join(parts[:k])
             blobs = os.path.join(root, "blobs")
             return blobs if os.path.isdir(blobs) else None
@@ -124,12 +132,18 @@ def _read_external(t: onnx.TensorProto, base: str, source: str) -> None:
     try:
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else None
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("negative")
     except ValueError as err:
         raise InputError(f"tensor {t.name!r} of {source}: bad external data offset or "
-                         f"length ({err})") from err
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(-1 if length is None else length)
+                         f"length ({info.get('offset')!r}, {info.get('length')!r})") from err
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(-1 if length is None else length)
+    except OSError as err:
+        raise InputError(f"tensor {t.name!r} of {source}: cannot read its external data "
+                         f"{info.get('location')!r} ({path}): {err.strerror}") from err
     if length is not None and len(data) != length:
         raise InputError(f"tensor {t.name!r} of {source}: external data file {path} holds "
                          f"{len(data)} of the {length} bytes at offset {offset}: truncated")

@@ -12,10 +12,14 @@ is removed after the rename.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import secrets
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable
 
 import numpy as np
@@ -49,14 +53,15 @@ def final_path(output: str | os.PathLike) -> str:
     return os.path.realpath(out) if os.path.islink(out) else out
 
 
-def check_output_path(output: str | os.PathLike, inputs: Iterable[str], overwrite: bool = False,
-                      what: str = "output") -> str:
+def check_output_path(output: str | os.PathLike, inputs: Iterable[str],
+                      replaceable: Iterable[str] = (), what: str = "output") -> str:
     """Refuse an output that would clobber an input or cannot be written, before any work.
 
     Args:
         output: The path asked for.
         inputs: Every file the run reads (the model, each data file, external data files).
-        overwrite: Allow replacing an input (the model itself, with --overwrite).
+        replaceable: The inputs the output may replace (the model file itself, with
+            --overwrite); never a data file or a model's external data. Defaults to none.
         what: The option's name, for the messages. Defaults to "output".
 
     Returns:
@@ -76,10 +81,12 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str], overwrit
         raise InputError(f"{what} directory does not exist: {directory}")
     if os.path.isdir(out):
         raise InputError(f"{what} path is a directory: {out}")
+    allowed = {os.path.realpath(p) for p in replaceable}
     for src in inputs:
         same = os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src)
-        if (same or os.path.abspath(src) == out) and not overwrite:
-            hint = "; pass --overwrite to replace it" if what == "output" else ""
+        if (same or os.path.abspath(src) == out) and os.path.realpath(src) not in allowed:
+            model = what == "output" and src == next(iter(inputs), None)
+            hint = "; pass --overwrite to replace it" if model else ""
             raise InputError(f"{what} path {raw} is an input of this run ({src}){hint}")
     try:  # writable? (os.access says yes to root on a read-only file system)
         fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".probe",
@@ -148,13 +155,16 @@ class Transaction:
             The final paths written, in the order renamed.
         """
         mode = 0o666 & ~_umask()
-        for tmp, final, _ in sorted(self._staged, key=lambda s: s[2]):
-            os.chmod(tmp, mode)  # mkstemp's 0600 is not what users expect
-            os.replace(tmp, final)
-            self.written.append(final)
-        for path in self._created:
-            os.chmod(path, mode)
-        self.committed = True
+        with signals_deferred():  # Ctrl-C or SIGTERM waits until every file is in place
+            for tmp, final, model in sorted(self._staged, key=lambda s: s[2]):
+                os.chmod(tmp, mode)  # mkstemp's 0600 is not what users expect
+                os.replace(tmp, final)
+                self.written.append(final)
+                if model:
+                    self.committed = True
+            self.committed = True
+            for directory in {os.path.dirname(f) for f in self.written}:
+                _sync_directory(directory)
         for path in self._obsolete:
             try:
                 os.unlink(path)
@@ -169,6 +179,45 @@ class Transaction:
             _remove(path)
         self._staged.clear()
         self._created.clear()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back (main thread, POSIX) until the block is done: a rename
+    sequence, or a model's tensors swapped out and back, is never cut in half."""
+    can = (hasattr(signal, "pthread_sigmask")
+           and threading.current_thread() is threading.main_thread())
+    held = {signal.SIGINT, signal.SIGTERM}
+    if can:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _sync_directory(directory: str) -> None:
+    """fsync a directory, so that its renames survive a crash (where the OS allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_file(path: str) -> None:
+    """fsync a staged file that another library wrote (the plot)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: str) -> None:
@@ -215,8 +264,10 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
     """
     directory = os.path.dirname(output)
     if os.path.exists(output) and os.path.getsize(output) < (64 << 20):
-        for old in external_data_files(output):  # what the model being replaced reads
-            if os.path.dirname(old) == os.path.realpath(directory):
+        ours = re.compile(re.escape(os.path.basename(output)) + r"(\.[0-9a-f]{8})?\.data")
+        for old in external_data_files(output):  # what the model being replaced reads, if
+            if os.path.dirname(old) == os.path.realpath(directory) and \
+                    ours.fullmatch(os.path.basename(old)):  # named as onnx-lsuv names them
                 tx.obsolete(old)
     if external_data is None:
         external_data = tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
@@ -236,22 +287,29 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
     saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
     chunks: list[bytes] = []
     try:
-        serialised = _externalised(model, big, location, saved, chunks)
+        with signals_deferred():  # the caller's model is whole again before any interrupt
+            try:
+                serialised = _externalised(model, big, location, saved, chunks)
+            finally:
+                _put_back(saved)
     except BaseException:
         os.close(fd)
         raise
-    finally:
-        for t, raw, original in saved:
-            if original is not None:
-                t.CopyFrom(original)
-            else:
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = raw
     _write_all(fd, chunks, data_path)
     del chunks, saved
     write_file(tx, output, serialised)
     return [output, data_path]
+
+
+def _put_back(saved: list) -> None:
+    """Restore the tensors ``_externalised`` swapped out."""
+    for t, raw, original in saved:
+        if original is not None:
+            t.CopyFrom(original)
+        else:
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
 
 
 def _externalised(model: onnx.ModelProto, big: list[onnx.TensorProto], location: str,

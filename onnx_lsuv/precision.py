@@ -44,7 +44,13 @@ def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     twin = onnx.ModelProto()
     twin.CopyFrom(model)
-    g = twin.graph
+    _graph_to_float32(twin.graph)
+    return twin
+
+
+def _graph_to_float32(g: onnx.GraphProto) -> None:
+    """float16/bfloat16 tensors, types and casts of ``g`` as float32, If/Loop/Scan bodies
+    included."""
     for t in g.initializer:
         _to_float32_tensor(t)
     for vi in list(g.input) + list(g.output) + list(g.value_info):
@@ -53,9 +59,13 @@ def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 _to_float32_tensor(attr.t)
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                _graph_to_float32(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for body in attr.graphs:
+                    _graph_to_float32(body)
             elif node.op_type == "Cast" and attr.name == "to" and attr.i in LOW_PRECISION:
                 attr.i = TensorProto.FLOAT
-    return twin
 
 
 def float32_measuring(work: onnx.ModelProto, state, feeds: dict[str, np.ndarray]):

@@ -378,3 +378,98 @@ def test_a_matmul_with_its_constant_first_is_named_with_the_reason(tmp_path):
     np.save(tmp_path / "x.npy", rand(12, 32, seed=3))
     res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx")
     assert "not a target: w_first (MatMul): its constant is the first operand" in res.output
+
+
+# -- from the review of this change ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["x.npy", "m.onnx.data"])
+def test_overwrite_replaces_the_model_only_never_its_data_or_the_batch(tmp_path, target):
+    src, x, _, _ = external_pair(tmp_path)
+    before = snapshot(tmp_path)
+    res = invoke(src, "-d", x, "-o", tmp_path / target, "--overwrite")
+    assert res.exit_code == EXIT_BAD_INPUT and "is an input of this run" in res.output
+    assert snapshot(tmp_path) == before
+
+
+def test_overwriting_an_external_data_model_in_place_leaves_one_data_file(tmp_path):
+    src, x, feeds, outs = external_pair(tmp_path)
+    for seed in (1, 2, 3):
+        assert invoke(src, "-d", x, "-o", src, "--overwrite", "--seed", seed).exit_code == 0
+        data = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".data"))
+        assert data == sorted(locations(src)) and len(data) == 1
+    assert all(abs(v - 1) < 0.1 for v in output_variances(onnx.load(src), feeds, outs))
+
+
+def test_an_interrupt_inside_the_commit_after_the_model_rename_keeps_the_pair(tmp_path,
+                                                                              monkeypatch):
+    src, x, feeds, outs = external_pair(tmp_path)
+    out = tmp_path / "init.onnx"
+
+    def sync(directory):  # runs after the renames, still inside the commit
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "_sync_directory", sync)
+    res = invoke(src, "-d", x, "-o", out)
+    assert res.exit_code == 130 and f"interrupted after writing {out}" in res.output
+    assert all(abs(v - 1) < 0.1 for v in output_variances(onnx.load(out), feeds, outs))
+
+
+def test_a_data_file_that_another_model_shares_is_never_removed(tmp_path):
+    src, x, _, _ = external_pair(tmp_path)
+    out = tmp_path / "init.onnx"
+    model = onnx.load(src, load_external_data=False)  # init.onnx reads the input's data file
+    onnx.save(model, out)
+    res = invoke(src, "-d", x, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.onnx.data").exists()
+    onnx.load(src)  # the input still loads with its data
+
+
+def test_a_negative_external_offset_is_bad_input_naming_the_tensor(tmp_path):
+    src, x, _, _ = external_pair(tmp_path)
+    model = onnx.load(src, load_external_data=False)
+    t = model.graph.initializer[0]
+    entry = t.external_data.add()
+    entry.key, entry.value = "offset", "-8"
+    src.write_bytes(model.SerializeToString())
+    res = invoke(src, "-d", x, "-o", tmp_path / "o.onnx")
+    assert res.exit_code == EXIT_BAD_INPUT and f"tensor {t.name!r}" in res.output
+
+
+def test_a_model_proto_with_unloaded_external_data_is_refused_clearly(tmp_path):
+    from onnx_lsuv import InputError, lsuv_init
+
+    src, x, _, _ = external_pair(tmp_path)
+    with pytest.raises(InputError, match="was not loaded: pass the model's path"):
+        lsuv_init(onnx.load(src, load_external_data=False), np.load(x), provider="cpu")
+
+
+def test_a_bfloat16_model_with_a_subgraph_is_measured_in_its_float32_twin():
+    from onnx_lsuv import lsuv_init
+
+    bf16 = TensorProto.BFLOAT16
+    body = helper.make_graph([helper.make_node("Relu", ["y1"], ["r"])], "then", [],
+                             [helper.make_tensor_value_info("r", bf16, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["y1"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", bf16, None)])
+
+    def bf(a, name):
+        return helper.make_tensor(name, bf16, a.shape, a.astype(np.float32).flatten().tolist())
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="mm1"),
+             helper.make_node("If", ["cond"], ["z"], then_branch=body, else_branch=other),
+             helper.make_node("MatMul", ["z", "w2"], ["y2"], name="mm2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", bf16, ["N", 16])],
+        [helper.make_tensor_value_info("y2", bf16, None)],
+        initializer=[bf(rand(16, 24, seed=1), "w1"), bf(rand(24, 8, seed=2), "w2"),
+                     numpy_helper.from_array(np.array(True), "cond")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=8)
+    x = rand(32, 16, seed=3)
+    result = lsuv_init(model, x.astype(np.float64), provider="cpu")
+    assert result.report.converged, result.report.table()
+    assert any("float32" in n for n in result.report.notes)
+    w1 = numpy_helper.to_array(result.model.graph.initializer[0]).astype(np.float64)
+    assert abs(float(np.var(x.astype(np.float64) @ w1)) - 1) < 0.1  # measured here
