@@ -151,18 +151,47 @@ class Transaction:
     def commit(self) -> list[str]:
         """Rename every staged file into place, the model last; then remove obsolete files.
 
+        A rename that fails (an I/O error) before the model's undoes the renames before it: a
+        file that was there before is put back from a hard link taken just before, a new one is
+        removed. Ctrl-C and SIGTERM wait until the renames are done.
+
         Returns:
             The final paths written, in the order renamed.
         """
         mode = 0o666 & ~_umask()
-        with signals_deferred():  # Ctrl-C or SIGTERM waits until every file is in place
-            for tmp, final, model in sorted(self._staged, key=lambda s: s[2]):
-                os.chmod(tmp, mode)  # mkstemp's 0600 is not what users expect
-                os.replace(tmp, final)
-                self.written.append(final)
-                if model:
-                    self.committed = True
-            self.committed = True
+        done: list[tuple[str, str | None]] = []  # (final, hard link to what it replaced)
+        with signals_deferred():
+            try:
+                for tmp, final, model in sorted(self._staged, key=lambda s: s[2]):
+                    backup = None
+                    if os.path.exists(final) and not model:
+                        backup = os.path.join(os.path.dirname(final),
+                                              f".{os.path.basename(final)}."
+                                              f"{secrets.token_hex(4)}.bak")
+                        try:
+                            os.link(final, backup)
+                        except OSError:  # no hard links here: no way back for this one
+                            backup = None
+                    os.chmod(tmp, mode)  # mkstemp's 0600 is not what users expect
+                    os.replace(tmp, final)
+                    done.append((final, backup))
+                    self.written.append(final)
+                    if model:
+                        self.committed = True
+                self.committed = True
+            except BaseException:
+                if not self.committed:
+                    for final, backup in reversed(done):
+                        if backup is not None:
+                            os.replace(backup, final)
+                        else:
+                            _remove(final)
+                    self.written.clear()
+                raise
+            finally:
+                for _, backup in done:
+                    if backup is not None:
+                        _remove(backup)
             for directory in {os.path.dirname(f) for f in self.written}:
                 _sync_directory(directory)
         for path in self._obsolete:
@@ -241,9 +270,10 @@ def _write_all(fd: int, chunks: Iterable[bytes | memoryview], path: str) -> None
         raise OutputError(f"cannot write {path}: {why}") from err
 
 
-def write_file(tx: Transaction, final: str, data: bytes | Iterable[bytes]) -> None:
-    """Stage ``data`` for ``final`` in ``tx``."""
-    tmp = tx.stage(final)
+def write_file(tx: Transaction, final: str, data: bytes | Iterable[bytes],
+               model: bool = False) -> None:
+    """Stage ``data`` for ``final`` in ``tx`` (``model``: renamed after every other file)."""
+    tmp = tx.stage(final, model)
     _write_all(os.open(tmp, os.O_WRONLY), [data] if isinstance(data, bytes) else data, final)
 
 
@@ -272,12 +302,12 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
     if external_data is None:
         external_data = tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
     if not external_data:
-        write_file(tx, output, model.SerializeToString())
+        write_file(tx, output, model.SerializeToString(), model=True)
         return [output]
     big = [t for t in all_tensors(model) if tensor_nbytes(t) >= EXTERNAL_THRESHOLD
            and t.data_type != onnx.TensorProto.STRING]
     if not big:
-        write_file(tx, output, model.SerializeToString())
+        write_file(tx, output, model.SerializeToString(), model=True)
         return [output]
     location, fd = tx.create_unique(directory, os.path.basename(output) + ".data")
     data_path = os.path.join(directory, location)
@@ -297,7 +327,7 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
         raise
     _write_all(fd, chunks, data_path)
     del chunks, saved
-    write_file(tx, output, serialised)
+    write_file(tx, output, serialised, model=True)
     return [output, data_path]
 
 

@@ -115,6 +115,8 @@ def test_a_failing_side_output_is_found_before_the_work_and_nothing_is_written(t
 
 
 def test_side_outputs_are_written_with_the_model_or_not_at_all(tmp_path, monkeypatch):
+    (tmp_path / "r.json").write_text("old report")
+    before = snapshot(tmp_path)
     real_replace = os.replace
     calls = []
 
@@ -127,10 +129,15 @@ def test_side_outputs_are_written_with_the_model_or_not_at_all(tmp_path, monkeyp
     monkeypatch.setattr(outputs.os, "replace", replace)
     res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
                  "--save-weights", tmp_path / "w.npz")
-    assert calls[-1] == "m.onnx"  # the model is renamed last
     assert res.exit_code == EXIT_FAILURE
-    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-    assert not (tmp_path / "m.onnx").exists()
+    assert sorted(calls[:2]) == ["r.json", "w.npz"] and calls[2] == "m.onnx"  # model last
+    assert snapshot(tmp_path) == before  # the report put back, the weights removed
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
+                 "--save-weights", tmp_path / "w.npz")
+    assert res.exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json", "w.npz"]
+    assert (tmp_path / "r.json").read_text().startswith("{")
 
 
 def _slow_cli(out, extra=()):
