@@ -15,6 +15,7 @@ The outline of Algorithm 1, as ``lsuv_init`` runs it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -275,34 +276,28 @@ def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
     return run
 
 
-class _blaming_the_input:
+@contextlib.contextmanager
+def _blaming_the_input(model: ModelLike, feeds: dict[str, np.ndarray]):
     """Turns a RuntimeFailure into an InputError when ONNX Runtime also refuses the user's own,
     unmodified model on the same data (a custom op, duplicate node names, an IR or opset newer
     than it supports): that is bad input, not a failure of onnx-lsuv's rewrites."""
-
-    def __init__(self, model: ModelLike, feeds: dict[str, np.ndarray]) -> None:
-        self.model, self.feeds = model, feeds
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, err, tb) -> bool:
-        if kind is None or not issubclass(kind, RuntimeFailure):
-            return False
+    try:
+        yield
+    except RuntimeFailure as err:
         try:
-            serialised = load_model(self.model).SerializeToString()
+            serialised = load_model(model).SerializeToString()
         except (ValueError, LSUVError):  # e.g. over protobuf's 2 GiB: no verdict either way
-            return False
+            raise err from None
         so = ort.SessionOptions()
         so.log_severity_level = 4  # its reason is in our message
         try:
-            sess = ort.InferenceSession(serialised, so, providers=["CPUExecutionProvider"])
-            sess.run(None, self.feeds)
+            ort.InferenceSession(serialised, so, providers=["CPUExecutionProvider"]).run(
+                None, feeds)
         except Exception as refused:
-            where = f" {self.model}" if not isinstance(self.model, onnx.ModelProto) else ""
+            where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
             raise InputError(f"ONNX Runtime cannot run the model{where} as it is: "
                              f"{refused}") from err
-        return False
+        raise
 
 
 def _warn_off_target(report: Report) -> None:

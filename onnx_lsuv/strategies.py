@@ -97,9 +97,9 @@ def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False) -> Non
     tied to a later layer may still have moved an earlier one, which no per-layer loop sees."""
     ties = any(lay.shared_weight_users for lay in run.layers)
     for lay, values in zip(run.layers, measure_all(run, skeleton)):
-        before = [(rec.status, rec.message) for rec in run.rows(lay)]
+        before = [rec.status for rec in run.rows(lay)]
         run.judge(lay, values, check=check)
-        for rec, (status, _) in zip(run.rows(lay), before):
+        for rec, status in zip(run.rows(lay), before):
             if not check and ties and status == CONVERGED and rec.status != status:
                 rec.message += " in the final re-measurement: a weight tied to another layer " \
                                "changed it"
