@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -15,7 +16,7 @@ import numpy as np
 import onnx_lsuv
 from onnx_lsuv.data import data_files
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
-from onnx_lsuv.model_io import external_data_files
+from onnx_lsuv.model_io import existing_file, external_data_files
 from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
 from onnx_lsuv.outputs import (
     Transaction,
@@ -258,6 +259,7 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
     """Check every path and option first, call the library, then write all outputs in ``tx``
     as one transaction; (report, model path written)."""
     opts = _options(flags)
+    existing_file(model, "model", "an .onnx file")
     data, output, check = list(flags["data"]), flags["output"], flags["check"]
     side = {"--report": flags["report_path"], "--plot": flags["plot_path"],
             "--save-weights": flags["weights_path"]}
@@ -279,6 +281,18 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
     if not check:  # --overwrite lets -o replace the model file itself, never another input
         out = check_output_path(output, inputs, [model] if flags["overwrite"] else [])
         finals["-o"] = out
+        data_names = re.compile(re.escape(os.path.basename(out)) + r"(\.[0-9a-f]{8})?\.data")
+        for k, v in finals.items():  # where the model's data may go: no side file there
+            if os.path.dirname(v) == os.path.dirname(out) and \
+                    data_names.fullmatch(os.path.basename(v)):
+                raise InputError(f"{k} {v} is named like the data file of -o {output}: "
+                                 "choose another name")
+        wants_data = flags["external_data"] or (flags["external_data"] is None and model_data)
+        if wants_data and os.path.islink(os.path.abspath(output)) and \
+                os.path.dirname(out) != os.path.dirname(os.path.abspath(output)):
+            raise InputError(f"-o {output} is a symlink into another directory: the external "
+                             "data beside its target would not be found from the link; give "
+                             f"the target's path ({out}) or --no-external-data")
         if os.path.exists(out) and os.path.samefile(out, model):
             # The model is replaced: its data files are read by then, and the new model
             # reads its own, so they may go once it is in place.

@@ -170,11 +170,19 @@ class Transaction:
                                               f"{secrets.token_hex(4)}.bak")
                         try:
                             os.link(final, backup)
-                        except OSError:  # no hard links here: no way back for this one
-                            backup = None
+                        except OSError:  # no hard links here: move the old file aside
+                            os.rename(final, backup)
                     os.chmod(tmp, mode)  # mkstemp's 0600 is not what users expect
-                    os.replace(tmp, final)
+                    try:
+                        os.replace(tmp, final)
+                    except OSError as err:
+                        if backup is not None and not os.path.exists(final):
+                            os.replace(backup, final)
+                            backup = None
+                        raise OutputError(f"cannot write {final}: {err.strerror}") from err
                     done.append((final, backup))
+                    if model:
+                        self.written.extend(self._created)  # its data file, made in place
                     self.written.append(final)
                     if model:
                         self.committed = True
@@ -194,11 +202,9 @@ class Transaction:
                         _remove(backup)
             for directory in {os.path.dirname(f) for f in self.written}:
                 _sync_directory(directory)
-        for path in self._obsolete:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            for path in self._obsolete:  # still held: an interrupt leaves no orphan
+                if path not in self.written:
+                    _remove(path)
         return self.written
 
     def rollback(self) -> None:
@@ -212,18 +218,30 @@ class Transaction:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM back (main thread, POSIX) until the block is done: a rename
-    sequence, or a model's tensors swapped out and back, is never cut in half."""
-    can = (hasattr(signal, "pthread_sigmask")
-           and threading.current_thread() is threading.main_thread())
-    held = {signal.SIGINT, signal.SIGTERM}
-    if can:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGINT and SIGTERM back (in the main thread) until the block is done: a rename
+    sequence, or a model's tensors swapped out and back, is never cut in half. A signal that
+    arrives meanwhile is recorded and raised by its own handler right after the block.
+    (Masking the signal in this thread is not enough: another thread of the process may
+    receive it, and Python then runs the handler here at once.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = [signal.SIGINT, signal.SIGTERM]
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in held}
+    for sig in held:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        if can:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(caught):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def _sync_directory(directory: str) -> None:

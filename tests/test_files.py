@@ -480,3 +480,82 @@ def test_a_bfloat16_model_with_a_subgraph_is_measured_in_its_float32_twin():
     assert any("float32" in n for n in result.report.notes)
     w1 = numpy_helper.to_array(result.model.graph.initializer[0]).astype(np.float64)
     assert abs(float(np.var(x.astype(np.float64) @ w1)) - 1) < 0.1  # measured here
+
+
+# -- from the second review -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--report", "--save-weights"])
+def test_a_side_output_may_not_take_the_models_data_file_name(tmp_path, flag):
+    src, x, _, _ = external_pair(tmp_path)
+    for name in ("o.onnx.data", "o.onnx.0123abcd.data"):
+        res = invoke(src, "-d", x, "-o", tmp_path / "o.onnx", flag, tmp_path / name)
+        assert res.exit_code == EXIT_BAD_INPUT and "named like the data file" in res.output
+        assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_missing_model_is_bad_input_even_when_the_output_exists(tmp_path):
+    (tmp_path / "o.onnx").write_bytes(b"old")
+    res = invoke(tmp_path / "nosuch.onnx", "-d", BATCH, "-o", tmp_path / "o.onnx")
+    assert res.exit_code == EXIT_BAD_INPUT and "model file not found" in res.output
+
+
+def test_a_signal_during_the_commit_still_removes_the_replaced_data(tmp_path, monkeypatch):
+    src, x, feeds, outs = external_pair(tmp_path)
+    out = tmp_path / "init.onnx"
+    assert invoke(src, "-d", x, "-o", out).exit_code == 0
+    real_replace = os.replace
+
+    def replace(a, b):  # SIGTERM arrives just as the model is renamed
+        real_replace(a, b)
+        if os.path.basename(b) == "init.onnx":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    from onnx_lsuv_cli.main import _on_sigterm
+
+    monkeypatch.setattr(signal, "SIGTERM", signal.SIGTERM)
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        monkeypatch.setattr(outputs.os, "replace", replace)
+        res = invoke(src, "-d", x, "-o", out)
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    assert res.exit_code == 143, res.output
+    (data,) = locations(out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("init")) == \
+        sorted(["init.onnx", data])  # no orphan: the old data went inside the commit
+    assert data in res.output
+    monkeypatch.undo()
+    assert all(abs(v - 1) < 0.1 for v in output_variances(onnx.load(out), feeds, outs))
+
+
+def test_external_data_through_a_symlink_into_another_directory_is_refused(tmp_path):
+    src, x, _, _ = external_pair(tmp_path)
+    (tmp_path / "tgt").mkdir()
+    os.symlink(tmp_path / "tgt" / "missing.onnx", tmp_path / "link.onnx")
+    res = invoke(src, "-d", x, "-o", tmp_path / "link.onnx")
+    assert res.exit_code == EXIT_BAD_INPUT and "symlink into another directory" in res.output
+    assert invoke(src, "-d", x, "-o", tmp_path / "link.onnx",
+                  "--no-external-data").exit_code == 0
+    onnx.load(tmp_path / "link.onnx")
+
+
+def test_without_hard_links_a_failed_commit_still_restores_the_old_side_file(tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "r.json").write_text("OLD")
+    real_replace = os.replace
+
+    def no_link(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def replace(a, b):
+        if os.path.basename(b) == "o.onnx":
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(a, b)
+
+    monkeypatch.setattr(outputs.os, "link", no_link)
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json")
+    assert res.exit_code == EXIT_FAILURE and f"cannot write {tmp_path / 'o.onnx'}" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert (tmp_path / "r.json").read_text() == "OLD"
