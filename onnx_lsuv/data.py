@@ -218,8 +218,7 @@ def _cast(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     src = arr.dtype
     if src.newbyteorder("=") == dtype.newbyteorder("="):
         return arr.astype(dtype)  # the other byte order: lossless
-    refuse = (f"input {name!r}: expected dtype {dtype}, got {src}; convert it with "
-              f"arr.astype(np.{dtype.name}) if that is what you mean")
+    hint = f"convert it with arr.astype(np.{dtype.name}) if that is what you mean"
     if _is_float(src) and _is_float(dtype):
         log.info("input %r: casting the data from %s to %s", name, src, dtype)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -240,8 +239,8 @@ def _cast(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
             log.info("input %r: casting the data from %s to %s (exact)", name, src, dtype)
             return cast
         raise InputError(f"input {name!r}: {src} values do not all convert exactly to {dtype} "
-                         f"(e.g. integers beyond 2**24 in float32); {refuse.split('; ')[1]}")
-    raise InputError(refuse)
+                         f"(e.g. integers beyond 2**24 in float32); {hint}")
+    raise InputError(f"input {name!r}: expected dtype {dtype}, got {src}; {hint}")
 
 
 def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:

@@ -37,9 +37,6 @@ from .graph import (
 )
 from .layouts import GATES, RNN_OPS, TARGET_OPS, WeightLayout
 
-__all__ = ["ConstRef", "GraphIndex", "Layer", "Skipped", "Discovery", "find_layers",
-           "attribute"]
-
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.DOUBLE,

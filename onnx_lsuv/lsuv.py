@@ -288,15 +288,13 @@ def _blaming_the_input(model: ModelLike, feeds: dict[str, np.ndarray]):
             serialised = load_model(model).SerializeToString()
         except (ValueError, LSUVError):  # e.g. over protobuf's 2 GiB: no verdict either way
             raise err from None
-        so = ort.SessionOptions()
-        so.log_severity_level = 4  # its reason is in our message
         try:
-            ort.InferenceSession(serialised, so, providers=["CPUExecutionProvider"]).run(
-                None, feeds)
-        except Exception as refused:
+            probe = Engine("cpu").session(serialised)
+            probe.run(feeds, [o.name for o in probe.ort_session.get_outputs()])
+        except RuntimeFailure as refused:
             where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
             raise InputError(f"ONNX Runtime cannot run the model{where} as it is: "
-                             f"{refused}") from err
+                             f"{refused.__cause__ or refused}") from err
         raise
 
 

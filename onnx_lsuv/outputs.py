@@ -91,8 +91,10 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str],
     try:  # writable? (os.access says yes to root on a read-only file system)
         fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".probe",
                                      dir=directory)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)
+        finally:  # an interrupt here must not leave the probe behind
+            os.unlink(probe)
     except OSError as err:
         raise InputError(f"cannot write {what} {raw}: {err.strerror} ({directory})") from err
     return out

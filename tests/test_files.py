@@ -159,9 +159,12 @@ def test_sigterm_leaves_no_temporary_file_and_the_old_output_intact(tmp_path, ex
     before = snapshot(tmp_path)
     child = _slow_cli(out, extra)
     deadline = time.time() + 60
-    while time.time() < deadline and snapshot(tmp_path) == before:
-        time.sleep(0.05)  # until the child has started writing
-    assert snapshot(tmp_path) != before
+    def writing():  # the child has staged an output (or made its data file) and blocks
+        return any(p.name.endswith((".tmp", ".data")) for p in tmp_path.iterdir())
+
+    while time.time() < deadline and not writing():
+        time.sleep(0.05)
+    assert writing()
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=60)
     assert child.returncode == 143, err
