@@ -163,6 +163,10 @@ _TYPED_FIELD = {
 }
 
 
+# Every field that holds a (numeric) tensor's values.
+DATA_FIELDS = ("raw_data",) + tuple(dict.fromkeys(f for f, _ in _TYPED_FIELD.values()))
+
+
 def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
     """Refuse a tensor whose stored data does not hold as many elements as its dims say (a
     truncated or corrupt file), naming the tensor and ``source``.

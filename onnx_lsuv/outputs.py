@@ -28,6 +28,7 @@ from onnx import numpy_helper
 
 from .errors import InputError, OutputError
 from .model_io import (
+    DATA_FIELDS,
     EXTERNAL_THRESHOLD,
     PROTOBUF_LIMIT,
     all_tensors,
@@ -36,8 +37,6 @@ from .model_io import (
     tensor_nbytes,
 )
 
-_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                "uint64_data")
 PAGE = 4096  # alignment of tensors of 1 MiB and more in a data file (memory-mappable)
 
 
@@ -378,7 +377,7 @@ def _externalised(model: onnx.ModelProto, big: list[onnx.TensorProto], location:
         pad = (-offset) % (PAGE if len(raw) >= (1 << 20) else 16)
         chunks += [b"\0" * pad, raw]
         offset += pad
-        for f in _DATA_FIELDS:
+        for f in DATA_FIELDS:
             t.ClearField(f)
         t.data_location = onnx.TensorProto.EXTERNAL
         del t.external_data[:]

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from .graph import ConstRef, GraphIndex
 from .layers import Layer
-from .model_io import tensor_nbytes
+from .model_io import DATA_FIELDS, tensor_nbytes
 
 PLACEHOLDER = "onnx-lsuv-in-memory"
 # Other initializers from this size on also reach sessions as OrtValues: a measuring model must
@@ -121,8 +121,7 @@ class WeightState:
         names = {ref.name for _, ref in self._in_memory} | set(self._large)
         for t in copy.graph.initializer:
             if t.name in names:
-                for f in ("raw_data", "float_data", "double_data", "int32_data", "int64_data",
-                          "uint64_data"):
+                for f in DATA_FIELDS:
                     t.ClearField(f)
                 t.data_location = onnx.TensorProto.EXTERNAL
                 del t.external_data[:]
