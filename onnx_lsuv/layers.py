@@ -4,22 +4,34 @@ One recogniser per op family reads one node and returns a ``Layer``, a ``Skipped
 with its reason, or nothing:
 
 * convolutions: Conv and ConvTranspose (weight in input 1, bias in input 2);
-* dense: Gemm (``transB``, ``beta``) and MatMul with a 2-D constant second operand, read
-  directly or through a Transpose; a MatMul followed by an Add of a constant vector (PyTorch's
-  Linear on 3-D input) is one layer whose bias is that vector and whose output is the Add's;
-  a fused projection that one Split cuts into equal parts is scaled per part;
+* dense: Gemm (``transB``, ``beta``) and MatMul with a 2-D constant second operand; a fused
+  projection that one Split cuts into equal parts is scaled per part;
 * recurrent: LSTM, GRU and RNN (W scaled per gate, R orthonormal per gate);
 * refused: fused attention nodes and targets inside If/Loop/Scan bodies, reported.
 
-A constant is an initializer or a Constant node, reached directly or through Identity chains.
-One pass after the recognisers resolves what involves several nodes: weights tied between
-targets (set at the first use), other readers of a target weight, and whether a reader is
-upstream of the layer by data flow. Layers come in the graph's node order, which ONNX requires
-to be topological.
+A weight is a constant (an initializer or a Constant node) read directly, or through a chain
+of layout ops on one (Transpose, Slice, Reshape, Squeeze, Unsqueeze, Identity, Flatten, and a
+float Cast: ``weight_chain``). A layer without a bias input takes as its bias the constant of
+an Add that follows it through shape-only ops (Reshape, Squeeze, Unsqueeze, Transpose,
+Identity), when that constant lines up with its output units: PyTorch's Linear on 3-D input
+(MatMul -> Add), tf2onnx's Conv1D (Conv -> Squeeze -> Add) and Dense on 3-D input (MatMul ->
+Reshape -> Add), paddle2onnx's conv bias (Conv -> Add of [1, C, 1, 1]). The layer's output is
+then that Add's.
+
+One pass after the recognisers resolves what involves several nodes: a weight read by several
+target nodes in the same way is one layer measured over all its uses (an unrolled recurrence,
+a shared conv), with their shared bias as its bias; a weight read in different ways is set at
+its first use (the others are reported as tied); a weight also read by a node that is not a
+target (an embedding's Gather tied to an LM head) is left alone unless selected; a kernel
+that looks hand-set (integer values, such as YOLOv8's fixed DFL conv) is left alone unless
+selected; and the user's ``--exclude`` / ``--include`` patterns apply. Layers come in the
+graph's node order, which ONNX requires to be topological.
 """
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +48,7 @@ from .graph import (
     subgraphs,
 )
 from .layouts import GATES, RNN_OPS, TARGET_OPS, WeightLayout
+from .weight_chain import WeightChain, build_chain, trace_chain
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -50,6 +63,29 @@ FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "PackedAttention",
 NOT_REACHED = "not reached by the data: its input depends on no graph input"
 
 
+@dataclass(frozen=True)
+class Use:
+    """One node that applies a layer's weight, with what follows it up to its output.
+
+    Attributes:
+        node_index: The target node (Conv, Gemm, MatMul, ...).
+        output: The tensor whose statistics count (after the bias, if any).
+        output_rank: Rank of ``output`` when known, else None.
+        out_axis: Axis of ``output`` that holds the output units: counted from the front when
+            the rank is known, from the end (negative) otherwise.
+        bias_input: (node, input position) through which this use reads its bias, if any.
+        nodes: Every node of the use: the target node, its weight chain, the shape ops and
+            the bias Add after it.
+    """
+
+    node_index: int
+    output: str
+    output_rank: int | None
+    out_axis: int
+    bias_input: tuple[int, int] | None
+    nodes: frozenset[int]
+
+
 @dataclass
 class Layer:
     """One LSUV target layer.
@@ -59,18 +95,23 @@ class Layer:
         name: The node's name (or ``op_<node index>`` when it has none).
         op: ONNX op type.
         node_index: Index of the node in ``graph.node``.
-        weight: Where the weight lives.
-        layout: Matrix view of the weight.
-        dtype: The weight's numpy dtype.
+        weight: Where the weight is stored.
+        layout: Matrix view of the weight as the layer reads it (through ``chain``).
+        dtype: The weight's numpy dtype as the layer reads it.
         bias: Where the bias lives, if the layer has a constant one.
         bias_input: (node index, input position) through which the layer reads its bias.
         bias_scale: Factor the op applies to the bias (Gemm's ``beta``; 1 otherwise).
         output: The tensor whose variance LSUV sets (after the bias).
-        output_rank: Rank of ``output`` when known from the weight (Conv: weight rank; Gemm: 2).
+        output_rank: Rank of ``output`` when known (Conv: weight rank; Gemm: 2).
+        out_axis: The axis of ``output`` holding the output units (see ``Use.out_axis``).
+        out_nodes: The shape ops and the bias Add between the node and ``output``.
+        chain: The layout ops between the stored weight and the node, if any.
+        more_uses: Other target nodes that apply the same weight in the same way: the layer is
+            measured over all its uses, pooled.
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
-        weight_read_upstream: Whether a node upstream of this one (by data flow) reads the
-            weight too, so that rescaling it also changes the layer's own input.
-        weight_transpose: MatMul: the Transpose node its weight comes through, if any.
+        weight_read_upstream: Whether rescaling the weight also changes the layer's own input:
+            a node upstream of it (by data flow) reads the weight too, or one use of it feeds
+            another (an unrolled recurrence).
         blocks: The parts of the output that get a variance and a factor each, in the order of
             the output units: ("",) for one; ("q", "k", "v") for a fused projection that a
             Split cuts; the gates ("i", "o", "f", "c", per direction) of a recurrent op, whose
@@ -92,9 +133,12 @@ class Layer:
     bias_scale: float
     output: str
     output_rank: int | None
+    out_axis: int = -1
+    out_nodes: tuple[int, ...] = ()
+    chain: WeightChain | None = None
+    more_uses: list[Use] = field(default_factory=list)
     shared_weight_users: list[str] = field(default_factory=list)
     weight_read_upstream: bool = False
-    weight_transpose: int | None = None
     blocks: tuple[str, ...] = ("",)
     recurrent: ConstRef | None = None
     recurrent_layout: WeightLayout | None = None
@@ -102,6 +146,7 @@ class Layer:
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        """The weight's shape as the layer reads it."""
         return self.layout.shape
 
     @property
@@ -117,31 +162,50 @@ class Layer:
         return self.name if self.blocks == ("",) else f"{self.name}[{self.blocks[b]}]"
 
     @property
-    def channel_axis(self) -> int:
-        """The output's axis of output units: 1 for convolutions, the last one otherwise."""
-        return 1 if self.op in ("Conv", "ConvTranspose") else -1
+    def first_use(self) -> Use:
+        nodes = {self.node_index, *self.out_nodes, *(self.chain.nodes if self.chain else ())}
+        return Use(self.node_index, self.output, self.output_rank, self.out_axis,
+                   self.bias_input, frozenset(nodes))
 
     @property
-    def bias_add_node(self) -> int | None:
-        """Index of the separate bias Add node (MatMul + Add), if any."""
-        if self.bias_input is not None and self.bias_input[0] != self.node_index:
-            return self.bias_input[0]
-        return None
+    def uses(self) -> list[Use]:
+        """Every node applying the weight: the layer's own first, then ``more_uses``."""
+        return [self.first_use, *self.more_uses]
 
     @property
     def own_nodes(self) -> set[int]:
-        """The graph nodes that make up the layer (op, weight Transpose, bias Add)."""
-        return {j for j in (self.node_index, self.weight_transpose, self.bias_add_node)
-                if j is not None}
+        """The graph nodes that make up the layer (every use with its chain, shape ops, Add)."""
+        return {j for use in self.uses for j in use.nodes}
 
 
 @dataclass
 class Skipped:
-    """A candidate that is not a target, and why."""
+    """A candidate that is not a target, and why (``excluded``: the user's own selection)."""
 
     name: str
     op: str
     reason: str
+    excluded: bool = False
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The user's choice of layers: glob patterns (``fnmatch``, case-sensitive) matched against
+    a layer's node name, its weight's name and its op type.
+
+    ``exclude`` removes matching layers; ``include`` takes matching layers whatever else
+    holds, overriding ``exclude`` and the layers left alone by default (a weight also read
+    by a node that is not a target; a kernel that looks hand-set). So ``exclude=("*",),
+    include=("Conv",)`` keeps only the convolutions.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def matches(self, patterns: Sequence[str], names: Sequence[str]) -> str | None:
+        """The first pattern that matches one of ``names``, if any."""
+        return next((p for p in patterns for n in names if n and fnmatch.fnmatchcase(n, p)),
+                    None)
 
 
 @dataclass
@@ -167,46 +231,70 @@ def _weight_problem(tensor: onnx.TensorProto, name: str) -> str | None:
     return None
 
 
-def _why_not_const(index: GraphIndex, name: str) -> str | None:
-    """A reason when a non-constant weight is a quantized or cast constant."""
+def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> str:
+    """Why a weight input is not a constant (or a chain of layout ops on one), with a hint."""
     i = index.producer.get(name)
-    if i is None:
-        return None
-    node = index.graph.node[i]
-    if node.op_type in ("DequantizeLinear", "Cast") and index.resolve_const(node.input[0]):
+    node = index.graph.node[i] if i is not None else None
+    if node is not None and node.op_type in ("DequantizeLinear", "Cast") and \
+            index.resolve_const(node.input[0]):
         return f"weight comes through {node.op_type} (quantized or cast weights are not changed)"
-    return None
+    if name in reached:
+        return "weight depends on the input data (a dynamic weight): not a target"
+    if node is not None:
+        upstream = index.ancestors(i) | {i}
+        ops = sorted({index.graph.node[j].op_type for j in upstream} - {"Constant", "Identity"})
+        return (f"weight is computed in the graph from constants ({', '.join(ops)}), as a "
+                "parametrisation such as weight_norm is under torch's dynamo exporter: export "
+                "with the TorchScript exporter (torch.onnx.export(..., dynamo=False)) or remove "
+                "the parametrisation before export (torch.nn.utils.parametrize."
+                "remove_parametrizations, torch.nn.utils.remove_weight_norm)")
+    return "weight is not a constant"
 
 
 def _new_layer(index: GraphIndex, i: int, w_ref: ConstRef, layout: WeightLayout,
-               **fields) -> Layer:
+               chain: WeightChain | None, **fields) -> Layer:
     node = index.graph.node[i]
     return Layer(index=-1, name=index.node_name(i), op=node.op_type, node_index=i,
-                 weight=w_ref, layout=layout, dtype=_dtype(index.tensor_proto(w_ref)),
-                 **fields)
+                 weight=w_ref, layout=layout, dtype=_read_dtype(index, w_ref, chain),
+                 chain=chain, **fields)
+
+
+def _read_dtype(index: GraphIndex, ref: ConstRef, chain: WeightChain | None) -> np.dtype:
+    """The weight's dtype as the layer reads it: the stored one, or the last Cast's."""
+    dtype = _dtype(index.tensor_proto(ref))
+    for j in chain.nodes if chain else ():
+        node = index.graph.node[j]
+        if node.op_type == "Cast":
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(attribute(node, "to", 1))))
+    return dtype
 
 
 def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
-    """(weight ref, Transpose node) of a Conv/Gemm/MatMul, or Skipped/None when it has none."""
+    """(weight ref, chain or None) of a Conv/Gemm/MatMul, or Skipped/None when it has none."""
     node = index.graph.node[i]
     name = index.node_name(i)
     if len(node.input) < 2:
         return None
     w_ref = index.resolve_const(node.input[1])
-    transpose = None
-    if w_ref is None and node.op_type == "MatMul":
-        found = _transposed_const(index, node.input[1])
-        if found is not None:
-            transpose, w_ref = found
+    chain = None
     if w_ref is None:
-        reason = _why_not_const(index, node.input[1])
-        if reason is None and node.op_type == "MatMul" and \
-                index.resolve_const(node.input[0]) is not None:
-            reason = ("its constant is the first operand (W @ x): only x @ W, or x @ W "
-                      "through a Transpose, is handled")
-        if reason or node.op_type != "MatMul":  # a MatMul of two activations is no candidate
-            return Skipped(name, node.op_type, reason or "weight is not a constant")
-        return None
+        traced = trace_chain(index, node.input[1])
+        if traced is not None:
+            ref, nodes = traced
+            chain = build_chain(index, ref, nodes, index.opset)
+            ops = " -> ".join(index.graph.node[j].op_type for j in nodes)
+            if chain is None:
+                return Skipped(name, node.op_type, f"weight comes through {ops}, which is not a "
+                               "rearrangement of its constant's elements (not handled)")
+            w_ref = ref
+    if w_ref is None:
+        if node.op_type == "MatMul" and (index.resolve_const(node.input[0]) is not None
+                                         or trace_chain(index, node.input[0]) is not None):
+            return Skipped(name, node.op_type, "its constant is the first operand (W @ x): "
+                           "only x @ W, or x @ W through layout ops, is handled")
+        if node.op_type == "MatMul" and node.input[1] in reached:
+            return None  # a MatMul of two activations is no candidate
+        return Skipped(name, node.op_type, _why_not_const(index, node.input[1], reached))
     if index.resolve_const(node.input[0]) is not None:
         return Skipped(name, node.op_type, "both operands are constants")
     if node.input[0] not in reached:
@@ -214,73 +302,73 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
     problem = _weight_problem(index.tensor_proto(w_ref), w_ref.name)
     if problem:
         return Skipped(name, node.op_type, problem)
-    return w_ref, transpose
+    return w_ref, chain
+
+
+def _shape(index: GraphIndex, ref: ConstRef, chain: WeightChain | None) -> tuple[int, ...]:
+    return chain.shape if chain else tuple(int(d) for d in index.tensor_proto(ref).dims)
 
 
 def recognise_conv(index: GraphIndex, i: int, reached: set[str]):
-    """Conv and ConvTranspose: weight in input 1, optional constant bias in input 2."""
+    """Conv and ConvTranspose: weight in input 1, constant bias in input 2 or a separate Add."""
     node = index.graph.node[i]
     found = _weight_operand(index, i, reached)
     if not isinstance(found, tuple):
         return found
-    w_ref, _ = found
-    shape = tuple(int(d) for d in index.tensor_proto(w_ref).dims)
+    w_ref, chain = found
+    shape = _shape(index, w_ref, chain)
     try:
         layout = WeightLayout(node.op_type, shape, int(attribute(node, "group", 1)))
     except ValueError as err:
         return Skipped(index.node_name(i), node.op_type, str(err))
-    bias = bias_input = None
+    fields = dict(bias=None, bias_input=None, bias_scale=1.0, output=node.output[0],
+                  output_rank=len(shape), out_axis=1)
     if len(node.input) > 2 and node.input[2]:
         bias = index.resolve_const(node.input[2])
         if bias is None:
             return Skipped(index.node_name(i), node.op_type, "bias is not a constant")
-        bias_input = (i, 2)
-    return _new_layer(index, i, w_ref, layout, bias=bias, bias_input=bias_input, bias_scale=1.0,
-                      output=node.output[0], output_rank=len(shape))
+        fields.update(bias=bias, bias_input=(i, 2))
+    else:
+        fields.update(_following_bias(index, i, layout.output_units, 1, len(shape)))
+    return _new_layer(index, i, w_ref, layout, chain, **fields)
 
 
 def recognise_dense(index: GraphIndex, i: int, reached: set[str]):
-    """Gemm, and MatMul with a constant 2-D second operand (through a Transpose too)."""
+    """Gemm, and MatMul with a constant 2-D second operand (through layout ops too)."""
     node = index.graph.node[i]
     name = index.node_name(i)
     found = _weight_operand(index, i, reached)
     if not isinstance(found, tuple):
         return found
-    w_ref, transpose = found
-    shape = tuple(int(d) for d in index.tensor_proto(w_ref).dims)
+    w_ref, chain = found
+    shape = _shape(index, w_ref, chain)
     gemm = node.op_type == "Gemm"
-    trans = bool(attribute(node, "transB", 0)) if gemm else transpose is not None
+    trans = bool(attribute(node, "transB", 0)) if gemm else False
     try:
         layout = WeightLayout(node.op_type, shape, 1, trans)
     except ValueError as err:
         return Skipped(name, node.op_type, str(err))
-    bias = bias_input = None
-    bias_scale = 1.0
-    output = node.output[0]
+    fields = dict(bias=None, bias_input=None, bias_scale=1.0, output=node.output[0],
+                  output_rank=2 if gemm else None, out_axis=1 if gemm else -1)
     if gemm and len(node.input) > 2 and node.input[2]:
         bias = index.resolve_const(node.input[2])
         if bias is None:
             return Skipped(name, node.op_type, "bias is not a constant")
-        bias_input = (i, 2)
-        bias_scale = float(attribute(node, "beta", 1.0))
-    elif not gemm:
-        add = _matmul_bias(index, i, layout.output_units)
-        if add is not None:
-            j, pos, bias = add
-            bias_input = (j, pos)
-            output = index.graph.node[j].output[0]
-    rank = 2 if gemm else None
+        fields.update(bias=bias, bias_input=(i, 2), bias_scale=float(attribute(node, "beta", 1.0)))
+    else:
+        fields.update(_following_bias(index, i, layout.output_units, fields["out_axis"],
+                                      fields["output_rank"]))
     blocks = ("",)
-    parts = _equal_split(index, output, rank)
+    last = fields["output_rank"] is None and fields["out_axis"] == -1 or \
+        fields["output_rank"] is not None and fields["out_axis"] == fields["output_rank"] - 1
+    parts = _equal_split(index, fields["output"], fields["output_rank"]) if last else 0
     if parts > 1:  # a fused projection (QKV): orthonormal and scaled per part
         try:
             layout = WeightLayout(node.op_type, shape, parts, trans)
             blocks = ("q", "k", "v") if parts == 3 else tuple(f"p{k}" for k in range(parts))
         except ValueError:
             pass
-    return _new_layer(index, i, w_ref, layout, bias=bias, bias_input=bias_input,
-                      bias_scale=bias_scale, output=output, output_rank=rank, blocks=blocks,
-                      weight_transpose=transpose)
+    return _new_layer(index, i, w_ref, layout, chain, blocks=blocks, **fields)
 
 
 def recognise_recurrent(index: GraphIndex, i: int, reached: set[str]):
@@ -309,7 +397,7 @@ def recognise_recurrent(index: GraphIndex, i: int, reached: set[str]):
         return Skipped(name, node.op_type, str(err))
     prefixes = ("fw.", "bw.") if dirs == 2 else ("",)
     bias = index.resolve_const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    return _new_layer(index, i, w_ref, layout, bias=bias,
+    return _new_layer(index, i, w_ref, layout, None, bias=bias,
                       bias_input=(i, 3) if bias is not None else None, bias_scale=1.0,
                       output="", output_rank=None,
                       blocks=tuple(p + g for p in prefixes for g in gates),
@@ -344,11 +432,12 @@ RECOGNISERS: dict[str, tuple[Recogniser, tuple[str, ...] | None]] = {
 }
 
 
-def find_layers(model: onnx.ModelProto) -> Discovery:
+def find_layers(model: onnx.ModelProto, selection: Selection | None = None) -> Discovery:
     """Find the LSUV target layers of ``model``'s main graph, in topological order.
 
     Args:
         model: The model (its external data, if any, already loaded).
+        selection: The user's ``--include`` / ``--exclude`` patterns. Defaults to none.
 
     Returns:
         The targets, and the candidates that were skipped with the reason.
@@ -365,78 +454,209 @@ def find_layers(model: onnx.ModelProto) -> Discovery:
         result = entry[0](index, i, reached)
         if result is not None:
             found.append(result)
-    return _resolve(index, found)
+    return _resolve(index, found, selection or Selection())
 
 
-def _resolve(index: GraphIndex, found: list) -> Discovery:
-    """Ties and shared readers: a weight read by several targets is set at its first use (its
-    later users are reported), every other reader is named, and a reader upstream of the layer
-    by data flow marks it ``weight_read_upstream``. Numbers the layers and their report rows."""
-    layers: list[Layer] = []
+def _names(layer: Layer) -> list[str]:
+    return [layer.name, layer.weight.name, layer.op]
+
+
+def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
+    """What involves several nodes or the user's choice (see the module docstring). Numbers the
+    layers and their report rows."""
     skipped: list[Skipped] = []
-    owner: dict[ConstRef, Layer] = {}
+    candidates: list[Layer] = []
     for item in found:
         if isinstance(item, Skipped):
             skipped.append(item)
             continue
+        forced = selection.matches(selection.include, _names(item))
+        pattern = selection.matches(selection.exclude, _names(item))
+        if pattern and not forced:
+            skipped.append(Skipped(item.name, item.op, f"excluded by --exclude {pattern!r}",
+                                   excluded=True))
+            continue
+        fixed = None if forced else _looks_fixed(index, item)
+        if fixed:
+            skipped.append(Skipped(item.name, item.op, fixed))
+            continue
+        candidates.append(item)
+    layers: list[Layer] = []
+    owner: dict[ConstRef, Layer] = {}
+    targets = {j for item in candidates for j in item.own_nodes}  # tied ones' chains too
+    for item in candidates:
         refs = [r for r in (item.weight, item.recurrent) if r is not None]
         first = next((owner[r] for r in refs if r in owner), None)
         if first is not None:
+            if _same_use(index, first, item):
+                first.more_uses.extend(item.uses)
+                continue
             first.shared_weight_users.append(item.name)
             what = "weights" if item.is_recurrent else "weight"
             skipped.append(Skipped(item.name, item.op,
-                                   f"{what} tied to layer {first.name} (set at first use)"))
+                                   f"{what} tied to layer {first.name}, read in another layout "
+                                   "(set at its first use)"))
             continue
-        item.index = len(layers)
-        item.row = layers[-1].row + len(layers[-1].blocks) if layers else 0
         for r in refs:
             owner[r] = item
         layers.append(item)
+    kept: list[Layer] = []
     for layer in layers:
-        users = [j for j, _ in index.users_of_const(layer.weight) if j not in layer.own_nodes]
+        users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
+                 for j, _ in index.users_of_const(ref) if j not in layer.own_nodes]
+        strangers = sorted({j for j in users if j not in targets})
+        if strangers and not selection.matches(selection.include, _names(layer)):
+            who = ", ".join(f"{index.node_name(j)} ({index.graph.node[j].op_type})"
+                            for j in strangers)
+            skipped.append(Skipped(layer.name, layer.op, (
+                f"its weight {layer.weight.name!r} is also read by {who}, which is not a "
+                "target (a tie such as an LM head sharing the token embedding): left alone; "
+                f"--include {layer.name} initialises it anyway, changing that reader too")))
+            continue
         for j in users:
             if index.node_name(j) not in layer.shared_weight_users:
                 layer.shared_weight_users.append(index.node_name(j))
+        upstream = index.ancestors(layer.node_index)
         if users:
-            upstream = index.ancestors(layer.node_index)
             layer.weight_read_upstream = any(j in upstream for j in users)
-    return Discovery(layers, skipped)
+        if layer.more_uses:
+            roots = [u.node_index for u in layer.uses]
+            layer.weight_read_upstream |= any(
+                r in index.ancestors(other) for r in roots for other in roots if other != r)
+        layer.index = len(kept)
+        layer.row = kept[-1].row + len(kept[-1].blocks) if kept else 0
+        kept.append(layer)
+    return Discovery(kept, skipped)
 
 
-def _matmul_bias(index: GraphIndex, i: int, n_out: int) -> tuple[int, int, ConstRef] | None:
-    """The Add after MatMul node ``i`` that adds a constant vector of length ``n_out``."""
+def _same_use(index: GraphIndex, first: Layer, other: Layer) -> bool:
+    """Whether ``other`` applies ``first``'s weight the same way (so they are one layer): same
+    op, layout, blocks and chain, the same bias (or none), and no recurrent weight."""
+    if first.is_recurrent or other.is_recurrent or first.op != other.op:
+        return False
+    if (first.layout, first.blocks, first.dtype, first.bias, first.bias_scale) != \
+            (other.layout, other.blocks, other.dtype, other.bias, other.bias_scale):
+        return False
+    if (first.chain is None) != (other.chain is None):
+        return False
+    return first.chain is None or np.array_equal(first.chain.source, other.chain.source)
+
+
+def _looks_fixed(index: GraphIndex, layer: Layer) -> str | None:
+    """A reason when the stored weight looks hand-set rather than trained: every value an
+    integer, with at least three distinct values (YOLOv8's DFL conv holds 0..15; an identity
+    or 0/1 mask is not caught), or every value the same non-zero number (an averaging
+    kernel)."""
+    if layer.is_recurrent:
+        return None
+    w = index.const_array(layer.weight)
+    if w.size < 2 or not np.all(np.isfinite(w)):
+        return None
+    flat = w.reshape(-1).astype(np.float64)
+    lo, hi = float(flat.min()), float(flat.max())
+    integer = bool(np.all(flat == np.round(flat)))
+    if integer and len(np.unique(flat)) >= 3:
+        what = f"every value an integer, {lo:g} to {hi:g}"
+    elif lo == hi and lo != 0:
+        what = f"every value {lo:g}"
+    else:
+        return None
+    return (f"its weight {layer.weight.name!r} looks hand-set, not trained ({what}), like "
+            "YOLOv8's fixed DFL conv: left alone; --include "
+            f"{layer.name} initialises it anyway")
+
+
+# Ops that only move the output units between axes; a bias Add may follow them.
+_SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+def _following_bias(index: GraphIndex, i: int, units: int, axis: int,
+                    rank: int | None) -> dict:
+    """The bias Add after node ``i`` (through shape-only ops) whose constant has one value per
+    output unit on the output-unit axis, as Layer fields; no fields when there is none."""
     out = index.graph.node[i].output[0]
-    users = index.consumers.get(out, [])
-    if len(users) != 1 or out in index.graph_outputs or users[0][1] == OUTER_SCOPE:
-        return None
-    j, pos = users[0]
-    add = index.graph.node[j]
-    if add.op_type != "Add" or add.domain not in _DEFAULT_DOMAIN:
-        return None
-    other = 1 - pos
-    ref = index.resolve_const(add.input[other])
-    if ref is None:
-        return None
-    shape = tuple(index.tensor_proto(ref).dims)
-    if not shape or shape[-1] != n_out or int(np.prod(shape)) != n_out:
-        return None
-    return j, other, ref
+    walked: list[int] = []
+    while True:
+        users = index.consumers.get(out, [])
+        if len(users) != 1 or out in index.graph_outputs or users[0][1] == OUTER_SCOPE:
+            return {}
+        j, pos = users[0]
+        node = index.graph.node[j]
+        if node.domain not in _DEFAULT_DOMAIN:
+            return {}
+        if node.op_type == "Add":
+            ref = index.resolve_const(node.input[1 - pos])
+            if ref is None or not _lines_up(index.tensor_proto(ref), units, axis, rank):
+                return {}
+            walked.append(j)
+            return dict(bias=ref, bias_input=(j, 1 - pos), output=node.output[0],
+                        output_rank=rank, out_axis=axis, out_nodes=tuple(walked))
+        if node.op_type not in _SHAPE_OPS or pos != 0:
+            return {}
+        moved = _move_axis(index, node, axis, rank, units)
+        if moved is None:
+            return {}
+        axis, rank = moved
+        walked.append(j)
+        out = node.output[0]
 
 
-def _transposed_const(index: GraphIndex, name: str) -> tuple[int, ConstRef] | None:
-    """(Transpose node, constant) when ``name`` is a 2-D constant read through a Transpose."""
-    i = index.producer.get(name)
-    if i is None:
-        return None
-    node = index.graph.node[i]
-    if node.op_type != "Transpose" or node.domain not in _DEFAULT_DOMAIN:
-        return None
-    ref = index.resolve_const(node.input[0])
-    if ref is None or len(index.tensor_proto(ref).dims) != 2:
-        return None
-    if list(attribute(node, "perm", [1, 0])) != [1, 0]:
-        return None
-    return i, ref
+def _lines_up(bias: onnx.TensorProto, units: int, axis: int, rank: int | None) -> bool:
+    """Whether a constant added to the output is one value per unit along ``axis``."""
+    shape = [int(d) for d in bias.dims]
+    if int(np.prod(shape)) != units:
+        return False
+    if not shape:
+        return units == 1
+    from_end = axis - rank if rank is not None and axis >= 0 else axis
+    if -from_end > len(shape):
+        return units == 1
+    if rank is not None and len(shape) > rank:
+        return False
+    return shape[from_end] == units
+
+
+def _move_axis(index: GraphIndex, node: onnx.NodeProto, axis: int, rank: int | None,
+               units: int) -> tuple[int, int | None] | None:
+    """Where the output-unit axis is after a shape-only op, or None when it cannot be told."""
+    op = node.op_type
+    if op == "Identity":
+        return axis, rank
+    if op == "Transpose":
+        perm = attribute(node, "perm", None)
+        if perm is None:
+            return None
+        rank = len(perm) if rank is None else rank
+        a = axis % rank
+        return list(perm).index(a), rank
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = attribute(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            ref = index.resolve_const(node.input[1])
+            axes = index.const_array(ref).tolist() if ref is not None else None
+        if axes is None or rank is None:
+            return None
+        if op == "Squeeze":
+            axes = {a % rank for a in axes}
+            if axis % rank in axes:
+                return None
+            return axis % rank - sum(a < axis % rank for a in axes), rank - len(axes)
+        new_rank = rank + len(axes)
+        inserted = {a % new_rank for a in axes}
+        kept = [k for k in range(new_rank) if k not in inserted]
+        return kept[axis % rank], new_rank
+    if op == "Reshape":
+        ref = index.resolve_const(node.input[1]) if len(node.input) > 1 else None
+        if ref is None:
+            return None
+        shape = index.const_array(ref).astype(np.int64).tolist()
+        last = axis == -1 or (rank is not None and axis == rank - 1)
+        if last and shape and shape[-1] == units:
+            return len(shape) - 1, len(shape)
+        if rank is not None and axis == 1 and len(shape) > 1 and shape[1] == units and \
+                (shape[0] == 0 or (shape[0] == -1 and shape.count(-1) == 1)):
+            return 1, len(shape)
+    return None
 
 
 def _equal_split(index: GraphIndex, output: str, rank: int | None) -> int:

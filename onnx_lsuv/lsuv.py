@@ -122,7 +122,7 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
                          f"{', '.join(repr(b) for b in BASELINES)} need none")
     work = load_model(model)
     feeds = load_batches(data, work) if opts.scaling else None
-    discovery = find_layers(work)
+    discovery = find_layers(work, opts.selection)
     report = _new_report(discovery, opts.to_dict())
     layers = discovery.layers
     if not layers:
@@ -135,6 +135,10 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
     report.notes.extend(unshare_biases(work, layers, zeroing))
     state = WeightState(work, layers)
     for lay in layers:
+        if lay.more_uses:
+            report.notes.append(f"layer {lay.name}: its weight is applied by "
+                                f"{len(lay.uses)} nodes ({', '.join(_use_names(work, lay))}): "
+                                "one layer, measured over all of them")
         if lay.shared_weight_users:
             report.notes.append(f"layer {lay.name}: its weight is also read by "
                                 f"{', '.join(lay.shared_weight_users)} (tied: set here)")
@@ -186,8 +190,9 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
         raise InputError("data is required to check a model's variances")
     work = load_model(model)
     feeds = load_batches(data, work)
-    discovery = find_layers(work)
-    report = _new_report(discovery, dict(target_var=opts.target_var, tol=opts.tol, check=True))
+    discovery = find_layers(work, opts.selection)
+    report = _new_report(discovery, dict(target_var=opts.target_var, tol=opts.tol, check=True,
+                                         include=list(opts.include), exclude=list(opts.exclude)))
     if discovery.layers:
         state = WeightState(work, discovery.layers)
         with _blaming_the_input(model, feeds):
@@ -199,16 +204,25 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     return report
 
 
+def _use_names(model: onnx.ModelProto, layer) -> list[str]:
+    return [model.graph.node[u.node_index].name or f"{model.graph.node[u.node_index].op_type}_"
+            f"{u.node_index}" for u in layer.uses]
+
+
 def _new_report(discovery: Discovery, options: dict) -> Report:
     for s in discovery.skipped:
-        log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
+        if s.excluded:
+            log.info("not a target: %s (%s): %s", s.name, s.op, s.reason)
+        else:
+            log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
     return Report(
         layers=[LayerRecord(index=lay.index, name=lay.block_name(b), op=lay.op,
                             weight=lay.weight.name, weight_shape=list(lay.weight_shape),
                             groups=lay.layout.groups, bias=lay.bias.name if lay.bias else None,
                             block=lay.blocks[b])
                 for lay in discovery.layers for b in range(len(lay.blocks))],
-        skipped=[{"name": s.name, "op": s.op, "reason": s.reason} for s in discovery.skipped],
+        skipped=[{"name": s.name, "op": s.op, "reason": s.reason, "excluded": s.excluded}
+                 for s in discovery.skipped],
         options=options,
         versions={"onnx_lsuv": __version__, "onnx": onnx.__version__,
                   "onnxruntime": ort.__version__, "numpy": np.__version__,
@@ -268,7 +282,8 @@ def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
         try:
             run.session(state.skeleton(work))
         except RuntimeFailure:
-            twin, twin_state, twin_feeds = float32_measuring(work, state, feeds)
+            twin, twin_state, twin_feeds = float32_measuring(work, state, feeds,
+                                                             opts.selection)
             report.notes.append(f"ONNX Runtime ({engine.name}) cannot run this float16/bfloat16 "
                                 "model: measured in float32, weights written in their own dtype")
             log.info("%s", report.notes[-1])

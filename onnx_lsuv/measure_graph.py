@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .graph import OUTER_SCOPE, GraphIndex, attribute, rename_input, toposort
-from .layers import Layer
+from .layers import Layer, Use
 from .model_io import default_opset
 
 _PREFIX = "onnx_lsuv::"
@@ -123,13 +123,14 @@ class Tap:
     b: np.ndarray | None = None  # (C,) per-channel offset
 
 
-def find_tap(index: GraphIndex, layer: Layer) -> Tap:
-    """The invertible BatchNormalization tap of ``layer`` if it has one, else its output."""
-    plain = Tap(layer.output)
-    users = index.consumers.get(layer.output, [])
-    if len(users) != 1 or layer.output in index.graph_outputs or users[0][1] == OUTER_SCOPE:
+def find_tap(index: GraphIndex, layer: Layer, use: Use) -> Tap:
+    """The invertible BatchNormalization tap of one use of ``layer`` if it has one, else the
+    use's output."""
+    plain = Tap(use.output)
+    users = index.consumers.get(use.output, [])
+    if len(users) != 1 or use.output in index.graph_outputs or users[0][1] == OUTER_SCOPE:
         return plain
-    if layer.channel_axis != 1 and layer.output_rank != 2:
+    if use.out_axis != 1 or use.output_rank is None:
         return plain
     i, pos = users[0]
     bn = index.graph.node[i]
@@ -164,20 +165,31 @@ class ChannelSums:
     var: str  # scalar E[y^2] - E[y]^2
 
 
-def channel_sums(ed: GraphEditor, layer: Layer, tap: Tap) -> ChannelSums:
+def channel_sums(ed: GraphEditor, layer: Layer, taps: list[tuple[Use, Tap]]) -> ChannelSums:
     """Nodes computing the layer output's per-channel sums and its overall mean and variance,
-    read at ``tap`` (with n_c elements per channel, y = (t - b) / a gives
-    sum y = (sum t - n_c b) / a and sum y^2 = (sum t^2 - 2 b sum t + n_c b^2) / a^2)."""
+    pooled over its uses, each read at its tap (with n_c elements per channel,
+    y = (t - b) / a gives sum y = (sum t - n_c b) / a and
+    sum y^2 = (sum t^2 - 2 b sum t + n_c b^2) / a^2)."""
     dt = ed.layer_dtype(layer)
-    t = tap.tensor
-    x = _cast(ed, t, layer.dtype, dt)
+    parts = [_use_sums(ed, layer, use, tap, dt) for use, tap in taps]
+    s1, s2, n = parts[0]
+    for p1, p2, pn in parts[1:]:
+        s1, s2, n = ed.op("Add", [s1, p1]), ed.op("Add", [s2, p2]), ed.op("Add", [n, pn])
+    return _finish(ed, s1, s2, n, len(layer.blocks), dt)
+
+
+def _use_sums(ed: GraphEditor, layer: Layer, use: Use, tap: Tap,
+              dt: np.dtype) -> tuple[str, str, str]:
+    """(per-channel sum, per-channel sum of squares, element count) of one use's output."""
+    x = _cast(ed, tap.tensor, layer.dtype, dt)
     units = layer.layout.output_units
-    if layer.channel_axis == 1:
-        axes = [0] + list(range(2, layer.output_rank))
-    else:  # output units on the last axis, rank unknown for MatMul: view as (-1, units)
-        if layer.output_rank != 2:
-            x = ed.op("Reshape", [x, ed.const(np.array([-1, units], np.int64))])
+    if use.output_rank is not None:
+        axes = [a for a in range(use.output_rank) if a != use.out_axis % use.output_rank]
+    elif use.out_axis == -1:  # output units on the last axis, rank unknown: view as (-1, units)
+        x = ed.op("Reshape", [x, ed.const(np.array([-1, units], np.int64))])
         axes = [0]
+    else:
+        raise ValueError(f"layer {layer.name}: output-unit axis {use.out_axis} of unknown rank")
     s1 = ed.reduce("ReduceSum", x, axes)
     s2 = ed.reduce("ReduceSumSquare", x, axes)
     n = ed.op("Cast", [ed.op("Size", [x])], to=helper.np_dtype_to_tensor_dtype(dt))
@@ -190,7 +202,7 @@ def channel_sums(ed: GraphEditor, layer: Layer, tap: Tap) -> ChannelSums:
                            ed.op("Mul", [nb, b])])
         s2 = ed.op("Mul", [s2, ed.op("Mul", [inv_a, inv_a])])
         s1 = ed.op("Mul", [ed.op("Sub", [s1, nb]), inv_a])
-    return _finish(ed, s1, s2, n, len(layer.blocks), dt)
+    return s1, s2, n
 
 
 def _finish(ed: GraphEditor, s1: str, s2: str, n: str, blocks: int, dt: np.dtype) -> ChannelSums:
@@ -290,7 +302,7 @@ def stats_model(model: onnx.ModelProto, layers: list[Layer]) -> tuple[onnx.Model
         if layer.is_recurrent:
             cs = recurrent_sums(ed, layer, copy.graph.node[layer.node_index])
         else:
-            cs = channel_sums(ed, layer, find_tap(index, layer))
+            cs = channel_sums(ed, layer, [(u, find_tap(index, layer, u)) for u in layer.uses])
         names.append(cs.var)
     _set_outputs(copy.graph, names)
     return copy, names
@@ -317,8 +329,9 @@ def layer_inputs(model: onnx.ModelProto, layer: Layer) -> list[str]:
 def layer_model(model: onnx.ModelProto, layer: Layer, inputs: dict[str, np.ndarray],
                 bias: np.ndarray | None) -> tuple[onnx.ModelProto, str]:
     """The layer alone: its node(s) fed with ``inputs`` (named by ``layer_inputs``) and its
-    weight as input ``WEIGHT_INPUT`` (as stored, the layer's Transpose applied in the graph),
-    with the variance per block as the only output.
+    weight as input ``WEIGHT_INPUT`` (as the node reads it, after any chain of layout ops),
+    with the variance per block as the only output. A layer's first use only: a layer with
+    several uses is measured on the whole model.
 
     A recurrent op is measured by its input projections W_g x, so only ``recurrent_sums`` runs.
 
@@ -342,23 +355,27 @@ def layer_model(model: onnx.ModelProto, layer: Layer, inputs: dict[str, np.ndarr
         node.input[1] = WEIGHT_INPUT
         cs = recurrent_sums(ed, layer, node)
     else:
-        w = WEIGHT_INPUT
-        if layer.weight_transpose is not None:
-            t = model.graph.node[layer.weight_transpose]
-            w = ed.op("Transpose", [WEIGHT_INPUT], perm=list(attribute(t, "perm", [1, 0])))
-        node.input[1] = w
+        node.input[1] = WEIGHT_INPUT  # the weight as the node reads it: no chain here
         nodes = [node]
-        if layer.bias_add_node is not None:
-            add = onnx.NodeProto()
-            add.CopyFrom(model.graph.node[layer.bias_add_node])
-            nodes.append(add)
-        if layer.bias is not None and bias is not None:
-            holder = nodes[-1] if layer.bias_add_node is not None else node
-            b_name = holder.input[layer.bias_input[1]]
-            graph.initializer.append(numpy_helper.from_array(
-                np.ascontiguousarray(bias), b_name))
+        for j in layer.out_nodes:  # the shape ops and bias Add up to the layer's output
+            copy = onnx.NodeProto()
+            copy.CopyFrom(model.graph.node[j])
+            nodes.append(copy)
+        index = GraphIndex(model.graph)
+        holder = nodes[-1] if layer.out_nodes else node
+        b_name = holder.input[layer.bias_input[1]] if layer.bias_input is not None else None
+        if b_name and bias is not None:
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias), b_name))
+        for n in nodes:  # other constants read: a Reshape's shape, a Squeeze's axes
+            for k, name in enumerate(n.input):
+                if not name or name == b_name or (n is node and k < 2):
+                    continue
+                ref = index.resolve_const(name)
+                if ref is not None and name not in {t.name for t in graph.initializer}:
+                    graph.initializer.append(numpy_helper.from_array(index.const_array(ref),
+                                                                     name))
         graph.node.extend(nodes)
-        cs = channel_sums(ed, layer, Tap(layer.output))
+        cs = channel_sums(ed, layer, [(layer.first_use, Tap(layer.output))])
     toposort(graph)
     _set_outputs(graph, [cs.var])
     return ed_model, cs.var
@@ -412,6 +429,34 @@ def _bias_solve(ed: GraphEditor, cs: ChannelSums, b: np.ndarray, dt: np.dtype,
     return vz, ed.op("Where", [has_root, root, fallback])
 
 
+def _rewire_scaled(ed: GraphEditor, graph: onnx.GraphProto, index: GraphIndex, layer: Layer,
+                   use: Use, tap: Tap, scale_m: str, bias: LayerBias | None) -> None:
+    """Make every reader of one use's tap read it as the scaled weight would make it."""
+    # The layer's new output is a y + (1 - a) bias; read through the tap t = A y + B it is
+    # a t + (1 - a) k with k = A bias + B per channel.
+    k = np.zeros(layer.layout.output_units)
+    if bias is not None:
+        k = k + bias.value
+    if tap.a is not None:
+        k = tap.a * k + tap.b
+    consumers = list(index.consumers.get(tap.tensor, []))
+    t_new = ed.op("Mul", [tap.tensor, scale_m])
+    if np.any(k != 0):
+        if use.output_rank is not None:
+            shape = [1] * use.output_rank
+            shape[use.out_axis % use.output_rank] = -1
+        else:
+            shape = [-1] + [1] * (-use.out_axis - 1)
+        k_c = ed.const(k.astype(layer.dtype).reshape(shape), "offset")
+        one_m = ed.op("Sub", [ed.const(np.array(1, layer.dtype), "one_m"), scale_m])
+        t_new = ed.op("Add", [t_new, ed.op("Mul", [k_c, one_m])])
+    for i, pos in consumers:
+        if pos == OUTER_SCOPE:  # an If/Loop/Scan body reads it from the enclosing graph
+            rename_input(graph.node[i], tap.tensor, t_new)
+        else:
+            graph.node[i].input[pos] = t_new
+
+
 def normalizing_model(
     model: onnx.ModelProto,
     layers: list[Layer],
@@ -460,9 +505,8 @@ def normalizing_model(
             cs = recurrent_sums(ed, layer, node)
             consumers = []
         else:
-            tap = find_tap(index, layer)
-            consumers = list(index.consumers.get(tap.tensor, []))
-            cs = channel_sums(ed, layer, tap)
+            taps = [(use, find_tap(index, layer, use)) for use in layer.uses]
+            cs = channel_sums(ed, layer, taps)
         bias = biases.get(layer.index)
         if bias is None:
             vz = cs.var
@@ -495,24 +539,12 @@ def normalizing_model(
         else:
             scale_units = scale
         scale_m = scale_units if dt == layer.dtype else ed.op("Cast", [scale_units], to=to_model)
-        # The layer's new output is a y + (1 - a) bias; read through the tap t = A y + B it is
-        # a t + (1 - a) k with k = A bias + B per channel.
-        k = np.zeros(layer.layout.output_units)
-        if bias is not None:
-            k = k + bias.value
-        if tap.a is not None:
-            k = tap.a * k + tap.b
-        t_new = ed.op("Mul", [tap.tensor, scale_m])
-        if np.any(k != 0):
-            shape = (1, -1) + (1,) * (layer.output_rank - 2) if layer.channel_axis == 1 else (-1,)
-            k_c = ed.const(k.astype(layer.dtype).reshape(shape), "offset")
-            one_m = ed.op("Sub", [ed.const(np.array(1, layer.dtype), "one_m"), scale_m])
-            t_new = ed.op("Add", [t_new, ed.op("Mul", [k_c, one_m])])
-        for i, pos in consumers:
-            if pos == OUTER_SCOPE:  # an If/Loop/Scan body reads it from the enclosing graph
-                rename_input(copy.graph.node[i], tap.tensor, t_new)
-            else:
-                copy.graph.node[i].input[pos] = t_new
+        # Uses that feed each other (an unrolled recurrence) cannot be normalised in-graph:
+        # the factor depends on every use. Their downstream layers see them unscaled, and the
+        # re-measurement sends the layer to the try loop.
+        feeding = len(layer.uses) > 1 and layer.weight_read_upstream
+        for use, tap in [] if feeding else taps:
+            _rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m, bias)
         # Tied weights: readers of this weight that are not upstream of the layer see it
         # scaled, as in the written model. (Upstream readers would make a cycle; the
         # re-measurement catches what they change. So does a read inside a body.)

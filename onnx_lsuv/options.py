@@ -46,6 +46,12 @@ class LSUVOptions:
             try). Defaults to "fast".
         threads: CPU threads for ONNX Runtime and the pre-init. Defaults to None (the CPUs
             this process may use).
+        include: Glob patterns (case-sensitive) of node names, weight names or op types to
+            take as targets whatever else holds: over ``exclude``, and over the layers left
+            alone by default (a weight also read by a node that is not a target, a kernel that
+            looks hand-set). Defaults to none.
+        exclude: Glob patterns of node names, weight names or op types to leave alone.
+            Defaults to none.
     """
 
     target_var: float = 1.0
@@ -58,6 +64,8 @@ class LSUVOptions:
     provider: str = "auto"
     strategy: str = "fast"
     threads: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("tol", "target_var"):
@@ -84,6 +92,18 @@ class LSUVOptions:
                 isinstance(self.threads, numbers.Integral) and not isinstance(self.threads, bool)
                 and self.threads >= 1):
             raise InputError(f"threads must be an integer >= 1, got {self.threads!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            try:
+                value = tuple(value)
+            except TypeError:
+                value = None
+            if value is None or not all(isinstance(p, str) and p for p in value):
+                raise InputError(f"{name} must be a list of non-empty glob patterns, got "
+                                 f"{getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
         # Store plain Python numbers: the report is JSON.
         object.__setattr__(self, "target_var", float(self.target_var))
         object.__setattr__(self, "tol", float(self.tol))
@@ -105,8 +125,17 @@ class LSUVOptions:
         """Whether the targets' biases are zeroed with the new draw."""
         return self.reinit and not self.keep_bias
 
+    @property
+    def selection(self):
+        """The include / exclude patterns as a ``layers.Selection``."""
+        from .layers import Selection
+
+        return Selection(self.include, self.exclude)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
 
 
 def legacy_init(init: str, orthonormal: bool | None, orthonormal_only: bool | None) -> str:

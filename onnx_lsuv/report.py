@@ -44,7 +44,7 @@ class Report:
     """The result of one run: per-layer records, skipped candidates, timings, settings."""
 
     layers: list[LayerRecord] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     provider: str | None = None

@@ -174,8 +174,9 @@ def scale_fast(run: Run) -> None:
              "layers after it one at a time", layers[first_off].name)
     t = time.perf_counter()
     for lay in layers[first_off:]:
-        # A weight also read upstream changes the layer's own input: whole passes then.
-        measure = (full_measure(run, skeleton, lay) if lay.weight_read_upstream
+        # A weight also read upstream changes the layer's own input, and a weight applied by
+        # several nodes is measured over all of them: whole passes then.
+        measure = (full_measure(run, skeleton, lay) if lay.weight_read_upstream or lay.more_uses
                    else layer_measure(run, skeleton, lay))
         tries(run, lay, measure)
         run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)

@@ -26,7 +26,18 @@ class WeightState:
     def __init__(self, model: onnx.ModelProto, layers: list[Layer]) -> None:
         self.index = GraphIndex(model.graph)
         self.layers = layers
-        self.base = {lay.index: self.index.const_array(lay.weight) for lay in layers}
+        # The weight as each layer reads it (through its chain of layout ops, if any); the
+        # stored constant of a chain that drops elements (a Slice) is kept for the write-back.
+        self.base = {}
+        self._stored: dict[int, np.ndarray] = {}
+        for lay in layers:
+            stored = self.index.const_array(lay.weight)
+            if lay.chain is None:
+                self.base[lay.index] = stored
+            else:
+                self.base[lay.index] = lay.chain.effective(stored, lay.dtype)
+                if not lay.chain.covers_all:
+                    self._stored[lay.index] = stored
         self.scale = {lay.index: np.ones(len(lay.blocks)) for lay in layers}
         # Recurrent weights R: orthonormal per gate, never scaled.
         self.recurrent = {lay.index: self.index.const_array(lay.recurrent) for lay in layers
@@ -64,6 +75,7 @@ class WeightState:
         return layer.layout.from_matrices(mats).astype(layer.dtype)
 
     def set_base(self, layer: Layer, weight: np.ndarray) -> None:
+        """A new weight, as the layer reads it."""
         self.base[layer.index] = np.ascontiguousarray(weight.astype(layer.dtype))
         self.scale[layer.index] = np.ones(len(layer.blocks))
 
@@ -100,7 +112,15 @@ class WeightState:
         return arrays
 
     def _current(self, layer: Layer, ref: ConstRef) -> np.ndarray:
-        return self.weight(layer) if ref == layer.weight else self.recurrent[layer.index]
+        """The current value of ``ref`` as stored (through the inverse of the layer's chain)."""
+        if ref != layer.weight:
+            return self.recurrent[layer.index]
+        if layer.chain is None:
+            return self.weight(layer)
+        old = self._stored.get(layer.index)
+        if old is None:
+            old = np.zeros(layer.chain.stored_shape, layer.chain.stored_dtype)
+        return layer.chain.stored(self.weight(layer), old)
 
     def write_constants(self, model: onnx.ModelProto) -> None:
         """Write the current weights that ``in_memory`` does not supply into ``model``."""
@@ -185,11 +205,12 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
     taken = set(index.initializers) | set(index.producer)
     for ref, owners in by_ref.items():
         users = set(index.users_of_const(ref))
-        zeroed_slots = {
-            (lay.bias_input[0], lay.bias_input[1]) for lay in owners if lay.index in zeroing
-        }
+        zeroed_slots = {use.bias_input for lay in owners if lay.index in zeroing
+                        for use in lay.uses if use.bias_input is not None}
         if users <= zeroed_slots and not index.const_is_graph_output(ref):
             continue  # every reader zeroes it: nothing else changes
+        if not np.any(index.const_array(ref)):
+            continue  # already zero: zeroing changes nothing, for any reader
         for lay in owners:
             if lay.index not in zeroing:
                 continue
@@ -204,8 +225,14 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             if model.ir_version < 4:  # initializers must be graph inputs there
                 graph.input.append(onnx.helper.make_tensor_value_info(
                     name, tensor.data_type, list(tensor.dims)))
-            node_i, pos = lay.bias_input
-            graph.node[node_i].input[pos] = name
+            for use in lay.uses:
+                node_i, pos = use.bias_input
+                graph.node[node_i].input[pos] = name
             lay.bias = ConstRef(name)
-            notes.append(f"layer {lay.name}: bias {ref.name!r} is shared; gave it its own {name!r}")
+            others = sorted({index.node_name(j) for j, _ in users} - {
+                index.node_name(u.bias_input[0]) for u in lay.uses})
+            notes.append(f"layer {lay.name}: its bias {ref.name!r} is also read by "
+                         f"{', '.join(others) or 'a graph output'} (the exporter stored equal "
+                         f"tensors, often all zeros, once); zeroing it gave the layer its own "
+                         f"copy {name!r}")
     return notes

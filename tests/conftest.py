@@ -40,18 +40,21 @@ def make_model(nodes, inputs, outputs, inits, opset=OPSET, ir_version=IR_VERSION
     return model
 
 
-def output_variances(model: onnx.ModelProto, feeds: dict, names: list[str]) -> list[float]:
-    """Variance of tensors ``names`` on ``feeds``, measured here with numpy in float64.
-
-    Independent of onnx_lsuv: its own ORT session with the tensors exposed as outputs.
-    """
+def output_values(model: onnx.ModelProto, feeds: dict, names: list[str]) -> list[np.ndarray]:
+    """Tensors ``names`` on ``feeds``, from the test's own ORT session (independent of
+    onnx_lsuv) with the tensors exposed as outputs."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.output[:]
     for n in names:
         m.graph.output.append(helper.make_empty_tensor_value_info(n))
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [float(np.var(y, dtype=np.float64)) for y in sess.run(names, feeds)]
+    return sess.run(names, feeds)
+
+
+def output_variances(model: onnx.ModelProto, feeds: dict, names: list[str]) -> list[float]:
+    """Variance of tensors ``names`` on ``feeds``, measured here with numpy in float64."""
+    return [float(np.var(y, dtype=np.float64)) for y in output_values(model, feeds, names)]
 
 
 def target_outputs(model: onnx.ModelProto) -> list[str]:

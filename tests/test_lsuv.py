@@ -11,7 +11,7 @@ from onnx_lsuv import InputError, lsuv_init
 from onnx_lsuv.layers import find_layers
 
 import models
-from conftest import initializers, output_variances
+from conftest import initializers, output_values, output_variances
 
 TOL = 0.1
 
@@ -305,17 +305,18 @@ def test_one_pass_solve_is_exact_without_retries(kind, keep_bias):
         assert abs(v - 1) < 0.01
 
 
-def test_tied_weight_is_set_at_first_use_and_later_layers_still_converge():
-    model, feeds, outputs = models.tied_weights()
+def test_a_weight_applied_twice_in_the_same_way_is_one_layer_measured_over_both_uses():
+    model, feeds, _ = models.tied_weights()
     for strategy in ("fast", "naive"):
         result = lsuv_init(model, feeds, provider="cpu", strategy=strategy)
         rep = result.report
-        assert [r.name for r in rep.layers] == ["fc1", "fc3"]
-        assert any("tied" in s["reason"] and s["name"] == "fc2" for s in rep.skipped)
-        if strategy == "fast":
-            assert "retry_s" not in rep.timings  # the tied use is scaled in-graph too
-        for v in output_variances(result.model, feeds, outputs):
-            assert abs(v - 1) < TOL
+        assert [r.name for r in rep.layers] == ["fc1", "fc3"] and not rep.skipped
+        assert any("applied by 2 nodes (fc1, fc2)" in n for n in rep.notes)
+        y1, y2, y3 = output_values(result.model, feeds, ["y1", "y2", "y3"])
+        pooled = np.var(np.concatenate([y1.ravel(), y2.ravel()]).astype(np.float64))
+        assert abs(pooled - 1) < TOL and abs(np.var(y3.astype(np.float64)) - 1) < TOL
+        assert rep.converged
+        assert [n.input for n in result.model.graph.node] == [n.input for n in model.graph.node]
 
 
 def test_retry_loop_fixes_what_one_pass_cannot():
@@ -383,8 +384,16 @@ def test_weight_read_upstream_converges_with_whole_passes():
                                              "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     feeds = {"ids": rng.integers(0, 32, (64, 5)).astype(np.int64)}
+    # By default a weight that a non-target (the Gather) also reads is left alone, named.
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert [r.name for r in result.report.layers] == ["mm2"]
+    reason = next(s["reason"] for s in result.report.skipped if s["name"] == "mm")
+    assert "also read by emb (Gather)" in reason and "--include mm" in reason
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    assert next(t for t in result.model.graph.initializer if t.name == "E").SerializeToString() \
+        == before["E"]
     for strategy in ("fast", "naive"):
-        result = lsuv_init(model, feeds, provider="cpu", strategy=strategy)
+        result = lsuv_init(model, feeds, provider="cpu", strategy=strategy, include=["mm"])
         assert result.report.converged
         for v in output_variances(result.model, feeds, ["y", "y2"]):
             assert abs(v - 1) < TOL

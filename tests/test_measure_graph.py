@@ -21,13 +21,13 @@ def run(model, feeds, names):
 def test_layers_are_read_after_an_invertible_batchnorm():
     model, _, _ = models.conv_bn()
     index = GraphIndex(model.graph)
-    taps = {lay.name: find_tap(index, lay) for lay in find_layers(model).layers}
+    taps = {lay.name: find_tap(index, lay, lay.first_use) for lay in find_layers(model).layers}
     assert taps["conv1"].tensor == "n1" and taps["conv2"].tensor == "n2"
     assert taps["fc"].tensor == "nf"
     zero, _, _ = models.conv_bn(zero_gamma=True)
     index = GraphIndex(zero.graph)
     by_name = {lay.name: lay for lay in find_layers(zero).layers}
-    assert find_tap(index, by_name["conv2"]).tensor == "y2"  # gamma 0: not invertible
+    assert find_tap(index, by_name["conv2"], by_name["conv2"].first_use).tensor == "y2"  # gamma 0: not invertible
 
 
 @pytest.mark.parametrize("kind", sorted(models.ALL))

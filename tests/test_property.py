@@ -28,7 +28,8 @@ class Graph:
 
     def __init__(self, rng):
         self.rng, self.nodes, self.inits, self.n = rng, [], {}, 0
-        # Per target: (weight name, bias name or None, tensor whose variance LSUV sets,
+        # Per target: (weight name, bias name or None, tensors whose pooled variance LSUV sets
+        # (a weight applied again in the same way, with the same bias, is the same layer),
         # function weight -> (groups, rows, cols) matrix view).
         self.targets = []
         self.square = {}  # c -> an earlier (c, c, k, k) conv weight, for ties
@@ -63,9 +64,13 @@ class Graph:
             def view(a, g=groups):
                 return a.reshape(g, a.shape[0] // g, -1)
 
-            self.targets.append((w, b[0] if b else None, y, view))
+            self.targets.append((w, b[0] if b else None, [y], view))
             if c_in == c_out and groups == 1:
                 self.square[c_out] = (w, k)
+        else:
+            owner = next(t for t in self.targets if t[0] == weight)
+            if owner[1] is None:  # the same weight, the same (no) bias: one layer, pooled
+                owner[2].append(y)
         return y
 
 
@@ -117,11 +122,11 @@ def graphs(draw):
             w = g.normal((out, features) if trans else (features, out), "w")
             b = g.normal((out,), "b")
             y = g.node("Gemm", [x, w, b], transB=int(trans))
-            g.targets.append((w, b, y, (lambda a: a[None]) if trans else (lambda a: a.T[None])))
+            g.targets.append((w, b, [y], (lambda a: a[None]) if trans else (lambda a: a.T[None])))
         else:
             w, b = g.normal((features, out), "w"), g.normal((out,), "b")
             y = g.node("Add", [g.node("MatMul", [x, w]), b])
-            g.targets.append((w, b, y, lambda a: a.T[None]))
+            g.targets.append((w, b, [y], lambda a: a.T[None]))
         x = g.act(y, draw(st.sampled_from(ACTS)))
         features = out
     model = make_model(g.nodes, [("x", ["N", c_in, hw, hw])], [(x, None)], g.inits)
@@ -137,11 +142,15 @@ def _with_outputs(model, names):
     return m
 
 
-def variances(model, feeds, names):
-    """Population variance of each tensor, measured here in float64."""
+def variances(model, feeds, groups):
+    """Population variance of each group of tensors (all their elements pooled), measured
+    here in float64."""
+    names = list(dict.fromkeys(n for group in groups for n in group))
     sess = ort.InferenceSession(_with_outputs(model, names).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
-    return [float(np.var(y.astype(np.float64))) for y in sess.run(names, feeds)]
+    values = dict(zip(names, sess.run(names, feeds)))
+    return [float(np.var(np.concatenate([values[n].astype(np.float64).ravel() for n in group])))
+            for group in groups]
 
 
 def reference_lsuv(model, feeds, targets):
@@ -151,9 +160,9 @@ def reference_lsuv(model, feeds, targets):
     work = onnx.ModelProto()
     work.CopyFrom(model)
     inits = {t.name: t for t in work.graph.initializer}
-    for weight, _, output, _ in targets:
+    for weight, _, outputs, _ in targets:
         for _ in range(MAX_ITER):
-            (var,) = variances(work, feeds, [output])
+            (var,) = variances(work, feeds, [outputs])
             if not np.isfinite(var) or var <= 0 or abs(var - 1) < TOL:
                 break
             w = numpy_helper.to_array(inits[weight]).astype(np.float64) / np.sqrt(var)
