@@ -500,10 +500,8 @@ def normalizing_model(
         c_target = ed.const(np.array(target, dt), "target")
         blocks = len(layer.blocks)
         if layer.is_recurrent:
-            tap = Tap("")
             node = copy.graph.node[layer.node_index]
             cs = recurrent_sums(ed, layer, node)
-            consumers = []
         else:
             taps = [(use, find_tap(index, layer, use)) for use in layer.uses]
             cs = channel_sums(ed, layer, taps)

@@ -108,7 +108,8 @@ def trace_chain(index: GraphIndex, name: str) -> tuple[ConstRef, list[int]] | No
         current = node.input[0]
 
 
-def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int], opset: int) -> WeightChain | None:
+def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int],
+                opset: int) -> WeightChain | None:
     """The gather of a traced chain, or None where it is not a pure rearrangement (an element
     used twice) or the reference evaluator cannot run it."""
     from onnx.reference import ReferenceEvaluator

@@ -27,7 +27,8 @@ def test_layers_are_read_after_an_invertible_batchnorm():
     zero, _, _ = models.conv_bn(zero_gamma=True)
     index = GraphIndex(zero.graph)
     by_name = {lay.name: lay for lay in find_layers(zero).layers}
-    assert find_tap(index, by_name["conv2"], by_name["conv2"].first_use).tensor == "y2"  # gamma 0: not invertible
+    conv2 = by_name["conv2"]
+    assert find_tap(index, conv2, conv2.first_use).tensor == "y2"  # gamma 0: not invertible
 
 
 @pytest.mark.parametrize("kind", sorted(models.ALL))
