@@ -110,6 +110,7 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 # --help lists the options in these groups, in this order (as Polygraphy's argument groups do).
 GROUPS = {
     "Data": ["data"],
+    "Layers": ["include", "exclude"],
     "Initialisation": ["init", "seed", "keep_bias", "lstm_forget_bias"],
     "Scaling": ["target_var", "tol", "max_iter", "strategy", "check"],
     "Output": ["output", "report_path", "as_json", "plot_path", "weights_path",
@@ -144,6 +145,15 @@ class GroupedCommand(click.Command):
 @click.option("--data", "-d", "data", multiple=True, type=click.Path(),
               help="Batch: .npy (single-input models) or .npz (one array per input name). Give "
                    "it several times, or a directory of .npy files, to pool batches.")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Leave alone the layers whose node name, weight name or op type matches this "
+                   "glob (case-sensitive; repeat for more), e.g. a fixed decoding conv such as "
+                   "YOLOv8's DFL: --exclude '*dfl*'.")
+@click.option("--include", "include", multiple=True, metavar="PATTERN",
+              help="Take the matching layers whatever else holds: over --exclude, and over "
+                   "the layers left alone by default (a weight also read by a node that is not "
+                   "a target, such as an LM head tied to the embedding; a kernel that looks "
+                   "hand-set). --exclude '*' --include Conv keeps only the convolutions.")
 @click.option("--init", "init", type=click.Choice(INITS), default="lsuv", show_default=True,
               help="lsuv: orthonormal pre-init, then LSUV scaling. rescale: keep the model's "
                    "weights and biases, only the LSUV scaling. orthonormal, xavier, msra: "
@@ -252,7 +262,8 @@ def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
         target_var=flags["target_var"], tol=flags["tol"], max_iter=flags["max_iter"],
         seed=flags["seed"], init=init, keep_bias=flags["keep_bias"],
         lstm_forget_bias=flags["lstm_forget_bias"], provider=flags["provider"],
-        strategy=flags["strategy"], threads=flags["threads"])
+        strategy=flags["strategy"], threads=flags["threads"], include=flags["include"],
+        exclude=flags["exclude"])
 
 
 def _run(model: str, flags: dict, quiet: bool, tx: Transaction):

@@ -24,6 +24,8 @@ CUDA = "CUDAExecutionProvider"
 # A measuring run happens once: cuDNN's exhaustive algorithm search (the default) costs more than
 # it saves there.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+NO_DRIVER = "no NVIDIA driver found"
+NO_CUDA_BUILD = "this onnxruntime build ({}) has no CUDA provider"
 
 
 def _cuda_driver_present() -> bool:
@@ -78,15 +80,19 @@ class Engine:
             elif provider == "cuda":
                 raise ProviderError(f"the CUDA provider is not available: {reason}")
             else:
-                log.info("CUDA not available (%s); using the CPU provider", reason)
+                # No NVIDIA driver or no CUDA build: the CPU is expected, said only with -v. A
+                # driver whose CUDA fails is a surprise: said loudly.
+                quiet = reason in (NO_DRIVER, NO_CUDA_BUILD.format(ort.__version__))
+                (log.debug if quiet else log.warning)(
+                    "CUDA not available (%s); using the CPU provider", reason)
                 self.providers = [CPU]
         self.name = "cuda" if self.providers[0] != CPU else "cpu"
 
     def _cuda_unavailable_reason(self) -> str | None:
         if CUDA not in ort.get_available_providers():
-            return f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
+            return NO_CUDA_BUILD.format(ort.__version__)
         if not _cuda_driver_present():
-            return "no NVIDIA driver found"
+            return NO_DRIVER
         preload = getattr(ort, "preload_dlls", None)
         if preload is not None:
             try:

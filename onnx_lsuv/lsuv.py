@@ -132,16 +132,16 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
         return LSUVResult(work, report)
 
     zeroing = {lay.index for lay in layers} if opts.zero_bias else set()
-    report.notes.extend(unshare_biases(work, layers, zeroing))
+    copies = unshare_biases(work, layers, zeroing)
     state = WeightState(work, layers)
-    for lay in layers:
-        if lay.more_uses:
-            report.notes.append(f"layer {lay.name}: its weight is applied by "
-                                f"{len(lay.uses)} nodes ({', '.join(_use_names(work, lay))}): "
-                                "one layer, measured over all of them")
-        if lay.shared_weight_users:
-            report.notes.append(f"layer {lay.name}: its weight is also read by "
-                                f"{', '.join(lay.shared_weight_users)} (tied: set here)")
+    pooled = [f"layer {lay.name}: its weight is applied by {len(lay.uses)} nodes "
+              f"({', '.join(_use_names(work, lay))}): one layer, measured over all of them"
+              for lay in layers if lay.more_uses]
+    ties = [f"layer {lay.name}: its weight is also read by {', '.join(lay.shared_weight_users)}"
+            " (tied: set here)" for lay in layers if lay.shared_weight_users]
+    _graph_notes(report, [(copies, "shared bias(es) given their own copy"),
+                          (pooled, "weight(s) applied by several nodes"),
+                          (ties, "tied weight(s)")])
     if opts.reinit:  # step 1
         t = time.perf_counter()
         _pre_init(state, opts, progress)
@@ -202,6 +202,17 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
         _weight_stds(report, state)
     report.timings["total_s"] = time.perf_counter() - t_start
     return report
+
+
+def _graph_notes(report: Report, kinds: list[tuple[list[str], str]]) -> None:
+    """Record the notes on the graph's structure; one summary line, each note with -v."""
+    counts = [f"{len(notes)} {what}" for notes, what in kinds if notes]
+    for notes, _ in kinds:
+        report.notes.extend(notes)
+        for note in notes:
+            log.debug("note: %s", note)
+    if counts:
+        log.info("notes: %s (-v shows each, --report keeps them)", ", ".join(counts))
 
 
 def _use_names(model: onnx.ModelProto, layer) -> list[str]:

@@ -1,0 +1,374 @@
+"""Every exporter's graph, built here with onnx.helper exactly as the exporter writes it.
+
+Each test checks, independently of onnx_lsuv (its own ORT session, float64 statistics, its own
+numpy view of each weight):
+* the structure is unchanged: the same nodes with the same attributes and inputs, the same
+  initializer names, shapes and dtypes, nothing added;
+* only the targets' weights and biases changed;
+* every target's output after its bias has variance 1 within tol;
+* each weight, as the layer reads it, is orthonormal up to one scale per group.
+
+The real exporters run on small models in tests/test_real_exporters.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lsuv import lsuv_init
+
+from conftest import make_model, output_values, rand
+
+TOL = 0.1
+
+
+def assert_structure_unchanged(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    assert [n.SerializeToString() for n in after.graph.node] == \
+        [n.SerializeToString() for n in before.graph.node]
+    assert [(t.name, list(t.dims), t.data_type) for t in after.graph.initializer] == \
+        [(t.name, list(t.dims), t.data_type) for t in before.graph.initializer]
+    assert after.graph.input == before.graph.input and after.graph.output == before.graph.output
+
+
+def changed(before: onnx.ModelProto, after: onnx.ModelProto) -> set[str]:
+    old = {t.name: t.SerializeToString() for t in before.graph.initializer}
+    return {t.name for t in after.graph.initializer if t.SerializeToString() != old[t.name]}
+
+
+def stored(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def pooled_var(model, feeds, names) -> float:
+    values = output_values(model, feeds, names)
+    return float(np.var(np.concatenate([v.astype(np.float64).ravel() for v in values])))
+
+
+def assert_orthonormal_up_to_scale(matrices: np.ndarray, atol: float = 1e-5) -> None:
+    for m in np.asarray(matrices, np.float64):
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        np.testing.assert_allclose(gram / gram[0, 0], np.eye(len(gram)), atol=atol)
+
+
+def run_and_check(model, feeds, targets, biases, **options):
+    """LSUV on ``model``; every group of ``targets`` (tensor names pooled) at unit variance;
+    exactly the initializers ``changed_expected`` changed. Returns the result."""
+    result = lsuv_init(model, feeds, provider="cpu", **options)
+    assert_structure_unchanged(model, result.model)
+    for names in targets:
+        v = pooled_var(result.model, feeds, names)
+        assert abs(v - 1) < TOL, (names, v, result.report.table())
+    assert result.report.converged, result.report.table()
+    if biases is not None:
+        for b in biases:
+            assert not np.any(stored(result.model, b)), b
+    return result
+
+
+# --- 1. weights through a chain of layout ops on a constant -----------------------------------
+
+def keras_jax_conv():
+    """jax2onnx's Keras/Flax Conv: the HWIO kernel read through Transpose(perm 3, 2, 0, 1)."""
+    nodes = [
+        helper.make_node("Transpose", ["k1"], ["w1"], perm=[3, 2, 0, 1]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y1"], ["r1"]),
+        helper.make_node("Transpose", ["k2"], ["w2"], perm=[3, 2, 0, 1]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y2"], name="conv2", pads=[1, 1, 1, 1],
+                         group=2),
+    ]
+    inits = {"k1": rand(3, 3, 3, 8, seed=1), "b1": rand(8, seed=2),
+             "k2": rand(3, 3, 4, 6, seed=3), "b2": rand(6, seed=4)}
+    model = make_model(nodes, [("x", ["N", 3, 8, 8])], [("y2", None)], inits)
+    return model, {"x": rand(16, 3, 8, 8, seed=9)}
+
+
+def test_conv_weights_read_through_a_transpose_are_targets_written_back_in_their_layout():
+    model, feeds = keras_jax_conv()
+    result = run_and_check(model, feeds, [["y1"], ["y2"]], ["b1", "b2"])
+    assert [r.name for r in result.report.layers] == ["conv1", "conv2"]
+    assert changed(model, result.model) == {"k1", "k2", "b1", "b2"}
+    w1 = stored(result.model, "k1").transpose(3, 2, 0, 1)  # the test's own view: OIHW
+    assert_orthonormal_up_to_scale(w1.reshape(1, 8, -1))
+    w2 = stored(result.model, "k2").transpose(3, 2, 0, 1)  # (6, 2, 3, 3), 2 groups of 3
+    assert_orthonormal_up_to_scale(w2.reshape(2, 3, -1))
+
+
+def flax_conv_transpose(opset=17):
+    """Flax nnx ConvTranspose through jax2onnx: the (kh, kw, in, out) kernel flipped by a Slice
+    with steps -1, then transposed to ONNX's (in, out, kh, kw)."""
+    nodes = [
+        helper.make_node("Slice", ["k", "starts", "ends", "axes", "steps"], ["k_flip"]),
+        helper.make_node("Transpose", ["k_flip"], ["w"], perm=[2, 3, 0, 1]),
+        helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="deconv",
+                         strides=[2, 2], kernel_shape=[3, 3]),
+        helper.make_node("Tanh", ["y"], ["t"]),
+    ]
+    inits = {"k": rand(3, 3, 4, 6, seed=1), "b": rand(6, seed=2),
+             "starts": np.array([-1, -1], np.int64),
+             "ends": np.array([-(2 ** 62), -(2 ** 62)], np.int64),
+             "axes": np.array([0, 1], np.int64), "steps": np.array([-1, -1], np.int64)}
+    model = make_model(nodes, [("x", ["N", 4, 5, 5])], [("t", None)], inits, opset=opset)
+    return model, {"x": rand(16, 4, 5, 5, seed=9)}
+
+
+def test_a_flipped_and_transposed_conv_transpose_kernel_is_a_target():
+    model, feeds = flax_conv_transpose()
+    result = run_and_check(model, feeds, [["y"]], ["b"])
+    assert changed(model, result.model) == {"k", "b"}
+    w = stored(result.model, "k")[::-1, ::-1].transpose(2, 3, 0, 1)  # (in, out, kh, kw)
+    # ConvTranspose: output units on axis 1, fan-in = in x kh x kw.
+    assert_orthonormal_up_to_scale(w.transpose(1, 0, 2, 3).reshape(1, 6, -1))
+
+
+def test_a_float16_weight_cast_and_reshaped_keeps_its_dtype_and_slice_keeps_dropped_values():
+    # Reshape(Cast(float16 store)) into a Gemm, and a Slice that uses only the first 8 of 10
+    # stored rows: the 2 rows no layer reads keep their bytes.
+    nodes = [
+        helper.make_node("Cast", ["w_h"], ["w_f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["w_f", "shape"], ["w1"]),
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["y1"], name="fc1"),
+        helper.make_node("Relu", ["y1"], ["r1"]),
+        helper.make_node("Slice", ["w2_all", "s0", "s1"], ["w2"]),
+        helper.make_node("MatMul", ["r1", "w2_t"], ["y2"], name="fc2"),
+    ]
+    inits = {"w_h": rand(192, seed=1).astype(np.float16), "b1": rand(16, seed=2),
+             "w2_all": rand(10, 16, seed=3), "s0": np.array([0], np.int64),
+             "s1": np.array([8], np.int64), "shape": np.array([12, 16], np.int64)}
+    nodes.insert(5, helper.make_node("Transpose", ["w2"], ["w2_t"], perm=[1, 0]))
+    model = make_model(nodes, [("x", ["N", 12])], [("y2", None)], inits)
+    feeds = {"x": rand(64, 12, seed=9)}
+    result = run_and_check(model, feeds, [["y1"], ["y2"]], ["b1"])
+    assert stored(result.model, "w_h").dtype == np.float16
+    np.testing.assert_array_equal(stored(result.model, "w2_all")[8:], stored(model, "w2_all")[8:])
+    assert_orthonormal_up_to_scale(stored(result.model, "w_h").astype(np.float64)
+                                   .reshape(12, 16).T[None], atol=3e-3)  # float16 rounding
+    # MatMul(r1, W2^T): rows of w2 (8 x 16) are the output units, orthonormal.
+    assert_orthonormal_up_to_scale(stored(result.model, "w2_all")[:8][None])
+
+
+# --- 2. a bias Add after shape-only ops --------------------------------------------------------
+
+def tf2onnx_conv1d():
+    """tf2onnx's Keras Conv1D: NWC input expanded to NHWC, a 2-D Conv in NCHW between
+    Transposes, squeezed back to NWC, then the bias Add of a [C] constant."""
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "axes1"], ["x4"]),
+        helper.make_node("Transpose", ["x4"], ["x_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x_nchw", "w"], ["c"], name="conv1d", kernel_shape=[1, 3],
+                         pads=[0, 1, 0, 1]),
+        helper.make_node("Transpose", ["c"], ["c_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Squeeze", ["c_nhwc", "axes1"], ["c3"]),
+        helper.make_node("Add", ["c3", "b"], ["y"]),
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["m2"], name="dense"),
+        helper.make_node("Reshape", ["m2", "shape"], ["m2r"]),
+        helper.make_node("Add", ["m2r", "b2"], ["y2"]),
+    ]
+    inits = {"w": rand(8, 4, 1, 3, seed=1), "b": rand(8, seed=2) + 2.0,
+             "w2": rand(8, 6, seed=3), "shape": np.array([-1, 10, 6], np.int64),
+             "b2": rand(6, seed=4) * 2, "axes1": np.array([1], np.int64)}
+    model = make_model(nodes, [("x", ["N", 10, 4])], [("y2", None)], inits)
+    return model, {"x": rand(16, 10, 4, seed=9)}
+
+
+@pytest.mark.parametrize("keep_bias", [False, True])
+def test_a_bias_added_after_squeeze_or_reshape_is_the_layers_bias(keep_bias):
+    model, feeds = tf2onnx_conv1d()
+    if keep_bias:  # kept biases must leave the target reachable: their own variance < 1
+        for t in model.graph.initializer:
+            if t.name in ("b", "b2"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 0.25, t.name))
+    result = run_and_check(model, feeds, [["y"], ["y2"]], None if keep_bias else ["b", "b2"],
+                           keep_bias=keep_bias)
+    assert [r.bias for r in result.report.layers] == ["b", "b2"]
+    if keep_bias:
+        assert changed(model, result.model) == {"w", "w2"}
+        np.testing.assert_array_equal(stored(result.model, "b"), stored(model, "b"))
+
+
+def paddle_conv():
+    """paddle2onnx: every conv bias a separate Add of a [1, C, 1, 1] constant."""
+    nodes = [
+        helper.make_node("Conv", ["x", "conv2d_0.w_0"], ["c1"], name="conv2d_0",
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "conv2d_0.b_0"], ["y1"]),
+        helper.make_node("Relu", ["y1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "conv2d_1.w_0"], ["c2"], name="conv2d_1",
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["conv2d_1.b_0", "c2"], ["y2"]),
+    ]
+    inits = {"conv2d_0.w_0": rand(8, 3, 3, 3, seed=1),
+             "conv2d_0.b_0": rand(1, 8, 1, 1, seed=2),
+             "conv2d_1.w_0": rand(4, 8, 3, 3, seed=3),
+             "conv2d_1.b_0": rand(1, 4, 1, 1, seed=4)}
+    model = make_model(nodes, [("x", ["N", 3, 8, 8])], [("y2", None)], inits)
+    return model, {"x": rand(16, 3, 8, 8, seed=9)}
+
+
+def test_paddle_conv_biases_added_separately_are_zeroed_and_measured_after():
+    model, feeds = paddle_conv()
+    result = run_and_check(model, feeds, [["y1"], ["y2"]], ["conv2d_0.b_0", "conv2d_1.b_0"])
+    assert changed(model, result.model) == {"conv2d_0.w_0", "conv2d_0.b_0", "conv2d_1.w_0",
+                                            "conv2d_1.b_0"}
+
+
+def test_a_constant_add_that_does_not_line_up_with_the_units_is_not_taken_for_a_bias():
+    # [C, 1] added to a MatMul output [N, C]: a per-row offset, not a bias.
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "c"], ["y"])]
+    model = make_model(nodes, [("x", [8, 8])], [("y", None)],
+                       {"w": rand(8, 8, seed=1), "c": rand(8, 1, seed=2)})
+    result = lsuv_init(model, rand(8, 8, seed=3), provider="cpu")
+    assert result.report.layers[0].bias is None
+    assert "c" not in changed(model, result.model)
+
+
+# --- 3. a weight shared by the steps of an unrolled recurrence --------------------------------
+
+def unrolled_rnn(steps=8, hidden=16, features=6):
+    """An RNN written as a Python loop (jax2onnx): W_x, W_h and b shared by every step, the
+    hidden state starting at zeros (ConstantOfShape of the batch size)."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Gather", ["xs", "zero_i"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "hidden_dim"], ["h_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["h_shape"], ["h0"],
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+    ]
+    h = "h0"
+    xproj, hproj = [], []
+    for t in range(steps):
+        nodes += [
+            helper.make_node("Gather", ["x", f"t{t}"], [f"x{t}"], axis=1),
+            helper.make_node("MatMul", [f"x{t}", "W_x"], [f"px{t}"], name=f"step{t}_x"),
+            helper.make_node("MatMul", [h, "W_h"], [f"ph{t}"], name=f"step{t}_h"),
+            helper.make_node("Add", [f"ph{t}", "b"], [f"phb{t}"]),
+            helper.make_node("Add", [f"px{t}", f"phb{t}"], [f"pre{t}"]),
+            helper.make_node("Tanh", [f"pre{t}"], [f"h{t + 1}"]),
+        ]
+        xproj.append(f"px{t}")
+        hproj.append(f"phb{t}")
+        h = f"h{t + 1}"
+    inits = {"W_x": rand(features, hidden, seed=1), "W_h": rand(hidden, hidden, seed=2),
+             "b": rand(hidden, seed=3), "zero_i": np.array([0], np.int64),
+             "hidden_dim": np.array([hidden], np.int64),
+             **{f"t{t}": np.array(t, np.int64) for t in range(steps)}}
+    model = make_model(nodes, [("x", ["N", steps, features])], [(h, None)], inits)
+    return model, {"x": rand(32, steps, features, seed=9)}, xproj, hproj
+
+
+@pytest.mark.parametrize("strategy", ["fast", "naive"])
+def test_a_weight_shared_by_unrolled_steps_is_one_layer_pooled_over_them(strategy):
+    model, feeds, xproj, hproj = unrolled_rnn()
+    result = run_and_check(model, feeds, [xproj, hproj], ["b"], strategy=strategy)
+    rep = result.report
+    assert [r.name for r in rep.layers] == ["step0_x", "step0_h"]
+    assert changed(model, result.model) == {"W_x", "W_h", "b"}  # no private bias copies
+    assert len(result.model.graph.initializer) == len(model.graph.initializer)
+    assert any("applied by 8 nodes" in n for n in rep.notes)
+    assert_orthonormal_up_to_scale(stored(result.model, "W_h").T[None])
+
+
+def test_a_weight_shared_by_independent_branches_is_solved_in_one_pass():
+    # A siamese conv: the same weight on two inputs, neither use feeding the other.
+    nodes = [helper.make_node("Conv", ["a", "w", "bias"], ["ya"], name="left"),
+             helper.make_node("Conv", ["b", "w", "bias"], ["yb"], name="right"),
+             helper.make_node("Add", ["ya", "yb"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y2"], name="head")]
+    model = make_model(nodes, [("a", ["N", 3, 6, 6]), ("b", ["N", 3, 6, 6])], [("y2", None)],
+                       {"w": rand(4, 3, 3, 3, seed=1), "bias": rand(4, seed=2),
+                        "w2": rand(2, 4, 1, 1, seed=3)})
+    feeds = {"a": rand(16, 3, 6, 6, seed=4), "b": 3 * rand(16, 3, 6, 6, seed=5)}
+    result = run_and_check(model, feeds, [["ya", "yb"], ["y2"]], ["bias"])
+    assert "retry_s" not in result.report.timings
+
+
+# --- pattern 5 and the layers that must not be touched ----------------------------------------
+
+def test_a_weight_computed_in_the_graph_says_why_and_what_to_do():
+    # torch's dynamo exporter keeps weight_norm as arithmetic: w = g * v / ||v||.
+    nodes = [helper.make_node("ReduceL2", ["v"], ["norm"], axes=[1, 2], keepdims=1),
+             helper.make_node("Div", ["v", "norm"], ["dir"]),
+             helper.make_node("Mul", ["g", "dir"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="pos_conv")]
+    model = make_model(nodes, [("x", ["N", 4, 8])], [("y", None)],
+                       {"v": rand(4, 4, 3, seed=1), "g": rand(4, 1, 1, seed=2)})
+    result = lsuv_init(model, rand(8, 4, 8, seed=3), provider="cpu")
+    reason = result.report.skipped[0]["reason"]
+    assert "computed in the graph" in reason and "Div, Mul, ReduceL2" in reason
+    assert "dynamo=False" in reason and "remove_parametrizations" in reason
+
+
+def yolo_head():
+    """YOLOv8's detection head: a trained conv, then the fixed DFL conv (1 x 16 weights
+    0..15) that decodes box distributions."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="cv2"),
+             helper.make_node("Softmax", ["y"], ["p"], axis=1),
+             helper.make_node("Conv", ["p", "dfl.conv.weight"], ["box"], name="dfl.conv")]
+    inits = {"w": rand(16, 8, 1, 1, seed=1), "b": rand(16, seed=2),
+             "dfl.conv.weight": np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1)}
+    model = make_model(nodes, [("x", ["N", 8, 4, 4])], [("box", None)], inits)
+    return model, {"x": rand(16, 8, 4, 4, seed=9)}
+
+
+def test_a_hand_set_kernel_is_left_alone_unless_included():
+    model, feeds = yolo_head()
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert [r.name for r in result.report.layers] == ["cv2"]
+    reason = next(s["reason"] for s in result.report.skipped if s["name"] == "dfl.conv")
+    assert "hand-set" in reason and "0 to 15" in reason and "--include dfl.conv" in reason
+    np.testing.assert_array_equal(stored(result.model, "dfl.conv.weight"),
+                                  stored(model, "dfl.conv.weight"))
+    taken = lsuv_init(model, feeds, provider="cpu", include=["dfl.*"])
+    assert [r.name for r in taken.report.layers] == ["cv2", "dfl.conv"]
+
+
+@pytest.mark.parametrize("exclude, include, expected", [
+    (["dfl*"], [], ["cv2"]),
+    (["Conv"], [], []),
+    (["*"], ["cv2"], ["cv2"]),
+    (["w"], [], []),  # by weight name
+    (["c?2"], ["dfl.conv"], ["dfl.conv"]),
+])
+def test_exclude_and_include_patterns_match_node_weight_or_op(exclude, include, expected):
+    model, feeds = yolo_head()
+    result = lsuv_init(model, feeds, provider="cpu", exclude=exclude, include=include)
+    assert [r.name for r in result.report.layers] == expected
+    excluded = [s["name"] for s in result.report.skipped if s["excluded"]]
+    assert "cv2" in excluded or "cv2" in expected
+    untouched = ({"w", "b"} if "cv2" not in expected else set()) | \
+        ({"dfl.conv.weight"} if "dfl.conv" not in expected else set())
+    for name in untouched:
+        np.testing.assert_array_equal(stored(result.model, name), stored(model, name))
+
+
+def gpt2_tied_head(vocab=32, dim=16):
+    """GPT-2 under the dynamo exporter: the token embedding table is also the LM head's weight,
+    read by a Gather and, through a Transpose, by the head's MatMul."""
+    nodes = [helper.make_node("Gather", ["wte", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w_fc"], ["h"], name="fc"),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Transpose", ["wte"], ["wte_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "wte_t"], ["logits"], name="lm_head")]
+    inits = {"wte": rand(vocab, dim, seed=1) * 0.02, "w_fc": rand(dim, dim, seed=2)}
+    model = make_model(nodes, [("ids", ["N", 5], TensorProto.INT64)], [("logits", None)],
+                       inits)
+    feeds = {"ids": np.random.default_rng(0).integers(0, vocab, (32, 5)).astype(np.int64)}
+    return model, feeds
+
+
+def test_a_weight_tied_to_a_non_target_is_left_alone_by_default_and_taken_when_included():
+    model, feeds = gpt2_tied_head()
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert [r.name for r in result.report.layers] == ["fc"]
+    reason = next(s["reason"] for s in result.report.skipped if s["name"] == "lm_head")
+    assert "also read by embed (Gather)" in reason
+    np.testing.assert_array_equal(stored(result.model, "wte"), stored(model, "wte"))
+    taken = lsuv_init(model, feeds, provider="cpu", include=["lm_head"])
+    assert [r.name for r in taken.report.layers] == ["fc", "lm_head"]
+    assert "wte" in changed(model, taken.model)
