@@ -76,6 +76,8 @@ class Use:
         bias_input: (node, input position) through which this use reads its bias, if any.
         nodes: Every node of the use: the target node, its weight chain, the shape ops and
             the bias Add after it.
+        unit_shape: When a Reshape spread the output units over the last axes (attention
+            heads: 16 units as 2 x 8), their shape there; None when they are on one axis.
     """
 
     node_index: int
@@ -84,6 +86,7 @@ class Use:
     out_axis: int
     bias_input: tuple[int, int] | None
     nodes: frozenset[int]
+    unit_shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -105,7 +108,9 @@ class Layer:
         output_rank: Rank of ``output`` when known (Conv: weight rank; Gemm: 2).
         out_axis: The axis of ``output`` holding the output units (see ``Use.out_axis``).
         out_nodes: The shape ops and the bias Add between the node and ``output``.
+        unit_shape: See ``Use.unit_shape``.
         chain: The layout ops between the stored weight and the node, if any.
+        bias_chain: The layout ops between the stored bias and the node reading it, if any.
         more_uses: Other target nodes that apply the same weight in the same way: the layer is
             measured over all its uses, pooled.
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
@@ -135,7 +140,9 @@ class Layer:
     output_rank: int | None
     out_axis: int = -1
     out_nodes: tuple[int, ...] = ()
+    unit_shape: tuple[int, ...] | None = None
     chain: WeightChain | None = None
+    bias_chain: WeightChain | None = None
     more_uses: list[Use] = field(default_factory=list)
     shared_weight_users: list[str] = field(default_factory=list)
     weight_read_upstream: bool = False
@@ -164,8 +171,9 @@ class Layer:
     @property
     def first_use(self) -> Use:
         nodes = {self.node_index, *self.out_nodes, *(self.chain.nodes if self.chain else ())}
+        nodes |= set(self.bias_chain.nodes) if self.bias_chain else set()
         return Use(self.node_index, self.output, self.output_rank, self.out_axis,
-                   self.bias_input, frozenset(nodes))
+                   self.bias_input, frozenset(nodes), self.unit_shape)
 
     @property
     def uses(self) -> list[Use]:
@@ -281,7 +289,7 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
         traced = trace_chain(index, node.input[1])
         if traced is not None:
             ref, nodes = traced
-            chain = build_chain(index, ref, nodes, index.opset)
+            chain = build_chain(index, ref, nodes, index.opset, node.input[1])
             ops = " -> ".join(index.graph.node[j].op_type for j in nodes)
             if chain is None:
                 return Skipped(name, node.op_type, f"weight comes through {ops}, which is not a "
@@ -305,6 +313,19 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
     return w_ref, chain
 
 
+def _bias_const(index: GraphIndex, name: str) -> tuple[ConstRef, WeightChain | None] | None:
+    """A bias input: a constant, or a chain of layout ops on one (Flax reshapes its bias
+    vector to [1, 1, 1, C] in the graph)."""
+    ref = index.resolve_const(name)
+    if ref is not None:
+        return ref, None
+    traced = trace_chain(index, name)
+    if traced is None:
+        return None
+    chain = build_chain(index, traced[0], traced[1], index.opset, name)
+    return (traced[0], chain) if chain is not None else None
+
+
 def _shape(index: GraphIndex, ref: ConstRef, chain: WeightChain | None) -> tuple[int, ...]:
     return chain.shape if chain else tuple(int(d) for d in index.tensor_proto(ref).dims)
 
@@ -324,10 +345,10 @@ def recognise_conv(index: GraphIndex, i: int, reached: set[str]):
     fields = dict(bias=None, bias_input=None, bias_scale=1.0, output=node.output[0],
                   output_rank=len(shape), out_axis=1)
     if len(node.input) > 2 and node.input[2]:
-        bias = index.resolve_const(node.input[2])
+        bias = _bias_const(index, node.input[2])
         if bias is None:
             return Skipped(index.node_name(i), node.op_type, "bias is not a constant")
-        fields.update(bias=bias, bias_input=(i, 2))
+        fields.update(bias=bias[0], bias_chain=bias[1], bias_input=(i, 2))
     else:
         fields.update(_following_bias(index, i, layout.output_units, 1, len(shape)))
     return _new_layer(index, i, w_ref, layout, chain, **fields)
@@ -351,16 +372,18 @@ def recognise_dense(index: GraphIndex, i: int, reached: set[str]):
     fields = dict(bias=None, bias_input=None, bias_scale=1.0, output=node.output[0],
                   output_rank=2 if gemm else None, out_axis=1 if gemm else -1)
     if gemm and len(node.input) > 2 and node.input[2]:
-        bias = index.resolve_const(node.input[2])
+        bias = _bias_const(index, node.input[2])
         if bias is None:
             return Skipped(name, node.op_type, "bias is not a constant")
-        fields.update(bias=bias, bias_input=(i, 2), bias_scale=float(attribute(node, "beta", 1.0)))
+        fields.update(bias=bias[0], bias_chain=bias[1], bias_input=(i, 2),
+                      bias_scale=float(attribute(node, "beta", 1.0)))
     else:
         fields.update(_following_bias(index, i, layout.output_units, fields["out_axis"],
                                       fields["output_rank"]))
     blocks = ("",)
-    last = fields["output_rank"] is None and fields["out_axis"] == -1 or \
-        fields["output_rank"] is not None and fields["out_axis"] == fields["output_rank"] - 1
+    last = fields.get("unit_shape") is None and (
+        fields["output_rank"] is None and fields["out_axis"] == -1 or
+        fields["output_rank"] is not None and fields["out_axis"] == fields["output_rank"] - 1)
     parts = _equal_split(index, fields["output"], fields["output_rank"]) if last else 0
     if parts > 1:  # a fused projection (QKV): orthonormal and scaled per part
         try:
@@ -482,23 +505,26 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             continue
         candidates.append(item)
     layers: list[Layer] = []
-    owner: dict[ConstRef, Layer] = {}
+    owner: dict[ConstRef, list[Layer]] = {}
     targets = {j for item in candidates for j in item.own_nodes}  # tied ones' chains too
     for item in candidates:
         refs = [r for r in (item.weight, item.recurrent) if r is not None]
-        first = next((owner[r] for r in refs if r in owner), None)
-        if first is not None:
-            if _same_use(index, first, item):
-                first.more_uses.extend(item.uses)
-                continue
+        earlier = [lay for r in refs for lay in owner.get(r, [])]
+        same = next((lay for lay in earlier if _same_use(index, lay, item)), None)
+        if same is not None:
+            same.more_uses.extend(item.uses)
+            continue
+        overlapping = [lay for lay in earlier if not _disjoint(lay, item)]
+        if overlapping:
+            first = overlapping[0]
             first.shared_weight_users.append(item.name)
             what = "weights" if item.is_recurrent else "weight"
             skipped.append(Skipped(item.name, item.op,
                                    f"{what} tied to layer {first.name}, read in another layout "
                                    "(set at its first use)"))
             continue
-        for r in refs:
-            owner[r] = item
+        for r in refs:  # a new weight, or other elements of one (a Slice of a shared kernel)
+            owner.setdefault(r, []).append(item)
         layers.append(item)
     kept: list[Layer] = []
     for layer in layers:
@@ -542,6 +568,13 @@ def _same_use(index: GraphIndex, first: Layer, other: Layer) -> bool:
     return first.chain is None or np.array_equal(first.chain.source, other.chain.source)
 
 
+def _disjoint(a: Layer, b: Layer) -> bool:
+    """Whether two layers read disjoint elements of one stored weight (through Slices)."""
+    if a.chain is None or b.chain is None or a.recurrent is not None or b.recurrent is not None:
+        return False
+    return not np.intersect1d(a.chain.source, b.chain.source).size
+
+
 def _looks_fixed(index: GraphIndex, layer: Layer) -> str | None:
     """A reason when the stored weight looks hand-set rather than trained: every value an
     integer, with at least three distinct values (YOLOv8's DFL conv holds 0..15; an identity
@@ -573,9 +606,10 @@ _SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 def _following_bias(index: GraphIndex, i: int, units: int, axis: int,
                     rank: int | None) -> dict:
     """The bias Add after node ``i`` (through shape-only ops) whose constant has one value per
-    output unit on the output-unit axis, as Layer fields; no fields when there is none."""
+    output unit on the output-unit axis (or axes), as Layer fields; none when there is none."""
     out = index.graph.node[i].output[0]
     walked: list[int] = []
+    where = _Units(axis, rank, None)
     while True:
         users = index.consumers.get(out, [])
         if len(users) != 1 or out in index.graph_outputs or users[0][1] == OUTER_SCOPE:
@@ -585,50 +619,89 @@ def _following_bias(index: GraphIndex, i: int, units: int, axis: int,
         if node.domain not in _DEFAULT_DOMAIN:
             return {}
         if node.op_type == "Add":
-            ref = index.resolve_const(node.input[1 - pos])
-            if ref is None or not _lines_up(index.tensor_proto(ref), units, axis, rank):
+            found = _bias_const(index, node.input[1 - pos])
+            if found is None:
+                return {}
+            ref, chain = found
+            shape = chain.shape if chain else tuple(int(d) for d in index.tensor_proto(ref).dims)
+            if not _lines_up(shape, units, where):
                 return {}
             walked.append(j)
-            return dict(bias=ref, bias_input=(j, 1 - pos), output=node.output[0],
-                        output_rank=rank, out_axis=axis, out_nodes=tuple(walked))
-        if node.op_type not in _SHAPE_OPS or pos != 0:
+            return dict(bias=ref, bias_chain=chain, bias_input=(j, 1 - pos),
+                        output=node.output[0], output_rank=where.rank, out_axis=where.axis,
+                        unit_shape=where.tail, out_nodes=tuple(walked))
+        if node.op_type not in _SHAPE_OPS or pos != 0 or where.tail is not None:
             return {}
-        moved = _move_axis(index, node, axis, rank, units)
-        if moved is None:
+        where = _move_axis(index, node, where, units)
+        if where is None:
             return {}
-        axis, rank = moved
         walked.append(j)
         out = node.output[0]
 
 
-def _lines_up(bias: onnx.TensorProto, units: int, axis: int, rank: int | None) -> bool:
-    """Whether a constant added to the output is one value per unit along ``axis``."""
-    shape = [int(d) for d in bias.dims]
+@dataclass(frozen=True)
+class _Units:
+    """Where the output units are: one axis (from the front when the rank is known, else from
+    the end), or the trailing axes of shape ``tail``."""
+
+    axis: int
+    rank: int | None
+    tail: tuple[int, ...] | None
+
+
+def _lines_up(shape: tuple[int, ...], units: int, where: _Units) -> bool:
+    """Whether a constant of ``shape`` added to the output is one value per output unit."""
+    shape = list(shape)
     if int(np.prod(shape)) != units:
         return False
+    if where.rank is not None and len(shape) > where.rank:
+        return False
+    if where.tail is not None:
+        k = len(where.tail)
+        return len(shape) >= k and tuple(shape[-k:]) == where.tail
     if not shape:
         return units == 1
-    from_end = axis - rank if rank is not None and axis >= 0 else axis
+    from_end = where.axis - where.rank if where.rank is not None and where.axis >= 0 \
+        else where.axis
     if -from_end > len(shape):
         return units == 1
-    if rank is not None and len(shape) > rank:
-        return False
     return shape[from_end] == units
 
 
-def _move_axis(index: GraphIndex, node: onnx.NodeProto, axis: int, rank: int | None,
-               units: int) -> tuple[int, int | None] | None:
-    """Where the output-unit axis is after a shape-only op, or None when it cannot be told."""
-    op = node.op_type
+def _shape_entries(index: GraphIndex, name: str) -> tuple[list[int], bool] | None:
+    """The known trailing entries of a Reshape's shape input, and whether they are all of it:
+    a constant, or a Concat (axis 0) whose last inputs are constants (tf2onnx and jax2onnx
+    build [batch..., units] from Shape slices and a constant tail)."""
+    ref = index.resolve_const(name)
+    if ref is not None:
+        return index.const_array(ref).astype(np.int64).reshape(-1).tolist(), True
+    j = index.producer.get(name)
+    if j is None:
+        return None
+    node = index.graph.node[j]
+    if node.op_type != "Concat" or int(attribute(node, "axis", 0)) != 0:
+        return None
+    tail: list[int] = []
+    for part in reversed(list(node.input)):
+        ref = index.resolve_const(part)
+        if ref is None:
+            break
+        tail = index.const_array(ref).astype(np.int64).reshape(-1).tolist() + tail
+    return (tail, False) if tail else None
+
+
+def _move_axis(index: GraphIndex, node: onnx.NodeProto, where: _Units,
+               units: int) -> _Units | None:
+    """Where the output units are after a shape-only op, or None when it cannot be told."""
+    op, axis, rank = node.op_type, where.axis, where.rank
     if op == "Identity":
-        return axis, rank
+        return where
     if op == "Transpose":
         perm = attribute(node, "perm", None)
         if perm is None:
             return None
         rank = len(perm) if rank is None else rank
-        a = axis % rank
-        return list(perm).index(a), rank
+        return _Units(list(perm).index(axis % rank), rank, None)
     if op in ("Squeeze", "Unsqueeze"):
         axes = attribute(node, "axes", None)
         if axes is None and len(node.input) > 1 and node.input[1]:
@@ -640,22 +713,33 @@ def _move_axis(index: GraphIndex, node: onnx.NodeProto, axis: int, rank: int | N
             axes = {a % rank for a in axes}
             if axis % rank in axes:
                 return None
-            return axis % rank - sum(a < axis % rank for a in axes), rank - len(axes)
+            return _Units(axis % rank - sum(a < axis % rank for a in axes), rank - len(axes),
+                          None)
         new_rank = rank + len(axes)
         inserted = {a % new_rank for a in axes}
         kept = [k for k in range(new_rank) if k not in inserted]
-        return kept[axis % rank], new_rank
+        return _Units(kept[axis % rank], new_rank, None)
     if op == "Reshape":
-        ref = index.resolve_const(node.input[1]) if len(node.input) > 1 else None
-        if ref is None:
+        entries = _shape_entries(index, node.input[1]) if len(node.input) > 1 else None
+        if entries is None:
             return None
-        shape = index.const_array(ref).astype(np.int64).tolist()
+        shape, complete = entries
+        new_rank = len(shape) if complete else None
         last = axis == -1 or (rank is not None and axis == rank - 1)
-        if last and shape and shape[-1] == units:
-            return len(shape) - 1, len(shape)
-        if rank is not None and axis == 1 and len(shape) > 1 and shape[1] == units and \
-                (shape[0] == 0 or (shape[0] == -1 and shape.count(-1) == 1)):
-            return 1, len(shape)
+        if last and shape[-1] == units:
+            return _Units(len(shape) - 1 if complete else -1, new_rank, None)
+        if last:  # the units spread over the last axes: [..., heads, head_dim]
+            for k in range(2, len(shape) + 1):
+                tail = shape[-k:]
+                if min(tail) <= 0:
+                    break
+                if int(np.prod(tail)) == units:
+                    return _Units(-1, new_rank, tuple(tail))
+            return None
+        if complete and rank is not None and axis == 1 and len(shape) > 1 and \
+                shape[1] == units and (shape[0] == 0 or (shape[0] == -1 and
+                                                         shape.count(-1) == 1)):
+            return _Units(1, len(shape), None)
     return None
 
 

@@ -130,7 +130,7 @@ def find_tap(index: GraphIndex, layer: Layer, use: Use) -> Tap:
     users = index.consumers.get(use.output, [])
     if len(users) != 1 or use.output in index.graph_outputs or users[0][1] == OUTER_SCOPE:
         return plain
-    if use.out_axis != 1 or use.output_rank is None:
+    if use.out_axis != 1 or use.output_rank is None or use.unit_shape is not None:
         return plain
     i, pos = users[0]
     bn = index.graph.node[i]
@@ -183,9 +183,9 @@ def _use_sums(ed: GraphEditor, layer: Layer, use: Use, tap: Tap,
     """(per-channel sum, per-channel sum of squares, element count) of one use's output."""
     x = _cast(ed, tap.tensor, layer.dtype, dt)
     units = layer.layout.output_units
-    if use.output_rank is not None:
+    if use.output_rank is not None and use.unit_shape is None:
         axes = [a for a in range(use.output_rank) if a != use.out_axis % use.output_rank]
-    elif use.out_axis == -1:  # output units on the last axis, rank unknown: view as (-1, units)
+    elif use.out_axis == -1:  # units on the last axis (or axes), rank unknown: (-1, units)
         x = ed.op("Reshape", [x, ed.const(np.array([-1, units], np.int64))])
         axes = [0]
     else:
@@ -442,7 +442,9 @@ def _rewire_scaled(ed: GraphEditor, graph: onnx.GraphProto, index: GraphIndex, l
     consumers = list(index.consumers.get(tap.tensor, []))
     t_new = ed.op("Mul", [tap.tensor, scale_m])
     if np.any(k != 0):
-        if use.output_rank is not None:
+        if use.unit_shape is not None:
+            shape = list(use.unit_shape)
+        elif use.output_rank is not None:
             shape = [1] * use.output_rank
             shape[use.out_axis % use.output_rank] = -1
         else:

@@ -24,7 +24,8 @@ from onnx import helper, numpy_helper
 from .graph import ConstRef, GraphIndex, attribute
 
 # Ops that only move elements (their first input is the data; the others must be constants).
-LAYOUT_OPS = ("Transpose", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
+LAYOUT_OPS = ("Transpose", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten",
+              "Split")
 CAST_OPS = ("Cast",)
 _FLOAT = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
           onnx.TensorProto.BFLOAT16}
@@ -101,17 +102,17 @@ def trace_chain(index: GraphIndex, name: str) -> tuple[ConstRef, list[int]] | No
         if any(index.resolve_const(x) is None for x in node.input[1:] if x):
             return None
         if nodes:  # the intermediate read by the chain's next node must be read by it alone
-            out = node.output[0]
-            if len(index.consumers.get(out, [])) != 1 or out in index.graph_outputs:
+            if len(index.consumers.get(current, [])) != 1 or current in index.graph_outputs:
                 return None
         nodes.append(i)
         current = node.input[0]
 
 
-def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int],
-                opset: int) -> WeightChain | None:
-    """The gather of a traced chain, or None where it is not a pure rearrangement (an element
-    used twice) or the reference evaluator cannot run it."""
+def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int], opset: int,
+                end: str) -> WeightChain | None:
+    """The gather of a traced chain ending at tensor ``end`` (what the layer reads), or None
+    where it is not a pure rearrangement (an element used twice) or the reference evaluator
+    cannot run it."""
     from onnx.reference import ReferenceEvaluator
 
     proto = index.tensor_proto(ref)
@@ -137,10 +138,14 @@ def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int],
                     inits.append(numpy_helper.from_array(const, cname))
                     node.input[pos] = cname
             node.input[0] = current
+            taken = index.graph.node[nodes[k + 1]].input[0] if k + 1 < len(nodes) else end
+            outs = list(node.output)
             del node.output[:]
-            node.output.append(f"onnx_lsuv::step{k}")
+            node.output.extend(f"onnx_lsuv::step{k}_{j}" for j in range(len(outs)))
+            current = node.output[outs.index(taken)]
         graph_nodes.append(node)
-        current = node.output[0]
+        if node.op_type == "Identity":
+            current = node.output[0]
     graph = helper.make_graph(
         graph_nodes, "chain",
         [helper.make_tensor_value_info("onnx_lsuv::index",

@@ -21,50 +21,65 @@ class WeightState:
 
     A weight is kept as its pre-scaling array plus one accumulated factor, so repeated tries do
     not compound rounding: the written weight is ``base * scale`` computed once, in float64.
+
+    Weights and biases are held as the layer reads them (through a chain of layout ops, if
+    any). A stored tensor is assembled from its parts when it is supplied or written: one
+    layer's whole weight, or the regions that several layers read through Slices or Splits
+    (tf2onnx's GRU slices one recurrent kernel for two MatMuls, and splits one bias tensor
+    for both), over the stored original where no part covers it.
     """
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer]) -> None:
         self.index = GraphIndex(model.graph)
         self.layers = layers
-        # The weight as each layer reads it (through its chain of layout ops, if any); the
-        # stored constant of a chain that drops elements (a Slice) is kept for the write-back.
-        self.base = {}
-        self._stored: dict[int, np.ndarray] = {}
+        self.base: dict[int, np.ndarray] = {}
+        self.bias: dict[int, np.ndarray | None] = {}
+        # stored tensor name -> its (layer, part) readers; "weight", "bias" or "recurrent"
+        self._parts: dict[str, list[tuple[Layer, str]]] = {}
+        self._refs: dict[str, ConstRef] = {}
+        self._original: dict[str, np.ndarray] = {}
         for lay in layers:
-            stored = self.index.const_array(lay.weight)
-            if lay.chain is None:
-                self.base[lay.index] = stored
-            else:
-                self.base[lay.index] = lay.chain.effective(stored, lay.dtype)
-                if not lay.chain.covers_all:
-                    self._stored[lay.index] = stored
+            self.base[lay.index] = self._read(lay, lay.weight, lay.chain, lay.dtype, "weight")
+            self.bias[lay.index] = None if lay.bias is None else self._read(
+                lay, lay.bias, lay.bias_chain, None, "bias")
         self.scale = {lay.index: np.ones(len(lay.blocks)) for lay in layers}
         # Recurrent weights R: orthonormal per gate, never scaled.
-        self.recurrent = {lay.index: self.index.const_array(lay.recurrent) for lay in layers
-                          if lay.recurrent is not None}
-        self.bias = {
-            lay.index: self.index.const_array(lay.bias) if lay.bias is not None else None
-            for lay in layers
-        }
+        self.recurrent = {lay.index: self._read(lay, lay.recurrent, None, None, "recurrent")
+                          for lay in layers if lay.recurrent is not None}
+        for name, parts in self._parts.items():  # the original is needed under partial parts
+            chains = [self._chain(lay, kind) for lay, kind in parts]
+            if len(parts) > 1 or any(c is not None and not c.covers_all for c in chains):
+                self._original[name] = self.index.const_array(self._refs[name])
         self.changed_bias: set[int] = set()
         # Weights handed to sessions as OrtValues; the rest (Constant nodes, initializers that
         # old exporters also list as graph inputs) are written into each measuring model.
         graph_inputs = {i.name for i in model.graph.input}
-        pairs = [(lay, ref) for lay in layers for ref in _weights_of(lay)]
-        as_value = [ref.constant_node is None and ref.name not in graph_inputs for _, ref in pairs]
-        self._in_memory = [pair for pair, ok in zip(pairs, as_value) if ok]
-        self._in_proto = [pair for pair, ok in zip(pairs, as_value) if not ok]
+        weights = [name for name, parts in self._parts.items()
+                   if any(kind != "bias" for _, kind in parts)]
+        self._in_memory = [n for n in weights if self._refs[n].constant_node is None
+                           and n not in graph_inputs]
+        self._in_proto = [n for n in weights if n not in self._in_memory]
         # Target weights and biases change: they are supplied from this state, never cached.
-        targets = {ref.name for lay in layers for ref in (lay.weight, lay.bias, lay.recurrent)
-                   if ref is not None}
         self._large = {
             t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-            if t.name not in targets and t.name not in graph_inputs
+            if t.name not in self._parts and t.name not in graph_inputs
             and tensor_nbytes(t) >= LARGE_CONSTANT
         }
 
+    def _read(self, layer: Layer, ref: ConstRef, chain, dtype, kind: str) -> np.ndarray:
+        self._parts.setdefault(ref.name, []).append((layer, kind))
+        self._refs[ref.name] = ref
+        stored = self.index.const_array(ref)
+        if chain is None:
+            return stored
+        return chain.effective(stored, dtype if dtype is not None else stored.dtype)
+
+    @staticmethod
+    def _chain(layer: Layer, kind: str):
+        return {"weight": layer.chain, "bias": layer.bias_chain}.get(kind)
+
     def weight(self, layer: Layer) -> np.ndarray:
-        """The layer's current weight, in its own dtype."""
+        """The layer's current weight as it reads it, in its own dtype."""
         s = self.scale[layer.index]
         base = self.base[layer.index]
         if np.all(s == 1.0):
@@ -104,29 +119,50 @@ class WeightState:
         b = self.bias[layer.index]
         return b is not None and bool(np.any(b != 0))
 
+    def _value(self, layer: Layer, kind: str) -> np.ndarray:
+        if kind == "weight":
+            return self.weight(layer)
+        if kind == "bias":
+            return self.bias[layer.index]
+        return self.recurrent[layer.index]
+
+    def stored(self, name: str) -> np.ndarray:
+        """The current value of stored tensor ``name``, assembled from its parts."""
+        parts = self._parts[name]
+        original = self._original.get(name)
+        if original is None:  # one part, reading the whole tensor
+            layer, kind = parts[0]
+            chain = self._chain(layer, kind)
+            value = self._value(layer, kind)
+            if chain is None:
+                return value
+            return chain.stored(value, np.zeros(chain.stored_shape, chain.stored_dtype))
+        out = np.array(original)
+        for layer, kind in parts:
+            if kind == "bias" and layer.index not in self.changed_bias:
+                continue
+            chain = self._chain(layer, kind)
+            value = self._value(layer, kind)
+            out = value.astype(out.dtype).reshape(out.shape) if chain is None else \
+                chain.stored(value, out)
+        return out
+
     def in_memory(self) -> dict[str, np.ndarray]:
         """Current weights stored as initializers, by name: what ``skeleton`` leaves out."""
-        arrays = {ref.name: np.ascontiguousarray(self._current(lay, ref))
-                  for lay, ref in self._in_memory}
+        arrays = {name: np.ascontiguousarray(self.stored(name)) for name in self._in_memory}
         arrays.update(self._large)
         return arrays
-
-    def _current(self, layer: Layer, ref: ConstRef) -> np.ndarray:
-        """The current value of ``ref`` as stored (through the inverse of the layer's chain)."""
-        if ref != layer.weight:
-            return self.recurrent[layer.index]
-        if layer.chain is None:
-            return self.weight(layer)
-        old = self._stored.get(layer.index)
-        if old is None:
-            old = np.zeros(layer.chain.stored_shape, layer.chain.stored_dtype)
-        return layer.chain.stored(self.weight(layer), old)
 
     def write_constants(self, model: onnx.ModelProto) -> None:
         """Write the current weights that ``in_memory`` does not supply into ``model``."""
         index = GraphIndex(model.graph)
-        for layer, ref in self._in_proto:
-            _write_const(index, ref, self._current(layer, ref))
+        for name in self._in_proto:
+            _write_const(index, self._refs[name], self.stored(name))
+
+    def _changed_biases(self) -> list[str]:
+        return [name for name, parts in self._parts.items()
+                if all(kind == "bias" for _, kind in parts)
+                and any(lay.index in self.changed_bias for lay, _ in parts)]
 
     def skeleton(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` with the changed biases written and every target weight that is
@@ -135,10 +171,9 @@ class WeightState:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         index = GraphIndex(copy.graph)
-        for layer in self.layers:
-            if layer.index in self.changed_bias and layer.bias is not None:
-                _write_const(index, layer.bias, self.bias[layer.index])
-        names = {ref.name for _, ref in self._in_memory} | set(self._large)
+        for name in self._changed_biases():
+            _write_const(index, self._refs[name], self.stored(name))
+        names = set(self._in_memory) | set(self._large)
         for t in copy.graph.initializer:
             if t.name in names:
                 for f in DATA_FIELDS:
@@ -151,26 +186,14 @@ class WeightState:
 
     def changed(self) -> dict[str, np.ndarray]:
         """Every target weight and every changed bias, by tensor name, as written."""
-        out = {ref.name: self._current(lay, ref) for lay in self.layers
-               for ref in _weights_of(lay)}
-        for lay in self.layers:
-            if lay.index in self.changed_bias and lay.bias is not None:
-                out[lay.bias.name] = self.bias[lay.index]
-        return out
+        names = [n for n in self._parts if n in self._in_memory or n in self._in_proto]
+        return {name: self.stored(name) for name in names + self._changed_biases()}
 
     def write(self, model: onnx.ModelProto) -> None:
         """Write the current weights and changed biases into ``model`` (same names, dtypes)."""
         index = GraphIndex(model.graph)
-        for layer in self.layers:
-            for ref in _weights_of(layer):
-                _write_const(index, ref, self._current(layer, ref))
-            if layer.index in self.changed_bias and layer.bias is not None:
-                _write_const(index, layer.bias, self.bias[layer.index])
-
-
-def _weights_of(layer: Layer) -> list[ConstRef]:
-    """The weights LSUV sets for a layer: W, and a recurrent op's R."""
-    return [ref for ref in (layer.weight, layer.recurrent) if ref is not None]
+        for name, value in self.changed().items():
+            _write_const(index, self._refs[name], value)
 
 
 def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
@@ -205,7 +228,10 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
     taken = set(index.initializers) | set(index.producer)
     for ref, owners in by_ref.items():
         users = set(index.users_of_const(ref))
-        zeroed_slots = {use.bias_input for lay in owners if lay.index in zeroing
+        # Where each zeroing layer reads the stored bias: its bias input, or the first node of
+        # its bias's chain (zeroing writes only the elements the chain reads).
+        zeroed_slots = {(lay.bias_chain.nodes[0], 0) if lay.bias_chain else use.bias_input
+                        for lay in owners if lay.index in zeroing
                         for use in lay.uses if use.bias_input is not None}
         if users <= zeroed_slots and not index.const_is_graph_output(ref):
             continue  # every reader zeroes it: nothing else changes
@@ -220,7 +246,11 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
                 name = f"{lay.name}.bias.{k}"
                 k += 1
             taken.add(name)
-            tensor = numpy_helper.from_array(index.const_array(ref), name)
+            value = index.const_array(ref)
+            if lay.bias_chain is not None:  # the copy holds the bias as the layer reads it
+                value = lay.bias_chain.effective(value, value.dtype)
+                lay.bias_chain = None
+            tensor = numpy_helper.from_array(value, name)
             graph.initializer.append(tensor)
             if model.ir_version < 4:  # initializers must be graph inputs there
                 graph.input.append(onnx.helper.make_tensor_value_info(

@@ -37,12 +37,37 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA works here: auto picks it")
-def test_auto_falls_back_to_the_cpu_with_one_line(caplog):
-    with caplog.at_level(logging.INFO, logger="onnx_lsuv"):
+def test_auto_falls_back_to_the_cpu_with_one_line_for_verbose_only(caplog, monkeypatch):
+    # Without an NVIDIA driver the CPU is what anyone expects: one line, at debug level (-v).
+    from onnx_lsuv import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_cuda_driver_present", lambda: False)
+    monkeypatch.setattr(engine_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level(logging.DEBUG, logger="onnx_lsuv"):
         engine = Engine("auto")
     assert engine.name == "cpu"
     lines = [r for r in caplog.records if "CPU provider" in r.getMessage()]
-    assert len(lines) == 1
+    assert len(lines) == 1 and lines[0].levelno == logging.DEBUG
+    assert "no NVIDIA driver found" in lines[0].getMessage()
+
+
+def test_a_driver_whose_cuda_fails_is_said_loudly(caplog, monkeypatch):
+    from onnx_lsuv import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_cuda_driver_present", lambda: True)
+    monkeypatch.setattr(engine_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("libcudnn.so.9: cannot open shared object file")
+
+    monkeypatch.setattr(engine_module.ort, "InferenceSession", refuse)
+    with caplog.at_level(logging.INFO, logger="onnx_lsuv"):
+        engine = Engine("auto")
+    assert engine.name == "cpu"
+    (line,) = [r for r in caplog.records if "CPU provider" in r.getMessage()]
+    assert line.levelno == logging.WARNING and "libcudnn" in line.getMessage()
 
 
 def test_unknown_provider_is_refused():
