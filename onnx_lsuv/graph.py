@@ -151,6 +151,14 @@ class GraphIndex:
                     users.append((i, pos))
         return users
 
+    # Weights and biases: in the main graph, its own constants. (``BodyIndex`` maps a body's
+    # names onto the main graph's constants.)
+    def resolve_weight(self, name: str) -> ConstRef | None:
+        return self.resolve_const(name)
+
+    def weight_proto(self, ref: ConstRef) -> onnx.TensorProto:
+        return self.tensor_proto(ref)
+
     def const_is_graph_output(self, ref: ConstRef) -> bool:
         return ref.name in self.graph_outputs
 
@@ -165,6 +173,61 @@ class GraphIndex:
                     seen.add(j)
                     stack.append(j)
         return seen
+
+
+class BodyIndex(GraphIndex):
+    """The body of a Loop or Scan of the main graph, whose weights are the main graph's
+    constants: read from the enclosing scope, or passed in as loop-carried (Scan: state)
+    values that the body returns unchanged (tf2onnx and jax2onnx do the latter).
+
+    ``resolve_weight`` maps such a body name to the main graph's ``ConstRef``; body-local
+    constants (a Slice's starts) stay body constants of ``resolve_const``.
+    """
+
+    def __init__(self, body: onnx.GraphProto, opset: int, main: GraphIndex, node: int) -> None:
+        super().__init__(body, opset)
+        self.main = main
+        self.node_index = node
+        loop = main.graph.node[node]
+        self.carried: dict[str, str] = {}  # body input name -> main graph name
+        if loop.op_type == "Loop":
+            pairs = [(2 + k, 1 + k) for k in range(len(body.input) - 2)]
+        else:  # Scan: the state variables come first
+            n_scan = int(attribute(loop, "num_scan_inputs", 0))
+            pairs = [(k, k) for k in range(len(body.input) - n_scan)]
+        for pos, out in pairs:
+            if pos >= len(loop.input) or out >= len(body.output) or not loop.input[pos]:
+                continue
+            name = body.input[pos].name
+            returned = body.output[out].name
+            seen = set()
+            while returned != name and returned in self.producer and returned not in seen:
+                seen.add(returned)
+                producer = body.node[self.producer[returned]]
+                if producer.op_type != "Identity":
+                    break
+                returned = producer.input[0]
+            if returned == name:  # passed through unchanged: the same value every iteration
+                self.carried[name] = loop.input[pos]
+        self.defined = ({i.name for i in body.input} | {t.name for t in body.initializer}
+                        | set(self.producer))
+
+    def resolve_weight(self, name: str) -> ConstRef | None:
+        seen = set()
+        while name and name not in seen:  # body Identity chains
+            seen.add(name)
+            i = self.producer.get(name)
+            if i is None or self.graph.node[i].op_type != "Identity":
+                break
+            name = self.graph.node[i].input[0]
+        if name in self.carried:
+            return self.main.resolve_const(self.carried[name])
+        if name and name not in self.defined:  # read from the enclosing (main) graph
+            return self.main.resolve_const(name)
+        return None
+
+    def weight_proto(self, ref: ConstRef) -> onnx.TensorProto:
+        return self.main.tensor_proto(ref)
 
 
 def reached_by_data(model: onnx.ModelProto) -> set[str]:

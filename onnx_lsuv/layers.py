@@ -41,6 +41,7 @@ import onnx
 from .graph import (
     OUTER_SCOPE,
     SUBGRAPH_OPS,
+    BodyIndex,
     ConstRef,
     GraphIndex,
     attribute,
@@ -113,6 +114,10 @@ class Layer:
         bias_chain: The layout ops between the stored bias and the node reading it, if any.
         more_uses: Other target nodes that apply the same weight in the same way: the layer is
             measured over all its uses, pooled.
+        body: For a layer inside a Loop or Scan body: (the Loop/Scan node's index in the main
+            graph, the layer's node index in the body). ``node_index`` is then the Loop's, and
+            ``output``, ``out_nodes`` and the chains refer to the body; the layer is measured
+            over every iteration (its output exposed as a scan output on measuring copies).
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
         weight_read_upstream: Whether rescaling the weight also changes the layer's own input:
             a node upstream of it (by data flow) reads the weight too, or one use of it feeds
@@ -144,6 +149,7 @@ class Layer:
     chain: WeightChain | None = None
     bias_chain: WeightChain | None = None
     more_uses: list[Use] = field(default_factory=list)
+    body: tuple[int, int] | None = None
     shared_weight_users: list[str] = field(default_factory=list)
     weight_read_upstream: bool = False
     blocks: tuple[str, ...] = ("",)
@@ -170,6 +176,9 @@ class Layer:
 
     @property
     def first_use(self) -> Use:
+        if self.body is not None:  # in the main graph, the layer is its Loop/Scan node
+            return Use(self.node_index, self.output, self.output_rank, self.out_axis, None,
+                       frozenset({self.node_index}), self.unit_shape)
         nodes = {self.node_index, *self.out_nodes, *(self.chain.nodes if self.chain else ())}
         nodes |= set(self.bias_chain.nodes) if self.bias_chain else set()
         return Use(self.node_index, self.output, self.output_rank, self.out_axis,
@@ -246,7 +255,7 @@ def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> str:
     if node is not None and node.op_type in ("DequantizeLinear", "Cast") and \
             index.resolve_const(node.input[0]):
         return f"weight comes through {node.op_type} (quantized or cast weights are not changed)"
-    if name in reached:
+    if reached is not None and name in reached:
         return "weight depends on the input data (a dynamic weight): not a target"
     if node is not None:
         upstream = index.ancestors(i) | {i}
@@ -269,7 +278,7 @@ def _new_layer(index: GraphIndex, i: int, w_ref: ConstRef, layout: WeightLayout,
 
 def _read_dtype(index: GraphIndex, ref: ConstRef, chain: WeightChain | None) -> np.dtype:
     """The weight's dtype as the layer reads it: the stored one, or the last Cast's."""
-    dtype = _dtype(index.tensor_proto(ref))
+    dtype = _dtype(index.weight_proto(ref))
     for j in chain.nodes if chain else ():
         node = index.graph.node[j]
         if node.op_type == "Cast":
@@ -283,7 +292,7 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
     name = index.node_name(i)
     if len(node.input) < 2:
         return None
-    w_ref = index.resolve_const(node.input[1])
+    w_ref = index.resolve_weight(node.input[1])
     chain = None
     if w_ref is None:
         traced = trace_chain(index, node.input[1])
@@ -296,18 +305,19 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
                                "rearrangement of its constant's elements (not handled)")
             w_ref = ref
     if w_ref is None:
-        if node.op_type == "MatMul" and (index.resolve_const(node.input[0]) is not None
+        if node.op_type == "MatMul" and (index.resolve_weight(node.input[0]) is not None
                                          or trace_chain(index, node.input[0]) is not None):
             return Skipped(name, node.op_type, "its constant is the first operand (W @ x): "
                            "only x @ W, or x @ W through layout ops, is handled")
         if node.op_type == "MatMul" and node.input[1] in reached:
             return None  # a MatMul of two activations is no candidate
         return Skipped(name, node.op_type, _why_not_const(index, node.input[1], reached))
-    if index.resolve_const(node.input[0]) is not None:
+    if index.resolve_weight(node.input[0]) is not None or \
+            index.resolve_const(node.input[0]) is not None:
         return Skipped(name, node.op_type, "both operands are constants")
-    if node.input[0] not in reached:
+    if reached is not None and node.input[0] not in reached:
         return Skipped(name, node.op_type, NOT_REACHED)
-    problem = _weight_problem(index.tensor_proto(w_ref), w_ref.name)
+    problem = _weight_problem(index.weight_proto(w_ref), w_ref.name)
     if problem:
         return Skipped(name, node.op_type, problem)
     return w_ref, chain
@@ -316,7 +326,7 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
 def _bias_const(index: GraphIndex, name: str) -> tuple[ConstRef, WeightChain | None] | None:
     """A bias input: a constant, or a chain of layout ops on one (Flax reshapes its bias
     vector to [1, 1, 1, C] in the graph)."""
-    ref = index.resolve_const(name)
+    ref = index.resolve_weight(name)
     if ref is not None:
         return ref, None
     traced = trace_chain(index, name)
@@ -327,7 +337,7 @@ def _bias_const(index: GraphIndex, name: str) -> tuple[ConstRef, WeightChain | N
 
 
 def _shape(index: GraphIndex, ref: ConstRef, chain: WeightChain | None) -> tuple[int, ...]:
-    return chain.shape if chain else tuple(int(d) for d in index.tensor_proto(ref).dims)
+    return chain.shape if chain else tuple(int(d) for d in index.weight_proto(ref).dims)
 
 
 def recognise_conv(index: GraphIndex, i: int, reached: set[str]):
@@ -437,11 +447,99 @@ def recognise_fused_attention(index: GraphIndex, i: int, reached: set[str]):
 
 
 def recognise_subgraph(index: GraphIndex, i: int, reached: set[str]):
+    """If/Loop/Scan: the MatMul and Gemm layers of a Loop or Scan body whose weights are the
+    main graph's constants (read from the enclosing scope or passed through unchanged as
+    loop-carried values); every other target op inside a body is reported."""
     node = index.graph.node[i]
-    inner = _count_subgraph_targets(node)
-    if not inner:
-        return None
-    return Skipped(index.node_name(i), node.op_type, f"{inner} target op(s) inside a subgraph")
+    found: list = []
+    handled = 0
+    if node.op_type in ("Loop", "Scan") and index.opset >= 9:
+        found = _body_layers(index, i, reached)
+        handled = sum(isinstance(f, Layer) for f in found)
+    inner = _count_subgraph_targets(node) - handled
+    if inner:
+        reasons = sorted({f.reason for f in found if isinstance(f, Skipped)})
+        why = f": {'; '.join(reasons)}" if reasons else (
+            " (only MatMul and Gemm at the top of a Loop or Scan body, with weights from the "
+            "main graph, are handled)")
+        found.append(Skipped(index.node_name(i), node.op_type,
+                             f"{inner} target op(s) inside a subgraph left as they are{why}"))
+    return found or None
+
+
+def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
+    """The layers of Loop/Scan node ``i``'s body (see ``recognise_subgraph``)."""
+    loop = index.graph.node[i]
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    sub = BodyIndex(body, index.opset, index, i)
+    data = {b.name for b in body.input if b.name not in sub.carried}
+    data |= {n for n in sub.consumers if n not in sub.defined and n in reached}
+    for node in body.node:  # topological within the body
+        if any(x in data for x in node.input if x):
+            data.update(o for o in node.output if o)
+    items = [recognise_dense(sub, j, data) for j, node in enumerate(body.node)
+             if node.op_type in ("MatMul", "Gemm") and node.domain in _DEFAULT_DOMAIN]
+    items = [item for item in items if item is not None]
+    # The chains of every body layer are theirs: tf2onnx's GRU slices one kernel for two.
+    chains = {j for item in items if isinstance(item, Layer)
+              for c in (item.chain, item.bias_chain) if c for j in c.nodes}
+    out = []
+    for item in items:
+        if isinstance(item, Skipped):
+            out.append(item)
+            continue
+        j = item.node_index
+        readers = _body_strangers(sub, item, chains)
+        if readers:
+            out.append(Skipped(item.name, item.op, f"its weight is also read inside the body "
+                               f"by {', '.join(readers)}"))
+            continue
+        if not body.node[j].name:
+            item.name = f"{index.node_name(i)}/{item.name}"
+        item.body = (i, j)
+        item.node_index = i
+        item.weight_read_upstream = True  # iterations feed each other, as a rule
+        out.append(item)
+    return out
+
+
+def _body_strangers(sub: BodyIndex, layer: Layer, chains: set[int]) -> list[str]:
+    """Body nodes other than the layer's own that read the body value of its weight or bias:
+    anything but the layer, the body layers' chains (``chains``), and the Identity nodes a
+    carried value is returned through."""
+    own = {layer.node_index, *layer.out_nodes, *chains}
+    sources = []
+    node = sub.graph.node[layer.node_index]
+    for chain, read in ((layer.chain, node.input[1]), (layer.bias_chain, None)):
+        if chain:
+            own |= set(chain.nodes)
+            sources.append(sub.graph.node[chain.nodes[0]].input[0])
+        elif read:
+            sources.append(read)
+    if layer.bias is not None and layer.bias_chain is None and layer.bias_input is not None:
+        holder = sub.graph.node[layer.bias_input[0]]
+        sources.append(holder.input[layer.bias_input[1]])
+    roots = []
+    for name in sources:  # from the Identity the layer may read through, up to the value
+        while name in sub.producer and sub.graph.node[sub.producer[name]].op_type == "Identity":
+            name = sub.graph.node[sub.producer[name]].input[0]
+        roots.append(name)
+    strangers, seen = set(), set()
+    stack = roots
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for c, _ in sub.consumers.get(name, []):
+            if c in own:
+                continue
+            reader = sub.graph.node[c]
+            if reader.op_type == "Identity":
+                stack.extend(o for o in reader.output if o)
+            else:
+                strangers.add(sub.node_name(c))
+    return sorted(strangers)
 
 
 _DEFAULT_DOMAIN = ("", "ai.onnx")
@@ -475,7 +573,9 @@ def find_layers(model: onnx.ModelProto, selection: Selection | None = None) -> D
         if entry is None or (entry[1] is not None and node.domain not in entry[1]):
             continue
         result = entry[0](index, i, reached)
-        if result is not None:
+        if isinstance(result, list):
+            found.extend(result)
+        elif result is not None:
             found.append(result)
     return _resolve(index, found, selection or Selection())
 
@@ -623,7 +723,7 @@ def _following_bias(index: GraphIndex, i: int, units: int, axis: int,
             if found is None:
                 return {}
             ref, chain = found
-            shape = chain.shape if chain else tuple(int(d) for d in index.tensor_proto(ref).dims)
+            shape = chain.shape if chain else tuple(int(d) for d in index.weight_proto(ref).dims)
             if not _lines_up(shape, units, where):
                 return {}
             walked.append(j)

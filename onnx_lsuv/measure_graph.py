@@ -154,6 +154,41 @@ def find_tap(index: GraphIndex, layer: Layer, use: Use) -> Tap:
     return Tap(bn.output[0], a, b)
 
 
+def layer_taps(ed: GraphEditor, index: GraphIndex, layer: Layer) -> list[tuple[Use, Tap]]:
+    """Where each use of ``layer`` is read on the measuring copy ``ed.model``: its tap; for a
+    layer inside a Loop/Scan body, its output exposed as a new scan output (every iteration
+    stacked on a new first axis)."""
+    if layer.body is None:
+        return [(use, find_tap(index, layer, use)) for use in layer.uses]
+    stacked = _expose(ed, layer)
+    rank = layer.output_rank + 1 if layer.output_rank is not None else None
+    axis = layer.out_axis + 1 if layer.out_axis >= 0 else layer.out_axis
+    use = Use(layer.node_index, stacked, rank, axis, None, frozenset({layer.node_index}),
+              layer.unit_shape)
+    return [(use, Tap(stacked))]
+
+
+def _expose(ed: GraphEditor, layer: Layer) -> str:
+    """Add the body tensor ``layer.output`` to its Loop/Scan body's outputs as a scan output,
+    and the node's matching output; its main-graph name."""
+    node = ed.graph.node[layer.node_index]
+    body = next(a.g for a in node.attribute if a.name == "body")
+    n_node_outputs = len(body.output) - (1 if node.op_type == "Loop" else 0)
+    while len(node.output) < n_node_outputs:  # omitted trailing outputs, made explicit
+        node.output.append(ed.fresh("unused"))
+    inner = ed.fresh("step_output")
+    body.node.append(helper.make_node("Identity", [layer.output], [inner], name=inner))
+    body.output.append(helper.make_tensor_value_info(
+        inner, helper.np_dtype_to_tensor_dtype(layer.dtype), None))
+    outer = ed.fresh("all_steps")
+    node.output.append(outer)
+    if node.op_type == "Scan":
+        for a in node.attribute:
+            if a.name in ("scan_output_axes", "scan_output_directions"):
+                a.ints.append(0)
+    return outer
+
+
 @dataclass(frozen=True)
 class ChannelSums:
     """Per-channel sum and sum of squares of a layer output, and its element count."""
@@ -302,7 +337,7 @@ def stats_model(model: onnx.ModelProto, layers: list[Layer]) -> tuple[onnx.Model
         if layer.is_recurrent:
             cs = recurrent_sums(ed, layer, copy.graph.node[layer.node_index])
         else:
-            cs = channel_sums(ed, layer, [(u, find_tap(index, layer, u)) for u in layer.uses])
+            cs = channel_sums(ed, layer, layer_taps(ed, index, layer))
         names.append(cs.var)
     _set_outputs(copy.graph, names)
     return copy, names
@@ -505,7 +540,7 @@ def normalizing_model(
             node = copy.graph.node[layer.node_index]
             cs = recurrent_sums(ed, layer, node)
         else:
-            taps = [(use, find_tap(index, layer, use)) for use in layer.uses]
+            taps = layer_taps(ed, index, layer)
             cs = channel_sums(ed, layer, taps)
         bias = biases.get(layer.index)
         if bias is None:
@@ -542,7 +577,7 @@ def normalizing_model(
         # Uses that feed each other (an unrolled recurrence) cannot be normalised in-graph:
         # the factor depends on every use. Their downstream layers see them unscaled, and the
         # re-measurement sends the layer to the try loop.
-        feeding = len(layer.uses) > 1 and layer.weight_read_upstream
+        feeding = layer.weight_read_upstream and (len(layer.uses) > 1 or layer.body is not None)
         for use, tap in [] if feeding else taps:
             _rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m, bias)
         # Tied weights: readers of this weight that are not upstream of the layer see it

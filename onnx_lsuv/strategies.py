@@ -36,7 +36,7 @@ from .measure_graph import (
 from .model_io import default_opset
 from .options import LSUVOptions
 from .report import LayerRecord, Report
-from .verdict import CONVERGED, judge, needs_factor
+from .verdict import CONVERGED, GOOD, judge, needs_factor
 from .weights import WeightState
 
 log = logging.getLogger("onnx_lsuv")
@@ -95,14 +95,39 @@ def measure_all(run: Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
 def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False) -> None:
     """Re-measure the written weights and judge every layer: the run's last word. A weight
     tied to a later layer may still have moved an earlier one, which no per-layer loop sees."""
-    ties = any(lay.shared_weight_users for lay in run.layers)
+    ties = any(lay.shared_weight_users or lay.weight_read_upstream for lay in run.layers)
     for lay, values in zip(run.layers, measure_all(run, skeleton)):
         before = [rec.status for rec in run.rows(lay)]
         run.judge(lay, values, check=check)
         for rec, status in zip(run.rows(lay), before):
             if not check and ties and status == CONVERGED and rec.status != status:
-                rec.message += " in the final re-measurement: a weight tied to another layer " \
-                               "changed it"
+                rec.message += " in the final re-measurement: a later layer changed it (a " \
+                               "tied weight, or a recurrence)"
+
+
+SETTLING_SWEEPS = 3
+
+
+def settle(run: Run, skeleton: onnx.ModelProto) -> None:
+    """The final check, then, where a later layer moved an earlier one off its target (a
+    weight also read upstream, the steps of a recurrence: the paper's layer order is not a
+    order of dependence there), up to ``SETTLING_SWEEPS`` more passes of the try loop over the
+    layers found off, each with its remaining tries, and the final check again."""
+    final_check(run, skeleton)
+    for _ in range(SETTLING_SWEEPS):
+        moved = [lay for lay in run.layers
+                 if (lay.weight_read_upstream or lay.shared_weight_users)
+                 and any(rec.status not in GOOD and rec.tries < run.options.max_iter
+                         for rec in run.rows(lay))]
+        first = min((lay.index for lay in moved), default=None)
+        if first is None:
+            return
+        again = [lay for lay in run.layers[first:]
+                 if any(rec.status not in GOOD for rec in run.rows(lay))]
+        log.info("settling %d layer(s) that later layers moved off target", len(again))
+        for lay in again:
+            tries(run, lay, full_measure(run, skeleton, lay))
+        final_check(run, skeleton)
 
 
 def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
@@ -180,7 +205,7 @@ def scale_fast(run: Run) -> None:
                    else layer_measure(run, skeleton, lay))
         tries(run, lay, measure)
         run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)
-    final_check(run, skeleton)
+    settle(run, skeleton)
     run.report.timings["retry_s"] = time.perf_counter() - t
 
 
@@ -190,7 +215,7 @@ def scale_naive(run: Run) -> None:
     for lay in run.layers:
         tries(run, lay, full_measure(run, skeleton, lay))
         run.progress("scaling", lay.index + 1, len(run.layers), lay.name)
-    final_check(run, skeleton)
+    settle(run, skeleton)
 
 
 def choose(run: Run) -> Callable[[Run], None]:

@@ -88,7 +88,7 @@ def trace_chain(index: GraphIndex, name: str) -> tuple[ConstRef, list[int]] | No
     nodes: list[int] = []
     current = name
     while True:
-        ref = index.resolve_const(current)
+        ref = index.resolve_weight(current)
         if ref is not None:
             return (ref, nodes[::-1]) if nodes else None
         i = index.producer.get(current)
@@ -115,7 +115,7 @@ def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int], opset: int,
     cannot run it."""
     from onnx.reference import ReferenceEvaluator
 
-    proto = index.tensor_proto(ref)
+    proto = index.weight_proto(ref)
     if proto.data_type not in _FLOAT:
         return None
     shape = tuple(int(d) for d in proto.dims)

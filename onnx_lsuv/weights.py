@@ -222,7 +222,8 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
     graph = model.graph
     by_ref: dict[ConstRef, list[Layer]] = {}
     for layer in layers:
-        if layer.bias is not None:
+        # A Loop body's bias is read through its Loop node only (checked at discovery).
+        if layer.bias is not None and layer.body is None:
             by_ref.setdefault(layer.bias, []).append(layer)
     notes = []
     taken = set(index.initializers) | set(index.producer)
