@@ -372,3 +372,126 @@ def test_a_weight_tied_to_a_non_target_is_left_alone_by_default_and_taken_when_i
     taken = lsuv_init(model, feeds, provider="cpu", include=["lm_head"])
     assert [r.name for r in taken.report.layers] == ["fc", "lm_head"]
     assert "wte" in changed(model, taken.model)
+
+
+# --- 4. recurrences exported as Loop or Scan ----------------------------------------------------
+
+def _body(nodes, inputs, outputs):
+    return helper.make_graph(nodes, "body",
+                             [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                             [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs])
+
+
+def _h0(batch_of, hidden):
+    """A zero hidden state of the batch's size (ConstantOfShape, as exporters write it)."""
+    return [helper.make_node("Shape", [batch_of], ["xs"]),
+            helper.make_node("Gather", ["xs", "one_i"], ["batch"], axis=0),
+            helper.make_node("Concat", ["batch", "hidden_dim"], ["h_shape"], axis=0),
+            helper.make_node("ConstantOfShape", ["h_shape"], ["h0"],
+                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))]
+
+
+def loop_rnn(steps=6, features=5, hidden=12):
+    """A Loop over time steps (tf2onnx / jax2onnx style): W read from the enclosing scope,
+    U and b passed in as loop-carried values that the body returns unchanged (through
+    Identity)."""
+    f, i64, b_ = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+    body = _body([
+        helper.make_node("Gather", ["x", "it"], ["x_t"], axis=0),
+        helper.make_node("MatMul", ["x_t", "W"], ["px"], name="proj_x"),
+        helper.make_node("MatMul", ["h", "U_in"], ["ph"], name="proj_h"),
+        helper.make_node("Add", ["ph", "b_in"], ["phb"]),
+        helper.make_node("Add", ["px", "phb"], ["pre"]),
+        helper.make_node("Tanh", ["pre"], ["h_new"]),
+        helper.make_node("Identity", ["cond"], ["cond_out"]),
+        helper.make_node("Identity", ["U_in"], ["U_out"]),
+        helper.make_node("Identity", ["b_in"], ["b_out"]),
+    ], [("it", i64, []), ("cond", b_, []), ("h", f, ["N", hidden]),
+        ("U_in", f, [hidden, hidden]), ("b_in", f, [hidden])],
+        [("cond_out", b_, []), ("h_new", f, ["N", hidden]), ("U_out", f, [hidden, hidden]),
+         ("b_out", f, [hidden])])
+    nodes = _h0("x", hidden) + [
+        helper.make_node("Loop", ["trip", "true", "h0", "U", "b"], ["h_T", "U_T", "b_T"],
+                         name="rnn_loop", body=body)]
+    inits = {"W": rand(features, hidden, seed=1), "U": rand(hidden, hidden, seed=2),
+             "b": rand(hidden, seed=3), "trip": np.array(steps, np.int64),
+             "true": np.array(True), "one_i": np.array([1], np.int64),
+             "hidden_dim": np.array([hidden], np.int64)}
+    model = make_model(nodes, [("x", [steps, "N", features])], [("h_T", ["N", hidden])], inits)
+    return model, {"x": rand(steps, 32, features, seed=9)}
+
+
+def scan_rnn(steps=6, features=5, hidden=12):
+    """The same recurrence as a Scan (W, U and b from the enclosing scope)."""
+    f = TensorProto.FLOAT
+    body = _body([
+        helper.make_node("MatMul", ["x_t", "W"], ["px"], name="proj_x"),
+        helper.make_node("MatMul", ["h", "U"], ["ph"], name="proj_h"),
+        helper.make_node("Add", ["ph", "b"], ["phb"]),
+        helper.make_node("Add", ["px", "phb"], ["pre"]),
+        helper.make_node("Tanh", ["pre"], ["h_new"]),
+        helper.make_node("Identity", ["h_new"], ["y_t"]),
+    ], [("h", f, None), ("x_t", f, None)], [("h_new", f, None), ("y_t", f, None)])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Gather", ["xs", "zero_i"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "hidden_dim"], ["h_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["h_shape"], ["h0"],
+                         value=helper.make_tensor("v", f, [1], [0.0])),
+        helper.make_node("Scan", ["h0", "x"], ["h_T", "ys"], name="rnn_scan", body=body,
+                         num_scan_inputs=1, scan_input_axes=[1])]
+    inits = {"W": rand(features, hidden, seed=1), "U": rand(hidden, hidden, seed=2),
+             "b": rand(hidden, seed=3), "zero_i": np.array([0], np.int64),
+             "hidden_dim": np.array([hidden], np.int64)}
+    model = make_model(nodes, [("x", ["N", steps, features])], [("ys", None)], inits)
+    return model, {"x": rand(32, steps, features, seed=9)}
+
+
+def step_variances(model, feeds, node_name, inner):
+    """Variance of body tensors ``inner`` over every iteration of Loop/Scan ``node_name``,
+    measured here: the test's own copy returns them as extra scan outputs."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    node = next(n for n in m.graph.node if n.name == node_name)
+    body = next(a.g for a in node.attribute if a.name == "body")
+    outs = []
+    for name in inner:
+        body.node.append(helper.make_node("Identity", [name], [name + "_seen"]))
+        body.output.append(helper.make_tensor_value_info(name + "_seen", TensorProto.FLOAT,
+                                                         None))
+        node.output.append(name + "_all")
+        outs.append(name + "_all")
+    del m.graph.output[:]
+    m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outs)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [float(np.var(v.astype(np.float64))) for v in sess.run(outs, feeds)]
+
+
+@pytest.mark.parametrize("build, node", [(loop_rnn, "rnn_loop"), (scan_rnn, "rnn_scan")])
+@pytest.mark.parametrize("strategy", ["fast", "naive"])
+def test_matmuls_inside_a_loop_or_scan_are_measured_over_every_iteration(build, node, strategy):
+    model, feeds = build()
+    before = step_variances(model, feeds, node, ["px", "phb"])
+    assert all(abs(v - 1) > TOL for v in before)  # the test would prove nothing otherwise
+    result = lsuv_init(model, feeds, provider="cpu", strategy=strategy)
+    assert_structure_unchanged(model, result.model)
+    assert [r.name for r in result.report.layers] == ["proj_x", "proj_h"], result.report.table()
+    assert changed(model, result.model) == {"W", "U", "b"}
+    assert not np.any(stored(result.model, "b"))
+    for v in step_variances(result.model, feeds, node, ["px", "phb"]):
+        assert abs(v - 1) < TOL, (v, result.report.table())
+    assert result.report.converged
+    assert_orthonormal_up_to_scale(stored(result.model, "U").T[None])
+
+
+def test_a_body_target_whose_weight_is_computed_in_the_body_keeps_the_named_warning():
+    model, feeds = scan_rnn()
+    body = next(a.g for a in model.graph.node[-1].attribute if a.name == "body")
+    body.node[1].input[1] = "U2"  # U doubled inside the body: not a main-graph constant
+    body.node.insert(0, helper.make_node("Add", ["U", "U"], ["U2"]))
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert [r.name for r in result.report.layers] == ["proj_x"]
+    (loop,) = [s for s in result.report.skipped if s["name"] == "rnn_scan"]
+    assert "1 target op(s) inside a subgraph" in loop["reason"]
