@@ -776,6 +776,8 @@ def _shape_entries(index: GraphIndex, name: str) -> tuple[list[int], bool] | Non
     if ref is not None:
         return index.const_array(ref).astype(np.int64).reshape(-1).tolist(), True
     j = index.producer.get(name)
+    while j is not None and index.graph.node[j].op_type == "Cast":  # tf2onnx: int32 -> int64
+        j = index.producer.get(index.graph.node[j].input[0])
     if j is None:
         return None
     node = index.graph.node[j]

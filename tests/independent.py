@@ -1,0 +1,206 @@
+"""The tests' own notion of an exported model's LSUV targets, and their measurement.
+
+Written without onnx_lsuv, from the definitions: a target is a Conv, ConvTranspose, Gemm or
+MatMul whose first input depends on the data and whose second does not (in the main graph, or
+at the top of a Loop/Scan body, where a value the body returns unchanged does not depend on the
+iteration); its output is the tensor after the Add of a data-independent operand that follows
+it through shape-only ops, if there is one, else its own. Targets reading the same weight
+tensor are one layer, measured pooled. Variances are float64 statistics of what ONNX Runtime
+computes, with the tensors exposed by this module (body tensors as extra scan outputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT = ("LSTM", "GRU", "RNN")
+SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+@dataclass
+class Target:
+    weight: str  # the weight tensor name the node reads
+    outputs: list[str] = field(default_factory=list)  # tensors pooled (main graph or body)
+    body_of: str | None = None  # the Loop/Scan node's name, for a body target
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    names = {n for n in node.input if n}
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            inner = {o for n in a.g.node for o in n.output} | {i.name for i in a.g.input}
+            names |= {x for n in a.g.node for x in _reads(n)} - inner
+    return names
+
+
+def _dependent(graph: onnx.GraphProto, seeds: set[str]) -> set[str]:
+    dep = set(seeds)
+    for node in graph.node:
+        if _reads(node) & dep:
+            dep.update(o for o in node.output if o)
+    return dep
+
+
+def data_dependent(model: onnx.ModelProto) -> set[str]:
+    """Main-graph tensors that depend on a graph input (not an initializer)."""
+    inits = {t.name for t in model.graph.initializer}
+    return _dependent(model.graph, {i.name for i in model.graph.input if i.name not in inits})
+
+
+def _after_bias(graph: onnx.GraphProto, node: onnx.NodeProto, dep: set[str]) -> str:
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for x in _reads(n):
+            readers.setdefault(x, []).append(n)
+    outputs = {o.name for o in graph.output}
+    cur = node.output[0]
+    while len(readers.get(cur, [])) == 1 and cur not in outputs:
+        nxt = readers[cur][0]
+        if nxt.op_type == "Add":
+            other = [x for x in nxt.input if x != cur]
+            return nxt.output[0] if other and other[0] not in dep else node.output[0]
+        if nxt.op_type not in SHAPE_OPS or nxt.input[0] != cur:
+            break
+        cur = nxt.output[0]
+    return node.output[0]
+
+
+def _returned_unchanged(loop: onnx.NodeProto, body: onnx.GraphProto) -> set[str]:
+    if loop.op_type == "Loop":
+        pairs = [(2 + k, 1 + k) for k in range(len(body.input) - 2)]
+    else:
+        n_scan = next(a.i for a in loop.attribute if a.name == "num_scan_inputs")
+        pairs = [(k, k) for k in range(len(body.input) - n_scan)]
+    producer = {o: n for n in body.node for o in n.output}
+    same = set()
+    for pos, out in pairs:
+        name, ret = body.input[pos].name, body.output[out].name
+        while ret in producer and producer[ret].op_type == "Identity":
+            ret = producer[ret].input[0]
+        if ret == name:
+            same.add(name)
+    return same
+
+
+def find_targets(model: onnx.ModelProto) -> tuple[list[Target], list[str]]:
+    """The targets (pooled by weight) and the names of the recurrent ops."""
+    g = model.graph
+    dep = data_dependent(model)
+    groups: dict[tuple, Target] = {}
+    recurrent = []
+    for node in g.node:
+        if node.op_type in TARGETS and node.input[0] in dep and node.input[1] not in dep:
+            t = groups.setdefault((None, node.input[1]), Target(node.input[1]))
+            t.outputs.append(_after_bias(g, node, dep))
+            t.nodes.append(node)
+        elif node.op_type in RECURRENT:
+            recurrent.append(node.name)
+        elif node.op_type in ("Loop", "Scan"):
+            body = next(a.g for a in node.attribute if a.name == "body")
+            fixed = _returned_unchanged(node, body)
+            seeds = {i.name for i in body.input if i.name not in fixed}
+            seeds |= {x for n in body.node for x in _reads(n)} & dep
+            body_dep = _dependent(body, seeds)
+            for inner in body.node:
+                if inner.op_type in TARGETS and inner.input[0] in body_dep and \
+                        inner.input[1] not in body_dep:
+                    t = groups.setdefault((node.name, inner.input[1]),
+                                          Target(inner.input[1], body_of=node.name))
+                    t.outputs.append(_after_bias(body, inner, body_dep))
+                    t.nodes.append(inner)
+    return list(groups.values()), recurrent
+
+
+def pooled_variances(model: onnx.ModelProto, feeds: dict, targets: list[Target]) -> list[float]:
+    """Each target's variance, all its outputs (and, in a body, all iterations) pooled."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    names: list[list[str]] = []
+    for k, t in enumerate(targets):
+        if t.body_of is None:
+            names.append(list(t.outputs))
+            continue
+        loop = next(n for n in m.graph.node if n.name == t.body_of)
+        body = next(a.g for a in loop.attribute if a.name == "body")
+        # Node outputs listed for every body output before new scan outputs are added.
+        n_out = len(body.output) - (1 if loop.op_type == "Loop" else 0)
+        while len(loop.output) < n_out:
+            loop.output.append(f"independent_unused_{len(loop.output)}_{k}")
+        group = []
+        for j, inner in enumerate(t.outputs):
+            seen = f"independent_{k}_{j}"
+            body.node.append(helper.make_node("Identity", [inner], [seen]))
+            body.output.append(helper.make_tensor_value_info(seen, TensorProto.FLOAT, None))
+            loop.output.append(seen + "_all")
+            group.append(seen + "_all")
+        names.append(group)
+    flat = list(dict.fromkeys(n for group in names for n in group))
+    if not flat:
+        return []
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in flat)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip(flat, sess.run(flat, feeds)))
+    return [float(np.var(np.concatenate([values[n].astype(np.float64).ravel()
+                                         for n in group]))) for group in names]
+
+
+def weight_values(model: onnx.ModelProto, feeds: dict, names: list[str]) -> list[np.ndarray]:
+    """Main-graph tensors (weights as the nodes read them: ORT computes any chain of ops)."""
+    if not names:
+        return []
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(names, feeds)
+
+
+def matrices(node: onnx.NodeProto, w: np.ndarray, parts: int = 1) -> np.ndarray:
+    """(groups, output units, fan-in) view of a target node's weight, from the ONNX spec."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        g = int(attrs.get("group", 1))
+        return w.reshape(g, w.shape[0] // g, -1)
+    if node.op_type == "ConvTranspose":
+        g = int(attrs.get("group", 1))
+        c, m = w.shape[0], w.shape[1]
+        return w.reshape(g, c // g, m, -1).transpose(0, 2, 1, 3).reshape(g, m, -1)
+    if node.op_type == "Gemm" and attrs.get("transB", 0):
+        w = w.T
+    return w.T.reshape(parts, w.shape[1] // parts, w.shape[0])
+
+
+def orthonormal_up_to_scale(mats: np.ndarray, atol: float = 1e-4) -> bool:
+    for m in np.asarray(mats, np.float64):
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        if not np.allclose(gram / gram[0, 0], np.eye(len(gram)), atol=atol):
+            return False
+    return True
+
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def gate_variances(model: onnx.ModelProto, feeds: dict, node_name: str) -> list[float]:
+    """An LSTM/GRU/RNN node's input projections W_g x, per direction and gate: their variance
+    over every time step and batch row (float64, from the node's input and its W here)."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    (x,) = weight_values(model, feeds, [node.input[0]])
+    w = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+             if t.name == node.input[1]).astype(np.float64)
+    x = np.asarray(x, np.float64).reshape(-1, w.shape[2])
+    out = []
+    for d in range(w.shape[0]):
+        proj = x @ w[d].T
+        for part in np.split(proj, GATES[node.op_type], axis=1):
+            out.append(float(np.var(part)))
+    return out

@@ -1,0 +1,154 @@
+"""The real exporters on small models built in their frameworks (tests/exporters/export_*.py):
+tf2onnx with Keras 3, jax2onnx with Flax nnx, paddle2onnx, skl2onnx. Every bias is non-zero
+(std 1) and BatchNorm statistics are not the defaults, since fresh framework models hide
+misplaced biases.
+
+Each framework runs in its own interpreter, since their pins clash: the one named by
+ONNX_LSUV_<FRAMEWORK>_PYTHON (KERAS, FLAX, PADDLE, SKLEARN), else this one if it imports the
+framework; without either, the framework's tests are skipped. `.ci/run` builds the
+interpreters (.ci/exporter-venvs) and sets the variables, so CI runs them all. Deselect them
+with -m "not exporters".
+
+The checks are the tests' own (tests/independent.py): every target the test finds is a layer
+of the report, every one has unit variance after its bias (pooled over its uses and over the
+iterations of a Loop), the structure is unchanged, only the targets' weights and biases
+changed, and every main-graph weight is orthonormal up to scale per group.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnx_lsuv import lsuv_init
+
+from independent import (
+    data_dependent,
+    find_targets,
+    gate_variances,
+    matrices,
+    orthonormal_up_to_scale,
+    pooled_variances,
+    weight_values,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOL = 0.1
+
+FRAMEWORKS = {  # script, the modules it needs, the models it writes
+    "keras": ("export_keras.py", ("keras", "tensorflow", "tf2onnx"),
+              ["conv1d", "dense3d", "depthwise", "conv2d_transpose", "lstm", "gru",
+               "gru_reset_before", "mha"]),
+    "flax": ("export_flax.py", ("flax", "jax", "jax2onnx"),
+             ["cnn", "conv_transpose", "attention", "attention_hand", "lstm_unrolled",
+              "lstm_scan", "gru_scan"]),
+    "paddle": ("export_paddle.py", ("paddle", "paddle2onnx"), ["cnn", "lstm"]),
+    "sklearn": ("export_sklearn.py", ("sklearn", "skl2onnx"), ["mlp"]),
+}
+
+pytestmark = pytest.mark.exporters
+
+
+def _python(framework: str) -> str | None:
+    named = os.environ.get(f"ONNX_LSUV_{framework.upper()}_PYTHON")
+    if named:
+        return named
+    modules = FRAMEWORKS[framework][1]
+    if all(importlib.util.find_spec(m) is not None for m in modules):
+        return sys.executable
+    return None
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """framework -> the directory its export script wrote (run once, on first use)."""
+    done: dict[str, str] = {}
+
+    def get(framework: str) -> str:
+        if framework not in done:
+            python = _python(framework)
+            if python is None:
+                pytest.skip(f"{framework} is not installed here (set "
+                            f"ONNX_LSUV_{framework.upper()}_PYTHON, see .ci/exporter-venvs)")
+            out = str(tmp_path_factory.mktemp(framework))
+            env = dict(os.environ, POLYGRAPHY_AUTOINSTALL_DEPS="0", TF_CPP_MIN_LOG_LEVEL="3",
+                       JAX_PLATFORMS="cpu")
+            script = os.path.join(HERE, "exporters", FRAMEWORKS[framework][0])
+            proc = subprocess.run([python, script, out], env=env, capture_output=True,
+                                  text=True, timeout=900)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            done[framework] = out
+        return done[framework]
+
+    return get
+
+
+CASES = [(fw, name) for fw, (_, _, names) in FRAMEWORKS.items() for name in names]
+
+
+@pytest.mark.parametrize("framework, name", CASES, ids=[f"{f}-{n}" for f, n in CASES])
+def test_every_target_of_a_real_export_reaches_unit_variance(exported, framework, name):
+    directory = exported(framework)
+    model = onnx.load(os.path.join(directory, name + ".onnx"))
+    batch = np.load(os.path.join(directory, name + ".npy"))
+    feeds = {model.graph.input[0].name: batch}
+    targets, recurrent = find_targets(model)
+    assert targets or recurrent, "the test found nothing to check"
+    before = pooled_variances(model, feeds, targets)
+    result = lsuv_init(model, feeds, provider="cpu")
+    rep = result.report
+    # Nothing missed, nothing silent: every target the test finds is a layer.
+    assert len({r.index for r in rep.layers}) == len(targets) + len(recurrent), rep.table()
+    assert rep.converged, rep.table()
+    after = pooled_variances(result.model, feeds, targets)
+    off = [(t.outputs[0], b, a) for t, b, a in zip(targets, before, after) if abs(a - 1) >= TOL]
+    assert not off, (off, rep.table())
+    for node in recurrent:  # the paper's notion for a recurrent op: each gate's W_g x
+        assert all(abs(v - 1) < TOL for v in gate_variances(result.model, feeds, node)), node
+    # The structure is unchanged; only weights and biases of targets changed.
+    assert [n.SerializeToString() for n in result.model.graph.node] == \
+        [n.SerializeToString() for n in model.graph.node]
+    assert [(t.name, list(t.dims), t.data_type) for t in result.model.graph.initializer] == \
+        [(t.name, list(t.dims), t.data_type) for t in model.graph.initializer]
+    old = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    changed = {t.name for t in result.model.graph.initializer
+               if not np.array_equal(numpy_helper.to_array(t), old[t.name])}
+    assert changed <= _feeding_targets(model, targets, recurrent), changed
+    main = [t for t in targets if t.body_of is None]
+    for t, w in zip(main, weight_values(result.model, feeds, [t.weight for t in main])):
+        assert orthonormal_up_to_scale(matrices(t.nodes[0], np.asarray(w))), t.weight
+
+
+def _feeding_targets(model: onnx.ModelProto, targets, recurrent) -> set[str]:
+    """Initializers upstream of the targets' weight and bias inputs (and of the Loop/Scan and
+    recurrent nodes that hold targets): what LSUV may change."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    wanted: list[str] = []
+    loops = {t.body_of for t in targets if t.body_of}
+    for node in model.graph.node:
+        if node.name in loops or node.name in recurrent:
+            wanted.extend(x for x in node.input if x)
+        elif any(node in t.nodes for t in targets):
+            wanted.extend(node.input[1:])
+    for t in targets:  # separate bias Adds (after shape ops)
+        for out in t.outputs:
+            add = producer.get(out)
+            if add is not None and add.op_type == "Add":
+                wanted.extend(add.input)
+    dep = data_dependent(model)
+    found, stack = set(), [w for w in wanted if w not in dep]  # never along the data path
+    while stack:
+        name = stack.pop()
+        if name in inits:
+            found.add(name)
+        elif name in producer:
+            stack.extend(x for x in producer[name].input if x)
+    return found
