@@ -162,3 +162,55 @@ def test_library_check_on_a_fresh_model_lists_off_target_layers():
     done = lsuv_init(model, feeds, provider="cpu").model
     rep = check_variances(done, feeds, provider="cpu")
     assert rep.converged and all(r.status == "converged" for r in rep.layers)
+
+
+def test_exclude_and_include_on_the_command_line_and_in_the_report(tmp_path):
+    from test_exporter_patterns import yolo_head
+
+    model, feeds = yolo_head()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["x"])
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", out, "--report", rep,
+                 "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "not a target: dfl.conv (Conv): its weight 'dfl.conv.weight' looks hand-set" in \
+        res.output
+    res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", out, "--report", rep,
+                 "--provider", "cpu", "--exclude", "*", "--include", "dfl.*", "--overwrite")
+    assert res.exit_code == 0, res.output
+    report = json.loads(rep.read_text())
+    assert [r["name"] for r in report["layers"]] == ["dfl.conv"]
+    assert report["skipped"] == [{"name": "cv2", "op": "Conv", "excluded": True,
+                                  "reason": "excluded by --exclude '*'"}]
+    assert report["options"]["include"] == ["dfl.*"] and report["options"]["exclude"] == ["*"]
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    assert np.array_equal(written["w"], feeds_weight(model, "w"))
+
+
+def feeds_weight(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def test_graph_notes_are_one_line_by_default_and_each_with_v(tmp_path):
+    from test_exporter_patterns import unrolled_rnn
+
+    model, feeds, _, _ = unrolled_rnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", feeds["x"])
+    res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx",
+                 "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "notes: 2 weight(s) applied by several nodes (-v shows each" in res.output
+    assert "applied by 8 nodes" not in res.output
+    res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o2.onnx",
+                 "--provider", "cpu", "-v")
+    assert res.output.count("note: layer step0_") == 2
+    assert "its weight is applied by 8 nodes (step0_x, step1_x" in res.output
+
+
+def test_no_cuda_line_without_a_driver_unless_verbose(tmp_path):
+    res = invoke(SAMPLE, "-d", BATCH, "-o", tmp_path / "a.onnx")
+    assert res.exit_code == 0
+    if "provider cuda" not in res.output:  # no GPU here: the CPU was the expected choice
+        assert "CUDA not available" not in res.output
