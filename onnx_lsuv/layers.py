@@ -606,7 +606,10 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
         candidates.append(item)
     layers: list[Layer] = []
     owner: dict[ConstRef, list[Layer]] = {}
-    targets = {j for item in candidates for j in item.own_nodes}  # tied ones' chains too
+    # Readers that are targets themselves (tied ones' chains too). A Loop/Scan node counts for
+    # the weights its body layers read, and only for those.
+    targets = {j for item in candidates if item.body is None for j in item.own_nodes}
+    body_reads = {(item.node_index, item.weight) for item in candidates if item.body}
     for item in candidates:
         refs = [r for r in (item.weight, item.recurrent) if r is not None]
         earlier = [lay for r in refs for lay in owner.get(r, [])]
@@ -630,7 +633,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     for layer in layers:
         users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
                  for j, _ in index.users_of_const(ref) if j not in layer.own_nodes]
-        strangers = sorted({j for j in users if j not in targets})
+        strangers = sorted({j for j in users if j not in targets
+                            and (j, layer.weight) not in body_reads})
         if strangers and not selection.matches(selection.include, _names(layer)):
             who = ", ".join(f"{index.node_name(j)} ({index.graph.node[j].op_type})"
                             for j in strangers)
@@ -683,9 +687,14 @@ def _looks_fixed(index: GraphIndex, layer: Layer) -> str | None:
     if layer.is_recurrent:
         return None
     w = index.const_array(layer.weight)
-    if w.size < 2 or not np.all(np.isfinite(w)):
+    if w.size < 2:
+        return None
+    head = w.reshape(-1)[:4096].astype(np.float64)  # a trained or random weight: seen here
+    if np.any(head != np.round(head)) and np.any(head != head[0]):
         return None
     flat = w.reshape(-1).astype(np.float64)
+    if not np.all(np.isfinite(flat)):
+        return None
     lo, hi = float(flat.min()), float(flat.max())
     integer = bool(np.all(flat == np.round(flat)))
     if integer and len(np.unique(flat)) >= 3:

@@ -495,3 +495,24 @@ def test_a_body_target_whose_weight_is_computed_in_the_body_keeps_the_named_warn
     assert [r.name for r in result.report.layers] == ["proj_x"]
     (loop,) = [s for s in result.report.skipped if s["name"] == "rnn_scan"]
     assert "1 target op(s) inside a subgraph" in loop["reason"]
+
+
+def test_a_weight_that_a_loop_body_reads_for_something_else_is_left_alone():
+    # The body reads W from the enclosing scope, but not as a layer: scaling W for the MatMul
+    # outside would silently change what the Loop computes.
+    f, i64, b_ = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+    body = _body([helper.make_node("ReduceSum", ["W"], ["w_sum"], keepdims=0),
+                  helper.make_node("Add", ["s", "w_sum"], ["s_new"]),
+                  helper.make_node("Identity", ["cond"], ["cond_out"])],
+                 [("it", i64, []), ("cond", b_, []), ("s", f, [])],
+                 [("cond_out", b_, []), ("s_new", f, [])])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc"),
+             helper.make_node("Loop", ["trip", "true", "s0"], ["s_T"], name="sum_loop",
+                              body=body)]
+    model = make_model(nodes, [("x", ["N", 4])], [("y", ["N", 4]), ("s_T", [])],
+                       {"W": rand(4, 4, seed=1), "trip": np.array(2, np.int64),
+                        "true": np.array(True), "s0": np.array(0.0, np.float32)})
+    result = lsuv_init(model, rand(16, 4, seed=2), provider="cpu")
+    assert result.report.layers == []
+    (fc,) = [s for s in result.report.skipped if s["name"] == "fc"]
+    assert "also read by sum_loop (Loop)" in fc["reason"]
