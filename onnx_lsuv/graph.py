@@ -159,6 +159,28 @@ class GraphIndex:
     def weight_proto(self, ref: ConstRef) -> onnx.TensorProto:
         return self.tensor_proto(ref)
 
+    def readers_through(self, name: str, through: set[int]) -> tuple[set[tuple[int, int]], bool]:
+        """Every (node, input position) that reads ``name`` or a value computed from it by the
+        nodes ``through`` (a layer's chains of layout ops) or by Identity nodes, except those
+        nodes themselves; and whether such a value is a graph output."""
+        readers: set[tuple[int, int]] = set()
+        returned = False
+        stack, seen = [name], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            returned |= n in self.graph_outputs
+            for i, pos in self.consumers.get(n, []):
+                node = self.graph.node[i]
+                if i in through or (node.op_type == "Identity" and node.domain in ("", "ai.onnx")
+                                    and pos != OUTER_SCOPE):
+                    stack.extend(o for o in node.output if o)
+                else:
+                    readers.add((i, pos))
+        return readers, returned
+
     def const_is_graph_output(self, ref: ConstRef) -> bool:
         return ref.name in self.graph_outputs
 
@@ -190,6 +212,7 @@ class BodyIndex(GraphIndex):
         self.node_index = node
         loop = main.graph.node[node]
         self.carried: dict[str, str] = {}  # body input name -> main graph name
+        self.returned: dict[str, str] = {}  # the same, returned by the Loop to a reader
         if loop.op_type == "Loop":
             pairs = [(2 + k, 1 + k) for k in range(len(body.input) - 2)]
         else:  # Scan: the state variables come first
@@ -207,6 +230,11 @@ class BodyIndex(GraphIndex):
                 if producer.op_type != "Identity":
                     break
                 returned = producer.input[0]
+            final = loop.output[out - 1 if loop.op_type == "Loop" else out] \
+                if (out - 1 if loop.op_type == "Loop" else out) < len(loop.output) else ""
+            if final and (main.consumers.get(final) or final in main.graph_outputs):
+                self.returned[name] = final  # the Loop returns it to a reader: not a weight
+                continue
             if returned == name:  # passed through unchanged: the same value every iteration
                 self.carried[name] = loop.input[pos]
         self.defined = ({i.name for i in body.input} | {t.name for t in body.initializer}

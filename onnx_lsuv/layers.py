@@ -79,6 +79,7 @@ class Use:
             the bias Add after it.
         unit_shape: When a Reshape spread the output units over the last axes (attention
             heads: 16 units as 2 x 8), their shape there; None when they are on one axis.
+        chain_nodes: The nodes of its weight's and bias's chains of layout ops.
     """
 
     node_index: int
@@ -88,6 +89,7 @@ class Use:
     bias_input: tuple[int, int] | None
     nodes: frozenset[int]
     unit_shape: tuple[int, ...] | None = None
+    chain_nodes: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -179,15 +181,20 @@ class Layer:
         if self.body is not None:  # in the main graph, the layer is its Loop/Scan node
             return Use(self.node_index, self.output, self.output_rank, self.out_axis, None,
                        frozenset({self.node_index}), self.unit_shape)
-        nodes = {self.node_index, *self.out_nodes, *(self.chain.nodes if self.chain else ())}
-        nodes |= set(self.bias_chain.nodes) if self.bias_chain else set()
+        chains = {j for c in (self.chain, self.bias_chain) if c for j in c.nodes}
         return Use(self.node_index, self.output, self.output_rank, self.out_axis,
-                   self.bias_input, frozenset(nodes), self.unit_shape)
+                   self.bias_input, frozenset({self.node_index, *self.out_nodes, *chains}),
+                   self.unit_shape, frozenset(chains))
 
     @property
     def uses(self) -> list[Use]:
         """Every node applying the weight: the layer's own first, then ``more_uses``."""
         return [self.first_use, *self.more_uses]
+
+    @property
+    def chain_nodes(self) -> set[int]:
+        """The nodes of every use's weight and bias chains."""
+        return {j for use in self.uses for j in use.chain_nodes}
 
     @property
     def own_nodes(self) -> set[int]:
@@ -477,8 +484,19 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     for node in body.node:  # topological within the body
         if any(x in data for x in node.input if x):
             data.update(o for o in node.output if o)
-    items = [recognise_dense(sub, j, data) for j, node in enumerate(body.node)
-             if node.op_type in ("MatMul", "Gemm") and node.domain in _DEFAULT_DOMAIN]
+    items = []
+    for j, node in enumerate(body.node):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in _DEFAULT_DOMAIN:
+            continue
+        w = node.input[1]
+        while w in sub.producer and body.node[sub.producer[w]].op_type == "Identity":
+            w = body.node[sub.producer[w]].input[0]
+        if w in sub.returned:
+            items.append(Skipped(sub.node_name(j), node.op_type, (
+                f"its weight is a loop-carried value that {index.node_name(i)} also returns "
+                f"as {sub.returned[w]!r}, which the graph reads: left alone")))
+            continue
+        items.append(recognise_dense(sub, j, data))
     items = [item for item in items if item is not None]
     # The chains of every body layer are theirs: tf2onnx's GRU slices one kernel for two.
     chains = {j for item in items if isinstance(item, Layer)
@@ -632,7 +650,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     kept: list[Layer] = []
     for layer in layers:
         users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
-                 for j, _ in index.users_of_const(ref) if j not in layer.own_nodes]
+                 for j, _ in index.readers_through(ref.name, layer.chain_nodes)[0]
+                 if j not in layer.own_nodes]
         strangers = sorted({j for j in users if j not in targets
                             and (j, layer.weight) not in body_reads})
         if strangers and not selection.matches(selection.include, _names(layer)):
@@ -663,6 +682,12 @@ def _same_use(index: GraphIndex, first: Layer, other: Layer) -> bool:
     """Whether ``other`` applies ``first``'s weight the same way (so they are one layer): same
     op, layout, blocks and chain, the same bias (or none), and no recurrent weight."""
     if first.is_recurrent or other.is_recurrent or first.op != other.op:
+        return False
+    if first.body is not None or other.body is not None:  # measured through their own Loop
+        return False
+    if (first.bias_chain is None) != (other.bias_chain is None) or (
+            first.bias_chain is not None and
+            not np.array_equal(first.bias_chain.source, other.bias_chain.source)):
         return False
     if (first.layout, first.blocks, first.dtype, first.bias, first.bias_scale) != \
             (other.layout, other.blocks, other.dtype, other.bias, other.bias_scale):
@@ -848,8 +873,7 @@ def _move_axis(index: GraphIndex, node: onnx.NodeProto, where: _Units,
                     return _Units(-1, new_rank, tuple(tail))
             return None
         if complete and rank is not None and axis == 1 and len(shape) > 1 and \
-                shape[1] == units and (shape[0] == 0 or (shape[0] == -1 and
-                                                         shape.count(-1) == 1)):
+                shape[1] == units and shape[0] == 0:  # the batch axis copied: units stay
             return _Units(1, len(shape), None)
     return None
 

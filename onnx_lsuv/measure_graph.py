@@ -355,10 +355,22 @@ WEIGHT_INPUT = _PREFIX + "weight"
 
 def layer_inputs(model: onnx.ModelProto, layer: Layer) -> list[str]:
     """The tensors that ``layer_model`` takes besides the weight: the layer's input x (and a
-    recurrent op's sequence_lens, when given)."""
+    recurrent op's sequence_lens, when given, or the computed inputs of the shape ops before
+    its bias: a Reshape's shape from Shape slices)."""
     node = model.graph.node[layer.node_index]
     lens = [node.input[4]] if layer.is_recurrent and len(node.input) > 4 and node.input[4] else []
-    return [node.input[0]] + lens
+    index = GraphIndex(model.graph)
+    computed, previous = [], node.output[0]
+    for j in layer.out_nodes:
+        step = model.graph.node[j]
+        computed += [x for x in step.input if x and x != previous
+                     and index.resolve_const(x) is None and x not in computed]
+        previous = step.output[0]
+    if layer.bias_input is not None and layer.out_nodes:  # a bias read through a chain
+        holder = model.graph.node[layer.bias_input[0]]
+        b_name = holder.input[layer.bias_input[1]]
+        computed = [x for x in computed if x != b_name]
+    return [node.input[0]] + lens + computed
 
 
 def layer_model(model: onnx.ModelProto, layer: Layer, inputs: dict[str, np.ndarray],
@@ -583,7 +595,8 @@ def normalizing_model(
         # Tied weights: readers of this weight that are not upstream of the layer see it
         # scaled, as in the written model. (Upstream readers would make a cycle; the
         # re-measurement catches what they change. So does a read inside a body.)
-        readers = [(i, pos) for i, pos in index.users_of_const(layer.weight)
+        readers = [(i, pos) for i, pos in
+                   index.readers_through(layer.weight.name, layer.chain_nodes)[0]
                    if i not in layer.own_nodes and pos != OUTER_SCOPE] if blocks == 1 else []
         # Upstream in the graph as rewritten so far (earlier ties add edges): no cycle.
         upstream = GraphIndex(copy.graph).ancestors(layer.node_index) if readers else set()

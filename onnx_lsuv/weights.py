@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import ConstRef, GraphIndex
+from .graph import ConstRef, GraphIndex, rename_input
 from .layers import Layer
 from .model_io import DATA_FIELDS, tensor_nbytes
 
@@ -206,13 +206,16 @@ def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
 def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int]) -> list[str]:
     """Give each layer whose bias will be zeroed its own bias tensor where others read it too.
 
-    PyTorch's exporter deduplicates equal initializers (through Identity nodes), so one bias
-    tensor often serves several layers. Zeroing it is harmless when every reader zeroes it; any
-    other reader would silently change, so that layer gets a private copy instead.
+    Exporters store equal tensors once (PyTorch deduplicates equal initializers behind
+    Identity nodes), so one bias tensor often serves several layers. Zeroing it is harmless
+    when every reader zeroes it (through the layers' own chains of layout ops included), or
+    when it is zero already; any other reader would silently change, so that layer gets a
+    private copy instead: of the bias as the layer reads it, or, for a layer inside a Loop or
+    Scan body, of the stored tensor, which the Loop then reads under the new name.
 
     Args:
         model: The model to edit (rewires the layer's bias input, appends initializers).
-        layers: All target layers; their ``bias`` and ``bias_input`` are updated.
+        layers: All target layers; their ``bias`` (and ``bias_chain``) are updated.
         zeroing: Indices of the layers whose biases are zeroed.
 
     Returns:
@@ -222,25 +225,23 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
     graph = model.graph
     by_ref: dict[ConstRef, list[Layer]] = {}
     for layer in layers:
-        # A Loop body's bias is read through its Loop node only (checked at discovery).
-        if layer.bias is not None and layer.body is None:
+        if layer.bias is not None:
             by_ref.setdefault(layer.bias, []).append(layer)
     notes = []
     taken = set(index.initializers) | set(index.producer)
     for ref, owners in by_ref.items():
-        users = set(index.users_of_const(ref))
-        # Where each zeroing layer reads the stored bias: its bias input, or the first node of
-        # its bias's chain (zeroing writes only the elements the chain reads).
-        zeroed_slots = {(lay.bias_chain.nodes[0], 0) if lay.bias_chain else use.bias_input
-                        for lay in owners if lay.index in zeroing
-                        for use in lay.uses if use.bias_input is not None}
-        if users <= zeroed_slots and not index.const_is_graph_output(ref):
-            continue  # every reader zeroes it: nothing else changes
-        if not np.any(index.const_array(ref)):
-            continue  # already zero: zeroing changes nothing, for any reader
-        for lay in owners:
-            if lay.index not in zeroing:
-                continue
+        zeroers = [lay for lay in owners if lay.index in zeroing]
+        if not zeroers or not np.any(index.const_array(ref)):
+            continue  # nothing is zeroed, or it is zero already: nothing else changes
+        through = {j for lay in zeroers for j in lay.chain_nodes}
+        readers, returned = index.readers_through(ref.name, through)
+        own = {use.bias_input for lay in zeroers if lay.body is None for use in lay.uses
+               if use.bias_input is not None}
+        loops = {lay.node_index for lay in zeroers if lay.body is not None}
+        others = {(j, pos) for j, pos in readers if (j, pos) not in own and j not in loops}
+        if not others and not returned:
+            continue  # every reader zeroes it
+        for lay in zeroers:
             name = f"{lay.name}.bias"
             k = 1
             while name in taken:
@@ -248,7 +249,7 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
                 k += 1
             taken.add(name)
             value = index.const_array(ref)
-            if lay.bias_chain is not None:  # the copy holds the bias as the layer reads it
+            if lay.body is None and lay.bias_chain is not None:  # as the layer reads it
                 value = lay.bias_chain.effective(value, value.dtype)
                 lay.bias_chain = None
             tensor = numpy_helper.from_array(value, name)
@@ -256,14 +257,16 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             if model.ir_version < 4:  # initializers must be graph inputs there
                 graph.input.append(onnx.helper.make_tensor_value_info(
                     name, tensor.data_type, list(tensor.dims)))
-            for use in lay.uses:
-                node_i, pos = use.bias_input
-                graph.node[node_i].input[pos] = name
+            if lay.body is not None:
+                rename_input(graph.node[lay.node_index], ref.name, name)
+            else:
+                for use in lay.uses:
+                    node_i, pos = use.bias_input
+                    graph.node[node_i].input[pos] = name
             lay.bias = ConstRef(name)
-            others = sorted({index.node_name(j) for j, _ in users} - {
-                index.node_name(u.bias_input[0]) for u in lay.uses})
+            who = sorted({index.node_name(j) for j, _ in others}) + (
+                ["a graph output"] if returned else [])
             notes.append(f"layer {lay.name}: its bias {ref.name!r} is also read by "
-                         f"{', '.join(others) or 'a graph output'} (the exporter stored equal "
-                         f"tensors, often all zeros, once); zeroing it gave the layer its own "
-                         f"copy {name!r}")
+                         f"{', '.join(who)} (the exporter stored equal tensors, often all "
+                         f"zeros, once); zeroing it gave the layer its own copy {name!r}")
     return notes

@@ -516,3 +516,99 @@ def test_a_weight_that_a_loop_body_reads_for_something_else_is_left_alone():
     assert result.report.layers == []
     (fc,) = [s for s in result.report.skipped if s["name"] == "fc"]
     assert "also read by sum_loop (Loop)" in fc["reason"]
+
+
+# --- found in review: readers of a chain's output, bodies and their biases, computed shapes ----
+
+def test_a_non_target_reading_the_weight_after_its_chain_is_a_reader_too():
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm"),
+             helper.make_node("ReduceSum", ["Wt"], ["s"], name="other", keepdims=0)]
+    model = make_model(nodes, [("x", ["N", 6])], [("y", None), ("s", None)],
+                       {"W": rand(6, 6, seed=1)})
+    result = lsuv_init(model, rand(16, 6, seed=2), provider="cpu")
+    assert result.report.layers == []
+    assert "also read by other (ReduceSum)" in result.report.skipped[0]["reason"]
+    assert changed(model, result.model) == set()
+
+
+def test_a_bias_whose_chain_output_another_node_reads_gets_a_copy():
+    nodes = [helper.make_node("Reshape", ["b", "shape"], ["rb"]),
+             helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "rb"], ["y"]),
+             helper.make_node("Mul", ["x", "rb"], ["z"], name="other")]
+    model = make_model(nodes, [("x", ["N", 8])], [("y", None), ("z", None)],
+                       {"W": rand(8, 8, seed=1), "b": rand(8, seed=2),
+                        "shape": np.array([1, 8], np.int64)})
+    x = rand(16, 8, seed=3)
+    (z_before,) = output_values(model, {"x": x}, ["z"])
+    result = lsuv_init(model, x, provider="cpu")
+    (z_after,) = output_values(result.model, {"x": x}, ["z"])
+    np.testing.assert_array_equal(z_before, z_after)
+    assert any("also read by other" in n for n in result.report.notes)
+    assert abs(pooled_var(result.model, {"x": x}, ["y"]) - 1) < TOL
+
+
+def test_a_body_layers_bias_also_read_in_the_main_graph_gets_a_copy():
+    model, feeds = scan_rnn()
+    model.graph.node.append(helper.make_node("Mul", ["ys", "b"], ["z"], name="other"))
+    model.graph.output.append(helper.make_empty_tensor_value_info("z"))
+    b_before = stored(model, "b")
+    result = lsuv_init(model, feeds, provider="cpu")
+    np.testing.assert_array_equal(stored(result.model, "b"), b_before)
+    assert any("its bias 'b' is also read by other" in n for n in result.report.notes)
+    copy = next(t for t in result.model.graph.initializer if t.name.endswith(".bias"))
+    assert not np.any(numpy_helper.to_array(copy))
+
+
+def test_one_weight_in_two_scan_bodies_is_not_pooled_and_the_second_is_named():
+    f = TensorProto.FLOAT
+    bodies = [_body([helper.make_node("MatMul", ["x_t", "W"], ["y"], name=f"m{k}"),
+                     helper.make_node("Identity", ["h"], ["h_new"])],
+                    [("h", f, None), ("x_t", f, None)], [("h_new", f, None), ("y", f, None)])
+              for k in (1, 2)]
+    nodes = [helper.make_node("Mul", ["x", "five"], ["x5"]),
+             helper.make_node("Scan", ["h0", "x"], ["h1", "ya"], name="scan1", body=bodies[0],
+                              num_scan_inputs=1),
+             helper.make_node("Scan", ["h0", "x5"], ["h2", "yb"], name="scan2",
+                              body=bodies[1], num_scan_inputs=1)]
+    model = make_model(nodes, [("x", [4, 16, 6])], [("ya", None), ("yb", None)],
+                       {"W": rand(6, 6, seed=1), "five": np.array(5, np.float32),
+                        "h0": np.zeros((1,), np.float32)})
+    result = lsuv_init(model, rand(4, 16, 6, seed=2), provider="cpu")
+    assert [r.name for r in result.report.layers] == ["m1"]
+    assert any(s["name"] == "m2" and "tied to layer m1" in s["reason"]
+               for s in result.report.skipped)
+
+
+def test_the_layer_alone_gets_the_computed_shape_of_a_reshape_before_its_bias():
+    # tf2onnx's heads: MatMul -> Reshape(Concat(Shape slice, [2, 8])) -> Add([2, 8]); a tight
+    # tolerance with a kept bias sends the layer to the try loop, measured alone.
+    nodes = [helper.make_node("Shape", ["x"], ["shx"]),
+             helper.make_node("Slice", ["shx", "zero", "two"], ["head"]),
+             helper.make_node("Concat", ["head", "tail"], ["shp"], axis=0),
+             helper.make_node("MatMul", ["x", "W"], ["y"], name="dense"),
+             helper.make_node("Reshape", ["y", "shp"], ["r"]),
+             helper.make_node("Add", ["r", "b"], ["out"])]
+    model = make_model(nodes, [("x", [4, 10, 8])], [("out", None)],
+                       {"W": rand(8, 16, seed=1), "b": rand(2, 8, seed=2) * 0.6,
+                        "zero": np.array([0], np.int64), "two": np.array([2], np.int64),
+                        "tail": np.array([2, 8], np.int64)})
+    x = rand(4, 10, 8, seed=3)
+    for options in ({"init": "rescale"}, {"keep_bias": True, "tol": 0.001}):
+        result = lsuv_init(model, x, provider="cpu", **options)
+        assert result.report.layers[0].bias == "b"
+        tol = options.get("tol", TOL)
+        assert abs(pooled_var(result.model, {"x": x}, ["out"]) - 1) < tol, options
+
+
+def test_a_reshape_whose_minus_one_absorbs_the_channels_is_not_followed_to_a_bias():
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             helper.make_node("Reshape", ["c", "shape"], ["r"]),
+             helper.make_node("Add", ["r", "b"], ["y"])]
+    model = make_model(nodes, [("x", [1, 3, 2, 5])], [("y", None)],
+                       {"W": rand(4, 3, 1, 1, seed=1), "b": rand(1, 4, 1, seed=2),
+                        "shape": np.array([-1, 4, 5], np.int64)})
+    result = lsuv_init(model, rand(1, 3, 2, 5, seed=3), provider="cpu")
+    assert result.report.layers[0].bias is None
+    assert "b" not in changed(model, result.model)
