@@ -133,24 +133,6 @@ class GraphIndex:
     def const_array(self, ref: ConstRef) -> np.ndarray:
         return numpy_helper.to_array(self.tensor_proto(ref))
 
-    def users_of_const(self, ref: ConstRef) -> list[tuple[int, int]]:
-        """Every (node, input position) that reads ``ref``, through Identity chains too."""
-        users: list[tuple[int, int]] = []
-        stack = [ref.name]
-        seen = set()
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            for i, pos in self.consumers.get(name, []):
-                node = self.graph.node[i]
-                if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
-                    stack.extend(o for o in node.output if o)
-                else:
-                    users.append((i, pos))
-        return users
-
     # Weights and biases: in the main graph, its own constants. (``BodyIndex`` maps a body's
     # names onto the main graph's constants.)
     def resolve_weight(self, name: str) -> ConstRef | None:

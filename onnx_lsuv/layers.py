@@ -537,26 +537,14 @@ def _body_strangers(sub: BodyIndex, layer: Layer, chains: set[int]) -> list[str]
     if layer.bias is not None and layer.bias_chain is None and layer.bias_input is not None:
         holder = sub.graph.node[layer.bias_input[0]]
         sources.append(holder.input[layer.bias_input[1]])
-    roots = []
-    for name in sources:  # from the Identity the layer may read through, up to the value
+    # Through this layer's chains; the other body layers' chains read their own parts.
+    through = {j for c in (layer.chain, layer.bias_chain) if c for j in c.nodes}
+    strangers = set()
+    for name in sources:
         while name in sub.producer and sub.graph.node[sub.producer[name]].op_type == "Identity":
-            name = sub.graph.node[sub.producer[name]].input[0]
-        roots.append(name)
-    strangers, seen = set(), set()
-    stack = roots
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for c, _ in sub.consumers.get(name, []):
-            if c in own:
-                continue
-            reader = sub.graph.node[c]
-            if reader.op_type == "Identity":
-                stack.extend(o for o in reader.output if o)
-            else:
-                strangers.add(sub.node_name(c))
+            name = sub.graph.node[sub.producer[name]].input[0]  # up to the value itself
+        readers, _ = sub.readers_through(name, through)
+        strangers |= {sub.node_name(c) for c, _ in readers if c not in own}
     return sorted(strangers)
 
 
