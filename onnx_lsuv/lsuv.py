@@ -100,7 +100,8 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
         progress: Called as progress(stage, done, total, detail) as the work goes on.
             Defaults to none.
         **keywords: Fields of ``LSUVOptions`` that override ``options``: target_var, tol,
-            max_iter, seed, init, keep_bias, lstm_forget_bias, provider, strategy, threads.
+            max_iter, seed, init, keep_bias, lstm_forget_bias, provider, strategy, threads,
+            include, exclude.
             (``orthonormal=False`` and ``orthonormal_only=True`` still work, deprecated: they
             mean init="rescale" and init="orthonormal".)
 
