@@ -120,6 +120,9 @@ class Layer:
             graph, the layer's node index in the body). ``node_index`` is then the Loop's, and
             ``output``, ``out_nodes`` and the chains refer to the body; the layer is measured
             over every iteration (its output exposed as a scan output on measuring copies).
+        disjoint_readers: First nodes of other layers' chains (excluded ones too) that read
+            elements of the same stored weight disjoint from this layer's (Slices of one
+            kernel): rescaling this layer leaves what they read alone.
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
         weight_read_upstream: Whether rescaling the weight also changes the layer's own input:
             a node upstream of it (by data flow) reads the weight too, or one use of it feeds
@@ -152,6 +155,7 @@ class Layer:
     bias_chain: WeightChain | None = None
     more_uses: list[Use] = field(default_factory=list)
     body: tuple[int, int] | None = None
+    disjoint_readers: set[int] = field(default_factory=set)
     shared_weight_users: list[str] = field(default_factory=list)
     weight_read_upstream: bool = False
     blocks: tuple[str, ...] = ("",)
@@ -285,12 +289,7 @@ def _new_layer(index: GraphIndex, i: int, w_ref: ConstRef, layout: WeightLayout,
 
 def _read_dtype(index: GraphIndex, ref: ConstRef, chain: WeightChain | None) -> np.dtype:
     """The weight's dtype as the layer reads it: the stored one, or the last Cast's."""
-    dtype = _dtype(index.weight_proto(ref))
-    for j in chain.nodes if chain else ():
-        node = index.graph.node[j]
-        if node.op_type == "Cast":
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(attribute(node, "to", 1))))
-    return dtype
+    return chain.dtype if chain else _dtype(index.weight_proto(ref))
 
 
 def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
@@ -595,6 +594,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     layers and their report rows."""
     skipped: list[Skipped] = []
     candidates: list[Layer] = []
+    recognised = [item for item in found if isinstance(item, Layer)]
     for item in found:
         if isinstance(item, Skipped):
             skipped.append(item)
@@ -637,9 +637,12 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
         layers.append(item)
     kept: list[Layer] = []
     for layer in layers:
+        layer.disjoint_readers = {other.chain.nodes[0] for other in recognised
+                                  if other is not layer and other.weight == layer.weight
+                                  and other.body is None and _disjoint(layer, other)}
         users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
                  for j, _ in index.readers_through(ref.name, layer.chain_nodes)[0]
-                 if j not in layer.own_nodes]
+                 if j not in layer.own_nodes and j not in layer.disjoint_readers]
         strangers = sorted({j for j in users if j not in targets
                             and (j, layer.weight) not in body_reads})
         if strangers and not selection.matches(selection.include, _names(layer)):

@@ -597,7 +597,8 @@ def normalizing_model(
         # re-measurement catches what they change. So does a read inside a body.)
         readers = [(i, pos) for i, pos in
                    index.readers_through(layer.weight.name, layer.chain_nodes)[0]
-                   if i not in layer.own_nodes and pos != OUTER_SCOPE] if blocks == 1 else []
+                   if i not in layer.own_nodes and i not in layer.disjoint_readers
+                   and pos != OUTER_SCOPE] if blocks == 1 else []
         # Upstream in the graph as rewritten so far (earlier ties add edges): no cycle.
         upstream = GraphIndex(copy.graph).ancestors(layer.node_index) if readers else set()
         for i, pos in readers:

@@ -42,7 +42,8 @@ class WeightChain:
         source: For every element of the effective weight (its shape), the flat index of the
             stored element it is; each stored element is used at most once.
         stored_shape: Shape of the stored constant.
-        stored_dtype: Its numpy dtype (a Cast in the chain changes the effective dtype).
+        stored_dtype: Its numpy dtype.
+        dtype: The dtype the layer reads (a Cast in the chain changes it).
     """
 
     nodes: tuple[int, ...]
@@ -50,6 +51,7 @@ class WeightChain:
     source: np.ndarray
     stored_shape: tuple[int, ...]
     stored_dtype: np.dtype
+    dtype: np.dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -61,9 +63,9 @@ class WeightChain:
         """Whether every stored element reaches the layer (no Slice drops any)."""
         return self.source.size == int(np.prod(self.stored_shape))
 
-    def effective(self, stored: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        """The weight the layer reads, from the stored array."""
-        return np.ascontiguousarray(stored.reshape(-1)[self.source].astype(dtype))
+    def effective(self, stored: np.ndarray) -> np.ndarray:
+        """The tensor the layer reads (its shape and dtype), from the stored array."""
+        return np.ascontiguousarray(stored.reshape(-1)[self.source].astype(self.dtype))
 
     def stored(self, effective: np.ndarray, old: np.ndarray) -> np.ndarray:
         """The stored array that gives ``effective``: ``old`` with the elements the layer reads
@@ -163,6 +165,11 @@ def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int], opset: int,
     if source.size == 0 or np.bincount(source.reshape(-1), minlength=size).max() > 1:
         return None
     ops = tuple(index.graph.node[i].op_type for i in nodes)
-    return WeightChain(tuple(nodes), ops, source, shape, np.dtype(
-        helper.tensor_dtype_to_np_dtype(proto.data_type)))
+    stored_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
+    dtype = stored_dtype
+    for i in nodes:
+        if index.graph.node[i].op_type == "Cast":
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(
+                int(attribute(index.graph.node[i], "to", 1))))
+    return WeightChain(tuple(nodes), ops, source, shape, stored_dtype, dtype)
 

@@ -39,12 +39,12 @@ class WeightState:
         self._refs: dict[str, ConstRef] = {}
         self._original: dict[str, np.ndarray] = {}
         for lay in layers:
-            self.base[lay.index] = self._read(lay, lay.weight, lay.chain, lay.dtype, "weight")
+            self.base[lay.index] = self._read(lay, lay.weight, lay.chain, "weight")
             self.bias[lay.index] = None if lay.bias is None else self._read(
-                lay, lay.bias, lay.bias_chain, None, "bias")
+                lay, lay.bias, lay.bias_chain, "bias")
         self.scale = {lay.index: np.ones(len(lay.blocks)) for lay in layers}
         # Recurrent weights R: orthonormal per gate, never scaled.
-        self.recurrent = {lay.index: self._read(lay, lay.recurrent, None, None, "recurrent")
+        self.recurrent = {lay.index: self._read(lay, lay.recurrent, None, "recurrent")
                           for lay in layers if lay.recurrent is not None}
         for name, parts in self._parts.items():  # the original is needed under partial parts
             chains = [self._chain(lay, kind) for lay, kind in parts]
@@ -66,13 +66,12 @@ class WeightState:
             and tensor_nbytes(t) >= LARGE_CONSTANT
         }
 
-    def _read(self, layer: Layer, ref: ConstRef, chain, dtype, kind: str) -> np.ndarray:
+    def _read(self, layer: Layer, ref: ConstRef, chain, kind: str) -> np.ndarray:
+        """A part as the layer reads it (through its chain: shape and dtype)."""
         self._parts.setdefault(ref.name, []).append((layer, kind))
         self._refs[ref.name] = ref
         stored = self.index.const_array(ref)
-        if chain is None:
-            return stored
-        return chain.effective(stored, dtype if dtype is not None else stored.dtype)
+        return stored if chain is None else chain.effective(stored)
 
     @staticmethod
     def _chain(layer: Layer, kind: str):
@@ -235,10 +234,10 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             continue  # nothing is zeroed, or it is zero already: nothing else changes
         through = {j for lay in zeroers for j in lay.chain_nodes}
         readers, returned = index.readers_through(ref.name, through)
-        own = {use.bias_input for lay in zeroers if lay.body is None for use in lay.uses
-               if use.bias_input is not None}
-        loops = {lay.node_index for lay in zeroers if lay.body is not None}
-        others = {(j, pos) for j, pos in readers if (j, pos) not in own and j not in loops}
+        # The zeroing layers' own nodes read it legitimately: the bias Add, and the node
+        # itself where one tensor packs the weight and the bias (read through Slices).
+        own = {j for lay in zeroers for j in lay.own_nodes}
+        others = {(j, pos) for j, pos in readers if j not in own}
         if not others and not returned:
             continue  # every reader zeroes it
         for lay in zeroers:
@@ -250,7 +249,7 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             taken.add(name)
             value = index.const_array(ref)
             if lay.body is None and lay.bias_chain is not None:  # as the layer reads it
-                value = lay.bias_chain.effective(value, value.dtype)
+                value = lay.bias_chain.effective(value)
                 lay.bias_chain = None
             tensor = numpy_helper.from_array(value, name)
             graph.initializer.append(tensor)

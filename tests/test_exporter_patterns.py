@@ -612,3 +612,78 @@ def test_a_reshape_whose_minus_one_absorbs_the_channels_is_not_followed_to_a_bia
     result = lsuv_init(model, rand(1, 3, 2, 5, seed=3), provider="cpu")
     assert result.report.layers[0].bias is None
     assert "b" not in changed(model, result.model)
+
+
+# --- found in the second review: Cast biases, Slices of one kernel, packed tensors -------------
+
+def test_a_float16_bias_cast_to_float_keeps_its_dtype_in_a_copy_and_in_the_try_loop():
+    nodes = [helper.make_node("Gemm", ["x", "W0", "C0"], ["g0"], name="g0"),
+             helper.make_node("Tanh", ["g0"], ["t0"]),
+             helper.make_node("Cast", ["b16"], ["bf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["t0", "W"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "bf"], ["y"]),
+             helper.make_node("Mul", ["t0", "bf"], ["z"], name="other")]
+    model = make_model(nodes, [("x", [64, 8])], [("y", None), ("z", None)],
+                       {"W0": rand(8, 8, seed=5), "C0": rand(64, 8, seed=6) * 0.3,
+                        "W": rand(8, 8, seed=1), "b16": (rand(8, seed=2) * 0.5).astype(
+                            np.float16)})
+    x = rand(64, 8, seed=3)
+    for options in ({}, {"init": "rescale", "tol": 1e-3}, {"keep_bias": True, "tol": 1e-3}):
+        result = lsuv_init(model, x, provider="cpu", **options)
+        onnx.checker.check_model(result.model, full_check=True)
+        assert not any("float16/bfloat16" in n for n in result.report.notes), options
+        assert abs(pooled_var(result.model, {"x": x}, ["y"]) - 1) < options.get("tol", TOL)
+
+
+def gru_like_slices():
+    """One kernel K and one bias B, each sliced (split) into two disjoint parts for two
+    MatMuls, as tf2onnx writes a GRU's gates."""
+    nodes = [helper.make_node("Slice", ["K", "s0", "s1", "ax"], ["Ka"]),
+             helper.make_node("Slice", ["K", "s1", "s2", "ax"], ["Kb"]),
+             helper.make_node("Split", ["B", "halves"], ["Ba", "Bb"], axis=0),
+             helper.make_node("MatMul", ["x", "Ka"], ["ma"], name="za"),
+             helper.make_node("Add", ["ma", "Ba"], ["ya"]),
+             helper.make_node("MatMul", ["x", "Kb"], ["mb"], name="zb"),
+             helper.make_node("Add", ["mb", "Bb"], ["yb"]),
+             helper.make_node("Mul", ["ya", "yb"], ["out"])]
+    inits = {"K": rand(8, 32, seed=1), "B": rand(32, seed=2),
+             "s0": np.array([0], np.int64), "s1": np.array([16], np.int64),
+             "s2": np.array([32], np.int64), "ax": np.array([1], np.int64),
+             "halves": np.array([16, 16], np.int64)}
+    model = make_model(nodes, [("x", ["N", 8])], [("out", None)], inits)
+    return model, {"x": rand(64, 8, seed=9)}
+
+
+def test_disjoint_slices_of_one_kernel_are_separate_layers_solved_in_one_pass():
+    model, feeds = gru_like_slices()
+    result = run_and_check(model, feeds, [["ya"], ["yb"]], None)
+    assert [r.name for r in result.report.layers] == ["za", "zb"]
+    assert "retry_s" not in result.report.timings
+    assert not any("tied" in n for n in result.report.notes)
+    assert not np.any(stored(result.model, "B"))
+    assert_orthonormal_up_to_scale(stored(result.model, "K")[:, :16].T[None])
+
+
+def test_excluding_one_slice_of_a_kernel_leaves_its_elements_and_takes_the_other():
+    model, feeds = gru_like_slices()
+    result = lsuv_init(model, feeds, provider="cpu", exclude=["zb"])
+    assert [r.name for r in result.report.layers] == ["za"]
+    np.testing.assert_array_equal(stored(result.model, "K")[:, 16:], stored(model, "K")[:, 16:])
+    np.testing.assert_array_equal(stored(result.model, "B")[16:], stored(model, "B")[16:])
+    assert abs(pooled_var(result.model, feeds, ["ya"]) - 1) < TOL
+
+
+def test_a_weight_and_bias_packed_in_one_tensor_get_no_copy():
+    nodes = [helper.make_node("Slice", ["T", "r0", "r8", "ax0"], ["W"]),
+             helper.make_node("Slice", ["T", "r8", "r9", "ax0"], ["b"]),
+             helper.make_node("MatMul", ["x", "W"], ["m"], name="fc"),
+             helper.make_node("Add", ["m", "b"], ["y"]),
+             helper.make_node("Tanh", ["y"], ["out"])]
+    model = make_model(nodes, [("x", ["N", 8])], [("out", None)],
+                       {"T": rand(9, 16, seed=1), "r0": np.array([0], np.int64),
+                        "r8": np.array([8], np.int64), "r9": np.array([9], np.int64),
+                        "ax0": np.array([0], np.int64)})
+    x = rand(64, 8, seed=2)
+    result = run_and_check(model, {"x": x}, [["y"]], None)
+    assert not np.any(stored(result.model, "T")[8])
+    assert not result.report.notes
