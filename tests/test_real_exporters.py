@@ -44,7 +44,7 @@ TOL = 0.1
 FRAMEWORKS = {  # script, the modules it needs, the models it writes
     "keras": ("export_keras.py", ("keras", "tensorflow", "tf2onnx"),
               ["conv1d", "dense3d", "depthwise", "conv2d_transpose", "lstm", "gru",
-               "gru_reset_before", "mha"]),
+               "gru_reset_before", "mha", "keras_export"]),
     "flax": ("export_flax.py", ("flax", "jax", "jax2onnx"),
              ["cnn", "conv_transpose", "attention", "attention_hand", "lstm_unrolled",
               "lstm_scan", "gru_scan"]),

@@ -9,7 +9,8 @@ non-default moving mean / variance and gamma / beta.
 
 Export path: tf2onnx.convert.from_function on a tf.function wrapping model(x, training=False)
 with an explicit input_signature (tf2onnx.convert.from_keras needs Keras 2's
-`model.output_names` etc. and does not work with Keras 3 models). opset 17.
+`model.output_names` etc. and does not work with Keras 3 models), opset 17; and, for
+`keras_export`, Keras' own `model.export(path, format="onnx")` (tf2onnx inside, opset 15).
 """
 
 from __future__ import annotations
@@ -108,6 +109,16 @@ def build_models():
     out = layers.Dense(16, activation=lambda t: keras.activations.gelu(t, approximate=True),
                        kernel_initializer=init(13), name="dense_gelu")(h)
     models["mha"] = (keras.Model(inp, out, name="mha"), (BATCH, 8, 16))
+
+    # Keras' own exporter (model.export(format="onnx"), tf2onnx inside, its own opset)
+    inp = keras.Input((12, 12, 3), name="x")
+    h = layers.Conv2D(8, 3, padding="same", activation="relu", kernel_initializer=init(16),
+                      name="conv")(inp)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.Conv1D(6, 3, padding="same", kernel_initializer=init(17), name="conv1d")(
+        layers.Reshape((144, 8), name="flat")(h))
+    out = layers.Dense(10, kernel_initializer=init(18), name="head")(h)
+    models["keras_export"] = (keras.Model(inp, out, name="keras_export"), (BATCH, 12, 12, 3))
     return models
 
 
@@ -122,7 +133,10 @@ def export(name, model, shape, outdir, seed):
         return model(x, training=False)
 
     path = os.path.join(outdir, name + ".onnx")
-    tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET, output_path=path)
+    if name == "keras_export":
+        model.export(path, format="onnx", verbose=False)
+    else:
+        tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET, output_path=path)
     np.save(os.path.join(outdir, name + ".npy"), x)
     np.save(os.path.join(outdir, "ref", name + ".npy"), ref.astype(np.float32))
     names = [getattr(w, "path", w.name) for w in model.weights]
