@@ -38,7 +38,6 @@ class WeightChain:
 
     Attributes:
         nodes: Indices of the chain's nodes in ``graph.node``, from the constant to the layer.
-        ops: Their op types, in the same order (for messages and the report).
         source: For every element of the effective weight (its shape), the flat index of the
             stored element it is; each stored element is used at most once.
         stored_shape: Shape of the stored constant.
@@ -47,7 +46,6 @@ class WeightChain:
     """
 
     nodes: tuple[int, ...]
-    ops: tuple[str, ...]
     source: np.ndarray
     stored_shape: tuple[int, ...]
     stored_dtype: np.dtype
@@ -74,9 +72,6 @@ class WeightChain:
         flat[self.source.reshape(-1)] = np.asarray(effective).reshape(-1).astype(
             self.stored_dtype)
         return flat.reshape(self.stored_shape)
-
-    def describe(self) -> str:
-        return " -> ".join(self.ops)
 
 
 def trace_chain(index: GraphIndex, name: str) -> tuple[ConstRef, list[int]] | None:
@@ -164,12 +159,11 @@ def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int], opset: int,
     source = np.ascontiguousarray(np.asarray(source))
     if source.size == 0 or np.bincount(source.reshape(-1), minlength=size).max() > 1:
         return None
-    ops = tuple(index.graph.node[i].op_type for i in nodes)
     stored_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(proto.data_type))
     dtype = stored_dtype
     for i in nodes:
         if index.graph.node[i].op_type == "Cast":
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(
                 int(attribute(index.graph.node[i], "to", 1))))
-    return WeightChain(tuple(nodes), ops, source, shape, stored_dtype, dtype)
+    return WeightChain(tuple(nodes), source, shape, stored_dtype, dtype)
 
