@@ -513,6 +513,8 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
             continue
         if not body.node[j].name:
             item.name = f"{index.node_name(i)}/{item.name}"
+        if item.blocks == ("q", "k", "v"):  # a recurrent cell's gates, not attention's q, k, v
+            item.blocks = ("p0", "p1", "p2")
         item.body = (i, j)
         item.node_index = i
         item.weight_read_upstream = True  # iterations feed each other, as a rule

@@ -687,3 +687,20 @@ def test_a_weight_and_bias_packed_in_one_tensor_get_no_copy():
     result = run_and_check(model, {"x": x}, [["y"]], None)
     assert not np.any(stored(result.model, "T")[8])
     assert not result.report.notes
+
+
+def test_a_projection_split_into_gates_inside_a_body_is_scaled_per_gate_and_named_so():
+    model, feeds = scan_rnn(hidden=12)
+    body = next(a.g for a in model.graph.node[-1].attribute if a.name == "body")
+    # The input projection's output cut into 3 equal parts (a GRU cell's z, r, h), summed back.
+    body.node.insert(1, helper.make_node("Split", ["px"], ["pz", "pr", "ph3"], axis=-1,
+                                         num_outputs=3))
+    body.node.insert(2, helper.make_node("Concat", ["pz", "pr", "ph3"], ["px_all"], axis=-1))
+    for node in body.node:
+        if node.op_type == "Add" and "px" in node.input:
+            node.input[list(node.input).index("px")] = "px_all"
+    model.opset_import[0].version = 18
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert [r.name for r in result.report.layers][:3] == ["proj_x[p0]", "proj_x[p1]",
+                                                          "proj_x[p2]"]
+    assert result.report.converged, result.report.table()
