@@ -105,23 +105,29 @@ class GraphIndex:
         node = self.graph.node[i]
         return node.name or f"{node.op_type}_{i}"
 
-    def resolve_const(self, name: str) -> ConstRef | None:
-        """Follow Identity nodes back from ``name``; the constant found there, if any."""
+    def through_identity(self, name: str) -> str:
+        """The tensor that ``name`` is, up the chain of Identity nodes that produce it."""
         seen = set()
         while name and name not in seen:
             seen.add(name)
-            if name in self.initializers:
-                return ConstRef(name)
             i = self.producer.get(name)
             if i is None:
-                return None
+                break
             node = self.graph.node[i]
-            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
-                name = node.input[0]
-                continue
-            if node.op_type == "Constant" and any(a.name == "value" for a in node.attribute):
-                return ConstRef(name, constant_node=i)
-            return None
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                break
+            name = node.input[0]
+        return name
+
+    def resolve_const(self, name: str) -> ConstRef | None:
+        """Follow Identity nodes back from ``name``; the constant found there, if any."""
+        name = self.through_identity(name)
+        if name in self.initializers:
+            return ConstRef(name)
+        i = self.producer.get(name)
+        if i is not None and self.graph.node[i].op_type == "Constant" and any(
+                a.name == "value" for a in self.graph.node[i].attribute):
+            return ConstRef(name, constant_node=i)
         return None
 
     def tensor_proto(self, ref: ConstRef) -> onnx.TensorProto:
@@ -204,14 +210,7 @@ class BodyIndex(GraphIndex):
             if pos >= len(loop.input) or out >= len(body.output) or not loop.input[pos]:
                 continue
             name = body.input[pos].name
-            returned = body.output[out].name
-            seen = set()
-            while returned != name and returned in self.producer and returned not in seen:
-                seen.add(returned)
-                producer = body.node[self.producer[returned]]
-                if producer.op_type != "Identity":
-                    break
-                returned = producer.input[0]
+            returned = self.through_identity(body.output[out].name)
             final = loop.output[out - 1 if loop.op_type == "Loop" else out] \
                 if (out - 1 if loop.op_type == "Loop" else out) < len(loop.output) else ""
             if final and (main.consumers.get(final) or final in main.graph_outputs):
@@ -223,13 +222,7 @@ class BodyIndex(GraphIndex):
                         | set(self.producer))
 
     def resolve_weight(self, name: str) -> ConstRef | None:
-        seen = set()
-        while name and name not in seen:  # body Identity chains
-            seen.add(name)
-            i = self.producer.get(name)
-            if i is None or self.graph.node[i].op_type != "Identity":
-                break
-            name = self.graph.node[i].input[0]
+        name = self.through_identity(name)
         if name in self.carried:
             return self.main.resolve_const(self.carried[name])
         if name and name not in self.defined:  # read from the enclosing (main) graph

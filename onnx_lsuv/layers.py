@@ -266,7 +266,7 @@ def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> str:
     if node is not None and node.op_type in ("DequantizeLinear", "Cast") and \
             index.resolve_const(node.input[0]):
         return f"weight comes through {node.op_type} (quantized or cast weights are not changed)"
-    if reached is not None and name in reached:
+    if name in reached:
         return "weight depends on the input data (a dynamic weight): not a target"
     if node is not None:
         upstream = index.ancestors(i) | {i}
@@ -298,18 +298,10 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
     name = index.node_name(i)
     if len(node.input) < 2:
         return None
-    w_ref = index.resolve_weight(node.input[1])
-    chain = None
-    if w_ref is None:
-        traced = trace_chain(index, node.input[1])
-        if traced is not None:
-            ref, nodes = traced
-            chain = build_chain(index, ref, nodes, index.opset, node.input[1])
-            ops = " -> ".join(index.graph.node[j].op_type for j in nodes)
-            if chain is None:
-                return Skipped(name, node.op_type, f"weight comes through {ops}, which is not a "
-                               "rearrangement of its constant's elements (not handled)")
-            w_ref = ref
+    w_ref, chain, unhandled = _constant_or_chain(index, node.input[1])
+    if unhandled:
+        return Skipped(name, node.op_type, f"weight comes through {unhandled}, which is not a "
+                       "rearrangement of its constant's elements (not handled)")
     if w_ref is None:
         if node.op_type == "MatMul" and (index.resolve_weight(node.input[0]) is not None
                                          or trace_chain(index, node.input[0]) is not None):
@@ -321,7 +313,7 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
     if index.resolve_weight(node.input[0]) is not None or \
             index.resolve_const(node.input[0]) is not None:
         return Skipped(name, node.op_type, "both operands are constants")
-    if reached is not None and node.input[0] not in reached:
+    if node.input[0] not in reached:
         return Skipped(name, node.op_type, NOT_REACHED)
     problem = _weight_problem(index.weight_proto(w_ref), w_ref.name)
     if problem:
@@ -329,17 +321,27 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
     return w_ref, chain
 
 
+def _constant_or_chain(index: GraphIndex, name: str):
+    """(stored constant, chain or None, "") for an input that is a constant or a chain of
+    layout ops on one; (None, None, the chain's ops) for a traced chain that is no pure
+    rearrangement; (None, None, "") for anything else."""
+    ref = index.resolve_weight(name)
+    if ref is not None:
+        return ref, None, ""
+    traced = trace_chain(index, name)
+    if traced is None:
+        return None, None, ""
+    chain = build_chain(index, traced[0], traced[1], name)
+    if chain is None:
+        return None, None, " -> ".join(index.graph.node[j].op_type for j in traced[1])
+    return traced[0], chain, ""
+
+
 def _bias_const(index: GraphIndex, name: str) -> tuple[ConstRef, WeightChain | None] | None:
     """A bias input: a constant, or a chain of layout ops on one (Flax reshapes its bias
     vector to [1, 1, 1, C] in the graph)."""
-    ref = index.resolve_weight(name)
-    if ref is not None:
-        return ref, None
-    traced = trace_chain(index, name)
-    if traced is None:
-        return None
-    chain = build_chain(index, traced[0], traced[1], index.opset, name)
-    return (traced[0], chain) if chain is not None else None
+    ref, chain, _ = _constant_or_chain(index, name)
+    return (ref, chain) if ref is not None else None
 
 
 def _shape(index: GraphIndex, ref: ConstRef, chain: WeightChain | None) -> tuple[int, ...]:
@@ -487,9 +489,7 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     for j, node in enumerate(body.node):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in _DEFAULT_DOMAIN:
             continue
-        w = node.input[1]
-        while w in sub.producer and body.node[sub.producer[w]].op_type == "Identity":
-            w = body.node[sub.producer[w]].input[0]
+        w = sub.through_identity(node.input[1])
         if w in sub.returned:
             items.append(Skipped(sub.node_name(j), node.op_type, (
                 f"its weight is a loop-carried value that {index.node_name(i)} also returns "
@@ -542,9 +542,7 @@ def _body_strangers(sub: BodyIndex, layer: Layer, chains: set[int]) -> list[str]
     through = {j for c in (layer.chain, layer.bias_chain) if c for j in c.nodes}
     strangers = set()
     for name in sources:
-        while name in sub.producer and sub.graph.node[sub.producer[name]].op_type == "Identity":
-            name = sub.graph.node[sub.producer[name]].input[0]  # up to the value itself
-        readers, _ = sub.readers_through(name, through)
+        readers, _ = sub.readers_through(sub.through_identity(name), through)
         strangers |= {sub.node_name(c) for c, _ in readers if c not in own}
     return sorted(strangers)
 
@@ -621,7 +619,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     for item in candidates:
         refs = [r for r in (item.weight, item.recurrent) if r is not None]
         earlier = [lay for r in refs for lay in owner.get(r, [])]
-        same = next((lay for lay in earlier if _same_use(index, lay, item)), None)
+        same = next((lay for lay in earlier if _same_use(lay, item)), None)
         if same is not None:
             same.more_uses.extend(item.uses)
             continue
@@ -658,36 +656,39 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
         for j in users:
             if index.node_name(j) not in layer.shared_weight_users:
                 layer.shared_weight_users.append(index.node_name(j))
-        upstream = index.ancestors(layer.node_index)
         if users:
+            upstream = index.ancestors(layer.node_index)
             layer.weight_read_upstream = any(j in upstream for j in users)
-        if layer.more_uses:
+        if layer.more_uses:  # one use upstream of another: an unrolled recurrence
             roots = [u.node_index for u in layer.uses]
-            layer.weight_read_upstream |= any(
-                r in index.ancestors(other) for r in roots for other in roots if other != r)
+            above = {r: index.ancestors(r) for r in roots}
+            layer.weight_read_upstream |= any(r in above[o] for r in roots for o in roots)
         layer.index = len(kept)
         layer.row = kept[-1].row + len(kept[-1].blocks) if kept else 0
         kept.append(layer)
     return Discovery(kept, skipped)
 
 
-def _same_use(index: GraphIndex, first: Layer, other: Layer) -> bool:
+def _same_gather(a: WeightChain | None, b: WeightChain | None) -> bool:
+    """Whether two chains (or none) read the same elements of their constant, in order."""
+    if a is None or b is None:
+        return a is b
+    return np.array_equal(a.source, b.source)
+
+
+def _same_use(first: Layer, other: Layer) -> bool:
     """Whether ``other`` applies ``first``'s weight the same way (so they are one layer): same
-    op, layout, blocks and chain, the same bias (or none), and no recurrent weight."""
+    op, layout, blocks and chain, the same bias through the same chain (or none), no
+    recurrent weight, neither inside a Loop/Scan body (measured through its own node)."""
     if first.is_recurrent or other.is_recurrent or first.op != other.op:
         return False
-    if first.body is not None or other.body is not None:  # measured through their own Loop
-        return False
-    if (first.bias_chain is None) != (other.bias_chain is None) or (
-            first.bias_chain is not None and
-            not np.array_equal(first.bias_chain.source, other.bias_chain.source)):
+    if first.body is not None or other.body is not None:
         return False
     if (first.layout, first.blocks, first.dtype, first.bias, first.bias_scale) != \
             (other.layout, other.blocks, other.dtype, other.bias, other.bias_scale):
         return False
-    if (first.chain is None) != (other.chain is None):
-        return False
-    return first.chain is None or np.array_equal(first.chain.source, other.chain.source)
+    return _same_gather(first.chain, other.chain) and \
+        _same_gather(first.bias_chain, other.bias_chain)
 
 
 def _disjoint(a: Layer, b: Layer) -> bool:

@@ -32,6 +32,7 @@ from .baselines import BASELINES, baseline_weight
 from .data import BatchLike, load_batches
 from .engine import Engine
 from .errors import InputError, LSUVError, RuntimeFailure
+from .graph import GraphIndex
 from .layers import Discovery, find_layers
 from .model_io import ModelLike, load_model
 from .options import LSUVOptions, legacy_init
@@ -135,9 +136,10 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
     zeroing = {lay.index for lay in layers} if opts.zero_bias else set()
     copies = unshare_biases(work, layers, zeroing)
     state = WeightState(work, layers)
+    node_name = GraphIndex(work.graph).node_name
     pooled = [f"layer {lay.name}: its weight is applied by {len(lay.uses)} nodes "
-              f"({', '.join(_use_names(work, lay))}): one layer, measured over all of them"
-              for lay in layers if lay.more_uses]
+              f"({', '.join(node_name(u.node_index) for u in lay.uses)}): one layer, measured "
+              "over all of them" for lay in layers if lay.more_uses]
     ties = [f"layer {lay.name}: its weight is also read by {', '.join(lay.shared_weight_users)}"
             " (tied: set here)" for lay in layers if lay.shared_weight_users]
     _graph_notes(report, [(copies, "shared bias(es) given their own copy"),
@@ -214,11 +216,6 @@ def _graph_notes(report: Report, kinds: list[tuple[list[str], str]]) -> None:
             log.debug("note: %s", note)
     if counts:
         log.info("notes: %s (-v shows each, --report keeps them)", ", ".join(counts))
-
-
-def _use_names(model: onnx.ModelProto, layer) -> list[str]:
-    return [model.graph.node[u.node_index].name or f"{model.graph.node[u.node_index].op_type}_"
-            f"{u.node_index}" for u in layer.uses]
 
 
 def _new_report(discovery: Discovery, options: dict) -> Report:

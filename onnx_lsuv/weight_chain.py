@@ -105,7 +105,7 @@ def trace_chain(index: GraphIndex, name: str) -> tuple[ConstRef, list[int]] | No
         current = node.input[0]
 
 
-def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int], opset: int,
+def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int],
                 end: str) -> WeightChain | None:
     """The gather of a traced chain ending at tensor ``end`` (what the layer reads), or None
     where it is not a pure rearrangement (an element used twice) or the reference evaluator
@@ -149,7 +149,7 @@ def build_chain(index: GraphIndex, ref: ConstRef, nodes: list[int], opset: int,
                                        helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
                                        list(shape))],
         [helper.make_empty_tensor_value_info(current)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 7))],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(index.opset, 7))],
                               ir_version=8)
     try:
         (source,) = ReferenceEvaluator(model).run(None, {
