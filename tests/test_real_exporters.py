@@ -25,6 +25,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
+
+from onnx_lsuv import lsuv_init
+
 from independent import (
     data_dependent,
     find_targets,
@@ -34,9 +38,6 @@ from independent import (
     pooled_variances,
     weight_values,
 )
-from onnx import numpy_helper
-
-from onnx_lsuv import lsuv_init
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 0.1

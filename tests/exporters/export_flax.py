@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -22,6 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax2onnx import to_onnx  # noqa: E402
+
+from _runner import run_models  # noqa: E402
 
 OPSET = 17
 BATCH = 16
@@ -166,25 +167,7 @@ def export(name, cls, shape, outdir, seed):
 
 
 def main(argv):
-    outdir = argv[0] if argv else "out_flax"
-    os.makedirs(os.path.join(outdir, "ref"), exist_ok=True)
-    only = set(argv[1:])
-    status = 0
-    for seed, (name, (cls, shape)) in enumerate(MODELS.items()):
-        if only and name not in only:
-            continue
-        t0 = time.perf_counter()
-        try:
-            names = export(name, cls, shape, outdir, seed)
-            print(f"OK   {name:16s} {time.perf_counter() - t0:6.2f}s  params: {', '.join(names)}")
-        except Exception as e:  # noqa: BLE001 - report and go on
-            if name not in KNOWN_FAIL:
-                status = 1
-            msg = str(e).strip().splitlines()
-            tag = "XFAIL" if name in KNOWN_FAIL else "FAIL "
-            print(f"{tag} {name:15s} {type(e).__name__}: {msg[0] if msg else ''}"
-                  + (f" ... {msg[-1]}" if len(msg) > 1 else ""))
-    return status
+    return run_models(argv, "out_flax", MODELS, export, frozenset(KNOWN_FAIL))
 
 
 if __name__ == "__main__":

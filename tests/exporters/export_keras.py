@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -27,6 +26,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf2onnx  # noqa: E402
 from keras import layers  # noqa: E402
+
+from _runner import run_models  # noqa: E402
 
 OPSET = 17
 BATCH = 16
@@ -144,22 +145,8 @@ def export(name, model, shape, outdir, seed):
 
 
 def main(argv):
-    outdir = argv[0] if argv else "out_keras"
-    os.makedirs(os.path.join(outdir, "ref"), exist_ok=True)
     keras.utils.set_random_seed(0)
-    status = 0
-    only = set(argv[1:])
-    for seed, (name, (model, shape)) in enumerate(build_models().items()):
-        if only and name not in only:
-            continue
-        t0 = time.perf_counter()
-        try:
-            names = export(name, model, shape, outdir, seed)
-            print(f"OK   {name:18s} {time.perf_counter() - t0:6.2f}s  params: {', '.join(names)}")
-        except Exception as e:  # noqa: BLE001 - report and go on with the next model
-            status = 1
-            print(f"FAIL {name:18s} {type(e).__name__}: {e}")
-    return status
+    return run_models(argv, "out_keras", build_models(), export)
 
 
 if __name__ == "__main__":

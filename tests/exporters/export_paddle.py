@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from paddle import nn  # noqa: E402
+
+from _runner import run_models  # noqa: E402
 
 OPSET = 17
 BATCH = 16
@@ -96,21 +97,7 @@ def export(name, cls, shape, options, outdir, seed):
 
 
 def main(argv):
-    outdir = argv[0] if argv else "out_paddle"
-    os.makedirs(os.path.join(outdir, "ref"), exist_ok=True)
-    status = 0
-    only = set(argv[1:])
-    for seed, (name, (cls, shape, options)) in enumerate(MODELS.items()):
-        if only and name not in only:
-            continue
-        t0 = time.perf_counter()
-        try:
-            names = export(name, cls, shape, options, outdir, seed)
-            print(f"OK   {name:8s} {time.perf_counter() - t0:6.2f}s  params: {', '.join(names)}")
-        except Exception as e:  # noqa: BLE001
-            status = 1
-            print(f"FAIL {name:8s} {type(e).__name__}: {e}")
-    return status
+    return run_models(argv, "out_paddle", MODELS, export)
 
 
 if __name__ == "__main__":
