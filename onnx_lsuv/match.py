@@ -1,0 +1,696 @@
+"""The initialised ONNX tensors, mapped back onto a framework's own parameters by value.
+
+Exporters rename, transpose, flip, reorder, split, concatenate and fold the framework's
+parameters on their way into ONNX (``tests/exporters/PATTERNS.md``). What survives every
+exporter is the values. ``match_parameters`` takes the ONNX model as exported (before
+onnx-lsuv), the tensors onnx-lsuv changed, and the framework's ORIGINAL parameters (name ->
+array), finds each changed tensor's original value among the parameters under a closed set of
+transforms, and applies the inverse transform to the new value:
+
+- an arrangement: the parameter's axes permuted, then reshaped to the ONNX shape, then flipped
+  along some axes (identity, transposes, HWIO <-> OIHW, depthwise H W C 1, Dense [in, out],
+  merged or split head axes, flipped ConvTranspose kernels);
+- of the whole parameter or of one of k equal chunks of it along an axis (a fused QKV
+  projection that the exporter split; one gate of a recurrent kernel);
+- for the whole ONNX tensor, or for each of k equal pieces of it along an axis (a recurrent W
+  whose gates were reordered; B = concat(Wb, Rb); pieces left unchanged need no parameter);
+- exactly, or scaled by a factor per output unit: BatchNormalization folded into the kernel
+  (k' = k * gamma / sqrt(var + eps)). The kernel is then unscaled, and the change of the
+  folded bias is carried back into the layer's own bias, or into the BatchNormalization's
+  shift, found by value among the parameters, so that the framework's forward gives the same
+  outputs as the initialised ONNX model.
+
+A tensor whose value is found nowhere is reported by name with the reason, never guessed.
+Equal candidates are resolved by the graph (the pieces of one tensor come from one parameter
+where they can) or by name; otherwise reported as ambiguous. A high-entropy tensor found
+whole in several parameters is one tensor tied under several names, and all of them get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError
+from .model_io import ModelLike, load_model
+
+PIECES = (2, 3, 4, 6, 8)  # equal parts tried: fused QKV (3), LSTM gates (4, B: 8), GRU (3, 6)
+SCALE_RTOL = 1e-4  # a folded kernel is the parameter times a per-unit factor, to float rounding
+_MAX_ARRANGEMENTS = 4096
+
+Region = Union[tuple[int, int, int], None]  # (axis, index, count): one of count equal parts
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """``target = flip(source.transpose(perm).reshape(shape), flips)``."""
+
+    perm: tuple[int, ...]
+    shape: tuple[int, ...]
+    flips: tuple[int, ...]
+
+    def forward(self, source: np.ndarray) -> np.ndarray:
+        out = source.transpose(self.perm).reshape(self.shape)
+        return np.flip(out, self.flips) if self.flips else out
+
+    def inverse(self, target: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
+        out = np.flip(target, self.flips) if self.flips else target
+        out = out.reshape(tuple(source_shape[p] for p in self.perm))
+        return out.transpose(np.argsort(self.perm))
+
+    def describe(self, source_shape: tuple[int, ...]) -> str:
+        steps = []
+        if self.perm != tuple(range(len(self.perm))):
+            steps.append(f"transpose{self.perm}")
+        if tuple(source_shape[p] for p in self.perm) != self.shape:
+            steps.append(f"reshape{self.shape}")
+        if self.flips:
+            steps.append(f"flip axes {self.flips}")
+        return ", ".join(steps) or "as is"
+
+
+def _part(array: np.ndarray, region: Region) -> np.ndarray:
+    if region is None:
+        return array
+    axis, j, k = region
+    n = array.shape[axis] // k
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(j * n, (j + 1) * n)
+    return array[tuple(index)]
+
+
+def _region_text(region: Region, what: str) -> str:
+    if region is None:
+        return ""
+    axis, j, k = region
+    return f"{what} {j + 1}/{k} along axis {axis}"
+
+
+@dataclass
+class Placement:
+    """One ONNX tensor (or piece of it) found in one parameter (or chunk of it)."""
+
+    onnx: str
+    piece: Region
+    param: str
+    chunk: Region
+    arrangement: Arrangement
+    scale: np.ndarray | None = None  # per unit along scale_axis of the ONNX tensor
+    scale_axis: int | None = None
+
+    def describe(self, params: Mapping[str, np.ndarray]) -> str:
+        source = _part(params[self.param], self.chunk)
+        parts = [p for p in (_region_text(self.chunk, "chunk"),
+                             self.arrangement.describe(source.shape)) if p]
+        if self.scale is not None:
+            parts.append(f"scaled per unit of axis {self.scale_axis} (folded BatchNormalization)")
+        where = _region_text(self.piece, "piece")
+        return (f"{where} <- " if where else "") + ", ".join(parts)
+
+
+@dataclass
+class MatchResult:
+    """What ``match_parameters`` returns.
+
+    Attributes:
+        params: The new values of the parameters that changed, by the framework's names, in
+            the framework's shapes and dtypes (every other parameter stays as it was).
+        mapped: Per changed ONNX tensor that was found: {"onnx", "params", "how"}.
+        unmapped: Per changed ONNX tensor that was not: {"onnx", "reason"}. Its new value
+            reached no parameter.
+        carried: Folded biases carried back: {"onnx", "into", "how"}.
+        changed: How many ONNX tensors changed (those with an unchanged value need nothing).
+    """
+
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    mapped: list[dict[str, Any]] = field(default_factory=list)
+    unmapped: list[dict[str, Any]] = field(default_factory=list)
+    carried: list[dict[str, Any]] = field(default_factory=list)
+    changed: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """True when every changed ONNX tensor reached the parameters."""
+        return not self.unmapped
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if not self.changed else len(self.mapped) / self.changed
+
+    def summary(self) -> str:
+        text = (f"{len(self.mapped)} of {self.changed} changed ONNX tensor(s) mapped onto "
+                f"{len(self.params)} parameter(s)")
+        if self.carried:
+            text += f", {len(self.carried)} folded bias(es) carried back"
+        if self.unmapped:
+            text += ("; NOT mapped: " + ", ".join(
+                f"{u['onnx']} ({u['reason']})" for u in self.unmapped))
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changed": self.changed, "mapped": self.mapped, "unmapped": self.unmapped,
+                "carried": self.carried, "params": sorted(self.params),
+                "complete": self.complete}
+
+
+def _key(values: np.ndarray) -> bytes:
+    flat = np.sort(values, axis=None) + np.zeros((), values.dtype)  # -0.0 -> 0.0
+    return hashlib.blake2b(np.ascontiguousarray(flat).tobytes(), digest_size=16).digest()
+
+
+def _has_ties(values: np.ndarray) -> bool:
+    flat = np.sort(values, axis=None)
+    return flat.size > 1 and bool(np.any(flat[1:] == flat[:-1]))
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[^0-9a-zA-Z]+", name.lower()) if w]
+
+
+def _affinity(param: str, onnx_name: str) -> int:
+    """How much of the parameter's name the ONNX name spells, word for word, from the end."""
+    a, b = _words(param), _words(onnx_name)
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    if n == 0 and a and "".join(a) in "".join(b):
+        n = 1
+    return n
+
+
+def _parent(name: str) -> str:
+    return re.split(r"[./:]", name[::-1], maxsplit=1)[-1][::-1] if re.search(r"[./:]", name) \
+        else ""
+
+
+def _probe_positions(shape: tuple[int, ...]) -> np.ndarray:
+    size = math.prod(shape)
+    rng = np.random.default_rng(size)
+    return np.unique(np.concatenate([[0, size - 1], rng.integers(0, size, 24)]))
+
+
+def _profile(values: np.ndarray, axis: int) -> np.ndarray:
+    """The sorted |values| of each unit along ``axis`` over the unit's largest: the same for a
+    kernel and for that kernel scaled per unit, in any layout of its other axes."""
+    moved = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1))
+    top = moved.max(axis=1, keepdims=True)
+    return np.sort(moved / np.where(top > 0, top, 1), axis=None)
+
+
+def _probe(source: np.ndarray, arrangement: Arrangement, q: np.ndarray) -> np.ndarray:
+    """``arrangement.forward(source).flat[q]`` without building the arranged array."""
+    idx = list(np.unravel_index(q, arrangement.shape))
+    for a in arrangement.flips:
+        idx[a] = arrangement.shape[a] - 1 - idx[a]
+    flat = np.ravel_multi_index(tuple(idx), arrangement.shape)
+    t = np.unravel_index(flat, tuple(source.shape[p] for p in arrangement.perm))
+    u: list[Any] = [None] * source.ndim
+    for d, p in enumerate(arrangement.perm):
+        u[p] = t[d]
+    return source[tuple(u)]
+
+
+def _arrangements(source_shape: tuple[int, ...], target_shape: tuple[int, ...]):
+    flippable = [a for a, n in enumerate(target_shape) if n > 1]
+    flip_sets = [()] + [c for r in range(1, len(flippable) + 1)
+                        for c in itertools.combinations(flippable, r)]
+    count = 0
+    for perm in itertools.permutations(range(len(source_shape))):
+        for flips in flip_sets:
+            count += 1
+            if count > _MAX_ARRANGEMENTS:
+                return
+            yield Arrangement(tuple(perm), tuple(target_shape), flips)
+
+
+class _Matcher:
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        for name, value in params.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind == "f" and arr.size > 0:
+                self.params[str(name)] = arr
+        self.by_size: dict[int, list[str]] = {}
+        for name, arr in self.params.items():
+            self.by_size.setdefault(arr.size, []).append(name)
+        self._keys: dict[tuple[str, Region, str], bytes] = {}
+        self._profiles: dict[tuple[str, int], np.ndarray] = {}
+        self.new: dict[str, np.ndarray] = {}
+        self.written: dict[str, np.ndarray] = {}
+        self.claimed: set[tuple[str, Region]] = set()
+
+    # --- candidates -------------------------------------------------------------------
+    def _sources(self, size: int, chunks: bool):
+        if not chunks:
+            yield from ((name, None) for name in self.by_size.get(size, []))
+            return
+        for k in PIECES:
+            for name in self.by_size.get(size * k, []):
+                arr = self.params[name]
+                for axis, n in enumerate(arr.shape):
+                    if n % k == 0 and n > 1:
+                        for j in range(k):
+                            yield name, (axis, j, k)
+
+    def _key(self, name: str, region: Region, dtype: np.dtype) -> bytes:
+        k = (name, region, dtype.str)
+        if k not in self._keys:
+            self._keys[k] = _key(_part(self.params[name], region).astype(dtype))
+        return self._keys[k]
+
+    def exact(self, target: np.ndarray) -> list[tuple[str, Region]]:
+        key = _key(target)
+        for chunks in (False, True):  # a whole parameter first; chunks only where none is
+            found = [(n, r) for n, r in self._sources(target.size, chunks)
+                     if self._key(n, r, target.dtype) == key]
+            if found:
+                return found
+        return []
+
+    def solve_exact(self, target: np.ndarray, new: np.ndarray, name: str, piece: Region,
+                    prefer: set[str]) -> list[Placement] | str:
+        candidates = self.exact(target)
+        if not candidates:
+            return "its value is not among the parameters"
+        ties = _has_ties(target)
+        found: list[tuple[str, Region, Arrangement]] = []
+        for pname, region in candidates:
+            arr = self._arrange(pname, region, target, ties, new)
+            if isinstance(arr, str):
+                return f"{pname}: {arr}"
+            if arr is not None:
+                found.append((pname, region, arr))
+        if not found:
+            return "its values are among the parameters, but in no layout onnx-lsuv knows"
+        if len(found) > 1:
+            if not ties:  # one tensor tied under several names: they all get it
+                whole = [f for f in found if f[1] is None]
+                if len(whole) == len(found):
+                    return [Placement(name, piece, p, r, a) for p, r, a in found]
+            free = [f for f in found if (f[0], f[1]) not in self.claimed]
+            if len(free) == 1:
+                found = free
+            else:
+                pool = free or found
+                near = [f for f in pool if f[0] in prefer]
+                if len(near) == 1:
+                    found = near
+                else:
+                    best = max(_affinity(f[0], name) for f in pool)
+                    named = [f for f in pool if _affinity(f[0], name) == best]
+                    if best == 0 or len(named) != 1:
+                        return ("ambiguous: equal values in " + ", ".join(
+                            sorted({f[0] + (" " + _region_text(f[1], "chunk") if f[1] else "")
+                                    for f in pool})))
+                    found = named
+        pname, region, arr = found[0]
+        return [Placement(name, piece, pname, region, arr)]
+
+    def _arrange(self, pname: str, region: Region, target: np.ndarray, ties: bool,
+                 new: np.ndarray) -> Arrangement | None | str:
+        source = _part(self.params[pname], region).astype(target.dtype)
+        q = _probe_positions(target.shape)
+        want = target.reshape(-1)[q]
+        solutions = []
+        for arr in _arrangements(source.shape, target.shape):
+            if not np.array_equal(_probe(source, arr, q), want):
+                continue
+            if not np.array_equal(arr.forward(source), target):
+                continue
+            if not ties:
+                return arr
+            solutions.append(arr)
+        if not solutions:
+            return None
+        first = solutions[0].inverse(new, source.shape)
+        for other in solutions[1:]:
+            if not np.array_equal(other.inverse(new, source.shape), first):
+                return ("its values repeat, and the layouts they fit put the new values in "
+                        "different places")
+        return solutions[0]
+
+    def solve_scaled(self, target: np.ndarray, name: str) -> Placement | None:
+        """A kernel with a folded BatchNormalization: the parameter times a factor per unit."""
+        t64 = target.astype(np.float64)
+        for pname in self.by_size.get(target.size, []):
+            if (pname, None) in self.claimed:
+                continue
+            source = self.params[pname].astype(np.float64)
+            for axis in range(target.ndim):
+                if target.shape[axis] < 2:
+                    continue
+                profile = _profile(t64, axis)
+                if not any(source.shape[b] == target.shape[axis] and np.allclose(
+                        self._profile(pname, b), profile, rtol=1e-3, atol=1e-6)
+                        for b in range(source.ndim)):
+                    continue
+                found = self._scaled_arrangement(source, t64, axis)
+                if found is not None:
+                    arr, scale = found
+                    return Placement(name, None, pname, None, arr, scale, axis)
+        return None
+
+    def _profile(self, name: str, axis: int) -> np.ndarray:
+        k = (name, axis)
+        if k not in self._profiles:
+            self._profiles[k] = _profile(self.params[name].astype(np.float64), axis)
+        return self._profiles[k]
+
+    @staticmethod
+    def _scaled_arrangement(source: np.ndarray, target: np.ndarray, axis: int):
+        units = target.shape[axis]
+        moved = np.moveaxis(target, axis, 0).reshape(units, -1)
+        # two probes per unit, at its largest entries (the ratio is best defined there)
+        cols = np.argsort(-np.abs(moved), axis=1)[:, :2]
+        if cols.shape[1] < 2:
+            return None
+        rows = np.arange(units)[:, None]
+        q_moved = np.stack([rows.repeat(2, 1), cols], -1).reshape(-1, 2)
+        rest = [n for a, n in enumerate(target.shape) if a != axis]
+        other = np.unravel_index(q_moved[:, 1], rest) if rest else ()
+        full = list(other)
+        full.insert(axis, q_moved[:, 0])
+        q = np.ravel_multi_index(tuple(full), target.shape)
+        want = target.reshape(-1)[q].reshape(units, 2)
+        for arr in _arrangements(source.shape, target.shape):
+            got = _probe(source, arr, q).reshape(units, 2)
+            if np.any(got == 0):
+                continue
+            ratio = want / got
+            if not np.allclose(ratio[:, 0], ratio[:, 1], rtol=SCALE_RTOL, atol=0):
+                continue
+            arranged = arr.forward(source)
+            a_moved = np.moveaxis(arranged, axis, 0).reshape(units, -1)
+            denom = np.einsum("ij,ij->i", a_moved, a_moved)
+            if np.any(denom == 0):
+                continue
+            scale = np.einsum("ij,ij->i", moved, a_moved) / denom
+            fit = a_moved * scale[:, None]
+            tol = SCALE_RTOL * np.abs(moved).max(axis=1, keepdims=True) + 1e-30
+            if np.all(np.abs(fit - moved) <= tol) and not np.allclose(scale, 1.0):
+                return arr, scale
+        return None
+
+    # --- writing ----------------------------------------------------------------------
+    def place(self, p: Placement, new_piece: np.ndarray) -> str | None:
+        """Writes the new value; a reason when it collides with another tensor's write."""
+        base = self.params[p.param]
+        source_shape = _part(base, p.chunk).shape
+        value = new_piece.astype(np.float64)
+        if p.scale is not None:
+            shape = [1] * value.ndim
+            shape[p.scale_axis] = -1
+            value = value / p.scale.reshape(shape)
+        value = p.arrangement.inverse(value, source_shape).astype(base.dtype)
+        if p.param not in self.new:
+            self.new[p.param] = base.copy()
+            self.written[p.param] = np.zeros(base.shape, bool)
+        out, mask = _part(self.new[p.param], p.chunk), _part(self.written[p.param], p.chunk)
+        clash = mask & (out != value)
+        if np.any(clash):
+            return f"{p.param} gets different new values from two ONNX tensors"
+        out[...] = value
+        mask[...] = True
+        self.claimed.add((p.param, p.chunk))
+        return None
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(a.t)
+    return values
+
+
+def _old_values(model: onnx.ModelProto, names) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The original value of each changed tensor, and each kernel's bias tensor by the graph.
+
+    A bias that onnx-lsuv gave its own copy (``<layer>.bias``, see ``weights.unshare_biases``)
+    is not in the exported model: its old value is the layer's bias as it read it.
+    """
+    from .layers import find_layers
+
+    consts = _constants(model)
+    old = {n: consts[n] for n in names if n in consts}
+    bias_of: dict[str, str] = {}
+    discovery = find_layers(model)
+    by_layer = {}
+    for layer in discovery.layers:
+        by_layer[layer.name] = layer
+        if layer.bias is not None and layer.chain is None and layer.bias_chain is None:
+            bias_of.setdefault(layer.weight.name, layer.bias.name)
+    for n in names:
+        if n in old:
+            continue
+        base = re.sub(r"\.bias(\.\d+)?$", "", n)
+        layer = by_layer.get(base)
+        if layer is not None and layer.bias is not None and layer.bias.name in consts:
+            value = consts[layer.bias.name]
+            if layer.bias_chain is not None:
+                value = layer.bias_chain.effective(value)
+            old[n] = value
+            if layer.chain is None:
+                bias_of[layer.weight.name] = n
+    return old, bias_of
+
+
+def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | onnx.ModelProto,
+                     params: Mapping[str, Any] | str | os.PathLike) -> MatchResult:
+    """The new values of a framework's parameters, from the tensors onnx-lsuv changed.
+
+    Args:
+        original: The ONNX model as the framework's exporter wrote it (before onnx-lsuv): a
+            ModelProto or a path.
+        changed: ``LSUVResult.weights`` (ONNX tensor name -> new value), or the initialised
+            ModelProto (every constant whose value differs counts as changed).
+        params: The framework's ORIGINAL parameters, name -> array (``state_dict()``,
+            ``{v.path: v.numpy()}``, a flattened Flax state), or the path of an .npz of them.
+            Non-float entries are ignored.
+
+    Returns:
+        A MatchResult: ``params`` holds the changed parameters' new values under the
+        framework's names and shapes; ``unmapped`` names every changed tensor that was not
+        found, with the reason.
+
+    Raises:
+        InputError: ``params`` is not a mapping of arrays, or its file is unreadable.
+    """
+    model = load_model(original)
+    if isinstance(changed, onnx.ModelProto):
+        before, after = _constants(model), _constants(changed)
+        changed = {n: v for n, v in after.items()
+                   if n in before and not np.array_equal(before[n], v)}
+    params = load_params(params)
+    old, bias_of = _old_values(model, list(changed))
+    matcher = _Matcher(params)
+    result = MatchResult()
+    folded: list[tuple[Placement, np.ndarray]] = []
+    biases_of_folded: set[str] = set()
+    pending = []
+    for name, value in changed.items():
+        new = np.asarray(value)
+        if name not in old:
+            result.changed += 1
+            result.unmapped.append({"onnx": name, "reason": "not a constant of the original "
+                                    "model (was it exported from the same framework model?)"})
+            continue
+        before = old[name]
+        if before.shape != new.shape:
+            raise InputError(f"tensor {name!r}: shape {list(new.shape)} after, "
+                             f"{list(before.shape)} in the original model")
+        if np.array_equal(before, new):
+            continue
+        result.changed += 1
+        pending.append((name, before, new))
+    second = []
+    for name, before, new in pending:
+        placements = _solve(matcher, name, before, new)
+        if isinstance(placements, str):
+            second.append((name, before, new, placements))
+            continue
+        _commit(matcher, result, name, placements, before, new)
+    for name, before, new, reason in second:
+        if name in biases_of_folded:
+            continue
+        scaled = matcher.solve_scaled(before, name)
+        if scaled is None:
+            placements = _solve(matcher, name, before, new)  # claims may now resolve it
+            if isinstance(placements, str):
+                result.unmapped.append({"onnx": name, "reason": reason})
+            else:
+                _commit(matcher, result, name, placements, before, new)
+            continue
+        _commit(matcher, result, name, [scaled], before, new)
+        folded.append((scaled, before))
+        bias = bias_of.get(name)
+        if bias is not None:
+            biases_of_folded.add(bias)
+    for scaled, _ in folded:
+        bias = bias_of.get(scaled.onnx)
+        if bias is None or bias not in old or np.array_equal(old[bias], np.asarray(changed[bias])):
+            continue
+        if any(m["onnx"] == bias for m in result.mapped):
+            continue  # found as it is: an unfolded bias
+        result.unmapped = [u for u in result.unmapped if u["onnx"] != bias]
+        reason = _carry(matcher, result, scaled, bias, old[bias], np.asarray(changed[bias]))
+        if reason is not None:
+            result.unmapped.append({"onnx": bias, "reason": reason})
+    result.params = matcher.new
+    return result
+
+
+def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray):
+    whole = matcher.solve_exact(before, new, name, None, set())
+    if not isinstance(whole, str):
+        return whole
+    for axis, n in enumerate(before.shape):
+        for k in PIECES:
+            if n % k or before.size // k < 2:
+                continue
+            placements: list[Placement] = []
+            used: set[str] = set()
+            failed = False
+            for j in range(k):
+                piece = (axis, j, k)
+                o, w = _part(before, piece), _part(new, piece)
+                if np.array_equal(o, w):
+                    continue
+                got = matcher.solve_exact(o, w, name, piece, used)
+                if isinstance(got, str):
+                    failed = True
+                    break
+                placements.extend(got)
+                used.update(p.param for p in got)
+            if not failed and placements:
+                return placements
+    return whole
+
+
+def _commit(matcher: _Matcher, result: MatchResult, name: str, placements: list[Placement],
+            before: np.ndarray, new: np.ndarray) -> None:
+    for p in placements:
+        clash = matcher.place(p, _part(new, p.piece))
+        if clash is not None:
+            result.unmapped.append({"onnx": name, "reason": clash})
+            return
+    result.mapped.append({"onnx": name, "params": sorted({p.param for p in placements}),
+                          "how": [f"{p.param}: {p.describe(matcher.params)}"
+                                  for p in placements]})
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a - b) <= 1e-4 * np.maximum(np.abs(a), np.abs(b)) + 1e-5 * (
+        1 + float(np.abs(b).max(initial=0)))
+
+
+def _carry(matcher: _Matcher, result: MatchResult, kernel: Placement, bias: str,
+           before: np.ndarray, new: np.ndarray) -> str | None:
+    """Carry a folded bias's change into the layer's own bias or the BatchNorm's shift.
+
+    The exporter folded y = gamma * (conv(x, k) + b - mean) / sqrt(var + eps) + beta into
+    conv(x, k s) + ((b - mean) s + beta), with s = gamma / sqrt(var + eps). The kernel was
+    unscaled by s; the folded bias changed by delta, so the layer's bias b grows by delta / s
+    (or, with no b, beta by delta). gamma and var are found from s, mean and beta (and b)
+    from the folded bias, all by value.
+    """
+    s = kernel.scale
+    units = s.size
+    if before.size != units:
+        return "a folded bias whose size is not the kernel's number of units"
+    b_old, delta = before.reshape(-1).astype(np.float64), (new.astype(np.float64)
+                                                            - before).reshape(-1)
+    vecs = {n: a.reshape(-1).astype(np.float64) for n, a in matcher.params.items()
+            if a.size == units and n != kernel.param}
+    names = list(vecs)
+    if not names:
+        return "folded BatchNormalization: no parameter of its size to carry the bias into"
+    mat = np.stack([vecs[n] for n in names])
+    gamma_over_s = mat / s
+    pairs = []
+    for i in range(len(names)):
+        if np.any(gamma_over_s[i] <= 0):
+            continue
+        eps = gamma_over_s[i] ** 2 - mat  # (var + eps) - var, per candidate var
+        for j in range(len(names)):
+            if j == i or np.any(mat[j] < 0):
+                continue
+            e = eps[j]
+            mid = float(np.median(e))
+            if -1e-6 <= mid <= 0.1 and np.all(np.abs(e - mid) <= 1e-3 * (mat[j] + abs(mid))
+                                             + 1e-6):
+                pairs.append((i, j))
+    if len(pairs) != 1:
+        return ("folded BatchNormalization: its gamma and variance were "
+                + ("not found" if not pairs else "found more than once") + " among the parameters")
+    gi, vi = pairs[0]
+    rest = [k for k in range(len(names)) if k not in (gi, vi)]
+    siblings = [k for k in rest if _parent(names[k]) == _parent(kernel.param)]
+    found = []
+    for bk in [None] + siblings:
+        for mk in rest:
+            if mk == bk:
+                continue
+            want = b_old + mat[mk] * s - (0 if bk is None else mat[bk] * s)
+            for betak in rest:
+                if betak in (mk, bk) or not np.all(_close(mat[betak], want)):
+                    continue
+                found.append((bk, mk, betak))
+        if found:
+            break
+    if len(found) != 1:
+        return ("folded BatchNormalization: its mean and shift were "
+                + ("not found" if not found else "found more than once") + " among the parameters")
+    bk, mk, betak = found[0]
+    target, add = (names[betak], delta) if bk is None else (names[bk], delta / s)
+    base = matcher.params[target]
+    if target not in matcher.new:
+        matcher.new[target] = base.copy()
+        matcher.written[target] = np.zeros(base.shape, bool)
+    value = (base.reshape(-1).astype(np.float64) + add).astype(base.dtype).reshape(base.shape)
+    matcher.new[target][...] = value
+    matcher.written[target][...] = True
+    how = ("into the layer's bias (+ delta / s)" if bk is not None
+           else "into the BatchNormalization shift (+ delta)")
+    result.carried.append({"onnx": bias, "into": target, "how": how,
+                           "batchnorm": {"gamma": names[gi], "var": names[vi],
+                                         "mean": names[mk], "beta": names[betak]}})
+    result.mapped.append({"onnx": bias, "params": [target], "how": [f"{target}: folded bias, "
+                                                                     f"carried {how}"]})
+    return None
+
+
+def load_params(params: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:
+    """A framework's parameters as name -> numpy array, from a mapping or an .npz path."""
+    if isinstance(params, (str, os.PathLike)):
+        path = os.fspath(params)
+        if not os.path.isfile(path):
+            raise InputError(f"parameters file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read the parameters file {path} (expected an .npz of "
+                             f"name -> array): {err}") from None
+    if not isinstance(params, Mapping):
+        raise InputError(f"parameters must be a mapping name -> array, got "
+                         f"{type(params).__name__}")
+    out = {}
+    for k, v in params.items():
+        try:
+            out[str(k)] = np.asarray(v)
+        except Exception as err:  # noqa: BLE001  (a framework tensor numpy cannot read)
+            raise InputError(f"parameter {k!r}: not an array ({err})") from None
+    return out
