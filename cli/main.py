@@ -16,6 +16,7 @@ import numpy as np
 import onnx_lsuv
 from onnx_lsuv.data import data_files
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
+from onnx_lsuv.match import load_params, match_parameters
 from onnx_lsuv.model_io import existing_file, external_data_files
 from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
 from onnx_lsuv.outputs import (
@@ -32,14 +33,16 @@ Examples:
   onnx-lsuv model.onnx --data batch.npy -o init.onnx
   onnx-lsuv model.onnx --data inputs.npz -o init.onnx --report report.json --plot layers.png
   onnx-lsuv model.onnx --data b1.npy --data b2.npy -o init.onnx --save-weights init.npz
+  onnx-lsuv model.onnx -d batch.npy -o init.onnx --match params.npz --save-weights new.npz
   onnx-lsuv init.onnx --data batch.npy --check --json  # CI gate: exit {EXIT_CHECK_FAILED} if off
   onnx-lsuv model.onnx -o xavier.onnx --init xavier    # a baseline, no data needed
   onnx-lsuv trained.onnx -d batch.npy -o scaled.onnx --init rescale  # keep weights, rescale
 
 \b
 Exit codes: 0 done, every layer on target; {EXIT_FAILURE} a layer not on target (did not
-converge, or dead: variance 0, NaN or Inf; the model IS written), or ONNX Runtime failed on
-a measuring copy (nothing written); {EXIT_BAD_INPUT} bad input or usage, including a model
+converge, or dead: variance 0, NaN or Inf; the model IS written), or a --match that left a
+changed tensor unmapped (written too), or ONNX Runtime failed on a measuring copy (nothing
+written); {EXIT_BAD_INPUT} bad input or usage, including a model
 ONNX Runtime refuses as it is (nothing written); {EXIT_CHECK_FAILED} --check found a layer
 off its target variance.
 
@@ -190,7 +193,13 @@ class GroupedCommand(click.Command):
               help="Draw per-layer variance before/after and weight std to a PNG "
                    "(needs matplotlib).")
 @click.option("--save-weights", "weights_path", type=click.Path(dir_okay=False),
-              help="Save the changed tensors (initializer name -> array) to an .npz.")
+              help="Save the changed tensors (initializer name -> array) to an .npz; with "
+                   "--match, the changed framework parameters under their own names.")
+@click.option("--match", "match_path", type=click.Path(dir_okay=False),
+              help="The framework's ORIGINAL parameters (name -> array, an .npz) that MODEL "
+                   "was exported from: --save-weights then writes the changed parameters "
+                   "under those names, in those shapes (found by value; exit 1 when a "
+                   "changed tensor is not found).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write tensors to OUT.data beside OUT. Default: as the input model does, "
                    "and always above protobuf's 2 GiB.")
@@ -242,11 +251,19 @@ def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
                    f"{report.timings.get('total_s', 0):.2f} s", err=True)
     if as_json:
         click.echo(json.dumps(report.summary(), indent=2))
+    unmatched = bool(report.match) and not report.match["complete"]
+    if report.match and not quiet and not unmatched:
+        click.echo(f"--match: {report.match['summary']}", err=True)
+    if unmatched:
+        click.echo(f"error: --match: {report.match['summary']}; --save-weights holds only the "
+                   "parameters that were found", err=True)
     if not report.converged:
         off = sum(r.status not in GOOD for r in report.layers)
         click.echo(f"error: {off} of {len(report.layers)} layers not on target"
                    + ("" if check else f" (the model was written to {out})"), err=True)
         sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
+    if unmatched:
+        sys.exit(EXIT_FAILURE)
 
 
 def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
@@ -282,10 +299,18 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
         raise InputError("--check writes no model: drop -o/--save-weights")
     if not check and not output:
         raise InputError("-o/--output is required (or pass --check)")
+    params = None
+    if flags["match_path"]:
+        if "--save-weights" not in side:
+            raise InputError("--match needs --save-weights OUT.npz: where the framework's "
+                             "new parameters go")
+        params = load_params(existing_file(flags["match_path"], "--match parameters",
+                                           "an .npz of name -> array"))
     # Every file the run reads is protected: the model, each data file (a directory's files
     # too) and the model's external data.
     model_data = external_data_files(model)
-    inputs = [os.path.abspath(p) for p in [model] + data_files(data)] + model_data
+    inputs = [os.path.abspath(p) for p in [model] + data_files(data)
+              + ([flags["match_path"]] if flags["match_path"] else [])] + model_data
     tx.protected |= {os.path.realpath(p) for p in inputs}
     finals = {k: check_output_path(v, inputs, what=k) for k, v in side.items()}
     out = None
@@ -321,6 +346,11 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
     else:
         result = onnx_lsuv.lsuv_init(model, data or None, opts, progress=progress)
         report = result.report
+        weights = result.weights
+        if params is not None:
+            matched = match_parameters(model, result.weights, params)
+            report.match = {**matched.to_dict(), "summary": matched.summary()}
+            weights = matched.params
     with tx:
         if result is not None:
             external_data = flags["external_data"]
@@ -328,7 +358,7 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
                 external_data = True
             stage_model(tx, result.model, out, external_data=external_data)
         if "--save-weights" in finals:
-            write_file(tx, finals["--save-weights"], _npz_bytes(result.weights))
+            write_file(tx, finals["--save-weights"], _npz_bytes(weights))
         if "--report" in finals:
             write_file(tx, finals["--report"], report.to_json().encode())
         if "--plot" in finals:

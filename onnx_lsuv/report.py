@@ -50,6 +50,9 @@ class Report:
     provider: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # with --match / match_parameters: how the changed tensors map onto the framework's
+    # parameters (``MatchResult.to_dict()`` and its "summary" line)
+    match: dict[str, Any] | None = None
 
     @property
     def converged(self) -> bool:
@@ -74,6 +77,9 @@ class Report:
             "timings": self.timings,
             "options": self.options,
             "versions": self.versions,
+            **({"match": {"changed": self.match["changed"],
+                          "mapped": len(self.match["mapped"]),
+                          "complete": self.match["complete"]}} if self.match else {}),
         })
 
     def to_dict(self) -> dict[str, Any]:

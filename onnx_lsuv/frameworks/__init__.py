@@ -1,0 +1,96 @@
+"""One call per training framework: export, initialise, map back, update the model.
+
+Each submodule imports its framework lazily (install the extra: ``onnx-lsuv[torch]``,
+``[keras]``, ``[flax]``, ``[paddle]``):
+
+- ``onnx_lsuv.frameworks.torch.lsuv_module(module, batch)`` (TorchScript or dynamo exporter)
+- ``onnx_lsuv.frameworks.keras.lsuv_model(model, batch)`` (tf2onnx or Keras' own export)
+- ``onnx_lsuv.frameworks.flax.lsuv_nnx(model, batch)``, ``lsuv_linen(module, variables, batch)``
+- ``onnx_lsuv.frameworks.paddle.lsuv_layer(layer, batch)`` (paddle2onnx)
+
+Each exports the model with its exporter's default settings, runs ``lsuv_init`` on the
+export, maps the changed tensors back onto the framework's own parameters by value
+(``onnx_lsuv.match``), and writes them into the model (Flax linen: returns new variables).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import LSUVError
+from ..lsuv import lsuv_init
+from ..match import MatchResult, match_parameters
+from ..model_io import load_model
+from ..report import Report
+
+
+class MatchError(LSUVError):
+    """Some changed ONNX tensors were not found among the framework's parameters; the model
+    was left as it was. ``match`` holds what was found and what was not."""
+
+    def __init__(self, match: MatchResult) -> None:
+        super().__init__("the initialised weights could not all be mapped back onto the "
+                         "framework's parameters, so the model was not changed: "
+                         + match.summary()
+                         + " (strict=False applies the part that was mapped)")
+        self.match = match
+
+
+@dataclass
+class FrameworkResult:
+    """What the one-call front ends return.
+
+    Attributes:
+        report: onnx-lsuv's report on the exported model (``report.converged``, per layer).
+        match: How each changed ONNX tensor was mapped back (``match.complete``).
+        params: The new values written into the model, by the framework's names.
+        model: The initialised ONNX model.
+        exported: The ONNX model as the exporter wrote it.
+        variables: Flax linen only: the new variables (the module itself holds none).
+    """
+
+    report: Report
+    match: MatchResult
+    params: dict[str, np.ndarray]
+    model: onnx.ModelProto
+    exported: onnx.ModelProto
+    variables: Any = None
+
+
+def initialise(exported: onnx.ModelProto | str, data: Any, params: dict[str, np.ndarray],
+               strict: bool, options: dict[str, Any]) -> FrameworkResult:
+    """lsuv_init on the export, then the mapping; MatchError (strict) if it is incomplete."""
+    if not isinstance(exported, onnx.ModelProto):
+        exported = load_model(exported)
+    result = lsuv_init(exported, data, **options)
+    matched = match_parameters(exported, result.weights, params)
+    if strict and not matched.complete:
+        raise MatchError(matched)
+    return FrameworkResult(result.report, matched, matched.params, result.model, exported)
+
+
+def numpy_batch(batch: Any, to_numpy) -> Any:
+    """One array, or a tuple/list of them, or a dict name -> array, as numpy."""
+    if isinstance(batch, dict):
+        return {k: to_numpy(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return [to_numpy(v) for v in batch]
+    return to_numpy(batch)
+
+
+def feed(model: onnx.ModelProto, batch: Any) -> Any:
+    """The batch keyed by the exported model's input names where it has several parts."""
+    if isinstance(batch, list):
+        init = {t.name for t in model.graph.initializer}
+        names = [i.name for i in model.graph.input if i.name not in init]
+        if len(batch) == 1:
+            return batch[0]
+        if len(names) != len(batch):
+            raise LSUVError(f"the exported model takes {len(names)} input(s) "
+                            f"({', '.join(names)}), the batch has {len(batch)} part(s)")
+        return dict(zip(names, batch))
+    return batch

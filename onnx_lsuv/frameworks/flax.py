@@ -1,0 +1,89 @@
+"""Flax: ``lsuv_nnx(model, batch)`` for nnx modules (updated in place) and
+``lsuv_linen(module, variables, batch)`` for linen (returns new variables), both exported
+with jax2onnx.
+
+jax2onnx names tensors ``const_0`` or ``kernel_oih_0``, with no link to the Flax paths, and
+writes kernels transposed (HWIO -> OIHW) and ConvTranspose kernels flipped; the values are
+the same, so the mapping finds them. Names are the state's paths joined by "." (nnx:
+``conv.kernel``) or by "/" (linen: ``params/Conv_0/kernel``). Requires ``onnx-lsuv[flax]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import FrameworkResult, initialise
+
+
+def _export(fn, batch: np.ndarray, opset: int):
+    from jax2onnx import to_onnx
+
+    return to_onnx(fn, inputs=[("B",) + tuple(batch.shape[1:])], opset=opset)
+
+
+def lsuv_nnx(model, batch, *, opset: int = 17, strict: bool = True,
+             **options: Any) -> FrameworkResult:
+    """LSUV-initialise a Flax nnx module in place (one input).
+
+    Args:
+        model: The nnx module. Call ``model.eval()`` first if it has BatchNorm or Dropout.
+        batch: The input batch, an array.
+        opset: The ONNX opset. Defaults to 17.
+        strict: Raise ``MatchError`` and leave the module untouched when a changed tensor
+            is not found among its variables. Defaults to True.
+        **options: ``lsuv_init``'s options.
+
+    Returns:
+        FrameworkResult; ``params`` are keyed by the nnx state paths joined by ".".
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    batch = np.asarray(batch)
+    flat = list(nnx.to_flat_state(nnx.state(model)))
+    names = {".".join(str(p) for p in path): path for path, _ in flat}
+    params = {name: np.asarray(var.value) for name, (_, var) in zip(names, flat)
+              if hasattr(var, "value") and np.asarray(var.value).dtype.kind == "f"}
+    result = initialise(_export(model, batch, opset), batch, params, strict, options)
+    if result.params:
+        by_path = {names[n]: v for n, v in result.params.items()}
+        updated = [(path, var.replace(jnp.asarray(by_path[path])) if path in by_path else var)
+                   for path, var in flat]
+        nnx.update(model, nnx.from_flat_state(updated))
+    return result
+
+
+def lsuv_linen(module, variables, batch, *, opset: int = 17, strict: bool = True,
+               **options: Any) -> FrameworkResult:
+    """LSUV-initialise a Flax linen module's variables (one input).
+
+    Args:
+        module: The linen module; ``module.apply(variables, x)`` is what is exported (pass
+            a module whose ``__call__`` runs in inference mode, e.g. BatchNorm with
+            ``use_running_average=True``).
+        variables: Its variables ({"params": ..., "batch_stats": ...}).
+        batch: The input batch, an array.
+        opset: The ONNX opset. Defaults to 17.
+        strict: Raise ``MatchError`` when a changed tensor is not found among the
+            variables. Defaults to True.
+        **options: ``lsuv_init``'s options.
+
+    Returns:
+        FrameworkResult; ``variables`` holds the new variables (the argument is unchanged),
+        ``params`` the changed ones, keyed by their paths joined by "/".
+    """
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    batch = np.asarray(batch)
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    params = {k: np.asarray(v) for k, v in flat.items() if np.asarray(v).dtype.kind == "f"}
+    result = initialise(_export(lambda x: module.apply(variables, x), batch, opset), batch,
+                        params, strict, options)
+    new = dict(flat)
+    for name, value in result.params.items():
+        new[name] = jnp.asarray(value)
+    result.variables = traverse_util.unflatten_dict(new, sep="/")
+    return result

@@ -1,0 +1,55 @@
+"""PaddlePaddle: ``lsuv_layer(layer, batch)`` exports with paddle2onnx
+(``paddle.onnx.export``), initialises, and sets the new values into the layer's state_dict.
+
+paddle2onnx names tensors by creation order (``conv2d_0.w_0``), not by state_dict key; the
+values are the same, so the mapping finds them. Requires ``onnx-lsuv[paddle]``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from ..model_io import load_model
+from . import FrameworkResult, initialise
+
+
+def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
+               **options: Any) -> FrameworkResult:
+    """LSUV-initialise a ``paddle.nn.Layer`` (one input) in place.
+
+    Args:
+        layer: The layer; exported in eval mode and put back in its mode after.
+        batch: The input batch, an array or a paddle Tensor.
+        opset: The ONNX opset. Defaults to 17.
+        strict: Raise ``MatchError`` and leave the layer untouched when a changed tensor is
+            not found among its parameters. Defaults to True.
+        **options: ``lsuv_init``'s options.
+
+    Returns:
+        FrameworkResult; ``params`` are keyed like ``layer.state_dict()``.
+    """
+    os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")  # paddle2onnx would pip-install
+    import paddle
+
+    batch = batch.numpy() if isinstance(batch, paddle.Tensor) else np.asarray(batch)
+    training = layer.training
+    layer.eval()
+    try:
+        state = layer.state_dict()
+        params = {k: v.numpy() for k, v in state.items() if v.dtype in (
+            paddle.float16, paddle.float32, paddle.float64)}
+        spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), "x")]
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = os.path.join(tmp, "model")
+            paddle.onnx.export(layer, prefix, input_spec=spec, opset_version=opset)
+            exported = load_model(prefix + ".onnx")
+        result = initialise(exported, batch, params, strict, options)
+        for name, value in result.params.items():
+            state[name].set_value(value)
+    finally:
+        layer.train() if training else None
+    return result

@@ -1,0 +1,83 @@
+"""PyTorch: ``lsuv_module(module, batch)`` exports with torch.onnx (dynamo, torch's default,
+or TorchScript), initialises, and copies the new weights into the module's state_dict.
+
+Both exporters at their default settings: eval mode folds BatchNorm into the conv kernels
+(its running statistics are left as they are; the kernel is unscaled and the folded bias
+change is carried into the conv's bias or the BatchNorm's shift), and Linear weights may be
+stored transposed. Requires ``onnx-lsuv[torch]`` (torch, and onnxscript for dynamo).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..model_io import load_model
+from . import FrameworkResult, feed, initialise, numpy_batch
+
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu()
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32,
+                                                     torch.float64):
+            t = t.float()  # bfloat16 and the like: numpy has no such dtype
+        return t.numpy()
+    return np.asarray(t)
+
+
+def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = None,
+                strict: bool = True, **options: Any) -> FrameworkResult:
+    """LSUV-initialise a ``torch.nn.Module`` in place.
+
+    Args:
+        module: The module. It is exported in eval mode and put back in its mode after.
+        batch: The example input: a tensor, a tuple of tensors (positional arguments), or
+            numpy arrays.
+        exporter: "dynamo" (``torch.onnx.export(dynamo=True)``, torch's default) or
+            "torchscript" (``dynamo=False``). Defaults to "dynamo".
+        opset: The ONNX opset to export to. Defaults to the exporter's own.
+        strict: Raise ``MatchError`` and leave the module untouched when a changed tensor
+            is not found among its parameters. Defaults to True.
+        **options: ``lsuv_init``'s options (seed, tol, target_var, ...).
+
+    Returns:
+        FrameworkResult; ``params`` are the state_dict entries that were written.
+    """
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    args = tuple(torch.as_tensor(a) for a in args)
+    training = module.training
+    module.eval()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            kwargs: dict[str, Any] = {"dynamo": exporter == "dynamo"}
+            if opset is not None:
+                kwargs["opset_version"] = opset
+            if exporter == "dynamo":
+                kwargs["verbose"] = False
+            torch.onnx.export(module, args, path, **kwargs)
+            exported = load_model(path)
+        state = module.state_dict()
+        params = {k: _to_numpy(v) for k, v in state.items() if v.is_floating_point()}
+        data = feed(exported, numpy_batch(list(args), _to_numpy))
+        result = initialise(exported, data, params, strict, options)
+        with torch.no_grad():
+            for name, value in result.params.items():
+                target = state[name]
+                target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
+    finally:
+        module.train(training)
+    return result
