@@ -1,0 +1,277 @@
+"""Back into PyTorch: ``onnx_lsuv.frameworks.torch.lsuv_module`` and the CLI's ``--match`` on
+models built here in plain torch (a ResNet-style net with BatchNorm, a BERT-style encoder),
+through both exporters at their default settings.
+
+Measured in torch itself, with forward hooks on the updated module: every Conv2d / Linear
+output (or, where the exporter folded a BatchNorm into the conv, as both exporters do in eval
+mode, the BatchNorm's output: that is what the ONNX conv computes) has unit variance within
+tol, in float64; the module's own forward equals ONNX Runtime's on the initialised ONNX model;
+and every tensor that changed between the export and the initialised model (counted here, from
+the two models) reached the module.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+TOL = 0.1
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=True)  # a bias before BN, too
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                      nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return torch.relu(h + (x if self.down is None else self.down(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.layer1 = Block(8, 8, 1)
+        self.layer2 = Block(8, 16, 2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = self.layer2(self.layer1(h))
+        return self.fc(h.mean((2, 3)))
+
+    folded = {"stem": "bn", "layer1.conv1": "layer1.bn1", "layer1.conv2": "layer1.bn2",
+              "layer2.conv1": "layer2.bn1", "layer2.conv2": "layer2.bn2",
+              "layer2.down.0": "layer2.down.1"}
+
+
+class Encoder(nn.Module):
+    """BERT-style: separate query/key/value Linears, softmax attention, LayerNorms, GELU FFN."""
+
+    def __init__(self, d: int = 16, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.embed = nn.Linear(6, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "query": nn.Linear(d, d), "key": nn.Linear(d, d), "value": nn.Linear(d, d),
+                "out": nn.Linear(d, d), "ln1": nn.LayerNorm(d),
+                "ff1": nn.Linear(d, 2 * d), "ff2": nn.Linear(2 * d, d), "ln2": nn.LayerNorm(d)}))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        h = self.embed(x)
+        for b in self.blocks:
+            def split(y):
+                return y.view(n, t, self.heads, -1).transpose(1, 2)
+            q, k, v = split(b["query"](h)), split(b["key"](h)), split(b["value"](h))
+            a = torch.softmax(q @ k.transpose(-1, -2) / (self.d // self.heads) ** 0.5, -1) @ v
+            h = b["ln1"](h + b["out"](a.transpose(1, 2).reshape(n, t, self.d)))
+            h = b["ln2"](h + b["ff2"](torch.nn.functional.gelu(b["ff1"](h))))
+        return self.head(h[:, 0])
+
+    folded: dict[str, str] = {}
+
+
+def randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Non-zero biases, BatchNorm statistics and affine parameters away from the defaults."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+    return model
+
+
+def make(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "resnet":
+        model, x = ResNet(), torch.randn(32, 3, 12, 12)
+    else:
+        model, x = Encoder(), torch.randn(32, 8, 6)
+    return randomise(model, seed + 1).eval(), x
+
+
+def measured(model: nn.Module, x) -> dict[str, float]:
+    """float64 variance of each Conv2d / Linear output, or of its folded BatchNorm's."""
+    names = dict(model.named_modules())
+    taps = {n: model.folded.get(n, n) for n, m in names.items()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+    seen: dict[str, list] = {}
+    hooks = [names[t].register_forward_hook(
+        lambda mod, inp, out, t=t: seen.setdefault(t, []).append(out.detach().double()))
+        for t in set(taps.values())]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {n: float(torch.cat([o.reshape(-1) for o in seen[t]]).var(unbiased=False))
+            for n, t in taps.items()}
+
+
+def changed_tensors(before: onnx.ModelProto, after: onnx.ModelProto) -> set[str]:
+    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+    return {t.name for t in after.graph.initializer
+            if t.name in old and not np.array_equal(old[t.name], numpy_helper.to_array(t))}
+
+
+def ort_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("kind", ["resnet", "encoder"])
+def test_lsuv_module(kind, exporter):
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    model, x = make(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lsuv_module(model, x, exporter=exporter, seed=3)
+    assert result.report.converged
+    if model.folded:  # both exporters fold BatchNorm into the conv in eval mode
+        assert "BatchNormalization" not in {n.op_type for n in result.exported.graph.node}
+
+    variances = measured(model, x)
+    assert len(variances) == (7 if kind == "resnet" else 14)
+    off = {n: v for n, v in variances.items() if abs(v - 1.0) >= TOL}
+    assert not off, f"off unit variance in torch's own forward: {off}"
+
+    changed = changed_tensors(result.exported, result.model)
+    assert changed and result.match.changed == len(changed)
+    assert result.match.complete and {m["onnx"] for m in result.match.mapped} == changed
+
+    with torch.no_grad():
+        ours = model(x).numpy()
+    np.testing.assert_allclose(ours, ort_output(result.model, x.numpy()), rtol=1e-4,
+                               atol=1e-4)
+    # what changed in the module is exactly what the call says it wrote
+    state = model.state_dict()
+    moved = {k for k in state if not torch.equal(state[k], before[k])}
+    assert moved == set(result.params)
+    assert not any(k.endswith(("running_mean", "running_var")) for k in moved)
+
+
+def test_lsuv_module_keeps_training_mode_and_is_deterministic():
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    a, x = make("encoder")
+    b, _ = make("encoder")
+    a.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lsuv_module(a, x, seed=5)
+        lsuv_module(b, x, seed=5)
+    assert a.training and not b.training
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_strict_leaves_the_module_alone(monkeypatch):
+    """When a changed tensor is not found, nothing is written and the error names it."""
+    import onnx_lsuv.frameworks as frameworks
+    from onnx_lsuv.frameworks import MatchError
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    model, x = make("resnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = frameworks.match_parameters
+
+    def without_fc(original, changed, params):  # as if fc.weight were not the model's
+        return real(original, changed, {k: v for k, v in params.items() if k != "fc.weight"})
+
+    monkeypatch.setattr(frameworks, "match_parameters", without_fc)
+    with warnings.catch_warnings(), pytest.raises(MatchError, match="fc.weight"):
+        warnings.simplefilter("ignore")
+        lsuv_module(model, x, exporter="torchscript")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_cli_match(tmp_path):
+    """The CLI on a default (dynamo) export with --match state_dict.npz --save-weights: the
+    npz loads into the module by its own names and shapes, and gives unit variances."""
+    model, x = make("resnet", seed=4)
+    path = str(tmp_path / "net.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=True, verbose=False)
+    state = {k: v.numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    np.savez(tmp_path / "params.npz", **state)
+    np.save(tmp_path / "x.npy", x.numpy())
+    out = tmp_path / "init.onnx"
+    cmd = ["onnx-lsuv", path, "--data", str(tmp_path / "x.npy"), "-o", str(out),
+           "--match", str(tmp_path / "params.npz"), "--save-weights", str(tmp_path / "new.npz")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "--match:" in run.stderr and "NOT mapped" not in run.stderr
+    with np.load(tmp_path / "new.npz") as new:
+        assert set(new.files) <= set(state)
+        full = model.state_dict()
+        for k in new.files:
+            assert new[k].shape == state[k].shape and new[k].dtype == state[k].dtype
+            full[k] = torch.from_numpy(new[k])
+    model.load_state_dict(full)
+    off = {n: v for n, v in measured(model, x).items() if abs(v - 1.0) >= TOL}
+    assert not off
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), ort_output(onnx.load(str(out)), x.numpy()),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_cli_match_needs_save_weights_and_reports_unmapped(tmp_path):
+    model, x = make("resnet", seed=5)
+    path = str(tmp_path / "net.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False)
+    state = {k: v.numpy() for k, v in model.state_dict().items()
+             if v.is_floating_point() and k != "fc.weight"}
+    np.savez(tmp_path / "params.npz", **state)
+    np.save(tmp_path / "x.npy", x.numpy())
+    base = ["onnx-lsuv", path, "--data", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx"),
+            "--match", str(tmp_path / "params.npz")]
+    run = subprocess.run(base, capture_output=True, text=True)
+    assert run.returncode == 2 and "--save-weights" in run.stderr
+    assert not os.path.exists(tmp_path / "o.onnx")
+    run = subprocess.run(base + ["--save-weights", str(tmp_path / "w.npz")], capture_output=True,
+                         text=True)
+    assert run.returncode == 1
+    assert "NOT mapped" in run.stderr and "fc.weight" in run.stderr
+    with np.load(tmp_path / "w.npz") as w:
+        assert "fc.weight" not in w.files and "stem.weight" in w.files
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
