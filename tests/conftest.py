@@ -18,6 +18,19 @@ OPSET = 17
 IR_VERSION = 8
 
 
+def framework_python(framework: str, modules) -> str | None:
+    """The interpreter that has ``framework``: the one ONNX_LSUV_<FRAMEWORK>_PYTHON names
+    (.ci/exporter-venvs builds them), else this one if it imports ``modules``; else None."""
+    import importlib.util
+
+    named = os.environ.get(f"ONNX_LSUV_{framework.upper()}_PYTHON")
+    if named:
+        return named
+    if all(importlib.util.find_spec(m) is not None for m in modules):
+        return sys.executable
+    return None
+
+
 def make_model(nodes, inputs, outputs, inits, opset=OPSET, ir_version=IR_VERSION):
     """A checked model. inputs/outputs: (name, shape) or (name, shape, elem_type)."""
 

@@ -17,10 +17,8 @@ changed, and every main-graph weight is orthonormal up to scale per group.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -29,6 +27,7 @@ from onnx import numpy_helper
 
 from onnx_lsuv import lsuv_init
 
+from conftest import framework_python
 from independent import (
     data_dependent,
     find_targets,
@@ -56,16 +55,6 @@ FRAMEWORKS = {  # script, the modules it needs, the models it writes
 pytestmark = pytest.mark.exporters
 
 
-def _python(framework: str) -> str | None:
-    named = os.environ.get(f"ONNX_LSUV_{framework.upper()}_PYTHON")
-    if named:
-        return named
-    modules = FRAMEWORKS[framework][1]
-    if all(importlib.util.find_spec(m) is not None for m in modules):
-        return sys.executable
-    return None
-
-
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """framework -> the directory its export script wrote (run once, on first use)."""
@@ -73,7 +62,7 @@ def exported(tmp_path_factory):
 
     def get(framework: str) -> str:
         if framework not in done:
-            python = _python(framework)
+            python = framework_python(framework, FRAMEWORKS[framework][1])
             if python is None:
                 pytest.skip(f"{framework} is not installed here (set "
                             f"ONNX_LSUV_{framework.upper()}_PYTHON, see .ci/exporter-venvs)")

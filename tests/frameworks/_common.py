@@ -1,0 +1,55 @@
+"""What the framework checks share: the tests' own counting of the changed tensors and ONNX
+Runtime's output on the initialised model. numpy, onnx and onnxruntime only (each check runs
+in its framework's own interpreter)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+
+def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def changed_tensors(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    old, new = constants(before), constants(after)
+    return sorted(n for n in new if n in old and not np.array_equal(old[n], new[n]))
+
+
+def ort_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def var(a) -> float:
+    return float(np.var(np.asarray(a, dtype=np.float64)))
+
+
+def summary(result, x: np.ndarray, framework_out, variances: dict, moved: list[str]) -> dict:
+    """The facts a test asserts on, measured here, beside what the call says it did."""
+    return {
+        "variances": variances,
+        "converged": bool(result.report.converged),
+        "changed": changed_tensors(result.exported, result.model),
+        "match": result.match.to_dict(),
+        "written": sorted(result.params),
+        "moved": sorted(moved),
+        "out_diff": float(np.abs(np.asarray(framework_out, np.float64)
+                                 - ort_output(result.model, x)).max()),
+        "out_scale": float(np.abs(np.asarray(framework_out)).max()),
+        "ops": sorted({n.op_type for n in result.exported.graph.node}),
+    }
+
+
+def write(path: str, facts: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(facts, f, indent=1)

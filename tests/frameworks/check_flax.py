@@ -1,0 +1,99 @@
+"""Back into Flax: ``lsuv_nnx`` (an nnx CNN with BatchNorm and ConvTranspose, updated in
+place) and ``lsuv_linen`` (the same net in linen, new variables returned), through jax2onnx;
+then measured in Flax's own forward.
+
+Usage (in the Flax interpreter, onnx_lsuv on PYTHONPATH): check_flax.py nnx|linen OUT.json
+
+Measured: the variance of each Conv / ConvTranspose / Linear (Dense) output, computed by the
+module's own layers (nnx: called one by one, as the net's __call__ does; linen:
+capture_intermediates).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from _common import summary, var, write  # noqa: E402
+from flax import linen, nnx  # noqa: E402
+
+BIAS = nnx.initializers.normal(1.0)
+X = np.random.default_rng(2).standard_normal((32, 12, 12, 3)).astype("float32")
+
+
+class CNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), padding="SAME", bias_init=BIAS, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.up = nnx.ConvTranspose(8, 6, (3, 3), strides=(2, 2), padding="SAME",
+                                    bias_init=BIAS, rngs=rngs)
+        self.fc = nnx.Linear(6, 5, bias_init=BIAS, rngs=rngs)
+
+    def steps(self, x):
+        a = self.conv(x)
+        b = self.up(nnx.relu(self.bn(a)))
+        c = self.fc(nnx.relu(b).mean((1, 2)))
+        return {"conv": a, "up": b, "fc": c}
+
+    def __call__(self, x):
+        return self.steps(x)["fc"]
+
+
+class Linen(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        h = linen.Conv(8, (3, 3), bias_init=BIAS, name="conv")(x)
+        h = linen.relu(linen.BatchNorm(use_running_average=True, name="bn")(h))
+        h = linen.ConvTranspose(6, (3, 3), strides=(2, 2), bias_init=BIAS, name="up")(h)
+        return linen.Dense(5, bias_init=BIAS, name="fc")(linen.relu(h).mean((1, 2)))
+
+
+def bn_stats(seed):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(0.5, 0.5, 8).astype("float32")),
+            jnp.asarray(rng.uniform(0.5, 2.0, 8).astype("float32")),
+            jnp.asarray(rng.uniform(0.5, 1.5, 8).astype("float32")),
+            jnp.asarray(rng.normal(0.0, 1.0, 8).astype("float32")))
+
+
+def main(argv):
+    from onnx_lsuv.frameworks.flax import lsuv_linen, lsuv_nnx
+
+    if argv[0] == "nnx":
+        model = CNN(nnx.Rngs(0))
+        model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \
+            bn_stats(1)
+        model.eval()
+        before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}
+        result = lsuv_nnx(model, X, seed=3)
+        after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}
+        moved = [".".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])]
+        steps = model.steps(jnp.asarray(X))
+        out = steps["fc"]
+        variances = {k: var(v) for k, v in steps.items()}
+    else:
+        module = Linen()
+        variables = module.init(jax.random.PRNGKey(0), X)
+        mean, v, scale, shift = bn_stats(1)
+        variables = {"params": {**variables["params"], "bn": {"scale": scale, "bias": shift}},
+                     "batch_stats": {"bn": {"mean": mean, "var": v}}}
+        result = lsuv_linen(module, variables, X, seed=3)
+        new = result.variables
+        flat_old = jax.tree_util.tree_leaves_with_path(variables)
+        flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
+        moved = ["/".join(p.key for p in k) for k, val in flat_old
+                 if not np.array_equal(np.asarray(val), np.asarray(flat_new[k]))]
+        out, state = module.apply(new, X, capture_intermediates=True)
+        inter = state["intermediates"]
+        variances = {k: var(inter[k]["__call__"][0]) for k in ("conv", "up", "fc")}
+    write(argv[1], summary(result, X, out, variances, moved))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

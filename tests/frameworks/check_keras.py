@@ -1,0 +1,116 @@
+"""Back into Keras 3: ``onnx_lsuv.frameworks.keras.lsuv_model`` on a CNN with BatchNorm,
+DepthwiseConv2D, a Dense on 3-D input and an LSTM, through tf2onnx and Keras' own export;
+then measured in Keras' own forward.
+
+Usage (in the Keras interpreter, onnx_lsuv on PYTHONPATH):
+  check_keras.py one OUT.json EXPORTER   the one call; facts to OUT.json
+  check_keras.py export DIR              DIR/model.onnx (tf2onnx), params.npz, x.npy
+  check_keras.py measure DIR             loads DIR/new.npz into the model; DIR/measure.json
+
+Measured: the variance of every Conv2D / DepthwiseConv2D / Dense output (activations are
+separate layers, so these are pre-activation; for conv_nobias, the output of bn2, which
+tf2onnx folds into that bias-less conv, so that the ONNX conv computes bn2's output) and,
+for the LSTM, of each gate's input projection x W_g, with W_g the Keras kernel's gate block
+(gate order i f c o) and x the LSTM's input in Keras' own forward.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _common import summary, var, write  # noqa: E402
+from keras import layers  # noqa: E402
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 12, 3), name="x")
+    h = layers.Conv2D(8, 3, padding="same", name="conv")(inp)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.ReLU()(h)
+    h = layers.DepthwiseConv2D(3, padding="same", name="depthwise")(h)
+    h = layers.BatchNormalization(name="bn_dw")(h)
+    h = layers.ReLU()(h)
+    h = layers.Conv2D(8, 1, use_bias=False, name="conv_nobias")(h)
+    h = layers.BatchNormalization(name="bn2")(h)
+    h = layers.ReLU()(h)
+    h = layers.Reshape((144, 8))(h)
+    h = layers.Dense(6, name="dense3d")(h)
+    h = layers.Activation("tanh")(h)
+    h = layers.LSTM(5, name="lstm")(h)
+    out = layers.Dense(4, name="head")(h)
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(1)
+    for w in model.weights:  # non-zero biases, BatchNorm away from its defaults
+        leaf = w.path.split("/")[-1]
+        shape = tuple(w.shape)
+        if leaf == "moving_variance":
+            w.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+        elif leaf in ("bias", "beta", "moving_mean"):
+            w.assign(rng.normal(0.0, 1.0, shape).astype("float32"))
+        elif leaf == "gamma":
+            w.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+    x = np.random.default_rng(2).standard_normal((32, 12, 12, 3)).astype("float32")
+    return model, x
+
+
+FOLDED = {"conv_nobias": "bn2"}  # tf2onnx folds a BatchNorm into a conv without a bias
+
+
+def measure(model, x) -> dict:
+    targets = [lay for lay in model.layers
+               if isinstance(lay, (layers.Conv2D, layers.DepthwiseConv2D, layers.Dense))]
+    lstm = model.get_layer("lstm")
+    taps = [model.get_layer(FOLDED.get(t.name, t.name)).output for t in targets]
+    probe = keras.Model(model.input, taps + [lstm.input])
+    outs = probe(x, training=False)
+    out = {t.name: var(o) for t, o in zip(targets, outs)}
+    seq = np.asarray(outs[-1], np.float64)
+    kernel = np.asarray(lstm.cell.kernel.numpy(), np.float64)
+    h = kernel.shape[1] // 4
+    for g, gate in enumerate("ifco"):
+        out[f"lstm[{gate}]"] = var(seq @ kernel[:, g * h:(g + 1) * h])
+    return out
+
+
+def main(argv):
+    mode = argv[0]
+    model, x = build()
+    if mode == "one":
+        from onnx_lsuv.frameworks.keras import lsuv_model
+
+        before = {w.path: np.asarray(w.numpy()) for w in model.weights}
+        result = lsuv_model(model, x, exporter=argv[2], seed=3)
+        moved = [w.path for w in model.weights
+                 if not np.array_equal(before[w.path], np.asarray(w.numpy()))]
+        write(argv[1], summary(result, x, model(x, training=False), measure(model, x), moved))
+    elif mode == "export":
+        import tensorflow as tf
+        import tf2onnx
+
+        spec = (tf.TensorSpec((None, 12, 12, 3), tf.float32, name="x"),)
+        fn = tf.function(lambda t: model(t, training=False), input_signature=spec)
+        tf2onnx.convert.from_function(fn, input_signature=spec, opset=17,
+                                      output_path=os.path.join(argv[1], "model.onnx"))
+        np.savez(os.path.join(argv[1], "params.npz"),
+                 **{w.path: np.asarray(w.numpy()) for w in model.weights})
+        np.save(os.path.join(argv[1], "x.npy"), x)
+    elif mode == "measure":
+        with np.load(os.path.join(argv[1], "new.npz")) as new:
+            by_path = {w.path: w for w in model.weights}
+            for k in new.files:
+                by_path[k].assign(new[k])
+        write(os.path.join(argv[1], "measure.json"),
+              {"variances": measure(model, x),
+               "out": np.asarray(model(x, training=False)).tolist()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,65 @@
+"""Back into PaddlePaddle: ``onnx_lsuv.frameworks.paddle.lsuv_layer`` on a CNN with
+BatchNorm (one conv with a bias, one without) through paddle2onnx; then measured in Paddle's
+own forward, with forward post-hooks on every Conv2D and Linear.
+
+Usage (in the Paddle interpreter, onnx_lsuv on PYTHONPATH): check_paddle.py OUT.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+from _common import summary, var, write  # noqa: E402
+from paddle import nn  # noqa: E402
+
+
+class CNN(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2D(8)
+        self.conv2 = nn.Conv2D(8, 8, 3, padding=1, bias_attr=False)
+        self.bn2 = nn.BatchNorm2D(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.bn(self.conv(x)))
+        h = nn.functional.relu(self.bn2(self.conv2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def main(argv):
+    from onnx_lsuv.frameworks.paddle import lsuv_layer
+
+    paddle.seed(0)
+    model = CNN()
+    rng = np.random.default_rng(1)
+    for k, p in model.state_dict().items():  # non-zero biases, BatchNorm off its defaults
+        if k.endswith(("_mean", "bias")):
+            p.set_value(rng.normal(0.0, 1.0, p.shape).astype("float32"))
+        elif k.endswith("_variance"):
+            p.set_value(rng.uniform(0.5, 2.0, p.shape).astype("float32"))
+        elif k.startswith("bn") and k.endswith("weight"):
+            p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
+    x = np.random.default_rng(2).standard_normal((32, 3, 12, 12)).astype("float32")
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    result = lsuv_layer(model, x, seed=3)
+    moved = [k for k, v in model.state_dict().items() if not np.array_equal(before[k], v.numpy())]
+    model.eval()
+    seen = {}
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, (nn.Conv2D, nn.Linear)):
+            layer.register_forward_post_hook(
+                lambda lay, inp, out, name=name: seen.__setitem__(name, out.numpy()))
+    out = model(paddle.to_tensor(x)).numpy()
+    write(argv[0], summary(result, x, out, {k: var(v) for k, v in seen.items()}, moved))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

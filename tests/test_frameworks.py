@@ -1,0 +1,117 @@
+"""Back into Keras, Flax and PaddlePaddle: the one call of each front end
+(``onnx_lsuv.frameworks.keras`` / ``.flax`` / ``.paddle``) on a small model built in the
+framework, with non-zero biases and BatchNorm statistics away from the defaults, and the
+CLI's ``--match`` on the Keras model.
+
+Each framework runs in its own interpreter (tests/frameworks/check_*.py, with onnx_lsuv from
+this checkout on PYTHONPATH), found as tests/test_real_exporters.py finds them; without one,
+its tests are skipped. The facts asserted are measured there, in the framework's own forward:
+every initialised layer's output within tol of unit variance (float64), the framework's
+output equal to ONNX Runtime's on the initialised ONNX model, and every tensor that changed
+between the export and the initialised model (counted by the check itself) mapped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import ROOT, framework_python
+
+HERE = os.path.join(ROOT, "tests", "frameworks")
+TOL = 0.1
+NEEDS = {"keras": ("keras", "tensorflow", "tf2onnx"), "flax": ("flax", "jax", "jax2onnx"),
+         "paddle": ("paddle", "paddle2onnx")}
+
+pytestmark = pytest.mark.exporters
+
+
+def run_check(framework: str, *args: str) -> None:
+    python = framework_python(framework, NEEDS[framework])
+    if python is None:
+        pytest.skip(f"{framework} is not installed here (set ONNX_LSUV_{framework.upper()}"
+                    "_PYTHON, see .ci/exporter-venvs)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]),
+               POLYGRAPHY_AUTOINSTALL_DEPS="0", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    script = os.path.join(HERE, f"check_{framework}.py")
+    proc = subprocess.run([python, script, *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def assert_back_in_framework(facts: dict, layers: set[str]) -> None:
+    assert facts["converged"]
+    assert set(facts["variances"]) == layers
+    off = {k: v for k, v in facts["variances"].items() if abs(v - 1.0) >= TOL}
+    assert not off, f"off unit variance in the framework's own forward: {off}"
+    match = facts["match"]
+    assert facts["changed"] and match["changed"] == len(facts["changed"])
+    assert match["complete"] and not match["unmapped"]
+    assert sorted(m["onnx"] for m in match["mapped"]) == facts["changed"]
+    assert facts["out_diff"] <= 1e-4 * max(1.0, facts["out_scale"])
+    assert facts["moved"] == facts["written"]
+
+
+KERAS_LAYERS = {"conv", "depthwise", "conv_nobias", "dense3d", "head",
+                "lstm[i]", "lstm[f]", "lstm[c]", "lstm[o]"}
+
+
+@pytest.mark.parametrize("exporter", ["tf2onnx", "keras"])
+def test_keras(tmp_path, exporter):
+    out = str(tmp_path / "facts.json")
+    run_check("keras", "one", out, exporter)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_back_in_framework(facts, KERAS_LAYERS)
+    # tf2onnx folds bn2 into the bias-less conv: its shift carried the folded bias
+    assert [c["into"] for c in facts["match"]["carried"]] == ["bn2/beta"]
+
+
+def test_keras_cli_match(tmp_path):
+    """Keras' parameters as an npz, the CLI with --match, the npz loaded back into Keras."""
+    d = str(tmp_path)
+    run_check("keras", "export", d)
+    cmd = ["onnx-lsuv", os.path.join(d, "model.onnx"), "--data", os.path.join(d, "x.npy"),
+           "-o", os.path.join(d, "init.onnx"), "--match", os.path.join(d, "params.npz"),
+           "--save-weights", os.path.join(d, "new.npz")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    with np.load(os.path.join(d, "params.npz")) as old, np.load(os.path.join(d, "new.npz")) as new:
+        assert new.files and set(new.files) <= set(old.files)
+        assert all(new[k].shape == old[k].shape and new[k].dtype == old[k].dtype
+                   for k in new.files)
+    run_check("keras", "measure", d)
+    with open(os.path.join(d, "measure.json")) as f:
+        measured = json.load(f)
+    assert set(measured["variances"]) == KERAS_LAYERS
+    off = {k: v for k, v in measured["variances"].items() if abs(v - 1.0) >= TOL}
+    assert not off
+    session = ort.InferenceSession(onnx.load(os.path.join(d, "init.onnx")).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    ours = session.run(None, {session.get_inputs()[0].name: np.load(os.path.join(d, "x.npy"))})
+    np.testing.assert_allclose(np.asarray(measured["out"]), ours[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_flax(tmp_path, api):
+    out = str(tmp_path / "facts.json")
+    run_check("flax", api, out)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_back_in_framework(facts, {"conv", "up", "fc"})
+
+
+def test_paddle(tmp_path):
+    out = str(tmp_path / "facts.json")
+    run_check("paddle", out)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_back_in_framework(facts, {"conv", "conv2", "fc"})
+    # paddle2onnx's names are not state_dict keys: every parameter was found by value
+    assert all(m["onnx"] not in m["params"] for m in facts["match"]["mapped"])
