@@ -97,6 +97,16 @@ def _region_text(region: Region, what: str) -> str:
 
 
 @dataclass
+class Prefer:
+    """What the graph says about a tensor's candidates: the parameters (or their parents) of
+    the same layer, and whether several equal parameters may all be this one tensor."""
+
+    names: set[str] = field(default_factory=set)
+    parents: set[str] = field(default_factory=set)
+    tied: bool = False
+
+
+@dataclass
 class Placement:
     """One ONNX tensor (or piece of it) found in one parameter (or chunk of it)."""
 
@@ -278,22 +288,20 @@ class _Matcher:
         return []
 
     def solve_exact(self, target: np.ndarray, new: np.ndarray, name: str, piece: Region,
-                    prefer: set[str]) -> list[Placement] | str:
+                    prefer: Prefer) -> list[Placement] | str:
         candidates = self.exact(target)
         if not candidates:
             return "its value is not among the parameters"
         ties = _has_ties(target)
-        found: list[tuple[str, Region, Arrangement]] = []
+        found: list[tuple[str, Region, Arrangement | str]] = []
         for pname, region in candidates:
             arr = self._arrange(pname, region, target, ties, new)
-            if isinstance(arr, str):
-                return f"{pname}: {arr}"
             if arr is not None:
                 found.append((pname, region, arr))
         if not found:
             return "its values are among the parameters, but in no layout onnx-lsuv knows"
         if len(found) > 1:
-            if not ties:  # one tensor tied under several names: they all get it
+            if not ties and prefer.tied:  # one tensor tied under several names: all get it
                 whole = [f for f in found if f[1] is None]
                 if len(whole) == len(found):
                     return [Placement(name, piece, p, r, a) for p, r, a in found]
@@ -302,7 +310,8 @@ class _Matcher:
                 found = free
             else:
                 pool = free or found
-                near = [f for f in pool if f[0] in prefer]
+                near = [f for f in pool if f[0] in prefer.names
+                        or _parent(f[0]) in prefer.parents]
                 if len(near) == 1:
                     found = near
                 else:
@@ -314,6 +323,8 @@ class _Matcher:
                                     for f in pool})))
                     found = named
         pname, region, arr = found[0]
+        if isinstance(arr, str):
+            return f"ambiguous: {pname}: {arr}"
         return [Placement(name, piece, pname, region, arr)]
 
     def _arrange(self, pname: str, region: Region, target: np.ndarray, ties: bool,
@@ -515,21 +526,35 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
             continue
         result.changed += 1
         pending.append((name, before, new))
+    weight_of = {b: w for w, b in bias_of.items()}
+    consts = _constants(model)
+
+    def prefer(name: str, before: np.ndarray) -> Prefer:
+        """Equal parameters are this one tensor when it is the exporter's own (not a copy
+        onnx-lsuv made) and no constant that stays as it was holds the same values."""
+        tied = name in consts and not any(
+            other != name and other not in changed and v.shape == before.shape
+            and np.array_equal(v, before) for other, v in consts.items())
+        weight = weight_of.get(name)
+        mapped = next((m["params"] for m in result.mapped if m["onnx"] == weight), [])
+        return Prefer(parents={_parent(p) for p in mapped}, tied=tied)
+
+    pending.sort(key=lambda item: item[0] in weight_of)  # weights first: biases follow them
     second = []
     for name, before, new in pending:
-        placements = _solve(matcher, name, before, new)
+        placements = _solve(matcher, name, before, new, prefer(name, before))
         if isinstance(placements, str):
             second.append((name, before, new, placements))
             continue
         _commit(matcher, result, name, placements, before, new)
-    for name, before, new, reason in second:
+    for name, before, new, _first_reason in second:
         if name in biases_of_folded:
             continue
         scaled = matcher.solve_scaled(before, name)
-        if scaled is None:
-            placements = _solve(matcher, name, before, new)  # claims may now resolve it
+        if scaled is None:  # claims and mapped weights may now resolve it
+            placements = _solve(matcher, name, before, new, prefer(name, before))
             if isinstance(placements, str):
-                result.unmapped.append({"onnx": name, "reason": reason})
+                result.unmapped.append({"onnx": name, "reason": placements})
             else:
                 _commit(matcher, result, name, placements, before, new)
             continue
@@ -552,8 +577,8 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     return result
 
 
-def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray):
-    whole = matcher.solve_exact(before, new, name, None, set())
+def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, prefer: Prefer):
+    whole = matcher.solve_exact(before, new, name, None, prefer)
     if not isinstance(whole, str):
         return whole
     for axis, n in enumerate(before.shape):
@@ -561,7 +586,7 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray):
             if n % k or before.size // k < 2:
                 continue
             placements: list[Placement] = []
-            used: set[str] = set()
+            used = Prefer(set(prefer.names), set(prefer.parents))
             failed = False
             for j in range(k):
                 piece = (axis, j, k)
@@ -573,7 +598,7 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray):
                     failed = True
                     break
                 placements.extend(got)
-                used.update(p.param for p in got)
+                used.names.update(p.param for p in got)
             if not failed and placements:
                 return placements
     return whole

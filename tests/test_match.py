@@ -1,0 +1,245 @@
+"""``match_parameters``: each exporter pattern built by hand with onnx.helper, exactly as the
+exporter writes it (tests/exporters/PATTERNS.md), beside the parameters as the framework holds
+them. The new ONNX values are drawn here; each test writes the exporter's own forward
+transform (parameter -> ONNX tensor) and checks that it takes the returned parameters onto the
+new ONNX values, so the test's expectation never comes from the module under test. The real
+exporters are in tests/test_frameworks*.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnx_lsuv import InputError, lsuv_init
+from onnx_lsuv.match import match_parameters
+
+from conftest import make_model
+
+RNG = np.random.default_rng(0)
+
+
+def r(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def conv_model(w, b=None, group=1, op="Conv", x_shape=(2, 3, 6, 6)):
+    inputs = ["x", "W"] + (["B"] if b is not None else [])
+    inits = {"W": w, **({"B": b} if b is not None else {})}
+    node = helper.make_node(op, inputs, ["y"], group=group, pads=[1, 1, 1, 1])
+    return make_model([node], [("x", list(x_shape))], [("y", None)], inits)
+
+
+def test_keras_conv_hwio_and_bias():
+    kernel, bias = r(3, 3, 3, 8), r(8)  # Keras HWIO; tf2onnx stores OIHW
+    model = conv_model(kernel.transpose(3, 2, 0, 1), bias)
+    new_w, new_b = r(8, 3, 3, 3), np.zeros(8, np.float32)
+    got = match_parameters(model, {"W": new_w, "B": new_b},
+                           {"conv/kernel": kernel, "conv/bias": bias, "bn/gamma": r(8)})
+    assert got.complete and got.changed == 2 and set(got.params) == {"conv/kernel", "conv/bias"}
+    np.testing.assert_array_equal(got.params["conv/kernel"].transpose(3, 2, 0, 1), new_w)
+    np.testing.assert_array_equal(got.params["conv/bias"], new_b)
+    assert got.params["conv/kernel"].shape == kernel.shape
+
+
+def test_keras_depthwise_hwc1():
+    kernel = r(3, 3, 4, 1)  # Keras depthwise: H W C multiplier; ONNX [C, 1, H, W], group C
+    model = conv_model(kernel.transpose(2, 3, 0, 1), group=4, x_shape=(2, 4, 6, 6))
+    new = r(4, 1, 3, 3)
+    got = match_parameters(model, {"W": new}, {"dw/depthwise_kernel": kernel})
+    np.testing.assert_array_equal(got.params["dw/depthwise_kernel"].transpose(2, 3, 0, 1), new)
+
+
+def test_flax_conv_transpose_flipped_and_transposed():
+    kernel = r(3, 3, 4, 6)  # Flax ConvTranspose HWIO; stored folded: [I, O, H, W], flipped
+    stored = np.flip(kernel.transpose(2, 3, 0, 1), (2, 3)).copy()
+    model = conv_model(stored, op="ConvTranspose", x_shape=(2, 4, 5, 5))
+    new = r(*stored.shape)
+    got = match_parameters(model, {"W": new}, {"up.kernel": kernel})
+    back = np.flip(got.params["up.kernel"].transpose(2, 3, 0, 1), (2, 3))
+    np.testing.assert_array_equal(back, new)
+
+
+def test_dense_pre_transposed_and_float16_store():
+    w = r(5, 7)  # torch Linear [out, in]; the exporter writes MatMul's [in, out] in float16
+    stored = w.T.astype(np.float16)
+    node = helper.make_node("MatMul", ["x", "W"], ["y"])
+    model = make_model([node], [("x", [2, 7], 10)], [("y", None, 10)], {"W": stored})
+    new = r(7, 5).astype(np.float16)
+    got = match_parameters(model, {"W": new}, {"fc.weight": w.astype(np.float16)})
+    assert got.params["fc.weight"].dtype == np.float16
+    np.testing.assert_array_equal(got.params["fc.weight"].T, new)
+
+
+def _recurrent(op, w, rr, b, hidden):
+    node = helper.make_node(op, ["x", "W", "R", "B"], ["y"], hidden_size=hidden)
+    return make_model([node], [("x", [4, 2, w.shape[2]])], [("y", None)],
+                      {"W": w, "R": rr, "B": b})
+
+
+def test_keras_lstm_gate_order_and_missing_recurrent_bias():
+    h, n_in = 5, 3
+    kernel, rec, bias = r(n_in, 4 * h), r(h, 4 * h), r(4 * h)  # Keras: gates i f c o
+
+    def to_onnx(k):  # [.., 4h] i f c o -> [1, 4h, ..] i o f c
+        i, f, c, o = np.split(k, 4, axis=-1)
+        return np.concatenate([i, o, f, c], axis=-1).T[None]
+
+    b_onnx = np.concatenate([to_onnx(bias[None])[0, :, 0], np.zeros(4 * h, np.float32)])[None]
+    model = _recurrent("LSTM", to_onnx(kernel), to_onnx(rec), b_onnx, h)
+    new = {"W": r(1, 4 * h, n_in), "R": r(1, 4 * h, h), "B": np.zeros((1, 8 * h), np.float32)}
+    new["B"][0, h:2 * h] = 1.0  # the output gate's input bias, say
+    params = {"lstm/kernel": kernel, "lstm/recurrent_kernel": rec, "lstm/bias": bias}
+    got = match_parameters(model, new, params)
+    assert got.complete, got.summary()
+    np.testing.assert_array_equal(to_onnx(got.params["lstm/kernel"]), new["W"])
+    np.testing.assert_array_equal(to_onnx(got.params["lstm/recurrent_kernel"]), new["R"])
+    np.testing.assert_array_equal(to_onnx(got.params["lstm/bias"][None])[0, :, 0],
+                                  new["B"][0, :4 * h])
+
+
+def test_torch_gru_gate_order_and_two_biases():
+    h, n_in = 4, 3
+    w_ih, w_hh, b_ih, b_hh = r(3 * h, n_in), r(3 * h, h), r(3 * h), r(3 * h)  # r z n
+
+    def to_onnx(k):  # r z n -> z r h
+        rr, z, n = np.split(k, 3, axis=0)
+        return np.concatenate([z, rr, n], axis=0)
+
+    model = _recurrent("GRU", to_onnx(w_ih)[None], to_onnx(w_hh)[None],
+                       np.concatenate([to_onnx(b_ih), to_onnx(b_hh)])[None], h)
+    new = {"W": r(1, 3 * h, n_in), "B": np.zeros((1, 6 * h), np.float32)}
+    params = {"gru.weight_ih_l0": w_ih, "gru.weight_hh_l0": w_hh, "gru.bias_ih_l0": b_ih,
+              "gru.bias_hh_l0": b_hh}
+    got = match_parameters(model, new, params)
+    assert got.complete, got.summary()
+    np.testing.assert_array_equal(to_onnx(got.params["gru.weight_ih_l0"])[None], new["W"])
+    assert not np.any(got.params["gru.bias_ih_l0"]) and not np.any(got.params["gru.bias_hh_l0"])
+
+
+def test_fused_qkv_split_into_three_matmuls():
+    e = 6
+    in_proj = r(3 * e, e)  # torch MultiheadAttention's in_proj_weight, q k v stacked
+    q, k, v = np.split(in_proj, 3)
+    nodes = [helper.make_node("MatMul", ["x", n], [n + "_y"]) for n in ("Wq", "Wk", "Wv")]
+    model = make_model(nodes, [("x", [2, e])], [(n + "_y", None) for n in ("Wq", "Wk", "Wv")],
+                       {"Wq": q.T.copy(), "Wk": k.T.copy(), "Wv": v.T.copy()})
+    new = {"Wq": r(e, e), "Wk": r(e, e), "Wv": r(e, e)}
+    got = match_parameters(model, new, {"attn.in_proj_weight": in_proj, "attn.out": r(e, e)})
+    assert got.complete and list(got.params) == ["attn.in_proj_weight"]
+    np.testing.assert_array_equal(got.params["attn.in_proj_weight"],
+                                  np.concatenate([new["Wq"].T, new["Wk"].T, new["Wv"].T]))
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_folded_batchnorm_is_unscaled_and_its_bias_carried(conv_bias):
+    """k' = k s, b' = (b - mean) s + beta with s = gamma / sqrt(var + eps), as torch's and
+    tf2onnx's folds write them; the framework's conv + BN must then compute the new k', b'."""
+    c, eps = 6, 1e-5
+    kernel, b = r(c, 3, 3, 3), r(c) if conv_bias else np.zeros(c, np.float32)
+    gamma, beta = RNG.uniform(0.5, 1.5, c).astype(np.float32), r(c)
+    mean, var = r(c), RNG.uniform(0.5, 2.0, c).astype(np.float32)
+    s = (gamma / np.sqrt(var + eps)).astype(np.float32)
+    model = conv_model(kernel * s[:, None, None, None], ((b - mean) * s + beta).astype(np.float32))
+    params = {"conv.weight": kernel, "bn.weight": gamma, "bn.bias": beta, "bn.running_mean": mean,
+              "bn.running_var": var, "other.bias": r(c), "other.weight": r(c)}
+    if conv_bias:
+        params["conv.bias"] = b
+    new_w, new_b = r(c, 3, 3, 3), np.zeros(c, np.float32)
+    got = match_parameters(model, {"W": new_w, "B": new_b}, params)
+    assert got.complete, got.summary()
+    assert set(got.params) == {"conv.weight", "conv.bias" if conv_bias else "bn.bias"}
+    np.testing.assert_allclose(got.params["conv.weight"] * s[:, None, None, None], new_w,
+                               rtol=1e-5, atol=1e-6)
+    b2 = got.params.get("conv.bias", b)
+    beta2 = got.params.get("bn.bias", beta)
+    np.testing.assert_allclose((b2 - mean) * s + beta2, new_b, atol=1e-5)
+    assert got.carried and got.carried[0]["batchnorm"] == {
+        "gamma": "bn.weight", "var": "bn.running_var", "mean": "bn.running_mean",
+        "beta": "bn.bias"}
+
+
+def test_tied_parameter_gets_the_value_under_both_names():
+    w = r(8, 4)
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)
+    model = make_model([node], [("x", [2, 4])], [("y", None)], {"W": w})
+    new = r(8, 4)
+    got = match_parameters(model, {"W": new}, {"embed.weight": w, "lm_head.weight": w.copy()})
+    assert got.complete and set(got.params) == {"embed.weight", "lm_head.weight"}
+    assert all(np.array_equal(v, new) for v in got.params.values())
+
+
+def test_unmatched_and_ambiguous_are_reported_never_guessed():
+    w, b = r(8, 4), np.full(8, 0.25, np.float32)
+    node = helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)
+    model = make_model([node], [("x", [2, 4])], [("y", None)], {"W": w, "B": b})
+    new = {"W": r(8, 4), "B": r(8)}
+    params = {"a.bias": b.copy(), "c.bias": b.copy(), "d.weight": r(8, 4)}
+    got = match_parameters(model, new, params)
+    assert not got.complete and got.fraction == 0 and not got.params
+    reasons = {u["onnx"]: u["reason"] for u in got.unmapped}
+    assert "not among the parameters" in reasons["W"]
+    assert "ambiguous" in reasons["B"] and "a.bias" in reasons["B"] and "c.bias" in reasons["B"]
+    assert "NOT mapped" in got.summary()
+
+
+def test_equal_candidates_resolved_by_name():
+    b = np.full(8, 0.25, np.float32)
+    node = helper.make_node("Gemm", ["x", "W", "fc2.bias"], ["y"], transB=1)
+    model = make_model([node], [("x", [2, 4])], [("y", None)], {"W": r(8, 4), "fc2.bias": b})
+    got = match_parameters(model, {"fc2.bias": np.zeros(8, np.float32)},
+                           {"fc1.bias": b.copy(), "fc2.bias": b.copy()})
+    assert got.complete and list(got.params) == ["fc2.bias"]
+
+
+def test_two_tensors_writing_one_parameter_differently_is_a_clash():
+    w = r(4, 4)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["y1"]),
+             helper.make_node("MatMul", ["x", "W2"], ["y2"])]
+    model = make_model(nodes, [("x", [2, 4])], [("y1", None), ("y2", None)],
+                       {"W1": w, "W2": w.copy()})
+    got = match_parameters(model, {"W1": r(4, 4), "W2": r(4, 4)}, {"shared": w})
+    assert [u["onnx"] for u in got.unmapped] == ["W2"]
+    assert "different new values" in got.unmapped[0]["reason"]
+
+
+def test_end_to_end_with_lsuv_and_a_bias_given_its_own_copy():
+    """Three equal framework biases the exporter stored once, read by two Gemms and an Add:
+    lsuv_init gives each Gemm its own zeroed copy under a new name. Each copy goes to the
+    bias of the layer whose weight it sits beside (resolved by the graph); the third, which
+    the Add still reads unchanged, is left alone."""
+    w1, w2, b = r(4, 4), r(4, 4), r(4)
+    nodes = [helper.make_node("Gemm", ["x", "W1", "B"], ["h"], transB=1),
+             helper.make_node("Gemm", ["h", "W2", "B"], ["y"], transB=1),
+             helper.make_node("Add", ["y", "B"], ["z"])]
+    model = make_model(nodes, [("x", [64, 4])], [("z", None)], {"W1": w1, "W2": w2, "B": b})
+    result = lsuv_init(model, r(64, 4), seed=1)
+    assert "B" not in result.weights and len(result.weights) == 4
+    params = {"l1.weight": w1, "l2.weight": w2, "l1.bias": b.copy(), "l2.bias": b + 0,
+              "shift.bias": b + 0}
+    got = match_parameters(model, result.weights, params)
+    assert got.complete and set(got.params) == {"l1.weight", "l2.weight", "l1.bias", "l2.bias"}
+    assert not np.any(got.params["l1.bias"]) and not np.any(got.params["l2.bias"])
+
+
+def test_equal_tensors_with_one_left_unchanged_are_not_tied():
+    """Two framework weights with equal values, exported as two tensors of which only one
+    changed: writing both would silently change the other layer, so it is reported."""
+    w = r(4, 4)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["y1"]),
+             helper.make_node("MatMul", ["x", "W2"], ["y2"])]
+    model = make_model(nodes, [("x", [2, 4])], [("y1", None), ("y2", None)],
+                       {"W1": w, "W2": w.copy()})
+    got = match_parameters(model, {"W1": r(4, 4)}, {"p.weight": w, "q.weight": w.copy()})
+    assert not got.params and "ambiguous" in got.unmapped[0]["reason"]
+
+
+def test_bad_params():
+    model = conv_model(r(8, 3, 3, 3))
+    with pytest.raises(InputError, match="mapping"):
+        match_parameters(model, {}, [1, 2])
+    with pytest.raises(InputError, match="not found"):
+        match_parameters(model, {}, "/nonexistent/params.npz")
+    with pytest.raises(InputError, match="shape"):
+        match_parameters(model, {"W": r(2, 2)}, {"w": r(8, 3, 3, 3)})
