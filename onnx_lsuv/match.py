@@ -210,11 +210,13 @@ def _probe_positions(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _profile(values: np.ndarray, axis: int) -> np.ndarray:
-    """The sorted |values| of each unit along ``axis`` over the unit's largest: the same for a
-    kernel and for that kernel scaled per unit, in any layout of its other axes."""
+    """Per unit along ``axis``, the mean |value| and mean value^2 over the unit's largest
+    |value|, each sorted over the units: the same for a kernel and for that kernel scaled per
+    unit, in any layout of its other axes (a cheap test before the arrangements are tried)."""
     moved = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1))
     top = moved.max(axis=1, keepdims=True)
-    return np.sort(moved / np.where(top > 0, top, 1), axis=None)
+    moved = moved / np.where(top > 0, top, 1)
+    return np.concatenate([np.sort(moved.mean(axis=1)), np.sort((moved ** 2).mean(axis=1))])
 
 
 def _probe(source: np.ndarray, arrangement: Arrangement, q: np.ndarray) -> np.ndarray:
@@ -255,6 +257,7 @@ class _Matcher:
             self.by_size.setdefault(arr.size, []).append(name)
         self._keys: dict[tuple[str, Region, str], bytes] = {}
         self._profiles: dict[tuple[str, int], np.ndarray] = {}
+        self._range: dict[tuple[str, Region, str], tuple[float, float]] = {}
         self.new: dict[str, np.ndarray] = {}
         self.written: dict[str, np.ndarray] = {}
         self.claimed: set[tuple[str, Region]] = set()
@@ -278,11 +281,20 @@ class _Matcher:
             self._keys[k] = _key(_part(self.params[name], region).astype(dtype))
         return self._keys[k]
 
+    def _bounds(self, name: str, region: Region, dtype: np.dtype) -> tuple[float, float]:
+        k = (name, region, dtype.str)
+        if k not in self._range:
+            part = _part(self.params[name], region).astype(dtype)
+            self._range[k] = (float(part.min()), float(part.max()))
+        return self._range[k]
+
     def exact(self, target: np.ndarray) -> list[tuple[str, Region]]:
-        key = _key(target)
+        key, bounds = _key(target), (float(target.min()), float(target.max()))
         for chunks in (False, True):  # a whole parameter first; chunks only where none is
+            # (the extremes first: a cheap test that rules out nearly every candidate)
             found = [(n, r) for n, r in self._sources(target.size, chunks)
-                     if self._key(n, r, target.dtype) == key]
+                     if self._bounds(n, r, target.dtype) == bounds
+                     and self._key(n, r, target.dtype) == key]
             if found:
                 return found
         return []
@@ -617,8 +629,9 @@ def _commit(matcher: _Matcher, result: MatchResult, name: str, placements: list[
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Equal to float32 rounding of the fold (relative, and absolute against the scale)."""
     return np.abs(a - b) <= 1e-4 * np.maximum(np.abs(a), np.abs(b)) + 1e-5 * (
-        1 + float(np.abs(b).max(initial=0)))
+        1 + np.abs(b).max(axis=-1, keepdims=True))
 
 
 def _carry(matcher: _Matcher, result: MatchResult, kernel: Placement, bias: str,
@@ -643,20 +656,15 @@ def _carry(matcher: _Matcher, result: MatchResult, kernel: Placement, bias: str,
     if not names:
         return "folded BatchNormalization: no parameter of its size to carry the bias into"
     mat = np.stack([vecs[n] for n in names])
-    gamma_over_s = mat / s
-    pairs = []
-    for i in range(len(names)):
-        if np.any(gamma_over_s[i] <= 0):
-            continue
-        eps = gamma_over_s[i] ** 2 - mat  # (var + eps) - var, per candidate var
-        for j in range(len(names)):
-            if j == i or np.any(mat[j] < 0):
-                continue
-            e = eps[j]
-            mid = float(np.median(e))
-            if -1e-6 <= mid <= 0.1 and np.all(np.abs(e - mid) <= 1e-3 * (mat[j] + abs(mid))
-                                             + 1e-6):
-                pairs.append((i, j))
+    # eps[i, j] = (gamma_i / s)^2 - var_j: one constant eps >= 0 for the true pair
+    g = mat / s
+    eps = g[:, None, :] ** 2 - mat[None, :, :]
+    mid = np.median(eps, axis=2)
+    fits = (np.all(np.abs(eps - mid[..., None]) <= 1e-3 * (np.abs(mat[None]) + np.abs(
+        mid[..., None])) + 1e-6, axis=2) & (mid >= -1e-6) & (mid <= 0.1)
+            & np.all(g > 0, axis=1)[:, None] & np.all(mat >= 0, axis=1)[None, :])
+    np.fill_diagonal(fits, False)
+    pairs = [tuple(int(v) for v in ij) for ij in np.argwhere(fits)]
     if len(pairs) != 1:
         return ("folded BatchNormalization: its gamma and variance were "
                 + ("not found" if not pairs else "found more than once") + " among the parameters")
@@ -664,14 +672,14 @@ def _carry(matcher: _Matcher, result: MatchResult, kernel: Placement, bias: str,
     rest = [k for k in range(len(names)) if k not in (gi, vi)]
     siblings = [k for k in rest if _parent(names[k]) == _parent(kernel.param)]
     found = []
+    sub = mat[rest]
     for bk in [None] + siblings:
-        for mk in rest:
-            if mk == bk:
-                continue
-            want = b_old + mat[mk] * s - (0 if bk is None else mat[bk] * s)
-            for betak in rest:
-                if betak in (mk, bk) or not np.all(_close(mat[betak], want)):
-                    continue
+        # want[m] = b_old + (mean_m - b) s: the shift beta that the folded bias implies
+        want = b_old + sub * s - (0 if bk is None else mat[bk] * s)
+        hit = np.all(_close(sub[None, :, :], want[:, None, :]), axis=2)  # [mean, beta]
+        for mi, bi in np.argwhere(hit):
+            mk, betak = rest[mi], rest[bi]
+            if len({mk, betak, bk}) == 3:  # all different (bk may be None)
                 found.append((bk, mk, betak))
         if found:
             break

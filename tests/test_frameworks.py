@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from conftest import ROOT, framework_python
 
 HERE = os.path.join(ROOT, "tests", "frameworks")
 TOL = 0.1
+CLI = [sys.executable, "-m", "onnx_lsuv"]
 NEEDS = {"keras": ("keras", "tensorflow", "tf2onnx"), "flax": ("flax", "jax", "jax2onnx"),
          "paddle": ("paddle", "paddle2onnx")}
 
@@ -77,7 +79,7 @@ def test_keras_cli_match(tmp_path):
     """Keras' parameters as an npz, the CLI with --match, the npz loaded back into Keras."""
     d = str(tmp_path)
     run_check("keras", "export", d)
-    cmd = ["onnx-lsuv", os.path.join(d, "model.onnx"), "--data", os.path.join(d, "x.npy"),
+    cmd = [*CLI, os.path.join(d, "model.onnx"), "--data", os.path.join(d, "x.npy"),
            "-o", os.path.join(d, "init.onnx"), "--match", os.path.join(d, "params.npz"),
            "--save-weights", os.path.join(d, "new.npz")]
     run = subprocess.run(cmd, capture_output=True, text=True)

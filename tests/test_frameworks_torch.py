@@ -27,6 +27,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 TOL = 0.1
+CLI = [sys.executable, "-m", "onnx_lsuv"]
 
 
 class Block(nn.Module):
@@ -231,7 +232,7 @@ def test_cli_match(tmp_path):
     np.savez(tmp_path / "params.npz", **state)
     np.save(tmp_path / "x.npy", x.numpy())
     out = tmp_path / "init.onnx"
-    cmd = ["onnx-lsuv", path, "--data", str(tmp_path / "x.npy"), "-o", str(out),
+    cmd = [*CLI, path, "--data", str(tmp_path / "x.npy"), "-o", str(out),
            "--match", str(tmp_path / "params.npz"), "--save-weights", str(tmp_path / "new.npz")]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -260,7 +261,7 @@ def test_cli_match_needs_save_weights_and_reports_unmapped(tmp_path):
              if v.is_floating_point() and k != "fc.weight"}
     np.savez(tmp_path / "params.npz", **state)
     np.save(tmp_path / "x.npy", x.numpy())
-    base = ["onnx-lsuv", path, "--data", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx"),
+    base = [*CLI, path, "--data", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx"),
             "--match", str(tmp_path / "params.npz")]
     run = subprocess.run(base, capture_output=True, text=True)
     assert run.returncode == 2 and "--save-weights" in run.stderr
