@@ -1,5 +1,9 @@
-"""The README's PyTorch recipe, end to end: export, onnx-lsuv, load_state_dict, and the torch
-model's own layer outputs have unit variance. Skipped where torch is not installed."""
+"""The name-for-name PyTorch path, end to end: a TorchScript export with
+do_constant_folding=False and keep_initializers_as_inputs=True keeps one initializer per
+parameter, named like state_dict(), so ``result.weights`` loads by name with no mapping;
+then the torch model's own layer outputs have unit variance. (The general way back, any
+exporter at its defaults, is onnx_lsuv.frameworks / match: tests/test_frameworks_torch.py.)
+Skipped where torch is not installed."""
 
 import inspect
 
