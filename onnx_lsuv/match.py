@@ -46,6 +46,12 @@ from .model_io import ModelLike, load_model
 
 PIECES = (2, 3, 4, 6, 8)  # equal parts tried: fused QKV (3), LSTM gates (4, B: 8), GRU (3, 6)
 SCALE_RTOL = 1e-4  # a folded kernel is the parameter times a per-unit factor, to float rounding
+
+
+def _rtol(dtype: np.dtype) -> float:
+    """The rounding a fold leaves: 1e-4 for float32 and wider, more for float16."""
+    return max(SCALE_RTOL, 16 * float(np.finfo(dtype).eps)) if np.dtype(dtype).kind == "f" \
+        else SCALE_RTOL
 _MAX_ARRANGEMENTS = 4096
 
 Region = Union[tuple[int, int, int], None]  # (axis, index, count): one of count equal parts
@@ -140,6 +146,7 @@ class MatchResult:
             reached no parameter.
         carried: Folded biases carried back: {"onnx", "into", "how"}.
         changed: How many ONNX tensors changed (those with an unchanged value need nothing).
+        notes: What the user should know (one tensor written into several parameters).
     """
 
     params: dict[str, np.ndarray] = field(default_factory=dict)
@@ -147,6 +154,7 @@ class MatchResult:
     unmapped: list[dict[str, Any]] = field(default_factory=list)
     carried: list[dict[str, Any]] = field(default_factory=list)
     changed: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -162,6 +170,8 @@ class MatchResult:
                 f"{len(self.params)} parameter(s)")
         if self.carried:
             text += f", {len(self.carried)} folded bias(es) carried back"
+        if self.notes:
+            text += f", {len(self.notes)} tensor(s) into several equal parameters"
         if self.unmapped:
             text += ("; NOT mapped: " + ", ".join(
                 f"{u['onnx']} ({u['reason']})" for u in self.unmapped))
@@ -169,7 +179,7 @@ class MatchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"changed": self.changed, "mapped": self.mapped, "unmapped": self.unmapped,
-                "carried": self.carried, "params": sorted(self.params),
+                "carried": self.carried, "notes": self.notes, "params": sorted(self.params),
                 "complete": self.complete}
 
 
@@ -288,22 +298,36 @@ class _Matcher:
             self._range[k] = (float(part.min()), float(part.max()))
         return self._range[k]
 
-    def exact(self, target: np.ndarray) -> list[tuple[str, Region]]:
+    def exact(self, target: np.ndarray, every_level: bool = False) -> list[tuple[str, Region]]:
         key, bounds = _key(target), (float(target.min()), float(target.max()))
+        out: list[tuple[str, Region]] = []
         for chunks in (False, True):  # a whole parameter first; chunks only where none is
             # (the extremes first: a cheap test that rules out nearly every candidate)
-            found = [(n, r) for n, r in self._sources(target.size, chunks)
-                     if self._bounds(n, r, target.dtype) == bounds
-                     and self._key(n, r, target.dtype) == key]
-            if found:
-                return found
-        return []
+            out += [(n, r) for n, r in self._sources(target.size, chunks)
+                    if self._bounds(n, r, target.dtype) == bounds
+                    and self._key(n, r, target.dtype) == key]
+            if out and not every_level:
+                break
+        return out
 
     def solve_exact(self, target: np.ndarray, new: np.ndarray, name: str, piece: Region,
                     prefer: Prefer) -> list[Placement] | str:
-        candidates = self.exact(target)
+        constant = bool(np.all(target == target.reshape(-1)[0]))
+        candidates = self.exact(target, every_level=constant)
         if not candidates:
             return "its value is not among the parameters"
+        if constant:  # any parameter of that size and value fits: the graph, or the very
+            # name, must tell (a piece of a recurrent B goes to the layer's own bias)
+            near = [c for c in candidates if c[0] in prefer.names
+                    or _parent(c[0]) in prefer.parents]
+            if len(near) != 1:
+                best = max(_affinity(c[0], name) for c in candidates)
+                near = [c for c in candidates if _affinity(c[0], name) == best] \
+                    if best >= 2 else []
+            if len(near) != 1:
+                return ("ambiguous: a constant value, which the graph does not place; it "
+                        "fits " + ", ".join(sorted({c[0] for c in candidates})[:6]))
+            candidates = near
         ties = _has_ties(target)
         found: list[tuple[str, Region, Arrangement | str]] = []
         for pname, region in candidates:
@@ -362,9 +386,14 @@ class _Matcher:
                         "different places")
         return solutions[0]
 
-    def solve_scaled(self, target: np.ndarray, name: str) -> Placement | None:
-        """A kernel with a folded BatchNormalization: the parameter times a factor per unit."""
+    def solve_scaled(self, target: np.ndarray, name: str) -> Placement | str | None:
+        """A kernel with a folded BatchNormalization: the parameter times a factor per unit,
+        which some gamma / sqrt(var + eps) among the parameters explains (a scale that none
+        explains, such as weight norm's g / |v|, depends on the kernel itself: no match).
+        None when no parameter fits; a reason when several do."""
+        rtol = _rtol(target.dtype)
         t64 = target.astype(np.float64)
+        fits: list[Placement] = []
         for pname in self.by_size.get(target.size, []):
             if (pname, None) in self.claimed:
                 continue
@@ -374,14 +403,17 @@ class _Matcher:
                     continue
                 profile = _profile(t64, axis)
                 if not any(source.shape[b] == target.shape[axis] and np.allclose(
-                        self._profile(pname, b), profile, rtol=1e-3, atol=1e-6)
+                        self._profile(pname, b), profile, rtol=max(1e-3, 10 * rtol), atol=1e-6)
                         for b in range(source.ndim)):
                     continue
-                found = self._scaled_arrangement(source, t64, axis)
-                if found is not None:
-                    arr, scale = found
-                    return Placement(name, None, pname, None, arr, scale, axis)
-        return None
+                found = self._scaled_arrangement(source, t64, axis, rtol)
+                if found is not None and batchnorm_pairs(self, found[1], pname, rtol):
+                    fits.append(Placement(name, None, pname, None, found[0], found[1], axis))
+                    break
+        if len(fits) > 1:
+            return ("ambiguous: a folded kernel that fits " + ", ".join(
+                sorted(f.param for f in fits)))
+        return fits[0] if fits else None
 
     def _profile(self, name: str, axis: int) -> np.ndarray:
         k = (name, axis)
@@ -390,7 +422,7 @@ class _Matcher:
         return self._profiles[k]
 
     @staticmethod
-    def _scaled_arrangement(source: np.ndarray, target: np.ndarray, axis: int):
+    def _scaled_arrangement(source: np.ndarray, target: np.ndarray, axis: int, rtol: float):
         units = target.shape[axis]
         moved = np.moveaxis(target, axis, 0).reshape(units, -1)
         # two probes per unit, at its largest entries (the ratio is best defined there)
@@ -410,7 +442,7 @@ class _Matcher:
             if np.any(got == 0):
                 continue
             ratio = want / got
-            if not np.allclose(ratio[:, 0], ratio[:, 1], rtol=SCALE_RTOL, atol=0):
+            if not np.allclose(ratio[:, 0], ratio[:, 1], rtol=rtol, atol=0):
                 continue
             arranged = arr.forward(source)
             a_moved = np.moveaxis(arranged, axis, 0).reshape(units, -1)
@@ -419,32 +451,44 @@ class _Matcher:
                 continue
             scale = np.einsum("ij,ij->i", moved, a_moved) / denom
             fit = a_moved * scale[:, None]
-            tol = SCALE_RTOL * np.abs(moved).max(axis=1, keepdims=True) + 1e-30
-            if np.all(np.abs(fit - moved) <= tol) and not np.allclose(scale, 1.0):
+            tol = rtol * np.abs(moved).max(axis=1, keepdims=True) + 1e-30
+            if np.all(np.abs(fit - moved) <= tol):
                 return arr, scale
         return None
 
     # --- writing ----------------------------------------------------------------------
-    def place(self, p: Placement, new_piece: np.ndarray) -> str | None:
-        """Writes the new value; a reason when it collides with another tensor's write."""
+    def _value(self, p: Placement, new_piece: np.ndarray) -> np.ndarray:
         base = self.params[p.param]
-        source_shape = _part(base, p.chunk).shape
         value = new_piece.astype(np.float64)
         if p.scale is not None:
             shape = [1] * value.ndim
             shape[p.scale_axis] = -1
             value = value / p.scale.reshape(shape)
-        value = p.arrangement.inverse(value, source_shape).astype(base.dtype)
-        if p.param not in self.new:
-            self.new[p.param] = base.copy()
-            self.written[p.param] = np.zeros(base.shape, bool)
-        out, mask = _part(self.new[p.param], p.chunk), _part(self.written[p.param], p.chunk)
-        clash = mask & (out != value)
-        if np.any(clash):
-            return f"{p.param} gets different new values from two ONNX tensors"
-        out[...] = value
-        mask[...] = True
-        self.claimed.add((p.param, p.chunk))
+        return p.arrangement.inverse(value, _part(base, p.chunk).shape).astype(base.dtype)
+
+    def place_all(self, placements: list[Placement], new: np.ndarray) -> str | None:
+        """Writes every placement of one ONNX tensor, or none of them: a reason when one
+        would collide with what another tensor wrote (or with another of these)."""
+        staged = []
+        for p in placements:
+            value = self._value(p, _part(new, p.piece))
+            base = self.params[p.param]
+            out = _part(self.new.get(p.param, base), p.chunk)
+            mask = _part(self.written.get(p.param, np.zeros(base.shape, bool)), p.chunk)
+            if np.any(mask & (out != value)):
+                return f"{p.param} gets different new values from two ONNX tensors"
+            staged.append((p, value))
+        for p, value in staged:
+            if p.param not in self.new:
+                self.new[p.param] = self.params[p.param].copy()
+                self.written[p.param] = np.zeros(self.params[p.param].shape, bool)
+            out = _part(self.new[p.param], p.chunk)
+            mask = _part(self.written[p.param], p.chunk)
+            if np.any(mask & (out != value)):  # two placements of this tensor disagree
+                return f"{p.param} gets different new values from two ONNX tensors"
+            out[...] = value
+            mask[...] = True
+            self.claimed.add((p.param, p.chunk))
         return None
 
 
@@ -514,8 +558,8 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     model = load_model(original)
     if isinstance(changed, onnx.ModelProto):
         before, after = _constants(model), _constants(changed)
-        changed = {n: v for n, v in after.items()
-                   if n in before and not np.array_equal(before[n], v)}
+        changed = {n: v for n, v in after.items()  # new names: onnx-lsuv's bias copies
+                   if n not in before or not np.array_equal(before[n], v)}
     params = load_params(params)
     old, bias_of = _old_values(model, list(changed))
     matcher = _Matcher(params)
@@ -543,10 +587,11 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
 
     def prefer(name: str, before: np.ndarray) -> Prefer:
         """Equal parameters are this one tensor when it is the exporter's own (not a copy
-        onnx-lsuv made) and no constant that stays as it was holds the same values."""
+        onnx-lsuv made) and no other constant holds the same values (N equal constants are
+        N tensors, to tell apart by the graph or by name)."""
         tied = name in consts and not any(
-            other != name and other not in changed and v.shape == before.shape
-            and np.array_equal(v, before) for other, v in consts.items())
+            other != name and v.shape == before.shape and np.array_equal(v, before)
+            for other, v in consts.items())
         weight = weight_of.get(name)
         mapped = next((m["params"] for m in result.mapped if m["onnx"] == weight), [])
         return Prefer(parents={_parent(p) for p in mapped}, tied=tied)
@@ -563,6 +608,9 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
         if name in biases_of_folded:
             continue
         scaled = matcher.solve_scaled(before, name)
+        if isinstance(scaled, str):
+            result.unmapped.append({"onnx": name, "reason": scaled})
+            continue
         if scaled is None:  # claims and mapped weights may now resolve it
             placements = _solve(matcher, name, before, new, prefer(name, before))
             if isinstance(placements, str):
@@ -570,7 +618,8 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
             else:
                 _commit(matcher, result, name, placements, before, new)
             continue
-        _commit(matcher, result, name, [scaled], before, new)
+        if not _commit(matcher, result, name, [scaled], before, new):
+            continue
         folded.append((scaled, before))
         bias = bias_of.get(name)
         if bias is not None:
@@ -593,6 +642,7 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
     whole = matcher.solve_exact(before, new, name, None, prefer)
     if not isinstance(whole, str):
         return whole
+    why = whole
     for axis, n in enumerate(before.shape):
         for k in PIECES:
             if n % k or before.size // k < 2:
@@ -607,31 +657,91 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
                     continue
                 got = matcher.solve_exact(o, w, name, piece, used)
                 if isinstance(got, str):
+                    if got.startswith("ambiguous"):  # found, but not placed: say that
+                        why = f"{_region_text(piece, 'piece')}: {got}"
                     failed = True
                     break
                 placements.extend(got)
                 used.names.update(p.param for p in got)
             if not failed and placements:
                 return placements
-    return whole
+    return why
 
 
 def _commit(matcher: _Matcher, result: MatchResult, name: str, placements: list[Placement],
-            before: np.ndarray, new: np.ndarray) -> None:
-    for p in placements:
-        clash = matcher.place(p, _part(new, p.piece))
-        if clash is not None:
-            result.unmapped.append({"onnx": name, "reason": clash})
-            return
+            before: np.ndarray, new: np.ndarray) -> bool:
+    clash = matcher.place_all(placements, new)
+    if clash is not None:
+        result.unmapped.append({"onnx": name, "reason": clash})
+        return False
+    if len({p.param for p in placements}) > 1 and len({p.piece for p in placements}) == 1:
+        result.notes.append(f"{name} went to {len(placements)} parameters with equal values "
+                            f"({', '.join(sorted(p.param for p in placements))}): tied, or "
+                            "copies the exporter stored once; they now hold equal weights")
     result.mapped.append({"onnx": name, "params": sorted({p.param for p in placements}),
                           "how": [f"{p.param}: {p.describe(matcher.params)}"
                                   for p in placements]})
+    return True
 
 
-def _close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Equal to float32 rounding of the fold (relative, and absolute against the scale)."""
-    return np.abs(a - b) <= 1e-4 * np.maximum(np.abs(a), np.abs(b)) + 1e-5 * (
+def _close(a: np.ndarray, b: np.ndarray, rtol: float) -> np.ndarray:
+    """Equal to the rounding of the fold (relative, and absolute against the scale)."""
+    return np.abs(a - b) <= rtol * np.maximum(np.abs(a), np.abs(b)) + 0.1 * rtol * (
         1 + np.abs(b).max(axis=-1, keepdims=True))
+
+
+def _vectors(matcher: _Matcher, units: int, without: set[str]) -> tuple[list[str], np.ndarray]:
+    names = [n for n, a in matcher.params.items() if a.size == units and n not in without]
+    mat = np.stack([matcher.params[n].reshape(-1).astype(np.float64) for n in names]) \
+        if names else np.zeros((0, units))
+    return names, mat
+
+
+def batchnorm_pairs(matcher: _Matcher, s: np.ndarray, kernel: str,
+                    rtol: float) -> list[tuple[str, str]]:
+    """(gamma, var) among the parameters with gamma / sqrt(var + eps) == s for one constant
+    eps in [0, 0.1]."""
+    names, mat = _vectors(matcher, s.size, {kernel})
+    tol = max(1e-3, 10 * rtol)
+    ok_var = np.all(mat >= 0, axis=1)
+    pairs = []
+    for i in range(len(names)):
+        g = mat[i] / s
+        if not np.all(g > 0):
+            continue
+        eps = g ** 2 - mat  # (var + eps) - var, for every candidate var
+        mid = np.median(eps, axis=1, keepdims=True)
+        fits = np.all(np.abs(eps - mid) <= tol * (np.abs(mat) + np.abs(mid)) + 1e-6, axis=1)
+        # eps >= 0, to the rounding of the fold (float16 parameters leave ~1e-3 of var)
+        fits &= ok_var & (mid[:, 0] >= -tol * np.abs(mat).mean(axis=1) - 1e-6) & (mid[:, 0] <= 0.1)
+        fits[i] = False
+        pairs += [(names[i], names[j]) for j in np.flatnonzero(fits)]
+    return pairs
+
+
+def _batchnorm(matcher: _Matcher, s: np.ndarray, b_old: np.ndarray, kernel: str,
+               rtol: float) -> dict[str, str] | str:
+    """The BatchNorm folded as b' = beta - mean s (a conv without a bias of its own): its
+    gamma, var, mean and beta by value; among several, the one whose four share a parent."""
+    found = []
+    names, mat = _vectors(matcher, s.size, {kernel})
+    for gamma, var in batchnorm_pairs(matcher, s, kernel, rtol):
+        rest = [k for k in range(len(names)) if names[k] not in (gamma, var)]
+        sub = mat[rest]
+        for mi, mk in enumerate(rest):
+            want = b_old + mat[mk] * s  # the shift that this mean implies
+            for bi in np.flatnonzero(np.all(_close(sub, want[None], rtol), axis=1)):
+                if bi != mi:
+                    found.append({"gamma": gamma, "var": var, "mean": names[mk],
+                                  "beta": names[rest[bi]]})
+    if len(found) > 1:
+        one = [f for f in found if len({_parent(n) for n in f.values()}) == 1]
+        found = one if len(one) == 1 else found
+    if len(found) != 1:
+        return ("folded BatchNormalization: its gamma, variance, mean and shift were "
+                + ("not found" if not found else "found more than once")
+                + " among the parameters")
+    return found[0]
 
 
 def _carry(matcher: _Matcher, result: MatchResult, kernel: Placement, bias: str,
@@ -640,68 +750,42 @@ def _carry(matcher: _Matcher, result: MatchResult, kernel: Placement, bias: str,
 
     The exporter folded y = gamma * (conv(x, k) + b - mean) / sqrt(var + eps) + beta into
     conv(x, k s) + ((b - mean) s + beta), with s = gamma / sqrt(var + eps). The kernel was
-    unscaled by s; the folded bias changed by delta, so the layer's bias b grows by delta / s
-    (or, with no b, beta by delta). gamma and var are found from s, mean and beta (and b)
-    from the folded bias, all by value.
+    unscaled by s; the folded bias changed by delta, so the layer's bias b (the one parameter
+    of its size beside the kernel, by name) grows by delta / s; with no such b, beta grows by
+    delta, beta being found by value with the BatchNorm's other parameters.
     """
     s = kernel.scale
     units = s.size
     if before.size != units:
         return "a folded bias whose size is not the kernel's number of units"
-    b_old, delta = before.reshape(-1).astype(np.float64), (new.astype(np.float64)
-                                                            - before).reshape(-1)
-    vecs = {n: a.reshape(-1).astype(np.float64) for n, a in matcher.params.items()
-            if a.size == units and n != kernel.param}
-    names = list(vecs)
-    if not names:
-        return "folded BatchNormalization: no parameter of its size to carry the bias into"
-    mat = np.stack([vecs[n] for n in names])
-    # eps[i, j] = (gamma_i / s)^2 - var_j: one constant eps >= 0 for the true pair
-    g = mat / s
-    eps = g[:, None, :] ** 2 - mat[None, :, :]
-    mid = np.median(eps, axis=2)
-    fits = (np.all(np.abs(eps - mid[..., None]) <= 1e-3 * (np.abs(mat[None]) + np.abs(
-        mid[..., None])) + 1e-6, axis=2) & (mid >= -1e-6) & (mid <= 0.1)
-            & np.all(g > 0, axis=1)[:, None] & np.all(mat >= 0, axis=1)[None, :])
-    np.fill_diagonal(fits, False)
-    pairs = [tuple(int(v) for v in ij) for ij in np.argwhere(fits)]
-    if len(pairs) != 1:
-        return ("folded BatchNormalization: its gamma and variance were "
-                + ("not found" if not pairs else "found more than once") + " among the parameters")
-    gi, vi = pairs[0]
-    rest = [k for k in range(len(names)) if k not in (gi, vi)]
-    siblings = [k for k in rest if _parent(names[k]) == _parent(kernel.param)]
-    found = []
-    sub = mat[rest]
-    for bk in [None] + siblings:
-        # want[m] = b_old + (mean_m - b) s: the shift beta that the folded bias implies
-        want = b_old + sub * s - (0 if bk is None else mat[bk] * s)
-        hit = np.all(_close(sub[None, :, :], want[:, None, :]), axis=2)  # [mean, beta]
-        for mi, bi in np.argwhere(hit):
-            mk, betak = rest[mi], rest[bi]
-            if len({mk, betak, bk}) == 3:  # all different (bk may be None)
-                found.append((bk, mk, betak))
-        if found:
-            break
-    if len(found) != 1:
-        return ("folded BatchNormalization: its mean and shift were "
-                + ("not found" if not found else "found more than once") + " among the parameters")
-    bk, mk, betak = found[0]
-    target, add = (names[betak], delta) if bk is None else (names[bk], delta / s)
+    rtol = _rtol(before.dtype)
+    b_old = before.reshape(-1).astype(np.float64)
+    delta = new.reshape(-1).astype(np.float64) - b_old
+    siblings = [n for n, a in matcher.params.items() if a.size == units
+                and n != kernel.param and _parent(n) == _parent(kernel.param)]
+    if len(siblings) > 1:
+        return ("folded BatchNormalization: several parameters of the bias's size beside "
+                f"the kernel ({', '.join(siblings)})")
+    batchnorm = None
+    if siblings:
+        target, add = siblings[0], delta / s
+        how = "into the layer's bias (+ delta / s)"
+    else:
+        batchnorm = _batchnorm(matcher, s, b_old, kernel.param, rtol)
+        if isinstance(batchnorm, str):
+            return batchnorm
+        target, add = batchnorm["beta"], delta
+        how = "into the BatchNormalization shift (+ delta)"
     base = matcher.params[target]
-    if target not in matcher.new:
-        matcher.new[target] = base.copy()
-        matcher.written[target] = np.zeros(base.shape, bool)
     value = (base.reshape(-1).astype(np.float64) + add).astype(base.dtype).reshape(base.shape)
-    matcher.new[target][...] = value
-    matcher.written[target][...] = True
-    how = ("into the layer's bias (+ delta / s)" if bk is not None
-           else "into the BatchNormalization shift (+ delta)")
+    if target in matcher.written and np.any(matcher.written[target]):
+        return f"{target} was written already by another tensor"
+    matcher.new[target] = value
+    matcher.written[target] = np.ones(base.shape, bool)
     result.carried.append({"onnx": bias, "into": target, "how": how,
-                           "batchnorm": {"gamma": names[gi], "var": names[vi],
-                                         "mean": names[mk], "beta": names[betak]}})
-    result.mapped.append({"onnx": bias, "params": [target], "how": [f"{target}: folded bias, "
-                                                                     f"carried {how}"]})
+                           **({"batchnorm": batchnorm} if batchnorm else {})})
+    result.mapped.append({"onnx": bias, "params": [target],
+                          "how": [f"{target}: folded bias, carried {how}"]})
     return None
 
 

@@ -113,13 +113,13 @@ def randomise(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def make(kind: str, seed: int = 0):
+def make(kind: str, seed: int = 0, fresh: bool = False):
     torch.manual_seed(seed)
     if kind == "resnet":
         model, x = ResNet(), torch.randn(32, 3, 12, 12)
     else:
         model, x = Encoder(), torch.randn(32, 8, 6)
-    return randomise(model, seed + 1).eval(), x
+    return (model if fresh else randomise(model, seed + 1)).eval(), x
 
 
 def measured(model: nn.Module, x) -> dict[str, float]:
@@ -184,17 +184,67 @@ def test_lsuv_module(kind, exporter):
     assert not any(k.endswith(("running_mean", "running_var")) for k in moved)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fresh_model_with_default_batchnorm(exporter):
+    """A model as built, BatchNorm at its defaults (gamma 1, var 1: every BN alike, and the
+    folded factor 1/sqrt(1 + eps) within 1e-5 of 1): still folded, still mapped."""
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    model, x = make("resnet", fresh=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lsuv_module(model, x, exporter=exporter, seed=2)
+    assert result.match.complete and result.match.changed == len(
+        changed_tensors(result.exported, result.model))
+    assert not {n: v for n, v in measured(model, x).items() if abs(v - 1.0) >= TOL}
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), ort_output(result.model, x.numpy()),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_weight_norm_is_refused_not_unscaled():
+    """weight_norm's kernel g v / |v| is v times a factor per unit, like a folded BatchNorm,
+    but the factor depends on v: mapping it back would be wrong, so the call refuses."""
+    from onnx_lsuv.frameworks import MatchError
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(3, 6, 3)), nn.ReLU(),
+                          nn.utils.parametrizations.weight_norm(nn.Conv1d(6, 4, 3))).eval()
+    x = torch.randn(16, 3, 20)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(), pytest.raises(MatchError, match="NOT mapped"):
+        warnings.simplefilter("ignore")
+        lsuv_module(model, x, exporter="dynamo")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_nothing_to_initialise_is_said(caplog):
+    """TorchScript writes weight norm's kernel as ops on g and v: no target at all. The call
+    changes nothing, and says so rather than returning as if it had initialised."""
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 6))).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lsuv_module(model, torch.randn(16, 3), exporter="torchscript")
+    assert not result.report.layers and not result.params
+    assert "no layer that onnx-lsuv initialises" in caplog.text
+
+
 def test_lsuv_module_keeps_training_mode_and_is_deterministic():
     from onnx_lsuv.frameworks.torch import lsuv_module
 
     a, x = make("encoder")
     b, _ = make("encoder")
     a.train()
+    a.blocks[0]["ln1"].eval()  # a submodule the user froze stays frozen
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lsuv_module(a, x, seed=5)
         lsuv_module(b, x, seed=5)
-    assert a.training and not b.training
+    assert a.training and not b.training and not a.blocks[0]["ln1"].training
+    assert a.blocks[1]["ln1"].training
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
 

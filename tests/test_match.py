@@ -155,9 +155,10 @@ def test_folded_batchnorm_is_unscaled_and_its_bias_carried(conv_bias):
     b2 = got.params.get("conv.bias", b)
     beta2 = got.params.get("bn.bias", beta)
     np.testing.assert_allclose((b2 - mean) * s + beta2, new_b, atol=1e-5)
-    assert got.carried and got.carried[0]["batchnorm"] == {
-        "gamma": "bn.weight", "var": "bn.running_var", "mean": "bn.running_mean",
-        "beta": "bn.bias"}
+    if not conv_bias:  # into the shift: the BatchNorm was found by value
+        assert got.carried[0]["batchnorm"] == {
+            "gamma": "bn.weight", "var": "bn.running_var", "mean": "bn.running_mean",
+            "beta": "bn.bias"}
 
 
 def test_tied_parameter_gets_the_value_under_both_names():
@@ -243,3 +244,97 @@ def test_bad_params():
         match_parameters(model, {}, "/nonexistent/params.npz")
     with pytest.raises(InputError, match="shape"):
         match_parameters(model, {"W": r(2, 2)}, {"w": r(8, 3, 3, 3)})
+
+
+def test_constant_piece_goes_only_where_the_graph_puts_it():
+    """A zero LSTM B whose forget piece changed: zero parameters of that size elsewhere (a
+    Dense bias) must not take it; four equal zero gate chunks cannot be told apart either,
+    so it is reported, and nothing is written for it."""
+    h, n_in = 4, 3
+    w = r(1, 4 * h, n_in)
+    model = _recurrent("LSTM", w, r(1, 4 * h, h), np.zeros((1, 8 * h), np.float32), h)
+    new_b = np.zeros((1, 8 * h), np.float32)
+    new_b[0, 2 * h:3 * h] = 1.0
+    params = {"lstm/kernel": w[0].T.copy(), "lstm/bias": np.zeros(4 * h, np.float32),
+              "dense/bias": np.zeros(h, np.float32)}
+    got = match_parameters(model, {"W": r(1, 4 * h, n_in), "B": new_b}, params)
+    assert "dense/bias" not in got.params and "lstm/bias" not in got.params
+    assert [u["onnx"] for u in got.unmapped] == ["B"] and "ambiguous" in got.unmapped[0]["reason"]
+
+
+def test_changed_given_as_the_initialised_model_keeps_the_bias_copies():
+    w, b = r(4, 4), r(4)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Add", ["h", "B"], ["y"]), helper.make_node("Add", ["y", "B"], ["z"])]
+    model = make_model(nodes, [("x", [64, 4])], [("z", None)], {"W": w, "B": b})
+    result = lsuv_init(model, r(64, 4), seed=1)
+    params = {"fc.weight": w.T.copy(), "fc.bias": b.copy()}
+    by_dict = match_parameters(model, result.weights, params)
+    by_model = match_parameters(model, result.model, params)
+    assert by_model.complete and by_model.changed == by_dict.changed == 2
+    assert set(by_model.params) == {"fc.weight", "fc.bias"}
+    assert not np.any(by_model.params["fc.bias"])
+
+
+def test_equal_tensors_both_changed_are_not_tied():
+    """Two equal layers exported as two tensors (no deduplication): each is its own tensor,
+    so neither may go to both parameters; names or the graph must tell, else ambiguous."""
+    w = r(4, 4)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["y1"]),
+             helper.make_node("MatMul", ["x", "W2"], ["y2"])]
+    model = make_model(nodes, [("x", [2, 4])], [("y1", None), ("y2", None)],
+                       {"W1": w, "W2": w.copy()})
+    new = {"W1": r(4, 4), "W2": r(4, 4)}
+    got = match_parameters(model, new, {"blocks.0.weight": w, "blocks.1.weight": w.copy()})
+    assert not got.params and {u["onnx"] for u in got.unmapped} == {"W1", "W2"}
+
+
+def test_a_tensor_that_clashes_writes_nothing():
+    """B = concat(Q, P) where P already took A's new value: B is reported and Q untouched."""
+    q, p = r(8), r(8)
+    nodes = [helper.make_node("Add", ["x", "A"], ["y"]),
+             helper.make_node("Add", ["x2", "B"], ["z"])]
+    model = make_model(nodes, [("x", [8]), ("x2", [16])], [("y", None), ("z", None)],
+                       {"A": p, "B": np.concatenate([q, p])})
+    got = match_parameters(model, {"A": r(8), "B": r(16)}, {"Q": q, "P": p})
+    assert [u["onnx"] for u in got.unmapped] == ["B"] and list(got.params) == ["P"]
+
+
+def test_folded_float16_kernel():
+    c = 4
+    kernel = r(c, 3, 3, 3).astype(np.float16)
+    gamma = RNG.uniform(0.5, 1.5, c).astype(np.float16)
+    var = RNG.uniform(0.5, 2.0, c).astype(np.float16)
+    beta, mean = r(c).astype(np.float16), r(c).astype(np.float16)
+    s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)
+    model = conv_model((kernel * s[:, None, None, None]).astype(np.float16),
+                       (beta - mean * s).astype(np.float16), x_shape=(2, 3, 6, 6))
+    model.graph.input[0].type.tensor_type.elem_type = 10
+    params = {"conv.weight": kernel, "bn.weight": gamma, "bn.bias": beta,
+              "bn.running_mean": mean, "bn.running_var": var}
+    new_w = r(c, 3, 3, 3).astype(np.float16)
+    got = match_parameters(model, {"W": new_w, "B": np.zeros(c, np.float16)}, params)
+    assert got.complete, got.summary()
+    assert got.params["conv.weight"].dtype == np.float16
+    np.testing.assert_allclose(got.params["conv.weight"] * s[:, None, None, None], new_w,
+                               rtol=5e-3, atol=5e-3)
+
+
+def test_a_scale_no_batchnorm_explains_is_not_a_fold():
+    """Weight norm (k = g v / |v| per unit) looks like a per-unit scale of v, but no
+    gamma / sqrt(var + eps) among the parameters gives it: reported, never unscaled."""
+    v = r(6, 3, 3, 3)
+    g = RNG.uniform(0.5, 2.0, 6).astype(np.float32)
+    norm = np.sqrt((v.astype(np.float64) ** 2).sum(axis=(1, 2, 3)))
+    model = conv_model((v * (g / norm)[:, None, None, None]).astype(np.float32))
+    got = match_parameters(model, {"W": r(6, 3, 3, 3)},
+                           {"conv.weight_v": v, "conv.weight_g": g.reshape(6, 1, 1, 1)})
+    assert not got.params and [u["onnx"] for u in got.unmapped] == ["W"]
+
+
+def test_duplicate_framework_names_are_refused():
+    from onnx_lsuv.frameworks import unique_names
+
+    unique_names(["a/w", "b/w"], "m")
+    with pytest.raises(InputError, match="several parameters are named l/w"):
+        unique_names(["l/w", "l/b", "l/w"], "the Keras model")

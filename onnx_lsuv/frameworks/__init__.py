@@ -15,17 +15,21 @@ export, maps the changed tensors back onto the framework's own parameters by val
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 
-from ..errors import LSUVError
+from ..errors import InputError, LSUVError
 from ..lsuv import lsuv_init
 from ..match import MatchResult, match_parameters
 from ..model_io import load_model
 from ..report import Report
+
+log = logging.getLogger("onnx_lsuv")
 
 
 class MatchError(LSUVError):
@@ -67,10 +71,26 @@ def initialise(exported: onnx.ModelProto | str, data: Any, params: dict[str, np.
     if not isinstance(exported, onnx.ModelProto):
         exported = load_model(exported)
     result = lsuv_init(exported, data, **options)
+    if not result.report.layers:
+        log.warning("the exported model has no layer that onnx-lsuv initialises (%d skipped: "
+                    "%s): the framework model is left as it was", len(result.report.skipped),
+                    "; ".join(f"{s['name']}: {s['reason']}" for s in result.report.skipped[:3])
+                    or "none found")
     matched = match_parameters(exported, result.weights, params)
     if strict and not matched.complete:
         raise MatchError(matched)
     return FrameworkResult(result.report, matched, matched.params, result.model, exported)
+
+
+def unique_names(names: Iterable[str], what: str) -> None:
+    """InputError when two of a framework's parameters have one name: the mapping is by name
+    on the way out, so one of them could never be written."""
+    seen: set[str] = set()
+    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    if twice:
+        raise InputError(f"{what}: several parameters are named {', '.join(twice[:5])}; give "
+                         "them distinct names (e.g. add_weight(name=...)) so each can be "
+                         "written back")
 
 
 def numpy_batch(batch: Any, to_numpy) -> Any:

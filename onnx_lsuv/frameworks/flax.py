@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import FrameworkResult, initialise
+from . import FrameworkResult, initialise, unique_names
 
 
 def _export(fn, batch: np.ndarray, opset: int):
@@ -43,8 +43,10 @@ def lsuv_nnx(model, batch, *, opset: int = 17, strict: bool = True,
 
     batch = np.asarray(batch)
     flat = list(nnx.to_flat_state(nnx.state(model)))
-    names = {".".join(str(p) for p in path): path for path, _ in flat}
-    params = {name: np.asarray(var.value) for name, (_, var) in zip(names, flat)
+    entries = [(".".join(str(p) for p in path), path, var) for path, var in flat]
+    unique_names((n for n, _, _ in entries), "the nnx module")
+    names = {n: path for n, path, _ in entries}
+    params = {n: np.asarray(var.value) for n, _, var in entries
               if hasattr(var, "value") and np.asarray(var.value).dtype.kind == "f"}
     result = initialise(_export(model, batch, opset), batch, params, strict, options)
     if result.params:

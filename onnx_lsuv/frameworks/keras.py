@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model_io import load_model
-from . import FrameworkResult, initialise
+from . import FrameworkResult, initialise, unique_names
 
 EXPORTERS = ("tf2onnx", "keras")
 
@@ -64,6 +64,7 @@ def lsuv_model(model, batch, *, exporter: str = "tf2onnx", opset: int | None = N
     if exporter not in EXPORTERS:
         raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
     batch = np.asarray(batch)
+    unique_names((v.path for v in model.weights), "the Keras model")
     variables = {v.path: v for v in model.weights}
     params = {name: np.asarray(v.numpy()) for name, v in variables.items()}
     with tempfile.TemporaryDirectory() as tmp:

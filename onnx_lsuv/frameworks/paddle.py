@@ -36,7 +36,7 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
     import paddle
 
     batch = batch.numpy() if isinstance(batch, paddle.Tensor) else np.asarray(batch)
-    training = layer.training
+    modes = [(sub, sub.training) for sub in layer.sublayers(include_self=True)]
     layer.eval()
     try:
         state = layer.state_dict()
@@ -51,5 +51,6 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
         for name, value in result.params.items():
             state[name].set_value(value)
     finally:
-        layer.train() if training else None
+        for sub, mode in modes:  # each its own mode back (a frozen BatchNorm stays frozen)
+            sub.training = mode
     return result

@@ -58,7 +58,7 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
         raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
     args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
     args = tuple(torch.as_tensor(a) for a in args)
-    training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each its own (a frozen BN stays)
     module.eval()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -79,5 +79,6 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
                 target = state[name]
                 target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
     finally:
-        module.train(training)
+        for m, mode in modes:
+            m.training = mode
     return result
