@@ -116,7 +116,7 @@ GROUPS = {
     "Layers": ["include", "exclude"],
     "Initialisation": ["init", "seed", "keep_bias", "lstm_forget_bias"],
     "Scaling": ["target_var", "tol", "max_iter", "strategy", "check"],
-    "Output": ["output", "report_path", "as_json", "plot_path", "weights_path",
+    "Output": ["output", "report_path", "as_json", "plot_path", "weights_path", "match_path",
                "external_data", "overwrite"],
     "Runtime": ["provider", "threads", "verbose", "quiet", "version", "help"],
 }

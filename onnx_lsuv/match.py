@@ -33,6 +33,7 @@ import itertools
 import math
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -596,6 +597,35 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
         mapped = next((m["params"] for m in result.mapped if m["onnx"] == weight), [])
         return Prefer(parents={_parent(p) for p in mapped}, tied=tied)
 
+    # A weight whose values also sit, in any layout, in a constant that stays as it was may
+    # be one framework parameter read there too (an output head tied to the embedding that a
+    # Gather reads): writing it would change that reader as well. It is safe only when the
+    # framework has as many parameters with these values as the ONNX model has tensors.
+    unchanged: dict[tuple[int, str], list[str]] = {}
+    for other, v in consts.items():
+        if other not in changed and v.dtype.kind == "f" and v.size > 1:
+            unchanged.setdefault((v.size, v.dtype.str), []).append(other)
+    keys: dict[str, bytes] = {}
+    kept = []
+    for name, before, new in pending:
+        same = unchanged.get((before.size, before.dtype.str), [])
+        twins = []
+        if same and not _has_ties(before):
+            key = _key(before)
+            twins = [o for o in same if keys.setdefault(o, _key(consts[o])) == key]
+        if twins:
+            tensors = 1 + len(twins) + sum(
+                other != name and b.size == before.size and _key(b) == key
+                for other, b, _ in pending)
+            holders = sum(r is None for _, r in matcher.exact(before))
+            if holders < tensors:
+                result.unmapped.append({"onnx": name, "reason": (
+                    f"its values are also those of {twins[0]!r}, which stays as it was, and "
+                    f"only {holders} parameter(s) hold them: a tied weight read there too, "
+                    "which writing it would change as well")})
+                continue
+        kept.append((name, before, new))
+    pending = kept
     pending.sort(key=lambda item: item[0] in weight_of)  # weights first: biases follow them
     second = []
     for name, before, new in pending:
@@ -795,12 +825,18 @@ def load_params(params: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.n
         path = os.fspath(params)
         if not os.path.isfile(path):
             raise InputError(f"parameters file not found: {path}")
+        expected = "expected an .npz of name -> array, e.g. np.savez(path, **params)"
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"the parameters file {path} is not an .npz ({expected})")
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot read the parameters file {path} (expected an .npz of "
-                             f"name -> array): {err}") from None
+                out = {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise InputError(f"cannot read the parameters file {path} ({expected}): "
+                             f"{err}") from None
+        if not out:
+            raise InputError(f"the parameters file {path} holds no arrays ({expected})")
+        return out
     if not isinstance(params, Mapping):
         raise InputError(f"parameters must be a mapping name -> array, got "
                          f"{type(params).__name__}")

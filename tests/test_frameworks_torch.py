@@ -219,6 +219,45 @@ def test_weight_norm_is_refused_not_unscaled():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight  # the head tied to the embedding
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mid(self.emb(ids))))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_tied_head_read_by_the_embedding_is_refused(exporter):
+    """The exporter writes the embedding table for the Gather and a copy for the head's
+    MatMul; only the copy is initialised. torch has one parameter for both, so writing it
+    would change the embedding as well: MatchError, and the module is left as it was."""
+    from onnx_lsuv.frameworks import MatchError
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(), pytest.raises(MatchError, match="tied"):
+        warnings.simplefilter("ignore")
+        lsuv_module(model, torch.randint(0, 20, (16, 5)), exporter=exporter)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_numpy_float64_batch():
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    model, x = make("resnet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lsuv_module(model, x.double().numpy(), exporter="torchscript")
+    assert result.match.complete and result.report.converged
+
+
 def test_nothing_to_initialise_is_said(caplog):
     """TorchScript writes weight norm's kernel as ops on g and v: no target at all. The call
     changes nothing, and says so rather than returning as if it had initialised."""

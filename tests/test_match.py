@@ -263,17 +263,31 @@ def test_constant_piece_goes_only_where_the_graph_puts_it():
 
 
 def test_changed_given_as_the_initialised_model_keeps_the_bias_copies():
+    """Two equal framework biases stored once (one read by the layer, one by an Add): as
+    result.weights or as the initialised model, the layer's copy reaches its own bias."""
     w, b = r(4, 4), r(4)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
              helper.make_node("Add", ["h", "B"], ["y"]), helper.make_node("Add", ["y", "B"], ["z"])]
     model = make_model(nodes, [("x", [64, 4])], [("z", None)], {"W": w, "B": b})
     result = lsuv_init(model, r(64, 4), seed=1)
-    params = {"fc.weight": w.T.copy(), "fc.bias": b.copy()}
+    params = {"fc.weight": w.T.copy(), "fc.bias": b.copy(), "shift.bias": b.copy()}
     by_dict = match_parameters(model, result.weights, params)
     by_model = match_parameters(model, result.model, params)
     assert by_model.complete and by_model.changed == by_dict.changed == 2
     assert set(by_model.params) == {"fc.weight", "fc.bias"}
     assert not np.any(by_model.params["fc.bias"])
+
+
+def test_a_tied_weight_read_unchanged_elsewhere_is_refused():
+    """An output head tied to an embedding: the exporter writes the Gather's table and a
+    transposed copy for the MatMul, and only the copy changes. The framework has one
+    parameter for both, so writing it would change the embedding too: reported."""
+    emb = r(10, 4)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]),
+             helper.make_node("MatMul", ["h", "ET"], ["y"])]
+    model = make_model(nodes, [("ids", [8], 7)], [("y", None)], {"E": emb, "ET": emb.T.copy()})
+    got = match_parameters(model, {"ET": r(4, 10)}, {"emb.weight": emb})
+    assert not got.params and "tied" in got.unmapped[0]["reason"]
 
 
 def test_equal_tensors_both_changed_are_not_tied():

@@ -17,6 +17,17 @@ import numpy as np
 from . import FrameworkResult, initialise, unique_names
 
 
+def _is_float(var) -> bool:
+    """A float array (not an RNG key, a counter or a non-array)."""
+    import jax
+
+    value = getattr(var, "value", None)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return False
+    return np.dtype(dtype).kind == "f"
+
+
 def _export(fn, batch: np.ndarray, opset: int):
     from jax2onnx import to_onnx
 
@@ -46,8 +57,7 @@ def lsuv_nnx(model, batch, *, opset: int = 17, strict: bool = True,
     entries = [(".".join(str(p) for p in path), path, var) for path, var in flat]
     unique_names((n for n, _, _ in entries), "the nnx module")
     names = {n: path for n, path, _ in entries}
-    params = {n: np.asarray(var.value) for n, _, var in entries
-              if hasattr(var, "value") and np.asarray(var.value).dtype.kind == "f"}
+    params = {n: np.asarray(var.value) for n, _, var in entries if _is_float(var)}
     result = initialise(_export(model, batch, opset), batch, params, strict, options)
     if result.params:
         by_path = {names[n]: v for n, v in result.params.items()}

@@ -26,7 +26,6 @@ EXPORTERS = ("tf2onnx", "keras")
 def _export(model, batch: np.ndarray, exporter: str, opset: int | None, path: str) -> None:
     if exporter == "keras":
         kwargs = {"opset_version": opset} if opset is not None else {}
-        model(batch[:1], training=False)  # Keras exports only a model that has been called
         model.export(path, format="onnx", verbose=False, **kwargs)
         return
     import tensorflow as tf
@@ -63,7 +62,12 @@ def lsuv_model(model, batch, *, exporter: str = "tf2onnx", opset: int | None = N
     """
     if exporter not in EXPORTERS:
         raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
+    if isinstance(batch, (list, tuple, dict)):
+        raise InputError("lsuv_model takes a model with one input and its batch as one array; "
+                         "for several inputs, export the model yourself and use "
+                         "onnx_lsuv.match.match_parameters")
     batch = np.asarray(batch)
+    model(batch[:1], training=False)  # builds the model (its weights exist from then on)
     unique_names((v.path for v in model.weights), "the Keras model")
     variables = {v.path: v for v in model.weights}
     params = {name: np.asarray(v.numpy()) for name, v in variables.items()}

@@ -7,12 +7,14 @@ values are the same, so the mapping finds them. Requires ``onnx-lsuv[paddle]``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from typing import Any
 
 import numpy as np
 
+from ..errors import LSUVError
 from ..model_io import load_model
 from . import FrameworkResult, initialise
 
@@ -42,10 +44,16 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
         state = layer.state_dict()
         params = {k: v.numpy() for k, v in state.items() if v.dtype in (
             paddle.float16, paddle.float32, paddle.float64)}
-        spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), "x")]
+        # the spec's name must be forward's own argument name, or the export fails
+        arg = next(iter(inspect.signature(layer.forward).parameters), "x")
+        spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), arg)]
         with tempfile.TemporaryDirectory() as tmp:
             prefix = os.path.join(tmp, "model")
-            paddle.onnx.export(layer, prefix, input_spec=spec, opset_version=opset)
+            try:
+                paddle.onnx.export(layer, prefix, input_spec=spec, opset_version=opset)
+            except SystemExit as stop:  # paddle2onnx exits the process on a failed export
+                raise LSUVError(f"paddle2onnx could not export the layer (it exited with "
+                                f"{stop.code}; its log above says why)") from None
             exported = load_model(prefix + ".onnx")
         result = initialise(exported, batch, params, strict, options)
         for name, value in result.params.items():

@@ -34,6 +34,17 @@ def _to_numpy(t) -> np.ndarray:
     return np.asarray(t)
 
 
+def _as_input(t, module):
+    """A float input in the module's own float dtype and on its device (numpy gives float64;
+    the export would fail on the mismatch)."""
+    ref = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if ref is None:
+        return t
+    if t.is_floating_point() and t.dtype != ref.dtype:
+        t = t.to(ref.dtype)
+    return t.to(ref.device)
+
+
 def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = None,
                 strict: bool = True, **options: Any) -> FrameworkResult:
     """LSUV-initialise a ``torch.nn.Module`` in place.
@@ -41,7 +52,8 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
     Args:
         module: The module. It is exported in eval mode and put back in its mode after.
         batch: The example input: a tensor, a tuple of tensors (positional arguments), or
-            numpy arrays.
+            numpy arrays. Float inputs are cast to the module's float dtype and moved to its
+            device.
         exporter: "dynamo" (``torch.onnx.export(dynamo=True)``, torch's default) or
             "torchscript" (``dynamo=False``). Defaults to "dynamo".
         opset: The ONNX opset to export to. Defaults to the exporter's own.
@@ -57,7 +69,7 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
     if exporter not in EXPORTERS:
         raise InputError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
     args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-    args = tuple(torch.as_tensor(a) for a in args)
+    args = tuple(_as_input(torch.as_tensor(a), module) for a in args)
     modes = [(m, m.training) for m in module.modules()]  # each its own (a frozen BN stays)
     module.eval()
     try:
@@ -71,13 +83,24 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
             torch.onnx.export(module, args, path, **kwargs)
             exported = load_model(path)
         state = module.state_dict()
-        params = {k: _to_numpy(v) for k, v in state.items() if v.is_floating_point()}
+        # A tied parameter is in state_dict under each of its names: it is one parameter
+        # (given once, so the mapping can tell it from two equal ones), written once.
+        aliases: dict[str, list[str]] = {}
+        first: dict[tuple, str] = {}
+        for k, v in state.items():
+            if v.is_floating_point():
+                where = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape),
+                         v.stride(), v.dtype)
+                aliases.setdefault(first.setdefault(where, k), []).append(k)
+        params = {k: _to_numpy(state[k]) for k in aliases}
         data = feed(exported, numpy_batch(list(args), _to_numpy))
         result = initialise(exported, data, params, strict, options)
         with torch.no_grad():
-            for name, value in result.params.items():
+            for name, value in list(result.params.items()):
                 target = state[name]
                 target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
+                for alias in aliases[name][1:]:
+                    result.params[alias] = value
     finally:
         for m, mode in modes:
             m.training = mode

@@ -1,6 +1,7 @@
-"""Back into Flax: ``lsuv_nnx`` (an nnx CNN with BatchNorm and ConvTranspose, updated in
-place) and ``lsuv_linen`` (the same net in linen, new variables returned), through jax2onnx;
-then measured in Flax's own forward.
+"""Back into Flax: ``lsuv_nnx`` (an nnx CNN with BatchNorm, ConvTranspose and Dropout,
+whose RNG key is state but no parameter, updated in place) and ``lsuv_linen`` (the same net
+in linen, without the Dropout, new variables returned), through jax2onnx; then measured in
+Flax's own forward.
 
 Usage (in the Flax interpreter, onnx_lsuv on PYTHONPATH): check_flax.py nnx|linen OUT.json
 
@@ -32,12 +33,13 @@ class CNN(nnx.Module):
         self.bn = nnx.BatchNorm(8, rngs=rngs)
         self.up = nnx.ConvTranspose(8, 6, (3, 3), strides=(2, 2), padding="SAME",
                                     bias_init=BIAS, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)  # holds an RNG key: not a parameter
         self.fc = nnx.Linear(6, 5, bias_init=BIAS, rngs=rngs)
 
     def steps(self, x):
         a = self.conv(x)
         b = self.up(nnx.relu(self.bn(a)))
-        c = self.fc(nnx.relu(b).mean((1, 2)))
+        c = self.fc(self.drop(nnx.relu(b).mean((1, 2))))
         return {"conv": a, "up": b, "fc": c}
 
     def __call__(self, x):
@@ -51,6 +53,16 @@ class Linen(linen.Module):
         h = linen.relu(linen.BatchNorm(use_running_average=True, name="bn")(h))
         h = linen.ConvTranspose(6, (3, 3), strides=(2, 2), bias_init=BIAS, name="up")(h)
         return linen.Dense(5, bias_init=BIAS, name="fc")(linen.relu(h).mean((1, 2)))
+
+
+def arrays(model) -> dict:
+    """The module's state as numpy, RNG keys left out (numpy cannot hold them)."""
+    out = {}
+    for k, v in nnx.to_flat_state(nnx.state(model)):
+        value = getattr(v, "value", v)
+        if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            out[k] = np.asarray(value)
+    return out
 
 
 def bn_stats(seed):
@@ -69,9 +81,9 @@ def main(argv):
         model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \
             bn_stats(1)
         model.eval()
-        before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}
+        before = arrays(model)
         result = lsuv_nnx(model, X, seed=3)
-        after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model))}
+        after = arrays(model)
         moved = [".".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])]
         steps = model.steps(jnp.asarray(X))
         out = steps["fc"]

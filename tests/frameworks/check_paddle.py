@@ -27,8 +27,8 @@ class CNN(nn.Layer):
         self.bn2 = nn.BatchNorm2D(8)
         self.fc = nn.Linear(8, 5)
 
-    def forward(self, x):
-        h = nn.functional.relu(self.bn(self.conv(x)))
+    def forward(self, images):  # the export's input name must be this one
+        h = nn.functional.relu(self.bn(self.conv(images)))
         h = nn.functional.relu(self.bn2(self.conv2(h)))
         return self.fc(h.mean((2, 3)))
 
