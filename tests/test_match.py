@@ -352,3 +352,32 @@ def test_duplicate_framework_names_are_refused():
     unique_names(["a/w", "b/w"], "m")
     with pytest.raises(InputError, match="several parameters are named l/w"):
         unique_names(["l/w", "l/b", "l/w"], "the Keras model")
+
+
+@pytest.mark.parametrize("content", ["text", "npy", "empty", "corrupt"])
+def test_cli_match_file_that_is_not_an_npz_is_bad_input(tmp_path, content):
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+
+    path = tmp_path / "p.npz"
+    if content == "text":
+        path.write_text("not arrays")
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, r(3))
+    elif content == "empty":
+        np.savez(path)
+    else:
+        path.write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    onnx.save(conv_model(r(8, 3, 3, 3)), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", r(4, 3, 6, 6))
+    run = subprocess.run([sys.executable, "-m", "onnx_lsuv", str(tmp_path / "m.onnx"), "-d",
+                          str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx"), "--match",
+                          str(path), "--save-weights", str(tmp_path / "w.npz")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert "parameters file" in run.stderr
+    assert not os.path.exists(tmp_path / "o.onnx") and not os.path.exists(tmp_path / "w.npz")
