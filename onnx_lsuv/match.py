@@ -394,19 +394,20 @@ class _Matcher:
         None when no parameter fits; a reason when several do."""
         rtol = _rtol(target.dtype)
         t64 = target.astype(np.float64)
+        profiles = {axis: _profile(t64, axis) for axis in range(target.ndim)
+                    if target.shape[axis] >= 2}
         fits: list[Placement] = []
         for pname in self.by_size.get(target.size, []):
             if (pname, None) in self.claimed:
                 continue
-            source = self.params[pname].astype(np.float64)
-            for axis in range(target.ndim):
-                if target.shape[axis] < 2:
-                    continue
-                profile = _profile(t64, axis)
-                if not any(source.shape[b] == target.shape[axis] and np.allclose(
+            shape, source = self.params[pname].shape, None
+            for axis, profile in profiles.items():
+                if not any(shape[b] == target.shape[axis] and np.allclose(
                         self._profile(pname, b), profile, rtol=max(1e-3, 10 * rtol), atol=1e-6)
-                        for b in range(source.ndim)):
+                        for b in range(len(shape))):
                     continue
+                if source is None:
+                    source = self.params[pname].astype(np.float64)
                 found = self._scaled_arrangement(source, t64, axis, rtol)
                 if found is not None and batchnorm_pairs(self, found[1], pname, rtol):
                     fits.append(Placement(name, None, pname, None, found[0], found[1], axis))
