@@ -338,10 +338,11 @@ class _Matcher:
         if not found:
             return "its values are among the parameters, but in no layout onnx-lsuv knows"
         if len(found) > 1:
-            if not ties and prefer.tied:  # one tensor tied under several names: all get it
-                whole = [f for f in found if f[1] is None]
-                if len(whole) == len(found):
-                    return [Placement(name, piece, p, r, a) for p, r, a in found]
+            if not ties and prefer.tied and len({f[1] for f in found}) == 1 and all(
+                    np.array_equal(self.params[f[0]], self.params[found[0][0]])
+                    for f in found[1:]):  # one parameter under several names (an alias, a
+                # tie: Paddle's LSTM keeps lstm.weight_ih_l0 and lstm.0.cell.weight_ih): all
+                return [Placement(name, piece, p, r, a) for p, r, a in found]
             free = [f for f in found if (f[0], f[1]) not in self.claimed]
             if len(free) == 1:
                 found = free
@@ -679,7 +680,7 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
             if n % k or before.size // k < 2:
                 continue
             placements: list[Placement] = []
-            used = Prefer(set(prefer.names), set(prefer.parents))
+            used = Prefer(set(prefer.names), set(prefer.parents), prefer.tied)
             failed = False
             for j in range(k):
                 piece = (axis, j, k)

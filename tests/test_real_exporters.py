@@ -26,6 +26,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_lsuv import lsuv_init
+from onnx_lsuv.match import match_parameters
 
 from conftest import framework_python
 from independent import (
@@ -113,6 +114,10 @@ def test_every_target_of_a_real_export_reaches_unit_variance(exported, framework
     main = [t for t in targets if t.body_of is None]
     for t, w in zip(main, weight_values(result.model, feeds, [t.weight for t in main])):
         assert orthonormal_up_to_scale(matrices(t.nodes[0], np.asarray(w))), t.weight
+    # The way back: every changed tensor is found among the framework's own parameters.
+    matched = match_parameters(model, result.weights,
+                               os.path.join(directory, "params", name + ".npz"))
+    assert matched.complete and matched.changed == len(changed), matched.summary()
 
 
 def _feeding_targets(model: onnx.ModelProto, targets, recurrent) -> set[str]:

@@ -15,11 +15,13 @@ def run_models(argv: list[str], default_dir: str, models: dict[str, tuple],
                export: Callable[..., list[str]], known_fail: frozenset[str] = frozenset()) -> int:
     """Export ``models`` (name -> the arguments of ``export`` after the name) into OUTDIR
     (``argv[0]``; only the names in ``argv[1:]`` when given), calling
-    ``export(name, *args, outdir, seed)``, which returns the framework's parameter names.
+    ``export(name, *args, outdir, seed)``, which returns the framework's parameter names
+    (and writes OUTDIR/params/<name>.npz: the framework's own parameters by its own names).
     A failure is reported and the loop goes on; the exit status is 1 when a model not in
     ``known_fail`` failed."""
     outdir = argv[0] if argv else default_dir
     os.makedirs(os.path.join(outdir, "ref"), exist_ok=True)
+    os.makedirs(os.path.join(outdir, "params"), exist_ok=True)
     only = set(argv[1:])
     status = 0
     for seed, (name, args) in enumerate(models.items()):

@@ -163,6 +163,11 @@ def export(name, cls, shape, outdir, seed):
             return_mode="file", output_path=path)
     np.save(os.path.join(outdir, name + ".npy"), x)
     np.save(os.path.join(outdir, "ref", name + ".npy"), ref.astype(np.float32))
+    state = {".".join(str(p) for p in path): getattr(v, "value", v)
+             for path, v in nnx.to_flat_state(nnx.state(model))}
+    np.savez(os.path.join(outdir, "params", name + ".npz"),
+             **{k: np.asarray(v) for k, v in state.items()
+                if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)})
     return param_names(model)
 
 

@@ -141,6 +141,8 @@ def export(name, model, shape, outdir, seed):
     np.save(os.path.join(outdir, name + ".npy"), x)
     np.save(os.path.join(outdir, "ref", name + ".npy"), ref.astype(np.float32))
     names = [getattr(w, "path", w.name) for w in model.weights]
+    np.savez(os.path.join(outdir, "params", name + ".npz"),
+             **{n: np.asarray(w.numpy()) for n, w in zip(names, model.weights)})
     return names
 
 

@@ -93,6 +93,8 @@ def export(name, cls, shape, options, outdir, seed):
     paddle.onnx.export(model, prefix, input_spec=spec, opset_version=OPSET, **options)
     np.save(prefix + ".npy", x)
     np.save(os.path.join(outdir, "ref", name + ".npy"), ref.astype(np.float32))
+    np.savez(os.path.join(outdir, "params", name + ".npz"),
+             **{k: v.numpy() for k, v in model.state_dict().items()})
     return list(model.state_dict().keys())
 
 

@@ -32,6 +32,7 @@ OPSET = 17
 def main(argv):
     outdir = argv[0] if argv else "out_sklearn"
     os.makedirs(os.path.join(outdir, "ref"), exist_ok=True)
+    os.makedirs(os.path.join(outdir, "params"), exist_ok=True)
     t0 = time.perf_counter()
     X, y = load_digits(return_X_y=True)
     X = X.astype(np.float32)
@@ -51,6 +52,9 @@ def main(argv):
             clf.predict(batch).astype(np.float32))  # label output (first output)
     np.save(os.path.join(outdir, "ref", "mlp_proba.npy"),
             clf.predict_proba(batch).astype(np.float32))
+    np.savez(os.path.join(outdir, "params", "mlp.npz"),
+             **{f"coefs_{i}": c for i, c in enumerate(clf.coefs_)},
+             **{f"intercepts_{i}": b for i, b in enumerate(clf.intercepts_)})
     names = [f"coefs_[{i}]{list(c.shape)}" for i, c in enumerate(clf.coefs_)] + \
             [f"intercepts_[{i}]{list(b.shape)}" for i, b in enumerate(clf.intercepts_)]
     print(f"OK   mlp {time.perf_counter() - t0:6.2f}s  params: {', '.join(names)}")
