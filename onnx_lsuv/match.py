@@ -111,6 +111,7 @@ class Prefer:
     names: set[str] = field(default_factory=set)
     parents: set[str] = field(default_factory=set)
     tied: bool = False
+    strict: bool = False  # only the graph or the name may choose (not what others claimed)
 
 
 @dataclass
@@ -187,6 +188,12 @@ class MatchResult:
 def _key(values: np.ndarray) -> bytes:
     flat = np.sort(values, axis=None) + np.zeros((), values.dtype)  # -0.0 -> 0.0
     return hashlib.blake2b(np.ascontiguousarray(flat).tobytes(), digest_size=16).digest()
+
+
+def _varied(values: np.ndarray) -> bool:
+    """Varied enough that equal values in two tensors mean one tensor (a random draw: a few
+    repeats in a big float32 or float16 table do not count)."""
+    return np.unique(values).size >= max(2, values.size // 2)
 
 
 def _has_ties(values: np.ndarray) -> bool:
@@ -344,7 +351,7 @@ class _Matcher:
                 # tie: Paddle's LSTM keeps lstm.weight_ih_l0 and lstm.0.cell.weight_ih): all
                 return [Placement(name, piece, p, r, a) for p, r, a in found]
             free = [f for f in found if (f[0], f[1]) not in self.claimed]
-            if len(free) == 1:
+            if len(free) == 1 and not prefer.strict:
                 found = free
             else:
                 pool = free or found
@@ -472,26 +479,22 @@ class _Matcher:
     def place_all(self, placements: list[Placement], new: np.ndarray) -> str | None:
         """Writes every placement of one ONNX tensor, or none of them: a reason when one
         would collide with what another tensor wrote (or with another of these)."""
-        staged = []
-        for p in placements:
-            value = self._value(p, _part(new, p.piece))
+        values: dict[str, np.ndarray] = {}
+        masks: dict[str, np.ndarray] = {}
+        for p in placements:  # staged on copies: this tensor's placements checked together
             base = self.params[p.param]
-            out = _part(self.new.get(p.param, base), p.chunk)
-            mask = _part(self.written.get(p.param, np.zeros(base.shape, bool)), p.chunk)
+            if p.param not in values:
+                values[p.param] = self.new.get(p.param, base).copy()
+                masks[p.param] = self.written.get(p.param, np.zeros(base.shape, bool)).copy()
+            value = self._value(p, _part(new, p.piece))
+            out, mask = _part(values[p.param], p.chunk), _part(masks[p.param], p.chunk)
             if np.any(mask & (out != value)):
-                return f"{p.param} gets different new values from two ONNX tensors"
-            staged.append((p, value))
-        for p, value in staged:
-            if p.param not in self.new:
-                self.new[p.param] = self.params[p.param].copy()
-                self.written[p.param] = np.zeros(self.params[p.param].shape, bool)
-            out = _part(self.new[p.param], p.chunk)
-            mask = _part(self.written[p.param], p.chunk)
-            if np.any(mask & (out != value)):  # two placements of this tensor disagree
                 return f"{p.param} gets different new values from two ONNX tensors"
             out[...] = value
             mask[...] = True
-            self.claimed.add((p.param, p.chunk))
+        self.new.update(values)
+        self.written.update(masks)
+        self.claimed.update((p.param, p.chunk) for p in placements)
         return None
 
 
@@ -589,15 +592,16 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     consts = _constants(model)
 
     def prefer(name: str, before: np.ndarray) -> Prefer:
-        """Equal parameters are this one tensor when it is the exporter's own (not a copy
-        onnx-lsuv made) and no other constant holds the same values (N equal constants are
-        N tensors, to tell apart by the graph or by name)."""
+        """Equal parameters are aliases of this one tensor (all get it) only when it is the
+        exporter's own (not a copy onnx-lsuv made) and no other constant has its size: N
+        constants with these values, in any layout or scaled, are N tensors, which the graph
+        or the name must tell apart."""
         tied = name in consts and not any(
-            other != name and v.shape == before.shape and np.array_equal(v, before)
-            for other, v in consts.items())
+            other != name and v.size == before.size for other, v in consts.items())
         weight = weight_of.get(name)
         mapped = next((m["params"] for m in result.mapped if m["onnx"] == weight), [])
-        return Prefer(parents={_parent(p) for p in mapped}, tied=tied)
+        return Prefer(parents={_parent(p) for p in mapped}, tied=tied,
+                      strict=name in twinned)
 
     # A weight whose values also sit, in any layout, in a constant that stays as it was may
     # be one framework parameter read there too (an output head tied to the embedding that a
@@ -609,10 +613,11 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
             unchanged.setdefault((v.size, v.dtype.str), []).append(other)
     keys: dict[str, bytes] = {}
     kept = []
+    twinned: set[str] = set()
     for name, before, new in pending:
         same = unchanged.get((before.size, before.dtype.str), [])
         twins = []
-        if same and not _has_ties(before):
+        if same and _varied(before):
             key = _key(before)
             twins = [o for o in same if keys.setdefault(o, _key(consts[o])) == key]
         if twins:
@@ -626,6 +631,7 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
                     f"only {holders} parameter(s) hold them: a tied weight read there too, "
                     "which writing it would change as well")})
                 continue
+            twinned.add(name)  # enough holders: one of them, chosen by the graph or name
         kept.append((name, before, new))
     pending = kept
     pending.sort(key=lambda item: item[0] in weight_of)  # weights first: biases follow them
@@ -680,7 +686,7 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
             if n % k or before.size // k < 2:
                 continue
             placements: list[Placement] = []
-            used = Prefer(set(prefer.names), set(prefer.parents), prefer.tied)
+            used = Prefer(set(prefer.names), set(prefer.parents), prefer.tied, prefer.strict)
             failed = False
             for j in range(k):
                 piece = (axis, j, k)
@@ -689,7 +695,8 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
                     continue
                 got = matcher.solve_exact(o, w, name, piece, used)
                 if isinstance(got, str):
-                    if got.startswith("ambiguous"):  # found, but not placed: say that
+                    if got.startswith("ambiguous") and not why.startswith("ambiguous"):
+                        # found, but not placed: say that (the whole tensor's reason first)
                         why = f"{_region_text(piece, 'piece')}: {got}"
                     failed = True
                     break

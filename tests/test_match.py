@@ -381,3 +381,41 @@ def test_cli_match_file_that_is_not_an_npz_is_bad_input(tmp_path, content):
     assert run.returncode == 2, run.stderr
     assert "parameters file" in run.stderr
     assert not os.path.exists(tmp_path / "o.onnx") and not os.path.exists(tmp_path / "w.npz")
+
+
+def _tied_head_model(emb):
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]),
+             helper.make_node("MatMul", ["h", "ET"], ["y"])]
+    return make_model(nodes, [("ids", [8], 7)], [("y", None)], {"E": emb, "ET": emb.T.copy()})
+
+
+def test_tied_head_listed_under_both_names_or_with_repeated_values_is_not_written():
+    """torch's state_dict lists a tied weight under each name, and a big table repeats a few
+    values: neither may turn the copy's new value into a write of the embedding."""
+    emb = r(30, 8)
+    emb[3, 4] = emb[7, 1]  # a repeated value
+    model = _tied_head_model(emb)
+    for params in ({"emb.weight": emb}, {"emb.weight": emb, "lm_head.weight": emb.copy()}):
+        got = match_parameters(model, {"ET": r(8, 30)}, params)
+        assert not got.params and got.unmapped, params.keys()
+
+
+def test_equal_parameters_with_a_folded_twin_are_not_aliases():
+    """a.weight == b.weight; a's conv changes, b's (a BatchNorm folded in) does not: writing
+    both would change b's layer, so the change is reported."""
+    w = r(4, 3, 3, 3)
+    s = RNG.uniform(0.5, 1.5, 4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["y1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "W2"], ["y2"], pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [2, 3, 6, 6])], [("y1", None), ("y2", None)],
+                       {"W1": w, "W2": w * s[:, None, None, None]})
+    got = match_parameters(model, {"W1": r(4, 3, 3, 3)}, {"a.weight": w, "b.weight": w.copy()})
+    assert not got.params and [u["onnx"] for u in got.unmapped] == ["W1"]
+
+
+def test_placements_of_one_tensor_that_disagree_write_nothing():
+    p = r(8)
+    node = helper.make_node("Add", ["x", "B"], ["y"])
+    model = make_model([node], [("x", [16])], [("y", None)], {"B": np.concatenate([p, p])})
+    got = match_parameters(model, {"B": r(16)}, {"P": p})
+    assert not got.params and [u["onnx"] for u in got.unmapped] == ["B"]
