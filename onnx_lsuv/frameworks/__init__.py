@@ -110,7 +110,7 @@ def feed(model: onnx.ModelProto, batch: Any) -> Any:
         if len(batch) == 1:
             return batch[0]
         if len(names) != len(batch):
-            raise LSUVError(f"the exported model takes {len(names)} input(s) "
+            raise InputError(f"the exported model takes {len(names)} input(s) "
                             f"({', '.join(names)}), the batch has {len(batch)} part(s)")
         return dict(zip(names, batch))
     return batch
