@@ -279,6 +279,7 @@ class _Matcher:
         self.new: dict[str, np.ndarray] = {}
         self.written: dict[str, np.ndarray] = {}
         self.claimed: set[tuple[str, Region]] = set()
+        self.pairs: dict[tuple, list[tuple[str, str]]] = {}
 
     # --- candidates -------------------------------------------------------------------
     def _sources(self, size: int, chunks: bool):
@@ -636,8 +637,8 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     pending = kept
     pending.sort(key=lambda item: item[0] in weight_of)  # weights first: biases follow them
     second = []
-    for name, before, new in pending:
-        placements = _solve(matcher, name, before, new, prefer(name, before))
+    for name, before, new in pending:  # whole tensors first; folds, then pieces, after
+        placements = _solve(matcher, name, before, new, prefer(name, before), pieces=False)
         if isinstance(placements, str):
             second.append((name, before, new, placements))
             continue
@@ -676,9 +677,10 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     return result
 
 
-def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, prefer: Prefer):
+def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, prefer: Prefer,
+           pieces: bool = True):
     whole = matcher.solve_exact(before, new, name, None, prefer)
-    if not isinstance(whole, str):
+    if not isinstance(whole, str) or not pieces:
         return whole
     why = whole
     for axis, n in enumerate(before.shape):
@@ -739,7 +741,10 @@ def _vectors(matcher: _Matcher, units: int, without: set[str]) -> tuple[list[str
 def batchnorm_pairs(matcher: _Matcher, s: np.ndarray, kernel: str,
                     rtol: float) -> list[tuple[str, str]]:
     """(gamma, var) among the parameters with gamma / sqrt(var + eps) == s for one constant
-    eps in [0, 0.1]."""
+    eps in [0, 0.1] (kept per kernel and factor: the fold's test and its carry both ask)."""
+    memo = (kernel, s.tobytes(), rtol)
+    if memo in matcher.pairs:
+        return matcher.pairs[memo]
     names, mat = _vectors(matcher, s.size, {kernel})
     tol = max(1e-3, 10 * rtol)
     ok_var = np.all(mat >= 0, axis=1)
@@ -755,6 +760,7 @@ def batchnorm_pairs(matcher: _Matcher, s: np.ndarray, kernel: str,
         fits &= ok_var & (mid[:, 0] >= -tol * np.abs(mat).mean(axis=1) - 1e-6) & (mid[:, 0] <= 0.1)
         fits[i] = False
         pairs += [(names[i], names[j]) for j in np.flatnonzero(fits)]
+    matcher.pairs[memo] = pairs
     return pairs
 
 
