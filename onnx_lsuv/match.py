@@ -21,9 +21,12 @@ transforms, and applies the inverse transform to the new value:
   outputs as the initialised ONNX model.
 
 A tensor whose value is found nowhere is reported by name with the reason, never guessed.
-Equal candidates are resolved by the graph (the pieces of one tensor come from one parameter
-where they can) or by name; otherwise reported as ambiguous. A high-entropy tensor found
-whole in several parameters is one tensor tied under several names, and all of them get it.
+Equal candidates are resolved by the graph (a bias goes beside its layer's weight; the pieces
+of one tensor come from one parameter) or by name; otherwise reported as ambiguous. A varied
+tensor found in several equal parameters is one parameter under several names (all get it)
+only when no other constant of the model has its size. A tensor whose values an unchanged
+constant also holds (a head tied to the embedding a Gather reads) is refused unless as many
+parameters hold them. One tensor's placements are written all or none.
 """
 
 from __future__ import annotations
@@ -47,15 +50,16 @@ from .model_io import ModelLike, load_model
 
 PIECES = (2, 3, 4, 6, 8)  # equal parts tried: fused QKV (3), LSTM gates (4, B: 8), GRU (3, 6)
 SCALE_RTOL = 1e-4  # a folded kernel is the parameter times a per-unit factor, to float rounding
+_MAX_ARRANGEMENTS = 4096  # permutations x flips tried per candidate: rank 5 fits (3840)
+
+Region = Union[tuple[int, int, int], None]  # (axis, index, count): one of count equal parts
 
 
 def _rtol(dtype: np.dtype) -> float:
     """The rounding a fold leaves: 1e-4 for float32 and wider, more for float16."""
-    return max(SCALE_RTOL, 16 * float(np.finfo(dtype).eps)) if np.dtype(dtype).kind == "f" \
-        else SCALE_RTOL
-_MAX_ARRANGEMENTS = 4096
-
-Region = Union[tuple[int, int, int], None]  # (axis, index, count): one of count equal parts
+    if np.dtype(dtype).kind != "f":
+        return SCALE_RTOL
+    return max(SCALE_RTOL, 16 * float(np.finfo(dtype).eps))
 
 
 @dataclass(frozen=True)
@@ -571,7 +575,7 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     old, bias_of = _old_values(model, list(changed))
     matcher = _Matcher(params)
     result = MatchResult()
-    folded: list[tuple[Placement, np.ndarray]] = []
+    folded: list[Placement] = []
     biases_of_folded: set[str] = set()
     pending = []
     for name, value in changed.items():
@@ -640,10 +644,10 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     for name, before, new in pending:  # whole tensors first; folds, then pieces, after
         placements = _solve(matcher, name, before, new, prefer(name, before), pieces=False)
         if isinstance(placements, str):
-            second.append((name, before, new, placements))
+            second.append((name, before, new))
             continue
         _commit(matcher, result, name, placements, before, new)
-    for name, before, new, _first_reason in second:
+    for name, before, new in second:
         if name in biases_of_folded:
             continue
         scaled = matcher.solve_scaled(before, name)
@@ -659,11 +663,11 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
             continue
         if not _commit(matcher, result, name, [scaled], before, new):
             continue
-        folded.append((scaled, before))
+        folded.append(scaled)
         bias = bias_of.get(name)
         if bias is not None:
             biases_of_folded.add(bias)
-    for scaled, _ in folded:
+    for scaled in folded:
         bias = bias_of.get(scaled.onnx)
         if bias is None or bias not in old or np.array_equal(old[bias], np.asarray(changed[bias])):
             continue
