@@ -513,7 +513,8 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _old_values(model: onnx.ModelProto, names) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _old_values(model: onnx.ModelProto, consts: dict[str, np.ndarray],
+                names) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The original value of each changed tensor, and each kernel's bias tensor by the graph.
 
     A bias that onnx-lsuv gave its own copy (``<layer>.bias``, see ``weights.unshare_biases``)
@@ -521,7 +522,6 @@ def _old_values(model: onnx.ModelProto, names) -> tuple[dict[str, np.ndarray], d
     """
     from .layers import find_layers
 
-    consts = _constants(model)
     old = {n: consts[n] for n in names if n in consts}
     bias_of: dict[str, str] = {}
     discovery = find_layers(model)
@@ -567,12 +567,12 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
         InputError: ``params`` is not a mapping of arrays, or its file is unreadable.
     """
     model = load_model(original)
+    consts = _constants(model)
     if isinstance(changed, onnx.ModelProto):
-        before, after = _constants(model), _constants(changed)
-        changed = {n: v for n, v in after.items()  # new names: onnx-lsuv's bias copies
-                   if n not in before or not np.array_equal(before[n], v)}
+        changed = {n: v for n, v in _constants(changed).items()  # new names: bias copies
+                   if n not in consts or not np.array_equal(consts[n], v)}
     params = load_params(params)
-    old, bias_of = _old_values(model, list(changed))
+    old, bias_of = _old_values(model, consts, list(changed))
     matcher = _Matcher(params)
     result = MatchResult()
     folded: list[Placement] = []
@@ -594,7 +594,6 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
         result.changed += 1
         pending.append((name, before, new))
     weight_of = {b: w for w, b in bias_of.items()}
-    consts = _constants(model)
 
     def prefer(name: str, before: np.ndarray) -> Prefer:
         """Equal parameters are aliases of this one tensor (all get it) only when it is the
