@@ -37,6 +37,7 @@ import math
 import os
 import re
 import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -189,20 +190,22 @@ class MatchResult:
                 "complete": self.complete}
 
 
-def _key(values: np.ndarray) -> bytes:
+def _fingerprint(values: np.ndarray) -> tuple[bytes, bool]:
+    """The multiset key of ``values`` (the same in any layout) and whether a value repeats,
+    from one sort."""
     flat = np.sort(values, axis=None) + np.zeros((), values.dtype)  # -0.0 -> 0.0
-    return hashlib.blake2b(np.ascontiguousarray(flat).tobytes(), digest_size=16).digest()
+    key = hashlib.blake2b(np.ascontiguousarray(flat).tobytes(), digest_size=16).digest()
+    return key, flat.size > 1 and bool(np.any(flat[1:] == flat[:-1]))
+
+
+def _key(values: np.ndarray) -> bytes:
+    return _fingerprint(values)[0]
 
 
 def _varied(values: np.ndarray) -> bool:
     """Varied enough that equal values in two tensors mean one tensor (a random draw: a few
     repeats in a big float32 or float16 table do not count)."""
     return np.unique(values).size >= max(2, values.size // 2)
-
-
-def _has_ties(values: np.ndarray) -> bool:
-    flat = np.sort(values, axis=None)
-    return flat.size > 1 and bool(np.any(flat[1:] == flat[:-1]))
 
 
 def _words(name: str) -> list[str]:
@@ -311,8 +314,9 @@ class _Matcher:
             self._range[k] = (float(part.min()), float(part.max()))
         return self._range[k]
 
-    def exact(self, target: np.ndarray, every_level: bool = False) -> list[tuple[str, Region]]:
-        key, bounds = _key(target), (float(target.min()), float(target.max()))
+    def exact(self, target: np.ndarray, key: bytes,
+              every_level: bool = False) -> list[tuple[str, Region]]:
+        bounds = (float(target.min()), float(target.max()))
         out: list[tuple[str, Region]] = []
         for chunks in (False, True):  # a whole parameter first; chunks only where none is
             # (the extremes first: a cheap test that rules out nearly every candidate)
@@ -326,7 +330,8 @@ class _Matcher:
     def solve_exact(self, target: np.ndarray, new: np.ndarray, name: str, piece: Region,
                     prefer: Prefer) -> list[Placement] | str:
         constant = bool(np.all(target == target.reshape(-1)[0]))
-        candidates = self.exact(target, every_level=constant)
+        key, ties = _fingerprint(target)
+        candidates = self.exact(target, key, every_level=constant)
         if not candidates:
             return "its value is not among the parameters"
         if constant:  # any parameter of that size and value fits: the graph, or the very
@@ -341,7 +346,6 @@ class _Matcher:
                 return ("ambiguous: a constant value, which the graph does not place; it "
                         "fits " + ", ".join(sorted({c[0] for c in candidates})[:6]))
             candidates = near
-        ties = _has_ties(target)
         found: list[tuple[str, Region, Arrangement | str]] = []
         for pname, region in candidates:
             arr = self._arrange(pname, region, target, ties, new)
@@ -594,14 +598,14 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
         result.changed += 1
         pending.append((name, before, new))
     weight_of = {b: w for w, b in bias_of.items()}
+    sizes = Counter(v.size for v in consts.values())
 
     def prefer(name: str, before: np.ndarray) -> Prefer:
         """Equal parameters are aliases of this one tensor (all get it) only when it is the
         exporter's own (not a copy onnx-lsuv made) and no other constant has its size: N
         constants with these values, in any layout or scaled, are N tensors, which the graph
         or the name must tell apart."""
-        tied = name in consts and not any(
-            other != name and v.size == before.size for other, v in consts.items())
+        tied = name in consts and sizes[before.size] == 1
         weight = weight_of.get(name)
         mapped = next((m["params"] for m in result.mapped if m["onnx"] == weight), [])
         return Prefer(parents={_parent(p) for p in mapped}, tied=tied,
@@ -615,20 +619,26 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
     for other, v in consts.items():
         if other not in changed and v.dtype.kind == "f" and v.size > 1:
             unchanged.setdefault((v.size, v.dtype.str), []).append(other)
-    keys: dict[str, bytes] = {}
+    keys: dict[str, bytes] = {}  # each tensor's multiset key, computed once
+
+    def key_of(name: str, values: np.ndarray) -> bytes:
+        if name not in keys:
+            keys[name] = _key(values)
+        return keys[name]
+
     kept = []
     twinned: set[str] = set()
     for name, before, new in pending:
         same = unchanged.get((before.size, before.dtype.str), [])
         twins = []
         if same and _varied(before):
-            key = _key(before)
-            twins = [o for o in same if keys.setdefault(o, _key(consts[o])) == key]
+            key = key_of(name, before)
+            twins = [o for o in same if key_of(o, consts[o]) == key]
         if twins:
             tensors = 1 + len(twins) + sum(
-                other != name and b.size == before.size and _key(b) == key
+                other != name and b.size == before.size and key_of(other, b) == key
                 for other, b, _ in pending)
-            holders = sum(r is None for _, r in matcher.exact(before))
+            holders = sum(r is None for _, r in matcher.exact(before, key))
             if holders < tensors:
                 result.unmapped.append({"onnx": name, "reason": (
                     f"its values are also those of {twins[0]!r}, which stays as it was, and "
@@ -645,7 +655,7 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
         if isinstance(placements, str):
             second.append((name, before, new))
             continue
-        _commit(matcher, result, name, placements, before, new)
+        _commit(matcher, result, name, placements, new)
     for name, before, new in second:
         if name in biases_of_folded:
             continue
@@ -658,9 +668,9 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
             if isinstance(placements, str):
                 result.unmapped.append({"onnx": name, "reason": placements})
             else:
-                _commit(matcher, result, name, placements, before, new)
+                _commit(matcher, result, name, placements, new)
             continue
-        if not _commit(matcher, result, name, [scaled], before, new):
+        if not _commit(matcher, result, name, [scaled], new):
             continue
         folded.append(scaled)
         bias = bias_of.get(name)
@@ -713,7 +723,7 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
 
 
 def _commit(matcher: _Matcher, result: MatchResult, name: str, placements: list[Placement],
-            before: np.ndarray, new: np.ndarray) -> bool:
+            new: np.ndarray) -> bool:
     clash = matcher.place_all(placements, new)
     if clash is not None:
         result.unmapped.append({"onnx": name, "reason": clash})
