@@ -26,7 +26,6 @@ import onnx
 from ..errors import InputError, LSUVError
 from ..lsuv import lsuv_init
 from ..match import MatchResult, match_parameters
-from ..model_io import load_model
 from ..report import Report
 
 log = logging.getLogger("onnx_lsuv")
@@ -65,11 +64,9 @@ class FrameworkResult:
     variables: Any = None
 
 
-def initialise(exported: onnx.ModelProto | str, data: Any, params: dict[str, np.ndarray],
+def initialise(exported: onnx.ModelProto, data: Any, params: dict[str, np.ndarray],
                strict: bool, options: dict[str, Any]) -> FrameworkResult:
     """lsuv_init on the export, then the mapping; MatchError (strict) if it is incomplete."""
-    if not isinstance(exported, onnx.ModelProto):
-        exported = load_model(exported)
     result = lsuv_init(exported, data, **options)
     if not result.report.layers:
         log.warning("the exported model has no layer that onnx-lsuv initialises (%d skipped: "
@@ -91,26 +88,3 @@ def unique_names(names: Iterable[str], what: str) -> None:
         raise InputError(f"{what}: several parameters are named {', '.join(twice[:5])}; give "
                          "them distinct names (e.g. add_weight(name=...)) so each can be "
                          "written back")
-
-
-def numpy_batch(batch: Any, to_numpy) -> Any:
-    """One array, or a tuple/list of them, or a dict name -> array, as numpy."""
-    if isinstance(batch, dict):
-        return {k: to_numpy(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return [to_numpy(v) for v in batch]
-    return to_numpy(batch)
-
-
-def feed(model: onnx.ModelProto, batch: Any) -> Any:
-    """The batch keyed by the exported model's input names where it has several parts."""
-    if isinstance(batch, list):
-        init = {t.name for t in model.graph.initializer}
-        names = [i.name for i in model.graph.input if i.name not in init]
-        if len(batch) == 1:
-            return batch[0]
-        if len(names) != len(batch):
-            raise InputError(f"the exported model takes {len(names)} input(s) "
-                            f"({', '.join(names)}), the batch has {len(batch)} part(s)")
-        return dict(zip(names, batch))
-    return batch

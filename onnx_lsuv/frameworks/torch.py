@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model_io import load_model
-from . import FrameworkResult, feed, initialise, numpy_batch
+from . import FrameworkResult, initialise
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -32,6 +32,18 @@ def _to_numpy(t) -> np.ndarray:
             t = t.float()  # bfloat16 and the like: numpy has no such dtype
         return t.numpy()
     return np.asarray(t)
+
+
+def _feed(model, arrays: list[np.ndarray]):
+    """The batch for lsuv_init: one array, or the arrays keyed by the export's input names."""
+    if len(arrays) == 1:
+        return arrays[0]
+    init = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in init]
+    if len(names) != len(arrays):
+        raise InputError(f"the exported model takes {len(names)} input(s) "
+                         f"({', '.join(names)}), the batch has {len(arrays)} part(s)")
+    return dict(zip(names, arrays))
 
 
 def _as_input(t, module):
@@ -93,7 +105,7 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
                          v.stride(), v.dtype)
                 aliases.setdefault(first.setdefault(where, k), []).append(k)
         params = {k: _to_numpy(state[k]) for k in aliases}
-        data = feed(exported, numpy_batch(list(args), _to_numpy))
+        data = _feed(exported, [_to_numpy(a) for a in args])
         result = initialise(exported, data, params, strict, options)
         with torch.no_grad():
             for name, value in list(result.params.items()):
