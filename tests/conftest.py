@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "sample_models"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "frameworks"))  # _common: the checks' helpers
 
 OPSET = 17
 IR_VERSION = 8

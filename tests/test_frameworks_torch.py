@@ -19,9 +19,9 @@ import warnings
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+
+from _common import changed_tensors, ort_output  # tests/frameworks: the checks' own
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -139,17 +139,6 @@ def measured(model: nn.Module, x) -> dict[str, float]:
             for n, t in taps.items()}
 
 
-def changed_tensors(before: onnx.ModelProto, after: onnx.ModelProto) -> set[str]:
-    old = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
-    return {t.name for t in after.graph.initializer
-            if t.name in old and not np.array_equal(old[t.name], numpy_helper.to_array(t))}
-
-
-def ort_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return s.run(None, {s.get_inputs()[0].name: x})[0]
-
-
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("kind", ["resnet", "encoder"])
 def test_lsuv_module(kind, exporter):
@@ -169,7 +158,7 @@ def test_lsuv_module(kind, exporter):
     off = {n: v for n, v in variances.items() if abs(v - 1.0) >= TOL}
     assert not off, f"off unit variance in torch's own forward: {off}"
 
-    changed = changed_tensors(result.exported, result.model)
+    changed = set(changed_tensors(result.exported, result.model))
     assert changed and result.match.changed == len(changed)
     assert result.match.complete and {m["onnx"] for m in result.match.mapped} == changed
 

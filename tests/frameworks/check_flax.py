@@ -20,8 +20,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import summary, var, write  # noqa: E402
 from flax import linen, nnx  # noqa: E402
+
+from _common import summary, var, write  # noqa: E402
 
 BIAS = nnx.initializers.normal(1.0)
 X = np.random.default_rng(2).standard_normal((32, 12, 12, 3)).astype("float32")

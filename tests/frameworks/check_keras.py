@@ -24,8 +24,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import summary, var, write  # noqa: E402
 from keras import layers  # noqa: E402
+
+from _common import summary, var, write  # noqa: E402
 
 
 def build():

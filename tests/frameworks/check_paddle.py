@@ -14,8 +14,9 @@ os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
-from _common import summary, var, write  # noqa: E402
 from paddle import nn  # noqa: E402
+
+from _common import summary, var, write  # noqa: E402
 
 
 class CNN(nn.Layer):
