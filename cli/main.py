@@ -116,6 +116,7 @@ GROUPS = {
     "Layers": ["include", "exclude"],
     "Initialisation": ["init", "seed", "keep_bias", "lstm_forget_bias"],
     "Scaling": ["target_var", "tol", "max_iter", "strategy", "check"],
+    "Beyond the paper (off by default)": ["target_mean", "after_activation", "per_channel"],
     "Output": ["output", "report_path", "as_json", "plot_path", "weights_path", "match_path",
                "external_data", "overwrite"],
     "Runtime": ["provider", "threads", "verbose", "quiet", "version", "help"],
@@ -147,7 +148,8 @@ class GroupedCommand(click.Command):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "-d", "data", multiple=True, type=click.Path(),
               help="Batch: .npy (single-input models) or .npz (one array per input name). Give "
-                   "it several times, or a directory of .npy files, to pool batches.")
+                   "it several times to pool batches into one; give a directory of .npy/.npz "
+                   "files to stream them (one batch in memory, read again per layer).")
 @click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
               help="Leave alone the layers whose node name, weight name or op type matches this "
                    "glob (case-sensitive; repeat for more), e.g. a fixed decoding conv such as "
@@ -177,7 +179,20 @@ class GroupedCommand(click.Command):
 @click.option("--max-iter", type=int, default=10, show_default=True,
               help="Most rescaling tries per layer (the paper's T_max).")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="fast", show_default=True,
-              help="fast: the in-graph one-pass solve; naive: one forward pass per try.")
+              help="fast: the in-graph one-pass solve; naive: one forward pass per try; "
+                   "sequential: layer by layer from per-channel statistics over all batches "
+                   "(what a directory of batches and the options below use).")
+@click.option("--target-mean", type=float, default=None,
+              help="Shift each layer's bias so its output has this mean (per channel with "
+                   "--per-channel), as LSUV-pytorch's needed_mean; Conv, ConvTranspose and "
+                   "Gemm without a bias get one. Default: no mean target (the paper).")
+@click.option("--after-activation", is_flag=True,
+              help="Measure after the activation that directly follows each layer (Relu, "
+                   "Tanh, Sigmoid, Gelu, Max, ...), as fastai's and thinc's LSUV; layers "
+                   "with none are measured at their output (reported).")
+@click.option("--per-channel", is_flag=True,
+              help="Give every output channel the target on its own (batch norm of the data "
+                   "folded into the weights); the weight rows are then scaled unequally.")
 @click.option("--check", is_flag=True,
               help=f"Re-measure MODEL on the data, write nothing; exit {EXIT_CHECK_FAILED} if any "
                    "layer is off its target variance by TOL or more, or dead (variance 0, "
@@ -280,7 +295,8 @@ def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
         seed=flags["seed"], init=init, keep_bias=flags["keep_bias"],
         lstm_forget_bias=flags["lstm_forget_bias"], provider=flags["provider"],
         strategy=flags["strategy"], threads=flags["threads"], include=flags["include"],
-        exclude=flags["exclude"])
+        exclude=flags["exclude"], target_mean=flags["target_mean"],
+        after_activation=flags["after_activation"], per_channel=flags["per_channel"])
 
 
 def _run(model: str, flags: dict, quiet: bool, tx: Transaction):

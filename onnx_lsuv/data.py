@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from typing import Union
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, Union
 
 import numpy as np
 import onnx
@@ -153,14 +155,188 @@ def data_files(items) -> list[str]:
             if isinstance(p, (str, os.PathLike))]
 
 
+def _is_directory(item) -> bool:
+    return isinstance(item, (str, os.PathLike)) and os.path.isdir(item)
+
+
 def _expand_directory(item):
-    """A directory's .npy files in name order; anything else as it is."""
-    if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
-        files = sorted(f for f in os.listdir(item) if f.endswith(".npy"))
+    """A directory's .npy and .npz files in name order; anything else as it is."""
+    if _is_directory(item):
+        files = sorted(f for f in os.listdir(item) if f.endswith((".npy", ".npz")))
         if not files:
-            raise InputError(f"data directory {os.fspath(item)} holds no .npy files")
+            raise InputError(f"data directory {os.fspath(item)} holds no .npy or .npz files")
         return [os.path.join(item, f) for f in files]
     return [item]
+
+
+def is_stream(data) -> bool:
+    """Whether ``data`` is read as a stream of batches: a directory (or a list holding one),
+    or an iterable that is not an array, a mapping, a path, a list or a tuple (a generator,
+    a DataLoader)."""
+    if isinstance(data, (list, tuple)):
+        return any(_is_directory(item) for item in data)
+    if _is_directory(data):
+        return True
+    return isinstance(data, Iterable) and not isinstance(
+        data, (np.ndarray, Mapping, str, bytes, os.PathLike)) and not hasattr(data, "__array__")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """An array from a numpy array, a torch tensor (any device) or anything array-like."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _as_batch(item: Any, names: list[str]):
+    """One item of a stream as ``load_batch`` takes it: a dict stays a dict; a tuple or list
+    (a DataLoader's (inputs, labels)) gives its first len(inputs) elements, in the order of
+    the model's inputs; anything else is the single input's array."""
+    if isinstance(item, Mapping):
+        return {k: _to_numpy(v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        if len(item) < len(names):
+            raise InputError(f"a batch of the stream has {len(item)} element(s) but the model "
+                             f"has {len(names)} inputs ({', '.join(names)})")
+        return dict(zip(names, (_to_numpy(v) for v in item[:len(names)])))
+    return _to_numpy(item)
+
+
+def _fingerprint(feeds: dict[str, np.ndarray]) -> tuple:
+    """A cheap summary of one batch (shapes, sums, a few elements): what must repeat when a
+    re-iterable stream is read again."""
+    out = []
+    for k in sorted(feeds):
+        a = feeds[k]
+        flat = a.reshape(-1)
+        picks = flat[:: max(1, flat.size // 16)][:16]
+        out.append((k, a.shape, str(a.dtype), float(np.sum(a, dtype=np.float64)),
+                    picks.astype(np.float64).tobytes()))
+    return tuple(out)
+
+
+class Stream:
+    """The data as a stream of batches, read again on every pass, one batch in memory.
+
+    A list of files (a directory's) is read file by file. A re-iterable object (a DataLoader,
+    a class whose ``__iter__`` starts over) is iterated once per pass, and every pass must
+    yield the same batches: a shuffling loader is refused at its second pass. A one-shot
+    iterator (a generator) is written batch by batch to a temporary directory on the first
+    read, and read from there; ``close`` removes it.
+
+    Every batch is checked against the model's inputs as ``load_batch`` checks one.
+    """
+
+    def __init__(self, source, model: onnx.ModelProto) -> None:
+        self._model = model
+        self._names = [i.name for i in graph_inputs(model)]
+        if not self._names:
+            raise InputError("the model has no graph inputs to feed")
+        self._spool: str | None = None
+        self._files: list | None = None
+        self._source = None
+        self._prints: list[tuple] | None = None
+        self._transform: Callable[[dict], dict] | None = None
+        items = source if isinstance(source, (list, tuple)) else [source]
+        if isinstance(source, (list, tuple)) or _is_directory(source):
+            self._files = [p for item in items for p in _expand_directory(item)]
+        elif iter(source) is source:  # a generator: read it once, spooled to disk
+            self._spool = tempfile.mkdtemp(prefix="onnx-lsuv-stream-")
+            self._files = []
+            try:
+                for k, item in enumerate(source):
+                    feeds = load_batch(_as_batch(item, self._names), model, warn_small=False)
+                    path = os.path.join(self._spool, f"batch{k:07d}.npz")
+                    np.savez(path, **feeds)
+                    self._files.append(path)
+            except BaseException:
+                self.close()
+                raise
+        else:
+            self._source = source
+        self.count = 0
+        self.samples = 0
+        self.first: dict[str, np.ndarray] | None = None
+        for feeds in self:  # the first pass: validates every batch, counts them
+            if self.first is None:
+                self.first = feeds
+        if self.count == 0:
+            self.close()
+            raise InputError("the data stream yielded no batch")
+        _warn_small_total(self.samples, model)
+
+    def map(self, transform: Callable[[dict], dict]) -> Stream:
+        """This stream with ``transform`` applied to each batch (a float32 view, say)."""
+        other = object.__new__(Stream)
+        other.__dict__.update(self.__dict__)
+        other._transform = transform
+        other.first = transform(self.first)
+        return other
+
+    def _raw(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._files is not None:
+            for path in self._files:
+                yield load_batch(path, self._model, warn_small=False)
+            return
+        prints = []
+        for item in self._source:
+            feeds = load_batch(_as_batch(item, self._names), self._model, warn_small=False)
+            prints.append(_fingerprint(feeds))
+            if self._prints is not None and (len(prints) > len(self._prints)
+                                             or prints[-1] != self._prints[len(prints) - 1]):
+                raise InputError(self._changed())
+            yield feeds
+        if self._prints is None:
+            self._prints = prints
+        elif len(prints) != len(self._prints):
+            raise InputError(self._changed())
+
+    @staticmethod
+    def _changed() -> str:
+        return ("the data stream yielded other batches when read again (a shuffling "
+                "DataLoader, random augmentation?): LSUV reads the stream once per layer, so "
+                "it must repeat; use shuffle=False, or pass a generator (read once, spooled)")
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        first_pass = self.count == 0 and self.first is None
+        for feeds in self._raw():
+            if first_pass:
+                self.count += 1
+                self.samples += _batch_size(feeds, self._model)
+            yield self._transform(feeds) if self._transform else feeds
+
+    def close(self) -> None:
+        """Remove the spooled batches of a generator, if any."""
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _batch_size(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> int:
+    for vi in graph_inputs(model):
+        if feeds[vi.name].ndim > 0:
+            return int(feeds[vi.name].shape[0])
+    return 1
+
+
+def _warn_small_total(samples: int, model: onnx.ModelProto) -> None:
+    if 0 < samples < MIN_RECOMMENDED_BATCH:
+        log.warning("the data stream has %d samples in all; LSUV's variance estimate wants at "
+                    "least %d", samples, MIN_RECOMMENDED_BATCH)
+
+
+def load_data(data, model: onnx.ModelProto) -> dict[str, np.ndarray] | Stream:
+    """The data as one batch (``load_batches``) or, for a stream (``is_stream``), a
+    ``Stream``."""
+    if is_stream(data):
+        return Stream(data, model)
+    return load_batches(data, model)
 
 
 def load_batches(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Union
 
@@ -29,23 +29,25 @@ import scipy
 
 from . import __version__
 from .baselines import BASELINES, baseline_weight
-from .data import BatchLike, load_batches
+from .data import BatchLike, Stream, load_data
 from .engine import Engine
 from .errors import InputError, LSUVError, RuntimeFailure
 from .graph import GraphIndex
-from .layers import Discovery, find_layers
+from .layers import Discovery, Layer, find_layers
+from .measure_graph import Point, activation_point
 from .model_io import ModelLike, load_model
 from .options import LSUVOptions, legacy_init
 from .orthonormal import compute_dtype, orthonormal_many
 from .precision import float32_measuring, has_low_precision
 from .report import LayerRecord, Report
+from .sequential import final_measure, scale_sequential
 from .strategies import ProgressFn, Run, choose, final_check, no_progress
 from .verdict import NOT_CONVERGED, SKIPPED
-from .weights import WeightState, unshare_biases
+from .weights import WeightState, add_biases, unshare_biases
 
 log = logging.getLogger("onnx_lsuv")
 
-DataLike = Union[BatchLike, Sequence[BatchLike]]
+DataLike = Union[BatchLike, Sequence[BatchLike], Iterable]
 _OPTION_NAMES = {f.name for f in fields(LSUVOptions)}
 
 
@@ -95,14 +97,18 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
     Args:
         model: An onnx.ModelProto (left untouched) or the path of an .onnx file.
         data: The batch: an array (single-input models), a dict input name -> array, or the path
-            of a .npy / .npz file; or a list of these, pooled into one batch. Required for
+            of a .npy / .npz file; or a list of these, pooled into one batch. Or a stream of
+            batches, read again for every layer with one batch in memory: a directory of
+            .npy / .npz files, or any other iterable of batches (a generator, which is spooled
+            to a temporary directory; a DataLoader, whose (inputs, labels) tuples give their
+            inputs, and which must yield the same batches on every pass). Required for
             init "lsuv" and "rescale"; not read otherwise. Defaults to None.
         options: An ``LSUVOptions``. Defaults to ``LSUVOptions()``.
         progress: Called as progress(stage, done, total, detail) as the work goes on.
             Defaults to none.
         **keywords: Fields of ``LSUVOptions`` that override ``options``: target_var, tol,
             max_iter, seed, init, keep_bias, lstm_forget_bias, provider, strategy, threads,
-            include, exclude.
+            include, exclude, target_mean, after_activation, per_channel.
             (``orthonormal=False`` and ``orthonormal_only=True`` still work, deprecated: they
             mean init="rescale" and init="orthonormal".)
 
@@ -123,8 +129,25 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
                          "dict of arrays or a .npy/.npz path); the baselines 'orthonormal', "
                          f"{', '.join(repr(b) for b in BASELINES)} need none")
     work = load_model(model)
-    feeds = load_batches(data, work) if opts.scaling else None
+    feeds = load_data(data, work) if opts.scaling else None
+    try:
+        return _lsuv(work, feeds, opts, progress, model, t_start)
+    finally:
+        if isinstance(feeds, Stream):
+            feeds.close()
+
+
+def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
+          model: ModelLike, t_start: float) -> LSUVResult:
+    sequential = _sequential(opts, feeds)
     discovery = find_layers(work, opts.selection)
+    bias_notes: list[str] = []
+    mean_off: dict[int, str] = {}
+    if opts.scaling and opts.target_mean is not None:
+        added, refused = add_biases(work, discovery.layers)
+        if added:  # found again, with their new biases
+            discovery = find_layers(work, opts.selection)
+        bias_notes = added + refused
     report = _new_report(discovery, opts.to_dict())
     layers = discovery.layers
     if not layers:
@@ -134,7 +157,11 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
         return LSUVResult(work, report)
 
     zeroing = {lay.index for lay in layers} if opts.zero_bias else set()
-    copies = unshare_biases(work, layers, zeroing)
+    shifting = set()
+    if opts.scaling and opts.target_mean is not None:
+        mean_off = _mean_off(layers)
+        shifting = {lay.index for lay in layers if lay.index not in mean_off}
+    copies = unshare_biases(work, layers, zeroing, shifting)
     state = WeightState(work, layers)
     node_name = GraphIndex(work.graph).node_name
     pooled = [f"layer {lay.name}: its weight is applied by {len(lay.uses)} nodes "
@@ -142,9 +169,23 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
               "over all of them" for lay in layers if lay.more_uses]
     ties = [f"layer {lay.name}: its weight is also read by {', '.join(lay.shared_weight_users)}"
             " (tied: set here)" for lay in layers if lay.shared_weight_users]
+    points, point_notes = _points(work, layers, opts)
+    if sequential and opts.strategy == "fast":
+        report.notes.append("solved layer by layer (strategy 'sequential'), as "
+                            + ("a stream of batches needs" if isinstance(feeds, Stream)
+                               else "the options target_mean, after_activation and "
+                               "per_channel need"))
+        log.info("%s", report.notes[-1])
     _graph_notes(report, [(copies, "shared bias(es) given their own copy"),
                           (pooled, "weight(s) applied by several nodes"),
-                          (ties, "tied weight(s)")])
+                          (ties, "tied weight(s)"),
+                          (bias_notes, "note(s) on biases for the target mean"),
+                          ([f"layer {layers[i].name}: target mean not applied: {why}"
+                            for i, why in mean_off.items()
+                            if not any(layers[i].name in n for n in bias_notes)],
+                           "layer(s) without a target mean"),
+                          (point_notes, "layer(s) measured at their output, not after an "
+                                        "activation")])
     if opts.reinit:  # step 1
         t = time.perf_counter()
         _pre_init(state, opts, progress)
@@ -161,8 +202,15 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
         with _blaming_the_input(model, feeds):
             run = _measuring_run(Engine(opts.provider, opts.threads), work, state, feeds,
                                  report, opts, progress)
-            choose(run)(run)
+            if sequential:
+                scale_sequential(run, points, mean_off)
+            else:
+                choose(run)(run)
         state.scale = dict(run.state.scale)
+        if run.state is not state:  # measured on the float32 twin: its shifted biases too
+            for i in run.state.changed_bias - state.changed_bias:
+                state.bias[i] = run.state.bias[i].astype(state.bias[i].dtype)
+                state.changed_bias.add(i)
         report.timings["scaling_s"] = time.perf_counter() - t
         _warn_off_target(report)
 
@@ -192,19 +240,69 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     if data is None:
         raise InputError("data is required to check a model's variances")
     work = load_model(model)
-    feeds = load_batches(data, work)
-    discovery = find_layers(work, opts.selection)
-    report = _new_report(discovery, dict(target_var=opts.target_var, tol=opts.tol, check=True,
-                                         include=list(opts.include), exclude=list(opts.exclude)))
-    if discovery.layers:
-        state = WeightState(work, discovery.layers)
-        with _blaming_the_input(model, feeds):
-            run = _measuring_run(Engine(opts.provider, opts.threads), work, state, feeds,
-                                 report, opts, no_progress)
-            final_check(run, run.state.skeleton(run.work), check=True)
-        _weight_stds(report, state)
+    feeds = load_data(data, work)
+    try:
+        discovery = find_layers(work, opts.selection)
+        report = _new_report(discovery, dict(
+            target_var=opts.target_var, tol=opts.tol, check=True, include=list(opts.include),
+            exclude=list(opts.exclude), target_mean=opts.target_mean,
+            after_activation=opts.after_activation, per_channel=opts.per_channel))
+        if discovery.layers:
+            state = WeightState(work, discovery.layers)
+            points, point_notes = _points(work, discovery.layers, opts)
+            report.notes.extend(point_notes)
+            with _blaming_the_input(model, feeds):
+                run = _measuring_run(Engine(opts.provider, opts.threads), work, state, feeds,
+                                     report, opts, no_progress)
+                if _sequential(opts, feeds):
+                    final_measure(run, run.state.skeleton(run.work), points,
+                                  _mean_off(discovery.layers), check=True)
+                else:
+                    final_check(run, run.state.skeleton(run.work), check=True)
+            _weight_stds(report, state)
+    finally:
+        if isinstance(feeds, Stream):
+            feeds.close()
     report.timings["total_s"] = time.perf_counter() - t_start
     return report
+
+
+def _sequential(opts: LSUVOptions, feeds) -> bool:
+    """Whether the run is solved layer by layer: asked for, or needed by the options or by a
+    stream of batches (which the naive strategy does not take)."""
+    if isinstance(feeds, Stream) and opts.strategy == "naive":
+        raise InputError("strategy 'naive' measures one batch: pool the batches (a list), or "
+                         "use 'fast' or 'sequential' for a stream")
+    return opts.strategy == "sequential" or opts.extended or isinstance(feeds, Stream)
+
+
+def _mean_off(layers: list[Layer]) -> dict[int, str]:
+    """Layers whose mean cannot be set through a bias, and why."""
+    off = {}
+    for lay in layers:
+        if lay.is_recurrent:
+            off[lay.index] = ("a recurrent op's bias acts on the gates through W x + R h: its "
+                              "mean is not set")
+        elif lay.bias is None:
+            off[lay.index] = "the layer has no bias and none could be added"
+    return off
+
+
+def _points(work: onnx.ModelProto, layers: list[Layer],
+            opts: LSUVOptions) -> tuple[dict[int, Point], list[str]]:
+    """Where each layer is measured: after its activation with ``after_activation`` (where it
+    has exactly one), else at its output; and a note per layer that has none."""
+    if not opts.after_activation:
+        return {}, []
+    index = GraphIndex(work.graph)
+    points, notes = {}, []
+    for lay in layers:
+        point, why = activation_point(index, lay)
+        points[lay.index] = point
+        if why:
+            notes.append(f"layer {lay.name}: measured at its output, not after an activation: "
+                         f"{why}")
+    return points, notes
 
 
 def _graph_notes(report: Report, kinds: list[tuple[list[str], str]]) -> None:
@@ -281,7 +379,7 @@ def _set_forget_biases(state: WeightState, value: float, report: Report) -> None
 
 
 def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
-                   feeds: dict[str, np.ndarray], report: Report, opts: LSUVOptions,
+                   feeds, report: Report, opts: LSUVOptions,
                    progress: ProgressFn) -> Run:
     """The model, weights and feeds to measure with: the model itself, or its float32 twin
     where ONNX Runtime cannot run its float16/bfloat16 form."""
@@ -301,7 +399,7 @@ def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
 
 
 @contextlib.contextmanager
-def _blaming_the_input(model: ModelLike, feeds: dict[str, np.ndarray]):
+def _blaming_the_input(model: ModelLike, feeds):
     """Turns a RuntimeFailure into an InputError when ONNX Runtime also refuses the user's own,
     unmodified model on the same data (a custom op, duplicate node names, an IR or opset newer
     than it supports): that is bad input, not a failure of onnx-lsuv's rewrites."""
@@ -314,7 +412,8 @@ def _blaming_the_input(model: ModelLike, feeds: dict[str, np.ndarray]):
             raise err from None
         try:
             probe = Engine("cpu").session(serialised)
-            probe.run(feeds, [o.name for o in probe.ort_session.get_outputs()])
+            probe.run(feeds.first if isinstance(feeds, Stream) else feeds,
+                      [o.name for o in probe.ort_session.get_outputs()])
         except RuntimeFailure as refused:
             where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
             raise InputError(f"ONNX Runtime cannot run the model{where} as it is: "

@@ -611,3 +611,87 @@ def normalizing_model(
         toposort(copy.graph)
     _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale)])
     return copy, result
+
+
+# The activations a layer's statistics may be read after (``after_activation``): elementwise,
+# so the output units stay on the layer's axis. Max is a maxout's (or Max(x, 0)); PRelu's
+# slope and Clip's bounds are constants.
+ACTIVATION_OPS = ("Relu", "LeakyRelu", "PRelu", "Tanh", "Sigmoid", "HardSigmoid", "Gelu", "Elu",
+                  "Selu", "Celu", "Softplus", "Softsign", "HardSwish", "Mish",
+                  "ThresholdedRelu", "Clip", "Max")
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where a layer's statistics are read for the extended targets: its output (through its
+    BatchNormalization tap), or the output of the activation that directly follows each use."""
+
+    tensors: tuple[str, ...] = ()  # per use, the activation's output; () for the output
+    op: str = ""  # the activation's op type ("" for the output)
+
+    @property
+    def after_activation(self) -> bool:
+        return bool(self.tensors)
+
+
+def activation_point(index: GraphIndex, layer: Layer) -> tuple[Point, str | None]:
+    """The activation that directly follows every use of ``layer`` (through its
+    BatchNormalization tap, if any), or the layer's own output and the reason there is none."""
+    if layer.is_recurrent:
+        return Point(), "a recurrent op's activations are inside the op: measured at W x"
+    if layer.body is not None:
+        return Point(), "the layer is inside a Loop/Scan body: measured at its output"
+    tensors, ops = [], set()
+    for use in layer.uses:
+        tensor = find_tap(index, layer, use).tensor
+        users = index.consumers.get(tensor, [])
+        if len(users) != 1 or tensor in index.graph_outputs or users[0][1] == OUTER_SCOPE:
+            return Point(), (f"its output {tensor!r} is read by {len(users)} nodes, not by "
+                             "exactly one activation" if len(users) != 1 else
+                             f"its output {tensor!r} is also a graph output")
+        node = index.graph.node[users[0][0]]
+        if node.op_type not in ACTIVATION_OPS or node.domain not in ("", "ai.onnx"):
+            return Point(), f"the node after it is a {node.op_type}, not an activation"
+        others = [x for k, x in enumerate(node.input) if k != users[0][1] and x]
+        if node.op_type == "Max" and any(
+                index.resolve_const(x) is not None
+                and index.const_array(index.resolve_const(x)).size != 1 for x in others):
+            return Point(), "its Max takes a constant of more than one element"
+        if node.op_type in ("PRelu", "Clip") and any(index.resolve_const(x) is None
+                                                     for x in others):
+            return Point(), f"its {node.op_type}'s parameters are not constants"
+        tensors.append(node.output[0])
+        ops.add(node.op_type)
+    return Point(tuple(tensors), "/".join(sorted(ops))), None
+
+
+@dataclass(frozen=True)
+class SumsOutputs:
+    """Names of one layer's per-channel statistics in a ``sums_model``."""
+
+    s1: str  # (C,) sum
+    s2: str  # (C,) sum of squares
+    n: str  # element count, all channels together
+
+
+def sums_model(model: onnx.ModelProto, items: list[tuple[Layer, Point]]
+               ) -> tuple[onnx.ModelProto, list[SumsOutputs]]:
+    """A copy of ``model`` whose outputs are, per (layer, point) of ``items``, the float64
+    per-channel sums of the layer's output (at its BatchNormalization tap; per direction and
+    gate for a recurrent op's W x) or of its activation's output: what a stream of batches
+    accumulates. Every node that none of them needs is pruned by ONNX Runtime."""
+    copy = _measuring_copy(model)
+    index = GraphIndex(copy.graph)
+    ed = GraphEditor(copy)
+    result = []
+    for layer, point in items:
+        if layer.is_recurrent:
+            cs = recurrent_sums(ed, layer, copy.graph.node[layer.node_index])
+        elif point.after_activation:
+            cs = channel_sums(ed, layer, [(use, Tap(t)) for use, t in
+                                          zip(layer.uses, point.tensors)])
+        else:
+            cs = channel_sums(ed, layer, layer_taps(ed, index, layer))
+        result.append(SumsOutputs(cs.s1, cs.s2, cs.n))
+    _set_outputs(copy.graph, list(dict.fromkeys(x for r in result for x in (r.s1, r.s2, r.n))))
+    return copy, result

@@ -12,7 +12,7 @@ from typing import Any
 from .baselines import BASELINES
 from .errors import InputError
 
-STRATEGIES = ("fast", "naive")
+STRATEGIES = ("fast", "naive", "sequential")
 PROVIDERS = ("auto", "cpu", "cuda")
 # lsuv: orthonormal pre-init, then LSUV scaling (the paper). rescale: keep the model's weights
 # and biases, only the LSUV scaling. orthonormal: the pre-init alone (Saxe et al.). xavier and
@@ -42,8 +42,10 @@ class LSUVOptions:
         lstm_forget_bias: Set every LSTM's forget-gate input bias to this finite value.
             Defaults to None (left as the init leaves it).
         provider: "auto", "cpu" or "cuda". Defaults to "auto".
-        strategy: "fast" (the in-graph one-pass solve) or "naive" (a whole forward pass per
-            try). Defaults to "fast".
+        strategy: "fast" (the in-graph one-pass solve), "naive" (a whole forward pass per
+            try) or "sequential" (layer after layer, each solved from per-channel statistics
+            accumulated over every batch: what the options below and a stream of batches use;
+            "fast" switches to it for them). Defaults to "fast".
         threads: CPU threads for ONNX Runtime and the pre-init. Defaults to None (the CPUs
             this process may use).
         include: Glob patterns (case-sensitive) of node names, weight names or op types to
@@ -52,6 +54,19 @@ class LSUVOptions:
             looks hand-set). Defaults to none.
         exclude: Glob patterns of node names, weight names or op types to leave alone.
             Defaults to none.
+        target_mean: After the scale, shift each layer's bias so that its output (at the
+            measured point) has this mean, per layer or per channel; the variance target then
+            applies to the centred output (LSUV-pytorch's ``needed_mean``). A layer without a
+            bias input gets one where the node can take it (Conv, ConvTranspose, Gemm).
+            Defaults to None (the paper: biases zeroed, no mean target).
+        after_activation: Measure mean and variance at the output of the one activation that
+            directly follows each layer (Relu, LeakyRelu, Tanh, Sigmoid, Gelu, Max, ...), as
+            fastai's and thinc's LSUV do; layers with none fall back to their own output,
+            reported. Defaults to False (the paper: the layer's output).
+        per_channel: Give every output channel (unit) the target on its own, i.e. batch
+            normalisation of the data folded into the weights (a per-channel TF LSUV,
+            Kraehenbuehl et al. 2016): the rows of the orthonormal matrix are then scaled
+            unequally. Defaults to False (the paper: one factor per layer, group or gate).
     """
 
     target_var: float = 1.0
@@ -66,6 +81,9 @@ class LSUVOptions:
     threads: int | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    target_mean: float | None = None
+    after_activation: bool = False
+    per_channel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tol", "target_var"):
@@ -88,6 +106,16 @@ class LSUVOptions:
                 _number(self.lstm_forget_bias) and math.isfinite(self.lstm_forget_bias)):
             raise InputError(f"lstm_forget_bias must be a finite number, got "
                              f"{self.lstm_forget_bias!r}")
+        if self.target_mean is not None and not (
+                _number(self.target_mean) and math.isfinite(self.target_mean)):
+            raise InputError(f"target_mean must be a finite number, got {self.target_mean!r}")
+        for name in ("after_activation", "per_channel"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.strategy == "naive" and self.extended:
+            raise InputError("strategy 'naive' is the paper's plain loop: it takes no "
+                             "target_mean, after_activation or per_channel; use 'fast' or "
+                             "'sequential'")
         if self.threads is not None and not (
                 isinstance(self.threads, numbers.Integral) and not isinstance(self.threads, bool)
                 and self.threads >= 1):
@@ -109,6 +137,14 @@ class LSUVOptions:
         object.__setattr__(self, "tol", float(self.tol))
         object.__setattr__(self, "max_iter", int(self.max_iter))
         object.__setattr__(self, "seed", int(self.seed))
+        if self.target_mean is not None:
+            object.__setattr__(self, "target_mean", float(self.target_mean))
+
+    @property
+    def extended(self) -> bool:
+        """Whether a target beyond the paper's is asked for (a mean, after the activation, per
+        channel): those runs are solved layer by layer (strategy "sequential")."""
+        return self.target_mean is not None or self.after_activation or self.per_channel
 
     @property
     def scaling(self) -> bool:

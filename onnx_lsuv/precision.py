@@ -71,7 +71,8 @@ def _graph_to_float32(g: onnx.GraphProto) -> None:
 def float32_measuring(work: onnx.ModelProto, state, feeds: dict[str, np.ndarray],
                       selection=None):
     """The float32 twin of a float16/bfloat16 model, its weight state (the current weights,
-    factors and biases of ``state``, in float32) and the feeds cast to float32.
+    factors and biases of ``state``, in float32) and the feeds (one batch, or a data.Stream)
+    cast to float32.
 
     Returns:
         (twin model, twin WeightState, twin feeds).
@@ -92,5 +93,9 @@ def float32_measuring(work: onnx.ModelProto, state, feeds: dict[str, np.ndarray]
     twin_state.changed_bias = set(state.changed_bias)
     low = {np.dtype(np.float16), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
         TensorProto.BFLOAT16))}
-    twin_feeds = {k: v.astype(np.float32) if v.dtype in low else v for k, v in feeds.items()}
+
+    def cast(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v.astype(np.float32) if v.dtype in low else v for k, v in batch.items()}
+
+    twin_feeds = feeds.map(cast) if hasattr(feeds, "map") else cast(feeds)  # a data.Stream
     return twin, twin_state, twin_feeds

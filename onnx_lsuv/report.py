@@ -37,6 +37,14 @@ class LayerRecord:
     weight_std: float | None = None
     status: str = NOT_SCALED
     message: str = ""
+    # strategy "sequential" (the extended targets, streams): the mean at the measured point
+    # (the channel farthest from target with per_channel), where it was measured ("output",
+    # or the activation's op), and with per_channel the channels and the constant ones
+    mean_before: float | None = None
+    mean_after: float | None = None
+    point: str | None = None
+    channels: int | None = None
+    channels_constant: int | None = None
 
 
 @dataclass
@@ -92,8 +100,9 @@ class Report:
 
     def table(self) -> str:
         """A fixed-width table of the layers, for stderr and for pasting into issues."""
-        head = ["#", "node", "op", "weight shape", "tries", "var before", "var after", "scale",
-                "status"]
+        means = any(r.mean_after is not None for r in self.layers)
+        head = ["#", "node", "op", "weight shape", "tries", "var before", "var after"] + (
+            ["mean after"] if means else []) + ["scale", "status"]
         rows = [
             [
                 str(r.index),
@@ -103,13 +112,14 @@ class Report:
                 str(r.tries),
                 _num(r.var_before),
                 _num(r.var_after),
+                *([_num(r.mean_after)] if means else []),
                 _num(r.scale),
                 r.status,
             ]
             for r in self.layers
         ]
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-        right = {0, 4, 5, 6, 7}
+        right = {0, 4, 5, 6, 7, 8} if means else {0, 4, 5, 6, 7}
 
         def fmt(cells: list[str]) -> str:
             return "  ".join(

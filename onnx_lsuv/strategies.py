@@ -57,7 +57,7 @@ class Run:
     engine: Engine
     work: onnx.ModelProto
     state: WeightState
-    feeds: dict[str, np.ndarray]
+    feeds: dict[str, np.ndarray]  # or a data.Stream (strategy "sequential" only)
     report: Report
     options: LSUVOptions
     progress: ProgressFn = no_progress
@@ -70,9 +70,10 @@ class Run:
         """The report rows of ``lay``: one per block (projection or gate)."""
         return self.report.layers[lay.row:lay.row + len(lay.blocks)]
 
-    def session(self, model: onnx.ModelProto) -> Session:
-        """A session of ``model`` (derived from ``state.skeleton``) with the current weights."""
-        self.state.write_constants(model)
+    def session(self, model: onnx.ModelProto, biases: bool = False) -> Session:
+        """A session of ``model`` (derived from ``state.skeleton``) with the current weights
+        (and, with ``biases``, the current biases: ones shifted since the skeleton)."""
+        self.state.write_constants(model, biases)
         return self.engine.session(model, self.state.in_memory())
 
     def judge(self, lay: Layer, values: np.ndarray, check: bool = False) -> None:

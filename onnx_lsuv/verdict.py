@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 # A layer's status, one word each.
 CONVERGED = "converged"  # |var - target| < tol on the batch, measured on the written model
 NOT_CONVERGED = "not_converged"  # a finite variance still off target after max_iter tries
@@ -68,3 +70,45 @@ def judge(var: float, target: float, tol: float, *, check: bool = False,
         return SKIPPED, problem
     spent = f" after {tries} tries" if tries is not None else ""
     return NOT_CONVERGED, f"|var - target| = {abs(var - target):.4g} >= {tol}{spent}"
+
+
+def judge_units(var, mean, target: float, target_mean: float | None, tol: float, *,
+                check: bool = False, tries: int | None = None
+                ) -> tuple[str, str, float, float, int]:
+    """The status of one report row from the variances (and means) of its parts: one for a
+    layer, block or gate; one per channel with ``per_channel``. Parts whose variance is
+    degenerate (a constant channel: a dead ReLU unit) cannot be rescaled and are counted, not
+    judged, unless every part is. A target mean is met when |mean - target_mean| < tol.
+
+    Returns:
+        (status, message, the variance shown (the part farthest from target), the mean shown
+        (the part farthest from the target mean, or that part's), the count of constant parts).
+    """
+    var = np.atleast_1d(np.asarray(var, np.float64))
+    mean = np.atleast_1d(np.asarray(mean, np.float64))
+    live = np.array([degenerate(float(v)) is None for v in var])
+    dead = int((~live).sum())
+    if not live.any():
+        status, message = judge(float(var[0]), target, tol, check=check, tries=tries)
+        if var.size > 1:
+            message = f"every one of its {var.size} channels: {message}"
+        return status, message, float(var[0]), float(mean[0]), dead
+    idx = np.flatnonzero(live)
+    worst = idx[np.argmax(np.abs(var[idx] - target))]
+    status, message = judge(float(var[worst]), target, tol, check=check, tries=tries)
+    shown_mean, culprit = float(mean[worst]), worst
+    if target_mean is not None:
+        worst_m = idx[np.argmax(np.abs(mean[idx] - target_mean))]
+        shown_mean = float(mean[worst_m])
+        off = abs(shown_mean - target_mean)
+        if status == CONVERGED and not off < tol:
+            spent = f" after {tries} tries" if tries is not None and not check else ""
+            status = OFF_TARGET if check else NOT_CONVERGED
+            message = f"|mean - target_mean| = {off:.4g} >= {tol}{spent}"
+            culprit = worst_m
+    if var.size > 1 and status != CONVERGED:
+        message = f"channel {int(culprit)}: {message}"
+    if dead and var.size > 1:
+        message = (message + "; " if message else "") + \
+            f"{dead} of {var.size} channels constant (not scaled)"
+    return status, message, float(var[worst]), shown_mean, dead

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import ConstRef, GraphIndex, rename_input
+from .graph import ConstRef, GraphIndex, attribute, rename_input
 from .layers import Layer
 from .model_io import DATA_FIELDS, tensor_nbytes
 
@@ -85,7 +85,12 @@ class WeightState:
             return base
         if len(s) == 1:
             return (base.astype(np.float64) * s[0]).astype(layer.dtype)
-        mats = layer.layout.to_matrices(base.astype(np.float64)) * s[:, None, None]
+        g, out, _ = layer.layout.matrix_shape
+        mats = layer.layout.to_matrices(base.astype(np.float64))
+        if len(s) == g * out:  # one factor per output unit (per_channel)
+            mats = mats * s.reshape(g, out)[:, :, None]
+        else:  # one per block: a matrix group each
+            mats = mats * s[:, None, None]
         return layer.layout.from_matrices(mats).astype(layer.dtype)
 
     def set_base(self, layer: Layer, weight: np.ndarray) -> None:
@@ -94,8 +99,52 @@ class WeightState:
         self.scale[layer.index] = np.ones(len(layer.blocks))
 
     def multiply(self, layer: Layer, factor) -> None:
-        """Scale the weight by ``factor``: one number, or one per block."""
-        self.scale[layer.index] = self.scale[layer.index] * np.asarray(factor, np.float64)
+        """Scale the weight by ``factor``: one number, one per block, or one per output unit
+        (the layer's factors then become per unit)."""
+        factor = np.asarray(factor, np.float64)
+        scale = self.scale[layer.index]
+        units = layer.layout.output_units
+        if factor.size == units and scale.size != units:
+            scale = np.repeat(scale, units // scale.size)
+        self.scale[layer.index] = scale * factor
+
+    def unit_bias(self, layer: Layer) -> np.ndarray | None:
+        """The layer's bias as the op applies it (Gemm's beta in), one value per output unit;
+        zeros without a bias; None where it is not one value per unit (a Gemm C of (M, N),
+        a scalar)."""
+        units = layer.layout.output_units
+        b = self.bias[layer.index]
+        if b is None:
+            return np.zeros(units)
+        b = b.astype(np.float64) * layer.bias_scale
+        separate = layer.bias_input is not None and layer.bias_input[0] != layer.node_index
+        if b.size != units or (b.shape[-1] != units and not separate):
+            return None
+        return b.reshape(units)
+
+    def shift_bias(self, layer: Layer, delta: np.ndarray) -> str | None:
+        """Add ``delta`` (one value per output unit, as the op applies it) to the bias; None
+        when done, else why it cannot be."""
+        b = self.bias[layer.index]
+        units = layer.layout.output_units
+        if b is None:
+            return "the layer has no bias"
+        if layer.bias_scale == 0:
+            return "its Gemm's beta is 0: the bias is not applied"
+        d = np.asarray(delta, np.float64).reshape(units) / layer.bias_scale
+        new = b.astype(np.float64)
+        separate = layer.bias_input is not None and layer.bias_input[0] != layer.node_index
+        if b.size == units and (b.shape[-1] == units or separate):
+            new = new + d.reshape(b.shape)
+        elif b.ndim >= 1 and b.shape[-1] == units and not separate:  # Gemm C of (M, N)
+            new = new + d
+        elif b.size == 1 and np.all(d == d[0]):
+            new = new + d[0]
+        else:
+            return f"its bias of shape {tuple(b.shape)} does not hold one value per output unit"
+        self.bias[layer.index] = new.astype(b.dtype)
+        self.changed_bias.add(layer.index)
+        return None
 
     def zero_bias(self, layer: Layer) -> None:
         b = self.bias[layer.index]
@@ -152,10 +201,11 @@ class WeightState:
         arrays.update(self._large)
         return arrays
 
-    def write_constants(self, model: onnx.ModelProto) -> None:
-        """Write the current weights that ``in_memory`` does not supply into ``model``."""
+    def write_constants(self, model: onnx.ModelProto, biases: bool = False) -> None:
+        """Write the current weights that ``in_memory`` does not supply into ``model``, and
+        with ``biases`` the changed biases (which ``skeleton`` writes as they were then)."""
         index = GraphIndex(model.graph)
-        for name in self._in_proto:
+        for name in self._in_proto + (self._changed_biases() if biases else []):
             _write_const(index, self._refs[name], self.stored(name))
 
     def _changed_biases(self) -> list[str]:
@@ -202,8 +252,10 @@ def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
     proto.CopyFrom(new)
 
 
-def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int]) -> list[str]:
-    """Give each layer whose bias will be zeroed its own bias tensor where others read it too.
+def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int],
+                   shifting: set[int] = frozenset()) -> list[str]:
+    """Give each layer whose bias will be zeroed (or shifted) its own bias tensor where others
+    read it too.
 
     Exporters store equal tensors once (PyTorch deduplicates equal initializers behind
     Identity nodes), so one bias tensor often serves several layers. Zeroing it is harmless
@@ -216,6 +268,9 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         model: The model to edit (rewires the layer's bias input, appends initializers).
         layers: All target layers; their ``bias`` (and ``bias_chain``) are updated.
         zeroing: Indices of the layers whose biases are zeroed.
+        shifting: Indices of the layers whose biases get a shift of their own (a target
+            mean): a copy wherever anything else reads the tensor, another layer included,
+            zero or not.
 
     Returns:
         One note per bias that was unshared.
@@ -229,8 +284,9 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
     notes = []
     taken = set(index.initializers) | set(index.producer)
     for ref, owners in by_ref.items():
-        zeroers = [lay for lay in owners if lay.index in zeroing]
-        if not zeroers or not np.any(index.const_array(ref)):
+        zeroers = [lay for lay in owners if lay.index in zeroing or lay.index in shifting]
+        shifted = any(lay.index in shifting for lay in zeroers)
+        if not zeroers or (not shifted and not np.any(index.const_array(ref))):
             continue  # nothing is zeroed, or it is zero already: nothing else changes
         through = {j for lay in zeroers for j in lay.chain_nodes}
         readers, returned = index.readers_through(ref.name, through)
@@ -238,8 +294,8 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         # itself where one tensor packs the weight and the bias (read through Slices).
         own = {j for lay in zeroers for j in lay.own_nodes}
         others = {(j, pos) for j, pos in readers if j not in own}
-        if not others and not returned:
-            continue  # every reader zeroes it
+        if not others and not returned and not (shifted and len(zeroers) > 1):
+            continue  # every reader zeroes it (or the one layer shifting it is its only one)
         for lay in zeroers:
             name = f"{lay.name}.bias"
             k = 1
@@ -265,7 +321,58 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             lay.bias = ConstRef(name)
             who = sorted({index.node_name(j) for j, _ in others}) + (
                 ["a graph output"] if returned else [])
+            who += sorted(o.name for o in zeroers if o is not lay)
             notes.append(f"layer {lay.name}: its bias {ref.name!r} is also read by "
                          f"{', '.join(who)} (the exporter stored equal tensors, often all "
-                         f"zeros, once); zeroing it gave the layer its own copy {name!r}")
+                         f"zeros, once); {'shifting' if shifted else 'zeroing'} it gave the "
+                         f"layer its own copy {name!r}")
     return notes
+
+
+def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], list[str]]:
+    """Give each Conv, ConvTranspose and Gemm target that has no bias a zero one through its
+    optional bias input (the node list is unchanged), for a target mean. Layers that cannot
+    take one are named with the reason: a MatMul (a bias would need a new Add node), a layer
+    applied by several nodes or inside a Loop/Scan body, a recurrent op (its mean is not
+    set), a Gemm whose beta is 0.
+
+    Returns:
+        (notes on the biases added, notes on the layers left without one); the caller finds
+        the layers again to see the new biases.
+    """
+    index = GraphIndex(model.graph)
+    taken = set(index.initializers) | set(index.producer)
+    added, refused = [], []
+    for lay in layers:
+        if lay.bias is not None or lay.is_recurrent:
+            continue
+        node = model.graph.node[lay.node_index]
+        why = None
+        if lay.body is not None:
+            why = "it is inside a Loop/Scan body"
+        elif lay.more_uses:
+            why = "its weight is applied by several nodes"
+        elif lay.op == "MatMul":
+            why = "a MatMul has no bias input (one would need a new Add node)"
+        elif lay.op == "Gemm" and float(attribute(node, "beta", 1.0)) == 0:
+            why = "its Gemm's beta is 0"
+        if why:
+            refused.append(f"layer {lay.name}: no bias for the target mean: {why}; its mean "
+                           "is left as it is")
+            continue
+        name = f"{lay.name}.bias"
+        k = 1
+        while name in taken:
+            name, k = f"{lay.name}.bias.{k}", k + 1
+        taken.add(name)
+        tensor = numpy_helper.from_array(np.zeros(lay.layout.output_units, lay.dtype), name)
+        model.graph.initializer.append(tensor)
+        if model.ir_version < 4:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(
+                name, tensor.data_type, list(tensor.dims)))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        added.append(f"layer {lay.name}: had no bias; given {name!r} (zeros, then shifted "
+                     "to the target mean) through its bias input")
+    return added, refused

@@ -1,0 +1,355 @@
+"""The layer-sequential solve from per-channel statistics (strategy "sequential").
+
+What the targets beyond the paper's and a stream of batches need, on top of the same
+in-graph statistics (``measure_graph.sums_model``): every measurement is a pass of the data,
+batch by batch, that accumulates each measured layer's per-channel sum, sum of squares and
+element count in float64; mean and variance per layer, block or channel follow from those
+sums exactly, so a stream of batches gives the statistics of the batches concatenated.
+
+From the first layer to the last (the paper's order), each layer is measured with the final
+weights upstream of it, solved, and measured again; the pass that re-measures a layer also
+measures the next one, so a layer costs about one pass of the data. A layer's output is
+y = r z + b + d for a weight factor r and a bias shift d (per control: a channel with
+per_channel, else a block), so any variance and mean of it is reached exactly in one step
+(``_linear``; with a kept bias of one value per unit too). After an activation:
+
+* the variance alone: secant steps on log r (``_Secant``), exact in one step after Relu,
+  LeakyRelu or PRelu (positively homogeneous) without a bias;
+* variance and mean: a safeguarded secant search on the output's mean / std, with the
+  std's step exact for those activations (``_ShiftSearch``), each try set by ``_linear``.
+
+A layer's status comes from its last measurement, on the written model (its upstream weights
+final, its downstream ones irrelevant to it). Where a weight is tied or read upstream, a later
+layer can move an earlier one: then one more pass measures every layer again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .data import Stream
+from .layers import Layer
+from .measure_graph import Point, sums_model
+from .verdict import CONVERGED, NOT_CONVERGED, judge_units
+
+log = logging.getLogger("onnx_lsuv")
+
+
+@dataclass
+class Stats:
+    """Per-channel sums of one layer's measured tensor over every batch so far (float64)."""
+
+    s1: np.ndarray
+    s2: np.ndarray
+    n: float
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(self.s1 + other.s1, self.s2 + other.s2, self.n + other.n)
+
+    def moments(self, groups: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, variance) per group of equal, contiguous channels (``groups`` = channels:
+        per channel; 1: the whole layer)."""
+        per = self.n / groups
+        s1 = self.s1.reshape(groups, -1).sum(axis=1)
+        s2 = self.s2.reshape(groups, -1).sum(axis=1)
+        with np.errstate(all="ignore"):
+            mean = s1 / per
+            return mean, s2 / per - mean * mean
+
+
+def measure(run, skeleton: onnx.ModelProto,
+            items: list[tuple[Layer, Point]]) -> list[Stats]:
+    """One pass of the data: the per-channel sums of each (layer, point) of ``items``."""
+    model, outs = sums_model(skeleton, items)
+    session = run.session(model, biases=True)
+    names = list(dict.fromkeys(x for o in outs for x in (o.s1, o.s2, o.n)))
+    total: list[Stats] | None = None
+    for feeds in batches(run):
+        values = dict(zip(names, session.run(feeds, names)))
+        got = [Stats(np.asarray(values[o.s1], np.float64).reshape(-1),
+                     np.asarray(values[o.s2], np.float64).reshape(-1),
+                     float(values[o.n])) for o in outs]
+        total = got if total is None else [a + b for a, b in zip(total, got)]
+    run.report.timings["passes"] = run.report.timings.get("passes", 0) + 1
+    return total
+
+
+def batches(run):
+    """The run's data, batch after batch: its stream, or its one batch."""
+    return run.feeds if isinstance(run.feeds, Stream) else [run.feeds]
+
+
+class _Goal:
+    """One layer's targets over its controls: the units that get a factor and a shift each
+    (every channel with per_channel, else every block)."""
+
+    def __init__(self, run, lay: Layer, point: Point, mean_on: bool) -> None:
+        opts = run.options
+        self.units = lay.layout.output_units
+        self.controls = self.units if opts.per_channel else len(lay.blocks)
+        self.target, self.tol = opts.target_var, opts.tol
+        self.mean = opts.target_mean if mean_on else None
+        self.point = point
+
+    def expand(self, values: np.ndarray) -> np.ndarray:
+        """Per control -> per output unit."""
+        return np.repeat(values, self.units // self.controls)
+
+    def off(self, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        """Controls that need a step: a finite, positive variance off target, or a mean off."""
+        live = np.isfinite(var) & (var > 0)
+        bad = ~(np.abs(var - self.target) < self.tol)
+        if self.mean is not None:
+            bad |= ~(np.abs(mean - self.mean) < self.tol)
+        return live & bad
+
+
+def _linear(goal: _Goal, pre: Stats, beta: np.ndarray, active: np.ndarray,
+            var_t: np.ndarray, mean_t: np.ndarray | None, keep_within: bool):
+    """The weight factor r and bias shift d per control that give the layer's output
+    y = r z + b + d the variance ``var_t`` and (unless None) the mean ``mean_t``, from the
+    channel statistics ``pre`` of y (z = y - b, b the current bias per unit, ``beta``).
+
+    Within a control of several channels, var(r) = A r^2 + 2 B r + C, with A the pooled
+    variance of z, B the covariance of z's channel means with b, C the variance of b over the
+    channels, and a uniform shift leaves it alone: the positive root, else r = sqrt(var_t / A)
+    (no factor reaches it). With ``keep_within`` (the paper's loop), a control whose variance
+    is already within tol keeps r = 1, and one whose mean is within tol keeps d = 0."""
+    mean_c, var_c = pre.moments(goal.units)
+    mu = (mean_c - beta).reshape(goal.controls, -1)
+    b = beta.reshape(goal.controls, -1)
+    with np.errstate(all="ignore"):
+        a = var_c.reshape(goal.controls, -1).mean(axis=1) + mu.var(axis=1)
+        bb = ((mu - mu.mean(axis=1, keepdims=True)) * (b - b.mean(axis=1, keepdims=True))
+              ).mean(axis=1)
+        c = b.var(axis=1)
+        disc = bb * bb - a * (c - var_t)
+        root = (np.sqrt(np.maximum(disc, 0)) - bb) / a
+        r = np.where((disc >= 0) & (root > 0), root, np.sqrt(var_t / a))
+        var_now = a + 2 * bb + c
+    use = active & np.isfinite(r) & (r > 0)
+    if keep_within:
+        use &= ~(np.abs(var_now - var_t) < goal.tol)
+    r = np.where(use, r, 1.0)
+    d = np.zeros(goal.controls)
+    if mean_t is not None:
+        new_mean = r * mu.mean(axis=1) + b.mean(axis=1)
+        shift = active & np.isfinite(new_mean)
+        if keep_within:
+            shift &= ~(np.abs(new_mean - mean_t) < goal.tol)
+        d = np.where(shift, mean_t - new_mean, 0.0)
+    return r, d
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.log(x)
+
+
+class _Secant:
+    """The variance after an activation by the weight factor alone: steps on log r against
+    F = log(var / target), with the slope dF/dlog r from the last two tries (2 at first:
+    exact for Relu, LeakyRelu and PRelu without a bias), kept within [0.5, 8]."""
+
+    def __init__(self, goal: _Goal) -> None:
+        self.goal = goal
+        self.x = np.zeros(goal.controls)  # log r, relative to the start
+        self.f: np.ndarray | None = None
+        self.slope = np.full(goal.controls, 2.0)
+
+    def step(self, var: np.ndarray, active: np.ndarray) -> np.ndarray:
+        f = _log(var / self.goal.target)
+        if self.f is not None:
+            with np.errstate(all="ignore"):
+                p = (f - self.f) / (self.x - self.x_prev)
+            ok = np.isfinite(p) & (self.x != self.x_prev)
+            self.slope = np.where(ok, np.clip(p, 0.5, 8.0), self.slope)
+        dx = np.where(active & np.isfinite(f), np.clip(-f / self.slope, -2.0, 2.0), 0.0)
+        self.f, self.x_prev = f, self.x.copy()
+        self.x = self.x + dx
+        return np.exp(dx)
+
+
+class _ShiftSearch:
+    """Mean and variance after an activation, with a target mean. The layer's output (before
+    the activation) is set exactly to a std s and a mean t s by ``_linear``; the ratio
+    mean / std after the activation depends on t alone for Relu, LeakyRelu and PRelu (and
+    mostly on t for the others), and its variance on s as s^2. So each try takes a secant
+    step on t for the ratio (slope 1 at first, the linear case; kept positive, as for a
+    monotone activation), bisecting within the bracket of t seen on either side, and the step
+    s exp(-log(var / target) / 2) on s. A control that a step made constant (a Relu pushed
+    below zero everywhere) goes back halfway to its last live t."""
+
+    def __init__(self, goal: _Goal) -> None:
+        self.goal = goal
+        k = goal.controls
+        self.lo, self.hi = np.full(k, -np.inf), np.full(k, np.inf)
+        self.slope = np.ones(k)
+        self.t_prev = np.full(k, np.nan)  # the last live try's t and ratio error
+        self.f_prev = np.full(k, np.nan)
+
+    def step(self, pre_mean, pre_var, mean, var, active) -> tuple[np.ndarray, np.ndarray]:
+        """The output's target (variance, mean) per control for the next try."""
+        g = self.goal
+        with np.errstate(all="ignore"):
+            s = np.sqrt(pre_var)
+            t = pre_mean / s
+            live = np.isfinite(var) & (var > 0)
+            f = mean / np.sqrt(var) - g.mean / np.sqrt(g.target)
+            f_var = np.log(var / g.target)
+            self.lo = np.where(live & (f < 0), np.maximum(self.lo, t), self.lo)
+            self.hi = np.where(live & (f >= 0), np.minimum(self.hi, t), self.hi)
+            p = (f - self.f_prev) / (t - self.t_prev)
+            self.slope = np.where(live & np.isfinite(p) & (p > 0), np.clip(p, 0.05, 20.0),
+                                  self.slope)
+            t_new = t - f / self.slope
+            inside = (t_new > self.lo) & (t_new < self.hi)
+            bounded = np.isfinite(self.lo) & np.isfinite(self.hi)
+            t_new = np.where(bounded & ~inside, (self.lo + self.hi) / 2, t_new)
+            t_new = np.clip(t_new, t - 1.0, t + 1.0)
+            s_new = s * np.exp(np.clip(-f_var / 2, -2.0, 2.0))
+            back = np.where(np.isfinite(self.t_prev), (t + self.t_prev) / 2, t + 0.5)
+            t_new = np.where(live, t_new, back)
+            s_new = np.where(live, s_new, s)
+            self.t_prev = np.where(live, t, self.t_prev)
+            self.f_prev = np.where(live, f, self.f_prev)
+        ok = active & np.isfinite(t_new) & np.isfinite(s_new) & (s_new > 0)
+        s_new, t_new = np.where(ok, s_new, s), np.where(ok, t_new, t)
+        return s_new * s_new, t_new * s_new
+
+
+def _live(stats: Stats, goal: _Goal) -> np.ndarray:
+    """Controls whose variance is finite and positive (not constant)."""
+    _, var = stats.moments(goal.controls)
+    return np.isfinite(var) & (var > 0)
+
+
+def _record(run, lay: Layer, goal: _Goal, stats: Stats, tries: int, first: bool,
+            check: bool = False, killed: np.ndarray | None = None) -> bool:
+    """Judge the layer's rows from ``stats``; whether every row is converged. ``killed``:
+    controls that were live before the solve and are constant after it (not converged)."""
+    mean, var = stats.moments(goal.controls)
+    blocks = len(lay.blocks)
+    per_row = goal.controls // blocks
+    scale = run.state.scale[lay.index]
+    scale = np.repeat(scale, goal.units // scale.size).reshape(blocks, -1)
+    good = True
+    for b, rec in enumerate(run.rows(lay)):
+        part = slice(b * per_row, (b + 1) * per_row)
+        status, message, v, m, dead = judge_units(
+            var[part], mean[part], goal.target, goal.mean, goal.tol, check=check,
+            tries=None if check else tries)
+        lost = int(killed[part].sum()) if killed is not None else 0
+        if lost:
+            status = NOT_CONVERGED
+            message = (f"{lost} channel(s) made constant by the bias shift after {tries} tries"
+                       + (f"; {message}" if message else ""))
+        if first:
+            rec.var_before, rec.mean_before = v, m
+        rec.var_after, rec.mean_after, rec.status, rec.message = v, m, status, message
+        if run.options.per_channel:
+            rec.channels, rec.channels_constant = per_row, dead
+        rec.point = goal.point.op or "output"
+        if not check:
+            rec.tries = tries
+            rec.scale = float(np.exp(np.mean(np.log(scale[b]))))  # geometric mean per row
+        good &= status == CONVERGED
+    return good
+
+
+def scale_sequential(run, points: dict[int, Point], mean_off: dict[int, str]) -> None:
+    """Every layer in order, solved from its statistics over all the data, then judged.
+
+    Args:
+        run: The ``strategies.Run``.
+        points: Layer index -> where its statistics are read (default: its output).
+        mean_off: Layer index -> why its mean target is not applied (no bias it can take);
+            grows where a bias turns out not to take a shift.
+    """
+    t = time.perf_counter()
+    layers, state, opts = run.layers, run.state, run.options
+    skeleton = state.skeleton(run.work)
+    ahead: dict[int, list[Stats]] = {}
+
+    def items(lay: Layer) -> list[tuple[Layer, Point]]:
+        """What a try measures of a layer: its output, and its activation's."""
+        point = points.get(lay.index, Point())
+        return [(lay, Point())] + ([(lay, point)] if point.after_activation else [])
+
+    for k, lay in enumerate(layers):
+        point = points.get(lay.index, Point())
+        # A recurrent op is measured at W x, which holds no bias.
+        beta = np.zeros(lay.layout.output_units) if lay.is_recurrent else state.unit_bias(lay)
+        if beta is None and opts.target_mean is not None and lay.index not in mean_off:
+            mean_off[lay.index] = "its bias does not hold one value per output unit"
+            run.report.notes.append(f"layer {lay.name}: target mean not applied: "
+                                    f"{mean_off[lay.index]}")
+        goal = _Goal(run, lay, point, opts.target_mean is not None and lay.index not in mean_off)
+        nxt = layers[k + 1] if k + 1 < len(layers) else None
+        stats = ahead.pop(lay.index, None) or measure(run, skeleton, items(lay))
+        outer = (_ShiftSearch(goal) if goal.mean is not None else _Secant(goal)) \
+            if point.after_activation else None
+        tries = 0
+        _record(run, lay, goal, stats[-1], tries, first=True)
+        was_live = _live(stats[-1], goal)
+        while True:
+            mean, var = stats[-1].moments(goal.controls)
+            active = goal.off(mean, var)
+            if isinstance(outer, _ShiftSearch):  # a shift that killed a control undoes it
+                active |= was_live & ~_live(stats[-1], goal)
+            if not active.any() or tries >= opts.max_iter:
+                break
+            if beta is not None and not lay.is_recurrent:
+                beta = state.unit_bias(lay)  # as shifted by the last try
+            if isinstance(outer, _Secant):
+                r, d = outer.step(var, active), np.zeros(goal.controls)
+            elif beta is None:  # at the output, a bias of another shape: the paper's step
+                with np.errstate(all="ignore"):
+                    r = np.where(active, np.sqrt(goal.target / var), 1.0)
+                d = np.zeros(goal.controls)
+            elif isinstance(outer, _ShiftSearch):
+                pre_mean, pre_var = stats[0].moments(goal.controls)
+                var_t, mean_t = outer.step(pre_mean, pre_var, mean, var, active)
+                r, d = _linear(goal, stats[0], beta, active, var_t, mean_t, keep_within=False)
+            else:
+                r, d = _linear(goal, stats[0], beta, active, np.full(goal.controls, goal.target),
+                               None if goal.mean is None else np.full(goal.controls, goal.mean),
+                               keep_within=True)
+            state.multiply(lay, r)
+            if goal.mean is not None and np.any(d != 0):
+                state.shift_bias(lay, goal.expand(d))
+            tries += 1
+            measured = measure(run, skeleton, items(lay) + (items(nxt) if nxt else []))
+            stats = measured[:len(items(lay))]
+            if nxt:  # measured with this layer's weights as they now are
+                ahead[nxt.index] = measured[len(stats):]
+        _record(run, lay, goal, stats[-1], tries, first=False,
+                killed=was_live & ~_live(stats[-1], goal))
+        log.debug("layer %s: %d tries", lay.name, tries)
+        run.progress("scaling", k + 1, len(layers), lay.name)
+    run.report.timings["sequential_s"] = time.perf_counter() - t
+    if any(lay.weight_read_upstream or lay.shared_weight_users for lay in layers):
+        final_measure(run, skeleton, points, mean_off)
+
+
+def final_measure(run, skeleton: onnx.ModelProto, points: dict[int, Point],
+                  mean_off: dict[int, str], check: bool = False) -> None:
+    """One pass that measures every layer of the written weights and judges it (a later layer
+    may have moved an earlier one through a tied weight), and ``--check``'s measurement."""
+    opts = run.options
+    measured = measure(run, skeleton, [(lay, points.get(lay.index, Point()))
+                                       for lay in run.layers])
+    for lay, stats in zip(run.layers, measured):
+        goal = _Goal(run, lay, points.get(lay.index, Point()),
+                     opts.target_mean is not None and lay.index not in mean_off)
+        before = [rec.status for rec in run.rows(lay)]
+        _record(run, lay, goal, stats, run.rows(lay)[0].tries, first=False, check=check)
+        for rec, status in zip(run.rows(lay), before):
+            if not check and status == CONVERGED and rec.status != status:
+                rec.message += " in the final re-measurement: a later layer changed it (a " \
+                               "tied weight, or a recurrence)"
