@@ -15,8 +15,9 @@ per_channel, else a block), so any variance and mean of it is reached exactly in
 
 * the variance alone: secant steps on log r (``_Secant``), exact in one step after Relu,
   LeakyRelu or PRelu (positively homogeneous) without a bias;
-* variance and mean: a safeguarded secant search on the output's mean / std, with the
-  std's step exact for those activations (``_ShiftSearch``), each try set by ``_linear``.
+* variance and mean after those: a bracketed secant search on the output's mean / std, with
+  the std's step exact for them (``_ShiftSearch``); after any other activation, Broyden's
+  method on the output's (std, mean) (``_Broyden``); each try set exactly by ``_linear``.
 
 A layer's status comes from its last measurement, on the written model (its upstream weights
 final, its downstream ones irrelevant to it). Where a weight is tied or read upstream, a later
@@ -35,9 +36,13 @@ import onnx
 from .data import Stream
 from .layers import Layer
 from .measure_graph import Point, sums_model
-from .verdict import CONVERGED, NOT_CONVERGED, judge_units
+from .verdict import CONVERGED, NOT_CONVERGED, judge_units, mean_tolerance
 
 log = logging.getLogger("onnx_lsuv")
+
+# Activations with f(a x) = a f(x) for a > 0: after them the ratio mean / std depends on the
+# output's mean / std alone (``_ShiftSearch``).
+HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu"}
 
 
 @dataclass
@@ -93,6 +98,7 @@ class _Goal:
         self.units = lay.layout.output_units
         self.controls = self.units if opts.per_channel else len(lay.blocks)
         self.target, self.tol = opts.target_var, opts.tol
+        self.mean_tol = mean_tolerance(opts.tol, opts.target_var)
         self.mean = opts.target_mean if mean_on else None
         self.point = point
 
@@ -105,7 +111,7 @@ class _Goal:
         live = np.isfinite(var) & (var > 0)
         bad = ~(np.abs(var - self.target) < self.tol)
         if self.mean is not None:
-            bad |= ~(np.abs(mean - self.mean) < self.tol)
+            bad |= ~(np.abs(mean - self.mean) < self.mean_tol)
         return live & bad
 
 
@@ -117,9 +123,11 @@ def _linear(goal: _Goal, pre: Stats, beta: np.ndarray, active: np.ndarray,
 
     Within a control of several channels, var(r) = A r^2 + 2 B r + C, with A the pooled
     variance of z, B the covariance of z's channel means with b, C the variance of b over the
-    channels, and a uniform shift leaves it alone: the positive root, else r = sqrt(var_t / A)
-    (no factor reaches it). With ``keep_within`` (the paper's loop), a control whose variance
-    is already within tol keeps r = 1, and one whose mean is within tol keeps d = 0."""
+    channels, and a uniform shift leaves it alone: the positive root, else (no factor reaches
+    it) the factor of the smallest variance, -B / A, or sqrt(var_t / A) where that is not
+    positive. With ``keep_within`` (the paper's loop), a control whose variance
+    is already within tol keeps r = 1, and one whose mean is within its tolerance keeps
+    d = 0."""
     mean_c, var_c = pre.moments(goal.units)
     mu = (mean_c - beta).reshape(goal.controls, -1)
     b = beta.reshape(goal.controls, -1)
@@ -130,7 +138,9 @@ def _linear(goal: _Goal, pre: Stats, beta: np.ndarray, active: np.ndarray,
         c = b.var(axis=1)
         disc = bb * bb - a * (c - var_t)
         root = (np.sqrt(np.maximum(disc, 0)) - bb) / a
-        r = np.where((disc >= 0) & (root > 0), root, np.sqrt(var_t / a))
+        vertex = -bb / a  # no root: the bias keeps every factor above var_t; the closest
+        r = np.where((disc >= 0) & (root > 0), root,
+                     np.where(vertex > 0, vertex, np.sqrt(var_t / a)))
         var_now = a + 2 * bb + c
     use = active & np.isfinite(r) & (r > 0)
     if keep_within:
@@ -141,7 +151,7 @@ def _linear(goal: _Goal, pre: Stats, beta: np.ndarray, active: np.ndarray,
         new_mean = r * mu.mean(axis=1) + b.mean(axis=1)
         shift = active & np.isfinite(new_mean)
         if keep_within:
-            shift &= ~(np.abs(new_mean - mean_t) < goal.tol)
+            shift &= ~(np.abs(new_mean - mean_t) < goal.mean_tol)
         d = np.where(shift, mean_t - new_mean, 0.0)
     return r, d
 
@@ -176,22 +186,24 @@ class _Secant:
 
 
 class _ShiftSearch:
-    """Mean and variance after an activation, with a target mean. The layer's output (before
-    the activation) is set exactly to a std s and a mean t s by ``_linear``; the ratio
-    mean / std after the activation depends on t alone for Relu, LeakyRelu and PRelu (and
-    mostly on t for the others), and its variance on s as s^2. So each try takes a secant
-    step on t for the ratio (slope 1 at first, the linear case; kept positive, as for a
-    monotone activation), bisecting within the bracket of t seen on either side, and the step
-    s exp(-log(var / target) / 2) on s. A control that a step made constant (a Relu pushed
-    below zero everywhere) goes back halfway to its last live t."""
+    """Mean and variance after Relu, LeakyRelu or PRelu, with a target mean. The layer's
+    output (before the activation) is set exactly to a std s and a mean t s by ``_linear``;
+    these activations are positively homogeneous, so after them the ratio mean / std is a
+    function R(t) of t alone and the variance is s^2 V(t). Each try takes a secant step on t
+    for R (slope 1 at first, the linear case; kept positive, R being monotone), bisecting
+    within the bracket of t seen on either side, and sets s = sqrt(target / V(t)) with log V
+    extrapolated along its own secant in t. A control that a step made constant (pushed below
+    zero everywhere) goes back halfway to its last live t."""
 
     def __init__(self, goal: _Goal) -> None:
         self.goal = goal
         k = goal.controls
         self.lo, self.hi = np.full(k, -np.inf), np.full(k, np.inf)
-        self.slope = np.ones(k)
-        self.t_prev = np.full(k, np.nan)  # the last live try's t and ratio error
+        self.slope = np.ones(k)  # dR/dt
+        self.v_slope = np.zeros(k)  # d log V / dt
+        self.t_prev = np.full(k, np.nan)  # the last live try's t, R error and log V
         self.f_prev = np.full(k, np.nan)
+        self.logv_prev = np.full(k, np.nan)
 
     def step(self, pre_mean, pre_var, mean, var, active) -> tuple[np.ndarray, np.ndarray]:
         """The output's target (variance, mean) per control for the next try."""
@@ -201,26 +213,77 @@ class _ShiftSearch:
             t = pre_mean / s
             live = np.isfinite(var) & (var > 0)
             f = mean / np.sqrt(var) - g.mean / np.sqrt(g.target)
-            f_var = np.log(var / g.target)
+            logv = np.log(var) - 2 * np.log(s)
             self.lo = np.where(live & (f < 0), np.maximum(self.lo, t), self.lo)
             self.hi = np.where(live & (f >= 0), np.minimum(self.hi, t), self.hi)
-            p = (f - self.f_prev) / (t - self.t_prev)
-            self.slope = np.where(live & np.isfinite(p) & (p > 0), np.clip(p, 0.05, 20.0),
+            dt = t - self.t_prev
+            moved = live & (np.abs(dt) > 1e-6)
+            p = (f - self.f_prev) / dt
+            self.slope = np.where(moved & np.isfinite(p) & (p > 0), np.clip(p, 0.05, 20.0),
                                   self.slope)
+            q = (logv - self.logv_prev) / dt
+            self.v_slope = np.where(moved & np.isfinite(q), np.clip(q, -20.0, 20.0),
+                                    self.v_slope)
             t_new = t - f / self.slope
             inside = (t_new > self.lo) & (t_new < self.hi)
             bounded = np.isfinite(self.lo) & np.isfinite(self.hi)
             t_new = np.where(bounded & ~inside, (self.lo + self.hi) / 2, t_new)
             t_new = np.clip(t_new, t - 1.0, t + 1.0)
-            s_new = s * np.exp(np.clip(-f_var / 2, -2.0, 2.0))
+            s_new = np.sqrt(g.target / np.exp(logv + self.v_slope * (t_new - t)))
+            s_new = np.clip(s_new, s * np.exp(-2.0), s * np.exp(2.0))
             back = np.where(np.isfinite(self.t_prev), (t + self.t_prev) / 2, t + 0.5)
             t_new = np.where(live, t_new, back)
             s_new = np.where(live, s_new, s)
             self.t_prev = np.where(live, t, self.t_prev)
             self.f_prev = np.where(live, f, self.f_prev)
+            self.logv_prev = np.where(live, logv, self.logv_prev)
         ok = active & np.isfinite(t_new) & np.isfinite(s_new) & (s_new > 0)
         s_new, t_new = np.where(ok, s_new, s), np.where(ok, t_new, t)
         return s_new * s_new, t_new * s_new
+
+
+class _Broyden:
+    """Mean and variance after an activation that is not positively homogeneous (Tanh,
+    Sigmoid, Gelu, a maxout's Max, ...), with a target mean: Broyden's method on the output's
+    (log std, mean), each try set exactly by ``_linear``, against F = (log(var / target),
+    mean - target_mean) after the activation, from the Jacobian [[2, 0], [0, 1]] of the
+    linear case, with steps kept within 1 and a control that a step made constant sent back
+    halfway to its last live point."""
+
+    J0 = np.array([[2.0, 0.0], [0.0, 1.0]])
+
+    def __init__(self, goal: _Goal) -> None:
+        self.goal = goal
+        k = goal.controls
+        self.jac = np.tile(self.J0, (k, 1, 1))
+        self.x = np.full((k, 2), np.nan)  # the last live try
+        self.f = np.full((k, 2), np.nan)
+
+    def step(self, pre_mean, pre_var, mean, var, active) -> tuple[np.ndarray, np.ndarray]:
+        """The output's target (variance, mean) per control for the next try."""
+        g = self.goal
+        with np.errstate(all="ignore"):
+            x = np.stack([0.5 * np.log(pre_var), pre_mean], axis=1)
+            live = np.isfinite(var) & (var > 0)
+            f = np.stack([np.log(var / g.target), mean - g.mean], axis=1)
+            dx, df = x - self.x, f - self.f
+            norm = np.einsum("ki,ki->k", dx, dx)
+            upd = np.einsum("ki,kj->kij", df - np.einsum("kij,kj->ki", self.jac, dx),
+                            dx) / norm[:, None, None]
+            ok = live & (norm > 1e-12) & np.isfinite(upd).all(axis=(1, 2))
+            jac = np.where(ok[:, None, None], self.jac + np.nan_to_num(upd), self.jac)
+            sane = (jac[:, 0, 0] > 0.05) & (jac[:, 1, 1] > 0.01) & (
+                np.abs(np.linalg.det(jac)) > 1e-8)
+            self.jac = np.where(sane[:, None, None], jac, self.J0)
+            step = -np.linalg.solve(self.jac, np.nan_to_num(f)[:, :, None])[:, :, 0]
+            step = np.clip(step, -1.0, 1.0)
+            back = np.where(np.isfinite(self.x), (x + self.x) / 2, x)
+            new = np.where(live[:, None], x + step, back)
+            self.x = np.where(live[:, None], x, self.x)
+            self.f = np.where(live[:, None], f, self.f)
+        ok = active & np.isfinite(new).all(axis=1)
+        new = np.where(ok[:, None], new, x)
+        return np.exp(2 * new[:, 0]), new[:, 1]
 
 
 def _live(stats: Stats, goal: _Goal) -> np.ndarray:
@@ -292,15 +355,17 @@ def scale_sequential(run, points: dict[int, Point], mean_off: dict[int, str]) ->
         goal = _Goal(run, lay, point, opts.target_mean is not None and lay.index not in mean_off)
         nxt = layers[k + 1] if k + 1 < len(layers) else None
         stats = ahead.pop(lay.index, None) or measure(run, skeleton, items(lay))
-        outer = (_ShiftSearch(goal) if goal.mean is not None else _Secant(goal)) \
-            if point.after_activation else None
+        outer = None
+        if point.after_activation:
+            outer = _Secant(goal) if goal.mean is None else _ShiftSearch(goal) \
+                if set(point.op.split("/")) <= HOMOGENEOUS else _Broyden(goal)
         tries = 0
         _record(run, lay, goal, stats[-1], tries, first=True)
         was_live = _live(stats[-1], goal)
         while True:
             mean, var = stats[-1].moments(goal.controls)
             active = goal.off(mean, var)
-            if isinstance(outer, _ShiftSearch):  # a shift that killed a control undoes it
+            if isinstance(outer, (_ShiftSearch, _Broyden)):  # a control a shift killed: undo
                 active |= was_live & ~_live(stats[-1], goal)
             if not active.any() or tries >= opts.max_iter:
                 break
@@ -312,7 +377,7 @@ def scale_sequential(run, points: dict[int, Point], mean_off: dict[int, str]) ->
                 with np.errstate(all="ignore"):
                     r = np.where(active, np.sqrt(goal.target / var), 1.0)
                 d = np.zeros(goal.controls)
-            elif isinstance(outer, _ShiftSearch):
+            elif isinstance(outer, (_ShiftSearch, _Broyden)):
                 pre_mean, pre_var = stats[0].moments(goal.controls)
                 var_t, mean_t = outer.step(pre_mean, pre_var, mean, var, active)
                 r, d = _linear(goal, stats[0], beta, active, var_t, mean_t, keep_within=False)

@@ -72,13 +72,20 @@ def judge(var: float, target: float, tol: float, *, check: bool = False,
     return NOT_CONVERGED, f"|var - target| = {abs(var - target):.4g} >= {tol}{spent}"
 
 
+def mean_tolerance(tol: float, target: float) -> float:
+    """How near a target mean must be: tol / sqrt(target), the variance's tolerance in units
+    of the output (tol itself at the default target variance 1)."""
+    return tol / math.sqrt(target)
+
+
 def judge_units(var, mean, target: float, target_mean: float | None, tol: float, *,
                 check: bool = False, tries: int | None = None
                 ) -> tuple[str, str, float, float, int]:
     """The status of one report row from the variances (and means) of its parts: one for a
     layer, block or gate; one per channel with ``per_channel``. Parts whose variance is
     degenerate (a constant channel: a dead ReLU unit) cannot be rescaled and are counted, not
-    judged, unless every part is. A target mean is met when |mean - target_mean| < tol.
+    judged, unless every part is. A target mean is met when |mean - target_mean| is below
+    ``mean_tolerance``.
 
     Returns:
         (status, message, the variance shown (the part farthest from target), the mean shown
@@ -101,10 +108,11 @@ def judge_units(var, mean, target: float, target_mean: float | None, tol: float,
         worst_m = idx[np.argmax(np.abs(mean[idx] - target_mean))]
         shown_mean = float(mean[worst_m])
         off = abs(shown_mean - target_mean)
-        if status == CONVERGED and not off < tol:
+        mean_tol = mean_tolerance(tol, target)
+        if status == CONVERGED and not off < mean_tol:
             spent = f" after {tries} tries" if tries is not None and not check else ""
             status = OFF_TARGET if check else NOT_CONVERGED
-            message = f"|mean - target_mean| = {off:.4g} >= {tol}{spent}"
+            message = f"|mean - target_mean| = {off:.4g} >= {mean_tol:.4g}{spent}"
             culprit = worst_m
     if var.size > 1 and status != CONVERGED:
         message = f"channel {int(culprit)}: {message}"
