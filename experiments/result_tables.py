@@ -9,6 +9,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+import numpy as np
+
 INIT_LABELS = {"lsuv": "LSUV", "orthonormal": "OrthoNorm", "xavier": "Xavier", "msra": "MSRA"}
 CHANCE_LOSS = math.log(10.0)  # cross-entropy of a uniform guess over the 10 digits
 NC_LOSS = 0.9 * CHANCE_LOSS  # a final training loss above this: "n/c", the net did not learn
@@ -111,9 +113,36 @@ def gain_table(results: Sequence[dict], arch: str, activations: Sequence[str],
 
 
 def _select(results: Sequence[dict], **where) -> list[dict]:
-    """The runs whose config matches ``where``, by seed."""
-    out = [r for r in results if all(r["config"][k] == v for k, v in where.items())]
+    """The runs whose config matches ``where``, by seed; the paper's LSUV unless a
+    ``variant`` is named (runs written before variants existed have none)."""
+    where.setdefault("variant", "")
+    out = [r for r in results
+           if all(r["config"].get(k, "") == v for k, v in where.items())]
     return sorted(out, key=lambda r: r["config"]["seed"])
+
+
+VARIANT_LABELS = {"": "LSUV (the paper)", "mean0": "LSUV, target mean 0 (`target_mean=0`)",
+                  "per_channel": "LSUV per channel (`per_channel=True`)"}
+
+
+def table_variants(results: Sequence[dict], arch: str, activation: str,
+                   variants: Sequence[str], threshold: float, lsuv_batch: int) -> str:
+    """LSUV and its variants on one net and activation: accuracy (epochs to the threshold),
+    onnx-lsuv's verdict, the time of the init, the worst |var - 1| of a layer output on the
+    held-out images (``training.worst_variance_error``)."""
+    lines = [f"| init | test accuracy, % (epochs to {threshold * 100:.0f}%) | every layer "
+             "converged | init time, s | worst \\|var - 1\\|, held-out |",
+             "|---|---|---|---:|---:|"]
+    for variant in ("", *variants):
+        runs = _select(results, arch=arch, activation=activation, init="lsuv",
+                       lsuv_batch=lsuv_batch, variant=variant)
+        if not runs:
+            continue
+        ok = sum(bool(r["lsuv_converged"]) for r in runs)
+        lines.append(f"| {VARIANT_LABELS[variant]} | {_cell(runs, threshold)} | {ok} of "
+                     f"{len(runs)} | {np.mean([r['init_s'] for r in runs]):.2f} | "
+                     f"{max(r['test_var_worst'] for r in runs):.2f} |")
+    return "\n".join(lines)
 
 
 def plot_curves(results: Sequence[dict], arch: str, activations: Sequence[str],

@@ -54,6 +54,10 @@ class Plan:
     batch_arch: str  # Table 7: this net and activation, LSUV on these batch sizes
     batch_activation: str
     batch_sizes: tuple[int, ...]
+    # LSUV's variants beyond the paper (training.VARIANTS) on this net and activation
+    variant_arch: str = ""
+    variant_activation: str = ""
+    variants: tuple[str, ...] = ()
 
     def configs(self) -> list[RunConfig]:
         grid = [RunConfig(arch, act, init, seed, budget, lsuv_batch=self.lsuv_batch)
@@ -63,7 +67,17 @@ class Plan:
                            self.budgets[self.batch_arch], lsuv_batch=size)
                  for size in self.batch_sizes if size != self.lsuv_batch
                  for seed in self.seeds] if self.has_batch_study else []
-        return grid + study
+        variants = [RunConfig(self.variant_arch, self.variant_activation, "lsuv", seed,
+                              self.budgets[self.variant_arch], lsuv_batch=self.lsuv_batch,
+                              variant=v)
+                    for v in self.variants for seed in self.seeds] \
+            if self.has_variant_study else []
+        return grid + study + variants
+
+    @property
+    def has_variant_study(self) -> bool:
+        return bool(self.variants) and self.variant_arch in self.budgets and \
+            self.variant_activation in self.activations and "lsuv" in self.inits
 
     @property
     def has_batch_study(self) -> bool:
@@ -94,6 +108,9 @@ FULL = Plan(
     batch_arch="fitnet4_digits",
     batch_activation="tanh",
     batch_sizes=(2, 16, 32, 128, 1024),
+    variant_arch="fitnet4_digits",
+    variant_activation="relu",
+    variants=("mean0", "per_channel"),
 )
 QUICK = Plan(
     budgets={
@@ -108,6 +125,9 @@ QUICK = Plan(
     batch_arch="mlp25_digits",
     batch_activation="relu",
     batch_sizes=(2, 32),
+    variant_arch="mlp25_digits",
+    variant_activation="relu",
+    variants=("mean0", "per_channel"),
 )
 
 
@@ -117,7 +137,7 @@ def _work(cfg: RunConfig) -> dict:
 
 def _label(cfg: RunConfig) -> str:
     return (f"{cfg.arch:15s} {cfg.activation:8s} {cfg.init:12s} seed {cfg.seed} "
-            f"batch {cfg.lsuv_batch:4d}")
+            f"batch {cfg.lsuv_batch:4d}" + (f" {cfg.variant}" if cfg.variant else ""))
 
 
 def execute(plan: Plan, jobs: int, echo=print) -> tuple[list[dict], list[str], float]:
@@ -291,6 +311,16 @@ def results_markdown(plan: Plan, results: list[dict], meta: dict) -> str:
                 tables.table7(results, plan.batch_arch, plan.batch_activation,
                               plan.batch_sizes, plan.threshold),
                 "", "![LSUV batch size curves](curves_lsuv_batch.png)", ""]
+    if plan.has_variant_study:
+        out += [f"## LSUV beyond the paper: a target mean, per channel, "
+                f"{ARCH_TITLES[plan.variant_arch]}, {plan.variant_activation}", "",
+                "onnx-lsuv's `target_mean=0` (each layer's output centred through its bias, "
+                "then scaled) and `per_channel=True` (every output channel at unit variance "
+                "on its own), against the paper's LSUV, on the same batch, seeds and budget. "
+                "The held-out variance is each layer output's pooled over its channels, and "
+                "per channel (the worst channel) for LSUV per channel.", "",
+                tables.table_variants(results, plan.variant_arch, plan.variant_activation,
+                                      plan.variants, plan.threshold, plan.lsuv_batch), ""]
     out += ["## Checks", ""] + checks(results, len(x_te))
     return "\n".join(out) + "\n"
 
@@ -309,7 +339,8 @@ def checks(results: list[dict], n_test: int) -> list[str]:
     """Lines that say whether the runs measured what they claim to."""
     if not results:
         return ["- No run finished."]
-    lsuv = [r for r in results if r["config"]["init"] == "lsuv"]
+    lsuv = [r for r in results if r["config"]["init"] == "lsuv"
+            and not r["config"].get("variant")]
     enough = [r for r in lsuv if r["config"]["lsuv_batch"] >= MIN_RECOMMENDED_BATCH]
     worst_port = max(r["conversion_diff"] for r in results)
     converged = sum(bool(r["lsuv_converged"]) for r in lsuv)

@@ -31,6 +31,9 @@ from fitnets import ARCHITECTURES, build, resize_digits  # noqa: E402
 from onnx_torch import OnnxModule, cpu_session, max_rel_diff_vs_ort  # noqa: E402
 
 INITS = ("lsuv", "orthonormal", "xavier", "msra")
+# LSUV beyond the paper (onnx-lsuv's options, issue 18): a variant's name -> its lsuv_init
+# keywords. "" is the paper's LSUV.
+VARIANTS = {"": {}, "mean0": {"target_mean": 0.0}, "per_channel": {"per_channel": True}}
 LSUV_BATCH_SEED = 1234  # the draw of LSUV's batch from the training set: one for every run
 
 
@@ -57,6 +60,7 @@ class RunConfig:
     lsuv_batch: int = 128  # images LSUV measures on (the paper's Table 7 varies it)
     tol: float = 0.1  # onnx-lsuv's defaults: Tol_var 0.1, T_max 10
     max_iter: int = 10
+    variant: str = ""  # LSUV only: a key of VARIANTS
 
 
 @dataclass
@@ -130,8 +134,10 @@ def fan_ins(arch: str, activation: str) -> dict[str, int]:
     return {label: math.prod(dims[name][1:]) for label, name in target_weights(model).items()}
 
 
-def worst_variance_error(model: onnx.ModelProto, x: np.ndarray) -> float:
-    """Largest |var - 1| of a Conv/Gemm output on ``x``.
+def worst_variance_error(model: onnx.ModelProto, x: np.ndarray,
+                         per_channel: bool = False) -> float:
+    """Largest |var - 1| of a Conv/Gemm output on ``x`` (of any of its channels, axis 1, with
+    ``per_channel``: what LSUV per channel sets).
 
     Deliberately apart from onnx-lsuv (not its check_variances): a plain ONNX Runtime session
     with the layer outputs exposed, and numpy's float64 variance over each whole output.
@@ -142,6 +148,9 @@ def worst_variance_error(model: onnx.ModelProto, x: np.ndarray) -> float:
     del m.graph.output[:]
     m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     outs = cpu_session(m).run(names, {m.graph.input[0].name: x})
+    if per_channel:
+        return max(float(np.abs(np.var(np.moveaxis(y, 1, 0).reshape(y.shape[1], -1), axis=1,
+                                        dtype=np.float64) - 1.0).max()) for y in outs)
     return max(abs(float(np.var(y, dtype=np.float64)) - 1.0) for y in outs)
 
 
@@ -150,7 +159,8 @@ def initialise(cfg: RunConfig, x_train: np.ndarray) -> tuple[onnx.ModelProto, bo
     model = build(cfg.arch, cfg.activation, seed=cfg.seed)
     if cfg.init == "lsuv":
         result = lsuv_init(model, lsuv_batch(x_train, cfg.lsuv_batch), seed=cfg.seed,
-                           tol=cfg.tol, max_iter=cfg.max_iter, provider="cpu", threads=1)
+                           tol=cfg.tol, max_iter=cfg.max_iter, provider="cpu", threads=1,
+                           **VARIANTS[cfg.variant])
         return result.model, result.report.converged
     return lsuv_init(model, None, init=cfg.init, seed=cfg.seed, threads=1).model, None
 
@@ -177,7 +187,7 @@ def run(cfg: RunConfig) -> RunResult:
     inits = {t.name: t for t in model.graph.initializer}
     res.weight_std = {label: float(np.std(numpy_helper.to_array(inits[name]), dtype=np.float64))
                       for label, name in target_weights(model).items()}
-    res.test_var_worst = worst_variance_error(model, x_te)
+    res.test_var_worst = worst_variance_error(model, x_te, cfg.variant == "per_channel")
 
     module = OnnxModule(model)
     res.conversion_diff = max_rel_diff_vs_ort(model, module, x_te[:64])

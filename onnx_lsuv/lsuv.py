@@ -208,7 +208,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
                 choose(run)(run)
         state.scale = dict(run.state.scale)
         if run.state is not state:  # measured on the float32 twin: its shifted biases too
-            for i in run.state.changed_bias - state.changed_bias:
+            for i in run.state.changed_bias:
                 state.bias[i] = run.state.bias[i].astype(state.bias[i].dtype)
                 state.changed_bias.add(i)
         report.timings["scaling_s"] = time.perf_counter() - t

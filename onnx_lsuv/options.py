@@ -112,6 +112,10 @@ class LSUVOptions:
         for name in ("after_activation", "per_channel"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.extended and not self.scaling:
+            raise InputError(f"target_mean, after_activation and per_channel are targets of "
+                             f"the LSUV scaling: init {self.init!r} does none (use 'lsuv' or "
+                             "'rescale')")
         if self.strategy == "naive" and self.extended:
             raise InputError("strategy 'naive' is the paper's plain loop: it takes no "
                              "target_mean, after_activation or per_channel; use 'fast' or "

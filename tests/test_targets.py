@@ -400,3 +400,63 @@ def test_the_defaults_are_the_papers_and_the_other_tensors_are_untouched():
         assert changed <= {"w0", "b0", "w1", "b1", "w2", "b2", "wf", "bf"}
     assert initializers(model) == before
     assert onnx.helper.printable_graph(model.graph)  # the input model is intact
+
+
+# --- low precision, the command line ----------------------------------------------------
+
+def test_a_bfloat16_model_measured_in_float32_gets_its_shifted_biases_in_bfloat16():
+    from onnx import TensorProto
+    from test_precision import cast_model
+
+    model32, feeds, names = models.gemm_mlp()
+    model = cast_model(model32, TensorProto.BFLOAT16)
+    result = lsuv_init(model, feeds, provider="cpu", target_mean=0.5, per_channel=True)
+    assert any("float32" in n for n in result.report.notes)  # measured on the twin
+    assert all(t.data_type == TensorProto.BFLOAT16 for t in result.model.graph.initializer)
+    back = cast_model(result.model, TensorProto.FLOAT)
+    bf16 = onnx.helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)
+    rounded = {k: v.astype(bf16).astype(np.float32) for k, v in feeds.items()}
+    for name in names:  # bfloat16 keeps 8 bits: the targets hold to its rounding
+        cm, cv, _, _ = stats(back, rounded, name)
+        assert np.all(np.abs(cm - 0.5) < 0.15) and np.all(np.abs(cv - 1) < 0.15), name
+
+
+def test_the_command_line_options_and_a_directory_stream(tmp_path):
+    from test_cli_features import invoke
+
+    model, feeds, names = models.conv_chain()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    (tmp_path / "batches").mkdir()
+    for i, part in enumerate(_batches(feeds, 4)):
+        np.save(tmp_path / "batches" / f"{i}.npy", part["x"])
+    out = tmp_path / "out.onnx"
+    res = invoke(path, "-d", tmp_path / "batches", "-o", out, "--target-mean", "0.5",
+                 "--per-channel", "--after-activation", "--report", tmp_path / "r.json",
+                 "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "mean after" in res.output and "not after an activation" in res.output
+    written = onnx.load(out)
+    cm, cv, _, _ = stats(written, feeds, "r1")  # conv1's Relu
+    assert np.all(np.abs(cm - 0.5) < TOL) and np.all(np.abs(cv - 1) < TOL)
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["options"]["target_mean"] == 0.5 and report["options"]["per_channel"]
+    assert [r["point"] for r in report["layers"]] == ["Relu", "output"]
+    assert all(r["channels"] == 8 for r in report["layers"])
+    # --check with the same targets passes; with another mean it fails with exit 3.
+    ok = invoke(out, "-d", tmp_path / "batches", "--check", "--target-mean", "0.5",
+                "--per-channel", "--after-activation", "--provider", "cpu")
+    assert ok.exit_code == 0, ok.output
+    off = invoke(out, "-d", tmp_path / "batches", "--check", "--target-mean", "2",
+                 "--provider", "cpu")
+    from onnx_lsuv.errors import EXIT_CHECK_FAILED
+
+    assert off.exit_code == EXIT_CHECK_FAILED, off.output
+    bad = invoke(path, "-d", tmp_path / "batches", "-o", tmp_path / "x.onnx",
+                 "--strategy", "naive", "--per-channel")
+    assert bad.exit_code == 2 and "strategy 'naive'" in bad.output
+    helptext = invoke("--help").output
+    for flag in ("--target-mean", "--after-activation", "--per-channel", "sequential"):
+        assert flag in helptext
