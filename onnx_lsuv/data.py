@@ -78,14 +78,17 @@ def _load_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarra
     return {names[0]: loaded}
 
 
-def load_batch(data: BatchLike, model: onnx.ModelProto,
-               warn_small: bool = True) -> dict[str, np.ndarray]:
+def load_batch(data: BatchLike, model: onnx.ModelProto, warn_small: bool = True,
+               warn: bool = True) -> dict[str, np.ndarray]:
     """Load ``data`` and check it against ``model``'s inputs.
 
     Args:
         data: A numpy array (single-input models), a mapping input name -> array, or the path of
             a .npy (single input) or .npz (one array per input name) file.
         model: The model whose inputs the data must feed.
+        warn_small: Warn about a batch of fewer than 16 samples. Defaults to True.
+        warn: Warn about keys that are not inputs (a stream does so on its first pass only).
+            Defaults to True.
 
     Returns:
         Input name -> C-contiguous array of the input's dtype.
@@ -114,7 +117,9 @@ def load_batch(data: BatchLike, model: onnx.ModelProto,
                          f"{', '.join(missing)}); the model expects: {', '.join(names)}")
     initializers = {t.name for t in model.graph.initializer}
     for key in [k for k in arrays if k not in names]:
-        if key in initializers:
+        if not warn:
+            pass
+        elif key in initializers:
             log.warning("data key %r is a weight the model stores (an initializer that the "
                         "exporter also lists as a graph input), not data: not fed", key)
         else:
@@ -184,7 +189,10 @@ def is_stream(data) -> bool:
 def _to_numpy(value: Any) -> np.ndarray:
     """An array from a numpy array, a torch tensor (any device) or anything array-like."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":  # numpy has no bfloat16
+            value = value.float()
+        value = value.numpy()
     return np.asarray(value)
 
 
@@ -233,6 +241,7 @@ class Stream:
         if not self._names:
             raise InputError("the model has no graph inputs to feed")
         self._spool: str | None = None
+        self._read_one = False
         self._files: list | None = None
         self._source = None
         self._prints: list[tuple] | None = None
@@ -245,9 +254,10 @@ class Stream:
             self._files = []
             try:
                 for k, item in enumerate(source):
-                    feeds = load_batch(_as_batch(item, self._names), model, warn_small=False)
+                    feeds = load_batch(_as_batch(item, self._names), model, warn_small=False,
+                                       warn=self._first_read())
                     path = os.path.join(self._spool, f"batch{k:07d}.npz")
-                    np.savez(path, **feeds)
+                    _spool_write(path, feeds)
                     self._files.append(path)
             except BaseException:
                 self.close()
@@ -265,6 +275,11 @@ class Stream:
             raise InputError("the data stream yielded no batch")
         _warn_small_total(self.samples, model)
 
+    def _first_read(self) -> bool:
+        """True once: the first batch read warns about keys that are not inputs, no other."""
+        first, self._read_one = not self._read_one, True
+        return first
+
     def map(self, transform: Callable[[dict], dict]) -> Stream:
         """This stream with ``transform`` applied to each batch (a float32 view, say)."""
         other = object.__new__(Stream)
@@ -276,11 +291,13 @@ class Stream:
     def _raw(self) -> Iterator[dict[str, np.ndarray]]:
         if self._files is not None:
             for path in self._files:
-                yield load_batch(path, self._model, warn_small=False)
+                batch = _spool_read(path) if self._spool is not None else path
+                yield load_batch(batch, self._model, warn_small=False, warn=self._first_read())
             return
         prints = []
         for item in self._source:
-            feeds = load_batch(_as_batch(item, self._names), self._model, warn_small=False)
+            feeds = load_batch(_as_batch(item, self._names), self._model, warn_small=False,
+                               warn=self._first_read())
             prints.append(_fingerprint(feeds))
             if self._prints is not None and (len(prints) > len(self._prints)
                                              or prints[-1] != self._prints[len(prints) - 1]):
@@ -316,6 +333,26 @@ class Stream:
             self.close()
         except Exception:
             pass
+
+
+_BF16_KEY = "::bfloat16"
+
+
+def _spool_write(path: str, feeds: dict[str, np.ndarray]) -> None:
+    """One spooled batch: .npz has no bfloat16, so it is stored as its uint16 bits."""
+    arrays = {}
+    for name, a in feeds.items():
+        if _BF16 is not None and a.dtype == _BF16:
+            arrays[name + _BF16_KEY] = a.view(np.uint16)
+        else:
+            arrays[name] = a
+    np.savez(path, **arrays)
+
+
+def _spool_read(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {(k[:-len(_BF16_KEY)] if k.endswith(_BF16_KEY) else k):
+                (z[k].view(_BF16) if k.endswith(_BF16_KEY) else z[k]) for k in z.files}
 
 
 def _batch_size(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> int:

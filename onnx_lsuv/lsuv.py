@@ -163,6 +163,8 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
         shifting = {lay.index for lay in layers if lay.index not in mean_off}
     copies = unshare_biases(work, layers, zeroing, shifting)
     state = WeightState(work, layers)
+    if shifting:  # and the biases that are there but cannot take a shift per unit
+        mean_off = {**_mean_off(layers, state), **mean_off}
     node_name = GraphIndex(work.graph).node_name
     pooled = [f"layer {lay.name}: its weight is applied by {len(lay.uses)} nodes "
               f"({', '.join(node_name(u.node_index) for u in lay.uses)}): one layer, measured "
@@ -256,7 +258,7 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
                                      report, opts, no_progress)
                 if _sequential(opts, feeds):
                     final_measure(run, run.state.skeleton(run.work), points,
-                                  _mean_off(discovery.layers), check=True)
+                                  _mean_off(discovery.layers, state), check=True)
                 else:
                     final_check(run, run.state.skeleton(run.work), check=True)
             _weight_stds(report, state)
@@ -276,8 +278,9 @@ def _sequential(opts: LSUVOptions, feeds) -> bool:
     return opts.strategy == "sequential" or opts.extended or isinstance(feeds, Stream)
 
 
-def _mean_off(layers: list[Layer]) -> dict[int, str]:
-    """Layers whose mean cannot be set through a bias, and why."""
+def _mean_off(layers: list[Layer], state: WeightState | None = None) -> dict[int, str]:
+    """Layers whose mean cannot be set through a bias, and why (with ``state``, also those
+    whose bias is not one value per output unit, or not applied)."""
     off = {}
     for lay in layers:
         if lay.is_recurrent:
@@ -285,6 +288,10 @@ def _mean_off(layers: list[Layer]) -> dict[int, str]:
                               "mean is not set")
         elif lay.bias is None:
             off[lay.index] = "the layer has no bias and none could be added"
+        elif lay.bias_scale == 0:
+            off[lay.index] = "its Gemm's beta is 0: the bias is not applied"
+        elif state is not None and state.unit_bias(lay) is None:
+            off[lay.index] = "its bias does not hold one value per output unit"
     return off
 
 

@@ -628,6 +628,9 @@ class Point:
 
     tensors: tuple[str, ...] = ()  # per use, the activation's output; () for the output
     op: str = ""  # the activation's op type ("" for the output)
+    # the BatchNormalization between the layer and its activation, if any: the activation
+    # reads a * y + b per channel (the same BN for every use, or none)
+    bn: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def after_activation(self) -> bool:
@@ -641,9 +644,11 @@ def activation_point(index: GraphIndex, layer: Layer) -> tuple[Point, str | None
         return Point(), "a recurrent op's activations are inside the op: measured at W x"
     if layer.body is not None:
         return Point(), "the layer is inside a Loop/Scan body: measured at its output"
-    tensors, ops = [], set()
+    tensors, ops, bns = [], set(), []
     for use in layer.uses:
-        tensor = find_tap(index, layer, use).tensor
+        tap = find_tap(index, layer, use)
+        bns.append(None if tap.a is None else (tap.a, tap.b))
+        tensor = tap.tensor
         users = index.consumers.get(tensor, [])
         if len(users) != 1 or tensor in index.graph_outputs or users[0][1] == OUTER_SCOPE:
             return Point(), (f"its output {tensor!r} is read by {len(users)} nodes, not by "
@@ -662,7 +667,12 @@ def activation_point(index: GraphIndex, layer: Layer) -> tuple[Point, str | None
             return Point(), f"its {node.op_type}'s parameters are not constants"
         tensors.append(node.output[0])
         ops.add(node.op_type)
-    return Point(tuple(tensors), "/".join(sorted(ops))), None
+    same = all(x is None for x in bns) or all(
+        x is not None and np.array_equal(x[0], bns[0][0]) and np.array_equal(x[1], bns[0][1])
+        for x in bns)
+    if not same:
+        return Point(), "its uses pass through different BatchNormalizations"
+    return Point(tuple(tensors), "/".join(sorted(ops)), bns[0]), None
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,31 @@ class _Broyden:
         return np.exp(2 * new[:, 0]), new[:, 1]
 
 
+def _activation_input(goal: _Goal, pre: Stats, point: Point):
+    """Mean and variance per control of what the activation reads: the layer's output y, or
+    a y + b per channel through a BatchNormalization; and the map of a (variance, mean) wanted
+    there back to y's (exact per channel; for a control of several channels, through the
+    BatchNormalization's mean factor, which the next try corrects)."""
+    mean, var = pre.moments(goal.controls)
+    if point.bn is None:
+        return mean, var, lambda v, m: (v, m)
+    a, b = (np.asarray(x, np.float64) for x in point.bn)
+    mean_c, var_c = pre.moments(goal.units)
+    t_mean = (a * mean_c + b).reshape(goal.controls, -1)
+    t_var = (a * a * var_c).reshape(goal.controls, -1)
+    in_mean = t_mean.mean(axis=1)
+    in_var = t_var.mean(axis=1) + t_mean.var(axis=1)
+    if goal.controls == goal.units:
+        return in_mean, in_var, lambda v, m: (v / (a * a), (m - b) / a)
+    a_mean = a.reshape(goal.controls, -1).mean(axis=1)
+
+    def to_output(v, m):
+        with np.errstate(all="ignore"):
+            return v * var / in_var, mean + (m - in_mean) / a_mean
+
+    return in_mean, in_var, to_output
+
+
 def _live(stats: Stats, goal: _Goal) -> np.ndarray:
     """Controls whose variance is finite and positive (not constant)."""
     _, var = stats.moments(goal.controls)
@@ -325,8 +350,15 @@ def _record(run, lay: Layer, goal: _Goal, stats: Stats, tries: int, first: bool,
     return good
 
 
+SETTLING_SWEEPS = 3
+
+
 def scale_sequential(run, points: dict[int, Point], mean_off: dict[int, str]) -> None:
-    """Every layer in order, solved from its statistics over all the data, then judged.
+    """Every layer in order, solved from its statistics over all the data; then one pass
+    measures the written model and judges every layer. Where a later layer moved an earlier
+    one off its target (a tied weight, a recurrence, two layers read at one maxout's Max), up
+    to ``SETTLING_SWEEPS`` sweeps redo the layers found off, from the first that moved, each
+    with its remaining tries, and the final pass measures again.
 
     Args:
         run: The ``strategies.Run``.
@@ -335,80 +367,114 @@ def scale_sequential(run, points: dict[int, Point], mean_off: dict[int, str]) ->
             grows where a bias turns out not to take a shift.
     """
     t = time.perf_counter()
-    layers, state, opts = run.layers, run.state, run.options
-    skeleton = state.skeleton(run.work)
+    layers = run.layers
+    skeleton = run.state.skeleton(run.work)
     ahead: dict[int, list[Stats]] = {}
-
-    def items(lay: Layer) -> list[tuple[Layer, Point]]:
-        """What a try measures of a layer: its output, and its activation's."""
-        point = points.get(lay.index, Point())
-        return [(lay, Point())] + ([(lay, point)] if point.after_activation else [])
-
     for k, lay in enumerate(layers):
-        point = points.get(lay.index, Point())
-        # A recurrent op is measured at W x, which holds no bias.
-        beta = np.zeros(lay.layout.output_units) if lay.is_recurrent else state.unit_bias(lay)
-        if beta is None and opts.target_mean is not None and lay.index not in mean_off:
-            mean_off[lay.index] = "its bias does not hold one value per output unit"
-            run.report.notes.append(f"layer {lay.name}: target mean not applied: "
-                                    f"{mean_off[lay.index]}")
-        goal = _Goal(run, lay, point, opts.target_mean is not None and lay.index not in mean_off)
         nxt = layers[k + 1] if k + 1 < len(layers) else None
-        stats = ahead.pop(lay.index, None) or measure(run, skeleton, items(lay))
-        outer = None
-        if point.after_activation:
-            outer = _Secant(goal) if goal.mean is None else _ShiftSearch(goal) \
-                if set(point.op.split("/")) <= HOMOGENEOUS else _Broyden(goal)
-        tries = 0
-        _record(run, lay, goal, stats[-1], tries, first=True)
-        was_live = _live(stats[-1], goal)
-        while True:
-            mean, var = stats[-1].moments(goal.controls)
-            active = goal.off(mean, var)
-            if isinstance(outer, (_ShiftSearch, _Broyden)):  # a control a shift killed: undo
-                active |= was_live & ~_live(stats[-1], goal)
-            if not active.any() or tries >= opts.max_iter:
-                break
-            if beta is not None and not lay.is_recurrent:
-                beta = state.unit_bias(lay)  # as shifted by the last try
-            if isinstance(outer, _Secant):
-                r, d = outer.step(var, active), np.zeros(goal.controls)
-            elif beta is None:  # at the output, a bias of another shape: the paper's step
-                with np.errstate(all="ignore"):
-                    r = np.where(active, np.sqrt(goal.target / var), 1.0)
-                d = np.zeros(goal.controls)
-            elif isinstance(outer, (_ShiftSearch, _Broyden)):
-                pre_mean, pre_var = stats[0].moments(goal.controls)
-                var_t, mean_t = outer.step(pre_mean, pre_var, mean, var, active)
-                r, d = _linear(goal, stats[0], beta, active, var_t, mean_t, keep_within=False)
-            else:
-                r, d = _linear(goal, stats[0], beta, active, np.full(goal.controls, goal.target),
-                               None if goal.mean is None else np.full(goal.controls, goal.mean),
-                               keep_within=True)
-            state.multiply(lay, r)
-            if goal.mean is not None and np.any(d != 0):
-                state.shift_bias(lay, goal.expand(d))
-            tries += 1
-            measured = measure(run, skeleton, items(lay) + (items(nxt) if nxt else []))
-            stats = measured[:len(items(lay))]
-            if nxt:  # measured with this layer's weights as they now are
-                ahead[nxt.index] = measured[len(stats):]
-        _record(run, lay, goal, stats[-1], tries, first=False,
-                killed=was_live & ~_live(stats[-1], goal))
-        log.debug("layer %s: %d tries", lay.name, tries)
+        _solve(run, skeleton, lay, nxt, points, mean_off, ahead, first=True)
         run.progress("scaling", k + 1, len(layers), lay.name)
+    moved = final_measure(run, skeleton, points, mean_off)
+    for _ in range(SETTLING_SWEEPS):
+        if not moved:
+            break
+        again = [lay for lay in layers[min(moved):]
+                 if any(rec.status != CONVERGED for rec in run.rows(lay))
+                 and run.rows(lay)[0].tries < run.options.max_iter]
+        if not again:
+            break
+        log.info("settling %d layer(s) that later layers moved off target", len(again))
+        for lay in again:
+            _solve(run, skeleton, lay, None, points, mean_off, {}, first=False)
+        moved = final_measure(run, skeleton, points, mean_off)
     run.report.timings["sequential_s"] = time.perf_counter() - t
-    if any(lay.weight_read_upstream or lay.shared_weight_users for lay in layers):
-        final_measure(run, skeleton, points, mean_off)
+
+
+def _items(points: dict[int, Point], lay: Layer) -> list[tuple[Layer, Point]]:
+    """What a try measures of a layer: its output, and its activation's."""
+    point = points.get(lay.index, Point())
+    return [(lay, Point())] + ([(lay, point)] if point.after_activation else [])
+
+
+def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
+           points: dict[int, Point], mean_off: dict[int, str], ahead: dict[int, list[Stats]],
+           first: bool) -> None:
+    """The try loop of one layer: measure, step, until on target or out of tries (those
+    spent before count); the pass after each step also measures ``nxt`` into ``ahead``."""
+    state, opts = run.state, run.options
+    point = points.get(lay.index, Point())
+    # A recurrent op is measured at W x, which holds no bias.
+    beta = np.zeros(lay.layout.output_units) if lay.is_recurrent else state.unit_bias(lay)
+    if beta is None and opts.target_mean is not None and lay.index not in mean_off:
+        _no_mean(run, lay, mean_off, "its bias does not hold one value per output unit")
+    goal = _Goal(run, lay, point, opts.target_mean is not None and lay.index not in mean_off)
+    stats = ahead.pop(lay.index, None) or measure(run, skeleton, _items(points, lay))
+    outer = None
+    if point.after_activation:
+        outer = _Secant(goal) if goal.mean is None else _ShiftSearch(goal) \
+            if set(point.op.split("/")) <= HOMOGENEOUS else _Broyden(goal)
+    tries = 0 if first else run.rows(lay)[0].tries
+    if first:
+        _record(run, lay, goal, stats[-1], tries, first=True)
+    was_live = _live(stats[-1], goal)
+    while True:
+        mean, var = stats[-1].moments(goal.controls)
+        active = goal.off(mean, var)
+        if isinstance(outer, (_ShiftSearch, _Broyden)):  # a control a shift killed: undo
+            active |= was_live & ~_live(stats[-1], goal)
+        if not active.any() or tries >= opts.max_iter:
+            break
+        if beta is not None and not lay.is_recurrent:
+            beta = state.unit_bias(lay)  # as shifted by the last try
+        if isinstance(outer, _Secant):
+            r, d = outer.step(var, active), np.zeros(goal.controls)
+        elif beta is None:  # at the output, a bias of another shape: the paper's step
+            with np.errstate(all="ignore"):
+                r = np.where(active, np.sqrt(goal.target / var), 1.0)
+            d = np.zeros(goal.controls)
+        elif isinstance(outer, (_ShiftSearch, _Broyden)):
+            pre_mean, pre_var, to_output = _activation_input(goal, stats[0], point)
+            var_t, mean_t = to_output(*outer.step(pre_mean, pre_var, mean, var, active))
+            r, d = _linear(goal, stats[0], beta, active, var_t, mean_t, keep_within=False)
+        else:
+            r, d = _linear(goal, stats[0], beta, active, np.full(goal.controls, goal.target),
+                           None if goal.mean is None else np.full(goal.controls, goal.mean),
+                           keep_within=True)
+        state.multiply(lay, r)
+        if goal.mean is not None and np.any(d != 0):
+            why = state.shift_bias(lay, goal.expand(d))
+            if why:
+                _no_mean(run, lay, mean_off, why)
+                goal.mean = None
+        tries += 1
+        measured = measure(run, skeleton, _items(points, lay) + (
+            _items(points, nxt) if nxt else []))
+        stats = measured[:len(_items(points, lay))]
+        if nxt:  # measured with this layer's weights as they now are
+            ahead[nxt.index] = measured[len(stats):]
+    _record(run, lay, goal, stats[-1], tries, first=False,
+            killed=was_live & ~_live(stats[-1], goal))
+    log.debug("layer %s: %d tries", lay.name, tries)
+
+
+def _no_mean(run, lay: Layer, mean_off: dict[int, str], why: str) -> None:
+    mean_off[lay.index] = why
+    run.report.notes.append(f"layer {lay.name}: target mean not applied: {why}")
+    log.info("%s", run.report.notes[-1])
 
 
 def final_measure(run, skeleton: onnx.ModelProto, points: dict[int, Point],
-                  mean_off: dict[int, str], check: bool = False) -> None:
-    """One pass that measures every layer of the written weights and judges it (a later layer
-    may have moved an earlier one through a tied weight), and ``--check``'s measurement."""
+                  mean_off: dict[int, str], check: bool = False) -> list[int]:
+    """One pass that measures every layer of the written weights and judges it, and
+    ``--check``'s measurement.
+
+    Returns:
+        The layers that were converged before and are not now: a later layer moved them.
+    """
     opts = run.options
     measured = measure(run, skeleton, [(lay, points.get(lay.index, Point()))
                                        for lay in run.layers])
+    moved = []
     for lay, stats in zip(run.layers, measured):
         goal = _Goal(run, lay, points.get(lay.index, Point()),
                      opts.target_mean is not None and lay.index not in mean_off)
@@ -417,4 +483,6 @@ def final_measure(run, skeleton: onnx.ModelProto, points: dict[int, Point],
         for rec, status in zip(run.rows(lay), before):
             if not check and status == CONVERGED and rec.status != status:
                 rec.message += " in the final re-measurement: a later layer changed it (a " \
-                               "tied weight, or a recurrence)"
+                               "tied weight, a recurrence, a maxout's other piece)"
+                moved.append(lay.index)
+    return sorted(set(moved))

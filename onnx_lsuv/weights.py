@@ -296,7 +296,9 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         others = {(j, pos) for j, pos in readers if j not in own}
         if not others and not returned and not (shifted and len(zeroers) > 1):
             continue  # every reader zeroes it (or the one layer shifting it is its only one)
-        for lay in zeroers:
+        # Layers that each shift it, and nothing else reads it: the last keeps the tensor.
+        copying = zeroers[:-1] if shifted and not others and not returned else zeroers
+        for lay in copying:
             name = f"{lay.name}.bias"
             k = 1
             while name in taken:

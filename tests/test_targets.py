@@ -460,3 +460,120 @@ def test_the_command_line_options_and_a_directory_stream(tmp_path):
     helptext = invoke("--help").output
     for flag in ("--target-mean", "--after-activation", "--per-channel", "sequential"):
         assert flag in helptext
+
+
+# --- regressions found in review ---------------------------------------------------------
+
+def _maxout_with_a_residual():
+    """Max(g1(x), g2(x)) + g2(x): g1 is read at the Max, g2 at its own output, and solving g2
+    after g1 moves the Max that g1 was judged on."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["y1"], name="g1"),
+             helper.make_node("Gemm", ["x", "w2"], ["y2"], name="g2"),
+             helper.make_node("Max", ["y1", "y2"], ["mx"], name="maxout"),
+             helper.make_node("Add", ["mx", "y2"], ["y"], name="residual")]
+    inits = {"w1": rng.standard_normal((16, 16)).astype(np.float32),
+             "w2": (rng.standard_normal((16, 16)) * 0.2).astype(np.float32)}
+    model = make_model(nodes, [("x", ["N", 16])], [("y", None)], inits)
+    return model, {"x": (rng.standard_normal((256, 16)) * 2 + 1).astype(np.float32)}
+
+
+@pytest.mark.parametrize("kw", [{}, {"target_mean": 0.5}, {"per_channel": True}])
+def test_a_layer_moved_by_a_later_one_is_measured_again_and_never_reported_on_target_falsely(kw):
+    model, feeds = _maxout_with_a_residual()
+    result = lsuv_init(model, feeds, provider="cpu", init="rescale", after_activation=True,
+                       **kw)
+    cm, cv, m, v = stats(result.model, feeds, "mx")
+    rec = next(r for r in result.report.layers if r.name == "g1")
+    on = (np.all(np.abs(cv - 1) < TOL) if kw.get("per_channel") else abs(v - 1) < TOL) and (
+        "target_mean" not in kw or abs(m - 0.5) < TOL)
+    assert (rec.status == "converged") == on, (rec, v, m)
+
+
+def test_check_mode_skips_the_mean_of_a_bias_that_is_not_per_unit_as_the_run_did():
+    from onnx_lsuv import check_variances
+
+    model, feeds, _ = models.full_matrix_bias()
+    done = lsuv_init(model, feeds, provider="cpu", keep_bias=True, target_mean=0.5)
+    skipped = [n for n in done.report.notes if "does not hold one value per output unit" in n]
+    assert skipped
+    assert check_variances(done.model, feeds, provider="cpu",
+                           target_mean=0.5).converged == done.report.converged
+
+
+def test_a_gemm_with_beta_0_gets_no_mean_and_says_so():
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="g", transB=1, beta=0.0)]
+    model = make_model(nodes, [("x", ["N", 8])], [("y", None)],
+                       {"w": rand(6, 8, seed=1), "c": rand(6, seed=2)})
+    feeds = {"x": rand(64, 8, seed=3) + 1}
+    result = lsuv_init(model, feeds, provider="cpu", target_mean=0.5)
+    assert result.report.converged and result.report.layers[0].tries <= 1
+    assert any("beta is 0" in n for n in result.report.notes)
+
+
+def test_streams_of_bfloat16_batches_and_bfloat16_torch_tensors():
+    from onnx import TensorProto
+    from test_precision import cast_model
+
+    model32, feeds, _ = models.gemm_mlp()
+    model = cast_model(model32, TensorProto.BFLOAT16)
+    bf16 = onnx.helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)
+    parts = _batches(feeds, 4)
+    ref = lsuv_init(model, parts, provider="cpu", strategy="sequential")  # pooled
+    gen = lsuv_init(model, ({"x": p["x"].astype(bf16)} for p in parts), provider="cpu")
+    for k, v in ref.weights.items():
+        np.testing.assert_array_equal(gen.weights[k], v)
+    torch = pytest.importorskip("torch")
+    tensors = [torch.from_numpy(p["x"]).to(torch.bfloat16) for p in parts]
+    assert lsuv_init(model, iter(tensors), provider="cpu").report.converged
+
+
+def test_a_stream_warns_once_about_a_key_that_is_not_an_input(caplog):
+    model, feeds, _ = models.conv_chain()
+    parts = [{"x": p["x"], "labels": np.zeros(len(p["x"]))} for p in _batches(feeds, 4)]
+    lsuv_init(model, Loader([{"x": p["x"]} for p in parts]), provider="cpu")  # no labels
+    with caplog.at_level("WARNING", logger="onnx_lsuv"):
+        lsuv_init(model, iter(parts), provider="cpu")
+    assert sum("'labels' is not an input" in r.message for r in caplog.records) == 1
+
+
+def test_a_bias_every_reader_shifts_is_kept_by_one_and_copied_for_the_others():
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b"], ["y1"], name="fc1", transB=1),
+             helper.make_node("Relu", ["y1"], ["r1"]),
+             helper.make_node("Gemm", ["r1", "w2", "b"], ["y2"], name="fc2", transB=1)]
+    model = make_model(nodes, [("x", ["N", 10])], [("y2", None)],
+                       {"w1": rand(16, 10, seed=1), "w2": rand(16, 16, seed=2),
+                        "b": rand(16, seed=3)})
+    feeds = {"x": rand(64, 10, seed=4)}
+    result = lsuv_init(model, feeds, provider="cpu", target_mean=0.3)
+    read = {x for n in result.model.graph.node for x in n.input}
+    assert all(t.name in read for t in result.model.graph.initializer)  # none left unused
+    for name in ("y1", "y2"):
+        _, _, m, v = stats(result.model, feeds, name)
+        assert abs(m - 0.3) < TOL and abs(v - 1) < TOL
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_after_a_batchnorm_and_its_relu_the_mean_and_variance_are_on_target(per_channel):
+    c = 8
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["y", "s", "bb", "m", "v"], ["t"],
+                              name="bn"),
+             helper.make_node("Relu", ["t"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["out"], name="conv2", kernel_shape=[1, 1])]
+    inits = {"w": rand(c, 3, 3, 3, seed=1), "s": np.linspace(0.5, 2.0, c).astype(np.float32),
+             "bb": np.linspace(-1, 1, c).astype(np.float32),
+             "m": np.linspace(-0.5, 0.5, c).astype(np.float32),
+             "v": np.linspace(0.5, 3.0, c).astype(np.float32), "w2": rand(4, c, 1, 1, seed=2)}
+    model = make_model(nodes, [("x", ["N", 3, 8, 8])], [("out", None)], inits)
+    feeds = {"x": rand(64, 3, 8, 8, seed=5)}
+    result = lsuv_init(model, feeds, provider="cpu", after_activation=True, target_mean=0.5,
+                       per_channel=per_channel)
+    assert result.report.converged, result.report.table()
+    assert result.report.layers[0].point == "Relu"
+    cm, cv, m, v = stats(result.model, feeds, "r")
+    if per_channel:
+        assert np.all(np.abs(cm - 0.5) < TOL) and np.all(np.abs(cv - 1) < TOL)
+    else:
+        assert abs(m - 0.5) < TOL and abs(v - 1) < TOL
