@@ -240,7 +240,8 @@ class Stream:
         self._names = [i.name for i in graph_inputs(model)]
         if not self._names:
             raise InputError("the model has no graph inputs to feed")
-        self._spool: str | None = None
+        self._spool: str | None = None  # the spool directory this stream owns
+        self._spooled = False
         self._read_one = False
         self._files: list | None = None
         self._source = None
@@ -251,6 +252,7 @@ class Stream:
             self._files = [p for item in items for p in _expand_directory(item)]
         elif iter(source) is source:  # a generator: read it once, spooled to disk
             self._spool = tempfile.mkdtemp(prefix="onnx-lsuv-stream-")
+            self._spooled = True
             self._files = []
             try:
                 for k, item in enumerate(source):
@@ -284,6 +286,7 @@ class Stream:
         """This stream with ``transform`` applied to each batch (a float32 view, say)."""
         other = object.__new__(Stream)
         other.__dict__.update(self.__dict__)
+        other._spool = None  # read from, not owned: this stream removes it
         other._transform = transform
         other.first = transform(self.first)
         return other
@@ -291,7 +294,7 @@ class Stream:
     def _raw(self) -> Iterator[dict[str, np.ndarray]]:
         if self._files is not None:
             for path in self._files:
-                batch = _spool_read(path) if self._spool is not None else path
+                batch = _spool_read(path) if self._spooled else path
                 yield load_batch(batch, self._model, warn_small=False, warn=self._first_read())
             return
         prints = []
