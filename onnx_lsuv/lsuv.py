@@ -143,7 +143,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
     discovery = find_layers(work, opts.selection)
     bias_notes: list[str] = []
     mean_off: dict[int, str] = {}
-    if opts.scaling and opts.target_mean is not None:
+    if opts.target_mean is not None:  # (the options allow it with a scaling init only)
         added, refused = add_biases(work, discovery.layers)
         if added:  # found again, with their new biases
             discovery = find_layers(work, opts.selection)
@@ -158,7 +158,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
 
     zeroing = {lay.index for lay in layers} if opts.zero_bias else set()
     shifting = set()
-    if opts.scaling and opts.target_mean is not None:
+    if opts.target_mean is not None:
         mean_off = _mean_off(layers)
         shifting = {lay.index for lay in layers if lay.index not in mean_off}
     copies = unshare_biases(work, layers, zeroing, shifting)
@@ -182,9 +182,10 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
                           (pooled, "weight(s) applied by several nodes"),
                           (ties, "tied weight(s)"),
                           (bias_notes, "note(s) on biases for the target mean"),
+                          # (a layer left without a bias has its note from add_biases)
                           ([f"layer {layers[i].name}: target mean not applied: {why}"
                             for i, why in mean_off.items()
-                            if not any(layers[i].name in n for n in bias_notes)],
+                            if layers[i].bias is not None or layers[i].is_recurrent],
                            "layer(s) without a target mean"),
                           (point_notes, "layer(s) measured at their output, not after an "
                                         "activation")])
