@@ -149,7 +149,7 @@ class GroupedCommand(click.Command):
 @click.option("--data", "-d", "data", multiple=True, type=click.Path(),
               help="Batch: .npy (single-input models) or .npz (one array per input name). Give "
                    "it several times to pool batches into one; give a directory of .npy/.npz "
-                   "files to stream them (one batch in memory, read again per layer).")
+                   "files to stream them (about one batch in memory, read again per layer).")
 @click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
               help="Leave alone the layers whose node name, weight name or op type matches this "
                    "glob (case-sensitive; repeat for more), e.g. a fixed decoding conv such as "
