@@ -117,12 +117,10 @@ def load_batch(data: BatchLike, model: onnx.ModelProto, warn_small: bool = True,
                          f"{', '.join(missing)}); the model expects: {', '.join(names)}")
     initializers = {t.name for t in model.graph.initializer}
     for key in [k for k in arrays if k not in names]:
-        if not warn:
-            pass
-        elif key in initializers:
+        if warn and key in initializers:
             log.warning("data key %r is a weight the model stores (an initializer that the "
                         "exporter also lists as a graph input), not data: not fed", key)
-        else:
+        elif warn:
             log.warning("data key %r is not an input of the model (it expects %s): ignored",
                         key, ", ".join(names))
         del arrays[key]

@@ -363,8 +363,9 @@ def scale_sequential(run, points: dict[int, Point], mean_off: dict[int, str]) ->
     Args:
         run: The ``strategies.Run``.
         points: Layer index -> where its statistics are read (default: its output).
-        mean_off: Layer index -> why its mean target is not applied (no bias it can take);
-            grows where a bias turns out not to take a shift.
+        mean_off: Layer index -> why its mean target is not applied (no bias it can take,
+            one that is not per unit: ``lsuv._mean_off``); grows where a bias turns out not
+            to take a shift.
     """
     t = time.perf_counter()
     layers = run.layers
@@ -405,8 +406,6 @@ def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
     point = points.get(lay.index, Point())
     # A recurrent op is measured at W x, which holds no bias.
     beta = np.zeros(lay.layout.output_units) if lay.is_recurrent else state.unit_bias(lay)
-    if beta is None and opts.target_mean is not None and lay.index not in mean_off:
-        _no_mean(run, lay, mean_off, "its bias does not hold one value per output unit")
     goal = _Goal(run, lay, point, opts.target_mean is not None and lay.index not in mean_off)
     stats = ahead.pop(lay.index, None) or measure(run, skeleton, _items(points, lay))
     outer = None

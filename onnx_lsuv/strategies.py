@@ -146,10 +146,7 @@ def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias
         units = lay.layout.output_units
         if b.size == 1:
             b = np.full(units, b.item())
-        separate = lay.bias_input is not None and lay.bias_input[0] != lay.node_index
-        # A separate bias Add's constant lines up with the units (checked at discovery:
-        # [C], [1, C, 1, 1], heads [2, 8]); a Gemm's own C may be (M, 1) or (M, N).
-        if b.size != units or (b.shape[-1] != units and not separate):
+        if not state.lines_up(lay, b):
             continue
         biases[lay.index] = LayerBias(b.reshape(units))
     return biases

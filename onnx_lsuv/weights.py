@@ -108,6 +108,15 @@ class WeightState:
             scale = np.repeat(scale, units // scale.size)
         self.scale[layer.index] = scale * factor
 
+    @staticmethod
+    def lines_up(layer: Layer, b: np.ndarray) -> bool:
+        """Whether the bias array ``b`` holds one value per output unit, in the units' order:
+        a separate bias Add's constant ([C], [1, C, 1, 1], heads [2, 8]: checked at
+        discovery), or a Gemm's own C of (N,) or (1, N), not (M, 1) or (M, N)."""
+        units = layer.layout.output_units
+        separate = layer.bias_input is not None and layer.bias_input[0] != layer.node_index
+        return b.size == units and (units == 1 or b.shape[-1] == units or separate)
+
     def unit_bias(self, layer: Layer) -> np.ndarray | None:
         """The layer's bias as the op applies it (Gemm's beta in), one value per output unit;
         zeros without a bias; None where it is not one value per unit (a Gemm C of (M, N),
@@ -116,11 +125,9 @@ class WeightState:
         b = self.bias[layer.index]
         if b is None:
             return np.zeros(units)
-        b = b.astype(np.float64) * layer.bias_scale
-        separate = layer.bias_input is not None and layer.bias_input[0] != layer.node_index
-        if b.size != units or (b.shape[-1] != units and not separate):
+        if not self.lines_up(layer, b):
             return None
-        return b.reshape(units)
+        return (b.astype(np.float64) * layer.bias_scale).reshape(units)
 
     def shift_bias(self, layer: Layer, delta: np.ndarray) -> str | None:
         """Add ``delta`` (one value per output unit, as the op applies it) to the bias; None
@@ -134,7 +141,7 @@ class WeightState:
         d = np.asarray(delta, np.float64).reshape(units) / layer.bias_scale
         new = b.astype(np.float64)
         separate = layer.bias_input is not None and layer.bias_input[0] != layer.node_index
-        if b.size == units and (b.shape[-1] == units or separate):
+        if self.lines_up(layer, b):
             new = new + d.reshape(b.shape)
         elif b.ndim >= 1 and b.shape[-1] == units and not separate:  # Gemm C of (M, N)
             new = new + d
