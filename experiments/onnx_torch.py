@@ -3,6 +3,10 @@
 ``OnnxModule(model)`` holds every floating-point initializer as an ``nn.Parameter`` (keyed by
 its ONNX name) and evaluates the graph's nodes in order with ``torch.nn.functional``, so
 autograd trains exactly the weights onnx-lsuv wrote. ``to_onnx_weights`` gives them back.
+A BatchNormalization's mean and variance are buffers, not parameters: in training mode
+(``module.train()``, torch's default) it normalises with the batch's statistics and updates
+them as ``torch.nn.BatchNorm2d`` does (momentum 0.1); in eval mode it uses them, as ONNX
+Runtime does.
 
 Why not onnx2torch: it imports torchvision at import time (for its NMS and RoIAlign
 converters), and PyPI's torchvision fails to import beside the CPU build of torch; the CUDA
@@ -79,8 +83,18 @@ def _max(*xs):
     return y
 
 
+def _batch_norm(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training=False):
+    """ONNX BatchNormalization (inference form). ``training``: the module's mode, not the
+    node's; ONNX's momentum (the weight of the old statistic) is not torch's, which is left
+    at BatchNorm2d's default."""
+    del momentum
+    return F.batch_norm(x, mean, var, scale, bias, training=training, momentum=0.1, eps=epsilon)
+
+
 # op type -> function(*inputs, **attributes) returning one tensor, or a tuple for multi-output
 OPS: dict[str, Callable] = {
+    "Add": torch.add,
+    "BatchNormalization": _batch_norm,
     "Conv": _conv,
     "Gemm": _gemm,
     "Relu": lambda x: F.relu(x),
@@ -122,9 +136,15 @@ class OnnxModule(torch.nn.Module):
         self.weights = torch.nn.ParameterDict()
         self.names: dict[str, str] = {}  # ONNX name -> key in self.weights (no dots allowed)
         self.constants: dict[str, torch.Tensor] = {}
+        self.statistics: dict[str, str] = {}  # ONNX name -> buffer name: BN mean, variance
+        running = {name for n in graph.node if n.op_type == "BatchNormalization"
+                   for name in n.input[3:5]}
         for t in graph.initializer:
             array = numpy_helper.to_array(t)
-            if np.issubdtype(array.dtype, np.floating):
+            if t.name in running:
+                self.statistics[t.name] = key = f"s{len(self.statistics)}"
+                self.register_buffer(key, torch.from_numpy(array.copy()))
+            elif np.issubdtype(array.dtype, np.floating):
                 self.names[t.name] = key = f"p{len(self.names)}"
                 self.weights[key] = torch.nn.Parameter(torch.from_numpy(array.copy()))
             else:
@@ -137,20 +157,27 @@ class OnnxModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {self.input_name: x, **self.constants}
         env.update({name: self.weights[key] for name, key in self.names.items()})
+        env.update({name: getattr(self, key) for name, key in self.statistics.items()})
         for op, inputs, outputs, attrs in self.steps:
             args = [env[name] if name else None for name in inputs]
             while args and args[-1] is None:
                 args.pop()
             if op == "Split":
                 attrs = {**attrs, "n_out": len(outputs)}
+            elif op == "BatchNormalization":
+                attrs = {**attrs, "training": self.training}
             out = OPS[op](*args, **attrs)
             env.update(zip(outputs, out if isinstance(out, tuple) else (out,)))
         return env[self.output_name]
 
     def to_onnx_weights(self) -> dict[str, np.ndarray]:
-        """The current parameters, by ONNX initializer name."""
-        return {name: self.weights[key].detach().numpy().copy()
-                for name, key in self.names.items()}
+        """The current parameters and BatchNormalization statistics, by ONNX initializer
+        name."""
+        out = {name: self.weights[key].detach().numpy().copy()
+               for name, key in self.names.items()}
+        out.update({name: getattr(self, key).numpy().copy()
+                    for name, key in self.statistics.items()})
+        return out
 
 
 def cpu_session(model: onnx.ModelProto):
@@ -168,6 +195,9 @@ def max_rel_diff_vs_ort(model: onnx.ModelProto, module: OnnxModule, x: np.ndarra
     check (relative, since an exploding init's outputs can be huge)."""
     sess = cpu_session(model)
     (expected,) = sess.run([module.output_name], {module.input_name: x})
+    mode = module.training
+    module.eval()  # BatchNormalization on its statistics, as ONNX Runtime computes it
     with torch.no_grad():
         got = module(torch.from_numpy(x)).numpy()
+    module.train(mode)
     return float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
