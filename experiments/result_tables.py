@@ -14,6 +14,7 @@ import numpy as np
 INIT_LABELS = {"lsuv": "LSUV", "orthonormal": "OrthoNorm", "xavier": "Xavier", "msra": "MSRA"}
 CHANCE_LOSS = math.log(10.0)  # cross-entropy of a uniform guess over the 10 digits
 NC_LOSS = 0.9 * CHANCE_LOSS  # a final training loss above this: "n/c", the net did not learn
+DEFAULT_TOL = 0.1  # onnx-lsuv's Tol_var: the study's; other values are the Tol_var study's
 
 
 def not_converged(run: dict) -> bool:
@@ -113,9 +114,13 @@ def gain_table(results: Sequence[dict], arch: str, activations: Sequence[str],
 
 
 def _select(results: Sequence[dict], **where) -> list[dict]:
-    """The runs whose config matches ``where``, by seed; the paper's LSUV unless a
-    ``variant`` is named (runs written before variants existed have none)."""
+    """The runs whose config matches ``where``, by seed: the paper's LSUV at the default
+    Tol_var, without BatchNormalization, unless ``variant``, ``tol`` or ``bn`` is named (runs
+    written before these existed have none of them)."""
     where.setdefault("variant", "")
+    where.setdefault("bn", "")
+    if where.get("init") == "lsuv":
+        where.setdefault("tol", DEFAULT_TOL)
     out = [r for r in results
            if all(r["config"].get(k, "") == v for k, v in where.items())]
     return sorted(out, key=lambda r: r["config"]["seed"])
@@ -198,3 +203,276 @@ def _plot_columns(columns, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# ---- the paper's figures beside ours (experiments/paper.py holds them, quoted) ----
+
+def _paper_row(label: str, cells: Sequence[str]) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def table3_with_paper(results: Sequence[dict], arch: str, activations: Sequence[str],
+                      inits: Sequence[str], threshold: float, lsuv_batch: int,
+                      paper: dict[str, dict[str, str]], table: int) -> str:
+    """``table3`` with, under each init's row, the paper's row of the same table."""
+    ours = table3(results, arch, activations, inits, threshold, lsuv_batch).splitlines()
+    lines = ours[:2]
+    for init, row in zip(inits, ours[2:]):
+        lines.append(row)
+        lines.append(_paper_row(f"{INIT_LABELS[init]}, paper (Table {table})",
+                                [paper.get(init, {}).get(act, "") for act in activations]))
+    return "\n".join(lines)
+
+
+def convergence_agreement(results: Sequence[dict], arch: str, activations: Sequence[str],
+                          inits: Sequence[str], lsuv_batch: int,
+                          paper: dict[str, dict[str, str]], table: int) -> str:
+    """One line: in how many init x activation cells "learned / n/c" agrees with the paper
+    (a cell of ours learned when any seed did), and the cells where it does not."""
+    from paper import converged
+
+    same, differ = 0, []
+    for init in inits:
+        for act in activations:
+            runs = _select(results, arch=arch, activation=act, init=init,
+                           lsuv_batch=lsuv_batch)
+            if not runs or act not in paper.get(init, {}):
+                continue
+            ours = any(not not_converged(r) for r in runs)
+            theirs = converged(paper[init][act])
+            if ours == theirs:
+                same += 1
+            else:
+                differ.append(f"{INIT_LABELS[init]} {act} (ours "
+                              f"{'learns' if ours else 'n/c'}, paper "
+                              f"{'learns' if theirs else 'n/c'})")
+    total = same + len(differ)
+    return (f"Converges or not, as in the paper's Table {table}: {same} of {total} cells"
+            + (f"; differs in {', '.join(differ)}." if differ else "."))
+
+
+def table7_with_paper(results: Sequence[dict], arch: str, activation: str,
+                      sizes: Sequence[int], threshold: float, paper: dict[int, str]) -> str:
+    """``table7`` with the paper's Table 7 row (CIFAR-10 final accuracy) under ours."""
+    return table7(results, arch, activation, sizes, threshold) + "\n" + _paper_row(
+        "paper (Table 7), CIFAR-10 final accuracy, %", [paper.get(n, "") for n in sizes])
+
+
+def _seed0(results: Sequence[dict], arch: str, act: str, init: str, lsuv_batch: int):
+    runs = _select(results, arch=arch, activation=act, init=init, lsuv_batch=lsuv_batch,
+                   seed=0)
+    return runs[0] if runs else None
+
+
+def table_layers_with_paper(results: Sequence[dict], arch: str,
+                            columns: Sequence[tuple[str, str]], lsuv_batch: int,
+                            paper: dict[tuple[str, str], dict[str, float]],
+                            paper_layers: Sequence[str], field: str = "weight_std",
+                            fmt: str = ".3g") -> str:
+    """A per-layer figure at init, seed 0 (``field``), ours and the paper's side by side, one
+    pair of columns per (activation, init). Our layers are matched to ``paper_layers`` in
+    graph order (ours has one more: the classifier, which the paper's tables leave out)."""
+    picked = [_seed0(results, arch, act, init, lsuv_batch) for act, init in columns]
+    names = list(next((r[field] for r in picked if r is not None), {}))
+    head = "| layer (paper's) | " + " | ".join(
+        f"{INIT_LABELS[i]} ({a}) | paper" for a, i in columns) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(columns)]
+    for k, name in enumerate(names):
+        theirs = paper_layers[k] if k < len(paper_layers) else None
+        cells = []
+        for col, r in zip(columns, picked):
+            cells.append(f"{r[field][name]:{fmt}}" if r is not None and name in r[field]
+                         else "")
+            cells.append(f"{paper[col][theirs]:{fmt}}" if theirs in paper.get(col, {})
+                         else "")
+        lines.append(f"| {name} ({theirs or '-'}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gain_pattern_with_paper(results: Sequence[dict], arch: str,
+                            columns: Sequence[tuple[str, str]], lsuv_batch: int,
+                            fan_ins: dict[str, dict[str, int]],
+                            paper: dict[tuple[str, str], dict[str, float]],
+                            paper_fan_ins: dict[str, dict[str, int]],
+                            paper_layers: Sequence[str], after_pool: Sequence[int]) -> str:
+    """Width-free patterns of the per-layer stds, ours against the paper's, per (activation,
+    init): the median gain std x sqrt(fan_in) over the hidden convs (all but the first conv,
+    the fc layers left out), and the gain of the convs right after a pool (at positions
+    ``after_pool`` among the convs) relative to that median. ``fan_ins`` are ours and
+    ``paper_fan_ins`` the paper's net's, per activation, by our layer labels (the same order
+    as ``paper_layers``)."""
+    lines = ["| figure | " + " | ".join(f"{INIT_LABELS[i]} ({a}) | paper" for a, i in columns)
+             + " |", "|---|" + "---:|---:|" * len(columns)]
+    median_row, pool_row = [], []
+    for col in columns:
+        act, init = col
+        r = _seed0(results, arch, act, init, lsuv_batch)
+        labels = [lab for lab in fan_ins[act] if lab.startswith("conv")]
+        for stds, fans, names in (
+                (r["weight_std"] if r else None, fan_ins[act], labels),
+                ({lab: paper[col][paper_layers[k]] for k, lab in enumerate(labels)}
+                 if col in paper else None, paper_fan_ins[act], labels)):
+            if stds is None:
+                median_row.append("")
+                pool_row.append("")
+                continue
+            gains = [stds[lab] * math.sqrt(fans[lab]) for lab in names]
+            med = statistics.median(gains[1:])
+            median_row.append(f"{med:.2f}")
+            pool_row.append(", ".join(f"{gains[i] / med:.2f}" for i in after_pool))
+    lines.append("| median gain, hidden convs | " + " | ".join(median_row) + " |")
+    lines.append("| gain after each pool / median | " + " | ".join(pool_row) + " |")
+    return "\n".join(lines)
+
+
+def table10_with_paper(results: Sequence[dict], arch: str, activation: str,
+                       inits: Sequence[str], lsuv_batch: int,
+                       paper: dict[str, dict[str, float]],
+                       paper_layers: Sequence[str]) -> str:
+    """The paper's Table 10 statistic (``grad_var``: the gradient's variance per layer over
+    the first mini-batches), ours and the paper's, seed 0, and two patterns: the spread over
+    the convs (largest / smallest) and the last conv's over the first's."""
+    cols = [(activation, i) for i in inits]
+    body = table_layers_with_paper(results, arch, cols, lsuv_batch,
+                                   {(activation, i): paper[i] for i in inits if i in paper},
+                                   paper_layers, field="grad_var", fmt=".2e")
+    spread, slope = [], []
+    for init in inits:
+        r = _seed0(results, arch, activation, init, lsuv_batch)
+        for conv in ([v for k, v in r["grad_var"].items() if k.startswith("conv")]
+                     if r and r.get("grad_var") else None,
+                     [paper[init][k] for k in paper_layers if k.startswith("conv")]
+                     if init in paper else None):
+            if not conv:
+                spread.append("")
+                slope.append("")
+                continue
+            spread.append(f"{max(conv) / min(conv):.3g}")
+            slope.append(f"{conv[-1] / conv[0]:.3g}")
+    return "\n".join([body, "| largest / smallest, convs | " + " | ".join(spread) + " |",
+                      "| last conv / first conv | " + " | ".join(slope) + " |"])
+
+
+# ---- Table 5 and Figure 3: batch normalisation against LSUV; Tol_var; the modern net ----
+
+def _epoch_s(runs: Sequence[dict]) -> float:
+    """Mean training seconds per epoch over ``runs`` (the epochs each ran)."""
+    return statistics.mean(r["epoch_s"][-1] / len(r["epoch_s"]) for r in runs)
+
+
+def table5(results: Sequence[dict], arch: str, activations: Sequence[str],
+           positions: Sequence[str], bn_init: str, threshold: float, lsuv_batch: int,
+           paper_bn: dict[str, dict[str, str]], paper_lsuv: dict[str, str]) -> str:
+    """Per activation: BN-FitNet (``bn_init``, BN before / after the non-linearity) and the
+    LSUV FitNet without BN; accuracy (epochs to the threshold), the paper's beside each (its
+    Tables 5 and 3), and the training seconds per epoch."""
+    head = ["| activation"]
+    for pos in positions:
+        head.append(f"BN {pos} ({INIT_LABELS[bn_init]}) | paper (Table 5)")
+    head += ["LSUV, no BN | paper (Table 3)"] + [f"s / epoch, BN {p}" for p in positions] + [
+        "s / epoch, LSUV"]
+    ncols = 2 * len(positions) + 2 + len(positions) + 1
+    lines = [" | ".join(head) + " |", "|---|" + "---|" * ncols]
+    for act in activations:
+        cells, times = [], []
+        for pos in positions:
+            runs = _select(results, arch=arch, activation=act, init=bn_init,
+                           lsuv_batch=lsuv_batch, bn=pos)
+            cells += [_cell(runs, threshold) if runs else "", paper_bn.get(act, {}).get(pos, "")]
+            times.append(f"{_epoch_s(runs):.2f}" if runs else "")
+        lsuv = _select(results, arch=arch, activation=act, init="lsuv", lsuv_batch=lsuv_batch)
+        cells += [_cell(lsuv, threshold) if lsuv else "", paper_lsuv.get(act, "")]
+        times.append(f"{_epoch_s(lsuv):.2f}" if lsuv and lsuv[0].get("epoch_s") else "")
+        lines.append(f"| {act} | " + " | ".join(cells + times) + " |")
+    return "\n".join(lines)
+
+
+def plot_wallclock(results: Sequence[dict], arch: str, activations: Sequence[str],
+                   positions: Sequence[str], bn_init: str, lsuv_batch: int, path: str,
+                   title: str) -> None:
+    """Figure 3's axes: test accuracy against wall-clock seconds (the init's and the
+    training's, on one core each), LSUV without BN against the BN nets, one panel per
+    activation; seed 0 solid, other seeds faint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(activations), figsize=(4 * len(activations), 3.6),
+                             squeeze=False)
+    styles = [("LSUV, no BN", "tab:red", dict(init="lsuv"))] + [
+        (f"BN {p}, {INIT_LABELS[bn_init]}", c, dict(init=bn_init, bn=p))
+        for p, c in zip(positions, ("tab:green", "tab:blue"))]
+    for ax, act in zip(axes[0], activations):
+        for label, color, where in styles:
+            for r in _select(results, arch=arch, activation=act, lsuv_batch=lsuv_batch,
+                             **where):
+                if not r.get("epoch_s"):
+                    continue
+                first = r["config"]["seed"] == 0
+                ax.plot([0.0] + [r["init_s"] + s for s in r["epoch_s"]],
+                        [0.0] + [a * 100 for a in r["test_acc"]], color=color, lw=1.4,
+                        alpha=1.0 if first else 0.3, label=label if first else None)
+        ax.set_title(act)
+        ax.set_xlabel("wall-clock seconds (init + training)")
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("test accuracy, %")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table_tol(results: Sequence[dict], arch: str, activation: str, tols: Sequence[float],
+              threshold: float, lsuv_batch: int) -> str:
+    """LSUV at each Tol_var: accuracy (epochs to the threshold), the rescaling tries onnx-lsuv
+    counted over all layers (per seed), onnx-lsuv's verdict, the init's seconds, and the worst
+    |var - 1| of a layer output on the held-out images."""
+    lines = [f"| Tol_var | test accuracy, % (epochs to {threshold * 100:.0f}%) | tries, all "
+             "layers, per seed | every layer converged | init time, s | worst \\|var - 1\\|, "
+             "held-out |", "|---|---|---|---|---:|---:|"]
+    for tol in tols:
+        runs = _select(results, arch=arch, activation=activation, init="lsuv",
+                       lsuv_batch=lsuv_batch, tol=tol)
+        if not runs:
+            continue
+        tries = ", ".join("" if r.get("lsuv_tries") is None else str(r["lsuv_tries"])
+                          for r in runs)
+        ok = sum(bool(r["lsuv_converged"]) for r in runs)
+        lines.append(f"| {tol:g} | {_cell(runs, threshold)} | {tries} | {ok} of {len(runs)} | "
+                     f"{np.mean([r['init_s'] for r in runs]):.2f} | "
+                     f"{max(r['test_var_worst'] for r in runs):.3f} |")
+    return "\n".join(lines)
+
+
+MODERN_LABELS = {"default": "PyTorch's default init", "lsuv": "LSUV (onnx-lsuv, round trip)"}
+
+
+def table_modern(results: Sequence[dict], arch: str, inits: Sequence[str],
+                 threshold: float) -> str:
+    """The modern net per init: the cell (mean accuracy, epochs to the threshold per seed),
+    each seed's final accuracy, the mean training loss after the first epoch and at the end,
+    and the init's seconds."""
+    lines = [f"| init | test accuracy, % (epochs to {threshold * 100:.0f}%) | final accuracy "
+             "per seed, % | training loss, epoch 1 | training loss, last | init time, s |",
+             "|---|---|---|---:|---:|---:|"]
+    for init in inits:
+        runs = _select(results, arch=arch, init=init)
+        if not runs:
+            continue
+        per_seed = ", ".join(f"{r['test_acc'][-1] * 100:.1f}" for r in runs)
+        lines.append(
+            f"| {MODERN_LABELS.get(init, init)} | {_cell(runs, threshold)} | {per_seed} | "
+            f"{np.mean([r['train_loss'][0] for r in runs]):.3f} | "
+            f"{np.mean([r['train_loss'][-1] for r in runs]):.3f} | "
+            f"{np.mean([r['init_s'] for r in runs]):.2f} |")
+    return "\n".join(lines)
+
+
+def plot_modern(results: Sequence[dict], arch: str, inits: Sequence[str], path: str,
+                title: str) -> None:
+    """The modern net's curves: a line per init."""
+    lines = [(MODERN_LABELS.get(init, init), color, _select(results, arch=arch, init=init))
+             for init, color in zip(inits, ("tab:gray", "tab:red"))]
+    _plot_columns([("AdamW", lines)], path, title)

@@ -28,9 +28,12 @@ sys.path.insert(0, HERE)
 from onnx_lsuv import lsuv_init  # noqa: E402
 
 from fitnets import ARCHITECTURES, build, resize_digits  # noqa: E402
+
+MODERN_ARCHITECTURES = ("vit_digits",)  # built in PyTorch (modern.py), not in ONNX
 from onnx_torch import OnnxModule, cpu_session, max_rel_diff_vs_ort  # noqa: E402
 
 INITS = ("lsuv", "orthonormal", "xavier", "msra")
+GRAD_VAR_BATCHES = 10  # the paper's Table 10: the gradient's variance over 10 mini-batches
 # LSUV beyond the paper (onnx-lsuv's options, issue 18): a variant's name -> its lsuv_init
 # keywords. "" is the paper's LSUV.
 VARIANTS = {"": {}, "mean0": {"target_mean": 0.0}, "per_channel": {"per_channel": True}}
@@ -48,6 +51,7 @@ class Budget:
     weight_decay: float = 5e-4
     lr_drop_epoch: int | None = None  # lr x 0.1 from this epoch on (0-based)
     train_subset: int | None = None  # first n training images only (the quick smoke mode)
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (the modern net)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class RunConfig:
     tol: float = 0.1  # onnx-lsuv's defaults: Tol_var 0.1, T_max 10
     max_iter: int = 10
     variant: str = ""  # LSUV only: a key of VARIANTS
+    bn: str = ""  # "before" or "after": BatchNormalization by every hidden non-linearity
 
 
 @dataclass
@@ -70,7 +75,12 @@ class RunResult:
     test_acc: list[float] = field(default_factory=list)  # after each epoch
     weight_std: dict[str, float] = field(default_factory=dict)  # per layer label, at init
     grad_ratio: dict[str, float] = field(default_factory=dict)  # |dL/dW| / |W|, at init
+    # the variance of dL/dW's entries per layer, averaged over the first GRAD_VAR_BATCHES
+    # training mini-batches (the paper's Table 10)
+    grad_var: dict[str, float] = field(default_factory=dict)
+    epoch_s: list[float] = field(default_factory=list)  # training seconds at each epoch's end
     lsuv_converged: bool | None = None  # onnx-lsuv's own verdict (LSUV runs only)
+    lsuv_tries: int | None = None  # forward passes onnx-lsuv's report counts, all layers
     test_var_worst: float | None = None  # worst |var - 1| of a layer output on the test set
     conversion_diff: float = 0.0  # max |torch - ORT| / max |ORT| on the output, at init
     diverged: bool = False
@@ -154,35 +164,47 @@ def worst_variance_error(model: onnx.ModelProto, x: np.ndarray,
     return max(abs(float(np.var(y, dtype=np.float64)) - 1.0) for y in outs)
 
 
-def initialise(cfg: RunConfig, x_train: np.ndarray) -> tuple[onnx.ModelProto, bool | None]:
-    """The net with ``cfg.init`` applied by onnx-lsuv; whether every LSUV layer converged."""
-    model = build(cfg.arch, cfg.activation, seed=cfg.seed)
+def initialise(cfg: RunConfig, x_train: np.ndarray) -> tuple[onnx.ModelProto, object]:
+    """The net with ``cfg.init`` applied by onnx-lsuv, and onnx-lsuv's report (LSUV only)."""
+    model = build(cfg.arch, cfg.activation, seed=cfg.seed, bn=cfg.bn or None)
     if cfg.init == "lsuv":
         result = lsuv_init(model, lsuv_batch(x_train, cfg.lsuv_batch), seed=cfg.seed,
                            tol=cfg.tol, max_iter=cfg.max_iter, provider="cpu", threads=1,
                            **VARIANTS[cfg.variant])
-        return result.model, result.report.converged
+        return result.model, result.report
     return lsuv_init(model, None, init=cfg.init, seed=cfg.seed, threads=1).model, None
 
 
 def accuracy(module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
-    """Fraction of ``x`` classified as ``y``."""
+    """Fraction of ``x`` classified as ``y``, in eval mode (BatchNormalization on its
+    running statistics); the module is put back in its mode."""
+    mode = module.training
+    module.eval()
     with torch.no_grad():
-        return float((module(x).argmax(1).numpy() == y).mean())
+        acc = float((module(x).argmax(1).numpy() == y).mean())
+    module.train(mode)
+    return acc
 
 
 def run(cfg: RunConfig) -> RunResult:
     """Initialise and train one net; everything the tables and plots need."""
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
+    if cfg.arch in MODERN_ARCHITECTURES:
+        from modern import run_modern
+
+        return run_modern(cfg)
     res = RunResult(config=asdict(cfg))
     x_tr, y_tr, x_te, y_te = arch_data(cfg.arch)
     if cfg.budget.train_subset:
         x_tr, y_tr = x_tr[:cfg.budget.train_subset], y_tr[:cfg.budget.train_subset]
 
     t = time.perf_counter()
-    model, res.lsuv_converged = initialise(cfg, x_tr)
+    model, report = initialise(cfg, x_tr)
     res.init_s = time.perf_counter() - t
+    if report is not None:
+        res.lsuv_converged = report.converged
+        res.lsuv_tries = sum(layer.tries for layer in report.layers)
     # The stds straight from the written initializers, not from onnx-lsuv's report.
     inits = {t.name: t for t in model.graph.initializer}
     res.weight_std = {label: float(np.std(numpy_helper.to_array(inits[name]), dtype=np.float64))
@@ -192,7 +214,9 @@ def run(cfg: RunConfig) -> RunResult:
     module = OnnxModule(model)
     res.conversion_diff = max_rel_diff_vs_ort(model, module, x_te[:64])
     res.grad_ratio = gradient_ratios(module, target_weights(model), x_tr, y_tr)
-    res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res)
+    res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res,
+                        {label: module.parameter(name)
+                         for label, name in target_weights(model).items()})
     return res
 
 
@@ -200,24 +224,40 @@ def gradient_ratios(module: OnnxModule, weights: dict[str, str], x: np.ndarray,
                     y: np.ndarray) -> dict[str, float]:
     """|dL/dW| / |W| per layer on the whole training set, before any step: how far one SGD
     step moves each layer relative to its size (its effective learning rate)."""
+    statistics = {k: v.clone() for k, v in module.named_buffers()}  # BN's: left as they were
     module.zero_grad()
     F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y)).backward()
     with torch.no_grad():
         ratios = {label: float(module.parameter(name).grad.norm()
                                / module.parameter(name).norm())
                   for label, name in weights.items()}
+        for k, v in module.named_buffers():
+            v.copy_(statistics[k])
     module.zero_grad()
     return ratios
 
 
-def train(module: OnnxModule, budget: Budget, seed: int, x_tr: np.ndarray, y_tr: np.ndarray,
-          x_te: np.ndarray, y_te: np.ndarray, res: RunResult) -> float:
-    """SGD with momentum; appends per-epoch loss and test accuracy to ``res``. Seconds taken."""
+def optimizer(module: torch.nn.Module, budget: Budget) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay, or AdamW (the modern net's)."""
+    if budget.optimizer == "adamw":
+        return torch.optim.AdamW(module.parameters(), lr=budget.lr,
+                                 weight_decay=budget.weight_decay)
+    return torch.optim.SGD(module.parameters(), lr=budget.lr, momentum=budget.momentum,
+                           weight_decay=budget.weight_decay)
+
+
+def train(module: torch.nn.Module, budget: Budget, seed: int, x_tr: np.ndarray,
+          y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, res: RunResult,
+          layers: dict[str, torch.Tensor]) -> float:
+    """Train with ``budget``; appends per-epoch loss, test accuracy and elapsed seconds to
+    ``res``, and the first GRAD_VAR_BATCHES mini-batches' mean gradient variance of each of
+    ``layers`` (label -> weight parameter). Seconds taken."""
     t = time.perf_counter()
-    opt = torch.optim.SGD(module.parameters(), lr=budget.lr, momentum=budget.momentum,
-                          weight_decay=budget.weight_decay)
+    module.train()
+    opt = optimizer(module, budget)
     xt, yt, xv = torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te)
     order = torch.Generator().manual_seed(seed)  # the batch order: one per seed, any init
+    grad_var = {label: [] for label in layers}
     for epoch in range(budget.epochs):
         if epoch == budget.lr_drop_epoch:
             for group in opt.param_groups:
@@ -229,10 +269,15 @@ def train(module: OnnxModule, budget: Budget, seed: int, x_tr: np.ndarray, y_tr:
             loss = F.cross_entropy(module(xt[idx]), yt[idx])
             opt.zero_grad()
             loss.backward()
+            for label, w in layers.items():
+                if len(grad_var[label]) < GRAD_VAR_BATCHES:
+                    grad_var[label].append(float(torch.var(w.grad.double(), correction=0)))
             opt.step()
             total += float(loss.detach()) * len(idx)
         res.train_loss.append(total / len(xt))
         res.test_acc.append(accuracy(module, xv, y_te))
+        res.epoch_s.append(time.perf_counter() - t)
+        res.grad_var = {label: float(np.mean(v)) for label, v in grad_var.items() if v}
         if not math.isfinite(res.train_loss[-1]):
             res.diverged = True
             break
