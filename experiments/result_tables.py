@@ -121,8 +121,9 @@ def _select(results: Sequence[dict], **where) -> list[dict]:
     where.setdefault("bn", "")
     if where.get("init") == "lsuv":
         where.setdefault("tol", DEFAULT_TOL)
+    missing = {"tol": DEFAULT_TOL}  # what a config without the field was run with
     out = [r for r in results
-           if all(r["config"].get(k, "") == v for k, v in where.items())]
+           if all(r["config"].get(k, missing.get(k, "")) == v for k, v in where.items())]
     return sorted(out, key=lambda r: r["config"]["seed"])
 
 

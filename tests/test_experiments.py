@@ -162,8 +162,11 @@ def test_plans_round_trip_through_json_and_narrow_to_what_was_asked():
     grid = len(FULL.budgets) * len(FULL.activations) * len(FULL.inits) * len(FULL.seeds)
     extra_sizes = [s for s in FULL.batch_sizes if s != FULL.lsuv_batch]
     variants = len(FULL.variants) * len(FULL.seeds)
-    assert len(full) == grid + len(extra_sizes) * len(FULL.seeds) + variants
-    assert len({(c.arch, c.activation, c.init, c.seed, c.lsuv_batch, c.variant)
+    bn = len(FULL.bn_activations) * len(FULL.bn_positions) * len(FULL.seeds)
+    tol = len(FULL.tols) * len(FULL.seeds)
+    modern = 2 * len(FULL.modern_seeds)
+    assert len(full) == grid + len(extra_sizes) * len(FULL.seeds) + variants + bn + tol + modern
+    assert len({(c.arch, c.activation, c.init, c.seed, c.lsuv_batch, c.variant, c.bn, c.tol)
                 for c in full}) == len(full)
     assert {(c.arch, c.activation, c.init) for c in full if c.variant} == {
         (FULL.variant_arch, FULL.variant_activation, "lsuv")}
@@ -186,13 +189,17 @@ def test_quick_mode_writes_every_table_plot_and_curve(tmp_path):
     runs = data["runs"]
     assert len(runs) == len(QUICK.configs())
     for r in runs:
-        epochs = QUICK.budgets[r["config"]["arch"]].epochs
+        arch = r["config"]["arch"]
+        budget = QUICK.modern_budget if arch == QUICK.modern_arch else QUICK.budgets[arch]
+        epochs = budget.epochs
         assert len(r["test_acc"]) == len(r["train_loss"]) == epochs or r["diverged"]
+        assert len(r["epoch_s"]) == len(r["test_acc"])
         assert all(0.0 <= a <= 1.0 for a in r["test_acc"])
-        assert r["conversion_diff"] < 1e-5
-        if r["config"]["arch"] == "fitnet4_digits":
+        if arch != QUICK.modern_arch or r["config"]["init"] == "lsuv":
+            assert r["conversion_diff"] < 1e-5
+        if arch in ("fitnet4_digits", "fitresnet4_digits"):
             assert list(r["weight_std"]) == [f"conv{i}" for i in range(1, 18)] + ["fc1", "fc2"]
-        assert list(r["grad_ratio"]) == list(r["weight_std"])
+        assert list(r["grad_ratio"]) == list(r["weight_std"]) == list(r["grad_var"])
         if r["config"]["init"] == "lsuv":
             assert r["lsuv_converged"]
             if r["config"]["lsuv_batch"] >= 16 and r["config"]["variant"] != "per_channel":
@@ -210,8 +217,16 @@ def test_quick_mode_writes_every_table_plot_and_curve(tmp_path):
     assert tables.table_variants(runs, QUICK.variant_arch, QUICK.variant_activation,
                                  QUICK.variants, QUICK.threshold, QUICK.lsuv_batch) in text
     assert len([r for r in runs if r["config"]["variant"]]) == len(QUICK.variants)
-    assert "Table 8 style" in text and "### Gain at init" in text and "## Checks" in text
-    for name in [f"curves_{arch}.png" for arch in QUICK.budgets] + ["curves_lsuv_batch.png"]:
+    for heading in ("## Table 3:", "## Table 4:", "## Table 5 and Figure 3", "## Table 8:",
+                    "## Table 9:", "## Table 10:", "## Tol_var", "## Beyond the paper: a modern",
+                    "### Gain at init", "## Checks"):
+        assert heading in text, heading
+    assert tables.table_modern(runs, QUICK.modern_arch, ("default", "lsuv"),
+                               QUICK.threshold) in text
+    assert len([r for r in runs if r["config"]["bn"]]) == 2
+    pngs = [f"curves_{arch}.png" for arch in QUICK.budgets] + [
+        "curves_lsuv_batch.png", "wallclock_bn.png", f"curves_{QUICK.modern_arch}.png"]
+    for name in pngs:
         png = (out / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
