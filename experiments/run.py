@@ -553,18 +553,15 @@ def _paper_layer_sections(plan: Plan, results: list[dict]) -> list[str]:
         out += ["## Table 10: the gradient's variance per layer over the first 10 "
                 "mini-batches, FitNet-4, relu", "",
                 "The variance of dL/dW's entries, per layer, averaged over the first "
-                f"{GRAD_VAR_BATCHES} training mini-batches (of {b_batch(plan, arch)} images; the "
+                f"{GRAD_VAR_BATCHES} training mini-batches (of {plan.budgets[arch].batch} images; "
+                "the "
                 "paper: \"the average variance of the gradient at all layers after 10 "
                 "mini-batches\"), seed 0. Our loss, data and widths differ, so compare the "
                 "patterns: how flat the convs are (largest / smallest) and how the gradient "
-                "grows from the first conv to the last.", "",
+                "changes from the first conv to the last.", "",
                 tables.table10_with_paper(results, arch, "relu", inits10, plan.lsuv_batch,
                                           paper.TABLE10, paper.LAYERS), ""]
     return out
-
-
-def b_batch(plan: Plan, arch: str) -> int:
-    return plan.budgets[arch].batch
 
 
 def analytic_gains() -> dict[str, float]:

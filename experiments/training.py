@@ -28,10 +28,9 @@ sys.path.insert(0, HERE)
 from onnx_lsuv import lsuv_init  # noqa: E402
 
 from fitnets import ARCHITECTURES, build, resize_digits  # noqa: E402
-
-MODERN_ARCHITECTURES = ("vit_digits",)  # built in PyTorch (modern.py), not in ONNX
 from onnx_torch import OnnxModule, cpu_session, max_rel_diff_vs_ort  # noqa: E402
 
+MODERN_ARCHITECTURES = ("vit_digits",)  # built in PyTorch (modern.py), not in ONNX
 INITS = ("lsuv", "orthonormal", "xavier", "msra")
 GRAD_VAR_BATCHES = 10  # the paper's Table 10: the gradient's variance over 10 mini-batches
 # LSUV beyond the paper (onnx-lsuv's options, issue 18): a variant's name -> its lsuv_init
@@ -80,7 +79,7 @@ class RunResult:
     grad_var: dict[str, float] = field(default_factory=dict)
     epoch_s: list[float] = field(default_factory=list)  # training seconds at each epoch's end
     lsuv_converged: bool | None = None  # onnx-lsuv's own verdict (LSUV runs only)
-    lsuv_tries: int | None = None  # forward passes onnx-lsuv's report counts, all layers
+    lsuv_tries: int | None = None  # rescaling tries onnx-lsuv's report counts, all layers
     test_var_worst: float | None = None  # worst |var - 1| of a layer output on the test set
     conversion_diff: float = 0.0  # max |torch - ORT| / max |ORT| on the output, at init
     diverged: bool = False
