@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnx_torch import cpu_session
-from training import RunConfig, RunResult, digits_split, lsuv_batch, train
+from training import RunConfig, RunResult, digits_split, gradient_ratios, lsuv_batch, train
 
 MODERN_INITS = ("default", "lsuv")  # PyTorch's own init, or onnx-lsuv's LSUV
 PATCH, DIM, DEPTH, HEADS, MLP = 2, 64, 4, 4, 128
@@ -136,24 +136,11 @@ def run_modern(cfg: RunConfig) -> RunResult:
     else:
         res.conversion_diff = None  # nothing converted: PyTorch's module as it was built
     res.init_s = time.perf_counter() - t
-    layers = linears(module)
-    res.weight_std = {name: float(m.weight.detach().double().std(correction=0))
-                      for name, m in layers.items()}
+    layers = {name: m.weight for name, m in linears(module).items()}
+    res.weight_std = {name: float(w.detach().double().std(correction=0))
+                      for name, w in layers.items()}
     res.test_var_worst = max(abs(v - 1.0) for v in output_variances(module, x_te).values())
-    res.grad_ratio = _gradient_ratios(module, layers, x_tr, y_tr)
-    res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res,
-                        {name: m.weight for name, m in layers.items()})
+    res.grad_ratio = gradient_ratios(module, layers, x_tr, y_tr)
+    res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res, layers)
     return res
 
-
-def _gradient_ratios(module: nn.Module, layers: dict[str, nn.Linear], x: np.ndarray,
-                     y: np.ndarray) -> dict[str, float]:
-    """|dL/dW| / |W| per Linear layer on the whole training set, before any step."""
-    module.train()
-    module.zero_grad()
-    F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y)).backward()
-    with torch.no_grad():
-        ratios = {name: float(m.weight.grad.norm() / m.weight.norm())
-                  for name, m in layers.items()}
-    module.zero_grad()
-    return ratios

@@ -212,24 +212,23 @@ def run(cfg: RunConfig) -> RunResult:
 
     module = OnnxModule(model)
     res.conversion_diff = max_rel_diff_vs_ort(model, module, x_te[:64])
-    res.grad_ratio = gradient_ratios(module, target_weights(model), x_tr, y_tr)
-    res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res,
-                        {label: module.parameter(name)
-                         for label, name in target_weights(model).items()})
+    layers = {label: module.parameter(name) for label, name in target_weights(model).items()}
+    res.grad_ratio = gradient_ratios(module, layers, x_tr, y_tr)
+    res.train_s = train(module, cfg.budget, cfg.seed, x_tr, y_tr, x_te, y_te, res, layers)
     return res
 
 
-def gradient_ratios(module: OnnxModule, weights: dict[str, str], x: np.ndarray,
+def gradient_ratios(module: torch.nn.Module, weights: dict[str, torch.Tensor], x: np.ndarray,
                     y: np.ndarray) -> dict[str, float]:
-    """|dL/dW| / |W| per layer on the whole training set, before any step: how far one SGD
-    step moves each layer relative to its size (its effective learning rate)."""
+    """|dL/dW| / |W| per layer (label -> weight parameter) on the whole training set, before
+    any step, in training mode: how far one SGD step moves each layer relative to its size
+    (its effective learning rate)."""
     statistics = {k: v.clone() for k, v in module.named_buffers()}  # BN's: left as they were
+    module.train()
     module.zero_grad()
     F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y)).backward()
     with torch.no_grad():
-        ratios = {label: float(module.parameter(name).grad.norm()
-                               / module.parameter(name).norm())
-                  for label, name in weights.items()}
+        ratios = {label: float(w.grad.norm() / w.norm()) for label, w in weights.items()}
         for k, v in module.named_buffers():
             v.copy_(statistics[k])
     module.zero_grad()

@@ -171,7 +171,8 @@ def test_port_trains_batchnorm_on_batch_statistics_and_updates_its_running_ones(
     # the gradient at init is taken in training mode but leaves the statistics as they were
     state = {k: v.clone() for k, v in module.named_buffers()}
     x_tr, y_tr = arch_data("fitnet4_digits")[0][:64], arch_data("fitnet4_digits")[1][:64]
-    gradient_ratios(module, target_weights(model), x_tr, y_tr)
+    gradient_ratios(module, {label: module.parameter(name)
+                             for label, name in target_weights(model).items()}, x_tr, y_tr)
     assert all(torch.equal(state[k], v) for k, v in module.named_buffers())
 
 
