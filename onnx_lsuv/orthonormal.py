@@ -1,43 +1,44 @@
 """Orthonormal pre-initialisation (Saxe et al. 2014), over the matrix views of ``layouts``.
 
-Each matrix is the Q factor of a Gaussian draw, with the signs of R's diagonal folded in so that
-the result is uniformly (Haar) distributed. Rows are orthonormal when a matrix has no more rows
-than columns, columns otherwise.
+Each matrix is distributed uniformly (Haar) over the matrices with orthonormal rows (when it
+has no more rows than columns) or columns (otherwise). It is the Q factor of a Gaussian draw
+with the signs of R's diagonal folded in, which is what ``torch.nn.init.orthogonal_`` draws.
 
-Tall, well-conditioned draws use CholeskyQR: a GEMM, a Cholesky and a triangular solve. Its R has
-a positive diagonal, so its Q is the matrix Householder QR gives after the sign fix (the same
-draw, to rounding), at less cost for large shapes. A Gaussian m x n draw has condition number
-about (sqrt(m) + sqrt(n)) / (sqrt(m) - sqrt(n)) and CholeskyQR loses orthogonality as its square:
-from m >= 2n (condition <= 5.8) one pass leaves |Q^T Q - I| <= 1.2e-6 in float32 (measured on
-ResNet and CaffeNet shapes), for 1.5n <= m < 2n a second pass brings it to 5e-7, and nearer to
-square it is Householder QR (scipy).
+How, for an m x n draw (m >= n; a wide matrix is drawn as its transpose):
+
+- Small draws (fewer than ``SMALL`` elements): numpy's Householder QR of a Gaussian matrix, all
+  groups of a layer in one batched call, then the sign fix.
+- The rest: Stewart's method (1980). Householder QR of a Gaussian matrix applies reflectors
+  H_1 ... H_n, the k-th built from column k below the diagonal of the matrix as the earlier
+  reflectors left it; by the Gaussian's rotational invariance those columns are again
+  independent Gaussian vectors. So the reflectors are built from fresh Gaussian vectors (the
+  lower trapezoid of a Gaussian draw), skipping the factorisation altogether, and
+  Q = H_1 ... H_n diag(sign r_kk) is accumulated from them (backwards, NB reflectors at a time
+  in compact WY form, I - V T V^T), as LAPACK's orgqr does: 2 m n^2 - 2/3 n^3 flops, half of a
+  QR's. The blocks' V and T are independent of each other, and are built in parallel; each
+  block's update of Q runs as GEMMs over fixed chunks of Q's columns, in parallel too.
+
+Every task does the same arithmetic whatever the number of threads that run them (the blocks,
+the chunks and each block's Gaussian generator are fixed by the shape and the seed alone, and
+BLAS runs one thread per task), so the bytes depend on the seed alone.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
-# Every draw runs with one BLAS thread: OpenBLAS's own threads split reductions (dot products,
-# norms, GEMMs over the long axis) by thread count, so a 4096 x 9216 draw came out with other
-# bits at 2 threads than at 1. Parallelism comes from threads over layers instead, and inside a
-# big CholeskyQR draw from fixed blocks (so the bits never depend on how many threads run
-# them). Matrices of at least this many elements are drawn one at a time, with their blocks in
-# parallel; the rest in parallel threads, one layer each. On 2 cores OpenBLAS's own threads made
-# the QR of ResNet-18's weights 3x slower (1.8 s) than one thread per layer (0.6 s).
+SMALL = 1 << 16  # elements per matrix below which a layer's groups are drawn by batched QR
+NB = 96  # reflectors per block (tuned on 2 cores: 64-128 within noise)
+CHUNK = 384  # columns of Q per update task: fixed, never per thread count
+# Draws of at least this many elements run one at a time, their blocks and chunks spread over
+# the threads; smaller ones run a layer per thread.
 BIG_MATRIX = 1 << 22
-BLOCK = 1024  # rows per block of a big CholeskyQR solve: fixed, never per thread count
-GRAM_PARTS = 4  # partial Gram matrices of a big CholeskyQR draw, summed in order
-
-# Long side / short side from which CholeskyQR2, and from which one CholeskyQR pass, is used.
-CHOLQR2_MIN_ASPECT = 1.5
-CHOLQR_MIN_ASPECT = 2.0
-CHOLQR_MIN_SIZE = 256
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -45,63 +46,97 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def _householder_q(a: np.ndarray) -> np.ndarray:
-    q, r = scipy.linalg.qr(a, mode="economic", overwrite_a=True, check_finite=False)
-    signs = np.sign(np.diagonal(r)).astype(q.dtype)
+def _pmap(pool: ThreadPoolExecutor | None, fn: Callable, items) -> list:
+    return list(pool.map(fn, items) if pool is not None else map(fn, items))
+
+
+def batched_qr_q(a: np.ndarray) -> np.ndarray:
+    """Sign-fixed Q factors of a stack of tall or square matrices (g, m, n), m >= n."""
+    q, r = np.linalg.qr(a, mode="reduced")
+    signs = np.sign(np.diagonal(r, axis1=-2, axis2=-1)).astype(q.dtype)
     signs[signs == 0] = 1
-    return q * signs
+    return q * signs[:, None, :]
 
 
-def _blocks(n: int) -> list[slice]:
-    return [slice(k, min(k + BLOCK, n)) for k in range(0, n, BLOCK)]
+def _block_reflectors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Householder reflectors of one block: ``x`` is (m - j0) x b, column i's Gaussian
+    vector being x[i:, i]. Returns V (unit lower trapezoidal, Fortran order), T (upper
+    triangular: H_1 ... H_b = I - V T V^T) and the signs of R's diagonal."""
+    b = x.shape[1]
+    dtype = x.dtype
+    v = np.tril(x)
+    v64 = v.astype(np.float64)
+    alpha = np.diagonal(v64).copy()
+    norm = np.sqrt(np.einsum("ij,ij->j", v64, v64))
+    beta = -np.copysign(norm, alpha)  # H x = beta e_1, as LAPACK's larfg
+    denom = alpha - beta
+    denom[denom == 0] = 1.0  # an all-zero column: H = I - 2 e e^T, still orthogonal
+    v /= denom.astype(dtype)
+    v[np.arange(b), np.arange(b)] = 1
+    signs = np.where(beta < 0, -1.0, 1.0).astype(dtype)
+    # tau_i = 2 / (v_i^T v_i) from the stored (rounded) v: each H_i is orthogonal to rounding.
+    # T^-1 = strictly-upper(V^T V) + diag(V^T V) / 2 (the "UT transform").
+    v64 = v.astype(np.float64)
+    gram = v64.T @ v64
+    t_inv = np.triu(gram, 1) + np.diag(np.diagonal(gram) / 2)
+    t = scipy.linalg.solve_triangular(t_inv, np.eye(b), lower=False, check_finite=False)
+    return np.asfortranarray(v), t.astype(dtype), signs
 
 
-def _row_quarters(n: int) -> list[slice]:
-    edges = np.linspace(0, n, GRAM_PARTS + 1).astype(int)
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+def stewart_q(m: int, n: int, seeds: Sequence[int], dtype: np.dtype,
+              pool: ThreadPoolExecutor | None = None, nb: int | None = None,
+              chunk: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """An m x n (m >= n) Haar-distributed matrix with orthonormal columns, by Stewart's method.
 
+    Args:
+        m, n: The shape.
+        seeds: One seed per block of ``nb`` columns (its Gaussian vectors).
+        dtype: float32 or float64.
+        pool: Threads for the blocks and chunks. Defaults to none (this thread).
+        nb, chunk: Reflectors per block; Q's columns per update task (a multiple of ``nb``).
+            Default to ``NB`` and ``CHUNK``.
 
-def _cholesky_q(a: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """One CholeskyQR step: Q = A R^-1 with R = chol(A^T A); raises LinAlgError if not SPD.
+    Returns:
+        Q's column chunks (C order, m x chunk each) before the sign fix, and the signs.
+    """
+    dtype = np.dtype(dtype)
+    nb, chunk = nb or NB, chunk or CHUNK
+    starts = list(range(0, n, chunk))
+    chunks = [np.zeros((m, min(chunk, n - c)), dtype) for c in starts]
+    blocks = list(range(0, n, nb))
+    factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    signs = np.empty(n, dtype)
 
-    With ``pool``, the Gram matrix is the sum, in a fixed order, of GRAM_PARTS partial Grams of
-    A's row blocks, and Q is solved by blocks of A's rows: the arithmetic is the same whatever
-    the number of threads that run the blocks."""
-    if pool is None:
-        gram = a.T @ a
-    else:  # partial Grams of fixed row blocks (each a SYRK), summed in block order
-        parts = list(pool.map(lambda rows: a[rows].T @ a[rows], _row_quarters(a.shape[0])))
-        gram = parts[0]
-        for part in parts[1:]:
-            gram += part
-    r = scipy.linalg.cholesky(gram, lower=False, check_finite=False)
-    if pool is None:
-        return scipy.linalg.solve_triangular(r, a.T, trans="T", lower=False,
-                                             check_finite=False).T
-    q = np.empty_like(a)
+    def prepare(k: int) -> None:
+        j0 = blocks[k]
+        j1 = min(j0 + nb, n)
+        x = np.random.default_rng(int(seeds[k])).standard_normal((m - j0, j1 - j0), dtype=dtype)
+        v, t, signs[j0:j1] = _block_reflectors(x)
+        # Q's own columns j0..j1 (later blocks never touch them): (I - V T V^T) [I; 0]
+        diag = -(v @ (t @ v[:j1 - j0].T))
+        diag[np.arange(j1 - j0), np.arange(j1 - j0)] += 1
+        c = j0 // chunk
+        chunks[c][j0:, j0 - starts[c]:j1 - starts[c]] = diag
+        factors[j0] = (v, t)
 
-    def solve_block(rows: slice) -> None:
-        q[rows] = scipy.linalg.solve_triangular(r, a[rows].T, trans="T", lower=False,
-                                                check_finite=False).T
+    _pmap(pool, prepare, range(len(blocks)))
+    gemm = scipy.linalg.blas.dgemm if dtype == np.float64 else scipy.linalg.blas.sgemm
+    for j0 in reversed(blocks):  # Q[j0:, j1:] = (I - V T V^T) Q[j0:, j1:]
+        j1 = min(j0 + nb, n)
+        v, t = factors.pop(j0)
+        low = v[j1 - j0:]
 
-    list(pool.map(solve_block, _blocks(a.shape[0])))
-    return q
+        def update(c: int, j0=j0, j1=j1, v=v, t=t, low=low) -> None:
+            ch = chunks[c]
+            first = max(j1 - starts[c], 0)  # the chunk's first column right of the block
+            w = t @ (low.T @ ch[j1:, first:])  # (Q's rows j0..j1 there are still zero)
+            if first:
+                ch[j0:, first:] -= v @ w
+            else:  # in place: ch[j0:]^T -= w^T v^T (a C-order block is a Fortran one, turned)
+                gemm(-1.0, w.T, v, beta=1.0, c=ch[j0:].T, trans_b=1, overwrite_c=1)
 
-
-def tall_orthonormal(a: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """Q factor (positive-diagonal R convention) of a tall or square matrix ``a`` (CholeskyQR
-    blocks run on ``pool`` when given)."""
-    m, n = a.shape
-    if n >= CHOLQR_MIN_SIZE and m >= CHOLQR2_MIN_ASPECT * n:
-        try:
-            q = _cholesky_q(a, pool)
-            if m < CHOLQR_MIN_ASPECT * n:
-                q = _cholesky_q(q, pool)
-            if np.all(np.isfinite(q)):
-                return np.ascontiguousarray(q)
-        except np.linalg.LinAlgError:
-            pass
-    return _householder_q(a)
+        _pmap(pool, update, [c for c in range(len(chunks)) if starts[c] + chunks[c].shape[1] > j1])
+    return chunks, signs
 
 
 def orthonormal_matrices(
@@ -116,34 +151,37 @@ def orthonormal_matrices(
         cols: Fan-in per matrix.
         rng: The random generator to draw from; the result depends only on its state.
         dtype: float32 or float64. Defaults to float32.
-        pool: Threads for a big draw, which then comes in fixed blocks (the Gaussian noise by
-            row blocks from child generators, the CholeskyQR by blocks): its bits depend on
-            the seed alone, not on how many threads the pool has. Defaults to none (one
-            generator, one thread; what small draws use).
+        pool: Threads for the blocks of large draws; the bits do not depend on it. Defaults to
+            none (this thread).
 
     Returns:
         Array of shape (groups, rows, cols): W W^T = I if rows <= cols, else W^T W = I.
     """
     dtype = np.dtype(dtype)
     tall, short = max(rows, cols), min(rows, cols)
-    if pool is None:
-        draws = rng.standard_normal((groups, tall, short), dtype=dtype)
-    else:  # fixed row blocks, each from its own child generator, drawn in parallel
-        draws = np.empty((groups, tall, short), dtype=dtype)
-        blocks = [(g, rows_) for g in range(groups) for rows_ in _blocks(tall)]
-        children = [np.random.default_rng(int(k)) for k in
-                    rng.integers(0, 2**63 - 1, size=len(blocks), dtype=np.int64)]
-
-        def draw(k: int) -> None:
-            g, rows_ = blocks[k]
-            draws[g, rows_] = children[k].standard_normal((rows_.stop - rows_.start, short),
-                                                          dtype=dtype)
-
-        list(pool.map(draw, range(len(blocks))))
+    wide = rows <= cols and rows != cols
     out = np.empty((groups, rows, cols), dtype=dtype)
-    for i in range(groups):
-        q = tall_orthonormal(draws[i], pool)
-        out[i] = q.T if rows <= cols else q
+    if tall * short < SMALL:
+        q = batched_qr_q(rng.standard_normal((groups, tall, short), dtype=dtype))
+        out[:] = np.swapaxes(q, 1, 2) if wide else q
+        return out
+    blocks = -(-short // NB)
+    seeds = rng.integers(0, 2**63 - 1, size=(groups, blocks), dtype=np.int64)
+    for g in range(groups):
+        chunks, signs = stewart_q(tall, short, seeds[g], dtype, pool)
+        starts = range(0, short, CHUNK)
+
+        def place(c: int, g=g, chunks=chunks, signs=signs, starts=starts) -> None:
+            s = starts[c]
+            part = chunks[c]
+            part *= signs[s:s + part.shape[1]]
+            if wide:
+                out[g, s:s + part.shape[1], :] = part.T
+            else:
+                out[g, :, s:s + part.shape[1]] = part
+
+        _pmap(pool, place, range(len(chunks)))
+        del chunks
     return out
 
 
@@ -155,6 +193,51 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def orthonormal_each(
+    shapes: Sequence[tuple[int, int, int]],
+    seed: int,
+    dtypes: Sequence[np.dtype],
+    workers: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Orthonormal matrices for many layers, as (index, array) pairs while they are ready (the
+    largest first): the caller can take each away before the next is drawn.
+
+    Layer ``i`` draws from its own generator seeded with ``(seed, i)``, so the result does not
+    depend on the number of threads or the order in which layers finish.
+
+    Args:
+        shapes: (groups, rows, cols) per layer.
+        seed: Base seed.
+        dtypes: Compute dtype per layer.
+        workers: Thread count. Defaults to the CPUs available to this process.
+    """
+
+    def job(i: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+        g, r, c = shapes[i]
+        return orthonormal_matrices(g, r, c, np.random.default_rng([seed, i]), dtypes[i], pool)
+
+    order = sorted(range(len(shapes)), key=lambda i: -int(np.prod(shapes[i])))
+    big = [i for i in order if int(np.prod(shapes[i][1:])) >= BIG_MATRIX]
+    small = [i for i in order if i not in set(big)]
+    workers = workers or default_workers()
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=workers) as pool:
+        for i in big:  # one at a time, its blocks on every thread
+            yield i, job(i, pool)
+        if workers <= 1 or len(small) <= 1:
+            for i in small:
+                yield i, job(i)
+        else:  # a few layers ahead at most: memory stays bounded
+            window = 2 * workers
+            futures = {i: pool.submit(job, i) for i in small[:window]}
+            for k, i in enumerate(small):
+                res = futures.pop(i).result()
+                if k + window < len(small):
+                    nxt = small[k + window]
+                    futures[nxt] = pool.submit(job, nxt)
+                yield i, res
+
+
 def orthonormal_many(
     shapes: Sequence[tuple[int, int, int]],
     seed: int,
@@ -162,46 +245,11 @@ def orthonormal_many(
     workers: int | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
-    """Orthonormal matrices for many layers, in parallel threads (LAPACK releases the GIL).
-
-    Layer ``i`` draws from its own generator seeded with ``(seed, i)``, so the result does not
-    depend on the number of threads or the order in which layers finish. The largest layers are
-    started first.
-
-    Args:
-        shapes: (groups, rows, cols) per layer.
-        seed: Base seed.
-        dtypes: Compute dtype per layer.
-        workers: Thread count. Defaults to the CPUs available to this process.
-        on_done: Called with a layer's index when its matrices are ready (in this thread).
-            Defaults to none.
-
-    Returns:
-        One (groups, rows, cols) array per layer, in the order of ``shapes``.
-    """
-
-    def job(i: int, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-        g, r, c = shapes[i]
-        return orthonormal_matrices(g, r, c, np.random.default_rng([seed, i]), dtypes[i], pool)
-
-    def finished(i: int, res: np.ndarray) -> None:
+    """``orthonormal_each``'s matrices as a list in the order of ``shapes`` (``on_done`` is
+    called with each index as it is ready)."""
+    results: list[np.ndarray | None] = [None] * len(shapes)
+    for i, res in orthonormal_each(shapes, seed, dtypes, workers):
         results[i] = res
         if on_done is not None:
             on_done(i)
-
-    order = sorted(range(len(shapes)), key=lambda i: -int(np.prod(shapes[i])))
-    big = [i for i in order if int(np.prod(shapes[i])) >= BIG_MATRIX]
-    small = [i for i in order if int(np.prod(shapes[i])) < BIG_MATRIX]
-    workers = workers or default_workers()
-    results: list[np.ndarray | None] = [None] * len(shapes)
-    with threadpool_limits(limits=1, user_api="blas"), \
-            ThreadPoolExecutor(max_workers=workers) as pool:
-        for i in big:  # the blocked draw for every big matrix, whatever the thread count
-            finished(i, job(i, pool))
-        if workers <= 1 or len(small) <= 1:
-            for i in small:
-                finished(i, job(i))
-        else:
-            for i, res in zip(small, pool.map(job, small)):
-                finished(i, res)
     return results  # type: ignore[return-value]
