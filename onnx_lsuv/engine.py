@@ -52,6 +52,9 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     # Each session here runs once or a few times: the arena's growth on a first run cost more
     # than plain allocations (measured: stats pass 1.0-1.3 s without, 1.2-2.0 s with it).
     so.enable_cpu_mem_arena = False
+    # Nor is a prepacked copy of each constant MatMul/Gemm weight worth its memory for a run or
+    # two: the kernels pack per run instead.
+    so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
@@ -112,14 +115,17 @@ class Engine:
         return None
 
     def session(self, model: onnx.ModelProto | bytes,
-                initializers: dict[str, np.ndarray] | None = None) -> Session:
+                initializers: dict[str, np.ndarray] | None = None,
+                fed: dict[str, np.ndarray] | None = None) -> Session:
         """An inference session for ``model`` on this engine's provider.
 
         Args:
             model: The model, or its serialised bytes.
             initializers: Values for the model's initializers that are external placeholders
                 (see ``WeightState.skeleton``); handed to ONNX Runtime as OrtValues, which
-                skips serialising and parsing them. Defaults to none.
+                skips serialising and parsing them (ONNX Runtime copies them). Defaults to none.
+            fed: Values for graph inputs that stand for constants, added to every run's feeds
+                (read in place, never copied). Defaults to none.
         """
         data = model if isinstance(model, bytes) else model.SerializeToString()
         so = _session_options(self.threads)
@@ -133,20 +139,23 @@ class Engine:
             raise RuntimeFailure(f"ONNX Runtime could not load the model: {err}") from err
         if self.name == "cuda" and sess.get_providers()[0] != CUDA:
             raise RuntimeFailure("ONNX Runtime silently fell back from CUDA to the CPU")
-        return Session(sess, [so, *values])
+        return Session(sess, [so, *values], dict(fed or {}))
 
 
 @dataclass
 class Session:
-    """An ONNX Runtime session and what must outlive it (the OrtValues of its initializers)."""
+    """An ONNX Runtime session, what must outlive it (the OrtValues of its initializers), and
+    the constants it takes as inputs."""
 
     ort_session: ort.InferenceSession
     keep: list = field(default_factory=list, repr=False)
+    fed: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         """Fetch ``outputs``; ONNX Runtime errors become RuntimeFailure."""
         try:
-            return self.ort_session.run(list(outputs), feeds)
+            return self.ort_session.run(list(outputs), {**feeds, **self.fed} if self.fed
+                                        else feeds)
         except Exception as err:
             raise RuntimeFailure(f"ONNX Runtime failed to run the model: {err}") from err
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .model_io import tensor_array
 
 # Input position of a name that a node does not take explicitly but that one of its subgraph
 # bodies reads from the enclosing scope.
@@ -137,7 +138,7 @@ class GraphIndex:
         return next(a.t for a in node.attribute if a.name == "value")
 
     def const_array(self, ref: ConstRef) -> np.ndarray:
-        return numpy_helper.to_array(self.tensor_proto(ref))
+        return tensor_array(self.tensor_proto(ref))
 
     # Weights and biases: in the main graph, its own constants. (``BodyIndex`` maps a body's
     # names onto the main graph's constants.)

@@ -35,7 +35,7 @@ from .errors import InputError, LSUVError, RuntimeFailure
 from .graph import GraphIndex
 from .layers import Discovery, Layer, find_layers
 from .measure_graph import Point, activation_point
-from .model_io import ModelLike, load_model
+from .model_io import ModelLike, load_model, materialized
 from .options import LSUVOptions, legacy_init
 from .orthonormal import compute_dtype, orthonormal_many
 from .precision import float32_measuring, has_low_precision
@@ -128,7 +128,7 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
         raise InputError(f"data is required for init={opts.init!r}: pass a batch (an array, a "
                          "dict of arrays or a .npy/.npz path); the baselines 'orthonormal', "
                          f"{', '.join(repr(b) for b in BASELINES)} need none")
-    work = load_model(model)
+    work = load_model(model, mapped=True)
     feeds = load_data(data, work) if opts.scaling else None
     try:
         return _lsuv(work, feeds, opts, progress, model, t_start)
@@ -209,14 +209,15 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
                 scale_sequential(run, points, mean_off)
             else:
                 choose(run)(run)
-        state.scale = dict(run.state.scale)
-        if run.state is not state:  # measured on the float32 twin: its shifted biases too
+        if run.state is not state:  # measured on the float32 twin: its scales, shifted biases
+            state.scale = {lay.index: run.state.total_scale(lay) for lay in run.state.layers}
             for i in run.state.changed_bias:
                 state.bias[i] = run.state.bias[i].astype(state.bias[i].dtype)
                 state.changed_bias.add(i)
         report.timings["scaling_s"] = time.perf_counter() - t
         _warn_off_target(report)
 
+    state.fold()
     state.write(work)
     _weight_stds(report, state)
     report.timings["total_s"] = time.perf_counter() - t_start
@@ -242,7 +243,7 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     opts = make_options(options, **keywords)
     if data is None:
         raise InputError("data is required to check a model's variances")
-    work = load_model(model)
+    work = load_model(model, mapped=True)
     feeds = load_data(data, work)
     try:
         discovery = find_layers(work, opts.selection)
@@ -415,7 +416,7 @@ def _blaming_the_input(model: ModelLike, feeds):
         yield
     except RuntimeFailure as err:
         try:
-            serialised = load_model(model).SerializeToString()
+            serialised = materialized(load_model(model, mapped=True)).SerializeToString()
         except (ValueError, LSUVError):  # e.g. over protobuf's 2 GiB: no verdict either way
             raise err from None
         try:

@@ -47,7 +47,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import InputError
-from .model_io import ModelLike, load_model
+from .model_io import ModelLike, load_model, tensor_array
 
 PIECES = (2, 3, 4, 6, 8)  # equal parts tried: fused QKV (3), LSTM gates (4, B: 8), GRU (3, 6)
 SCALE_RTOL = 1e-4  # a folded kernel is the parameter times a per-unit factor, to float rounding
@@ -508,7 +508,7 @@ class _Matcher:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values = {t.name: tensor_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:

@@ -11,6 +11,7 @@ inside the snapshot's ``blobs`` directory. Tensors in If/Loop/Scan bodies count 
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Union
 
@@ -23,6 +24,16 @@ from .errors import InputError
 ModelLike = Union[onnx.ModelProto, str, os.PathLike]
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialised in one piece
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inside the .onnx file
+# A main-graph initializer of at least this many bytes, loaded with ``mapped=True``, is not
+# read: it stays in its file (the .onnx itself or its external data) and is memory-mapped
+# when its values are needed. Its TensorProto says where: data_location EXTERNAL, and
+# external_data location=MAPPED, path (absolute), offset and length.
+MAP_MIN = 1 << 20
+MAPPED = "onnx-lsuv-mapped"
+_MAPPABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+             onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+             onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+             onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 
 def existing_file(path: str | os.PathLike, what: str, expected: str) -> str:
@@ -35,12 +46,19 @@ def existing_file(path: str | os.PathLike, what: str, expected: str) -> str:
     return path
 
 
-def load_model(model: ModelLike) -> onnx.ModelProto:
+def load_model(model: ModelLike, mapped: bool = False,
+               files: list[str] | None = None) -> onnx.ModelProto:
     """A private copy of ``model``: the caller's ModelProto or file is never modified.
 
     Args:
         model: A ModelProto, or the path of an .onnx file (external data is read from its
             directory, subgraph tensors included).
+        mapped: Leave the main graph's initializers of ``MAP_MIN`` bytes and more in their
+            files, memory-mapped when read (``tensor_array``), rather than reading them into
+            the ModelProto: for as long as the model is used, those files must stay as they
+            are. Defaults to False.
+        files: A list to which the external data files read are added (absolute, resolved).
+            Defaults to none.
 
     Raises:
         InputError: The file is missing, unreadable or not an ONNX model; an external data
@@ -48,7 +66,8 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     """
     if isinstance(model, onnx.ModelProto):
         unloaded = next((t.name for t in _all_tensors(model, subgraphs=True)
-                         if t.data_location == onnx.TensorProto.EXTERNAL), None)
+                         if t.data_location == onnx.TensorProto.EXTERNAL
+                         and not is_mapped(t)), None)
         if unloaded is not None:  # relative to what? Only the file's path can say
             raise InputError(f"tensor {unloaded!r} of the ModelProto given keeps its data in "
                              "an external file that was not loaded: pass the model's path "
@@ -58,18 +77,25 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         check_tensor_sizes(copy, "the model")
         return copy
     path = existing_file(model, "model", "an .onnx file")
-    loaded = _parse(path)
+    loaded = _parse(path, mapped)
     base = os.path.dirname(os.path.abspath(path))
+    graph_inputs = {i.name for i in loaded.graph.input}
+    main = {id(t) for t in loaded.graph.initializer if t.name not in graph_inputs}
     for t in _all_tensors(loaded, subgraphs=True):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            _read_external(t, base, path)
+        if t.data_location == onnx.TensorProto.EXTERNAL and not is_mapped(t):
+            where = _read_external(t, base, path, mapped and id(t) in main)
+            if files is not None and where not in files:
+                files.append(where)
     check_tensor_sizes(loaded, path)
     return loaded
 
 
-def _parse(path: str) -> onnx.ModelProto:
+def _parse(path: str, mapped: bool = False) -> onnx.ModelProto:
     try:
-        loaded = onnx.load(path, load_external_data=False)
+        if mapped:
+            loaded = _parse_leaving_big_tensors(path)
+        else:
+            loaded = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise InputError(f"cannot read {path} as an ONNX model: {err}") from err
     if not loaded.HasField("graph") or not loaded.opset_import:
@@ -125,8 +151,9 @@ def external_path(tensor_name: str, location: str | None, base: str, source: str
     return real
 
 
-def _read_external(t: onnx.TensorProto, base: str, source: str) -> None:
-    """Read one tensor's external bytes into ``raw_data`` (checked: location, length)."""
+def _read_external(t: onnx.TensorProto, base: str, source: str, mapped: bool = False) -> str:
+    """Read one tensor's external bytes into ``raw_data`` (checked: location, length), or with
+    ``mapped``, from ``MAP_MIN`` bytes on, only point at them; the file's resolved path."""
     info = _external_info(t)
     path = external_path(t.name, info.get("location"), base, source)
     try:
@@ -137,6 +164,15 @@ def _read_external(t: onnx.TensorProto, base: str, source: str) -> None:
     except ValueError as err:
         raise InputError(f"tensor {t.name!r} of {source}: bad external data offset or "
                          f"length ({info.get('offset')!r}, {info.get('length')!r})") from err
+    if mapped and t.data_type in _MAPPABLE and tensor_nbytes(t) >= MAP_MIN:
+        size = os.path.getsize(path)
+        have = size - offset if length is None else length
+        if have != tensor_nbytes(t) or offset + have > size:
+            raise InputError(f"tensor {t.name!r} of {source}: external data file {path} holds "
+                             f"{max(0, min(have, size - offset))} of the {tensor_nbytes(t)} "
+                             f"bytes its shape needs at offset {offset}: truncated or corrupt")
+        _mark_mapped(t, path, offset, have)
+        return path
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -150,6 +186,199 @@ def _read_external(t: onnx.TensorProto, base: str, source: str) -> None:
     t.raw_data = data
     del t.external_data[:]
     t.data_location = onnx.TensorProto.DEFAULT
+    return path
+
+
+def _mark_mapped(t: onnx.TensorProto, path: str, offset: int, length: int) -> None:
+    for f in DATA_FIELDS:
+        t.ClearField(f)
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", MAPPED), ("path", path), ("offset", str(offset)),
+                       ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def is_mapped(t: onnx.TensorProto) -> bool:
+    """Whether ``t`` is one of ``load_model(mapped=True)``'s memory-mapped tensors."""
+    return (t.data_location == onnx.TensorProto.EXTERNAL and len(t.external_data) > 0
+            and t.external_data[0].key == "location" and t.external_data[0].value == MAPPED)
+
+
+def mapped_range(t: onnx.TensorProto) -> tuple[str, int, int]:
+    """(file, offset, length) of a mapped tensor's bytes."""
+    info = _external_info(t)
+    return info["path"], int(info["offset"]), int(info["length"])
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values: a read-only memory map for a mapped tensor (nothing is read until
+    used), else ``numpy_helper.to_array``."""
+    if not is_mapped(t):
+        return onnx.numpy_helper.to_array(t)
+    path, offset, length = mapped_range(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    shape = tuple(int(d) for d in t.dims)
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError) as err:
+        raise InputError(f"tensor {t.name!r}: cannot map its data in {path} (offset {offset}, "
+                         f"{length} bytes): {err}; the file must not change while it is "
+                         "used") from err
+
+
+def materialize(t: onnx.TensorProto) -> None:
+    """Read a mapped tensor's bytes into it (a plain tensor again)."""
+    if is_mapped(t):
+        path, offset, length = mapped_range(t)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise InputError(f"tensor {t.name!r}: {path} changed while it was used (holds "
+                             f"{len(data)} of {length} bytes at offset {offset})")
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = data
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every mapped tensor read in (the model itself if none)."""
+    if not any(is_mapped(t) for t in model.graph.initializer):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for t in copy.graph.initializer:
+        materialize(t)
+    return copy
+
+
+# Protobuf wire format, as far as finding the main graph's big raw_data fields takes it.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _GRAPH_INPUT = 7, 5, 11
+_T_DIMS, _T_DATA_TYPE, _T_NAME, _T_RAW, _T_LOCATION = 1, 2, 8, 9, 14
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, value start, value end, field start) of each field."""
+    pos = start
+    while pos < end:
+        begin = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, nxt = _varint(buf, pos)
+        elif wire == 1:
+            nxt = pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            nxt = pos + length
+        elif wire == 5:
+            nxt = pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if nxt > end:
+            raise ValueError("truncated message")
+        yield number, wire, pos, nxt, begin
+        pos = nxt
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _parse_leaving_big_tensors(path: str) -> onnx.ModelProto:
+    """Parse the .onnx file at ``path`` without reading the raw_data of its big main-graph
+    initializers: the file is memory-mapped, those fields are left out of what protobuf
+    parses, and the tensors are marked as mapped onto their place in the file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return onnx.load(path, load_external_data=False)
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _strip_and_parse(buf, size, os.path.realpath(path))
+    finally:
+        buf.close()
+
+
+def _strip_and_parse(buf, size: int, real: str) -> onnx.ModelProto:
+    graphs = sum(1 for n, w, *_ in _fields(buf, 0, size) if n == _MODEL_GRAPH and w == 2)
+    if graphs != 1:  # protobuf would merge several: parse it plainly
+        model = onnx.ModelProto()
+        model.ParseFromString(bytes(buf[:size]))
+        return model
+    out = bytearray()
+    marks: dict[int, tuple[int, int]] = {}  # initializer position -> (offset, length)
+    for number, wire, a, b, begin in _fields(buf, 0, size):
+        if number != _MODEL_GRAPH or wire != 2:
+            out += buf[begin:b]
+            continue
+        inputs = set()
+        for n2, w2, a2, b2, _ in _fields(buf, a, b):
+            if n2 == _GRAPH_INPUT and w2 == 2:
+                for n3, w3, a3, b3, _ in _fields(buf, a2, b2):
+                    if n3 == 1 and w3 == 2:
+                        inputs.add(bytes(buf[a3:b3]))
+        graph = bytearray()
+        k = -1
+        for n2, w2, a2, b2, begin2 in _fields(buf, a, b):
+            if n2 != _GRAPH_INITIALIZER or w2 != 2:
+                graph += buf[begin2:b2]
+                continue
+            k += 1
+            raw = name = None
+            external = False
+            for n3, w3, a3, b3, begin3 in _fields(buf, a2, b2):
+                if n3 == _T_RAW and w3 == 2:
+                    raw = (begin3, a3, b3)
+                elif n3 == _T_NAME and w3 == 2:
+                    name = bytes(buf[a3:b3])
+                elif n3 == _T_LOCATION and w3 == 0 and buf[a3] == 1:
+                    external = True
+            if raw is None or external or raw[2] - raw[1] < MAP_MIN or name in inputs:
+                graph += buf[begin2:b2]
+                continue
+            tensor = bytes(buf[a2:raw[0]]) + bytes(buf[raw[2]:b2])
+            marks[k] = (raw[1], raw[2] - raw[1])
+            graph += _len_field(_GRAPH_INITIALIZER, tensor)
+        out += _len_field(_MODEL_GRAPH, bytes(graph))
+    model = onnx.ModelProto()
+    model.ParseFromString(bytes(out))
+    for k, (offset, length) in marks.items():
+        t = model.graph.initializer[k]
+        if t.data_type not in _MAPPABLE or tensor_nbytes(t) != length:
+            with open(real, "rb") as f:  # read after all: not a kind that is mapped
+                f.seek(offset)
+                t.raw_data = f.read(length)
+            continue
+        _mark_mapped(t, real, offset, length)
+    return model
 
 
 _T = onnx.TensorProto
@@ -176,7 +405,7 @@ def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
     """
     for t in _all_tensors(model, subgraphs=True):
         if t.data_location == _T.EXTERNAL or t.data_type not in _TYPED_FIELD:
-            continue
+            continue  # (a mapped tensor's length was checked when it was mapped)
         count = int(np.prod(t.dims, dtype=np.int64))
         if t.HasField("raw_data"):
             want, have, unit = tensor_nbytes(t), len(t.raw_data), "bytes"
@@ -191,7 +420,7 @@ def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
 
 def has_external(model: onnx.ModelProto) -> bool:
     """Whether any tensor of ``model`` (subgraphs included) lives in external data."""
-    return any(t.data_location == onnx.TensorProto.EXTERNAL
+    return any(t.data_location == onnx.TensorProto.EXTERNAL and not is_mapped(t)
                for t in _all_tensors(model, subgraphs=True))
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .model_io import tensor_array
+
 LOW_PRECISION = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
@@ -26,7 +28,7 @@ def has_low_precision(model: onnx.ModelProto) -> bool:
 
 def _to_float32_tensor(t: onnx.TensorProto) -> None:
     if t.data_type in LOW_PRECISION:
-        arr = numpy_helper.to_array(t).astype(np.float32)
+        arr = tensor_array(t).astype(np.float32)
         t.CopyFrom(numpy_helper.from_array(arr, t.name))
 
 

@@ -324,7 +324,7 @@ def _record(run, lay: Layer, goal: _Goal, stats: Stats, tries: int, first: bool,
     mean, var = stats.moments(goal.controls)
     blocks = len(lay.blocks)
     per_row = goal.controls // blocks
-    scale = run.state.scale[lay.index]
+    scale = run.state.total_scale(lay)
     scale = np.repeat(scale, goal.units // scale.size).reshape(blocks, -1)
     good = True
     for b, rec in enumerate(run.rows(lay)):

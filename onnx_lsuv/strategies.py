@@ -74,7 +74,9 @@ class Run:
         """A session of ``model`` (derived from ``state.skeleton``) with the current weights
         (and, with ``biases``, the current biases: ones shifted since the skeleton)."""
         self.state.write_constants(model, biases)
-        return self.engine.session(model, self.state.in_memory())
+        arrays = self.state.in_memory()
+        fed = {name: arrays.pop(name) for name in self.state.fed if name in arrays}
+        return self.engine.session(model, arrays, fed)
 
     def judge(self, lay: Layer, values: np.ndarray, check: bool = False) -> None:
         """Record ``values`` (one per block, measured on the written model) as the layer's
@@ -171,6 +173,7 @@ def scale_fast(run: Run) -> None:
             rec.tries = int(scale != 1.0)
             log.debug("layer %s: var %.4g, scale %.4g", rec.name, var, scale)
         state.multiply(lay, scales)
+    state.fold()  # the re-measure reads the scaled weights: held once, not beside the bases
     run.progress("scaling", n, n, "")
     run.report.timings["one_pass_s"] = time.perf_counter() - t
 
@@ -192,7 +195,7 @@ def scale_fast(run: Run) -> None:
             if any(needs_factor(float(v), opts.target_var, opts.tol) for v in value):
                 first_off = lay.index
     for lay in layers:
-        for rec, scale in zip(run.rows(lay), state.scale[lay.index]):
+        for rec, scale in zip(run.rows(lay), state.total_scale(lay)):
             rec.scale = float(scale)
     if first_off is None:
         return
@@ -326,7 +329,8 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
                 h.append((float(s), float(v)))
         log.debug("layer %s try %d: var %s", lay.name, int(spent.max()),
                   np.array2string(var, precision=4))
-    for rec, n, scale in zip(records, spent, run.state.scale[lay.index]):
+    for rec, n, scale in zip(records, spent, run.state.total_scale(lay)):
         rec.tries = int(n)
         rec.scale = float(scale)
+    run.state.fold([lay])
     run.judge(lay, var)

@@ -8,12 +8,18 @@ from onnx import numpy_helper
 
 from .graph import ConstRef, GraphIndex, attribute, rename_input
 from .layers import Layer
-from .model_io import DATA_FIELDS, tensor_nbytes
+from .model_io import DATA_FIELDS, is_mapped, materialize, tensor_array, tensor_nbytes
 
 PLACEHOLDER = "onnx-lsuv-in-memory"
-# Other initializers from this size on also reach sessions as OrtValues: a measuring model must
+# Other initializers from this size on also reach sessions from memory: a measuring model must
 # serialise below protobuf's 2 GiB, and there is no point copying big constants into it.
 LARGE_CONSTANT = 1 << 20
+# Ops whose weights reach sessions as initializers (OrtValues, which ONNX Runtime copies): its
+# CPU provider reorders a Conv's constant filter for its blocked (NCHWc) kernels. Every other
+# in-memory weight is fed as a graph input, whose buffer ONNX Runtime reads in place: no copy
+# per session (a MatMul or Gemm packs its B per run either way).
+INITIALIZER_OPS = frozenset({"Conv", "ConvTranspose"})
+ROWS_PER_STEP = 1 << 20  # elements per step of a weight's float64 rescaling (bounded memory)
 
 
 class WeightState:
@@ -43,6 +49,8 @@ class WeightState:
             self.bias[lay.index] = None if lay.bias is None else self._read(
                 lay, lay.bias, lay.bias_chain, "bias")
         self.scale = {lay.index: np.ones(len(lay.blocks)) for lay in layers}
+        self._scaled: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> (scale, weight)
+        self.applied = {lay.index: np.ones(len(lay.blocks)) for lay in layers}  # folded in
         # Recurrent weights R: orthonormal per gate, never scaled.
         self.recurrent = {lay.index: self._read(lay, lay.recurrent, None, "recurrent")
                           for lay in layers if lay.recurrent is not None}
@@ -61,10 +69,16 @@ class WeightState:
         self._in_proto = [n for n in weights if n not in self._in_memory]
         # Target weights and biases change: they are supplied from this state, never cached.
         self._large = {
-            t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            t.name: tensor_array(t) for t in model.graph.initializer
             if t.name not in self._parts and t.name not in graph_inputs
             and tensor_nbytes(t) >= LARGE_CONSTANT
         }
+        conv_read = {name for i, node in enumerate(model.graph.node)
+                     if node.op_type in INITIALIZER_OPS for name in self.index.reads[i]}
+        conv_read |= {name for name, parts in self._parts.items()
+                      if any(lay.op in INITIALIZER_OPS for lay, _ in parts)}
+        # What sessions read as graph inputs: supplied as feeds, never copied (see above).
+        self.fed = {n for n in list(self._in_memory) + list(self._large) if n not in conv_read}
 
     def _read(self, layer: Layer, ref: ConstRef, chain, kind: str) -> np.ndarray:
         """A part as the layer reads it (through its chain: shape and dtype)."""
@@ -78,13 +92,30 @@ class WeightState:
         return {"weight": layer.chain, "bias": layer.bias_chain}.get(kind)
 
     def weight(self, layer: Layer) -> np.ndarray:
-        """The layer's current weight as it reads it, in its own dtype."""
+        """The layer's current weight as it reads it, in its own dtype: base x scale, computed
+        once per scale (the last one is kept; the one before is dropped first)."""
         s = self.scale[layer.index]
         base = self.base[layer.index]
         if np.all(s == 1.0):
             return base
-        if len(s) == 1:
-            return (base.astype(np.float64) * s[0]).astype(layer.dtype)
+        cached = self._scaled.pop(layer.index, None)
+        if cached is not None and np.array_equal(cached[0], s):
+            self._scaled[layer.index] = cached
+            return cached[1]
+        del cached
+        value = self._scaled_weight(layer, base, s)
+        self._scaled[layer.index] = (s.copy(), value)
+        return value
+
+    @staticmethod
+    def _scaled_weight(layer: Layer, base: np.ndarray, s: np.ndarray) -> np.ndarray:
+        if len(s) == 1:  # in float64, a bounded number of elements at a time
+            out = np.empty(base.shape, layer.dtype)
+            flat_in, flat_out = base.reshape(-1), out.reshape(-1)
+            for k in range(0, flat_in.size, ROWS_PER_STEP):
+                part = slice(k, k + ROWS_PER_STEP)
+                flat_out[part] = flat_in[part].astype(np.float64) * s[0]
+            return out
         g, out, _ = layer.layout.matrix_shape
         mats = layer.layout.to_matrices(base.astype(np.float64))
         if len(s) == g * out:  # one factor per output unit (per_channel)
@@ -95,8 +126,40 @@ class WeightState:
 
     def set_base(self, layer: Layer, weight: np.ndarray) -> None:
         """A new weight, as the layer reads it."""
-        self.base[layer.index] = np.ascontiguousarray(weight.astype(layer.dtype))
+        self._scaled.pop(layer.index, None)
+        self.base[layer.index] = np.ascontiguousarray(weight.astype(layer.dtype, copy=False))
         self.scale[layer.index] = np.ones(len(layer.blocks))
+        self.applied[layer.index] = np.ones(len(layer.blocks))
+
+    def total_scale(self, layer: Layer) -> np.ndarray:
+        """The factor(s) applied to the layer's weight since it was set: folded and pending."""
+        return _broadcast_product(self.applied[layer.index], self.scale[layer.index])
+
+    def fold(self, layers: list[Layer] | None = None) -> None:
+        """Make the current weight of each of ``layers`` (default: all) its base, with scale
+        1: one array per weight, not a pre-scaling one beside a scaled one. The same values
+        as ``weight`` gives; rescaled in place where the base is this state's own array.
+        (Later tries then scale from the folded weight: one more float rounding each.)"""
+        for lay in self.layers if layers is None else layers:
+            s = self.scale[lay.index]
+            if np.all(s == 1.0):
+                continue
+            base = self.base[lay.index]
+            cached = self._scaled.pop(lay.index, None)
+            if cached is not None and np.array_equal(cached[0], s):
+                self.base[lay.index] = cached[1]
+            elif len(s) == 1 and base.flags.writeable and not isinstance(base, np.memmap) \
+                    and base.flags.c_contiguous:
+                flat = base.reshape(-1)
+                for k in range(0, flat.size, ROWS_PER_STEP):
+                    part = slice(k, k + ROWS_PER_STEP)
+                    flat[part] = flat[part].astype(np.float64) * s[0]
+            else:
+                del cached
+                self.base[lay.index] = self._scaled_weight(lay, base, s)
+            del base
+            self.applied[lay.index] = _broadcast_product(self.applied[lay.index], s)
+            self.scale[lay.index] = np.ones(len(lay.blocks))
 
     def multiply(self, layer: Layer, factor) -> None:
         """Scale the weight by ``factor``: one number, one per block, or one per output unit
@@ -230,14 +293,27 @@ class WeightState:
         for name in self._changed_biases():
             _write_const(index, self._refs[name], self.stored(name))
         names = set(self._in_memory) | set(self._large)
+        fed = []
         for t in copy.graph.initializer:
-            if t.name in names:
+            if t.name in self.fed:
+                fed.append(t)
+            elif t.name in names:
                 for f in DATA_FIELDS:
                     t.ClearField(f)
                 t.data_location = onnx.TensorProto.EXTERNAL
                 del t.external_data[:]
                 entry = t.external_data.add()
                 entry.key, entry.value = "location", PLACEHOLDER
+        for t in copy.graph.initializer:  # anything else the model maps: read in
+            if t.name not in names and is_mapped(t):
+                materialize(t)
+        kept = [t for t in copy.graph.initializer if t.name not in self.fed]
+        if fed:
+            for t in fed:
+                copy.graph.input.append(onnx.helper.make_tensor_value_info(
+                    t.name, t.data_type, list(t.dims)))
+            del copy.graph.initializer[:]
+            copy.graph.initializer.extend(kept)
         return copy
 
     def changed(self) -> dict[str, np.ndarray]:
@@ -250,6 +326,15 @@ class WeightState:
         index = GraphIndex(model.graph)
         for name, value in self.changed().items():
             _write_const(index, self._refs[name], value)
+
+
+def _broadcast_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a * b, one of them per block and the other per output unit (or both alike)."""
+    if a.size < b.size:
+        a = np.repeat(a, b.size // a.size)
+    elif b.size < a.size:
+        b = np.repeat(b, a.size // b.size)
+    return a * b
 
 
 def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
