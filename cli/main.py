@@ -17,7 +17,7 @@ import onnx_lsuv
 from onnx_lsuv.data import data_files
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
 from onnx_lsuv.match import load_params, match_parameters
-from onnx_lsuv.model_io import existing_file, external_data_files
+from onnx_lsuv.model_io import existing_file, load_model
 from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
 from onnx_lsuv.outputs import (
     Transaction,
@@ -323,8 +323,10 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
         params = load_params(existing_file(flags["match_path"], "--match parameters",
                                            "an .npz of name -> array"))
     # Every file the run reads is protected: the model, each data file (a directory's files
-    # too) and the model's external data.
-    model_data = external_data_files(model)
+    # too) and the model's external data. The model is parsed once, here: its big tensors
+    # stay in their files (memory-mapped), and everything below reads this copy.
+    model_data: list[str] = []
+    loaded = load_model(model, mapped=True, files=model_data)
     inputs = [os.path.abspath(p) for p in [model] + data_files(data)
               + ([flags["match_path"]] if flags["match_path"] else [])] + model_data
     tx.protected |= {os.path.realpath(p) for p in inputs}
@@ -357,14 +359,15 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
         require_matplotlib()
     progress = None if quiet else Progress(sys.stderr.isatty())
     if check:
-        report = onnx_lsuv.check_variances(model, data, opts)
+        report = onnx_lsuv.check_variances(loaded, data, opts, source=model)
         result = None
     else:
-        result = onnx_lsuv.lsuv_init(model, data or None, opts, progress=progress)
+        result = onnx_lsuv.lsuv_init(loaded, data or None, opts, progress=progress,
+                                     source=model)
         report = result.report
         weights = result.weights
         if params is not None:
-            matched = match_parameters(model, result.weights, params)
+            matched = match_parameters(loaded, result.weights, params)
             report.match = {**matched.to_dict(), "summary": matched.summary()}
             weights = matched.params
     with tx:
@@ -372,7 +375,8 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
             external_data = flags["external_data"]
             if external_data is None and model_data:
                 external_data = True
-            stage_model(tx, result.model, out, external_data=external_data)
+            built, arrays = result.unbuilt()
+            stage_model(tx, built, out, external_data=external_data, arrays=arrays)
         if "--save-weights" in finals:
             write_file(tx, finals["--save-weights"], _npz_bytes(weights))
         if "--report" in finals:

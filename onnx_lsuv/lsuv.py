@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Any, Union
 
 import numpy as np
@@ -35,7 +36,7 @@ from .errors import InputError, LSUVError, RuntimeFailure
 from .graph import GraphIndex
 from .layers import Discovery, Layer, find_layers
 from .measure_graph import Point, activation_point
-from .model_io import ModelLike, load_model, materialized
+from .model_io import ModelLike, complete_model, load_model, materialized
 from .options import LSUVOptions, legacy_init
 from .orthonormal import compute_dtype, orthonormal_many
 from .precision import float32_measuring, has_low_precision
@@ -51,12 +52,13 @@ DataLike = Union[BatchLike, Sequence[BatchLike], Iterable]
 _OPTION_NAMES = {f.name for f in fields(LSUVOptions)}
 
 
-@dataclass
 class LSUVResult:
     """What ``lsuv_init`` returns.
 
     Attributes:
-        model: The new model (a copy; the model passed in is untouched).
+        model: The new model (a copy; the model passed in is untouched). Built when first
+            read: ``save`` writes the file without building it, each big tensor streamed from
+            where it is (the new weights, the input's files), so a model is never held twice.
         report: Per-layer records, skipped candidates, timings, the options; ``report.to_dict()``
             is JSON-serialisable. ``report.converged`` is False when any layer is off target or
             degenerate.
@@ -64,9 +66,31 @@ class LSUVResult:
             layer's weight, and its bias where it was zeroed. What a framework loads back.
     """
 
-    model: onnx.ModelProto
-    report: Report
-    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    def __init__(self, model: onnx.ModelProto, report: Report,
+                 weights: dict[str, np.ndarray] | None = None) -> None:
+        self._work = model  # big initializers: PENDING (in ``weights``) or mapped (files)
+        self._model: onnx.ModelProto | None = None
+        self.report = report
+        self.weights = weights if weights is not None else {}
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = complete_model(self._work, self.weights)
+        return self._model
+
+    def unbuilt(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """The model as it is kept (big initializers as references) and the arrays the
+        references name: what ``outputs.stage_model`` writes from."""
+        return (self._model, {}) if self._model is not None else (self._work, self.weights)
+
+    def save(self, path, external_data: bool | None = None) -> list[str]:
+        """Write the model to ``path`` atomically (see ``outputs.save_model_atomic``); the
+        paths written."""
+        from .outputs import save_model_atomic
+
+        model, arrays = self.unbuilt()
+        return save_model_atomic(model, path, external_data, arrays=arrays)
 
 
 def make_options(options: LSUVOptions | None = None, **keywords: Any) -> LSUVOptions:
@@ -91,7 +115,7 @@ def make_options(options: LSUVOptions | None = None, **keywords: Any) -> LSUVOpt
 
 def lsuv_init(model: ModelLike, data: DataLike | None = None,
               options: LSUVOptions | None = None, *, progress: ProgressFn | None = None,
-              **keywords: Any) -> LSUVResult:
+              source: str | os.PathLike | None = None, **keywords: Any) -> LSUVResult:
     """LSUV-initialise the Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU and RNN layers.
 
     Args:
@@ -106,6 +130,8 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
         options: An ``LSUVOptions``. Defaults to ``LSUVOptions()``.
         progress: Called as progress(stage, done, total, detail) as the work goes on.
             Defaults to none.
+        source: The file ``model`` was loaded from, for messages (when ``model`` is a
+            ModelProto). Defaults to ``model`` itself when it is a path.
         **keywords: Fields of ``LSUVOptions`` that override ``options``: target_var, tol,
             max_iter, seed, init, keep_bias, lstm_forget_bias, provider, strategy, threads,
             include, exclude, target_mean, after_activation, per_channel.
@@ -131,7 +157,7 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
     work = load_model(model, mapped=True)
     feeds = load_data(data, work) if opts.scaling else None
     try:
-        return _lsuv(work, feeds, opts, progress, model, t_start)
+        return _lsuv(work, feeds, opts, progress, model if source is None else source, t_start)
     finally:
         if isinstance(feeds, Stream):
             feeds.close()
@@ -218,14 +244,15 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
         _warn_off_target(report)
 
     state.fold()
-    state.write(work)
+    changed = state.changed()
+    state.write(work, pending=changed)
     _weight_stds(report, state)
     report.timings["total_s"] = time.perf_counter() - t_start
-    return LSUVResult(work, report, state.changed())
+    return LSUVResult(work, report, changed)
 
 
 def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | None = None,
-                    **keywords: Any) -> Report:
+                    *, source: str | os.PathLike | None = None, **keywords: Any) -> Report:
     """Re-measure every target layer's output variance on ``data``; the model is not changed.
 
     Each record's ``var_after`` is the measured variance and its status ``converged`` (within
@@ -237,6 +264,7 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
         data: The batch, as for ``lsuv_init``.
         options: An ``LSUVOptions``; target_var, tol, provider and threads apply. Defaults to
             ``LSUVOptions()``.
+        source: The file ``model`` was loaded from, for messages. Defaults to ``model``.
         **keywords: Fields of ``LSUVOptions`` that override ``options``.
     """
     t_start = time.perf_counter()
@@ -255,7 +283,7 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
             state = WeightState(work, discovery.layers)
             points, point_notes = _points(work, discovery.layers, opts)
             report.notes.extend(point_notes)
-            with _blaming_the_input(model, feeds):
+            with _blaming_the_input(model if source is None else source, feeds):
                 run = _measuring_run(Engine(opts.provider, opts.threads), work, state, feeds,
                                      report, opts, no_progress)
                 if _sequential(opts, feeds):
@@ -430,6 +458,13 @@ def _blaming_the_input(model: ModelLike, feeds):
         raise
 
 
+def _std(flat: np.ndarray, step: int = 1 << 20) -> float:
+    parts = [slice(k, k + step) for k in range(0, flat.size, step)]
+    mean = sum(float(flat[p].sum(dtype=np.float64)) for p in parts) / max(flat.size, 1)
+    sq = sum(float(np.square(flat[p].astype(np.float64) - mean).sum()) for p in parts)
+    return float(np.sqrt(sq / max(flat.size, 1)))
+
+
 def _warn_off_target(report: Report) -> None:
     for rec in report.layers:
         if rec.status == SKIPPED:
@@ -440,6 +475,10 @@ def _warn_off_target(report: Report) -> None:
 
 def _weight_stds(report: Report, state: WeightState) -> None:
     for lay in state.layers:
-        mats = lay.layout.to_matrices(state.weight(lay).astype(np.float64))
+        w = state.weight(lay)
+        if len(lay.blocks) == 1:  # in float64, a bounded part at a time
+            report.layers[lay.row].weight_std = _std(w.reshape(-1))
+            continue
+        mats = lay.layout.to_matrices(w.astype(np.float64))
         for rec, block in zip(report.layers[lay.row:], mats.reshape(len(lay.blocks), -1)):
             rec.weight_std = float(np.std(block))

@@ -200,6 +200,35 @@ def _mark_mapped(t: onnx.TensorProto, path: str, offset: int, length: int) -> No
         entry.key, entry.value = key, value
 
 
+PENDING = "onnx-lsuv-pending"  # a tensor whose values are an array beside the model, by name
+
+
+def mark_pending(t: onnx.TensorProto) -> None:
+    """Leave ``t``'s values out: they are an array of the same name kept beside the model."""
+    for f in DATA_FIELDS:
+        t.ClearField(f)
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", PENDING
+
+
+def is_pending(t: onnx.TensorProto) -> bool:
+    return (t.data_location == onnx.TensorProto.EXTERNAL and len(t.external_data) == 1
+            and t.external_data[0].value == PENDING)
+
+
+def complete_model(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` with every PENDING tensor written from ``arrays`` and every mapped one read
+    in, in place (each tensor's bytes copied once)."""
+    for t in model.graph.initializer:
+        if is_pending(t):
+            t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(arrays[t.name]), t.name))
+        else:
+            materialize(t)
+    return model
+
+
 def is_mapped(t: onnx.TensorProto) -> bool:
     """Whether ``t`` is one of ``load_model(mapped=True)``'s memory-mapped tensors."""
     return (t.data_location == onnx.TensorProto.EXTERNAL and len(t.external_data) > 0

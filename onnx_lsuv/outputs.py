@@ -31,8 +31,12 @@ from .model_io import (
     DATA_FIELDS,
     EXTERNAL_THRESHOLD,
     PROTOBUF_LIMIT,
+    _encode_varint,
     all_tensors,
     external_data_files,
+    is_mapped,
+    is_pending,
+    mapped_range,
     tensor_bytes,
     tensor_nbytes,
 )
@@ -297,8 +301,14 @@ def write_file(tx: Transaction, final: str, data: bytes | Iterable[bytes],
 
 
 def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
-                external_data: bool | None = None) -> list[str]:
+                external_data: bool | None = None,
+                arrays: dict[str, np.ndarray] | None = None) -> list[str]:
     """Stage ``model`` (not modified) for ``output`` in ``tx``.
+
+    Big tensors are written one at a time from where they are: a mapped tensor
+    (``model_io.load_model(mapped=True)``) from its file, a PENDING one (see
+    ``weights.WeightState.write``) from ``arrays``, the rest from the model; the whole
+    serialised model is never held in memory beside it.
 
     Args:
         tx: The transaction.
@@ -307,10 +317,12 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
         external_data: Keep tensors of 1 KiB and more in a data file beside it (location
             relative to the model). Defaults to doing so only when the model is too large for
             one protobuf (2 GiB).
+        arrays: The values of the model's PENDING tensors, by name. Defaults to none.
 
     Returns:
         The final paths: the model, then its data file if any.
     """
+    arrays = arrays or {}
     directory = os.path.dirname(output)
     if os.path.exists(output) and os.path.getsize(output) < (64 << 20):
         ours = re.compile(re.escape(os.path.basename(output)) + r"(\.[0-9a-f]{8})?\.data")
@@ -320,34 +332,106 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
                 tx.obsolete(old)
     if external_data is None:
         external_data = tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
-    if not external_data:
-        write_file(tx, output, model.SerializeToString(), model=True)
-        return [output]
     big = [t for t in all_tensors(model) if tensor_nbytes(t) >= EXTERNAL_THRESHOLD
-           and t.data_type != onnx.TensorProto.STRING]
+           and t.data_type != onnx.TensorProto.STRING] if external_data else []
     if not big:
-        write_file(tx, output, model.SerializeToString(), model=True)
+        if any(_sourced(t) for t in model.graph.initializer):
+            write_file(tx, output, _inline_chunks(model, arrays), model=True)
+        else:
+            write_file(tx, output, model.SerializeToString(), model=True)
         return [output]
     location, fd = tx.create_unique(directory, os.path.basename(output) + ".data")
     data_path = os.path.join(directory, location)
-    # The tensors' own bytes are swapped out for external references while the model is
-    # serialised, then put back: the model is never copied, and each tensor's bytes are held
-    # once (and written from there).
+    # Each tensor's fields are swapped for a reference into the data file while the model is
+    # serialised, then put back: the model is never copied. The data file is written after,
+    # one tensor's bytes at a time.
     saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
-    chunks: list[bytes] = []
     try:
         with signals_deferred():  # the caller's model is whole again before any interrupt
             try:
-                serialised = _externalised(model, big, location, saved, chunks)
+                serialised, layout = _externalised(model, big, location, saved)
             finally:
                 _put_back(saved)
     except BaseException:
         os.close(fd)
         raise
-    _write_all(fd, chunks, data_path)
-    del chunks, saved
+    _write_all(fd, _data_chunks(layout, arrays), data_path)
+    del saved
     write_file(tx, output, serialised, model=True)
     return [output, data_path]
+
+
+def _sourced(t: onnx.TensorProto) -> bool:
+    return is_mapped(t) or is_pending(t)
+
+
+STEP = 64 << 20  # bytes per read of a mapped tensor's file
+
+
+def _tensor_chunks(t: onnx.TensorProto, arrays: dict[str, np.ndarray]):
+    """A tensor's little-endian bytes, in pieces: from its array, its file, or itself."""
+    if is_pending(t):
+        arr = np.ascontiguousarray(arrays[t.name])
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        yield memoryview(arr).cast("B")
+    elif is_mapped(t):
+        path, offset, length = mapped_range(t)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            left = length
+            while left:
+                piece = f.read(min(STEP, left))
+                if not piece:
+                    raise OutputError(f"{path} changed while it was used: tensor {t.name!r} "
+                                      "is truncated there")
+                left -= len(piece)
+                yield piece
+    else:
+        yield _little_endian_bytes(t)
+
+
+def _data_chunks(layout: list, arrays: dict[str, np.ndarray]):
+    for pad, t in layout:
+        yield b"\0" * pad
+        yield from _tensor_chunks(t, arrays)
+
+
+def _key(number: int, wire: int) -> bytes:
+    return _encode_varint(number << 3 | wire)
+
+
+def _inline_chunks(model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
+    """``model`` serialised as one protobuf, in pieces: each mapped or PENDING initializer's
+    raw_data streamed after the rest of its TensorProto (protobuf allows fields in any order),
+    the graph's initializers after its other fields."""
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)  # small: the big tensors hold references only
+    rest.ClearField("graph")
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    graph.ClearField("initializer")
+    parts = []  # per initializer: (its bytes before raw_data, tensor or None)
+    for t in model.graph.initializer:
+        if _sourced(t):
+            head = onnx.TensorProto()
+            head.CopyFrom(t)
+            del head.external_data[:]
+            head.ClearField("data_location")
+            n = tensor_nbytes(t)
+            body = head.SerializeToString() + _key(9, 2) + _encode_varint(n)
+            parts.append((_key(5, 2) + _encode_varint(len(body) + n) + body, t))
+        else:
+            body = t.SerializeToString()
+            parts.append((_key(5, 2) + _encode_varint(len(body)) + body, None))
+    graph_bytes = graph.SerializeToString()
+    graph_len = len(graph_bytes) + sum(len(head) + (tensor_nbytes(t) if t is not None else 0)
+                                       for head, t in parts)
+    yield rest.SerializeToString() + _key(7, 2) + _encode_varint(graph_len)
+    yield graph_bytes
+    for head, t in parts:
+        yield head
+        if t is not None:
+            yield from _tensor_chunks(t, arrays)
 
 
 def _put_back(saved: list) -> None:
@@ -362,31 +446,33 @@ def _put_back(saved: list) -> None:
 
 
 def _externalised(model: onnx.ModelProto, big: list[onnx.TensorProto], location: str,
-                  saved: list, chunks: list) -> bytes:
-    """``model`` serialised with ``big`` as references into ``location``; each tensor's own
-    fields go to ``saved`` (for the caller to put back) and its bytes to ``chunks``."""
+                  saved: list) -> tuple[bytes, list]:
+    """``model`` serialised with ``big`` as references into ``location``, and the data file's
+    layout, (padding, tensor) in order; each tensor's own fields go to ``saved`` (for the
+    caller to put back)."""
     offset = 0
+    layout = []
     for t in big:
-        raw = _little_endian_bytes(t)
-        if t.HasField("raw_data"):
-            saved.append((t, raw, None))
-        else:  # values in typed fields (small, hand-built models)
+        length = tensor_nbytes(t)
+        if _sourced(t) or not t.HasField("raw_data"):  # references, or typed fields (small)
             original = onnx.TensorProto()
             original.CopyFrom(t)
             saved.append((t, None, original))
-        pad = (-offset) % (PAGE if len(raw) >= (1 << 20) else 16)
-        chunks += [b"\0" * pad, raw]
+        else:
+            saved.append((t, t.raw_data, None))
+        pad = (-offset) % (PAGE if length >= (1 << 20) else 16)
         offset += pad
+        layout.append((pad, saved[-1][2] if saved[-1][2] is not None else t))
         for f in DATA_FIELDS:
             t.ClearField(f)
         t.data_location = onnx.TensorProto.EXTERNAL
         del t.external_data[:]
         for key, value in (("location", location), ("offset", str(offset)),
-                           ("length", str(len(raw)))):
+                           ("length", str(length))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
-        offset += len(raw)
-    return model.SerializeToString()
+        offset += length
+    return model.SerializeToString(), layout
 
 
 def _little_endian_bytes(t: onnx.TensorProto) -> bytes:
@@ -397,7 +483,8 @@ def _little_endian_bytes(t: onnx.TensorProto) -> bytes:
 
 
 def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
-                      external_data: bool | None = None) -> list[str]:
+                      external_data: bool | None = None,
+                      arrays: dict[str, np.ndarray] | None = None) -> list[str]:
     """Write ``model`` to ``output`` atomically: an error or Ctrl-C on the way leaves the old
     file (and its data) as it was, and no temporary file behind.
 
@@ -415,6 +502,6 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
     """
     out = final_path(output)
     with Transaction() as tx:
-        written = stage_model(tx, model, out, external_data)
+        written = stage_model(tx, model, out, external_data, arrays)
         tx.commit()
     return written

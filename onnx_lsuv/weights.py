@@ -8,7 +8,15 @@ from onnx import numpy_helper
 
 from .graph import ConstRef, GraphIndex, attribute, rename_input
 from .layers import Layer
-from .model_io import DATA_FIELDS, is_mapped, materialize, tensor_array, tensor_nbytes
+from .model_io import (
+    DATA_FIELDS,
+    MAP_MIN,
+    is_mapped,
+    mark_pending,
+    materialize,
+    tensor_array,
+    tensor_nbytes,
+)
 
 PLACEHOLDER = "onnx-lsuv-in-memory"
 # Other initializers from this size on also reach sessions from memory: a measuring model must
@@ -321,11 +329,21 @@ class WeightState:
         names = [n for n in self._parts if n in self._in_memory or n in self._in_proto]
         return {name: self.stored(name) for name in names + self._changed_biases()}
 
-    def write(self, model: onnx.ModelProto) -> None:
-        """Write the current weights and changed biases into ``model`` (same names, dtypes)."""
+    def write(self, model: onnx.ModelProto, pending: dict[str, np.ndarray] | None = None) -> None:
+        """Write the current weights and changed biases into ``model`` (same names, dtypes).
+
+        With ``pending`` (``changed()``'s arrays), the main graph's initializers of
+        ``MAP_MIN`` bytes and more are only marked as PENDING on ``pending``'s array of the
+        same name (``model_io.complete_model`` writes them in), the rest written."""
         index = GraphIndex(model.graph)
-        for name, value in self.changed().items():
-            _write_const(index, self._refs[name], value)
+        for name, value in (pending or self.changed()).items():
+            ref = self._refs[name]
+            proto = index.tensor_proto(ref)
+            if pending is not None and ref.constant_node is None and value.nbytes >= MAP_MIN \
+                    and value.dtype == onnx.helper.tensor_dtype_to_np_dtype(proto.data_type):
+                mark_pending(proto)
+            else:
+                _write_const(index, ref, value)
 
 
 def _broadcast_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
