@@ -36,7 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "sample_models"))
 from onnx_lsuv import __version__, lsuv_init  # noqa: E402
 from onnx_lsuv.engine import Engine  # noqa: E402
 from onnx_lsuv.layers import find_layers  # noqa: E402
-from onnx_lsuv.orthonormal import orthonormal_many  # noqa: E402
+from onnx_lsuv.orthonormal import (  # noqa: E402
+    default_workers,
+    orthonormal_many,
+)
 
 
 @dataclass(frozen=True)
@@ -70,30 +73,40 @@ def _median_time(fn, reps: int) -> tuple[float, list]:
     return statistics.median(times), results
 
 
-def plain_forward(path: str, x: np.ndarray, provider: str, reps: int) -> float:
+def plain_session(path: str, provider: str) -> ort.InferenceSession:
+    """What a user runs: ONNX Runtime's default session options (prepacking, memory arena),
+    with the threads ours use."""
     engine = Engine(provider)
-    with open(path, "rb") as f:
-        sess = engine.session(f.read()).ort_session
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = default_workers()
+    return ort.InferenceSession(path, so, providers=engine.providers)
+
+
+def plain_forward(path: str, x: np.ndarray, provider: str, reps: int) -> float:
+    sess = plain_session(path, provider)
     name = sess.get_inputs()[0].name
     sess.run(None, {name: x})  # warm-up: the figure is a steady-state forward
     return _median_time(lambda: sess.run(None, {name: x}), reps)[0]
 
 
 def peak_rss_mb(mode: str, path: str, data: str, provider: str) -> float:
-    """Peak resident memory of a fresh process doing ``mode`` (forward or lsuv), in MiB."""
+    """Peak resident memory of a fresh process doing ``mode`` (forward, or lsuv_init with the
+    new model saved beside the input, as the CLI does), in MiB."""
     code = (
-        "import sys, numpy as np\n"
+        "import sys, os, numpy as np\n"
+        f"sys.path.insert(0, {HERE!r})\n"
         "mode, path, data, provider = sys.argv[1:]\n"
         "x = np.load(data)\n"
         "if mode == 'baseline':\n"
-        "    import onnx_lsuv, onnx_lsuv.engine\n"
+        "    import onnx_lsuv, onnx_lsuv.engine, onnxruntime\n"
         "elif mode == 'forward':\n"
-        "    from onnx_lsuv.engine import Engine\n"
-        "    s = Engine(provider).session(open(path, 'rb').read()).ort_session\n"
+        "    from run import plain_session\n"
+        "    s = plain_session(path, provider)\n"
         "    s.run(None, {s.get_inputs()[0].name: x})\n"
         "else:\n"
         "    from onnx_lsuv import lsuv_init\n"
-        "    lsuv_init(path, x, provider=provider)\n"
+        "    lsuv_init(path, x, provider=provider).save(path + '.out.onnx')\n"
+        "    os.unlink(path + '.out.onnx')\n"
         # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's across exec)
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
     )
@@ -157,11 +170,103 @@ def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
     return row
 
 
-def bench_caffenet_orthonormal(reps: int) -> dict:
+def _orthonormality(mats: list[np.ndarray]) -> float:
+    worst = 0.0
+    for layer in mats:
+        for w in layer.astype(np.float64):
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            worst = max(worst, float(np.abs(gram - np.eye(len(gram))).max()))
+    return worst
+
+
+def _blas_threaded(shapes, seed: int) -> list[np.ndarray]:
+    """The same algorithm without its fixed blocks: each draw on BLAS's own threads, one GEMM
+    per block (bits may then depend on the thread count): the cost of determinism."""
+    from threadpoolctl import threadpool_limits
+
+    from onnx_lsuv import orthonormal as o
+
+    out = []
+    with threadpool_limits(limits=default_workers(), user_api="blas"):
+        for i, (g, r, c) in enumerate(shapes):
+            rng = np.random.default_rng([seed, i])
+            tall, short = max(r, c), min(r, c)
+            if tall * short < o.SMALL:
+                out.append(o.orthonormal_matrices(g, r, c, rng))
+                continue
+            seeds = rng.integers(0, 2**63 - 1, size=(g, -(-short // o.NB)), dtype=np.int64)
+            mats = []
+            for k in range(g):
+                chunks, signs = o.stewart_q(tall, short, seeds[k], np.float32, None,
+                                            chunk=-(-short // o.NB) * o.NB)
+                q = np.hstack(chunks) * signs
+                mats.append(q.T if r <= c else q)
+            out.append(np.stack(mats))
+    return out
+
+
+def bench_caffenet_orthonormal(reps: int, torch_ok: bool) -> dict:
+    """Our orthonormal init of CaffeNet's weights against torch.nn.init.orthogonal_ on the
+    same shapes (a fresh process with the same thread count), and against the same algorithm
+    on BLAS's own threads."""
     dts = [np.dtype(np.float32)] * len(CAFFENET)
-    secs, _ = _median_time(lambda: orthonormal_many(CAFFENET, 0, dts), reps)
+    secs, results = _median_time(lambda: orthonormal_many(CAFFENET, 0, dts), reps)
+    threaded, _ = _median_time(lambda: _blas_threaded(CAFFENET, 0), reps)
     params = sum(int(np.prod(s)) for s in CAFFENET)
-    return dict(model="caffenet (orthonormal init only)", params=params, init_s=secs)
+    row = dict(model="caffenet (orthonormal init only)", params=params, init_s=secs,
+               blas_threaded_s=threaded, orthonormality=_orthonormality(results[-1]))
+    if torch_ok:
+        row["torch_orthogonal_s"] = float(_torch_call(
+            "import time, statistics, torch\n"
+            f"torch.set_num_threads({default_workers()})\n"
+            "times = []\n"
+            f"for _ in range({reps}):\n"
+            "    t = time.perf_counter()\n"
+            f"    for g, r, c in {CAFFENET!r}:\n"
+            "        for _ in range(g):\n"
+            "            torch.nn.init.orthogonal_(torch.empty(r, c))\n"
+            "    times.append(time.perf_counter() - t)\n"
+            "print(statistics.median(times))\n").split()[-1])
+    return row
+
+
+def bench_heavy(reps: int, tmp: str, provider: str) -> dict:
+    """Memory on a weight-heavy model: six Gemm 4096 x 4096 with Tanh between (403 MB of
+    weights), batch 64."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    d, n = 4096, 6
+    nodes, inits, x = [], [], "x"
+    for i in range(n):
+        inits += [numpy_helper.from_array(rng.standard_normal((d, d), dtype=np.float32) * 0.02,
+                                          f"W{i}"),
+                  numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), f"B{i}")]
+        nodes += [helper.make_node("Gemm", [x, f"W{i}", f"B{i}"], [f"g{i}"], transB=1),
+                  helper.make_node("Tanh", [f"g{i}"], [f"t{i}"])]
+        x = f"t{i}"
+    graph = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [64, d])], [helper.make_tensor_value_info(
+            x, TensorProto.FLOAT, [64, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path, data = os.path.join(tmp, "heavy.onnx"), os.path.join(tmp, "heavy.npy")
+    onnx.save(model, path)
+    xb = rng.standard_normal((64, d)).astype(np.float32)
+    np.save(data, xb)
+    weight_mb = sum(t.ByteSize() for t in model.graph.initializer) / 2**20
+    del model, inits
+    fwd = plain_forward(path, xb, provider, reps)
+    ours_s, results = _median_time(lambda: lsuv_init(path, xb, provider=provider), reps)
+    rep = results[-1].report
+    del results
+    base = peak_rss_mb("baseline", path, data, provider)
+    return dict(model="6 x Gemm 4096 + Tanh", batch=64, hw=d, layers=n,
+                params=n * (d * d + d), provider=rep.provider, forward_s=fwd, ours_s=ours_s,
+                init_s=rep.timings.get("init_s", 0.0), one_pass_s=rep.timings["one_pass_s"],
+                verify_s=rep.timings["verify_s"], converged=rep.converged,
+                worst=max(abs(r.var_after - 1.0) for r in rep.layers), weight_mb=weight_mb,
+                peak_forward_mb=peak_rss_mb("forward", path, data, provider) - base,
+                peak_ours_mb=peak_rss_mb("lsuv", path, data, provider) - base)
 
 
 def machine() -> str:
@@ -185,6 +290,9 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['model']} | | | {r['params'] / 1e6:.1f} M | cpu | | "
                          f"{r['init_s']:.2f} | | | | | | | | |")
             continue
+        if "weight_mb" in r:
+            r = dict(r, model=f"{r['model']} ({r['weight_mb']:.0f} MiB of weights; peak / "
+                              f"weights {r['peak_ours_mb'] / r['weight_mb']:.2f})")
         f = r["forward_s"]
 
         def fe(s, f=f):
@@ -203,6 +311,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ortho_table(r: dict) -> str:
+    torch = (f"{r['torch_orthogonal_s']:.2f} | {r['init_s'] / r['torch_orthogonal_s']:.2f}"
+             if "torch_orthogonal_s" in r else "- | -")
+    return ("| weights | ours s | torch.nn.init.orthogonal_ s | ours / torch | same algorithm "
+            "on BLAS's threads s | cost of thread-independent bytes | max abs(Q^T Q - I) |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| CaffeNet, {r['params'] / 1e6:.1f} M | {r['init_s']:.2f} | {torch} | "
+            f"{r['blas_threaded_s']:.2f} | {r['init_s'] / r['blas_threaded_s'] - 1:+.0%} | "
+            f"{r['orthonormality']:.1e} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(DEFAULT_CPU),
@@ -211,6 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed runs per figure (median)")
     ap.add_argument("--no-naive", action="store_true", help="skip our naive strategy")
     ap.add_argument("--no-caffenet", action="store_true", help="skip the orthonormal-init row")
+    ap.add_argument("--no-heavy", action="store_true", help="skip the weight-heavy memory row")
+    ap.add_argument("--big", action="store_true",
+                    help="also run benchmarks/bench_big.py's 12 GiB external-data model (several "
+                         "minutes; needs 27 GiB of disk in --big-dir)")
+    ap.add_argument("--big-dir", help="where the big model goes (default: a temporary directory)")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     ap.add_argument("--append", help="append the table, with date and versions, to this file")
     args = ap.parse_args(argv)
@@ -229,8 +353,26 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(row), file=sys.stderr)
             else:
                 print(f"skipped {key}: needs torch", file=sys.stderr)
+        if not args.no_heavy:
+            rows.append(bench_heavy(args.reps, tmp, args.provider))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    ortho = None
     if not args.no_caffenet:
-        rows.append(bench_caffenet_orthonormal(args.reps))
+        ortho = bench_caffenet_orthonormal(args.reps, torch_ok)
+        print(json.dumps(ortho), file=sys.stderr)
+    big = None
+    if args.big:
+        import bench_big
+
+        big_dir = args.big_dir or tempfile.mkdtemp(prefix="onnx-lsuv-big-")
+        try:
+            big = bench_big.bench(big_dir, 6, 262144, 1024, 16, True, False)
+        finally:
+            if not args.big_dir:
+                import shutil
+
+                shutil.rmtree(big_dir, ignore_errors=True)
+        print(json.dumps(big), file=sys.stderr)
 
     versions = (f"onnx-lsuv {__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}"
                 f", numpy {np.__version__}")
@@ -244,10 +386,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{versions}. Command: `python benchmarks/run.py "
               f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     text = header + "\n" + table(rows) + "\n"
+    if ortho is not None:
+        text += "\n" + ortho_table(ortho) + "\n"
+    if big is not None:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        text += "\n" + bench_big.table(big, total) + "\n"
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(dict(rows=rows, orthonormal=ortho, big=big), f, indent=2)
     if args.append:
         with open(args.append, "a") as f:
             f.write("\n" + text)

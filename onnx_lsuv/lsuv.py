@@ -38,7 +38,7 @@ from .layers import Discovery, Layer, find_layers
 from .measure_graph import Point, activation_point
 from .model_io import ModelLike, complete_model, load_model, materialized
 from .options import LSUVOptions, legacy_init
-from .orthonormal import compute_dtype, orthonormal_many
+from .orthonormal import compute_dtype, orthonormal_each
 from .precision import float32_measuring, has_low_precision
 from .report import LayerRecord, Report
 from .sequential import final_measure, scale_sequential
@@ -388,19 +388,25 @@ def _pre_init(state: WeightState, opts: LSUVOptions, progress: ProgressFn) -> No
         done.append(i)
         progress("init", len(done), len(layouts), names[i])
 
+    def place(i: int, w: np.ndarray) -> None:  # each weight set as it comes: held once
+        if i < len(layers):
+            state.set_base(layers[i], w)
+        else:
+            lay = recurrent[i - len(layers)]
+            state.recurrent[lay.index] = w.astype(lay.dtype, copy=False)
+        finished(i)
+
     if opts.init in BASELINES:
-        weights = []
         for i, (layout, dtype) in enumerate(zip(layouts, dtypes)):
-            weights.append(baseline_weight(opts.init, layout, opts.seed, i, dtype))
-            finished(i)
+            place(i, baseline_weight(opts.init, layout, opts.seed, i, dtype))
     else:
-        mats = orthonormal_many([layout.matrix_shape for layout in layouts], opts.seed, dtypes,
-                                workers=opts.threads, on_done=finished)
-        weights = [layout.from_matrices(m) for layout, m in zip(layouts, mats)]
-    for lay, w in zip(layers, weights):
-        state.set_base(lay, w)
-    for lay, w in zip(recurrent, weights[len(layers):]):
-        state.recurrent[lay.index] = w.astype(lay.dtype)
+        draws = orthonormal_each([layout.matrix_shape for layout in layouts], opts.seed, dtypes,
+                                 workers=opts.threads)
+        for i, mats in draws:
+            w = layouts[i].from_matrices(mats)
+            del mats
+            place(i, w)
+            del w
 
 
 def _set_forget_biases(state: WeightState, value: float, report: Report) -> None:

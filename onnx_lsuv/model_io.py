@@ -80,14 +80,19 @@ def load_model(model: ModelLike, mapped: bool = False,
     loaded = _parse(path, mapped)
     base = os.path.dirname(os.path.abspath(path))
     graph_inputs = {i.name for i in loaded.graph.input}
-    main = {id(t) for t in loaded.graph.initializer if t.name not in graph_inputs}
-    for t in _all_tensors(loaded, subgraphs=True):
+    for t in loaded.graph.initializer:  # the main graph's: mapped, where asked, if big
         if t.data_location == onnx.TensorProto.EXTERNAL and not is_mapped(t):
-            where = _read_external(t, base, path, mapped and id(t) in main)
-            if files is not None and where not in files:
-                files.append(where)
+            _note(files, _read_external(t, base, path, mapped and t.name not in graph_inputs))
+    for t in _all_tensors(loaded, subgraphs=True):  # the rest: read
+        if t.data_location == onnx.TensorProto.EXTERNAL and not is_mapped(t):
+            _note(files, _read_external(t, base, path))
     check_tensor_sizes(loaded, path)
     return loaded
+
+
+def _note(files: list[str] | None, path: str) -> None:
+    if files is not None and path not in files:
+        files.append(path)
 
 
 def _parse(path: str, mapped: bool = False) -> onnx.ModelProto:

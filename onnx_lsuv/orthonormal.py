@@ -25,6 +25,7 @@ BLAS runs one thread per task), so the bytes depend on the seed alone.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
+GRAM_ROWS = 4096  # rows per float64 piece of a block's Gram matrix (no big float64 copy)
 SMALL = 1 << 16  # elements per matrix below which a layer's groups are drawn by batched QR
 NB = 96  # reflectors per block (tuned on 2 cores: 64-128 within noise)
 CHUNK = 384  # columns of Q per update task: fixed, never per thread count
@@ -60,14 +62,14 @@ def batched_qr_q(a: np.ndarray) -> np.ndarray:
 
 def _block_reflectors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The Householder reflectors of one block: ``x`` is (m - j0) x b, column i's Gaussian
-    vector being x[i:, i]. Returns V (unit lower trapezoidal, Fortran order), T (upper
+    vector being x[i:, i] (``x`` becomes V). Returns V (unit lower trapezoidal), T (upper
     triangular: H_1 ... H_b = I - V T V^T) and the signs of R's diagonal."""
     b = x.shape[1]
     dtype = x.dtype
-    v = np.tril(x)
-    v64 = v.astype(np.float64)
-    alpha = np.diagonal(v64).copy()
-    norm = np.sqrt(np.einsum("ij,ij->j", v64, v64))
+    v = x
+    v[:b] = np.tril(v[:b])  # (the rows below the first b are all below the diagonal)
+    alpha = np.diagonal(v).astype(np.float64)
+    norm = np.sqrt(np.einsum("ij,ij->j", v, v, dtype=np.float64))
     beta = -np.copysign(norm, alpha)  # H x = beta e_1, as LAPACK's larfg
     denom = alpha - beta
     denom[denom == 0] = 1.0  # an all-zero column: H = I - 2 e e^T, still orthogonal
@@ -76,33 +78,69 @@ def _block_reflectors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     signs = np.where(beta < 0, -1.0, 1.0).astype(dtype)
     # tau_i = 2 / (v_i^T v_i) from the stored (rounded) v: each H_i is orthogonal to rounding.
     # T^-1 = strictly-upper(V^T V) + diag(V^T V) / 2 (the "UT transform").
-    v64 = v.astype(np.float64)
-    gram = v64.T @ v64
+    gram = np.zeros((b, b))
+    for k in range(0, v.shape[0], GRAM_ROWS):  # in float64, by row blocks summed in order
+        part = v[k:k + GRAM_ROWS].astype(np.float64)
+        gram += part.T @ part
     t_inv = np.triu(gram, 1) + np.diag(np.diagonal(gram) / 2)
     t = scipy.linalg.solve_triangular(t_inv, np.eye(b), lower=False, check_finite=False)
-    return np.asfortranarray(v), t.astype(dtype), signs
+    return v, t.astype(dtype), signs
 
 
-def stewart_q(m: int, n: int, seeds: Sequence[int], dtype: np.dtype,
-              pool: ThreadPoolExecutor | None = None, nb: int | None = None,
-              chunk: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """An m x n (m >= n) Haar-distributed matrix with orthonormal columns, by Stewart's method.
+def _blas_gemm(dtype: np.dtype):
+    """BLAS's sgemm/dgemm itself (scipy's cython_blas, through ctypes: it releases the GIL),
+    for updates in place of strided blocks, which scipy's Python wrappers would copy."""
+    name = "dgemm" if dtype == np.float64 else "sgemm"
+    fn = _GEMMS.get(name)
+    if fn is None:
+        import scipy.linalg.cython_blas as cython_blas
+
+        capsule = cython_blas.__pyx_capi__[name]
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype = ctypes.c_char_p
+        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        pointer = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+        num = ctypes.c_double if dtype == np.float64 else ctypes.c_float
+        i, p = ctypes.POINTER(ctypes.c_int), ctypes.c_void_p
+        fn = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, i, i, i,
+                              ctypes.POINTER(num), p, i, p, i, ctypes.POINTER(num), p, i)(pointer)
+        _GEMMS[name] = fn
+    return fn, (ctypes.c_double if dtype == np.float64 else ctypes.c_float)
+
+
+_GEMMS: dict = {}
+
+
+def _minus_gemm(dtype, transa: bytes, transb: bytes, m: int, n: int, k: int, a: np.ndarray,
+                lda: int, b: np.ndarray, ldb: int, c_address: int, ldc: int) -> None:
+    """C = C - op(A) op(B), column-major (BLAS's own argument convention)."""
+    fn, num = _blas_gemm(dtype)
+    ref = ctypes.byref
+    fn(transa, transb, ref(ctypes.c_int(m)), ref(ctypes.c_int(n)), ref(ctypes.c_int(k)),
+       ref(num(-1.0)), a.ctypes.data, ref(ctypes.c_int(lda)), b.ctypes.data,
+       ref(ctypes.c_int(ldb)), ref(num(1.0)), c_address, ref(ctypes.c_int(ldc)))
+
+
+def stewart_fill(q: np.ndarray, wide: bool, seeds: Sequence[int],
+                 pool: ThreadPoolExecutor | None = None, nb: int | None = None,
+                 chunk: int | None = None) -> None:
+    """Fill ``q`` (zeros, C order) with a Haar-distributed matrix by Stewart's method: Q itself
+    (m x n, m >= n, orthonormal columns) or, with ``wide``, its transpose (n x m).
 
     Args:
-        m, n: The shape.
-        seeds: One seed per block of ``nb`` columns (its Gaussian vectors).
-        dtype: float32 or float64.
+        q: The output, float32 or float64, all zeros.
+        wide: Whether ``q`` holds Q^T.
+        seeds: One seed per block of ``nb`` columns of Q (its Gaussian vectors).
         pool: Threads for the blocks and chunks. Defaults to none (this thread).
-        nb, chunk: Reflectors per block; Q's columns per update task (a multiple of ``nb``).
-            Default to ``NB`` and ``CHUNK``.
-
-    Returns:
-        Q's column chunks (C order, m x chunk each) before the sign fix, and the signs.
+        nb, chunk: Reflectors per block; Q's columns per update task. Default to ``NB`` and
+            ``CHUNK``.
     """
-    dtype = np.dtype(dtype)
+    dtype = q.dtype
     nb, chunk = nb or NB, chunk or CHUNK
-    starts = list(range(0, n, chunk))
-    chunks = [np.zeros((m, min(chunk, n - c)), dtype) for c in starts]
+    n, m = q.shape if wide else q.shape[::-1]
+    row_bytes, item = q.strides[0], q.itemsize
     blocks = list(range(0, n, nb))
     factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     signs = np.empty(n, dtype)
@@ -115,28 +153,52 @@ def stewart_q(m: int, n: int, seeds: Sequence[int], dtype: np.dtype,
         # Q's own columns j0..j1 (later blocks never touch them): (I - V T V^T) [I; 0]
         diag = -(v @ (t @ v[:j1 - j0].T))
         diag[np.arange(j1 - j0), np.arange(j1 - j0)] += 1
-        c = j0 // chunk
-        chunks[c][j0:, j0 - starts[c]:j1 - starts[c]] = diag
-        factors[j0] = (v, t)
+        if wide:
+            q[j0:j1, j0:] = diag.T
+        else:
+            q[j0:, j0:j1] = diag
+        factors[j0] = (np.asfortranarray(v) if wide else v, t)  # (the faster forms, measured)
 
     _pmap(pool, prepare, range(len(blocks)))
-    gemm = scipy.linalg.blas.dgemm if dtype == np.float64 else scipy.linalg.blas.sgemm
+    base = q.ctypes.data
     for j0 in reversed(blocks):  # Q[j0:, j1:] = (I - V T V^T) Q[j0:, j1:]
         j1 = min(j0 + nb, n)
         v, t = factors.pop(j0)
-        low = v[j1 - j0:]
+        b = j1 - j0
+        low = v[b:]
+        # Fixed column chunks of Q (boundaries at multiples of ``chunk``), right of the block.
+        spans = [(max(c, j1), min(c + chunk, n)) for c in range(j1 // chunk * chunk, n, chunk)]
 
-        def update(c: int, j0=j0, j1=j1, v=v, t=t, low=low) -> None:
-            ch = chunks[c]
-            first = max(j1 - starts[c], 0)  # the chunk's first column right of the block
-            w = t @ (low.T @ ch[j1:, first:])  # (Q's rows j0..j1 there are still zero)
-            if first:
-                ch[j0:, first:] -= v @ w
-            else:  # in place: ch[j0:]^T -= w^T v^T (a C-order block is a Fortran one, turned)
-                gemm(-1.0, w.T, v, beta=1.0, c=ch[j0:].T, trans_b=1, overwrite_c=1)
+        def update(span: tuple[int, int], j0=j0, j1=j1, v=v, t=t, low=low, b=b) -> None:
+            c0, c1 = span
+            sub = q[c0:c1, j1:].T if wide else q[j1:, c0:c1]  # Q[j1:, c0:c1]; its rows
+            w = np.ascontiguousarray(t @ (low.T @ sub))  # j0..j1 are still zero: b x (c1-c0)
+            if wide:  # Q[j0:, c0:c1] is q[c0:c1, j0:] read column-major: ld = m
+                _minus_gemm(dtype, b"N", b"T", m - j0, c1 - c0, b, v, m - j0, w, c1 - c0,
+                            base + c0 * row_bytes + j0 * item, m)
+            else:  # Q[j0:, c0:c1]^T read column-major (ld = n) -= W^T V^T
+                _minus_gemm(dtype, b"N", b"N", c1 - c0, m - j0, b, w, c1 - c0, v, b,
+                            base + j0 * row_bytes + c0 * item, n)
 
-        _pmap(pool, update, [c for c in range(len(chunks)) if starts[c] + chunks[c].shape[1] > j1])
-    return chunks, signs
+        _pmap(pool, update, [sp for sp in spans if sp[1] > sp[0]])
+    rows = [slice(k, k + BLOCK_ROWS) for k in range(0, q.shape[0], BLOCK_ROWS)]
+
+    def sign(part: slice) -> None:
+        q[part] *= signs[part, None] if wide else signs
+
+    _pmap(pool, sign, rows)
+
+
+BLOCK_ROWS = 4096  # rows of the output per sign-fixing task
+
+
+def stewart_q(m: int, n: int, seeds: Sequence[int], dtype: np.dtype,
+              pool: ThreadPoolExecutor | None = None, nb: int | None = None,
+              chunk: int | None = None) -> np.ndarray:
+    """An m x n (m >= n) Haar-distributed matrix with orthonormal columns (``stewart_fill``)."""
+    q = np.zeros((m, n), dtype)
+    stewart_fill(q, False, seeds, pool, nb, chunk)
+    return q
 
 
 def orthonormal_matrices(
@@ -160,28 +222,14 @@ def orthonormal_matrices(
     dtype = np.dtype(dtype)
     tall, short = max(rows, cols), min(rows, cols)
     wide = rows <= cols and rows != cols
-    out = np.empty((groups, rows, cols), dtype=dtype)
     if tall * short < SMALL:
         q = batched_qr_q(rng.standard_normal((groups, tall, short), dtype=dtype))
-        out[:] = np.swapaxes(q, 1, 2) if wide else q
-        return out
+        return np.ascontiguousarray(np.swapaxes(q, 1, 2) if wide else q)
     blocks = -(-short // NB)
     seeds = rng.integers(0, 2**63 - 1, size=(groups, blocks), dtype=np.int64)
+    out = np.zeros((groups, rows, cols), dtype=dtype)
     for g in range(groups):
-        chunks, signs = stewart_q(tall, short, seeds[g], dtype, pool)
-        starts = range(0, short, CHUNK)
-
-        def place(c: int, g=g, chunks=chunks, signs=signs, starts=starts) -> None:
-            s = starts[c]
-            part = chunks[c]
-            part *= signs[s:s + part.shape[1]]
-            if wide:
-                out[g, s:s + part.shape[1], :] = part.T
-            else:
-                out[g, :, s:s + part.shape[1]] = part
-
-        _pmap(pool, place, range(len(chunks)))
-        del chunks
+        stewart_fill(out[g], wide, seeds[g], pool)
     return out
 
 

@@ -1,0 +1,195 @@
+"""Big models: tensors left in their files (memory-mapped), weights fed to sessions in place,
+results streamed to disk. Expectations come from onnx's own loader and writer, and from the
+test's own ONNX Runtime sessions (tests/independent.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import independent
+from onnx_lsuv import lsuv_init
+from onnx_lsuv.errors import InputError
+from onnx_lsuv.layers import find_layers
+from onnx_lsuv.model_io import MAP_MIN, is_mapped, load_model, tensor_array
+from onnx_lsuv.weights import WeightState
+
+D = 640  # 640 x 640 float32 = 1.6 MB: over MAP_MIN
+
+
+def heavy_mlp(layers: int = 3, d: int = D, seed: int = 0) -> onnx.ModelProto:
+    """Gemm (transB) + Tanh layers with non-zero biases, a big constant added after the first
+    (not a target: it must come out bit for bit), and one Conv-free MatMul."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        inits += [numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32) * 0.05,
+                                          f"W{i}"),
+                  numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), f"B{i}")]
+        nodes += [helper.make_node("Gemm", [x, f"W{i}", f"B{i}"], [f"g{i}"], transB=1),
+                  helper.make_node("Tanh", [f"g{i}"], [f"t{i}"])]
+        x = f"t{i}"
+        if i == 0:
+            inits.append(numpy_helper.from_array(
+                rng.standard_normal((1, d)).repeat(512, 0).astype(np.float32), "shift"))
+            nodes.append(helper.make_node("Add", [x, "shift"], ["shifted"]))
+            x = "shifted"
+    inits.append(numpy_helper.from_array(rng.standard_normal((d, 16)).astype(np.float32), "M"))
+    nodes.append(helper.make_node("MatMul", [x, "M"], ["y"]))
+    graph = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [512, d])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [512, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def batch(d: int = D) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((512, d)).astype(np.float32)
+
+
+def save(model: onnx.ModelProto, path, external: bool) -> str:
+    path = str(path)
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location=os.path.basename(path)
+                  + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, path)
+    return path
+
+
+def digest(*paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_mapped_load_gives_onnxs_values_and_maps_only_big_initializers(tmp_path, external):
+    model = heavy_mlp()
+    path = save(model, tmp_path / "m.onnx", external)
+    plain = onnx.load(path)  # onnx's own reader, external data included
+    mapped = load_model(path, mapped=True)
+    assert [t.name for t in mapped.graph.initializer] == [t.name for t in plain.graph.initializer]
+    for got, want in zip(mapped.graph.initializer, plain.graph.initializer):
+        big = len(numpy_helper.to_array(want).tobytes()) >= MAP_MIN
+        assert is_mapped(got) == big, got.name
+        a, b = tensor_array(got), numpy_helper.to_array(want)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert mapped.graph.node == plain.graph.node
+
+
+def test_an_initializer_listed_as_a_graph_input_is_read_not_mapped(tmp_path):
+    model = heavy_mlp(layers=1)
+    w = model.graph.initializer[0]
+    model.graph.input.append(helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)))
+    path = save(model, tmp_path / "m.onnx", external=False)
+    mapped = load_model(path, mapped=True)
+    assert not is_mapped(mapped.graph.initializer[0])
+    assert is_mapped(mapped.graph.initializer[2])  # "shift"
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_truncated_file_is_refused_by_name(tmp_path, external):
+    path = save(heavy_mlp(layers=1), tmp_path / "m.onnx", external)
+    victim = path + ".data" if external else path
+    size = os.path.getsize(victim)
+    with open(victim, "r+b") as f:
+        f.truncate(size - 4096)
+    with pytest.raises(InputError, match="truncated|corrupt|cannot read"):
+        load_model(path, mapped=True)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_streamed_save_writes_the_model_that_result_model_is(tmp_path, external):
+    path = save(heavy_mlp(), tmp_path / "in.onnx", external)
+    files = [path] + ([path + ".data"] if external else [])
+    before = digest(*files)
+    result = lsuv_init(path, batch(), provider="cpu")
+    out = str(tmp_path / "out.onnx")
+    written = result.save(out, external_data=external)
+    assert written[0] == os.path.realpath(out) and len(written) == (2 if external else 1)
+    streamed, built = onnx.load(out), result.model
+    onnx.checker.check_model(streamed)
+    assert streamed.graph.node == built.graph.node
+    for a, b in zip(streamed.graph.initializer, built.graph.initializer):
+        assert a.name == b.name and numpy_helper.to_array(a).tobytes() == \
+            numpy_helper.to_array(b).tobytes()
+    assert digest(*files) == before  # the input is never touched
+    # Untouched initializers bit for bit; every target's weight changed.
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in streamed.graph.initializer}
+    for name in ("shift",):
+        assert new[name].tobytes() == original[name].tobytes()
+    for name in ("W0", "W1", "W2", "M"):
+        assert not np.array_equal(new[name], original[name])
+
+
+def test_written_model_is_at_unit_variance_by_the_tests_own_session(tmp_path):
+    path = save(heavy_mlp(), tmp_path / "in.onnx", external=True)
+    out = str(tmp_path / "out.onnx")
+    lsuv_init(path, batch(), provider="cpu").save(out)
+    model = onnx.load(out)
+    targets, _ = independent.find_targets(model)
+    variances = independent.pooled_variances(model, {"x": batch()}, targets)
+    assert len(variances) == 4
+    assert all(abs(v - 1.0) < 0.1 for v in variances), variances
+
+
+def test_matmul_weights_are_fed_and_conv_weights_are_initializers():
+    rng = np.random.default_rng(0)
+    w_conv = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w_mm = rng.standard_normal((8 * 6 * 6, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "Wc"], ["c"]),
+         helper.make_node("Flatten", ["c"], ["f"]),
+         helper.make_node("MatMul", ["f", "Wm"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(w_conv, "Wc"), numpy_helper.from_array(w_mm, "Wm")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    state = WeightState(model, find_layers(model).layers)
+    assert state.fed == {"Wm"}
+    skeleton = state.skeleton(model)
+    assert "Wm" in {i.name for i in skeleton.graph.input}
+    assert "Wm" not in {t.name for t in skeleton.graph.initializer}
+    assert "Wc" in {t.name for t in skeleton.graph.initializer}
+
+
+def test_cli_streams_an_external_data_model_and_keeps_the_rest_bit_for_bit(tmp_path):
+    path = save(heavy_mlp(), tmp_path / "in.onnx", external=True)
+    np.save(tmp_path / "x.npy", batch())
+    out = tmp_path / "out.onnx"
+    subprocess.run([sys.executable, "-m", "onnx_lsuv", path, "--data", str(tmp_path / "x.npy"),
+                    "-o", str(out), "-q", "--provider", "cpu"], check=True)
+    assert (tmp_path / "out.onnx.data").exists()
+    new = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    old = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    assert new["shift"].tobytes() == old["shift"].tobytes()
+    assert new.keys() == old.keys()
+
+
+@pytest.mark.slow
+def test_a_model_bigger_than_a_protobuf_runs_from_its_external_data(tmp_path):
+    # 2.3 GiB of float32 weights: over protobuf's 2 GiB, so only external data can hold it.
+    # Generated straight into the data file (never held by this process), run, streamed out.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from bench_big import write_big_model
+
+    path, data, weight_bytes = write_big_model(str(tmp_path), pairs=3, wide=98304, narrow=1024,
+                                               batch=16)
+    out = str(tmp_path / "out.onnx")
+    result = lsuv_init(path, np.load(data), provider="cpu")
+    assert result.report.converged
+    result.save(out)
+    assert os.path.getsize(out + ".data") >= weight_bytes
+    model = onnx.load(out, load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer
+               if np.prod(t.dims) * 4 >= 1024)
