@@ -437,7 +437,8 @@ def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
             report.notes.append(f"ONNX Runtime ({engine.name}) cannot run this float16/bfloat16 "
                                 "model: measured in float32, weights written in their own dtype")
             log.info("%s", report.notes[-1])
-            run = Run(engine, twin, twin_state, twin_feeds, report, opts, progress)
+            run = Run(engine, twin, twin_state, twin_feeds, report, opts, progress,
+                      written_as_measured=False)
     return run
 
 

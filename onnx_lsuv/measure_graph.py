@@ -442,6 +442,9 @@ class NormalizedOutputs:
 
     var_before: str  # variance of the layer's output as it came in
     scale: str  # the factor the weight gets (1 when already within tolerance or degenerate)
+    # with ``after``: the float64 variance of the output as rescaled in the graph, which every
+    # later layer reads (None where the graph does not rescale it: see ``normalizing_model``)
+    var_after: str | None = None
 
 
 def _bias_solve(ed: GraphEditor, cs: ChannelSums, b: np.ndarray, dt: np.dtype,
@@ -477,8 +480,9 @@ def _bias_solve(ed: GraphEditor, cs: ChannelSums, b: np.ndarray, dt: np.dtype,
 
 
 def _rewire_scaled(ed: GraphEditor, graph: onnx.GraphProto, index: GraphIndex, layer: Layer,
-                   use: Use, tap: Tap, scale_m: str, bias: LayerBias | None) -> None:
-    """Make every reader of one use's tap read it as the scaled weight would make it."""
+                   use: Use, tap: Tap, scale_m: str, bias: LayerBias | None) -> str:
+    """Make every reader of one use's tap read it as the scaled weight would make it; the
+    name of the rescaled tap."""
     # The layer's new output is a y + (1 - a) bias; read through the tap t = A y + B it is
     # a t + (1 - a) k with k = A bias + B per channel.
     k = np.zeros(layer.layout.output_units)
@@ -504,6 +508,7 @@ def _rewire_scaled(ed: GraphEditor, graph: onnx.GraphProto, index: GraphIndex, l
             rename_input(graph.node[i], tap.tensor, t_new)
         else:
             graph.node[i].input[pos] = t_new
+    return t_new
 
 
 def normalizing_model(
@@ -513,6 +518,7 @@ def normalizing_model(
     target: float,
     tol: float,
     exact: bool = True,
+    after: bool = False,
 ) -> tuple[onnx.ModelProto, list[NormalizedOutputs]]:
     """A copy of ``model`` that normalises each layer's output to ``target`` variance in-graph.
 
@@ -535,6 +541,12 @@ def normalizing_model(
             in float32, which the one-pass solve uses for speed (about 1.4 plain forwards on
             FitNet-4 against 1.9 in float64), since the float64 re-measurement checks its
             factors. Defaults to True.
+        after: Also the float64 variance of each layer's output as rescaled in the graph
+            (``var_after``): what the written model's layer computes, since a layer's output
+            scales with its weight (a y + (1 - a) b with a bias b), up to the rounding of
+            s (W x) against (s W) x. Only where the graph rescales the output that later
+            layers read: not for a recurrent op or a weight whose uses feed each other.
+            Defaults to False.
 
     Returns:
         The normalising model, and per layer the names of its variance and factor outputs.
@@ -590,8 +602,14 @@ def normalizing_model(
         # the factor depends on every use. Their downstream layers see them unscaled, and the
         # re-measurement sends the layer to the try loop.
         feeding = layer.weight_read_upstream and (len(layer.uses) > 1 or layer.body is not None)
-        for use, tap in [] if feeding else taps:
-            _rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m, bias)
+        rescaled = [(use, Tap(_rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m,
+                                             bias), tap.a, tap.b))
+                    for use, tap in ([] if feeding else taps)]
+        var_after = None
+        if after and rescaled:
+            ed.exact, kept_exact = True, ed.exact
+            var_after = channel_sums(ed, layer, rescaled).var
+            ed.exact = kept_exact
         # Tied weights: readers of this weight that are not upstream of the layer see it
         # scaled, as in the written model. (Upstream readers would make a cycle; the
         # re-measurement catches what they change. So does a read inside a body.)
@@ -606,10 +624,11 @@ def normalizing_model(
                 w_scaled = ed.op("Mul", [copy.graph.node[i].input[pos], scale_m])
                 copy.graph.node[i].input[pos] = w_scaled
                 reordered = True
-        result.append(NormalizedOutputs(cs.var, scale))
+        result.append(NormalizedOutputs(cs.var, scale, var_after))
     if reordered:
         toposort(copy.graph)
-    _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale)])
+    _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale, r.var_after)
+                              if n is not None])
     return copy, result
 
 

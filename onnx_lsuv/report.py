@@ -61,6 +61,11 @@ class Report:
     # with --match / match_parameters: how the changed tensors map onto the framework's
     # parameters (``MatchResult.to_dict()`` and its "summary" line)
     match: dict[str, Any] | None = None
+    # strategy "fast": where the written model's variances (var_after) were measured: "one
+    # pass" (the one-pass graph's float64 statistics of each rescaled output, where that is
+    # the written model's output) or "re-measure" (a pass over the written weights); layers
+    # the try loop took are measured again there either way
+    measured_in: str | None = None
 
     @property
     def converged(self) -> bool:

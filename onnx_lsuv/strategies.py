@@ -61,6 +61,9 @@ class Run:
     report: Report
     options: LSUVOptions
     progress: ProgressFn = no_progress
+    # Whether the weights are written as measured (not a float32 twin of a float16 model,
+    # whose written weights round differently from the ones measured).
+    written_as_measured: bool = True
 
     @property
     def layers(self) -> list[Layer]:
@@ -154,20 +157,45 @@ def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias
     return biases
 
 
+def exact_in_one_pass(run: Run, lay: Layer, biases: dict[int, LayerBias]) -> bool:
+    """Whether the one-pass graph's rescaled output of ``lay`` is what the written model's
+    layer computes, up to rounding: its output scales with its weight (with a kept bias that
+    the graph solves for: one value per output unit) and every later layer reads it rescaled.
+    Not so for a recurrent op, a layer in a Loop/Scan body, a weight also read upstream or
+    tied to another node (whose readers the graph may not all rescale), a bias the graph
+    leaves out (a full-matrix Gemm C; a layer scaled in parts), or weights written in another
+    precision than measured."""
+    return (run.written_as_measured and not lay.is_recurrent and lay.body is None
+            and not lay.weight_read_upstream and not lay.shared_weight_users
+            and (lay.index in biases or not run.state.has_nonzero_bias(lay)))
+
+
 def scale_fast(run: Run) -> None:
-    """The one-pass solve, its re-measurement, and the try loop from the first layer off."""
+    """The one-pass solve, its re-measurement, and the try loop from the first layer off.
+
+    The one-pass graph also measures, in float64, each layer's output as it rescales it,
+    which later layers read. Where that is exactly the written model's layer output for
+    every layer (``exact_in_one_pass``, and every factor applied as computed), those are the
+    written model's variances, and the re-measurement pass is skipped; otherwise it runs."""
     layers, state, n, opts = run.layers, run.state, len(run.layers), run.options
     t = time.perf_counter()
     run.progress("scaling", 0, n, "one forward pass for every layer")
     skeleton = state.skeleton(run.work)
     biases = _kept_biases(state, layers)
+    exact = all(exact_in_one_pass(run, lay, biases) for lay in layers)
     norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol,
-                                   exact=False)
-    values = run.session(norm).run(run.feeds, [x for o in outs for x in (o.var_before, o.scale)])
-    for lay, k in zip(layers, range(0, len(values), 2)):
+                                   exact=False, after=exact)
+    exact = exact and all(o.var_after is not None for o in outs)
+    names = [x for o in outs for x in (o.var_before, o.scale)]
+    after_names = [o.var_after for o in outs] if exact else []
+    values = run.session(norm).run(run.feeds, names + after_names)
+    after = values[len(names):]
+    for lay, k in zip(layers, range(0, len(names), 2)):
         variances = np.atleast_1d(values[k]).astype(np.float64)
-        scales = np.atleast_1d(values[k + 1]).astype(np.float64)
-        scales = np.where(np.isfinite(scales) & (scales > 0), scales, 1.0)  # never a NaN weight
+        raw = np.atleast_1d(values[k + 1]).astype(np.float64)
+        good = np.isfinite(raw) & (raw > 0)
+        scales = np.where(good, raw, 1.0)  # never a NaN weight
+        exact = exact and bool(good.all())  # else later layers read another output
         for rec, var, scale in zip(run.rows(lay), variances, scales):
             rec.var_before = float(var)
             rec.tries = int(scale != 1.0)
@@ -177,16 +205,22 @@ def scale_fast(run: Run) -> None:
     run.progress("scaling", n, n, "")
     run.report.timings["one_pass_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    run.progress("re-measure", 0, 1, "one forward pass of the written weights")
-    # The same rewrite on the written weights, with exact (float64) statistics. Up to the
-    # first layer that gets a factor here, every variance is the written model's: a layer
-    # within tol, or a degenerate one, gets factor 1. From that layer on the try loop redoes
-    # everything, and the final check measures the written model again.
-    norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol)
-    values = run.session(norm).run(run.feeds, [o.var_before for o in outs])
-    run.progress("re-measure", 1, 1, "")
-    run.report.timings["verify_s"] = time.perf_counter() - t
+    run.report.measured_in = "one pass" if exact else "re-measure"
+    if exact:
+        values = after
+        log.info("every layer's variance measured in the one-pass graph on its rescaled "
+                 "output (float64), the written model's: no re-measurement pass")
+    else:
+        t = time.perf_counter()
+        run.progress("re-measure", 0, 1, "one forward pass of the written weights")
+        # The same rewrite on the written weights, with exact (float64) statistics. Up to the
+        # first layer that gets a factor here, every variance is the written model's: a layer
+        # within tol, or a degenerate one, gets factor 1. From that layer on the try loop
+        # redoes everything, and the final check measures the written model again.
+        norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol)
+        values = run.session(norm).run(run.feeds, [o.var_before for o in outs])
+        run.progress("re-measure", 1, 1, "")
+        run.report.timings["verify_s"] = time.perf_counter() - t
     first_off = None
     for lay, value in zip(layers, values):
         value = np.atleast_1d(value).astype(np.float64)
