@@ -306,7 +306,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['batch']} x {r['hw']} | {r['layers']} | "
             f"{r['params'] / 1e6:.1f} M | {r['provider']} | {f:.3f} | {r['init_s']:.2f} | "
-            f"{fe(r['one_pass_s'])} | {fe(r['verify_s'])} | {fe(r['ours_s'])} | {naive} | "
+            f"{fe(r['one_pass_s'])} | {fe(r['verify_s']) if r['verify_s'] else 'none'} | "
+            f"{fe(r['ours_s'])} | {naive} | "
             f"{lsuv} | {ratio} | {mem} | {r['worst']:.3g} |")
     return "\n".join(lines)
 

@@ -511,6 +511,26 @@ def _rewire_scaled(ed: GraphEditor, graph: onnx.GraphProto, index: GraphIndex, l
     return t_new
 
 
+def _rescaled_var(ed: GraphEditor, layer: Layer, cs: ChannelSums, scale: str,
+                  bias: LayerBias | None, dt: np.dtype) -> str:
+    """The variance (per block) of a y + (1 - a) b per unit, from y's per-channel sums: with
+    n_c elements per channel, sum = a S1 + (1 - a) n_c b and
+    sum of squares = a^2 S2 + 2 a (1 - a) b S1 + (1 - a)^2 n_c b^2."""
+    s1 = ed.op("Mul", [cs.s1, scale])
+    s2 = ed.op("Mul", [cs.s2, ed.op("Mul", [scale, scale])])
+    if bias is not None:
+        b = ed.const(bias.value.astype(dt), "bias_after")
+        rest = ed.op("Sub", [ed.const(np.array(1, dt), "one_after"), scale])
+        n_c = ed.op("Div", [cs.n, ed.const(np.array(layer.layout.output_units, dt),
+                                              "units_after")])
+        rest_b = ed.op("Mul", [rest, b])
+        s1 = ed.op("Add", [s1, ed.op("Mul", [n_c, rest_b])])
+        cross = ed.op("Mul", [ed.op("Mul", [scale, rest_b]), cs.s1])
+        s2 = ed.op("Add", [s2, ed.op("Add", [ed.op("Add", [cross, cross]),
+                                             ed.op("Mul", [n_c, ed.op("Mul", [rest_b, rest_b])])])])
+    return _finish(ed, s1, s2, cs.n, len(layer.blocks), dt).var
+
+
 def normalizing_model(
     model: onnx.ModelProto,
     layers: list[Layer],
@@ -541,19 +561,20 @@ def normalizing_model(
             in float32, which the one-pass solve uses for speed (about 1.4 plain forwards on
             FitNet-4 against 1.9 in float64), since the float64 re-measurement checks its
             factors. Defaults to True.
-        after: Also the float64 variance of each layer's output as rescaled in the graph
+        after: Also the variance of each layer's output as rescaled in the graph
             (``var_after``): what the written model's layer computes, since a layer's output
             scales with its weight (a y + (1 - a) b with a bias b), up to the rounding of
-            s (W x) against (s W) x. Only where the graph rescales the output that later
-            layers read: not for a recurrent op or a weight whose uses feed each other.
-            Defaults to False.
+            s (W x) against (s W) x. From the float64 per-channel sums of the output, mapped
+            through that affine map (every statistic is then float64). Only where the graph
+            rescales the output that later layers read: not for a recurrent op or a weight
+            whose uses feed each other. Defaults to False.
 
     Returns:
         The normalising model, and per layer the names of its variance and factor outputs.
     """
     copy = _measuring_copy(model)
     index = GraphIndex(copy.graph)
-    ed = GraphEditor(copy, exact)
+    ed = GraphEditor(copy, exact or after)
     result = []
     reordered = False
     for layer in layers:
@@ -602,14 +623,11 @@ def normalizing_model(
         # the factor depends on every use. Their downstream layers see them unscaled, and the
         # re-measurement sends the layer to the try loop.
         feeding = layer.weight_read_upstream and (len(layer.uses) > 1 or layer.body is not None)
-        rescaled = [(use, Tap(_rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m,
-                                             bias), tap.a, tap.b))
-                    for use, tap in ([] if feeding else taps)]
+        for use, tap in [] if feeding else taps:
+            _rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m, bias)
         var_after = None
-        if after and rescaled:
-            ed.exact, kept_exact = True, ed.exact
-            var_after = channel_sums(ed, layer, rescaled).var
-            ed.exact = kept_exact
+        if after and not feeding:  # every use rescaled: a y + (1 - a) b per unit, summed
+            var_after = _rescaled_var(ed, layer, cs, scale_units, bias, dt)
         # Tied weights: readers of this weight that are not upstream of the layer see it
         # scaled, as in the written model. (Upstream readers would make a cycle; the
         # re-measurement catches what they change. So does a read inside a body.)
