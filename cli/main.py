@@ -17,7 +17,7 @@ import onnx_lsuv
 from onnx_lsuv.data import data_files
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
 from onnx_lsuv.match import load_params, match_parameters
-from onnx_lsuv.model_io import existing_file, load_model
+from onnx_lsuv.model_io import PROTOBUF_LIMIT, existing_file, load_model, tensor_bytes
 from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
 from onnx_lsuv.outputs import (
     Transaction,
@@ -327,6 +327,10 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
     # stay in their files (memory-mapped), and everything below reads this copy.
     model_data: list[str] = []
     loaded = load_model(model, mapped=True, files=model_data)
+    if flags["external_data"] is False and tensor_bytes(loaded) > PROTOBUF_LIMIT - (64 << 20):
+        raise InputError(f"--no-external-data: {model} holds "
+                         f"{tensor_bytes(loaded) / 2**30:.2f} GiB of tensors, over protobuf's "
+                         "2 GiB; it can only be written with external data")
     inputs = [os.path.abspath(p) for p in [model] + data_files(data)
               + ([flags["match_path"]] if flags["match_path"] else [])] + model_data
     tx.protected |= {os.path.realpath(p) for p in inputs}

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import fields, replace
 from typing import Any, Union
@@ -36,7 +37,17 @@ from .errors import InputError, LSUVError, RuntimeFailure
 from .graph import GraphIndex
 from .layers import Discovery, Layer, find_layers
 from .measure_graph import Point, activation_point
-from .model_io import ModelLike, complete_model, load_model, materialized
+from .model_io import (
+    ModelLike,
+    complete_model,
+    hold_sources,
+    is_mapped,
+    load_model,
+    mapped_range,
+    materialized,
+    release_sources,
+    source_keys,
+)
 from .options import LSUVOptions, legacy_init
 from .orthonormal import compute_dtype, orthonormal_each
 from .precision import float32_measuring, has_low_precision
@@ -58,7 +69,10 @@ class LSUVResult:
     Attributes:
         model: The new model (a copy; the model passed in is untouched). Built when first
             read: ``save`` writes the file without building it, each big tensor streamed from
-            where it is (the new weights, the input's files), so a model is never held twice.
+            where it is (the new weights, the input's files, which stay open while the
+            result lives), so a model is never held twice. Until it is built, the model's new
+            weights are the arrays in ``weights``: change one in place before reading
+            ``model`` or calling ``save``, and that is what is written.
         report: Per-layer records, skipped candidates, timings, the options; ``report.to_dict()``
             is JSON-serialisable. ``report.converged`` is False when any layer is off target or
             degenerate.
@@ -72,12 +86,24 @@ class LSUVResult:
         self._model: onnx.ModelProto | None = None
         self.report = report
         self.weights = weights if weights is not None else {}
+        self._files = sorted({mapped_range(t)[0] for t in model.graph.initializer
+                              if is_mapped(t)})
+
+    def _hold(self, keys: list[str]) -> None:
+        """Keep the input's files that mapped tensors read open while this result lives (a
+        file replaced or removed meanwhile still gives its bytes)."""
+        hold_sources(keys)
+        weakref.finalize(self, release_sources, keys)
 
     @property
     def model(self) -> onnx.ModelProto:
         if self._model is None:
             self._model = complete_model(self._work, self.weights)
         return self._model
+
+    @model.setter
+    def model(self, value: onnx.ModelProto) -> None:
+        self._model = value
 
     def unbuilt(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         """The model as it is kept (big initializers as references) and the arrays the
@@ -90,7 +116,8 @@ class LSUVResult:
         from .outputs import save_model_atomic
 
         model, arrays = self.unbuilt()
-        return save_model_atomic(model, path, external_data, arrays=arrays)
+        return save_model_atomic(model, path, external_data, arrays=arrays,
+                                 protected=self._files)
 
 
 def make_options(options: LSUVOptions | None = None, **keywords: Any) -> LSUVOptions:
@@ -155,10 +182,17 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
                          "dict of arrays or a .npy/.npz path); the baselines 'orthonormal', "
                          f"{', '.join(repr(b) for b in BASELINES)} need none")
     work = load_model(model, mapped=True)
-    feeds = load_data(data, work) if opts.scaling else None
+    keys = source_keys(work)
+    hold_sources(keys)  # for the call; the result holds them after it
+    feeds = None
     try:
-        return _lsuv(work, feeds, opts, progress, model if source is None else source, t_start)
+        feeds = load_data(data, work) if opts.scaling else None
+        result = _lsuv(work, feeds, opts, progress, model if source is None else source,
+                       t_start)
+        result._hold(keys)
+        return result
     finally:
+        release_sources(keys)
         if isinstance(feeds, Stream):
             feeds.close()
 
@@ -272,8 +306,11 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     if data is None:
         raise InputError("data is required to check a model's variances")
     work = load_model(model, mapped=True)
-    feeds = load_data(data, work)
+    keys = source_keys(work)
+    hold_sources(keys)
+    feeds = None
     try:
+        feeds = load_data(data, work)
         discovery = find_layers(work, opts.selection)
         report = _new_report(discovery, dict(
             target_var=opts.target_var, tol=opts.tol, check=True, include=list(opts.include),
@@ -293,6 +330,7 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
                     final_check(run, run.state.skeleton(run.work), check=True)
             _weight_stds(report, state)
     finally:
+        release_sources(keys)
         if isinstance(feeds, Stream):
             feeds.close()
     report.timings["total_s"] = time.perf_counter() - t_start

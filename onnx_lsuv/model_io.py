@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from typing import Union
 
 import numpy as np
@@ -101,7 +102,7 @@ def _parse(path: str, mapped: bool = False) -> onnx.ModelProto:
             loaded = _parse_leaving_big_tensors(path)
         else:
             loaded = onnx.load(path, load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as err:
+    except (DecodeError, RuntimeError, ValueError, OSError, IndexError) as err:
         raise InputError(f"cannot read {path} as an ONNX model: {err}") from err
     if not loaded.HasField("graph") or not loaded.opset_import:
         raise InputError(f"{path} is not an ONNX model (no graph or no opset)")
@@ -194,15 +195,103 @@ def _read_external(t: onnx.TensorProto, base: str, source: str, mapped: bool = F
     return path
 
 
+# Files that mapped tensors read, kept open from the load on: an open file keeps its bytes
+# even when its path is replaced or removed (a result saved over its own input, a temporary
+# directory cleaned up). Keyed by the file's identity (device, inode, size, modification
+# time), which a mapped tensor records; [file, holders]. ``hold_sources`` and
+# ``release_sources`` count who needs them (an LSUVResult, a call); a file nobody holds stays
+# open until the process ends.
+_SOURCES: dict[str, list] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def _identity(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _source_key(path: str) -> str:
+    with _SOURCES_LOCK:
+        f = open(path, "rb")
+        key = _identity(os.fstat(f.fileno()))
+        if key in _SOURCES:
+            f.close()
+        else:
+            _SOURCES[key] = [f, 0]
+        return key
+
+
 def _mark_mapped(t: onnx.TensorProto, path: str, offset: int, length: int) -> None:
+    key = _source_key(path)
     for f in DATA_FIELDS:
         t.ClearField(f)
     del t.external_data[:]
     t.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", MAPPED), ("path", path), ("offset", str(offset)),
-                       ("length", str(length))):
+    for k, value in (("location", MAPPED), ("path", path), ("offset", str(offset)),
+                     ("length", str(length)), ("source", key)):
         entry = t.external_data.add()
-        entry.key, entry.value = key, value
+        entry.key, entry.value = k, value
+
+
+def source_keys(model: onnx.ModelProto) -> list[str]:
+    """The open files that ``model``'s mapped tensors read."""
+    return sorted({_external_info(t)["source"] for t in model.graph.initializer
+                   if is_mapped(t)})
+
+
+def hold_sources(keys: list[str]) -> None:
+    with _SOURCES_LOCK:
+        for key in keys:
+            if key in _SOURCES:
+                _SOURCES[key][1] += 1
+
+
+def release_sources(keys: list[str]) -> None:
+    """Let go of files ``hold_sources`` held; each is closed when nothing holds it."""
+    with _SOURCES_LOCK:
+        for key in keys:
+            entry = _SOURCES.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    entry[0].close()
+                    del _SOURCES[key]
+
+
+def _source_file(t: onnx.TensorProto):
+    """The open file a mapped tensor reads: the one opened at load, or, once that was let
+    go, the file at its path again if it is still the same file."""
+    info = _external_info(t)
+    key, path = info.get("source", ""), info["path"]
+    with _SOURCES_LOCK:
+        entry = _SOURCES.get(key)
+        if entry is not None:
+            return entry[0]
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise InputError(f"tensor {t.name!r}: {path} was removed since the model was loaded "
+                         f"({err.strerror}): load the model again") from err
+    if _identity(os.fstat(f.fileno())) != key:
+        f.close()
+        raise InputError(f"tensor {t.name!r}: {path} changed since the model was loaded: load "
+                         "the model again")
+    with _SOURCES_LOCK:
+        if key in _SOURCES:
+            f.close()
+            return _SOURCES[key][0]
+        _SOURCES[key] = [f, 0]
+        return f
+
+
+def read_mapped(t: onnx.TensorProto, offset: int = 0, size: int | None = None) -> bytes:
+    """Bytes of a mapped tensor (``size`` from ``offset`` within it; all by default)."""
+    path, start, length = mapped_range(t)
+    size = length - offset if size is None else size
+    data = os.pread(_source_file(t).fileno(), size, start + offset)
+    if len(data) != size:
+        raise InputError(f"tensor {t.name!r}: {path} holds {len(data)} of the {size} bytes at "
+                         f"offset {start + offset}: it changed while it was used")
+    return data
 
 
 PENDING = "onnx-lsuv-pending"  # a tensor whose values are an array beside the model, by name
@@ -255,7 +344,9 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
     shape = tuple(int(d) for d in t.dims)
     try:
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        f = _source_file(t)
+        with _SOURCES_LOCK:  # (np.memmap seeks the shared file to learn its size)
+            return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
     except (OSError, ValueError) as err:
         raise InputError(f"tensor {t.name!r}: cannot map its data in {path} (offset {offset}, "
                          f"{length} bytes): {err}; the file must not change while it is "
@@ -265,13 +356,7 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
 def materialize(t: onnx.TensorProto) -> None:
     """Read a mapped tensor's bytes into it (a plain tensor again)."""
     if is_mapped(t):
-        path, offset, length = mapped_range(t)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
-        if len(data) != length:
-            raise InputError(f"tensor {t.name!r}: {path} changed while it was used (holds "
-                             f"{len(data)} of {length} bytes at offset {offset})")
+        data = read_mapped(t)
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT
         t.raw_data = data
@@ -358,32 +443,27 @@ def _parse_leaving_big_tensors(path: str) -> onnx.ModelProto:
     try:
         return _strip_and_parse(buf, size, os.path.realpath(path))
     finally:
-        buf.close()
+        try:
+            buf.close()
+        except BufferError:  # a view still held by a traceback: the map goes with it
+            pass
 
 
 def _strip_and_parse(buf, size: int, real: str) -> onnx.ModelProto:
-    graphs = sum(1 for n, w, *_ in _fields(buf, 0, size) if n == _MODEL_GRAPH and w == 2)
-    if graphs != 1:  # protobuf would merge several: parse it plainly
-        model = onnx.ModelProto()
-        model.ParseFromString(bytes(buf[:size]))
-        return model
-    out = bytearray()
-    marks: dict[int, tuple[int, int]] = {}  # initializer position -> (offset, length)
-    for number, wire, a, b, begin in _fields(buf, 0, size):
-        if number != _MODEL_GRAPH or wire != 2:
-            out += buf[begin:b]
-            continue
+    fields = list(_fields(buf, 0, size))
+    graphs = [f for f in fields if f[0] == _MODEL_GRAPH and f[1] == 2]
+    strips: list[tuple[int, ...]] = []  # per big raw_data: its initializer's place, bounds
+    if len(graphs) == 1:  # (protobuf would merge several: parse such a file plainly)
+        _, _, a, b, _ = graphs[0]
         inputs = set()
         for n2, w2, a2, b2, _ in _fields(buf, a, b):
             if n2 == _GRAPH_INPUT and w2 == 2:
                 for n3, w3, a3, b3, _ in _fields(buf, a2, b2):
                     if n3 == 1 and w3 == 2:
                         inputs.add(bytes(buf[a3:b3]))
-        graph = bytearray()
         k = -1
         for n2, w2, a2, b2, begin2 in _fields(buf, a, b):
             if n2 != _GRAPH_INITIALIZER or w2 != 2:
-                graph += buf[begin2:b2]
                 continue
             k += 1
             raw = name = None
@@ -395,17 +475,30 @@ def _strip_and_parse(buf, size: int, real: str) -> onnx.ModelProto:
                     name = bytes(buf[a3:b3])
                 elif n3 == _T_LOCATION and w3 == 0 and buf[a3] == 1:
                     external = True
-            if raw is None or external or raw[2] - raw[1] < MAP_MIN or name in inputs:
-                graph += buf[begin2:b2]
-                continue
-            tensor = bytes(buf[a2:raw[0]]) + bytes(buf[raw[2]:b2])
-            marks[k] = (raw[1], raw[2] - raw[1])
-            graph += _len_field(_GRAPH_INITIALIZER, tensor)
-        out += _len_field(_MODEL_GRAPH, bytes(graph))
+            if raw is not None and not external and raw[2] - raw[1] >= MAP_MIN and \
+                    name not in inputs:
+                strips.append((k, a2, raw[0], raw[1], raw[2], b2, begin2))
     model = onnx.ModelProto()
-    model.ParseFromString(bytes(out))
-    for k, (offset, length) in marks.items():
+    if not strips:  # nothing big to leave out
+        model.ParseFromString(bytes(buf[:size]))
+        return model
+    view = memoryview(buf)
+    _, _, a, b, begin = graphs[0]
+    graph: list = []  # the graph's bytes, in pieces
+    pos = a
+    for _, a2, raw_begin, _, raw_end, b2, begin2 in strips:
+        graph.append(view[pos:begin2])
+        graph.append(_len_field(_GRAPH_INITIALIZER, bytes(view[a2:raw_begin]) +
+                                bytes(view[raw_end:b2])))
+        pos = b2
+    graph.append(view[pos:b])
+    graph_len = sum(len(piece) for piece in graph)
+    head = _encode_varint(_MODEL_GRAPH << 3 | 2) + _encode_varint(graph_len)
+    model.ParseFromString(b"".join([view[:begin], head, *graph, view[b:size]]))
+    del graph, view
+    for k, _, _, raw_start, raw_end, _, _ in strips:
         t = model.graph.initializer[k]
+        offset, length = raw_start, raw_end - raw_start
         if t.data_type not in _MAPPABLE or tensor_nbytes(t) != length:
             with open(real, "rb") as f:  # read after all: not a kind that is mapped
                 f.seek(offset)

@@ -37,6 +37,7 @@ from .model_io import (
     is_mapped,
     is_pending,
     mapped_range,
+    read_mapped,
     tensor_bytes,
     tensor_nbytes,
 )
@@ -332,6 +333,9 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
                 tx.obsolete(old)
     if external_data is None:
         external_data = tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
+    elif not external_data and tensor_bytes(model) > PROTOBUF_LIMIT - (64 << 20):
+        raise InputError(f"the model holds {tensor_bytes(model) / 2**30:.2f} GiB of tensors: "
+                         "over protobuf's 2 GiB, it can only be written with external data")
     big = [t for t in all_tensors(model) if tensor_nbytes(t) >= EXTERNAL_THRESHOLD
            and t.data_type != onnx.TensorProto.STRING] if external_data else []
     if not big:
@@ -375,17 +379,9 @@ def _tensor_chunks(t: onnx.TensorProto, arrays: dict[str, np.ndarray]):
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
         yield memoryview(arr).cast("B")
     elif is_mapped(t):
-        path, offset, length = mapped_range(t)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            left = length
-            while left:
-                piece = f.read(min(STEP, left))
-                if not piece:
-                    raise OutputError(f"{path} changed while it was used: tensor {t.name!r} "
-                                      "is truncated there")
-                left -= len(piece)
-                yield piece
+        _, _, length = mapped_range(t)
+        for start in range(0, length, STEP):
+            yield read_mapped(t, start, min(STEP, length - start))
     else:
         yield _little_endian_bytes(t)
 
@@ -484,7 +480,8 @@ def _little_endian_bytes(t: onnx.TensorProto) -> bytes:
 
 def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
                       external_data: bool | None = None,
-                      arrays: dict[str, np.ndarray] | None = None) -> list[str]:
+                      arrays: dict[str, np.ndarray] | None = None,
+                      protected: Iterable[str] = ()) -> list[str]:
     """Write ``model`` to ``output`` atomically: an error or Ctrl-C on the way leaves the old
     file (and its data) as it was, and no temporary file behind.
 
@@ -493,6 +490,11 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
         output: The .onnx path (through a symlink: the file it points to).
         external_data: Keep tensors of 1 KiB and more in a data file beside it (see
             ``stage_model``). Defaults to doing so only above protobuf's 2 GiB.
+        arrays: The values of the model's PENDING tensors (see ``stage_model``). Defaults
+            to none.
+        protected: Files that must survive the save (the data files the model's mapped
+            tensors read: never removed as the replaced model's obsolete data). Defaults to
+            none.
 
     Returns:
         The paths written: the model, then its data file if any.
@@ -501,7 +503,7 @@ def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,
         OutputError: A file could not be written (disk full, file too big, ...).
     """
     out = final_path(output)
-    with Transaction() as tx:
+    with Transaction(protected) as tx:
         written = stage_model(tx, model, out, external_data, arrays)
         tx.commit()
     return written

@@ -65,6 +65,10 @@ class Run:
     # whose written weights round differently from the ones measured).
     written_as_measured: bool = True
 
+    def __post_init__(self) -> None:
+        if self.engine.name != "cpu":  # a fed array is uploaded to the device on every run;
+            self.state.fed.clear()     # an initializer once per session
+
     @property
     def layers(self) -> list[Layer]:
         return self.state.layers
@@ -163,9 +167,11 @@ def exact_in_one_pass(run: Run, lay: Layer, biases: dict[int, LayerBias]) -> boo
     the graph solves for: one value per output unit) and every later layer reads it rescaled.
     Not so for a recurrent op, a layer in a Loop/Scan body, a weight also read upstream or
     tied to another node (whose readers the graph may not all rescale), a bias the graph
-    leaves out (a full-matrix Gemm C; a layer scaled in parts), or weights written in another
+    leaves out (a full-matrix Gemm C; a layer scaled in parts), a float16 layer (its
+    output rounds differently with a rescaled weight), or weights written in another
     precision than measured."""
-    return (run.written_as_measured and not lay.is_recurrent and lay.body is None
+    return (run.written_as_measured and np.dtype(lay.dtype) in (np.float32, np.float64)
+            and not lay.is_recurrent and lay.body is None
             and not lay.weight_read_upstream and not lay.shared_weight_users
             and (lay.index in biases or not run.state.has_nonzero_bias(lay)))
 

@@ -239,3 +239,73 @@ def test_graphs_the_one_pass_cannot_stand_for_are_measured_again(case):
     measured = independent.pooled_variances(written, feeds, targets)
     for rec, want in zip(result.report.layers, measured):
         assert rec.var_after == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_result_saved_over_its_own_input_still_has_its_model(tmp_path, external):
+    # The input's files stay open while the result lives: replacing (or removing) them does
+    # not change what the result writes or builds.
+    path = save(heavy_mlp(), tmp_path / "m.onnx", external)
+    shift = numpy_helper.to_array(
+        next(t for t in onnx.load(path).graph.initializer if t.name == "shift"))
+    result = lsuv_init(path, batch(), provider="cpu")
+    result.save(path)  # over the input, whose data file is then obsolete
+    result.save(str(tmp_path / "again.onnx"))
+    for model in (result.model, onnx.load(str(tmp_path / "again.onnx")), onnx.load(path)):
+        got = next(t for t in model.graph.initializer if t.name == "shift")
+        assert numpy_helper.to_array(got).tobytes() == shift.tobytes()
+
+
+def test_a_result_outlives_a_deleted_input(tmp_path):
+    import shutil
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    path = save(heavy_mlp(), folder / "m.onnx", external=True)
+    shift = numpy_helper.to_array(
+        next(t for t in onnx.load(path).graph.initializer if t.name == "shift"))
+    result = lsuv_init(path, batch(), provider="cpu")
+    shutil.rmtree(folder)
+    got = next(t for t in result.model.graph.initializer if t.name == "shift")
+    assert numpy_helper.to_array(got).tobytes() == shift.tobytes()
+
+
+def test_a_mapped_file_that_changed_after_it_was_let_go_is_refused(tmp_path):
+    from onnx_lsuv.model_io import release_sources, source_keys
+
+    path = save(heavy_mlp(layers=1), tmp_path / "m.onnx", external=True)
+    model = load_model(path, mapped=True)
+    keys = source_keys(model)
+    release_sources(keys)  # nothing holds the file open any more
+    with open(path + ".data", "r+b") as f:
+        f.write(b"\1" * 8)
+        os.utime(f.fileno(), ns=(1, 1))  # (the same second on a coarse clock still differs)
+    t = next(t for t in model.graph.initializer if is_mapped(t))
+    with pytest.raises(InputError, match="changed since the model was loaded"):
+        tensor_array(t)
+
+
+def test_a_file_cut_inside_a_field_header_is_an_input_error(tmp_path):
+    path = save(heavy_mlp(layers=1), tmp_path / "m.onnx", external=False)
+    with open(path, "rb") as f:
+        head = f.read(3)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(head[:2] + b"\xff")  # a key whose varint never ends
+    with pytest.raises(InputError, match="cannot read"):
+        load_model(str(cut), mapped=True)
+
+
+def test_no_external_data_over_protobufs_limit_is_refused_before_the_work(tmp_path,
+                                                                          monkeypatch):
+    from click.testing import CliRunner
+
+    import onnx_lsuv_cli.main as cli_main
+
+    path = save(heavy_mlp(layers=1), tmp_path / "m.onnx", external=True)
+    np.save(tmp_path / "x.npy", batch())
+    monkeypatch.setattr(cli_main, "PROTOBUF_LIMIT", (64 << 20) + 1024)  # a 1 KiB "limit"
+    res = CliRunner().invoke(cli_main.lsuv_command, [
+        path, "-d", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.onnx"),
+        "--no-external-data", "--provider", "cpu"])
+    assert res.exit_code == 2 and "only be written with external data" in res.output
+    assert not (tmp_path / "o.onnx").exists()
