@@ -261,7 +261,8 @@ def bench_heavy(reps: int, tmp: str, provider: str) -> dict:
     base = peak_rss_mb("baseline", path, data, provider)
     return dict(model="6 x Gemm 4096 + Tanh", batch=64, hw=d, layers=n,
                 params=n * (d * d + d), provider=rep.provider, forward_s=fwd, ours_s=ours_s,
-                init_s=rep.timings.get("init_s", 0.0), one_pass_s=rep.timings.get("one_pass_s", 0.0),
+                init_s=rep.timings.get("init_s", 0.0),
+                one_pass_s=rep.timings.get("one_pass_s", 0.0),
                 verify_s=rep.timings.get("verify_s", 0.0), converged=rep.converged,
                 worst=max(abs(r.var_after - 1.0) for r in rep.layers), weight_mb=weight_mb,
                 peak_forward_mb=peak_rss_mb("forward", path, data, provider) - base,
