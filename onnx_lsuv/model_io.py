@@ -545,12 +545,6 @@ def check_tensor_sizes(model: onnx.ModelProto, source: str) -> None:
                              "or corrupt")
 
 
-def has_external(model: onnx.ModelProto) -> bool:
-    """Whether any tensor of ``model`` (subgraphs included) lives in external data."""
-    return any(t.data_location == onnx.TensorProto.EXTERNAL and not is_mapped(t)
-               for t in _all_tensors(model, subgraphs=True))
-
-
 def _all_tensors(model: onnx.ModelProto, subgraphs: bool = False):
     """The main graph's initializers and Constant values (and, with ``subgraphs``, those of
     every If/Loop/Scan body too)."""
@@ -606,11 +600,6 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
             except InputError:
                 continue
     return sorted(files)
-
-
-def uses_external_data(path: str | os.PathLike) -> bool:
-    """Whether the model file at ``path`` keeps tensors in external data files."""
-    return bool(external_data_files(path))
 
 
 def default_opset(model: onnx.ModelProto) -> int:
