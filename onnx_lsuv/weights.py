@@ -117,12 +117,9 @@ class WeightState:
 
     @staticmethod
     def _scaled_weight(layer: Layer, base: np.ndarray, s: np.ndarray) -> np.ndarray:
-        if len(s) == 1:  # in float64, a bounded number of elements at a time
+        if len(s) == 1:
             out = np.empty(base.shape, layer.dtype)
-            flat_in, flat_out = base.reshape(-1), out.reshape(-1)
-            for k in range(0, flat_in.size, ROWS_PER_STEP):
-                part = slice(k, k + ROWS_PER_STEP)
-                flat_out[part] = flat_in[part].astype(np.float64) * s[0]
+            _rescale(base.reshape(-1), out.reshape(-1), s[0])
             return out
         g, out, _ = layer.layout.matrix_shape
         mats = layer.layout.to_matrices(base.astype(np.float64))
@@ -158,10 +155,7 @@ class WeightState:
                 self.base[lay.index] = cached[1]
             elif len(s) == 1 and base.flags.writeable and not isinstance(base, np.memmap) \
                     and base.flags.c_contiguous:
-                flat = base.reshape(-1)
-                for k in range(0, flat.size, ROWS_PER_STEP):
-                    part = slice(k, k + ROWS_PER_STEP)
-                    flat[part] = flat[part].astype(np.float64) * s[0]
+                _rescale(base.reshape(-1), base.reshape(-1), s[0])
             else:
                 del cached
                 self.base[lay.index] = self._scaled_weight(lay, base, s)
@@ -172,12 +166,8 @@ class WeightState:
     def multiply(self, layer: Layer, factor) -> None:
         """Scale the weight by ``factor``: one number, one per block, or one per output unit
         (the layer's factors then become per unit)."""
-        factor = np.asarray(factor, np.float64)
-        scale = self.scale[layer.index]
-        units = layer.layout.output_units
-        if factor.size == units and scale.size != units:
-            scale = np.repeat(scale, units // scale.size)
-        self.scale[layer.index] = scale * factor
+        self.scale[layer.index] = _broadcast_product(self.scale[layer.index],
+                                                     np.asarray(factor, np.float64))
 
     @staticmethod
     def lines_up(layer: Layer, b: np.ndarray) -> bool:
@@ -301,25 +291,23 @@ class WeightState:
         for name in self._changed_biases():
             _write_const(index, self._refs[name], self.stored(name))
         names = set(self._in_memory) | set(self._large)
-        fed = []
+        kept = []
         for t in copy.graph.initializer:
-            if t.name in self.fed:
-                fed.append(t)
-            elif t.name in names:
+            if t.name in self.fed:  # a graph input now
+                copy.graph.input.append(onnx.helper.make_tensor_value_info(
+                    t.name, t.data_type, list(t.dims)))
+                continue
+            if t.name in names:
                 for f in DATA_FIELDS:
                     t.ClearField(f)
                 t.data_location = onnx.TensorProto.EXTERNAL
                 del t.external_data[:]
                 entry = t.external_data.add()
                 entry.key, entry.value = "location", PLACEHOLDER
-        for t in copy.graph.initializer:  # anything else the model maps: read in
-            if t.name not in names and is_mapped(t):
+            elif is_mapped(t):  # anything else the model maps: read in
                 materialize(t)
-        kept = [t for t in copy.graph.initializer if t.name not in self.fed]
-        if fed:
-            for t in fed:
-                copy.graph.input.append(onnx.helper.make_tensor_value_info(
-                    t.name, t.data_type, list(t.dims)))
+            kept.append(t)
+        if len(kept) < len(copy.graph.initializer):
             del copy.graph.initializer[:]
             copy.graph.initializer.extend(kept)
         return copy
@@ -344,6 +332,14 @@ class WeightState:
                 mark_pending(proto)
             else:
                 _write_const(index, ref, value)
+
+
+def _rescale(src: np.ndarray, dst: np.ndarray, factor: float) -> None:
+    """dst = src * factor (flat arrays, dst may be src), in float64 a bounded part at a
+    time: no float64 copy of a whole weight."""
+    for k in range(0, src.size, ROWS_PER_STEP):
+        part = slice(k, k + ROWS_PER_STEP)
+        dst[part] = src[part].astype(np.float64) * factor
 
 
 def _broadcast_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
