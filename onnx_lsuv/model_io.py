@@ -374,8 +374,8 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # Protobuf wire format, as far as finding the main graph's big raw_data fields takes it.
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _GRAPH_INPUT = 7, 5, 11
-_T_DIMS, _T_DATA_TYPE, _T_NAME, _T_RAW, _T_LOCATION = 1, 2, 8, 9, 14
+MODEL_GRAPH, GRAPH_INITIALIZER, _GRAPH_INPUT = 7, 5, 11
+_T_DIMS, _T_DATA_TYPE, _T_NAME, T_RAW, _T_LOCATION = 1, 2, 8, 9, 14
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -427,8 +427,13 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
+def len_header(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (its payload follows)."""
+    return _encode_varint(number << 3 | 2) + _encode_varint(length)
+
+
 def _len_field(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+    return len_header(number, len(payload)) + payload
 
 
 def _parse_leaving_big_tensors(path: str) -> onnx.ModelProto:
@@ -451,7 +456,7 @@ def _parse_leaving_big_tensors(path: str) -> onnx.ModelProto:
 
 def _strip_and_parse(buf, size: int, real: str) -> onnx.ModelProto:
     fields = list(_fields(buf, 0, size))
-    graphs = [f for f in fields if f[0] == _MODEL_GRAPH and f[1] == 2]
+    graphs = [f for f in fields if f[0] == MODEL_GRAPH and f[1] == 2]
     strips: list[tuple[int, ...]] = []  # per big raw_data: its initializer's place, bounds
     if len(graphs) == 1:  # (protobuf would merge several: parse such a file plainly)
         _, _, a, b, _ = graphs[0]
@@ -463,13 +468,13 @@ def _strip_and_parse(buf, size: int, real: str) -> onnx.ModelProto:
                         inputs.add(bytes(buf[a3:b3]))
         k = -1
         for n2, w2, a2, b2, begin2 in _fields(buf, a, b):
-            if n2 != _GRAPH_INITIALIZER or w2 != 2:
+            if n2 != GRAPH_INITIALIZER or w2 != 2:
                 continue
             k += 1
             raw = name = None
             external = False
             for n3, w3, a3, b3, begin3 in _fields(buf, a2, b2):
-                if n3 == _T_RAW and w3 == 2:
+                if n3 == T_RAW and w3 == 2:
                     raw = (begin3, a3, b3)
                 elif n3 == _T_NAME and w3 == 2:
                     name = bytes(buf[a3:b3])
@@ -488,12 +493,12 @@ def _strip_and_parse(buf, size: int, real: str) -> onnx.ModelProto:
     pos = a
     for _, a2, raw_begin, _, raw_end, b2, begin2 in strips:
         graph.append(view[pos:begin2])
-        graph.append(_len_field(_GRAPH_INITIALIZER, bytes(view[a2:raw_begin]) +
+        graph.append(_len_field(GRAPH_INITIALIZER, bytes(view[a2:raw_begin]) +
                                 bytes(view[raw_end:b2])))
         pos = b2
     graph.append(view[pos:b])
     graph_len = sum(len(piece) for piece in graph)
-    head = _encode_varint(_MODEL_GRAPH << 3 | 2) + _encode_varint(graph_len)
+    head = len_header(MODEL_GRAPH, graph_len)
     model.ParseFromString(b"".join([view[:begin], head, *graph, view[b:size]]))
     del graph, view
     for k, _, _, raw_start, raw_end, _, _ in strips:

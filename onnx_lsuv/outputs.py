@@ -30,12 +30,15 @@ from .errors import InputError, OutputError
 from .model_io import (
     DATA_FIELDS,
     EXTERNAL_THRESHOLD,
+    GRAPH_INITIALIZER,
+    MODEL_GRAPH,
     PROTOBUF_LIMIT,
-    _encode_varint,
+    T_RAW,
     all_tensors,
     external_data_files,
     is_mapped,
     is_pending,
+    len_header,
     mapped_range,
     read_mapped,
     tensor_bytes,
@@ -392,10 +395,6 @@ def _data_chunks(layout: list, arrays: dict[str, np.ndarray]):
         yield from _tensor_chunks(t, arrays)
 
 
-def _key(number: int, wire: int) -> bytes:
-    return _encode_varint(number << 3 | wire)
-
-
 def _inline_chunks(model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
     """``model`` serialised as one protobuf, in pieces: each mapped or PENDING initializer's
     raw_data streamed after the rest of its TensorProto (protobuf allows fields in any order),
@@ -414,15 +413,15 @@ def _inline_chunks(model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
             del head.external_data[:]
             head.ClearField("data_location")
             n = tensor_nbytes(t)
-            body = head.SerializeToString() + _key(9, 2) + _encode_varint(n)
-            parts.append((_key(5, 2) + _encode_varint(len(body) + n) + body, t))
+            body = head.SerializeToString() + len_header(T_RAW, n)
+            parts.append((len_header(GRAPH_INITIALIZER, len(body) + n) + body, t))
         else:
             body = t.SerializeToString()
-            parts.append((_key(5, 2) + _encode_varint(len(body)) + body, None))
+            parts.append((len_header(GRAPH_INITIALIZER, len(body)) + body, None))
     graph_bytes = graph.SerializeToString()
     graph_len = len(graph_bytes) + sum(len(head) + (tensor_nbytes(t) if t is not None else 0)
                                        for head, t in parts)
-    yield rest.SerializeToString() + _key(7, 2) + _encode_varint(graph_len)
+    yield rest.SerializeToString() + len_header(MODEL_GRAPH, graph_len)
     yield graph_bytes
     for head, t in parts:
         yield head
