@@ -36,6 +36,7 @@ import onnx
 from .data import Stream
 from .layers import Layer
 from .measure_graph import Point, sums_model
+from .strategies import kept_note
 from .verdict import CONVERGED, NOT_CONVERGED, judge_units, mean_tolerance
 
 log = logging.getLogger("onnx_lsuv")
@@ -113,6 +114,19 @@ class _Goal:
         if self.mean is not None:
             bad |= ~(np.abs(mean - self.mean) < self.mean_tol)
         return live & bad
+
+    def distance(self, mean: np.ndarray, var: np.ndarray, live: np.ndarray) -> float:
+        """How far a try is from the targets: the worst of the controls in ``live`` (those live
+        before the solve), in units of each target's tolerance: |log(var / target)| against
+        log(1 + tol / target) (far below is as far as far above), |mean - target| against the
+        mean's tolerance. A control made constant counts as infinitely far."""
+        with np.errstate(all="ignore"):
+            d = np.abs(np.log(var / self.target)) / np.log1p(self.tol / self.target)
+        d = np.where(np.isfinite(var) & (var > 0), d, np.inf)
+        if self.mean is not None:
+            d = np.maximum(d, np.abs(mean - self.mean) / self.mean_tol)
+        d = d[live]
+        return float(d.max()) if d.size else 0.0
 
 
 def _linear(goal: _Goal, pre: Stats, beta: np.ndarray, active: np.ndarray,
@@ -416,11 +430,17 @@ def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
     if first:
         _record(run, lay, goal, stats[-1], tries, first=True)
     was_live = _live(stats[-1], goal)
+    best = None  # (distance, tries, scale, bias, stats): the closest try, kept if no try lands
     while True:
         mean, var = stats[-1].moments(goal.controls)
         active = goal.off(mean, var)
         if isinstance(outer, (_ShiftSearch, _Broyden)):  # a control a shift killed: undo
             active |= was_live & ~_live(stats[-1], goal)
+        far = goal.distance(mean, var, was_live)
+        if best is None or far < best[0]:
+            bias = state.bias[lay.index]
+            best = (far, tries, state.scale[lay.index].copy(),
+                    None if bias is None else bias.copy(), stats)
         if not active.any() or tries >= opts.max_iter:
             break
         if beta is not None and not lay.is_recurrent:
@@ -451,8 +471,15 @@ def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
         stats = measured[:len(_items(points, lay))]
         if nxt:  # measured with this layer's weights as they now are
             ahead[nxt.index] = measured[len(stats):]
+    kept = None
+    if active.any() and best[1] != tries:  # an earlier try was closer than the last: back to it
+        _, kept, state.scale[lay.index], state.bias[lay.index], stats = best
+        if nxt is not None:
+            ahead.pop(nxt.index, None)  # measured with the last try's weights
     _record(run, lay, goal, stats[-1], tries, first=False,
             killed=was_live & ~_live(stats[-1], goal))
+    if kept is not None:
+        kept_note(run.report, lay.name, kept, tries)
     log.debug("layer %s: %d tries", lay.name, tries)
 
 

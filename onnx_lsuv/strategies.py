@@ -14,6 +14,7 @@ Every status comes from ``verdict.judge`` on a variance measured on the written 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -36,7 +37,7 @@ from .measure_graph import (
 from .model_io import default_opset
 from .options import LSUVOptions
 from .report import LayerRecord, Report
-from .verdict import CONVERGED, GOOD, judge, needs_factor
+from .verdict import CONVERGED, GOOD, degenerate, judge, needs_factor, on_target
 from .weights import WeightState
 
 log = logging.getLogger("onnx_lsuv")
@@ -369,8 +370,53 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
                 h.append((float(s), float(v)))
         log.debug("layer %s try %d: var %s", lay.name, int(spent.max()),
                   np.array2string(var, precision=4))
+    var, kept = _keep_closest(run, lay, history, var)
     for rec, n, scale in zip(records, spent, run.state.total_scale(lay)):
         rec.tries = int(n)
         rec.scale = float(scale)
     run.state.fold([lay])
     run.judge(lay, var)
+    for rec, k, n in zip(records, kept, spent):
+        if k is not None:
+            kept_note(run.report, rec.name, k, int(n))
+
+
+def kept_note(report: Report, name: str, kept: int, spent: int) -> None:
+    """The note on a layer whose tries ended off target, where an earlier try was closer."""
+    report.notes.append(f"layer {name}: out of tries off target; kept try {kept} of {spent} "
+                        "(0: the start), the closest to the target, not the last")
+    log.info("%s", report.notes[-1])
+
+
+def distance(var: float, target: float) -> float:
+    """How far a variance is from the target, as the weight factor sees it: |log(var /
+    target)| (a factor s moves it by 2 log s, up or down alike); infinite for a degenerate
+    variance. Far below the target is as far as far above: a try that shrank the weight to
+    1e-7 is not 'close' because |1e-16 - 1| < |3 - 1|."""
+    if degenerate(var) is not None:
+        return math.inf
+    return abs(math.log(var / target))
+
+
+def _keep_closest(run: Run, lay: Layer, history: list[list[tuple[float, float]]],
+                  var: np.ndarray) -> tuple[np.ndarray, list[int | None]]:
+    """Each block still off target goes back to the try (a scale in ``history``, measured
+    with the same upstream weights) whose variance was closest to the target, where an
+    earlier one was closer than the last: (the variances now, per block the try kept or
+    None)."""
+    opts = run.options
+    var = np.array(var, dtype=np.float64)
+    back = np.ones(len(var))
+    kept: list[int | None] = [None] * len(var)
+    scale = run.state.scale[lay.index]
+    for b, (points, v) in enumerate(zip(history, var)):
+        if on_target(float(v), opts.target_var, opts.tol):
+            continue
+        k = min(range(len(points)), key=lambda j: distance(points[j][1], opts.target_var))
+        if distance(points[k][1], opts.target_var) < distance(float(v), opts.target_var):
+            back[b] = points[k][0] / float(scale[b])
+            var[b] = points[k][1]
+            kept[b] = k
+    if np.any(back != 1.0):
+        run.state.multiply(lay, back)
+    return var, kept
