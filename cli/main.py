@@ -39,12 +39,15 @@ Examples:
   onnx-lsuv trained.onnx -d batch.npy -o scaled.onnx --init rescale  # keep weights, rescale
 
 \b
-Exit codes: 0 done, every layer on target; {EXIT_FAILURE} a layer not on target (did not
-converge, or dead: variance 0, NaN or Inf; the model IS written), or a --match that left a
-changed tensor unmapped (written too), or ONNX Runtime failed on a measuring copy (nothing
-written); {EXIT_BAD_INPUT} bad input or usage, including a model
+Exit codes: 0 done, every layer on target and every other candidate left alone by a
+documented rule (--exclude, a hand-set kernel, a quantised weight, a tie; counted in the
+summary); {EXIT_FAILURE} a layer not on target (did not converge, or dead: variance 0, NaN or
+Inf), or a candidate layer that could not be initialised (inside an If branch, a weight it
+cannot trace, an op it does not handle; named; the model IS written in both cases), or a
+--match that left a changed tensor unmapped (written too), or ONNX Runtime failed on a
+measuring copy (nothing written); {EXIT_BAD_INPUT} bad input or usage, including a model
 ONNX Runtime refuses as it is (nothing written); {EXIT_CHECK_FAILED} --check found a layer
-off its target variance.
+off its target variance, or a candidate it could not measure.
 
 \b
 Shell completion (bash): eval "$(_ONNX_LSUV_COMPLETE=bash_source onnx-lsuv)"
@@ -262,8 +265,10 @@ def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
     if not quiet:
         click.echo(report.table(), err=True)
         what = f"checked {model}" if check else f"wrote {out}"
-        click.echo(f"{what}: {len(report.layers)} layers, provider {report.provider or '-'}, "
-                   f"{report.timings.get('total_s', 0):.2f} s", err=True)
+        alone = f", {len(report.left_alone)} left alone" if report.left_alone else ""
+        click.echo(f"{what}: {len(report.layers)} layers{alone}, provider "
+                   f"{report.provider or '-'}, {report.timings.get('total_s', 0):.2f} s",
+                   err=True)
     if as_json:
         click.echo(json.dumps(report.summary(), indent=2))
     unmatched = bool(report.match) and not report.match["complete"]
@@ -273,8 +278,17 @@ def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
         click.echo(f"error: --match: {report.match['summary']}; --save-weights holds only the "
                    "parameters that were found", err=True)
     if not report.converged:
+        problems = []
         off = sum(r.status not in GOOD for r in report.layers)
-        click.echo(f"error: {off} of {len(report.layers)} layers not on target"
+        if off:
+            problems.append(f"{off} of {len(report.layers)} layers not on target")
+        missed = report.not_initialised
+        if missed:
+            problems.append(
+                f"{len(missed)} candidate layer(s) not {'measured' if check else 'initialised'}"
+                ": " + "; ".join(f"{s['name']} ({s['op']}): {s['reason']}" for s in missed)
+                + " (--exclude NAME accepts leaving one as it is)")
+        click.echo("error: " + "; ".join(problems)
                    + ("" if check else f" (the model was written to {out})"), err=True)
         sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
     if unmatched:

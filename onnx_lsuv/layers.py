@@ -208,12 +208,27 @@ class Layer:
 
 @dataclass
 class Skipped:
-    """A candidate that is not a target, and why (``excluded``: the user's own selection)."""
+    """A candidate that is not a target, and why.
+
+    Two kinds, which the exit code tells apart. Left alone by a documented rule
+    (``by_rule``): the user's own selection (``excluded``), or ``left_alone``: a hand-set
+    kernel, a quantised or integer weight, a weight computed from the data, a tie to another
+    reader that writing it would change, one with no elements. Every other candidate is one a
+    user would expect initialised that onnx-lsuv could not initialise or measure (a layer
+    inside an If branch, a weight it cannot trace, an op it does not handle): not on target,
+    so the run exits 1 and ``--check`` 3, naming it.
+    """
 
     name: str
     op: str
     reason: str
     excluded: bool = False
+    left_alone: bool = False
+
+    @property
+    def by_rule(self) -> bool:
+        """Left alone by a documented rule (or the user's selection): not a failure."""
+        return self.excluded or self.left_alone
 
 
 @dataclass(frozen=True)
@@ -259,15 +274,18 @@ def _weight_problem(tensor: onnx.TensorProto, name: str) -> str | None:
     return None
 
 
-def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> str:
-    """Why a weight input is not a constant (or a chain of layout ops on one), with a hint."""
+def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> tuple[str, bool]:
+    """Why a weight input is not a constant (or a chain of layout ops on one), with a hint;
+    and whether that leaves it alone by a documented rule (a quantised weight, a weight
+    computed from the data) rather than as a layer that could not be initialised."""
     i = index.producer.get(name)
     node = index.graph.node[i] if i is not None else None
     if node is not None and node.op_type in ("DequantizeLinear", "Cast") and \
             index.resolve_const(node.input[0]):
-        return f"weight comes through {node.op_type} (quantized or cast weights are not changed)"
+        return (f"weight comes through {node.op_type} (quantized or cast weights are not "
+                "changed)", True)
     if name in reached:
-        return "weight depends on the input data (a dynamic weight): not a target"
+        return "weight depends on the input data (a dynamic weight): not a target", True
     if node is not None:
         upstream = index.ancestors(i) | {i}
         ops = sorted({index.graph.node[j].op_type for j in upstream} - {"Constant", "Identity"})
@@ -275,8 +293,8 @@ def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> str:
                 "parametrisation such as weight_norm is under torch's dynamo exporter: export "
                 "with the TorchScript exporter (torch.onnx.export(..., dynamo=False)) or remove "
                 "the parametrisation before export (torch.nn.utils.parametrize."
-                "remove_parametrizations, torch.nn.utils.remove_weight_norm)")
-    return "weight is not a constant"
+                "remove_parametrizations, torch.nn.utils.remove_weight_norm)", False)
+    return "weight is not a constant", False
 
 
 def _new_layer(index: GraphIndex, i: int, w_ref: ConstRef, layout: WeightLayout,
@@ -309,7 +327,8 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
                            "only x @ W, or x @ W through layout ops, is handled")
         if node.op_type == "MatMul" and node.input[1] in reached:
             return None  # a MatMul of two activations is no candidate
-        return Skipped(name, node.op_type, _why_not_const(index, node.input[1], reached))
+        why, rule = _why_not_const(index, node.input[1], reached)
+        return Skipped(name, node.op_type, why, left_alone=rule)
     if index.resolve_weight(node.input[0]) is not None or \
             index.resolve_const(node.input[0]) is not None:
         return Skipped(name, node.op_type, "both operands are constants")
@@ -317,7 +336,7 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
         return Skipped(name, node.op_type, NOT_REACHED)
     problem = _weight_problem(index.weight_proto(w_ref), w_ref.name)
     if problem:
-        return Skipped(name, node.op_type, problem)
+        return Skipped(name, node.op_type, problem, left_alone=True)
     return w_ref, chain
 
 
@@ -428,7 +447,7 @@ def recognise_recurrent(index: GraphIndex, i: int, reached: set[str]):
     w, r = index.tensor_proto(w_ref), index.tensor_proto(r_ref)
     problem = _weight_problem(w, w_ref.name) or _weight_problem(r, r_ref.name)
     if problem:
-        return Skipped(name, node.op_type, problem)
+        return Skipped(name, node.op_type, problem, left_alone=True)
     gates = GATES[node.op_type]
     dirs = int(w.dims[0])
     try:
@@ -452,6 +471,30 @@ def recognise_fused_attention(index: GraphIndex, i: int, reached: set[str]):
         return None
     return Skipped(index.node_name(i), node.op_type,
                    f"fused attention node: its weights ({', '.join(consts)}) are not changed")
+
+
+def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
+    """Einsum with a constant float weight of rank 2 or more beside the data (Flax's
+    nnx.Einsum, jax2onnx's dot_general, nnx.Embed.attend as a tied head): a dense layer a user
+    expects initialised, which is not handled yet, so reported as not initialised."""
+    node = index.graph.node[i]
+    consts = []
+    for name in node.input:
+        ref, chain, _ = _constant_or_chain(index, name) if name else (None, None, "")
+        if ref is None:
+            continue
+        shape = _shape(index, ref, chain)
+        if len(shape) >= 2 and index.weight_proto(ref).data_type in FLOAT_TYPES:
+            consts.append(ref.name)
+    if not consts:
+        return None
+    name = index.node_name(i)
+    if not any(x in reached for x in node.input if x):
+        return Skipped(name, node.op_type, NOT_REACHED)
+    equation = attribute(node, "equation", b"")
+    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+    return Skipped(name, node.op_type, f"Einsum {equation!r} with a constant weight "
+                   f"({', '.join(consts)}): not handled, so not initialised")
 
 
 def recognise_subgraph(index: GraphIndex, i: int, reached: set[str]):
@@ -493,7 +536,7 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
         if w in sub.returned:
             items.append(Skipped(sub.node_name(j), node.op_type, (
                 f"its weight is a loop-carried value that {index.node_name(i)} also returns "
-                f"as {sub.returned[w]!r}, which the graph reads: left alone")))
+                f"as {sub.returned[w]!r}, which the graph reads: left alone"), left_alone=True))
             continue
         items.append(recognise_dense(sub, j, data))
     items = [item for item in items if item is not None]
@@ -509,7 +552,7 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
         readers = _body_strangers(sub, item, chains)
         if readers:
             out.append(Skipped(item.name, item.op, f"its weight is also read inside the body "
-                               f"by {', '.join(readers)}"))
+                               f"by {', '.join(readers)}: left alone", left_alone=True))
             continue
         if not body.node[j].name:
             item.name = f"{index.node_name(i)}/{item.name}"
@@ -553,6 +596,7 @@ RECOGNISERS: dict[str, tuple[Recogniser, tuple[str, ...] | None]] = {
     **{op: (recognise_conv, _DEFAULT_DOMAIN) for op in ("Conv", "ConvTranspose")},
     **{op: (recognise_dense, _DEFAULT_DOMAIN) for op in ("Gemm", "MatMul")},
     **{op: (recognise_recurrent, _DEFAULT_DOMAIN) for op in RNN_OPS},
+    "Einsum": (recognise_einsum, _DEFAULT_DOMAIN),
     **{op: (recognise_fused_attention, None) for op in FUSED_ATTENTION_OPS},
     **{op: (recognise_subgraph, _DEFAULT_DOMAIN) for op in SUBGRAPH_OPS},
 }
@@ -597,6 +641,11 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     recognised = [item for item in found if isinstance(item, Layer)]
     for item in found:
         if isinstance(item, Skipped):
+            pattern = None if item.by_rule else selection.matches(selection.exclude,
+                                                                  [item.name, item.op])
+            if pattern:  # a candidate it could not initialise, which the user left out
+                item.reason += f" (excluded by --exclude {pattern!r})"
+                item.excluded = True
             skipped.append(item)
             continue
         forced = selection.matches(selection.include, _names(item))
@@ -607,7 +656,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             continue
         fixed = None if forced else _looks_fixed(index, item)
         if fixed:
-            skipped.append(Skipped(item.name, item.op, fixed))
+            skipped.append(Skipped(item.name, item.op, fixed, left_alone=True))
             continue
         candidates.append(item)
     layers: list[Layer] = []
@@ -630,7 +679,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             what = "weights" if item.is_recurrent else "weight"
             skipped.append(Skipped(item.name, item.op,
                                    f"{what} tied to layer {first.name}, read in another layout "
-                                   "(set at its first use)"))
+                                   "(set at its first use)", left_alone=True))
             continue
         for r in refs:  # a new weight, or other elements of one (a Slice of a shared kernel)
             owner.setdefault(r, []).append(item)
@@ -651,7 +700,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             skipped.append(Skipped(layer.name, layer.op, (
                 f"its weight {layer.weight.name!r} is also read by {who}, which is not a "
                 "target (a tie such as an LM head sharing the token embedding): left alone; "
-                f"--include {layer.name} initialises it anyway, changing that reader too")))
+                f"--include {layer.name} initialises it anyway, changing that reader too"),
+                left_alone=True))
             continue
         for j in users:
             if index.node_name(j) not in layer.shared_weight_users:

@@ -211,8 +211,12 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
     report = _new_report(discovery, opts.to_dict())
     layers = discovery.layers
     if not layers:
-        log.warning("the model has no Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU or RNN layer "
-                    "with a constant weight: nothing to do")
+        if report.not_initialised:
+            log.warning("no layer could be initialised: %d candidate(s) not initialised "
+                        "(--exclude them to accept that)", len(report.not_initialised))
+        else:
+            log.warning("the model has no Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU or RNN "
+                        "layer with a constant weight: nothing to do")
         report.timings["total_s"] = time.perf_counter() - t_start
         return LSUVResult(work, report)
 
@@ -395,16 +399,18 @@ def _new_report(discovery: Discovery, options: dict) -> Report:
     for s in discovery.skipped:
         if s.excluded:
             log.info("not a target: %s (%s): %s", s.name, s.op, s.reason)
-        else:
+        elif s.by_rule:
             log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
+        else:
+            log.warning("NOT initialised: %s (%s): %s", s.name, s.op, s.reason)
     return Report(
         layers=[LayerRecord(index=lay.index, name=lay.block_name(b), op=lay.op,
                             weight=lay.weight.name, weight_shape=list(lay.weight_shape),
                             groups=lay.layout.groups, bias=lay.bias.name if lay.bias else None,
                             block=lay.blocks[b])
                 for lay in discovery.layers for b in range(len(lay.blocks))],
-        skipped=[{"name": s.name, "op": s.op, "reason": s.reason, "excluded": s.excluded}
-                 for s in discovery.skipped],
+        skipped=[{"name": s.name, "op": s.op, "reason": s.reason, "excluded": s.excluded,
+                  "by_rule": s.by_rule} for s in discovery.skipped],
         options=options,
         versions={"onnx_lsuv": __version__, "onnx": onnx.__version__,
                   "onnxruntime": ort.__version__, "numpy": np.__version__,

@@ -52,6 +52,8 @@ class Report:
     """The result of one run: per-layer records, skipped candidates, timings, settings."""
 
     layers: list[LayerRecord] = field(default_factory=list)
+    # candidates that are no target: {"name", "op", "reason", "excluded", "by_rule"}; by_rule
+    # False is a layer a user would expect initialised that was not (see ``not_initialised``)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
@@ -70,8 +72,22 @@ class Report:
     @property
     def converged(self) -> bool:
         """True when every layer is on target ('converged'), or no data pass was asked for
-        ('not_scaled'). A degenerate ('skipped') layer makes it False: it is not on target."""
-        return all(r.status in GOOD for r in self.layers)
+        ('not_scaled'), and every candidate that is no target was left alone by a documented
+        rule (``by_rule``). A degenerate ('skipped') layer makes it False: it is not on target;
+        so does a candidate that could not be initialised or measured (``not_initialised``)."""
+        return all(r.status in GOOD for r in self.layers) and not self.not_initialised
+
+    @property
+    def not_initialised(self) -> list[dict[str, Any]]:
+        """The candidates a user would expect initialised (or, in a check, measured) that were
+        not: inside an If branch, a weight that cannot be traced, an op not handled. Not on
+        target: the CLI exits 1 (3 with --check) and names each."""
+        return [s for s in self.skipped if not s.get("by_rule", s.get("excluded", False))]
+
+    @property
+    def left_alone(self) -> list[dict[str, Any]]:
+        """The candidates left alone by a documented rule or the user's --exclude."""
+        return [s for s in self.skipped if s.get("by_rule", s.get("excluded", False))]
 
     def summary(self) -> dict[str, Any]:
         """The one-object summary that ``--json`` prints: counts, worst deviation, times."""
@@ -84,6 +100,8 @@ class Report:
             "layers": len(self.layers),
             **counts,
             "not_targets": len(self.skipped),
+            "left_alone": len(self.left_alone),
+            "not_initialised": len(self.not_initialised),
             "worst_abs_var_minus_target": max((abs(r.var_after - target) for r in done),
                                               default=None),
             "provider": self.provider,
@@ -133,8 +151,10 @@ class Report:
             ).rstrip()
 
         lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
-        for s in self.skipped:
+        for s in self.left_alone:
             lines.append(f"not a target: {s['name']} ({s['op']}): {s['reason']}")
+        for s in self.not_initialised:
+            lines.append(f"NOT initialised: {s['name']} ({s['op']}): {s['reason']}")
         return "\n".join(lines)
 
 

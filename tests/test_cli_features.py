@@ -196,7 +196,7 @@ def test_exclude_and_include_on_the_command_line_and_in_the_report(tmp_path):
     report = json.loads(rep.read_text())
     assert [r["name"] for r in report["layers"]] == ["dfl.conv"]
     assert report["skipped"] == [{"name": "cv2", "op": "Conv", "excluded": True,
-                                  "reason": "excluded by --exclude '*'"}]
+                                  "by_rule": True, "reason": "excluded by --exclude '*'"}]
     assert report["options"]["include"] == ["dfl.*"] and report["options"]["exclude"] == ["*"]
     written = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     assert np.array_equal(written["w"], feeds_weight(model, "w"))

@@ -387,7 +387,13 @@ def test_a_matmul_with_its_constant_first_is_named_with_the_reason(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", rand(12, 32, seed=3))
     res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx")
-    assert "not a target: w_first (MatMul): its constant is the first operand" in res.output
+    assert "NOT initialised: w_first (MatMul): its constant is the first operand" in res.output
+    # a layer a user expects initialised that was not: not on target (the model is written)
+    assert res.exit_code == EXIT_FAILURE, res.output
+    assert "1 candidate layer(s) not initialised: w_first (MatMul)" in res.output
+    res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx",
+                 "--exclude", "w_first", "--overwrite")
+    assert res.exit_code == 0, res.output
 
 
 # -- from the review of this change ----------------------------------------------------------

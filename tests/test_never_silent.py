@@ -71,3 +71,148 @@ def test_the_last_try_is_kept_when_it_is_the_closest():
     v_written = pooled_var(result.model, feeds, outs)
     assert rec.var_after == pytest.approx(v_written, rel=1e-4)
     assert not any("kept try" in n for n in result.report.notes)
+
+
+# --- class 8: a run or a check that did nothing, exit 0 ---------------------------------
+
+def branch(name, weight, bias_value):
+    """One If branch: Conv (its weight an initializer of the branch) -> Relu, as the torch
+    exporter writes a scripted module's `if` (the weights live in the branch)."""
+    w = numpy_helper.from_array(rand(4, 2, 3, 3, seed=weight), f"{name}_w")
+    b = numpy_helper.from_array(np.full(4, bias_value, np.float32), f"{name}_b")
+    nodes = [helper.make_node("Conv", ["x", f"{name}_w", f"{name}_b"], [f"{name}_c"],
+                              name=f"{name}_conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", [f"{name}_c"], [f"{name}_y"], name=f"{name}_relu")]
+    return helper.make_graph(nodes, name, [], [
+        helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [8, 4, 6, 6])], [w, b])
+
+
+def voice_activity_like():
+    """Every candidate layer inside the branches of an If chosen by an input (the sample
+    rate), as voice-activity models ship: nothing in the main graph to initialise."""
+    nodes = [
+        helper.make_node("Constant", [], ["rate16k"],
+                         value=numpy_helper.from_array(np.array(16000, np.int64))),
+        helper.make_node("Equal", ["sr", "rate16k"], ["is16k"], name="pick"),
+        helper.make_node("If", ["is16k"], ["y"], name="by_rate",
+                         then_branch=branch("then", 1, 0.3), else_branch=branch("else", 2, -0.2)),
+    ]
+    graph = helper.make_graph(
+        nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 2, 6, 6]),
+                       helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4, 6, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=8)
+    onnx.checker.check_model(model)
+    return model, {"x": rand(8, 2, 6, 6, seed=5), "sr": np.array(16000, np.int64)}
+
+
+def save_batch(tmp_path, feeds):
+    path = tmp_path / "batch.npz"
+    np.savez(path, **feeds)
+    return path
+
+
+def test_a_run_whose_layers_all_sit_in_if_branches_exits_1_naming_them(tmp_path):
+    model, feeds = voice_activity_like()
+    onnx.save(model, tmp_path / "vad.onnx")
+    data = save_batch(tmp_path, feeds)
+    res = invoke(tmp_path / "vad.onnx", "-d", data, "-o", tmp_path / "out.onnx")
+    assert res.exit_code == EXIT_FAILURE, res.output
+    assert "1 candidate layer(s) not initialised: by_rate (If): 2 target op(s)" in res.output, \
+        res.output
+    assert "NOT initialised: by_rate (If)" in res.output
+    # The check built on the README's recipe fails on it too, with 0 layers measured.
+    res = invoke(tmp_path / "out.onnx", "-d", data, "--check", "--json")
+    assert res.exit_code == EXIT_CHECK_FAILED, res.output
+    assert "not measured: by_rate (If)" in res.output
+    # The Python API says the same.
+    result = lsuv_init(model, feeds)
+    assert not result.report.converged
+    assert [s["name"] for s in result.report.not_initialised] == ["by_rate"]
+    assert not check_variances(model, feeds).converged
+
+
+def test_excluding_the_candidates_it_cannot_reach_accepts_them(tmp_path):
+    model, feeds = voice_activity_like()
+    onnx.save(model, tmp_path / "vad.onnx")
+    data = save_batch(tmp_path, feeds)
+    res = invoke(tmp_path / "vad.onnx", "-d", data, "-o", tmp_path / "out.onnx",
+                 "--exclude", "by_rate", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    import json
+
+    skipped = json.loads((tmp_path / "r.json").read_text())["skipped"]
+    assert skipped == [{"name": "by_rate", "op": "If", "excluded": True, "by_rule": True,
+                        "reason": skipped[0]["reason"]}]
+    assert "excluded by --exclude 'by_rate'" in skipped[0]["reason"]
+    res = invoke(tmp_path / "out.onnx", "-d", data, "--check", "--exclude", "If")
+    assert res.exit_code == 0, res.output
+
+
+def flax_einsum_and_tied_head():
+    """What jax2onnx writes for nnx.Embed -> nnx.Einsum('btd,dh->bth') -> relu -> nnx.Linear
+    -> nnx.Embed.attend: two Einsums with constant weights (the second through a Transpose of
+    the embedding table that the Gather reads), and one Gemm."""
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "ids64"], ["emb"], name="embed", axis=0),
+        helper.make_node("Einsum", ["emb", "ein_w"], ["ein"], name="einsum",
+                         equation="btd,dh->bth"),
+        helper.make_node("Add", ["ein", "ein_b"], ["ein_out"]),
+        helper.make_node("Relu", ["ein_out"], ["h"]),
+        helper.make_node("Reshape", ["h", "flat"], ["h2"]),
+        helper.make_node("Gemm", ["h2", "fc_w", "fc_b"], ["fc"], name="fc"),
+        helper.make_node("Reshape", ["fc", "back"], ["fc3"]),
+        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+        helper.make_node("Einsum", ["fc3", "table_t"], ["logits"], name="attend",
+                         equation="abc,cd->abd"),
+    ]
+    inits = {"table": rand(50, 16, seed=1), "ein_w": rand(16, 8, seed=2),
+             "ein_b": np.full(8, 0.1, np.float32), "fc_w": rand(8, 16, seed=3),
+             "fc_b": np.full(16, -0.2, np.float32), "flat": np.array([-1, 8], np.int64),
+             "back": np.array([4, 5, 16], np.int64)}
+    model = make_model(nodes, [("ids", [4, 5], TensorProto.INT32)], [("logits", None)], inits)
+    ids = np.random.default_rng(0).integers(0, 50, (4, 5)).astype(np.int32)
+    return model, {"ids": ids}
+
+
+def test_einsum_layers_and_a_head_tied_through_einsum_are_reported_not_initialised(tmp_path):
+    model, feeds = flax_einsum_and_tied_head()
+    result = lsuv_init(model, feeds)
+    rep = result.report
+    assert [r.name for r in rep.layers] == ["fc"]
+    missed = {s["name"]: s["reason"] for s in rep.not_initialised}
+    assert set(missed) == {"einsum", "attend"}, rep.table()
+    assert "'btd,dh->bth'" in missed["einsum"] and "table" in missed["attend"]
+    assert not rep.converged
+    assert rep.summary()["not_initialised"] == 2 and not rep.summary()["ok"]
+    onnx.save(model, tmp_path / "m.onnx")
+    res = invoke(tmp_path / "m.onnx", "-d", save_batch(tmp_path, feeds), "-o",
+                 tmp_path / "o.onnx")
+    assert res.exit_code == EXIT_FAILURE and "einsum (Einsum)" in res.output, res.output
+
+
+def test_a_candidate_left_alone_by_a_documented_rule_keeps_exit_0_and_is_counted(tmp_path):
+    """A hand-set kernel (integers 0..15, like YOLOv8's DFL conv) beside a real one."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "dfl"], ["y"], name="dfl")]
+    dfl = np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1)
+    model = make_model(nodes, [("x", [8, 3, 6, 6])], [("y", [8, 1, 6, 6])],
+                       {"w": rand(16, 3, 3, 3, seed=1), "b": np.full(16, 0.5, np.float32),
+                        "dfl": dfl})
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", rand(8, 3, 6, 6, seed=2))
+    res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    assert "1 layers, 1 left alone" in res.output
+    summary = res.output[res.output.index("{"):]
+    import json
+
+    summary = json.loads(summary[:summary.rindex("}") + 1])
+    assert summary["left_alone"] == 1 and summary["not_initialised"] == 0 and summary["ok"]
+    saved = onnx.load(tmp_path / "o.onnx")
+    kept = next(t for t in saved.graph.initializer if t.name == "dfl")
+    assert numpy_helper.to_array(kept).tobytes() == dfl.tobytes()

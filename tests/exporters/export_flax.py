@@ -129,6 +129,20 @@ class GRUScan(nnx.Module):
         return jnp.swapaxes(ys, 0, 1)
 
 
+class EinsumHead(nnx.Module):
+    """nnx.Einsum, then a Linear, then a head through nnx.Embed.attend (the embedding table
+    transposed): jax2onnx writes the Einsum and the head as Einsum nodes with constant
+    weights, which onnx-lsuv does not initialise yet (and must say so)."""
+
+    def __init__(self, rngs):
+        self.ein = nnx.Einsum("btd,dh->bth", (6, 12), (12,), bias_init=BIAS, rngs=rngs)
+        self.fc = nnx.Linear(12, 16, bias_init=BIAS, rngs=rngs)
+        self.emb = nnx.Embed(20, 16, rngs=rngs)
+
+    def __call__(self, x):  # [N, 8, 6]
+        return self.emb.attend(self.fc(nnx.relu(self.ein(x))))
+
+
 MODELS = {
     "cnn": (CNN, (12, 12, 3)),
     "conv_transpose": (ConvT, (8, 8, 4)),
@@ -138,6 +152,7 @@ MODELS = {
     "lstm_rnn": (LSTMRNN, (8, 6)),
     "lstm_scan": (LSTMScan, (8, 6)),
     "gru_scan": (GRUScan, (8, 6)),
+    "einsum": (EinsumHead, (8, 6)),
 }
 
 
