@@ -497,6 +497,32 @@ def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
                    f"({', '.join(consts)}): not handled, so not initialised")
 
 
+# Layers that other tools fused or quantised, with their weights as constants: ONNX Runtime's
+# contrib ops (an optimised model saved by a session) are not handled, so not initialised;
+# quantised layers are left alone by rule, as a weight behind DequantizeLinear is.
+FUSED_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv", "NhwcFusedConv")
+QUANTISED_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
+                 "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                 "QLinearConvTranspose", "MatMulBnb4", "MatMulFpQ4")
+
+
+def recognise_other_layer(index: GraphIndex, i: int, reached: set[str]):
+    """A fused or quantised dense or conv op with a constant weight of rank 2 or more: named
+    in the report, never passed over in silence."""
+    node = index.graph.node[i]
+    consts = [n for n in node.input[1:] if n and (ref := index.resolve_const(n)) is not None
+              and len(index.tensor_proto(ref).dims) >= 2]
+    if not consts:
+        return None
+    name = index.node_name(i)
+    if node.op_type in QUANTISED_OPS:
+        return Skipped(name, node.op_type, f"a quantised layer (weight {consts[0]!r}): "
+                       "quantized weights are not changed", left_alone=True)
+    return Skipped(name, node.op_type, f"a fused {node.domain or 'ai.onnx'} op with a constant "
+                   f"weight ({consts[0]!r}), as an optimising runtime saves it: not handled, so "
+                   "not initialised (initialise the model before it is optimised)")
+
+
 def recognise_subgraph(index: GraphIndex, i: int, reached: set[str]):
     """If/Loop/Scan: the MatMul and Gemm layers of a Loop or Scan body whose weights are the
     main graph's constants (read from the enclosing scope or passed through unchanged as
@@ -597,6 +623,7 @@ RECOGNISERS: dict[str, tuple[Recogniser, tuple[str, ...] | None]] = {
     **{op: (recognise_dense, _DEFAULT_DOMAIN) for op in ("Gemm", "MatMul")},
     **{op: (recognise_recurrent, _DEFAULT_DOMAIN) for op in RNN_OPS},
     "Einsum": (recognise_einsum, _DEFAULT_DOMAIN),
+    **{op: (recognise_other_layer, None) for op in FUSED_OPS + QUANTISED_OPS},
     **{op: (recognise_fused_attention, None) for op in FUSED_ATTENTION_OPS},
     **{op: (recognise_subgraph, _DEFAULT_DOMAIN) for op in SUBGRAPH_OPS},
 }

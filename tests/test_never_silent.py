@@ -216,3 +216,33 @@ def test_a_candidate_left_alone_by_a_documented_rule_keeps_exit_0_and_is_counted
     saved = onnx.load(tmp_path / "o.onnx")
     kept = next(t for t in saved.graph.initializer if t.name == "dfl")
     assert numpy_helper.to_array(kept).tobytes() == dfl.tobytes()
+
+
+def test_fused_and_quantised_layers_are_reported_never_passed_over():
+    """An optimised model saved by ONNX Runtime holds com.microsoft FusedConv (not handled:
+    not initialised); a quantised MatMulInteger is left alone by rule."""
+    nodes = [
+        helper.make_node("FusedConv", ["x", "fw", "fb"], ["f"], name="fused", domain="com.microsoft",
+                         activation="Relu", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["f", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c"], ["flat"]),
+        helper.make_node("QuantizeLinear", ["flat", "s", "zp"], ["q"]),
+        helper.make_node("MatMulInteger", ["q", "qw", "zp", "wzp"], ["y"], name="qmm"),
+    ]
+    graph = helper.make_graph(
+        nodes, "optimised", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+        [numpy_helper.from_array(v, k) for k, v in {
+            "fw": rand(4, 2, 3, 3, seed=1), "fb": np.full(4, 0.2, np.float32),
+            "w": rand(3, 4, 3, 3, seed=2), "b": np.full(3, -0.1, np.float32),
+            "s": np.array(0.05, np.float32), "zp": np.array(0, np.uint8),
+            "qw": np.random.default_rng(0).integers(0, 255, (48, 5)).astype(np.uint8),
+            "wzp": np.array(128, np.uint8)}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    rep = lsuv_init(model, {"x": rand(8, 2, 4, 4, seed=3)}).report
+    assert [r.name for r in rep.layers] == ["conv"]
+    assert [(s["name"], s["op"]) for s in rep.not_initialised] == [("fused", "FusedConv")]
+    assert [(s["name"], s["op"]) for s in rep.left_alone] == [("qmm", "MatMulInteger")]
+    assert not rep.converged
