@@ -120,9 +120,10 @@ class Layer:
             graph, the layer's node index in the body). ``node_index`` is then the Loop's, and
             ``output``, ``out_nodes`` and the chains refer to the body; the layer is measured
             over every iteration (its output exposed as a scan output on measuring copies).
-        disjoint_readers: First nodes of other layers' chains (excluded ones too) that read
-            elements of the same stored weight disjoint from this layer's (Slices of one
-            kernel): rescaling this layer leaves what they read alone.
+        disjoint_readers: Nodes of other layers (excluded ones too) that read elements of
+            the same stored weight disjoint from this layer's (Slices or one Split of one
+            kernel), decided by their chains' gathers: rescaling this layer leaves what they
+            read alone.
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
         weight_read_upstream: Whether rescaling the weight also changes the layer's own input:
             a node upstream of it (by data flow) reads the weight too, or one use of it feeds
@@ -637,9 +638,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
         layers.append(item)
     kept: list[Layer] = []
     for layer in layers:
-        layer.disjoint_readers = {other.chain.nodes[0] for other in recognised
-                                  if other is not layer and other.weight == layer.weight
-                                  and other.body is None and _disjoint(layer, other)}
+        layer.disjoint_readers = _disjoint_readers(layer, recognised)
         users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
                  for j, _ in index.readers_through(ref.name, layer.chain_nodes)[0]
                  if j not in layer.own_nodes and j not in layer.disjoint_readers]
@@ -689,6 +688,20 @@ def _same_use(first: Layer, other: Layer) -> bool:
         return False
     return _same_gather(first.chain, other.chain) and \
         _same_gather(first.bias_chain, other.bias_chain)
+
+
+def _disjoint_readers(layer: Layer, recognised: list[Layer]) -> set[int]:
+    """The nodes of other layers (excluded ones too) that read elements of ``layer``'s stored
+    weight disjoint from its own, as their chains' gathers say: rescaling ``layer`` leaves
+    what they read alone, so they are no tied readers of it. Every node of such a layer's
+    uses counts, not only its chain's first one: two layers reading the halves of one kernel
+    through one Split share that node, and a walk from the weight through it reaches the
+    other layer's chain and node. The nodes the layer has itself (the shared Split) stay
+    its own."""
+    return {j for other in recognised
+            if other is not layer and other.weight == layer.weight and other.body is None
+            and _disjoint(layer, other)
+            for j in other.own_nodes} - layer.own_nodes
 
 
 def _disjoint(a: Layer, b: Layer) -> bool:

@@ -673,6 +673,55 @@ def test_excluding_one_slice_of_a_kernel_leaves_its_elements_and_takes_the_other
     assert abs(pooled_var(result.model, feeds, ["ya"]) - 1) < TOL
 
 
+def halves_of_one_kernel(cut: str, op: str):
+    """Two layers in sequence reading the two halves of one stored kernel K [16, 32]: through
+    one Split both chains share (tf2onnx and jax2onnx write this), or through a Slice each.
+    Each with its own non-zero bias (Gemm's input, or an Add after a MatMul)."""
+    if cut == "split":
+        nodes = [helper.make_node("Split", ["K", "halves"], ["Ka", "Kb"], axis=1, name="cut")]
+    else:
+        nodes = [helper.make_node("Slice", ["K", "s0", "s1", "ax"], ["Ka"], name="cut_a"),
+                 helper.make_node("Slice", ["K", "s1", "s2", "ax"], ["Kb"], name="cut_b")]
+    if op == "Gemm":
+        nodes += [helper.make_node("Gemm", ["x", "Ka", "Ba"], ["ya"], name="fa"),
+                  helper.make_node("Relu", ["ya"], ["ra"]),
+                  helper.make_node("Gemm", ["ra", "Kb", "Bb"], ["yb"], name="fb")]
+    else:
+        nodes += [helper.make_node("MatMul", ["x", "Ka"], ["ma"], name="fa"),
+                  helper.make_node("Add", ["ma", "Ba"], ["ya"]),
+                  helper.make_node("Relu", ["ya"], ["ra"]),
+                  helper.make_node("MatMul", ["ra", "Kb"], ["mb"], name="fb"),
+                  helper.make_node("Add", ["mb", "Bb"], ["yb"])]
+    nodes.append(helper.make_node("Tanh", ["yb"], ["out"]))
+    inits = {"K": rand(16, 32, seed=1) * 3, "Ba": rand(16, seed=2), "Bb": rand(16, seed=3),
+             "halves": np.array([16, 16], np.int64), "s0": np.array([0], np.int64),
+             "s1": np.array([16], np.int64), "s2": np.array([32], np.int64),
+             "ax": np.array([1], np.int64)}
+    model = make_model(nodes, [("x", ["N", 16])], [("out", None)], inits)
+    return model, {"x": rand(64, 16, seed=9)}
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_halves_of_one_kernel_are_no_tied_readers_and_converge_in_one_try(cut, op):
+    """Ties are decided by the elements read: the two halves of a Split are disjoint, so
+    neither layer is a tied reader of the other, though both chains go through one node."""
+    model, feeds = halves_of_one_kernel(cut, op)
+    result = lsuv_init(model, feeds, provider="cpu", max_iter=1, tol=0.01)
+    assert_structure_unchanged(model, result.model)
+    rows = result.report.layers
+    assert [r.name for r in rows] == ["fa", "fb"]
+    assert [r.tries for r in rows] == [1, 1]
+    assert [r.status for r in rows] == ["converged", "converged"]
+    assert not any("tied" in n for n in result.report.notes)
+    measured = [pooled_var(result.model, feeds, [y]) for y in ("ya", "yb")]
+    np.testing.assert_allclose([r.var_after for r in rows], measured, rtol=1e-5)
+    assert all(abs(v - 1) < 0.01 for v in measured)
+    k = stored(result.model, "K")
+    for half in (k[:, :16], k[:, 16:]):
+        assert_orthonormal_up_to_scale(half.T[None])
+
+
 def test_a_weight_and_bias_packed_in_one_tensor_get_no_copy():
     nodes = [helper.make_node("Slice", ["T", "r0", "r8", "ax0"], ["W"]),
              helper.make_node("Slice", ["T", "r8", "r9", "ax0"], ["b"]),
