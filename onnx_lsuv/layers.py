@@ -711,11 +711,27 @@ def _disjoint(a: Layer, b: Layer) -> bool:
     return not np.intersect1d(a.chain.source, b.chain.source).size
 
 
+# Below 2^(mantissa bits - 3) the spacing of a float type's values is at most 1/16, so a value
+# that is not hand-set lands on an integer with a chance of at most 1/16: there an integer value
+# is evidence. From 2^mantissa bits on every value the type holds is an integer (float32:
+# 2^23, float16: 2^10, bfloat16: 2^7), and just below that half or a quarter of them are.
+# The thresholds: float32 2^20 (about 1e6), float16 2^7 = 128, bfloat16 2^4 = 16 (YOLOv8's
+# DFL kernel, 0..15, is below each), float64 2^49.
+_INTEGER_EVIDENCE_BITS = 4
+
+
+def _integer_range(dtype: np.dtype) -> float:
+    """The magnitude below which a stored value being an integer says something (see
+    ``_INTEGER_EVIDENCE_BITS``)."""
+    return 2.0 ** (np.finfo(dtype).nmant + 1 - _INTEGER_EVIDENCE_BITS)
+
+
 def _looks_fixed(index: GraphIndex, layer: Layer) -> str | None:
     """A reason when the stored weight looks hand-set rather than trained: every value an
-    integer, with at least three distinct values (YOLOv8's DFL conv holds 0..15; an identity
-    or 0/1 mask is not caught), or every value the same non-zero number (an averaging
-    kernel)."""
+    integer, with at least three distinct values, all of magnitude below the stored dtype's
+    ``_integer_range`` (YOLOv8's DFL conv holds 0..15; an identity or 0/1 mask is not caught;
+    a kernel of large random values is integer-valued only because its dtype holds nothing
+    else there), or every value the same non-zero number (an averaging kernel)."""
     if layer.is_recurrent:
         return None
     w = index.const_array(layer.weight)
@@ -728,7 +744,8 @@ def _looks_fixed(index: GraphIndex, layer: Layer) -> str | None:
     if not np.all(np.isfinite(flat)):
         return None
     lo, hi = float(flat.min()), float(flat.max())
-    integer = bool(np.all(flat == np.round(flat)))
+    integer = bool(np.all(flat == np.round(flat))) and \
+        max(-lo, hi) < _integer_range(w.dtype)
     if integer and len(np.unique(flat)) >= 3:
         what = f"every value an integer, {lo:g} to {hi:g}"
     elif lo == hi and lo != 0:

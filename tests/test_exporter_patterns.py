@@ -328,6 +328,29 @@ def test_a_hand_set_kernel_is_left_alone_unless_included():
     assert [r.name for r in taken.report.layers] == ["cv2", "dfl.conv"]
 
 
+@pytest.mark.parametrize("dtype, scale", [(np.float32, 1e9), (np.float32, 2.0 ** 23),
+                                          (np.float16, 5000.0)])
+def test_a_kernel_of_large_random_values_is_a_target_not_hand_set(dtype, scale):
+    """Every float32 from 2^23 on (float16: 2^10) is an integer: there it is no evidence of
+    a hand-set kernel. The YOLO head's 0..15 kernel in the same model is still left alone."""
+    model, feeds = yolo_head()
+    r = rand(16, 8, 1, 1, seed=1)
+    big = (np.sign(r) * (1 + np.abs(r)) * scale).astype(dtype)  # random, |x| >= scale
+    assert np.all(big == np.round(big)) and len(np.unique(big)) > 3
+    nodes = list(model.graph.node)
+    if dtype != np.float32:  # a float16 store read through Cast(to float)
+        nodes.insert(0, helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT))
+    inits = {("w16" if dtype != np.float32 else "w"): big, "b": rand(16, seed=2),
+             "dfl.conv.weight": np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1)}
+    model = make_model(nodes, [("x", ["N", 8, 4, 4])], [("box", None)], inits)
+    result = lsuv_init(model, feeds, provider="cpu")
+    assert [r.name for r in result.report.layers] == ["cv2"]
+    assert [s["name"] for s in result.report.skipped] == ["dfl.conv"]
+    assert abs(pooled_var(result.model, feeds, ["y"]) - 1) < TOL
+    np.testing.assert_array_equal(stored(result.model, "dfl.conv.weight"),
+                                  stored(model, "dfl.conv.weight"))
+
+
 @pytest.mark.parametrize("exclude, include, expected", [
     (["dfl*"], [], ["cv2"]),
     (["Conv"], [], []),
