@@ -293,7 +293,9 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
 
     Each record's ``var_after`` is the measured variance and its status ``converged`` (within
     ``tol`` of ``target_var``) or ``off_target`` (anything else, a zero or non-finite variance
-    included). ``report.converged`` is False when any layer is off target: a gate for CI.
+    included). ``report.converged`` is False when any layer is off target: a gate for CI. A
+    weight that multiplies a recurrence's previous state is not judged by its variance (its
+    rule is not unit variance): ``not_scaled``, with a message that says so.
 
     Args:
         model: An onnx.ModelProto or the path of an .onnx file.
