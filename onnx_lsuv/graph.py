@@ -170,6 +170,21 @@ class GraphIndex:
                     readers.add((i, pos))
         return readers, returned
 
+    def downstream(self, names: set[str], blocked: set[int]) -> set[str]:
+        """``names`` and every tensor computed from them (explicitly or through a body) by
+        nodes not in ``blocked``."""
+        seen = set(names)
+        stack = list(names)
+        while stack:
+            for i, _ in self.consumers.get(stack.pop(), []):
+                if i in blocked:
+                    continue
+                for out in self.graph.node[i].output:
+                    if out and out not in seen:
+                        seen.add(out)
+                        stack.append(out)
+        return seen
+
     def const_is_graph_output(self, ref: ConstRef) -> bool:
         return ref.name in self.graph_outputs
 
@@ -202,12 +217,7 @@ class BodyIndex(GraphIndex):
         loop = main.graph.node[node]
         self.carried: dict[str, str] = {}  # body input name -> main graph name
         self.returned: dict[str, str] = {}  # the same, returned by the Loop to a reader
-        if loop.op_type == "Loop":
-            pairs = [(2 + k, 1 + k) for k in range(len(body.input) - 2)]
-        else:  # Scan: the state variables come first
-            n_scan = int(attribute(loop, "num_scan_inputs", 0))
-            pairs = [(k, k) for k in range(len(body.input) - n_scan)]
-        for pos, out in pairs:
+        for pos, out in state_pairs(loop, body):
             if pos >= len(loop.input) or out >= len(body.output) or not loop.input[pos]:
                 continue
             name = body.input[pos].name
@@ -232,6 +242,17 @@ class BodyIndex(GraphIndex):
 
     def weight_proto(self, ref: ConstRef) -> onnx.TensorProto:
         return self.main.tensor_proto(ref)
+
+
+def state_pairs(loop: onnx.NodeProto, body: onnx.GraphProto) -> list[tuple[int, int]]:
+    """(body input position, body output position) of each value a Loop or Scan carries from
+    one iteration to the next: a Loop's body inputs after the iteration number and the
+    condition, returned after the condition; a Scan's first inputs and outputs (its state
+    variables), before the scanned ones."""
+    if loop.op_type == "Loop":
+        return [(2 + k, 1 + k) for k in range(len(body.input) - 2)]
+    n_scan = int(attribute(loop, "num_scan_inputs", 0))
+    return [(k, k) for k in range(len(body.input) - n_scan)]
 
 
 def reached_by_data(model: onnx.ModelProto) -> set[str]:

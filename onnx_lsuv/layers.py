@@ -9,6 +9,10 @@ with its reason, or nothing:
 * recurrent: LSTM, GRU and RNN (W scaled per gate, R orthonormal per gate);
 * refused: fused attention nodes and targets inside If/Loop/Scan bodies, reported.
 
+A recurrence written as a Loop or Scan body, or unrolled into steps, has R's rule too: the
+weight that multiplies the previous state (its input computed from a carried state, its output
+flowing back into that state, through no other layer) is orthonormal per gate and not scaled.
+
 A weight is a constant (an initializer or a Constant node) read directly, or through a chain
 of layout ops on one (Transpose, Slice, Reshape, Squeeze, Unsqueeze, Identity, Flatten, and a
 float Cast: ``weight_chain``). A layer without a bias input takes as its bias the constant of
@@ -32,12 +36,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import onnx
 
+from .baselines import BASELINES
 from .graph import (
     OUTER_SCOPE,
     SUBGRAPH_OPS,
@@ -46,6 +51,7 @@ from .graph import (
     GraphIndex,
     attribute,
     reached_by_data,
+    state_pairs,
     subgraphs,
 )
 from .layouts import GATES, RNN_OPS, TARGET_OPS, WeightLayout
@@ -120,9 +126,10 @@ class Layer:
             graph, the layer's node index in the body). ``node_index`` is then the Loop's, and
             ``output``, ``out_nodes`` and the chains refer to the body; the layer is measured
             over every iteration (its output exposed as a scan output on measuring copies).
-        disjoint_readers: First nodes of other layers' chains (excluded ones too) that read
-            elements of the same stored weight disjoint from this layer's (Slices of one
-            kernel): rescaling this layer leaves what they read alone.
+        disjoint_readers: Nodes of other layers (excluded ones too) that read elements of
+            the same stored weight disjoint from this layer's (Slices or one Split of one
+            kernel), decided by their chains' gathers: rescaling this layer leaves what they
+            read alone.
         shared_weight_users: Other consumers of the weight tensor (node names), if any.
         weight_read_upstream: Whether rescaling the weight also changes the layer's own input:
             a node upstream of it (by data flow) reads the weight too, or one use of it feeds
@@ -133,6 +140,10 @@ class Layer:
             parts are the input projections W_g x. One matrix group per block.
         recurrent: For LSTM/GRU/RNN, the recurrent weight R.
         recurrent_layout: Its matrix view, one matrix per direction and gate.
+        multiplies_state: The weight multiplies a recurrence's previous state, as an
+            LSTM/GRU/RNN op's R does, in a recurrence written as a Loop or Scan body or
+            unrolled into steps (``_feeds_back``): it gets R's rule, orthonormal per gate
+            (its blocks) and never scaled; its variance is measured and reported, not judged.
         row: Index of the layer's first row in the report (one row per block).
     """
 
@@ -161,6 +172,7 @@ class Layer:
     blocks: tuple[str, ...] = ("",)
     recurrent: ConstRef | None = None
     recurrent_layout: WeightLayout | None = None
+    multiplies_state: bool = False
     row: int = 0
 
     @property
@@ -569,6 +581,9 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     # The chains of every body layer are theirs: tf2onnx's GRU slices one kernel for two.
     chains = {j for item in items if isinstance(item, Layer)
               for c in (item.chain, item.bias_chain) if c for j in c.nodes}
+    targets = {item.node_index for item in items if isinstance(item, Layer)}
+    pairs = [(body.input[p].name, body.output[q].name)
+             for p, q in state_pairs(loop, body) if q < len(body.output)]
     out = []
     for item in items:
         if isinstance(item, Skipped):
@@ -584,6 +599,8 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
             item.name = f"{index.node_name(i)}/{item.name}"
         if item.blocks == ("q", "k", "v"):  # a recurrent cell's gates, not attention's q, k, v
             item.blocks = ("p0", "p1", "p2")
+        if any(_feeds_back(sub, [j], {start}, {end}, targets) for start, end in pairs):
+            _as_state_weight(sub, item)
         item.body = (i, j)
         item.node_index = i
         item.weight_read_upstream = True  # iterations feed each other, as a rule
@@ -692,6 +709,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     # the weights its body layers read, and only for those.
     targets = {j for item in candidates if item.body is None for j in item.own_nodes}
     body_reads = {(item.node_index, item.weight) for item in candidates if item.body}
+    # The nodes that apply a layer's weight (a Loop/Scan for its body's layers), all of them.
+    target_nodes = {item.node_index for item in recognised}
     for item in candidates:
         refs = [r for r in (item.weight, item.recurrent) if r is not None]
         earlier = [lay for r in refs for lay in owner.get(r, [])]
@@ -713,9 +732,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
         layers.append(item)
     kept: list[Layer] = []
     for layer in layers:
-        layer.disjoint_readers = {other.chain.nodes[0] for other in recognised
-                                  if other is not layer and other.weight == layer.weight
-                                  and other.body is None and _disjoint(layer, other)}
+        layer.disjoint_readers = _disjoint_readers(layer, recognised)
         users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
                  for j, _ in index.readers_through(ref.name, layer.chain_nodes)[0]
                  if j not in layer.own_nodes and j not in layer.disjoint_readers]
@@ -740,10 +757,128 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             roots = [u.node_index for u in layer.uses]
             above = {r: index.ancestors(r) for r in roots}
             layer.weight_read_upstream |= any(r in above[o] for r in roots for o in roots)
+            outputs = {o for r in roots for o in index.graph.node[r].output if o}
+            inputs = {index.graph.node[r].input[0] for r in roots}
+            if _feeds_back(index, roots, outputs, inputs, target_nodes):
+                _as_state_weight(index, layer)
         layer.index = len(kept)
         layer.row = kept[-1].row + len(kept[-1].blocks) if kept else 0
         kept.append(layer)
     return Discovery(kept, skipped)
+
+
+def _feeds_back(index: GraphIndex, nodes: list[int], start: set[str], end: set[str],
+                targets: set[int]) -> bool:
+    """Whether the weight applied by ``nodes`` multiplies a recurrence's previous state: the
+    value one of them reads (its input 0) is computed from ``start``, and ``end`` from what
+    one of them computes, by paths through no other target node (``targets``). In a
+    Loop/Scan body, ``start`` and ``end`` are one carried state as the body takes it and as
+    it returns it; in an unrolled recurrence, the uses' outputs and their inputs: one step's
+    use reads what another step's use computed.
+
+    Through no other layer, so that the steps of an unrolled decoder or a stacked cell's
+    input weight (whose input comes from the state only through another layer's weight) are
+    layers like any other; a cell's own gating (Sigmoid, Mul, Add) is no layer.
+    """
+    others = targets - set(nodes)
+    reads = {index.graph.node[j].input[0] for j in nodes}
+    if not reads & index.downstream(start, others | set(nodes)):
+        return False
+    outputs = {o for j in nodes for o in index.graph.node[j].output if o}
+    return bool(end & index.downstream(outputs, others | set(nodes)))
+
+
+def _as_state_weight(index: GraphIndex, layer: Layer) -> None:
+    """Give ``layer`` the rule of a weight that multiplies the previous state: never scaled,
+    orthonormal per gate. Its gates are the parts of its output that one Split cuts (already
+    its blocks), or that Slices cut into equal ranges of the output units (tf2onnx's GRU
+    slices its recurrent projection so); otherwise the weight is one matrix."""
+    layer.multiplies_state = True
+    if layer.blocks == ("q", "k", "v"):  # a cell's gates
+        layer.blocks = ("p0", "p1", "p2")
+    if len(layer.blocks) > 1 or layer.unit_shape is not None:
+        return
+    node = index.graph.node[layer.node_index]
+    rank = layer.output_rank
+    if rank is None and all(index.graph.node[j].op_type == "Add" for j in layer.out_nodes):
+        rank = _known_rank(index.graph, node.input[0])  # a MatMul keeps its input's rank
+    parts = _slice_parts(index, layer.output, layer.layout.output_units, layer.out_axis, rank)
+    if parts > 1:
+        layer.layout = replace(layer.layout, groups=parts)
+        layer.blocks = tuple(f"p{k}" for k in range(parts))
+
+
+def _known_rank(graph: onnx.GraphProto, name: str) -> int | None:
+    """The rank of tensor ``name`` where the graph declares its shape (inputs, value_info)."""
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
+_FULL = 2 ** 31 - 1  # an end at or past this takes an axis whole (tf2onnx: INT32_MAX)
+
+
+def _slice_parts(index: GraphIndex, output: str, units: int, axis: int,
+                 rank: int | None) -> int:
+    """Parts of ``output`` when every reader is a Slice that keeps every other axis whole
+    and takes a range of the units' axis, and the ranges cut the units into equal parts
+    (each read by one Slice or more); 0 otherwise."""
+    readers = index.consumers.get(output, [])
+    if len(readers) < 2 or output in index.graph_outputs:
+        return 0
+    unit_axis = axis % rank if rank is not None else axis
+    ranges = set()
+    for i, pos in readers:
+        node = index.graph.node[i]
+        if node.op_type != "Slice" or node.domain not in _DEFAULT_DOMAIN or pos != 0 or \
+                index.opset < 10:
+            return 0
+        given = (list(node.input[1:5]) + ["", "", "", ""])[:4]
+        consts = [index.resolve_const(x) if x else None for x in given]
+        if consts[0] is None or consts[1] is None or any(
+                x and c is None for x, c in zip(given[2:], consts[2:])):
+            return 0
+        starts, ends = (index.const_array(c).astype(np.int64).tolist() for c in consts[:2])
+        axes = index.const_array(consts[2]).astype(np.int64).tolist() if consts[2] \
+            else list(range(len(starts)))
+        steps = index.const_array(consts[3]).astype(np.int64).tolist() if consts[3] \
+            else [1] * len(starts)
+        taken = None
+        for a, start, end, step in zip(axes, starts, ends, steps):
+            if a < 0 and rank is not None:
+                a += rank
+            elif a >= 0 and rank is None:
+                return 0  # which axis it is cannot be told
+            if step != 1:
+                return 0
+            if a != unit_axis:
+                if start != 0 or end < _FULL:
+                    return 0
+                continue
+            start, end = (min(max(v + units if v < 0 else v, 0), units) for v in (start, end))
+            taken = (start, end)
+        if taken is None or taken[0] >= taken[1]:
+            return 0
+        ranges.add(taken)
+    ordered = sorted(ranges)
+    size = ordered[0][1] - ordered[0][0]
+    tiles = all(r == (k * size, (k + 1) * size) for k, r in enumerate(ordered))
+    return len(ordered) if tiles and len(ordered) * size == units and len(ordered) > 1 else 0
+
+
+def recurrent_rule(init: str, check: bool = False) -> str:
+    """What a recurrent weight got (an LSTM/GRU/RNN op's R, or a weight that multiplies a
+    recurrence's previous state), in the same words for both: after Saxe et al., orthonormal
+    per gate and not scaled, since scaling it to unit output variance would set the
+    recurrence's gain (its spectral radius) instead. ``check``: what ``--check`` says of it."""
+    if check:
+        return "recurrent (multiplies the previous state): its variance is not judged"
+    if init == "rescale":
+        return "recurrent: kept as it is, not scaled"
+    if init in BASELINES:
+        return f"recurrent: {init} draw, not scaled"
+    return "recurrent: orthonormal per gate, not scaled"
 
 
 def _same_gather(a: WeightChain | None, b: WeightChain | None) -> bool:
@@ -768,6 +903,20 @@ def _same_use(first: Layer, other: Layer) -> bool:
         _same_gather(first.bias_chain, other.bias_chain)
 
 
+def _disjoint_readers(layer: Layer, recognised: list[Layer]) -> set[int]:
+    """The nodes of other layers (excluded ones too) that read elements of ``layer``'s stored
+    weight disjoint from its own, as their chains' gathers say: rescaling ``layer`` leaves
+    what they read alone, so they are no tied readers of it. Every node of such a layer's
+    uses counts, not only its chain's first one: two layers reading the halves of one kernel
+    through one Split share that node, and a walk from the weight through it reaches the
+    other layer's chain and node. The nodes the layer has itself (the shared Split) stay
+    its own."""
+    return {j for other in recognised
+            if other is not layer and other.weight == layer.weight and other.body is None
+            and _disjoint(layer, other)
+            for j in other.own_nodes} - layer.own_nodes
+
+
 def _disjoint(a: Layer, b: Layer) -> bool:
     """Whether two layers read disjoint elements of one stored weight (through Slices)."""
     if a.chain is None or b.chain is None or a.recurrent is not None or b.recurrent is not None:
@@ -775,11 +924,27 @@ def _disjoint(a: Layer, b: Layer) -> bool:
     return not np.intersect1d(a.chain.source, b.chain.source).size
 
 
+# Below 2^(mantissa bits - 3) the spacing of a float type's values is at most 1/16, so a value
+# that is not hand-set lands on an integer with a chance of at most 1/16: there an integer value
+# is evidence. From 2^mantissa bits on every value the type holds is an integer (float32:
+# 2^23, float16: 2^10, bfloat16: 2^7), and just below that half or a quarter of them are.
+# The thresholds: float32 2^20 (about 1e6), float16 2^7 = 128, bfloat16 2^4 = 16 (YOLOv8's
+# DFL kernel, 0..15, is below each), float64 2^49.
+_INTEGER_EVIDENCE_BITS = 4
+
+
+def _integer_range(dtype: np.dtype) -> float:
+    """The magnitude below which a stored value being an integer says something (see
+    ``_INTEGER_EVIDENCE_BITS``)."""
+    return 2.0 ** (np.finfo(dtype).nmant + 1 - _INTEGER_EVIDENCE_BITS)
+
+
 def _looks_fixed(index: GraphIndex, layer: Layer) -> str | None:
     """A reason when the stored weight looks hand-set rather than trained: every value an
-    integer, with at least three distinct values (YOLOv8's DFL conv holds 0..15; an identity
-    or 0/1 mask is not caught), or every value the same non-zero number (an averaging
-    kernel)."""
+    integer, with at least three distinct values, all of magnitude below the stored dtype's
+    ``_integer_range`` (YOLOv8's DFL conv holds 0..15; an identity or 0/1 mask is not caught;
+    a kernel of large random values is integer-valued only because its dtype holds nothing
+    else there), or every value the same non-zero number (an averaging kernel)."""
     if layer.is_recurrent:
         return None
     w = index.const_array(layer.weight)
@@ -792,7 +957,8 @@ def _looks_fixed(index: GraphIndex, layer: Layer) -> str | None:
     if not np.all(np.isfinite(flat)):
         return None
     lo, hi = float(flat.min()), float(flat.max())
-    integer = bool(np.all(flat == np.round(flat)))
+    integer = bool(np.all(flat == np.round(flat))) and \
+        max(-lo, hi) < _integer_range(w.dtype)
     if integer and len(np.unique(flat)) >= 3:
         what = f"every value an integer, {lo:g} to {hi:g}"
     elif lo == hi and lo != 0:

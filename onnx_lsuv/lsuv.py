@@ -35,7 +35,7 @@ from .data import BatchLike, Stream, load_data
 from .engine import Engine
 from .errors import InputError, LSUVError, RuntimeFailure
 from .graph import GraphIndex
-from .layers import Discovery, Layer, find_layers
+from .layers import Discovery, Layer, find_layers, recurrent_rule
 from .measure_graph import Point, activation_point
 from .model_io import (
     ModelLike,
@@ -235,6 +235,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
               "over all of them" for lay in layers if lay.more_uses]
     ties = [f"layer {lay.name}: its weight is also read by {', '.join(lay.shared_weight_users)}"
             " (tied: set here)" for lay in layers if lay.shared_weight_users]
+    recurrent = _recurrent_notes(layers, opts.init, node_name)
     points, point_notes = _points(work, layers, opts)
     if sequential and opts.strategy == "fast":
         report.notes.append("solved layer by layer (strategy 'sequential'), as "
@@ -245,6 +246,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
     _graph_notes(report, [(copies, "shared bias(es) given their own copy"),
                           (pooled, "weight(s) applied by several nodes"),
                           (ties, "tied weight(s)"),
+                          (recurrent, "recurrent weight(s)"),
                           (bias_notes, "note(s) on biases for the target mean"),
                           # (a layer left without a bias has its note from add_biases)
                           ([f"layer {layers[i].name}: target mean not applied: {why}"
@@ -295,7 +297,9 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
 
     Each record's ``var_after`` is the measured variance and its status ``converged`` (within
     ``tol`` of ``target_var``) or ``off_target`` (anything else, a zero or non-finite variance
-    included). ``report.converged`` is False when any layer is off target: a gate for CI.
+    included). ``report.converged`` is False when any layer is off target: a gate for CI. A
+    weight that multiplies a recurrence's previous state is not judged by its variance (its
+    rule is not unit variance): ``not_scaled``, with a message that says so.
 
     Args:
         model: An onnx.ModelProto or the path of an .onnx file.
@@ -358,6 +362,9 @@ def _mean_off(layers: list[Layer], state: WeightState | None = None) -> dict[int
         if lay.is_recurrent:
             off[lay.index] = ("a recurrent op's bias acts on the gates through W x + R h: its "
                               "mean is not set")
+        elif lay.multiplies_state:
+            off[lay.index] = "it multiplies the previous state (recurrent, not scaled): its " \
+                             "mean is not set"
         elif lay.bias is None:
             off[lay.index] = "the layer has no bias and none could be added"
         elif lay.bias_scale == 0:
@@ -365,6 +372,22 @@ def _mean_off(layers: list[Layer], state: WeightState | None = None) -> dict[int
         elif state is not None and state.unit_bias(lay) is None:
             off[lay.index] = "its bias does not hold one value per output unit"
     return off
+
+
+def _recurrent_notes(layers: list[Layer], init: str, node_name) -> list[str]:
+    """Which rule each recurrent weight got, in the same words for an LSTM/GRU/RNN op's R and
+    for a weight that multiplies the previous state of a Loop/Scan body or unrolled steps."""
+    notes = []
+    for lay in layers:
+        if lay.recurrent is not None:
+            notes.append(f"layer {lay.name}: its recurrent weight {lay.recurrent.name!r} "
+                         f"(R): {recurrent_rule(init)}")
+        elif lay.multiplies_state:
+            where = (f"in the body of {node_name(lay.node_index)}" if lay.body is not None
+                     else f"over {len(lay.uses)} unrolled steps")
+            notes.append(f"layer {lay.name}: its weight {lay.weight.name!r} multiplies the "
+                         f"previous state {where}: {recurrent_rule(init)}")
+    return notes
 
 
 def _points(work: onnx.ModelProto, layers: list[Layer],

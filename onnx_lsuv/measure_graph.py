@@ -604,6 +604,8 @@ def normalizing_model(
         within = ed.op("Less", [ed.op("Abs", [ed.op("Sub", [cs.var, c_target])]),
                                 ed.const(np.array(tol, dt), "tol")])
         apply = ed.op("And", [valid, ed.op("Not", [within])])
+        if layer.multiplies_state:  # a recurrent weight is never scaled
+            apply = ed.const(np.array(False), "never")
         scale = ed.op("Where", [apply, factor, ed.const(np.array(1, dt), "one")])
         to_model = helper.np_dtype_to_tensor_dtype(layer.dtype)
         if layer.is_recurrent:

@@ -34,10 +34,10 @@ import numpy as np
 import onnx
 
 from .data import Stream
-from .layers import Layer
+from .layers import Layer, recurrent_rule
 from .measure_graph import Point, sums_model
 from .strategies import kept_note
-from .verdict import CONVERGED, NOT_CONVERGED, judge_units, mean_tolerance
+from .verdict import CONVERGED, NOT_CONVERGED, NOT_SCALED, judge_units, mean_tolerance
 
 log = logging.getLogger("onnx_lsuv")
 
@@ -346,6 +346,8 @@ def _record(run, lay: Layer, goal: _Goal, stats: Stats, tries: int, first: bool,
         status, message, v, m, dead = judge_units(
             var[part], mean[part], goal.target, goal.mean, goal.tol, check=check,
             tries=None if check else tries)
+        if lay.multiplies_state:  # never scaled: its variance is shown, not judged
+            status, message = NOT_SCALED, recurrent_rule(run.options.init, check)
         lost = int(killed[part].sum()) if killed is not None else 0
         if lost:
             status = NOT_CONVERGED
@@ -441,7 +443,7 @@ def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
             bias = state.bias[lay.index]
             best = (far, tries, state.scale[lay.index].copy(),
                     None if bias is None else bias.copy(), stats)
-        if not active.any() or tries >= opts.max_iter:
+        if not active.any() or tries >= opts.max_iter or lay.multiplies_state:
             break
         if beta is not None and not lay.is_recurrent:
             beta = state.unit_bias(lay)  # as shifted by the last try

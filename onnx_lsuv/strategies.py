@@ -8,7 +8,10 @@
 * ``scale_naive``: the plain re-run, a whole forward pass per try of every layer, then the same
   final pass. The reference.
 
-Every status comes from ``verdict.judge`` on a variance measured on the written model.
+Every status comes from ``verdict.judge`` on a variance measured on the written model, except
+a weight that multiplies a recurrence's previous state (``Layer.multiplies_state``): like an
+LSTM op's R it is never scaled, and its measured variance is reported as ``not_scaled`` with the
+rule it got (``layers.recurrent_rule``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import onnx
 
 from .engine import Engine, Session
-from .layers import Layer
+from .layers import Layer, recurrent_rule
 from .measure_graph import (
     MIN_WHERE_OPSET,
     WEIGHT_INPUT,
@@ -37,7 +40,7 @@ from .measure_graph import (
 from .model_io import default_opset
 from .options import LSUVOptions
 from .report import LayerRecord, Report
-from .verdict import CONVERGED, GOOD, degenerate, judge, needs_factor, on_target
+from .verdict import CONVERGED, GOOD, NOT_SCALED, degenerate, judge, needs_factor, on_target
 from .weights import WeightState
 
 log = logging.getLogger("onnx_lsuv")
@@ -91,6 +94,9 @@ class Run:
         final variances, with the status ``verdict.judge`` gives them."""
         for rec, value in zip(self.rows(lay), np.atleast_1d(values)):
             rec.var_after = float(value)
+            if lay.multiplies_state:  # never scaled: its variance is shown, not judged
+                rec.status, rec.message = NOT_SCALED, recurrent_rule(self.options.init, check)
+                continue
             rec.status, rec.message = judge(rec.var_after, self.options.target_var,
                                             self.options.tol, check=check,
                                             tries=None if check else rec.tries)
@@ -233,7 +239,8 @@ def scale_fast(run: Run) -> None:
         value = np.atleast_1d(value).astype(np.float64)
         if first_off is None:
             run.judge(lay, value)
-            if any(needs_factor(float(v), opts.target_var, opts.tol) for v in value):
+            if not lay.multiplies_state and any(
+                    needs_factor(float(v), opts.target_var, opts.tol) for v in value):
                 first_off = lay.index
     for lay in layers:
         for rec, scale in zip(run.rows(lay), state.total_scale(lay)):
@@ -356,7 +363,7 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
     history = [[(float(s), float(v))] for s, v in zip(run.state.scale[lay.index], var)]
     while True:
         active = np.array([needs_factor(float(v), target, opts.tol) for v in var]) & (
-            spent < opts.max_iter)
+            spent < opts.max_iter) & (not lay.multiplies_state)
         if not active.any():
             break
         scale = run.state.scale[lay.index]

@@ -29,6 +29,12 @@ class Target:
     outputs: list[str] = field(default_factory=list)  # tensors pooled (main graph or body)
     body_of: str | None = None  # the Loop/Scan node's name, for a body target
     nodes: list[onnx.NodeProto] = field(default_factory=list)
+    # It multiplies a recurrence's previous state (an LSTM op's R): orthonormal per gate, not
+    # scaled. In a body: its input is computed from a carried state (not returned unchanged)
+    # and that state's new value from its output; unrolled: one use reads what another
+    # computed. (Without the refinement for paths through other layers, such as an unrolled
+    # decoder's, which the exporters' single cells do not need.)
+    state: bool = False
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
@@ -72,12 +78,27 @@ def _after_bias(graph: onnx.GraphProto, node: onnx.NodeProto, dep: set[str]) -> 
     return node.output[0]
 
 
-def _returned_unchanged(loop: onnx.NodeProto, body: onnx.GraphProto) -> set[str]:
+def _carried(loop: onnx.NodeProto, body: onnx.GraphProto) -> list[tuple[int, int]]:
+    """(body input, body output) positions of the values carried between iterations."""
     if loop.op_type == "Loop":
-        pairs = [(2 + k, 1 + k) for k in range(len(body.input) - 2)]
-    else:
-        n_scan = next(a.i for a in loop.attribute if a.name == "num_scan_inputs")
-        pairs = [(k, k) for k in range(len(body.input) - n_scan)]
+        return [(2 + k, 1 + k) for k in range(len(body.input) - 2)]
+    n_scan = next(a.i for a in loop.attribute if a.name == "num_scan_inputs")
+    return [(k, k) for k in range(len(body.input) - n_scan)]
+
+
+def _multiplies_state(body: onnx.GraphProto, loop: onnx.NodeProto, inner: onnx.NodeProto,
+                      fixed: set[str]) -> bool:
+    out_dep = _dependent(body, set(inner.output))
+    for pos, out in _carried(loop, body):
+        name = body.input[pos].name
+        if name not in fixed and inner.input[0] in _dependent(body, {name}) and \
+                body.output[out].name in out_dep:
+            return True
+    return False
+
+
+def _returned_unchanged(loop: onnx.NodeProto, body: onnx.GraphProto) -> set[str]:
+    pairs = _carried(loop, body)
     producer = {o: n for n in body.node for o in n.output}
     same = set()
     for pos, out in pairs:
@@ -115,6 +136,11 @@ def find_targets(model: onnx.ModelProto) -> tuple[list[Target], list[str]]:
                                           Target(inner.input[1], body_of=node.name))
                     t.outputs.append(_after_bias(body, inner, body_dep))
                     t.nodes.append(inner)
+                    t.state |= _multiplies_state(body, node, inner, fixed)
+    for t in groups.values():
+        if t.body_of is None and len(t.nodes) > 1:
+            reach = _dependent(g, {o for n in t.nodes for o in n.output})
+            t.state = any(n.input[0] in reach for n in t.nodes)
     return list(groups.values()), recurrent
 
 
@@ -162,6 +188,48 @@ def weight_values(model: onnx.ModelProto, feeds: dict, names: list[str]) -> list
     m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(names, feeds)
+
+
+def read_weights(model: onnx.ModelProto, feeds: dict, targets: list[Target]) -> list[np.ndarray]:
+    """Each target's weight as its first node reads it (computed by ORT, any chain included);
+    in a body, as the first iteration reads it (returned as an extra scan output)."""
+    if not targets:
+        return []
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    names = []
+    for k, t in enumerate(targets):
+        if t.body_of is None:
+            names.append(t.weight)
+            continue
+        loop = next(n for n in m.graph.node if n.name == t.body_of)
+        body = next(a.g for a in loop.attribute if a.name == "body")
+        n_out = len(body.output) - (1 if loop.op_type == "Loop" else 0)
+        while len(loop.output) < n_out:
+            loop.output.append(f"independent_unused_{len(loop.output)}_{k}")
+        seen = f"independent_w_{k}"
+        body.node.append(helper.make_node("Identity", [t.nodes[0].input[1]], [seen]))
+        body.output.append(helper.make_tensor_value_info(seen, TensorProto.FLOAT, None))
+        loop.output.append(seen + "_all")
+        names.append(seen + "_all")
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip(dict.fromkeys(names), sess.run(list(dict.fromkeys(names)), feeds)))
+    return [np.asarray(values[n][0] if t.body_of else values[n], np.float64)
+            for n, t in zip(names, targets)]
+
+
+def orthonormal_per_gate(node: onnx.NodeProto, w: np.ndarray, atol: float = 1e-5) -> bool:
+    """A state-multiplying weight: each gate block (state units x state units: as many gates
+    as output units over input units) has Q Q^T = I, orthonormal and not scaled."""
+    rows, cols = matrices(node, w).shape[1:]
+    if rows % cols:
+        return False
+    for block in matrices(node, w, rows // cols):
+        if not np.allclose(block @ block.T, np.eye(cols), atol=atol):
+            return False
+    return True
 
 
 def matrices(node: onnx.NodeProto, w: np.ndarray, parts: int = 1) -> np.ndarray:
