@@ -759,7 +759,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             layer.weight_read_upstream |= any(r in above[o] for r in roots for o in roots)
             outputs = {o for r in roots for o in index.graph.node[r].output if o}
             inputs = {index.graph.node[r].input[0] for r in roots}
-            if _feeds_back(index, roots, outputs, inputs, target_nodes):
+            if _feeds_back(index, roots, outputs, inputs, target_nodes) and \
+                    _steps_take_input(index, roots, target_nodes):
                 _as_state_weight(index, layer)
         layer.index = len(kept)
         layer.row = kept[-1].row + len(kept[-1].blocks) if kept else 0
@@ -786,6 +787,31 @@ def _feeds_back(index: GraphIndex, nodes: list[int], start: set[str], end: set[s
         return False
     outputs = {o for j in nodes for o in index.graph.node[j].output if o}
     return bool(end & index.downstream(outputs, others | set(nodes)))
+
+
+# Where a recurrence combines its state with the step's own input (W x_t + R h).
+_JOINS = ("Add", "Sub", "Mul", "Sum", "Concat")
+
+
+def _steps_take_input(index: GraphIndex, nodes: list[int], targets: set[int]) -> bool:
+    """Whether the way from one use's output to another use's input takes in, at an Add, Mul
+    or Concat, a value computed from the data outside that way (the step's input, W x_t):
+    what makes unrolled steps a recurrence, whose state weight gets R's rule. A weight applied
+    over and over to its own output with nothing new coming in (a filter bank cascaded over
+    octaves, a depth-shared layer) is a cascade: one layer, scaled over its uses pooled."""
+    others = targets - set(nodes)
+    outputs = {o for j in nodes for o in index.graph.node[j].output if o}
+    way = index.downstream(outputs, others | set(nodes))
+    above = set().union(*(index.ancestors(j) for j in nodes)) - set(nodes)
+    inputs = {t.name for t in index.graph.input} - {t.name for t in index.graph.initializer}
+    data = index.downstream(inputs, set())
+    for k in above:
+        node = index.graph.node[k]
+        if node.op_type not in _JOINS or not any(o in way for o in node.output):
+            continue
+        if any(x and x not in way and x in data for x in node.input):
+            return True
+    return False
 
 
 def _as_state_weight(index: GraphIndex, layer: Layer) -> None:

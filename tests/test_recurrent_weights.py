@@ -368,3 +368,36 @@ def test_check_mode_does_not_judge_a_recurrent_weight_by_its_variance():
     rows = [r for r in rep.layers if r.weight == "gru_rec"]
     assert rows and all(r.status == "not_scaled" and "not judged" in r.message for r in rows)
     assert rep.converged, rep.table()
+
+
+def test_a_weight_cascaded_over_its_own_output_is_no_recurrence():
+    """One weight applied to its own output with nothing new coming in at each step (a filter
+    bank cascaded over octaves, a depth-shared layer) is a cascade: pooled and scaled like any
+    layer, not given R's rule; the same weight with the step's own input added (W x_t + R h)
+    is the state weight of an unrolled recurrence."""
+    n = 16
+    nodes = [helper.make_node("MatMul", ["x", "R"], ["h0"], name="step0"),
+             helper.make_node("Tanh", ["h0"], ["a0"]),
+             helper.make_node("MatMul", ["a0", "R"], ["h1"], name="step1"),
+             helper.make_node("Tanh", ["h1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "R"], ["h2"], name="step2")]
+    cascade = make_model(nodes, [("x", [64, n])], [("h2", [64, n])], {"R": rand(n, n, seed=1)})
+    feeds = {"x": rand(64, n, seed=2) * 3}
+    rep = lsuv_init(cascade, feeds, provider="cpu").report
+    assert [r.status for r in rep.layers] == ["converged"], rep.table()
+    assert not any("recurrent" in note for note in rep.notes)
+    # the recurrence: the step's input x_t joins the state at an Add
+    nodes = [helper.make_node("MatMul", ["x", "R"], ["h0"], name="step0"),
+             helper.make_node("Tanh", ["h0"], ["a0"]),
+             helper.make_node("MatMul", ["a0", "R"], ["r1"], name="step1"),
+             helper.make_node("Add", ["r1", "x1"], ["h1"]),
+             helper.make_node("Tanh", ["h1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "R"], ["h2"], name="step2")]
+    rnn = make_model(nodes, [("x", [64, n]), ("x1", [64, n])], [("h2", [64, n])],
+                     {"R": rand(n, n, seed=1)})
+    feeds["x1"] = rand(64, n, seed=3)
+    result = lsuv_init(rnn, feeds, provider="cpu")
+    assert [r.status for r in result.report.layers] == ["not_scaled"], result.report.table()
+    w = next(numpy_helper.to_array(t) for t in result.model.graph.initializer
+             if t.name == "R").astype(np.float64)
+    np.testing.assert_allclose(w.T @ w, np.eye(n), atol=1e-5)
