@@ -795,7 +795,8 @@ _JOINS = ("Add", "Sub", "Mul", "Sum", "Concat")
 
 def _steps_take_input(index: GraphIndex, nodes: list[int], targets: set[int]) -> bool:
     """Whether the way from one use's output to another use's input takes in, at an Add, Mul
-    or Concat, a value computed from the data outside that way (the step's input, W x_t):
+    or Concat, a value computed from the data outside that way that the first use did not
+    read already (the step's own input, W x_t; not a residual connection's x):
     what makes unrolled steps a recurrence, whose state weight gets R's rule. A weight applied
     over and over to its own output with nothing new coming in (a filter bank cascaded over
     octaves, a depth-shared layer) is a cascade: one layer, scaled over its uses pooled."""
@@ -805,11 +806,13 @@ def _steps_take_input(index: GraphIndex, nodes: list[int], targets: set[int]) ->
     above = set().union(*(index.ancestors(j) for j in nodes)) - set(nodes)
     inputs = {t.name for t in index.graph.input} - {t.name for t in index.graph.initializer}
     data = index.downstream(inputs, set())
+    first = min(nodes)  # what the first step already read is not new (a residual's x)
+    seen = {x for k in index.ancestors(first) | {first} for x in index.graph.node[k].input}
     for k in above:
         node = index.graph.node[k]
         if node.op_type not in _JOINS or not any(o in way for o in node.output):
             continue
-        if any(x and x not in way and x in data for x in node.input):
+        if any(x and x not in way and x not in seen and x in data for x in node.input):
             return True
     return False
 

@@ -215,11 +215,12 @@ def test_graph_notes_are_one_line_by_default_and_each_with_v(tmp_path):
     res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx",
                  "--provider", "cpu")
     assert res.exit_code == 0, res.output
-    assert "notes: 2 weight(s) applied by several nodes (-v shows each" in res.output
+    assert "notes: 2 weight(s) applied by several nodes, 1 recurrent weight(s) (-v shows each" \
+        in res.output
     assert "applied by 8 nodes" not in res.output
     res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o2.onnx",
                  "--provider", "cpu", "-v")
-    assert res.output.count("note: layer step0_") == 2
+    assert res.output.count("note: layer step0_") == 3  # 2 pooled, 1 recurrent weight
     assert "its weight is applied by 8 nodes (step0_x, step1_x" in res.output
 
 
