@@ -14,6 +14,7 @@ from .model_io import (
     is_mapped,
     mark_pending,
     materialize,
+    set_values,
     tensor_array,
     tensor_nbytes,
 )
@@ -352,10 +353,7 @@ def _broadcast_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
-    proto = index.tensor_proto(ref)
-    new = numpy_helper.from_array(np.ascontiguousarray(value).astype(
-        onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)), proto.name)
-    proto.CopyFrom(new)
+    set_values(index.tensor_proto(ref), value)
 
 
 def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int],
