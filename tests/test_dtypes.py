@@ -31,6 +31,49 @@ def _measured(model: onnx.ModelProto, feeds: dict) -> list[float]:
     return independent.pooled_variances(model, feeds, targets)
 
 
+# -- class 4: a kernel stored in float16, read through Cast(to float) -------------------------
+
+def float16_store_mlp():
+    """Three layers whose kernels are stored in float16 and Cast to float32 (as exporters
+    write a half-precision checkpoint run in float32), float32 biases, non-zero."""
+    rng = np.random.default_rng(4)
+    dims = [8, 16, 8, 4]  # narrow: a rounding of the weight moves the variance more
+    nodes, inits, x = [], [], "x"
+    for i, (k, n) in enumerate(zip(dims, dims[1:])):
+        inits += [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float16),
+                                          f"W{i}"),
+                  numpy_helper.from_array(rng.standard_normal(n).astype(np.float32) * 0.3,
+                                          f"B{i}")]
+        nodes += [helper.make_node("Cast", [f"W{i}"], [f"W{i}f"], to=TensorProto.FLOAT),
+                  helper.make_node("MatMul", [x, f"W{i}f"], [f"m{i}"], name=f"fc{i}"),
+                  helper.make_node("Add", [f"m{i}", f"B{i}"], [f"y{i}"]),
+                  helper.make_node("Tanh", [f"y{i}"], [f"t{i}"])]
+        x = f"t{i}"
+    model = _model(nodes, inits, [("x", ["N", dims[0]])], [(x, ["N", dims[-1]])], opset=17,
+                   ir_version=8)
+    feeds = {"x": np.random.default_rng(5).standard_normal((512, dims[0])).astype(np.float32)}
+    return model, feeds
+
+
+@pytest.mark.parametrize("keep_bias", [False, True])
+def test_a_float16_store_is_not_taken_as_exact_in_one_pass(keep_bias):
+    model, feeds = float16_store_mlp()
+    tol = 1e-4
+    result = lsuv_init(model, feeds, provider="cpu", tol=tol, keep_bias=keep_bias)
+    assert result.report.measured_in == "re-measure"
+    written = result.model
+    assert all(t.data_type == TensorProto.FLOAT16 for t in written.graph.initializer
+               if t.name.startswith("W"))
+    measured = _measured(written, feeds)
+    reported = [rec.var_after for rec in result.report.layers]
+    assert len(measured) == len(reported) == 3
+    for got, want in zip(reported, measured):
+        assert got == pytest.approx(want, rel=1e-6), (reported, measured)
+    for rec, want in zip(result.report.layers, measured):
+        if rec.status == "converged":
+            assert abs(want - 1.0) < tol, (rec.name, want)
+
+
 # -- class 6: what result.model is, save() writes: rewritten tensors keep their metadata -------
 
 def _with_metadata(t: onnx.TensorProto) -> onnx.TensorProto:
