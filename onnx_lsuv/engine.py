@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import ProviderError, RuntimeFailure
+from .model_io import PACKED_4BIT, raw_bytes
 from .options import PROVIDERS
 from .orthonormal import default_workers
 
@@ -26,6 +27,9 @@ CUDA = "CUDAExecutionProvider"
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 NO_DRIVER = "no NVIDIA driver found"
 NO_CUDA_BUILD = "this onnxruntime build ({}) has no CUDA provider"
+# numpy's first number for a dtype it does not define itself: ml_dtypes' bfloat16, float8 and
+# int4 types, which ONNX Runtime's numpy conversion refuses ("Numpy_type 256 can't be converted").
+NPY_USERDEF = 256
 
 
 def _cuda_driver_present() -> bool:
@@ -132,14 +136,45 @@ class Engine:
         values = []
         try:
             if initializers:
-                values = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
+                values = [ort_value(a) for a in initializers.values()]
                 so.add_external_initializers(list(initializers), values)
+            fed = {name: feedable(a) for name, a in (fed or {}).items()}
             sess = ort.InferenceSession(data, so, providers=self.providers)
         except Exception as err:
             raise RuntimeFailure(f"ONNX Runtime could not load the model: {err}") from err
         if self.name == "cuda" and sess.get_providers()[0] != CUDA:
             raise RuntimeFailure("ONNX Runtime silently fell back from CUDA to the CPU")
-        return Session(sess, [so, *values], dict(fed or {}))
+        return Session(sess, [so, *values], fed)
+
+
+def ort_value(array: np.ndarray) -> ort.OrtValue:
+    """``array`` as an OrtValue on the CPU, whatever its dtype: numpy's own as it is (read in
+    place), and ml_dtypes' bfloat16, float8 and int4 (which ONNX Runtime's numpy conversion
+    refuses) by their ONNX type, from their bytes; 4-bit types packed two to a byte, as ONNX
+    Runtime holds them."""
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar 1-D)
+        array = np.array(array, order="C")
+    if array.dtype.num < NPY_USERDEF:
+        return ort.OrtValue.ortvalue_from_numpy(array)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    if elem not in PACKED_4BIT:  # one element per item, the same size in both
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, elem)
+    packed = np.frombuffer(raw_bytes(array, elem), np.uint8)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), elem)
+    if value.tensor_size_in_bytes() != packed.nbytes:
+        raise RuntimeFailure(f"ONNX Runtime holds a {array.dtype} tensor of shape "
+                             f"{list(array.shape)} in {value.tensor_size_in_bytes()} bytes, "
+                             f"not the {packed.nbytes} of its packed form")
+    ctypes.memmove(value.data_ptr(), packed.ctypes.data, packed.nbytes)
+    return value
+
+
+def feedable(array: np.ndarray | ort.OrtValue) -> np.ndarray | ort.OrtValue:
+    """A value ``InferenceSession.run`` takes: a numpy array of one of numpy's own dtypes as it
+    is, anything else (bfloat16, float8, int4) as an OrtValue."""
+    if isinstance(array, np.ndarray) and array.dtype.num >= NPY_USERDEF:
+        return ort_value(array)
+    return array
 
 
 @dataclass
@@ -149,13 +184,26 @@ class Session:
 
     ort_session: ort.InferenceSession
     keep: list = field(default_factory=list, repr=False)
-    fed: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    fed: dict[str, np.ndarray | ort.OrtValue] = field(default_factory=dict, repr=False)
+
+    def _feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray | ort.OrtValue]:
+        return {**{k: feedable(v) for k, v in feeds.items()}, **self.fed}
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         """Fetch ``outputs``; ONNX Runtime errors become RuntimeFailure."""
         try:
-            return self.ort_session.run(list(outputs), {**feeds, **self.fed} if self.fed
-                                        else feeds)
+            return self.ort_session.run(list(outputs), self._feeds(feeds))
+        except Exception as err:
+            raise RuntimeFailure(f"ONNX Runtime failed to run the model: {err}") from err
+
+    def check(self, feeds: dict[str, np.ndarray]) -> None:
+        """Run the whole model on ``feeds``, its outputs left as OrtValues (a bfloat16 output
+        has no numpy type): a probe that a model runs proves it by running."""
+        values = {k: v if isinstance(v, ort.OrtValue) else ort_value(v)
+                  for k, v in self._feeds(feeds).items()}
+        try:
+            self.ort_session.run_with_ort_values(
+                [o.name for o in self.ort_session.get_outputs()], values)
         except Exception as err:
             raise RuntimeFailure(f"ONNX Runtime failed to run the model: {err}") from err
 

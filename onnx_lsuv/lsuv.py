@@ -492,12 +492,14 @@ def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
                    feeds, report: Report, opts: LSUVOptions,
                    progress: ProgressFn) -> Run:
     """The model, weights and feeds to measure with: the model itself, or its float32 twin
-    where ONNX Runtime cannot run its float16/bfloat16 form."""
+    where ONNX Runtime cannot run its float16/bfloat16 form (on the batch: a session that
+    loads may still fail to run)."""
     report.provider = engine.name
     run = Run(engine, work, state, feeds, report, opts, progress)
     if has_low_precision(work):
         try:
-            run.session(state.skeleton(work))
+            run.session(state.skeleton(work)).check(
+                feeds.first if isinstance(feeds, Stream) else feeds)
         except RuntimeFailure:
             twin, twin_state, twin_feeds = float32_measuring(work, state, feeds,
                                                              opts.selection)
@@ -522,9 +524,8 @@ def _blaming_the_input(model: ModelLike, feeds):
         except (ValueError, LSUVError):  # e.g. over protobuf's 2 GiB: no verdict either way
             raise err from None
         try:
-            probe = Engine("cpu").session(serialised)
-            probe.run(feeds.first if isinstance(feeds, Stream) else feeds,
-                      [o.name for o in probe.ort_session.get_outputs()])
+            Engine("cpu").session(serialised).check(
+                feeds.first if isinstance(feeds, Stream) else feeds)
         except RuntimeFailure as refused:
             where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
             raise InputError(f"ONNX Runtime cannot run the model{where} as it is: "

@@ -317,10 +317,40 @@ def complete_model(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onn
     in, in place (each tensor's bytes copied once)."""
     for t in model.graph.initializer:
         if is_pending(t):
-            t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(arrays[t.name]), t.name))
+            set_values(t, arrays[t.name])
         else:
             materialize(t)
     return model
+
+
+def raw_bytes(value: np.ndarray, data_type: int) -> bytes | memoryview:
+    """The raw_data of a tensor of ``data_type`` holding ``value``: its elements in that dtype,
+    little-endian, 4-bit types two to a byte (a view of ``value`` where it already is so).
+    What ``set_values`` writes into a tensor and what a streamed save writes in its place."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    arr = np.asarray(value)
+    if arr.dtype != dtype or not arr.flags.c_contiguous:
+        arr = np.array(arr, dtype=dtype, order="C")
+    if dtype.num >= 256:  # ml_dtypes' bfloat16, float8, int4: onnx's own packing
+        return onnx.numpy_helper.from_array(arr).raw_data
+    arr = arr.astype(dtype.newbyteorder("<"), copy=False)
+    return memoryview(arr.reshape(-1)).cast("B")
+
+
+def set_values(t: onnx.TensorProto, value: np.ndarray) -> None:
+    """Make ``value`` the data of ``t``, in ``t``'s dtype, with ``value``'s shape: the one way
+    a new value enters a tensor, whether a result's model is built (``complete_model``) or
+    its weights written (``weights.WeightState.write``); a streamed save writes the same
+    bytes (``raw_bytes``). Every other field (name, doc_string, metadata_props, ...) is
+    kept, as the save keeps them."""
+    data = bytes(raw_bytes(value, t.data_type))
+    for f in DATA_FIELDS:
+        t.ClearField(f)
+    del t.external_data[:]
+    t.ClearField("data_location")
+    del t.dims[:]
+    t.dims.extend(int(d) for d in np.shape(value))
+    t.raw_data = data
 
 
 def is_mapped(t: onnx.TensorProto) -> bool:
@@ -569,12 +599,21 @@ def _graph_tensors(graph: onnx.GraphProto, subgraphs: bool):
                     yield from _graph_tensors(g, True)
 
 
+# Types of 4 bits, which a tensor's bytes (and ONNX Runtime) hold two to a byte; ml_dtypes'
+# arrays of them take a byte per element.
+PACKED_4BIT = frozenset(getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+                        if hasattr(onnx.TensorProto, name))
+
+
 def tensor_nbytes(t: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data, from its dims and type (strings count as 0)."""
+    """Bytes of a tensor's data, from its dims and type (strings count as 0; 4-bit types
+    packed, two to a byte)."""
     if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return 0
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    count = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in PACKED_4BIT:
+        return (count + 1) // 2
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

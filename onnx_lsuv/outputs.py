@@ -40,6 +40,7 @@ from .model_io import (
     is_pending,
     len_header,
     mapped_range,
+    raw_bytes,
     read_mapped,
     tensor_bytes,
     tensor_nbytes,
@@ -352,7 +353,7 @@ def stage_model(tx: Transaction, model: onnx.ModelProto, output: str,
     # Each tensor's fields are swapped for a reference into the data file while the model is
     # serialised, then put back: the model is never copied. The data file is written after,
     # one tensor's bytes at a time.
-    saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None]] = []
+    saved: list[tuple[onnx.TensorProto, bytes | None, onnx.TensorProto | None, bool | None]] = []
     try:
         with signals_deferred():  # the caller's model is whole again before any interrupt
             try:
@@ -378,9 +379,7 @@ STEP = 64 << 20  # bytes per read of a mapped tensor's file
 def _tensor_chunks(t: onnx.TensorProto, arrays: dict[str, np.ndarray]):
     """A tensor's little-endian bytes, in pieces: from its array, its file, or itself."""
     if is_pending(t):
-        arr = np.ascontiguousarray(arrays[t.name])
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        yield memoryview(arr).cast("B")
+        yield raw_bytes(arrays[t.name], t.data_type)
     elif is_mapped(t):
         _, _, length = mapped_range(t)
         for start in range(0, length, STEP):
@@ -430,13 +429,16 @@ def _inline_chunks(model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
 
 
 def _put_back(saved: list) -> None:
-    """Restore the tensors ``_externalised`` swapped out."""
-    for t, raw, original in saved:
+    """Restore the tensors ``_externalised`` swapped out, as they were (a data_location that
+    was not set stays unset: the model is then the same proto as before the save)."""
+    for t, raw, original, located in saved:
         if original is not None:
             t.CopyFrom(original)
         else:
             del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+            t.ClearField("data_location")
+            if located:
+                t.data_location = onnx.TensorProto.DEFAULT
             t.raw_data = raw
 
 
@@ -452,9 +454,9 @@ def _externalised(model: onnx.ModelProto, big: list[onnx.TensorProto], location:
         if _sourced(t) or not t.HasField("raw_data"):  # references, or typed fields (small)
             original = onnx.TensorProto()
             original.CopyFrom(t)
-            saved.append((t, None, original))
+            saved.append((t, None, original, None))
         else:
-            saved.append((t, t.raw_data, None))
+            saved.append((t, t.raw_data, None, t.HasField("data_location")))
         pad = (-offset) % (PAGE if length >= (1 << 20) else 16)
         offset += pad
         layout.append((pad, saved[-1][2] if saved[-1][2] is not None else t))
@@ -473,8 +475,7 @@ def _externalised(model: onnx.ModelProto, big: list[onnx.TensorProto], location:
 def _little_endian_bytes(t: onnx.TensorProto) -> bytes:
     if t.HasField("raw_data"):
         return t.raw_data
-    arr = numpy_helper.to_array(t)
-    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+    return bytes(raw_bytes(numpy_helper.to_array(t), t.data_type))
 
 
 def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike,

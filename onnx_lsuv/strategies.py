@@ -175,9 +175,11 @@ def exact_in_one_pass(run: Run, lay: Layer, biases: dict[int, LayerBias]) -> boo
     Not so for a recurrent op, a layer in a Loop/Scan body, a weight also read upstream or
     tied to another node (whose readers the graph may not all rescale), a bias the graph
     leaves out (a full-matrix Gemm C; a layer scaled in parts), a float16 layer (its
-    output rounds differently with a rescaled weight), or weights written in another
-    precision than measured."""
+    output rounds differently with a rescaled weight), weights written in another
+    precision than measured, or a weight or bias stored (or cast on the way) in float16 or
+    bfloat16, whose written bytes round the solved factor (``WeightState.written_exactly``)."""
     return (run.written_as_measured and np.dtype(lay.dtype) in (np.float32, np.float64)
+            and run.state.written_exactly(lay)
             and not lay.is_recurrent and lay.body is None
             and not lay.weight_read_upstream and not lay.shared_weight_users
             and (lay.index in biases or not run.state.has_nonzero_bias(lay)))

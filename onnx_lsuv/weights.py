@@ -14,6 +14,7 @@ from .model_io import (
     is_mapped,
     mark_pending,
     materialize,
+    set_values,
     tensor_array,
     tensor_nbytes,
 )
@@ -119,7 +120,7 @@ class WeightState:
     def _scaled_weight(layer: Layer, base: np.ndarray, s: np.ndarray) -> np.ndarray:
         if len(s) == 1:
             out = np.empty(base.shape, layer.dtype)
-            _rescale(base.reshape(-1), out.reshape(-1), s[0])
+            _rescale(base.reshape(-1), out.reshape(-1), s[0], _narrower_store(layer))
             return out
         g, out, _ = layer.layout.matrix_shape
         mats = layer.layout.to_matrices(base.astype(np.float64))
@@ -127,12 +128,12 @@ class WeightState:
             mats = mats * s.reshape(g, out)[:, :, None]
         else:  # one per block: a matrix group each
             mats = mats * s[:, None, None]
-        return layer.layout.from_matrices(mats).astype(layer.dtype)
+        return _as_written(layer, layer.layout.from_matrices(mats))
 
     def set_base(self, layer: Layer, weight: np.ndarray) -> None:
-        """A new weight, as the layer reads it."""
+        """A new weight, as the layer reads it (and as it reads it back once written)."""
         self._scaled.pop(layer.index, None)
-        self.base[layer.index] = np.ascontiguousarray(weight.astype(layer.dtype, copy=False))
+        self.base[layer.index] = np.ascontiguousarray(_as_written(layer, weight))
         self.scale[layer.index] = np.ones(len(layer.blocks))
         self.applied[layer.index] = np.ones(len(layer.blocks))
 
@@ -155,7 +156,7 @@ class WeightState:
                 self.base[lay.index] = cached[1]
             elif len(s) == 1 and base.flags.writeable and not isinstance(base, np.memmap) \
                     and base.flags.c_contiguous:
-                _rescale(base.reshape(-1), base.reshape(-1), s[0])
+                _rescale(base.reshape(-1), base.reshape(-1), s[0], _narrower_store(lay))
             else:
                 del cached
                 self.base[lay.index] = self._scaled_weight(lay, base, s)
@@ -230,6 +231,21 @@ class WeightState:
         b[:, 2 * hidden:3 * hidden] = value
         self.bias[layer.index] = b
         self.changed_bias.add(layer.index)
+
+    def written_exactly(self, layer: Layer) -> bool:
+        """Whether the layer's weight and bias are stored in float32 or float64 and reach it
+        through Casts between those only: a factor written into them then gives the layer
+        what the one-pass solve computed, up to float32 rounding. A float16 or bfloat16 store
+        rounds the rescaled weight again (by up to 2^-11 or 2^-8 relative), and a Cast to one
+        on the way does too: the written model then measures off the solve's variance."""
+        exact = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+        refs = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+        if layer.body is not None or any(self.index.tensor_proto(ref).data_type not in exact
+                                         for ref in refs):
+            return False  # (a body layer's chains are nodes of its body)
+        casts = [self.index.graph.node[j] for j in layer.chain_nodes]
+        return all(int(attribute(node, "to", 0)) in exact for node in casts
+                   if node.op_type == "Cast")
 
     def has_nonzero_bias(self, layer: Layer) -> bool:
         b = self.bias[layer.index]
@@ -334,12 +350,34 @@ class WeightState:
                 _write_const(index, ref, value)
 
 
-def _rescale(src: np.ndarray, dst: np.ndarray, factor: float) -> None:
+def _rescale(src: np.ndarray, dst: np.ndarray, factor: float,
+             via: np.dtype | None = None) -> None:
     """dst = src * factor (flat arrays, dst may be src), in float64 a bounded part at a
-    time: no float64 copy of a whole weight."""
+    time: no float64 copy of a whole weight; rounded to ``via`` first where given (a
+    narrower store, see ``_narrower_store``)."""
     for k in range(0, src.size, ROWS_PER_STEP):
         part = slice(k, k + ROWS_PER_STEP)
-        dst[part] = src[part].astype(np.float64) * factor
+        value = src[part].astype(np.float64) * factor
+        dst[part] = value if via is None else value.astype(via)
+
+
+def _narrower_store(layer: Layer) -> np.dtype | None:
+    """The dtype the layer's weight is stored in where it holds less than the layer reads (a
+    float16 or bfloat16 kernel Cast to float32), else None."""
+    chain = layer.chain
+    if chain is None or chain.stored_dtype.itemsize >= np.dtype(layer.dtype).itemsize:
+        return None
+    return chain.stored_dtype
+
+
+def _as_written(layer: Layer, value: np.ndarray) -> np.ndarray:
+    """``value`` in the layer's dtype, as the layer reads it back once written: through a
+    narrower store, rounded to it. The state then holds what the written model computes with,
+    and every measurement (a try's included) sees the written weight."""
+    via = _narrower_store(layer)
+    if via is not None:
+        value = value.astype(via)
+    return value.astype(layer.dtype, copy=False)
 
 
 def _broadcast_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -352,10 +390,7 @@ def _broadcast_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _write_const(index: GraphIndex, ref: ConstRef, value: np.ndarray) -> None:
-    proto = index.tensor_proto(ref)
-    new = numpy_helper.from_array(np.ascontiguousarray(value).astype(
-        onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)), proto.name)
-    proto.CopyFrom(new)
+    set_values(index.tensor_proto(ref), value)
 
 
 def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int],
