@@ -101,15 +101,20 @@ class Progress:
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz of ``arrays`` without np.savez's keyword names (a tensor may be called 'file')."""
+    """An .npz of ``arrays`` without np.savez's keyword names (a tensor may be called 'file').
+    bfloat16 and float8 arrays (ml_dtypes, which the .npy format stores as raw void bytes that
+    no framework reads back) are widened to float32, exactly."""
     import io
     import zipfile
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in arrays.items():
+            arr = np.asanyarray(arr)
+            if arr.dtype.kind == "V" and arr.dtype.names is None:
+                arr = arr.astype(np.float32)
             with zf.open(name + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+                np.lib.format.write_array(f, arr, allow_pickle=False)
     return buf.getvalue()
 
 

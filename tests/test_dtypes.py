@@ -9,9 +9,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lsuv import lsuv_init
+from onnx_lsuv_cli.main import lsuv_command
 
 import independent
 
@@ -323,3 +325,26 @@ def test_result_model_is_what_save_writes_metadata_kept(tmp_path, external):
                 numpy_helper.to_array(t).tobytes(), name
         else:
             assert new[name] == t, name
+
+
+def test_save_weights_widens_bfloat16_to_float32(tmp_path):
+    """The .npy format has no bfloat16: --save-weights writes the new bfloat16 weights as
+    float32 (exactly their values), not as raw void bytes no framework reads back."""
+    import ml_dtypes
+
+    model, feeds = bf16_store_convnet()
+    path, data, npz = tmp_path / "in.onnx", tmp_path / "x.npy", tmp_path / "w.npz"
+    onnx.save(model, str(path))
+    np.save(data, feeds["x"])
+    res = CliRunner().invoke(lsuv_command, [str(path), "-d", str(data), "-o",
+                                            str(tmp_path / "o.onnx"), "--save-weights", str(npz)])
+    assert res.exit_code == 0, res.output
+    written = {t.name: t for t in onnx.load(str(tmp_path / "o.onnx")).graph.initializer}
+    saved = np.load(npz)
+    bf16 = [n for n in saved.files if written[n].data_type == TensorProto.BFLOAT16]
+    assert bf16, saved.files
+    for name in bf16:
+        assert saved[name].dtype == np.float32
+        want = numpy_helper.to_array(written[name]).astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(saved[name], want.astype(np.float32))
+
