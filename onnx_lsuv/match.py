@@ -21,12 +21,17 @@ transforms, and applies the inverse transform to the new value:
   outputs as the initialised ONNX model.
 
 A tensor whose value is found nowhere is reported by name with the reason, never guessed.
-Equal candidates are resolved by the graph (a bias goes beside its layer's weight; the pieces
-of one tensor come from one parameter) or by name; otherwise reported as ambiguous. A varied
-tensor found in several equal parameters is one parameter under several names (all get it)
-only when no other constant of the model has its size. A tensor whose values an unchanged
-constant also holds (a head tied to the embedding a Gather reads) is refused unless as many
-parameters hold them. One tensor's placements are written all or none.
+The parameters that hold a tensor's values are counted against the times the exported model
+stores them (whole or in equal pieces, in any of those layouts, or scaled per unit), counted
+the same way. As many parameters as stored tensors: one each, resolved by the graph (a bias
+goes beside its layer's weight; the pieces of one tensor come from one parameter) or by name,
+otherwise reported as ambiguous. More parameters than stored tensors: a tensor stored once
+stands for all of them (copies the exporter stored once, a tie, one parameter under two
+names), so all get it (a constant bias: the one beside each layer that reads it); with
+several, ambiguous. Evidence that fits every candidate layout alike (a folded BatchNorm's
+factor of 1) resolves nothing. A tensor whose values an unchanged constant also holds (a head
+tied to the embedding a Gather reads) is refused unless as many parameters hold them. One
+tensor's placements are written all or none.
 """
 
 from __future__ import annotations
