@@ -21,12 +21,17 @@ transforms, and applies the inverse transform to the new value:
   outputs as the initialised ONNX model.
 
 A tensor whose value is found nowhere is reported by name with the reason, never guessed.
-Equal candidates are resolved by the graph (a bias goes beside its layer's weight; the pieces
-of one tensor come from one parameter) or by name; otherwise reported as ambiguous. A varied
-tensor found in several equal parameters is one parameter under several names (all get it)
-only when no other constant of the model has its size. A tensor whose values an unchanged
-constant also holds (a head tied to the embedding a Gather reads) is refused unless as many
-parameters hold them. One tensor's placements are written all or none.
+The parameters that hold a tensor's values are counted against the times the exported model
+stores them (whole or in equal pieces, in any of those layouts, or scaled per unit), counted
+the same way. As many parameters as stored tensors: one each, resolved by the graph (a bias
+goes beside its layer's weight; the pieces of one tensor come from one parameter) or by name,
+otherwise reported as ambiguous. More parameters than stored tensors: a tensor stored once
+stands for all of them (copies the exporter stored once, a tie, one parameter under two
+names), so all get it (a constant bias: the one beside each layer that reads it); with
+several, ambiguous. Evidence that fits every candidate layout alike (a folded BatchNorm's
+factor of 1) resolves nothing. A tensor whose values an unchanged constant also holds (a head
+tied to the embedding a Gather reads) is refused unless as many parameters hold them. One
+tensor's placements are written all or none.
 """
 
 from __future__ import annotations
@@ -111,11 +116,10 @@ def _region_text(region: Region, what: str) -> str:
 @dataclass
 class Prefer:
     """What the graph says about a tensor's candidates: the parameters (or their parents) of
-    the same layer, and whether several equal parameters may all be this one tensor."""
+    the same layer."""
 
     names: set[str] = field(default_factory=set)
     parents: set[str] = field(default_factory=set)
-    tied: bool = False
     strict: bool = False  # only the graph or the name may choose (not what others claimed)
 
 
@@ -208,6 +212,12 @@ def _varied(values: np.ndarray) -> bool:
     return np.unique(values).size >= max(2, values.size // 2)
 
 
+def _where(found) -> str:
+    """The candidates (name, region, ...) as a list for a reason."""
+    return ", ".join(sorted({f[0] + (" " + _region_text(f[1], "chunk") if f[1] else "")
+                             for f in found}))
+
+
 def _words(name: str) -> list[str]:
     return [w for w in re.split(r"[^0-9a-zA-Z]+", name.lower()) if w]
 
@@ -221,6 +231,11 @@ def _affinity(param: str, onnx_name: str) -> int:
     if n == 0 and a and "".join(a) in "".join(b):
         n = 1
     return n
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    """How many leading words two names share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _parent(name: str) -> str:
@@ -281,12 +296,15 @@ class _Matcher:
         for name, arr in self.params.items():
             self.by_size.setdefault(arr.size, []).append(name)
         self._keys: dict[tuple[str, Region, str], bytes] = {}
-        self._profiles: dict[tuple[str, int], np.ndarray] = {}
+        self._profiles: dict[tuple[str, Region, int], np.ndarray] = {}
         self._range: dict[tuple[str, Region, str], tuple[float, float]] = {}
         self.new: dict[str, np.ndarray] = {}
         self.written: dict[str, np.ndarray] = {}
         self.claimed: set[tuple[str, Region]] = set()
         self.pairs: dict[tuple, list[tuple[str, str]]] = {}
+        # the exported model's constants, matched like the parameters: how many times it
+        # stores a value (set by match_parameters)
+        self.onnx: _Matcher | None = None
 
     # --- candidates -------------------------------------------------------------------
     def _sources(self, size: int, chunks: bool):
@@ -331,21 +349,12 @@ class _Matcher:
                     prefer: Prefer) -> list[Placement] | str:
         constant = bool(np.all(target == target.reshape(-1)[0]))
         key, ties = _fingerprint(target)
-        candidates = self.exact(target, key, every_level=constant)
+        candidates = self.exact(target, key, every_level=True)
         if not candidates:
             return "its value is not among the parameters"
-        if constant:  # any parameter of that size and value fits: the graph, or the very
-            # name, must tell (a piece of a recurrent B goes to the layer's own bias)
-            near = [c for c in candidates if c[0] in prefer.names
-                    or _parent(c[0]) in prefer.parents]
-            if len(near) != 1:
-                best = max(_affinity(c[0], name) for c in candidates)
-                near = [c for c in candidates if _affinity(c[0], name) == best] \
-                    if best >= 2 else []
-            if len(near) != 1:
-                return ("ambiguous: a constant value, which the graph does not place; it "
-                        "fits " + ", ".join(sorted({c[0] for c in candidates})[:6]))
-            candidates = near
+        stored = self.stored(target, key, name, piece, constant)
+        if constant:
+            return self._solve_constant(target, new, name, piece, prefer, candidates, stored)
         found: list[tuple[str, Region, Arrangement | str]] = []
         for pname, region in candidates:
             arr = self._arrange(pname, region, target, ties, new)
@@ -353,12 +362,11 @@ class _Matcher:
                 found.append((pname, region, arr))
         if not found:
             return "its values are among the parameters, but in no layout onnx-lsuv knows"
-        if len(found) > 1:
-            if not ties and prefer.tied and len({f[1] for f in found}) == 1 and all(
-                    np.array_equal(self.params[f[0]], self.params[found[0][0]])
-                    for f in found[1:]):  # one parameter under several names (an alias, a
-                # tie: Paddle's LSTM keeps lstm.weight_ih_l0 and lstm.0.cell.weight_ih): all
-                return [Placement(name, piece, p, r, a) for p, r, a in found]
+        if len(found) > stored:  # more parameters hold these values than the model stores
+            return self._all_or_none(name, piece, found, stored)
+        whole = [f for f in found if f[1] is None]
+        found = whole or found  # a whole parameter before chunks of one
+        if len(found) > 1:  # as many tensors as parameters: one each, by the graph or name
             free = [f for f in found if (f[0], f[1]) not in self.claimed]
             if len(free) == 1 and not prefer.strict:
                 found = free
@@ -372,14 +380,101 @@ class _Matcher:
                     best = max(_affinity(f[0], name) for f in pool)
                     named = [f for f in pool if _affinity(f[0], name) == best]
                     if best == 0 or len(named) != 1:
-                        return ("ambiguous: equal values in " + ", ".join(
-                            sorted({f[0] + (" " + _region_text(f[1], "chunk") if f[1] else "")
-                                    for f in pool})))
+                        return "ambiguous: equal values in " + _where(pool)
                     found = named
         pname, region, arr = found[0]
         if isinstance(arr, str):
             return f"ambiguous: {pname}: {arr}"
         return [Placement(name, piece, pname, region, arr)]
+
+    @staticmethod
+    def _all_or_none(name: str, piece: Region, found: list, stored: int) -> list[Placement] | str:
+        """Parameters that hold the values of a tensor the model stores fewer times: one
+        stored tensor stands for all of them (copies the exporter stored once, a tie, one
+        parameter under two names), so all get it; with several, which one stands for which
+        parameters is not known."""
+        if stored > 1:
+            return (f"ambiguous: {len(found)} parameters hold these values "
+                    f"({_where(found)}) and the ONNX model stores them {stored} times: "
+                    "which of its tensors stands for several parameters is not known")
+        for pname, _, arr in found:
+            if isinstance(arr, str):
+                return f"ambiguous: {pname}: {arr}"
+        return [Placement(name, piece, p, r, a) for p, r, a in found]
+
+    def _solve_constant(self, target: np.ndarray, new: np.ndarray, name: str, piece: Region,
+                        prefer: Prefer, candidates: list[tuple[str, Region]],
+                        stored: int) -> list[Placement] | str:
+        """A constant value: any parameter of that size and value fits, so the graph (the
+        parameters beside the layers that read it: a piece of a recurrent B goes to the
+        layer's own bias) or the very name must tell. A tensor the model stores once and
+        several layers read goes to each of those layers' own parameter."""
+        near = [c for c in candidates if c[0] in prefer.names
+                or _parent(c[0]) in prefer.parents]
+        if len(near) > 1 and stored == 1:  # each reading layer's own, one each
+            by_parent: dict[str, int] = Counter(_parent(c[0]) for c in near)
+            if prefer.parents <= set(by_parent) and set(by_parent.values()) == {1}:
+                return self._all_or_none(name, piece, [
+                    (p, r, self._arrange(p, r, target, True, new)) for p, r in near], 1)
+        if len(near) != 1:
+            best = max(_affinity(c[0], name) for c in candidates)
+            near = [c for c in candidates if _affinity(c[0], name) == best] \
+                if best >= 2 else []
+        if len(near) != 1:
+            return ("ambiguous: a constant value, which the graph does not place; it "
+                    "fits " + ", ".join(sorted({c[0] for c in candidates})[:6]))
+        (pname, region), = near
+        arr = self._arrange(pname, region, target, True, new)
+        if arr is None:
+            return "its values are among the parameters, but in no layout onnx-lsuv knows"
+        if isinstance(arr, str):
+            return f"ambiguous: {pname}: {arr}"
+        return [Placement(name, piece, pname, region, arr)]
+
+    def stored(self, target: np.ndarray, key: bytes, name: str, piece: Region,
+               constant: bool) -> int:
+        """How many times the exported ONNX model (with onnx-lsuv's bias copies) holds these
+        values: whole constants and equal pieces of them, in any layout the parameters are
+        matched in, or scaled by a factor per unit (a folded BatchNormalization). At least 1:
+        the tensor itself. The parameters are counted the same way, so evidence that holds
+        on both sides (a symmetric matrix fits two layouts on each) cancels out."""
+        onnx = self.onnx
+        if onnx is None:
+            return 1
+        seen = {(c, r) for c, r in onnx.exact(target, key, every_level=True)
+                if (c, r) == (name, piece) or constant
+                or onnx._arrange(c, r, target, False, target) is not None}
+        count = len(seen)
+        if not constant:
+            count += onnx.scaled_copies(target, seen | {(name, piece)})
+        return max(count, 1)
+
+    def scaled_copies(self, values: np.ndarray, skip: set[tuple[str, Region]]) -> int:
+        """How many of these arrays (whole or equal chunks) are ``values`` scaled by a
+        factor per unit, in some arrangement."""
+        if values.ndim < 2:
+            return 0
+        rtol = _rtol(values.dtype)
+        v64 = values.astype(np.float64)
+        profiles = [_profile(v64, b) if n >= 2 else None for b, n in enumerate(values.shape)]
+        count = 0
+        for cname, region in itertools.chain(self._sources(values.size, False),
+                                             self._sources(values.size, True)):
+            if (cname, region) in skip:
+                continue
+            shape = _part(self.params[cname], region).shape
+            for axis in range(len(shape)):
+                if shape[axis] < 2 or not any(
+                        n == shape[axis] and np.allclose(
+                            profiles[b], self._profile(cname, axis, region),
+                            rtol=max(1e-3, 10 * rtol), atol=1e-6)
+                        for b, n in enumerate(values.shape) if n >= 2):
+                    continue
+                part = _part(self.params[cname], region).astype(np.float64)
+                if next(self._scaled_arrangements(v64, part, axis, rtol), None) is not None:
+                    count += 1
+                    break
+        return count
 
     def _arrange(self, pname: str, region: Region, target: np.ndarray, ties: bool,
                  new: np.ndarray) -> Arrangement | None | str:
@@ -404,11 +499,14 @@ class _Matcher:
                         "different places")
         return solutions[0]
 
-    def solve_scaled(self, target: np.ndarray, name: str) -> Placement | str | None:
+    def solve_scaled(self, target: np.ndarray, new: np.ndarray,
+                     name: str) -> list[Placement] | str | None:
         """A kernel with a folded BatchNormalization: the parameter times a factor per unit,
         which some gamma / sqrt(var + eps) among the parameters explains (a scale that none
         explains, such as weight norm's g / |v|, depends on the kernel itself: no match).
-        None when no parameter fits; a reason when several do."""
+        None when no parameter fits; a reason when several do (or when one fits in several
+        layouts that put the new values in different places: the factor, the same for each,
+        tells none of them apart), unless the model stores the kernel once for all of them."""
         rtol = _rtol(target.dtype)
         t64 = target.astype(np.float64)
         profiles = {axis: _profile(t64, axis) for axis in range(target.ndim)
@@ -418,6 +516,7 @@ class _Matcher:
             if (pname, None) in self.claimed:
                 continue
             shape, source = self.params[pname].shape, None
+            mine: list[Placement] = []
             for axis, profile in profiles.items():
                 if not any(shape[b] == target.shape[axis] and np.allclose(
                         self._profile(pname, b), profile, rtol=max(1e-3, 10 * rtol), atol=1e-6)
@@ -425,29 +524,43 @@ class _Matcher:
                     continue
                 if source is None:
                     source = self.params[pname].astype(np.float64)
-                found = self._scaled_arrangement(source, t64, axis, rtol)
-                if found is not None and batchnorm_pairs(self, found[1], pname, rtol):
-                    fits.append(Placement(name, None, pname, None, found[0], found[1], axis))
-                    break
+                mine += [Placement(name, None, pname, None, arr, scale, axis)
+                         for arr, scale in self._scaled_arrangements(source, t64, axis, rtol)
+                         if batchnorm_pairs(self, scale, pname, rtol)]
+            if not mine:
+                continue
+            first = self._value(mine[0], new).astype(np.float64)
+            tol = 10 * rtol * (np.abs(first).max() + 1e-30)
+            if any(not np.allclose(self._value(p, new), first, rtol=10 * rtol, atol=tol)
+                   for p in mine[1:]):
+                return (f"ambiguous: {pname}: a folded kernel whose values fit several layouts "
+                        "that put the new values in different places")
+            fits.append(mine[0])
         if len(fits) > 1:
+            stored = self.stored(target, _key(target), name, None, False)
+            if len(fits) > stored == 1:
+                return fits  # one folded kernel the exporter stored once for all of them
             return ("ambiguous: a folded kernel that fits " + ", ".join(
                 sorted(f.param for f in fits)))
-        return fits[0] if fits else None
+        return fits or None
 
-    def _profile(self, name: str, axis: int) -> np.ndarray:
-        k = (name, axis)
+    def _profile(self, name: str, axis: int, region: Region = None) -> np.ndarray:
+        k = (name, region, axis)
         if k not in self._profiles:
-            self._profiles[k] = _profile(self.params[name].astype(np.float64), axis)
+            part = _part(self.params[name], region).astype(np.float64)
+            self._profiles[k] = _profile(part, axis)
         return self._profiles[k]
 
     @staticmethod
-    def _scaled_arrangement(source: np.ndarray, target: np.ndarray, axis: int, rtol: float):
+    def _scaled_arrangements(source: np.ndarray, target: np.ndarray, axis: int, rtol: float):
+        """Every arrangement of ``source`` that is ``target`` up to a factor per unit along
+        ``axis``, with the factor: (arrangement, factor)."""
         units = target.shape[axis]
         moved = np.moveaxis(target, axis, 0).reshape(units, -1)
         # two probes per unit, at its largest entries (the ratio is best defined there)
         cols = np.argsort(-np.abs(moved), axis=1)[:, :2]
         if cols.shape[1] < 2:
-            return None
+            return
         rows = np.arange(units)[:, None]
         q_moved = np.stack([rows.repeat(2, 1), cols], -1).reshape(-1, 2)
         rest = [n for a, n in enumerate(target.shape) if a != axis]
@@ -472,8 +585,7 @@ class _Matcher:
             fit = a_moved * scale[:, None]
             tol = rtol * np.abs(moved).max(axis=1, keepdims=True) + 1e-30
             if np.all(np.abs(fit - moved) <= tol):
-                return arr, scale
-        return None
+                yield arr, scale
 
     # --- writing ----------------------------------------------------------------------
     def _value(self, p: Placement, new_piece: np.ndarray) -> np.ndarray:
@@ -517,8 +629,17 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _old_values(model: onnx.ModelProto, consts: dict[str, np.ndarray],
-                names) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+@dataclass
+class _Graph:
+    """What the exported graph says about the changed tensors."""
+
+    old: dict[str, np.ndarray]  # each changed tensor's original value
+    bias_of: dict[str, str]  # a kernel's bias tensor (the first layer's that reads it)
+    readers: dict[str, list[str]]  # a bias tensor -> the kernels of the layers that read it
+    biases: dict[str, set[str | None]]  # a kernel -> the biases its layers read (None: none)
+
+
+def _old_values(model: onnx.ModelProto, consts: dict[str, np.ndarray], names) -> _Graph:
     """The original value of each changed tensor, and each kernel's bias tensor by the graph.
 
     A bias that onnx-lsuv gave its own copy (``<layer>.bias``, see ``weights.unshare_biases``)
@@ -528,10 +649,16 @@ def _old_values(model: onnx.ModelProto, consts: dict[str, np.ndarray],
 
     old = {n: consts[n] for n in names if n in consts}
     bias_of: dict[str, str] = {}
+    readers: dict[str, list[str]] = {}
+    biases: dict[str, set[str | None]] = {}
     discovery = find_layers(model)
     by_layer = {}
     for layer in discovery.layers:
         by_layer[layer.name] = layer
+        bias = layer.bias.name if layer.bias is not None else None
+        biases.setdefault(layer.weight.name, set()).add(bias)
+        if bias is not None:
+            readers.setdefault(bias, []).append(layer.weight.name)
         if layer.bias is not None and layer.chain is None and layer.bias_chain is None:
             bias_of.setdefault(layer.weight.name, layer.bias.name)
     for n in names:
@@ -544,9 +671,11 @@ def _old_values(model: onnx.ModelProto, consts: dict[str, np.ndarray],
             if layer.bias_chain is not None:
                 value = layer.bias_chain.effective(value)
             old[n] = value
+            readers[n] = [layer.weight.name]
+            biases[layer.weight.name].add(n)
             if layer.chain is None:
                 bias_of[layer.weight.name] = n
-    return old, bias_of
+    return _Graph(old, bias_of, readers, biases)
 
 
 def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | onnx.ModelProto,
@@ -576,10 +705,13 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
         changed = {n: v for n, v in _constants(changed).items()  # new names: bias copies
                    if n not in consts or not np.array_equal(consts[n], v)}
     params = load_params(params)
-    old, bias_of = _old_values(model, consts, list(changed))
+    graph = _old_values(model, consts, list(changed))
+    old, bias_of = graph.old, graph.bias_of
     matcher = _Matcher(params)
+    # the model's side, counted like the parameters: its constants and onnx-lsuv's copies
+    matcher.onnx = _Matcher({**consts, **{n: v for n, v in old.items() if n not in consts}})
     result = MatchResult()
-    folded: list[Placement] = []
+    folded: list[list[Placement]] = []
     biases_of_folded: set[str] = set()
     pending = []
     for name, value in changed.items():
@@ -597,19 +729,12 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
             continue
         result.changed += 1
         pending.append((name, before, new))
-    weight_of = {b: w for w, b in bias_of.items()}
-    sizes = Counter(v.size for v in consts.values())
-
-    def prefer(name: str, before: np.ndarray) -> Prefer:
-        """Equal parameters are aliases of this one tensor (all get it) only when it is the
-        exporter's own (not a copy onnx-lsuv made) and no other constant has its size: N
-        constants with these values, in any layout or scaled, are N tensors, which the graph
-        or the name must tell apart."""
-        tied = name in consts and sizes[before.size] == 1
-        weight = weight_of.get(name)
-        mapped = next((m["params"] for m in result.mapped if m["onnx"] == weight), [])
-        return Prefer(parents={_parent(p) for p in mapped}, tied=tied,
-                      strict=name in twinned)
+    def prefer(name: str) -> Prefer:
+        """The parents of the parameters that the kernels of the layers reading this tensor
+        went to (a bias goes beside its layer's weight)."""
+        weights = set(graph.readers.get(name, []))
+        mapped = [p for m in result.mapped if m["onnx"] in weights for p in m["params"]]
+        return Prefer(parents={_parent(p) for p in mapped}, strict=name in twinned)
 
     # A weight whose values also sit, in any layout, in a constant that stays as it was may
     # be one framework parameter read there too (an output head tied to the embedding that a
@@ -648,42 +773,48 @@ def match_parameters(original: ModelLike, changed: Mapping[str, np.ndarray] | on
             twinned.add(name)  # enough holders: one of them, chosen by the graph or name
         kept.append((name, before, new))
     pending = kept
-    pending.sort(key=lambda item: item[0] in weight_of)  # weights first: biases follow them
+    pending.sort(key=lambda item: item[0] in graph.readers)  # weights first: biases follow
     second = []
     for name, before, new in pending:  # whole tensors first; folds, then pieces, after
-        placements = _solve(matcher, name, before, new, prefer(name, before), pieces=False)
+        placements = _solve(matcher, name, before, new, prefer(name), pieces=False)
         if isinstance(placements, str):
-            second.append((name, before, new))
+            second.append((name, before, new, placements))
             continue
         _commit(matcher, result, name, placements, new)
-    for name, before, new in second:
+    for name, before, new, why in second:
         if name in biases_of_folded:
             continue
-        scaled = matcher.solve_scaled(before, name)
+        # found exactly but ambiguous: a per-unit factor (1 for every candidate) tells
+        # nothing apart, so only claims and mapped weights may still resolve it
+        scaled = None if why.startswith("ambiguous") else matcher.solve_scaled(before, new, name)
         if isinstance(scaled, str):
             result.unmapped.append({"onnx": name, "reason": scaled})
             continue
-        if scaled is None:  # claims and mapped weights may now resolve it
-            placements = _solve(matcher, name, before, new, prefer(name, before))
+        if scaled is None:
+            placements = _solve(matcher, name, before, new, prefer(name))
             if isinstance(placements, str):
                 result.unmapped.append({"onnx": name, "reason": placements})
             else:
                 _commit(matcher, result, name, placements, new)
             continue
-        if not _commit(matcher, result, name, [scaled], new):
+        if not _commit(matcher, result, name, scaled, new):
             continue
         folded.append(scaled)
         bias = bias_of.get(name)
         if bias is not None:
             biases_of_folded.add(bias)
-    for scaled in folded:
-        bias = bias_of.get(scaled.onnx)
+    for kernels in folded:
+        name = kernels[0].onnx
+        bias = bias_of.get(name)
         if bias is None or bias not in old or np.array_equal(old[bias], np.asarray(changed[bias])):
             continue
         if any(m["onnx"] == bias for m in result.mapped):
             continue  # found as it is: an unfolded bias
         result.unmapped = [u for u in result.unmapped if u["onnx"] != bias]
-        reason = _carry(matcher, result, scaled, bias, old[bias], np.asarray(changed[bias]))
+        reason = (_carry(matcher, result, kernels, bias, old[bias], np.asarray(changed[bias]))
+                  if len(kernels) == 1 or graph.biases.get(name) == {bias} else
+                  "a folded bias of a kernel stored once for several layers that read "
+                  "different biases: which layer's parameters it belongs to is not known")
         if reason is not None:
             result.unmapped.append({"onnx": bias, "reason": reason})
     result.params = matcher.new
@@ -701,7 +832,7 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
             if n % k or before.size // k < 2:
                 continue
             placements: list[Placement] = []
-            used = Prefer(set(prefer.names), set(prefer.parents), prefer.tied, prefer.strict)
+            used = Prefer(set(prefer.names), set(prefer.parents), prefer.strict)
             failed = False
             for j in range(k):
                 piece = (axis, j, k)
@@ -780,7 +911,8 @@ def batchnorm_pairs(matcher: _Matcher, s: np.ndarray, kernel: str,
 def _batchnorm(matcher: _Matcher, s: np.ndarray, b_old: np.ndarray, kernel: str,
                rtol: float) -> dict[str, str] | str:
     """The BatchNorm folded as b' = beta - mean s (a conv without a bias of its own): its
-    gamma, var, mean and beta by value; among several, the one whose four share a parent."""
+    gamma, var, mean and beta by value; among several, the one whose four share a parent,
+    and among equal BatchNorms, the one whose name is nearest the kernel's."""
     found = []
     names, mat = _vectors(matcher, s.size, {kernel})
     for gamma, var in batchnorm_pairs(matcher, s, kernel, rtol):
@@ -793,8 +925,13 @@ def _batchnorm(matcher: _Matcher, s: np.ndarray, b_old: np.ndarray, kernel: str,
                     found.append({"gamma": gamma, "var": var, "mean": names[mk],
                                   "beta": names[rest[bi]]})
     if len(found) > 1:
-        one = [f for f in found if len({_parent(n) for n in f.values()}) == 1]
-        found = one if len(one) == 1 else found
+        found = [f for f in found if len({_parent(n) for n in f.values()}) == 1] or found
+    if len(found) > 1:  # equal BatchNorms (copies of a block): the one nearest the kernel
+        def near(f: dict[str, str]) -> int:
+            return _common_prefix(_words(_parent(f["gamma"])), _words(_parent(kernel)))
+        best = max(near(f) for f in found)
+        if best > 0 and sum(near(f) == best for f in found) == 1:
+            found = [f for f in found if near(f) == best]
     if len(found) != 1:
         return ("folded BatchNormalization: its gamma, variance, mean and shift were "
                 + ("not found" if not found else "found more than once")
@@ -802,48 +939,54 @@ def _batchnorm(matcher: _Matcher, s: np.ndarray, b_old: np.ndarray, kernel: str,
     return found[0]
 
 
-def _carry(matcher: _Matcher, result: MatchResult, kernel: Placement, bias: str,
+def _carry(matcher: _Matcher, result: MatchResult, kernels: list[Placement], bias: str,
            before: np.ndarray, new: np.ndarray) -> str | None:
-    """Carry a folded bias's change into the layer's own bias or the BatchNorm's shift.
+    """Carry a folded bias's change into each layer's own bias or BatchNorm shift.
 
     The exporter folded y = gamma * (conv(x, k) + b - mean) / sqrt(var + eps) + beta into
     conv(x, k s) + ((b - mean) s + beta), with s = gamma / sqrt(var + eps). The kernel was
     unscaled by s; the folded bias changed by delta, so the layer's bias b (the one parameter
     of its size beside the kernel, by name) grows by delta / s; with no such b, beta grows by
-    delta, beta being found by value with the BatchNorm's other parameters.
+    delta, beta being found by value with the BatchNorm's other parameters. A kernel stored
+    once for several layers (all reading this bias) carries it into each; all or none.
     """
-    s = kernel.scale
-    units = s.size
-    if before.size != units:
-        return "a folded bias whose size is not the kernel's number of units"
     rtol = _rtol(before.dtype)
     b_old = before.reshape(-1).astype(np.float64)
     delta = new.reshape(-1).astype(np.float64) - b_old
-    siblings = [n for n, a in matcher.params.items() if a.size == units
-                and n != kernel.param and _parent(n) == _parent(kernel.param)]
-    if len(siblings) > 1:
-        return ("folded BatchNormalization: several parameters of the bias's size beside "
-                f"the kernel ({', '.join(siblings)})")
-    batchnorm = None
-    if siblings:
-        target, add = siblings[0], delta / s
-        how = "into the layer's bias (+ delta / s)"
-    else:
-        batchnorm = _batchnorm(matcher, s, b_old, kernel.param, rtol)
-        if isinstance(batchnorm, str):
-            return batchnorm
-        target, add = batchnorm["beta"], delta
-        how = "into the BatchNormalization shift (+ delta)"
-    base = matcher.params[target]
-    value = (base.reshape(-1).astype(np.float64) + add).astype(base.dtype).reshape(base.shape)
-    if target in matcher.written and np.any(matcher.written[target]):
-        return f"{target} was written already by another tensor"
-    matcher.new[target] = value
-    matcher.written[target] = np.ones(base.shape, bool)
-    result.carried.append({"onnx": bias, "into": target, "how": how,
-                           **({"batchnorm": batchnorm} if batchnorm else {})})
-    result.mapped.append({"onnx": bias, "params": [target],
-                          "how": [f"{target}: folded bias, carried {how}"]})
+    writes = []
+    for kernel in kernels:
+        s = kernel.scale
+        units = s.size
+        if before.size != units:
+            return "a folded bias whose size is not the kernel's number of units"
+        siblings = [n for n, a in matcher.params.items() if a.size == units
+                    and n != kernel.param and _parent(n) == _parent(kernel.param)]
+        if len(siblings) > 1:
+            return ("folded BatchNormalization: several parameters of the bias's size beside "
+                    f"the kernel ({', '.join(siblings)})")
+        batchnorm = None
+        if siblings:
+            target, add = siblings[0], delta / s
+            how = "into the layer's bias (+ delta / s)"
+        else:
+            batchnorm = _batchnorm(matcher, s, b_old, kernel.param, rtol)
+            if isinstance(batchnorm, str):
+                return batchnorm
+            target, add = batchnorm["beta"], delta
+            how = "into the BatchNormalization shift (+ delta)"
+        if target in matcher.written and np.any(matcher.written[target]) or any(
+                w[0] == target for w in writes):
+            return f"{target} was written already by another tensor"
+        writes.append((target, add, how, batchnorm))
+    for target, add, how, batchnorm in writes:
+        base = matcher.params[target]
+        value = (base.reshape(-1).astype(np.float64) + add).astype(base.dtype)
+        matcher.new[target] = value.reshape(base.shape)
+        matcher.written[target] = np.ones(base.shape, bool)
+        result.carried.append({"onnx": bias, "into": target, "how": how,
+                               **({"batchnorm": batchnorm} if batchnorm else {})})
+    result.mapped.append({"onnx": bias, "params": sorted(w[0] for w in writes),
+                          "how": [f"{w[0]}: folded bias, carried {w[2]}" for w in writes]})
     return None
 
 

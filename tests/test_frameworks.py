@@ -75,6 +75,19 @@ def test_keras(tmp_path, exporter):
     assert [c["into"] for c in facts["match"]["carried"]] == ["bn2/beta"]
 
 
+@pytest.mark.parametrize("exporter", ["tf2onnx", "keras"])
+def test_keras_equal_biases_stored_once_reach_both_layers(tmp_path, exporter):
+    """Two Dense layers with bias_initializer=Constant(0.1): one initializer read by both.
+    Before: one bias was zeroed, the other kept 0.1 (d2's variance 1.16, Keras off ONNX
+    Runtime by 7e-2) with complete == True."""
+    out = str(tmp_path / "facts.json")
+    run_check("keras", "shared", out, exporter)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_back_in_framework(facts, {"d1", "d2", "d3"})
+    assert {"d1/bias", "d2/bias"} <= set(facts["written"])
+
+
 def test_keras_cli_match(tmp_path):
     """Keras' parameters as an npz, the CLI with --match, the npz loaded back into Keras."""
     d = str(tmp_path)
@@ -117,3 +130,22 @@ def test_paddle(tmp_path):
     assert_back_in_framework(facts, {"conv", "conv2", "fc"})
     # paddle2onnx's names are not state_dict keys: every parameter was found by value
     assert all(m["onnx"] not in m["params"] for m in facts["match"]["mapped"])
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_paddle_stacked_rnn_whose_weights_state_dict_lists_twice(tmp_path, kind):
+    """Paddle's state_dict lists each recurrent weight as rnn.weight_ih_l0 and
+    rnn.0.cell.weight_ih; with input size == hidden size, lsuv_layer raised MatchError
+    "ambiguous" and wrote nothing. Now every tensor reaches the layer, under both names."""
+    out = str(tmp_path / "facts.json")
+    run_check("paddle", "rnn", kind, out)
+    with open(out) as f:
+        facts = json.load(f)
+    match = facts["match"]
+    assert match["complete"] and match["changed"] == len(facts["changed"]), match["unmapped"]
+    assert facts["out_diff"] <= 1e-4 * max(1.0, facts["out_scale"])
+    assert facts["moved"] and set(facts["moved"]) == set(facts["written"])
+    for layer in (0, 1):  # each name of a written recurrent weight is reported written
+        if f"rnn.weight_ih_l{layer}" in facts["written"]:
+            assert f"rnn.{layer}.cell.weight_ih" in facts["written"]
+    assert {k: v for k, v in facts["variances"].items() if abs(v - 1.0) >= TOL} == {}

@@ -15,7 +15,7 @@ from onnx import helper
 from onnx_lsuv import InputError, lsuv_init
 from onnx_lsuv.match import match_parameters
 
-from conftest import make_model
+from conftest import make_model, output_values
 
 RNG = np.random.default_rng(0)
 
@@ -419,3 +419,135 @@ def test_placements_of_one_tensor_that_disagree_write_nothing():
     model = make_model([node], [("x", [16])], [("y", None)], {"B": np.concatenate([p, p])})
     got = match_parameters(model, {"B": r(16)}, {"P": p})
     assert not got.params and [u["onnx"] for u in got.unmapped] == ["B"]
+
+
+# --- issue 26: one stored tensor for several parameters, ambiguity on every path, aliases ---
+
+
+def _dense_stack(w1, w2, w3, b_shared, b3=None, matmul=True):
+    """Input -> Dense(16, relu) -> Dense(16, relu) -> head, as tf2onnx writes it when both
+    biases are equal: MatMul + Add, the one bias initializer read by both Adds."""
+    inits = {"k1": w1, "k2": w2, "k3": w3, "b": b_shared, **({"b3": b3} if b3 is not None else {})}
+    nodes = [helper.make_node("MatMul", ["x", "k1"], ["m1"]),
+             helper.make_node("Add", ["m1", "b"], ["a1"]), helper.make_node("Relu", ["a1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "k2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b"], ["a2"]), helper.make_node("Relu", ["a2"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "k3"], ["m3" if b3 is not None else "y"])]
+    if b3 is not None:
+        nodes.append(helper.make_node("Add", ["m3", "b3"], ["y"]))
+    return make_model(nodes, [("x", [64, w1.shape[0]])], [("y", None)], inits)
+
+
+def _numpy_forward(p, x, names):
+    h = x.astype(np.float64)
+    for i, (k, b) in enumerate(names):
+        h = h @ p[k].astype(np.float64) + (p[b].astype(np.float64) if b else 0)
+        if i < len(names) - 1:
+            h = np.maximum(h, 0)
+    return h
+
+
+def test_a_constant_bias_stored_once_goes_to_every_layer_that_reads_it():
+    """Keras: two Dense layers with bias_initializer=Constant(0.1): tf2onnx stores the bias
+    once; LSUV zeroes it for both readers. Both biases get the new value (one was left at
+    0.1 before), and the framework's forward equals ONNX Runtime's on the initialised model."""
+    w1, w2, w3 = r(20, 16), r(16, 16), r(16, 4)
+    b = np.full(16, 0.1, np.float32)
+    model = _dense_stack(w1, w2, w3, b)
+    x = r(64, 20)
+    result = lsuv_init(model, x, seed=1)
+    params = {"d1/kernel": w1, "d1/bias": b.copy(), "d2/kernel": w2, "d2/bias": b.copy(),
+              "d3/kernel": w3, "d3/bias": np.zeros(4, np.float32)}
+    got = match_parameters(model, result.weights, params)
+    assert got.complete, got.summary()
+    assert {"d1/bias", "d2/bias"} <= set(got.params) and "d3/bias" not in got.params
+    ours = _numpy_forward({**params, **got.params}, x, [("d1/kernel", "d1/bias"),
+                                                        ("d2/kernel", "d2/bias"),
+                                                        ("d3/kernel", "d3/bias")])
+    theirs = output_values(result.model, {"x": x}, ["y"])[0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_a_weight_stored_once_for_copied_layers_goes_to_all():
+    """A block and its copy.deepcopy: torch's exporters store the equal Linear weights and
+    biases once, read by both Gemms; a head of the same shape has other values. Both copies
+    get the new values (before, the name picked one and the twin kept its old weights)."""
+    w, b, wh, bh = r(16, 16), r(16), r(16, 16), r(16)
+    nodes = [helper.make_node("Gemm", ["x", "a.0.weight", "a.0.bias"], ["h1"], transB=1),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Gemm", ["r1", "a.0.weight", "a.0.bias"], ["h2"], transB=1),
+             helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Gemm", ["r2", "head.weight", "head.bias"], ["y"], transB=1)]
+    model = make_model(nodes, [("x", [64, 16])], [("y", None)],
+                       {"a.0.weight": w, "a.0.bias": b, "head.weight": wh, "head.bias": bh})
+    new = {"a.0.weight": r(16, 16), "a.0.bias": np.zeros(16, np.float32)}
+    params = {"a.0.weight": w, "a.0.bias": b, "b.0.weight": w.copy(), "b.0.bias": b.copy(),
+              "head.weight": wh, "head.bias": bh}
+    got = match_parameters(model, new, params)
+    assert got.complete, got.summary()
+    assert set(got.params) == {"a.0.weight", "a.0.bias", "b.0.weight", "b.0.bias"}
+    for p in ("a.0", "b.0"):
+        np.testing.assert_array_equal(got.params[p + ".weight"], new["a.0.weight"])
+        np.testing.assert_array_equal(got.params[p + ".bias"], new["a.0.bias"])
+
+
+def test_more_equal_parameters_than_stored_tensors_is_ambiguous():
+    """Three equal parameters, stored as two tensors (one transposed for a MatMul): which
+    tensor stands for two of them cannot be told, so neither is written."""
+    w = r(8, 8)
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["y1"], transB=1),
+             helper.make_node("MatMul", ["x", "WT"], ["y2"])]
+    model = make_model(nodes, [("x", [4, 8])], [("y1", None), ("y2", None)],
+                       {"W": w, "WT": w.T.copy()})
+    params = {"a.weight": w, "b.weight": w.copy(), "c.weight": w.copy()}
+    got = match_parameters(model, {"W": r(8, 8), "WT": r(8, 8)}, params)
+    assert not got.params and {u["onnx"] for u in got.unmapped} == {"W", "WT"}
+    assert all("ambiguous" in u["reason"] for u in got.unmapped)
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_a_symmetric_weight_stays_ambiguous_beside_a_fresh_batchnorm(folded):
+    """nn.Linear with a symmetric weight, stored transposed for a MatMul: the layouts as is
+    and transposed both fit and put the new values in different places. A BatchNorm among
+    the parameters (fresh: gamma 1, var 1, so it "explains" a factor of 1; or trained and
+    folded into the kernel) explains every layout alike, so it resolves nothing."""
+    a = r(8, 8)
+    w = (a + a.T) / 2  # torch [out, in], symmetric
+    gamma = np.ones(8, np.float32) if not folded else RNG.uniform(0.5, 1.5, 8).astype(np.float32)
+    var = np.ones(8, np.float32) if not folded else RNG.uniform(0.5, 2, 8).astype(np.float32)
+    s = gamma / np.sqrt(var + 1e-5)
+    stored = (w.T * s[None, :]).astype(np.float32) if folded else w.T.copy()  # [in, out]
+    node = helper.make_node("MatMul", ["x", "W"], ["y"])
+    model = make_model([node], [("x", [4, 8])], [("y", None)], {"W": stored})
+    params = {"fc.weight": w, "bn.weight": gamma, "bn.bias": np.zeros(8, np.float32),
+              "bn.running_mean": np.zeros(8, np.float32), "bn.running_var": var}
+    got = match_parameters(model, {"W": r(8, 8)}, params)
+    assert not got.params and [u["onnx"] for u in got.unmapped] == ["W"]
+    assert "ambiguous" in got.unmapped[0]["reason"]
+
+
+def test_one_gru_weight_under_two_names_goes_to_both():
+    """Paddle's state_dict lists each recurrent weight twice (rnn.weight_ih_l0 and
+    rnn.0.cell.weight_ih); with input size == hidden size W and R have one size. Each name
+    gets the new value (both are one tensor), where it was "ambiguous" before."""
+    h = 4
+    w_ih, w_hh, b_ih, b_hh = r(3 * h, h), r(3 * h, h), r(3 * h), r(3 * h)  # r z n
+
+    def to_onnx(k):  # r z n -> z r n
+        rr, z, n = np.split(k, 3, axis=0)
+        return np.concatenate([z, rr, n], axis=0)
+
+    model = _recurrent("GRU", to_onnx(w_ih)[None], to_onnx(w_hh)[None],
+                       np.concatenate([to_onnx(b_ih), to_onnx(b_hh)])[None], h)
+    new = {"W": r(1, 3 * h, h), "R": r(1, 3 * h, h)}
+    params = {}
+    for names, v in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
+                     ("bias_hh", b_hh)):
+        params[f"rnn.{names}_l0"] = v
+        params[f"rnn.0.cell.{names}"] = v.copy()
+    got = match_parameters(model, new, params)
+    assert got.complete, got.summary()
+    for name in ("rnn.weight_ih_l0", "rnn.0.cell.weight_ih"):
+        np.testing.assert_array_equal(to_onnx(got.params[name])[None], new["W"])
+    for name in ("rnn.weight_hh_l0", "rnn.0.cell.weight_hh"):
+        np.testing.assert_array_equal(to_onnx(got.params[name])[None], new["R"])

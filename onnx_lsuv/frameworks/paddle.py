@@ -32,7 +32,8 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
         **options: ``lsuv_init``'s options.
 
     Returns:
-        FrameworkResult; ``params`` are keyed like ``layer.state_dict()``.
+        FrameworkResult; ``params`` are keyed like ``layer.state_dict()`` (a tensor under
+        each of its names).
     """
     os.environ.setdefault("POLYGRAPHY_AUTOINSTALL_DEPS", "0")  # paddle2onnx would pip-install
     import paddle
@@ -42,8 +43,17 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
     layer.eval()
     try:
         state = layer.state_dict()
-        params = {k: v.numpy() for k, v in state.items() if v.dtype in (
-            paddle.float16, paddle.float32, paddle.float64)}
+        # state_dict lists a recurrent layer's weights twice (rnn.weight_ih_l0 and
+        # rnn.0.cell.weight_ih, one tensor): each tensor is given once, by its first name
+        # (named_parameters' own), so that the mapping can tell it from two equal ones, and
+        # written once; BatchNorm's statistics are in state_dict too (the fold carry reads
+        # them)
+        aliases: dict[str, list[str]] = {}
+        first: dict[int, str] = {}
+        for k, v in state.items():
+            if v.dtype in (paddle.float16, paddle.float32, paddle.float64):
+                aliases.setdefault(first.setdefault(id(v), k), []).append(k)
+        params = {k: state[k].numpy() for k in aliases}
         # the spec's name must be forward's own argument name, or the export fails
         arg = next(iter(inspect.signature(layer.forward).parameters), "x")
         spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), arg)]
@@ -56,8 +66,10 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
                                 f"{stop.code}; its log above says why)") from None
             exported = load_model(prefix + ".onnx")
         result = initialise(exported, batch, params, strict, options)
-        for name, value in result.params.items():
+        for name, value in list(result.params.items()):
             state[name].set_value(value)
+            for alias in aliases[name][1:]:
+                result.params[alias] = value
     finally:
         for sub, mode in modes:  # each its own mode back (a frozen BatchNorm stays frozen)
             sub.training = mode

@@ -4,6 +4,8 @@ then measured in Keras' own forward.
 
 Usage (in the Keras interpreter, onnx_lsuv on PYTHONPATH):
   check_keras.py one OUT.json EXPORTER   the one call; facts to OUT.json
+  check_keras.py shared OUT.json EXPORTER  the same on two Dense layers with equal constant
+                                         biases (stored once by both exporters)
   check_keras.py export DIR              DIR/model.onnx (tf2onnx), params.npz, x.npy
   check_keras.py measure DIR             loads DIR/new.npz into the model; DIR/measure.json
 
@@ -80,8 +82,41 @@ def measure(model, x) -> dict:
     return out
 
 
+def build_shared():
+    """Input(20), two Dense(16, relu, bias_initializer=Constant(0.1)), Dense(4): both
+    exporters store the two equal biases as one initializer read by both layers."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((20,), name="x")
+    h = inp
+    for name in ("d1", "d2"):
+        h = layers.Dense(16, activation="relu", name=name,
+                         bias_initializer=keras.initializers.Constant(0.1))(h)
+    model = keras.Model(inp, layers.Dense(4, name="d3")(h))
+    return model, np.random.default_rng(2).standard_normal((64, 20)).astype("float32")
+
+
+def measure_dense(model, x) -> dict:
+    """Each Dense's pre-activation output x W + b, from its input in Keras' own forward."""
+    dense = [lay for lay in model.layers if isinstance(lay, layers.Dense)]
+    inputs = keras.Model(model.input, [lay.input for lay in dense])(x, training=False)
+    return {lay.name: var(np.asarray(i, np.float64) @ np.asarray(lay.kernel.numpy(), np.float64)
+                          + np.asarray(lay.bias.numpy(), np.float64))
+            for lay, i in zip(dense, inputs)}
+
+
 def main(argv):
     mode = argv[0]
+    if mode == "shared":
+        from onnx_lsuv.frameworks.keras import lsuv_model
+
+        model, x = build_shared()
+        before = {w.path: np.asarray(w.numpy()) for w in model.weights}
+        result = lsuv_model(model, x, exporter=argv[2], seed=3)
+        moved = [w.path for w in model.weights
+                 if not np.array_equal(before[w.path], np.asarray(w.numpy()))]
+        write(argv[1], summary(result, x, model(x, training=False), measure_dense(model, x),
+                               moved))
+        return 0
     model, x = build()
     if mode == "one":
         from onnx_lsuv.frameworks.keras import lsuv_model

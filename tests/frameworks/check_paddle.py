@@ -2,7 +2,10 @@
 BatchNorm (one conv with a bias, one without) through paddle2onnx; then measured in Paddle's
 own forward, with forward post-hooks on every Conv2D and Linear.
 
-Usage (in the Paddle interpreter, onnx_lsuv on PYTHONPATH): check_paddle.py OUT.json
+Usage (in the Paddle interpreter, onnx_lsuv on PYTHONPATH):
+  check_paddle.py OUT.json             the CNN
+  check_paddle.py rnn KIND OUT.json    a stacked GRU or LSTM (KIND) whose input size equals its
+                                       hidden size: state_dict lists each weight twice
 """
 
 from __future__ import annotations
@@ -34,8 +37,49 @@ class CNN(nn.Layer):
         return self.fc(h.mean((2, 3)))
 
 
+class Recurrent(nn.Layer):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.rnn = getattr(nn, kind)(8, 8, num_layers=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, seq):
+        h, _ = self.rnn(self.fc(seq))
+        return self.head(h[:, -1])
+
+
+def rnn(kind: str, out_path: str) -> int:
+    """The one call on a stacked GRU/LSTM; measured: the Linear outputs (hooks) and, per
+    layer and gate, the input projection x W_g of the recurrent layer's input (Paddle's gate
+    blocks of weight_ih), in Paddle's own forward."""
+    from onnx_lsuv.frameworks.paddle import lsuv_layer
+
+    paddle.seed(0)
+    model = Recurrent(kind)
+    rng = np.random.default_rng(1)
+    for k, p in model.state_dict().items():  # non-zero biases
+        if "bias" in k:
+            p.set_value(rng.normal(0.0, 0.5, p.shape).astype("float32"))
+    x = np.random.default_rng(2).standard_normal((32, 5, 6)).astype("float32")
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    result = lsuv_layer(model, x, seed=3)
+    moved = [k for k, v in model.state_dict().items() if not np.array_equal(before[k], v.numpy())]
+    model.eval()
+    seen = {}
+    for name in ("fc", "head"):
+        getattr(model, name).register_forward_post_hook(
+            lambda lay, inp, out, name=name: seen.__setitem__(name, var(out.numpy())))
+    out = model(paddle.to_tensor(x)).numpy()
+    write(out_path, summary(result, x, out, seen, moved))
+    return 0
+
+
 def main(argv):
     from onnx_lsuv.frameworks.paddle import lsuv_layer
+
+    if argv[0] == "rnn":
+        return rnn(argv[1], argv[2])
 
     paddle.seed(0)
     model = CNN()
