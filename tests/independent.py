@@ -144,6 +144,34 @@ def find_targets(model: onnx.ModelProto) -> tuple[list[Target], list[str]]:
     return list(groups.values()), recurrent
 
 
+def _expose_in_body(m: onnx.ModelProto, loop_name: str, inner: str, seen: str) -> str:
+    """Make body tensor ``inner`` of Loop/Scan ``loop_name`` (in ``m``, changed in place) an
+    extra scan output, every iteration's value stacked; its name in the main graph."""
+    loop = next(n for n in m.graph.node if n.name == loop_name)
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    # Node outputs listed for every body output before new scan outputs are added.
+    n_out = len(body.output) - (1 if loop.op_type == "Loop" else 0)
+    while len(loop.output) < n_out:
+        loop.output.append(f"{seen}_unused_{len(loop.output)}")
+    body.node.append(helper.make_node("Identity", [inner], [seen]))
+    body.output.append(helper.make_tensor_value_info(seen, TensorProto.FLOAT, None))
+    loop.output.append(seen + "_all")
+    return seen + "_all"
+
+
+def body_values(model: onnx.ModelProto, feeds: dict, loop_name: str,
+                inner: list[str]) -> list[np.ndarray]:
+    """Body tensors ``inner`` of Loop/Scan ``loop_name`` over every iteration (float64), from
+    the test's own copy that returns them as extra scan outputs."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    outs = [_expose_in_body(m, loop_name, name, f"independent_{name}_seen") for name in inner]
+    m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outs)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(v, np.float64) for v in sess.run(outs, feeds)]
+
+
 def pooled_variances(model: onnx.ModelProto, feeds: dict, targets: list[Target]) -> list[float]:
     """Each target's variance, all its outputs (and, in a body, all iterations) pooled."""
     m = onnx.ModelProto()
@@ -154,20 +182,8 @@ def pooled_variances(model: onnx.ModelProto, feeds: dict, targets: list[Target])
         if t.body_of is None:
             names.append(list(t.outputs))
             continue
-        loop = next(n for n in m.graph.node if n.name == t.body_of)
-        body = next(a.g for a in loop.attribute if a.name == "body")
-        # Node outputs listed for every body output before new scan outputs are added.
-        n_out = len(body.output) - (1 if loop.op_type == "Loop" else 0)
-        while len(loop.output) < n_out:
-            loop.output.append(f"independent_unused_{len(loop.output)}_{k}")
-        group = []
-        for j, inner in enumerate(t.outputs):
-            seen = f"independent_{k}_{j}"
-            body.node.append(helper.make_node("Identity", [inner], [seen]))
-            body.output.append(helper.make_tensor_value_info(seen, TensorProto.FLOAT, None))
-            loop.output.append(seen + "_all")
-            group.append(seen + "_all")
-        names.append(group)
+        names.append([_expose_in_body(m, t.body_of, inner, f"independent_{k}_{j}")
+                      for j, inner in enumerate(t.outputs)])
     flat = list(dict.fromkeys(n for group in names for n in group))
     if not flat:
         return []
@@ -203,16 +219,7 @@ def read_weights(model: onnx.ModelProto, feeds: dict, targets: list[Target]) -> 
         if t.body_of is None:
             names.append(t.weight)
             continue
-        loop = next(n for n in m.graph.node if n.name == t.body_of)
-        body = next(a.g for a in loop.attribute if a.name == "body")
-        n_out = len(body.output) - (1 if loop.op_type == "Loop" else 0)
-        while len(loop.output) < n_out:
-            loop.output.append(f"independent_unused_{len(loop.output)}_{k}")
-        seen = f"independent_w_{k}"
-        body.node.append(helper.make_node("Identity", [t.nodes[0].input[1]], [seen]))
-        body.output.append(helper.make_tensor_value_info(seen, TensorProto.FLOAT, None))
-        loop.output.append(seen + "_all")
-        names.append(seen + "_all")
+        names.append(_expose_in_body(m, t.body_of, t.nodes[0].input[1], f"independent_w_{k}"))
     m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names))
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     values = dict(zip(dict.fromkeys(names), sess.run(list(dict.fromkeys(names)), feeds)))

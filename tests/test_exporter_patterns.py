@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_lsuv import lsuv_init
 
 from conftest import make_model, output_values, rand
+from independent import body_values
 
 TOL = 0.1
 
@@ -476,23 +477,7 @@ def scan_rnn(steps=6, features=5, hidden=12):
 def step_variances(model, feeds, node_name, inner):
     """Variance of body tensors ``inner`` over every iteration of Loop/Scan ``node_name``,
     measured here: the test's own copy returns them as extra scan outputs."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    node = next(n for n in m.graph.node if n.name == node_name)
-    body = next(a.g for a in node.attribute if a.name == "body")
-    outs = []
-    for name in inner:
-        body.node.append(helper.make_node("Identity", [name], [name + "_seen"]))
-        body.output.append(helper.make_tensor_value_info(name + "_seen", TensorProto.FLOAT,
-                                                         None))
-        node.output.append(name + "_all")
-        outs.append(name + "_all")
-    del m.graph.output[:]
-    m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outs)
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [float(np.var(v.astype(np.float64))) for v in sess.run(outs, feeds)]
+    return [float(np.var(v)) for v in body_values(model, feeds, node_name, inner)]
 
 
 @pytest.mark.parametrize("build, node", [(loop_rnn, "rnn_loop"), (scan_rnn, "rnn_scan")])

@@ -222,8 +222,8 @@ def test_fused_and_quantised_layers_are_reported_never_passed_over():
     """An optimised model saved by ONNX Runtime holds com.microsoft FusedConv (not handled:
     not initialised); a quantised MatMulInteger is left alone by rule."""
     nodes = [
-        helper.make_node("FusedConv", ["x", "fw", "fb"], ["f"], name="fused", domain="com.microsoft",
-                         activation="Relu", pads=[1, 1, 1, 1]),
+        helper.make_node("FusedConv", ["x", "fw", "fb"], ["f"], name="fused",
+                         domain="com.microsoft", activation="Relu", pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["f", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("Flatten", ["c"], ["flat"]),
         helper.make_node("QuantizeLinear", ["flat", "s", "zp"], ["q"]),

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lsuv import lsuv_init
 
 from conftest import make_model, output_values, rand
+from independent import body_values
 
 TOL = 0.1
 RULE = "recurrent: orthonormal per gate, not scaled"
@@ -39,26 +39,6 @@ def assert_orthonormal_per_gate(w: np.ndarray, gates: int) -> None:
     for g in range(gates):
         block = w[:, g * hidden:(g + 1) * hidden]
         np.testing.assert_allclose(block.T @ block, np.eye(hidden), atol=1e-5)
-
-
-def body_values(model: onnx.ModelProto, feeds: dict, loop_name: str,
-                inner: list[str]) -> list[np.ndarray]:
-    """Body tensors ``inner`` of Loop/Scan ``loop_name`` over every iteration, from the test's
-    own copy that returns them as extra scan outputs."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    node = next(n for n in m.graph.node if n.name == loop_name)
-    body = next(a.g for a in node.attribute if a.name == "body")
-    outs = []
-    for name in inner:
-        body.node.append(helper.make_node("Identity", [name], [name + "_seen"]))
-        body.output.append(helper.make_tensor_value_info(name + "_seen", F, None))
-        node.output.append(name + "_all")
-        outs.append(name + "_all")
-    del m.graph.output[:]
-    m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outs)
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [np.asarray(v, np.float64) for v in sess.run(outs, feeds)]
 
 
 def gate_variances(values: np.ndarray, gates: int) -> list[float]:
