@@ -67,7 +67,15 @@ FLOAT_TYPES = {
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "PackedAttention",
                        "PackedMultiHeadAttention", "GroupQueryAttention", "DecoderAttention",
                        "DecoderMaskedMultiHeadAttention", "QAttention")
-NOT_REACHED = "not reached by the data: its input depends on no graph input"
+# A layer whose output the data does not move computes a constant of the model (an unfolded
+# bias A @ B, a table built from constants): no layer on the data, left alone by rule.
+NOT_REACHED = ("not reached by the data: its input depends on no graph input, so it computes a "
+               "constant of the model: left alone")
+NOT_ON_DATA = "both operands are constants, so it computes a constant of the model: left alone"
+# Ops that only move or reinterpret a tensor's elements: a weight fed as a graph input may come
+# through them.
+_PASS_THROUGH = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast",
+                 "Slice", "Split", "Concat")
 
 
 @dataclass(frozen=True)
@@ -309,6 +317,23 @@ def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> tuple[str
     return "weight is not a constant", False
 
 
+def _fed_weight(index: GraphIndex, name: str) -> str | None:
+    """The graph input (not an initializer) that a weight operand is, directly or through ops
+    that only move its elements; None for anything else."""
+    inits = {t.name for t in index.graph.initializer}
+    inputs = {t.name for t in index.graph.input} - inits
+    seen = set()
+    while name and name not in seen:
+        seen.add(name)
+        if name in inputs:
+            return name
+        i = index.producer.get(name)
+        if i is None or index.graph.node[i].op_type not in _PASS_THROUGH:
+            return None
+        name = index.graph.node[i].input[0]
+    return None
+
+
 def _new_layer(index: GraphIndex, i: int, w_ref: ConstRef, layout: WeightLayout,
                chain: WeightChain | None, **fields) -> Layer:
     node = index.graph.node[i]
@@ -337,15 +362,21 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
                                          or trace_chain(index, node.input[0]) is not None):
             return Skipped(name, node.op_type, "its constant is the first operand (W @ x): "
                            "only x @ W, or x @ W through layout ops, is handled")
+        fed = _fed_weight(index, node.input[1])
+        if fed is not None and node.input[0] not in index.downstream({fed}, set()):
+            return Skipped(name, node.op_type, (
+                f"its weight is the graph input {fed!r}, not a constant: a model exported "
+                "without its parameters (torch.onnx.export(..., export_params=False)) cannot be "
+                "initialised; export it with its parameters"))
         if node.op_type == "MatMul" and node.input[1] in reached:
             return None  # a MatMul of two activations is no candidate
         why, rule = _why_not_const(index, node.input[1], reached)
         return Skipped(name, node.op_type, why, left_alone=rule)
     if index.resolve_weight(node.input[0]) is not None or \
             index.resolve_const(node.input[0]) is not None:
-        return Skipped(name, node.op_type, "both operands are constants")
+        return Skipped(name, node.op_type, NOT_ON_DATA, left_alone=True)
     if node.input[0] not in reached:
-        return Skipped(name, node.op_type, NOT_REACHED)
+        return Skipped(name, node.op_type, NOT_REACHED, left_alone=True)
     problem = _weight_problem(index.weight_proto(w_ref), w_ref.name)
     if problem:
         return Skipped(name, node.op_type, problem, left_alone=True)
@@ -450,7 +481,7 @@ def recognise_recurrent(index: GraphIndex, i: int, reached: set[str]):
     if len(node.input) < 3:
         return None
     if node.input[0] not in reached:
-        return Skipped(name, node.op_type, NOT_REACHED)
+        return Skipped(name, node.op_type, NOT_REACHED, left_alone=True)
     if len(node.input) > 4 and node.input[4] and index.opset < 11:
         return Skipped(name, node.op_type, "sequence_lens below opset 11 (no Range) is not handled")
     w_ref, r_ref = index.resolve_const(node.input[1]), index.resolve_const(node.input[2])
@@ -502,7 +533,7 @@ def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
         return None
     name = index.node_name(i)
     if not any(x in reached for x in node.input if x):
-        return Skipped(name, node.op_type, NOT_REACHED)
+        return Skipped(name, node.op_type, NOT_REACHED, left_alone=True)
     equation = attribute(node, "equation", b"")
     equation = equation.decode() if isinstance(equation, bytes) else str(equation)
     return Skipped(name, node.op_type, f"Einsum {equation!r} with a constant weight "
@@ -512,7 +543,12 @@ def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
 # Layers that other tools fused or quantised, with their weights as constants: ONNX Runtime's
 # contrib ops (an optimised model saved by a session) are not handled, so not initialised;
 # quantised layers are left alone by rule, as a weight behind DequantizeLinear is.
-FUSED_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv", "NhwcFusedConv")
+FUSED_OPS = ("FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv", "NhwcFusedConv",
+             "GemmFastGelu")
+# Layer ops of the standard domain that are not handled.
+OTHER_LAYER_OPS = ("DeformConv",)
+# Ops outside the standard domain whose rank-2 constants are no layer weights.
+NOT_LAYERS = ("EmbedLayerNormalization", "GatherBlockQuantized")
 QUANTISED_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
                  "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
                  "QLinearConvTranspose", "MatMulBnb4", "MatMulFpQ4")
@@ -522,17 +558,59 @@ def recognise_other_layer(index: GraphIndex, i: int, reached: set[str]):
     """A fused or quantised dense or conv op with a constant weight of rank 2 or more: named
     in the report, never passed over in silence."""
     node = index.graph.node[i]
-    consts = [n for n in node.input[1:] if n and (ref := index.resolve_const(n)) is not None
-              and len(index.tensor_proto(ref).dims) >= 2]
+    consts = [n for n in node.input[1:] if n and _weight_like(index, n)]
     if not consts:
         return None
     name = index.node_name(i)
     if node.op_type in QUANTISED_OPS:
         return Skipped(name, node.op_type, f"a quantised layer (weight {consts[0]!r}): "
                        "quantized weights are not changed", left_alone=True)
-    return Skipped(name, node.op_type, f"a fused {node.domain or 'ai.onnx'} op with a constant "
-                   f"weight ({consts[0]!r}), as an optimising runtime saves it: not handled, so "
-                   "not initialised (initialise the model before it is optimised)")
+    if node.op_type in OTHER_LAYER_OPS:
+        return Skipped(name, node.op_type, f"{node.op_type} (weight {consts[0]!r}) is not "
+                       "handled, so not initialised")
+    if node.op_type in FUSED_OPS:
+        return Skipped(name, node.op_type, f"a fused {node.domain or 'ai.onnx'} op with a "
+                       f"constant weight ({consts[0]!r}), as an optimising runtime saves it: not "
+                       "handled, so not initialised (initialise the model before it is "
+                       "optimised)")
+    return Skipped(name, node.op_type, f"an op onnx-lsuv does not know ({node.domain}."
+                   f"{node.op_type}) with a weight-like constant input ({consts[0]!r}): not "
+                   "initialised (--exclude it if it is no layer)")
+
+
+def _weight_like(index: GraphIndex, name: str, floating: bool = False) -> bool:
+    """A constant of rank 2 or more (``floating``: of a float type): what a layer's weight
+    looks like."""
+    ref = index.resolve_const(name)
+    if ref is None:
+        return False
+    tensor = index.tensor_proto(ref)
+    return len(tensor.dims) >= 2 and (not floating or tensor.data_type in FLOAT_TYPES)
+
+
+def recognise_unknown(index: GraphIndex, i: int, reached: set[str],
+                      functions: dict[tuple[str, str], onnx.FunctionProto]):
+    """A node no recogniser takes: a call of a model-local function whose body holds target
+    ops (not handled), or an op outside the standard domain with a weight-like constant
+    (unknown, so it fails loudly rather than passing in silence)."""
+    node = index.graph.node[i]
+    function = functions.get((node.domain, node.op_type))
+    if function is not None:
+        inner = _count_targets(function.node, functions)
+        weights = [x for x in node.input if x and _weight_like(index, x, floating=True)] + [
+            n.output[0] for n in function.node if n.op_type == "Constant" and any(
+                a.name == "value" and a.t.data_type in FLOAT_TYPES and len(a.t.dims) >= 2
+                for a in n.attribute)]
+        if not inner or not weights:  # no weights: an attention or norm helper, say
+            return None
+        return Skipped(index.node_name(i), node.op_type, (
+            f"a call of the model-local function {node.domain}.{node.op_type}, whose body holds "
+            f"{inner} target op(s): functions are not handled, so not initialised"))
+    if node.domain in _DEFAULT_DOMAIN or node.domain == "ai.onnx.ml" or \
+            node.op_type in NOT_LAYERS or \
+            not any(x and _weight_like(index, x, floating=True) for x in node.input[1:]):
+        return None
+    return recognise_other_layer(index, i, reached)
 
 
 def recognise_subgraph(index: GraphIndex, i: int, reached: set[str]):
@@ -597,8 +675,7 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
             continue
         if not body.node[j].name:
             item.name = f"{index.node_name(i)}/{item.name}"
-        if item.blocks == ("q", "k", "v"):  # a recurrent cell's gates, not attention's q, k, v
-            item.blocks = ("p0", "p1", "p2")
+        _as_gates(item)
         if any(_feeds_back(sub, [j], {start}, {end}, targets) for start, end in pairs):
             _as_state_weight(sub, item)
         item.body = (i, j)
@@ -640,7 +717,7 @@ RECOGNISERS: dict[str, tuple[Recogniser, tuple[str, ...] | None]] = {
     **{op: (recognise_dense, _DEFAULT_DOMAIN) for op in ("Gemm", "MatMul")},
     **{op: (recognise_recurrent, _DEFAULT_DOMAIN) for op in RNN_OPS},
     "Einsum": (recognise_einsum, _DEFAULT_DOMAIN),
-    **{op: (recognise_other_layer, None) for op in FUSED_OPS + QUANTISED_OPS},
+    **{op: (recognise_other_layer, None) for op in FUSED_OPS + QUANTISED_OPS + OTHER_LAYER_OPS},
     **{op: (recognise_fused_attention, None) for op in FUSED_ATTENTION_OPS},
     **{op: (recognise_subgraph, _DEFAULT_DOMAIN) for op in SUBGRAPH_OPS},
 }
@@ -661,11 +738,13 @@ def find_layers(model: onnx.ModelProto, selection: Selection | None = None) -> D
     index = GraphIndex(graph, opset)
     reached = reached_by_data(model)
     found = []
+    functions = {(f.domain, f.name): f for f in model.functions}
     for i, node in enumerate(graph.node):
         entry = RECOGNISERS.get(node.op_type)
         if entry is None or (entry[1] is not None and node.domain not in entry[1]):
-            continue
-        result = entry[0](index, i, reached)
+            result = recognise_unknown(index, i, reached, functions)
+        else:
+            result = entry[0](index, i, reached)
         if isinstance(result, list):
             found.extend(result)
         elif result is not None:
@@ -724,13 +803,14 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             first.shared_weight_users.append(item.name)
             what = "weights" if item.is_recurrent else "weight"
             skipped.append(Skipped(item.name, item.op,
-                                   f"{what} tied to layer {first.name}, read in another layout "
+                                   f"{what} tied to layer {first.name}, {_how_else(first, item)} "
                                    "(set at its first use)", left_alone=True))
             continue
         for r in refs:  # a new weight, or other elements of one (a Slice of a shared kernel)
             owner.setdefault(r, []).append(item)
         layers.append(item)
     kept: list[Layer] = []
+    stepped = {u.node_index for lay in layers if lay.more_uses for u in lay.uses}
     for layer in layers:
         layer.disjoint_readers = _disjoint_readers(layer, recognised)
         users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
@@ -760,7 +840,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             outputs = {o for r in roots for o in index.graph.node[r].output if o}
             inputs = {index.graph.node[r].input[0] for r in roots}
             if _feeds_back(index, roots, outputs, inputs, target_nodes) and \
-                    _steps_take_input(index, roots, target_nodes):
+                    _steps_take_input(index, roots, target_nodes, stepped):
                 _as_state_weight(index, layer)
         layer.index = len(kept)
         layer.row = kept[-1].row + len(kept[-1].blocks) if kept else 0
@@ -793,10 +873,13 @@ def _feeds_back(index: GraphIndex, nodes: list[int], start: set[str], end: set[s
 _JOINS = ("Add", "Sub", "Mul", "Sum", "Concat")
 
 
-def _steps_take_input(index: GraphIndex, nodes: list[int], targets: set[int]) -> bool:
+def _steps_take_input(index: GraphIndex, nodes: list[int], targets: set[int],
+                      stepped: set[int]) -> bool:
     """Whether the way from one use's output to another use's input takes in, at an Add, Mul
     or Concat, a value computed from the data outside that way that the first use did not
-    read already (the step's own input, W x_t; not a residual connection's x):
+    read already (the step's own input, W x_t; not a residual connection's x), straight from
+    the data or through uses of weights applied step by step too (``stepped``: the input
+    projection W of an unrolled cell; not a lateral conv applied once, as in an FPN):
     what makes unrolled steps a recurrence, whose state weight gets R's rule. A weight applied
     over and over to its own output with nothing new coming in (a filter bank cascaded over
     octaves, a depth-shared layer) is a cascade: one layer, scaled over its uses pooled."""
@@ -812,9 +895,34 @@ def _steps_take_input(index: GraphIndex, nodes: list[int], targets: set[int]) ->
         node = index.graph.node[k]
         if node.op_type not in _JOINS or not any(o in way for o in node.output):
             continue
-        if any(x and x not in way and x not in seen and x in data for x in node.input):
+        if any(x and x not in way and x not in seen and x in data
+               and _nearest_targets(index, x, targets) <= stepped for x in node.input):
             return True
     return False
+
+
+def _nearest_targets(index: GraphIndex, name: str, targets: set[int]) -> set[int]:
+    """The target nodes that ``name`` is computed from through no other target node."""
+    found: set[int] = set()
+    stack, seen = [name], {name}
+    while stack:
+        i = index.producer.get(stack.pop())
+        if i is None:
+            continue
+        if i in targets:
+            found.add(i)
+            continue
+        for x in index.reads[i]:
+            if x not in seen:
+                seen.add(x)
+                stack.append(x)
+    return found
+
+
+def _as_gates(layer: Layer) -> None:
+    """A fused projection cut in three is a recurrent cell's gates, not attention's q, k, v."""
+    if layer.blocks == ("q", "k", "v"):
+        layer.blocks = ("p0", "p1", "p2")
 
 
 def _as_state_weight(index: GraphIndex, layer: Layer) -> None:
@@ -823,8 +931,7 @@ def _as_state_weight(index: GraphIndex, layer: Layer) -> None:
     its blocks), or that Slices cut into equal ranges of the output units (tf2onnx's GRU
     slices its recurrent projection so); otherwise the weight is one matrix."""
     layer.multiplies_state = True
-    if layer.blocks == ("q", "k", "v"):  # a cell's gates
-        layer.blocks = ("p0", "p1", "p2")
+    _as_gates(layer)
     if len(layer.blocks) > 1 or layer.unit_shape is not None:
         return
     node = index.graph.node[layer.node_index]
@@ -944,6 +1051,19 @@ def _disjoint_readers(layer: Layer, recognised: list[Layer]) -> set[int]:
             if other is not layer and other.weight == layer.weight and other.body is None
             and _disjoint(layer, other)
             for j in other.own_nodes} - layer.own_nodes
+
+
+def _how_else(first: Layer, other: Layer) -> str:
+    """How ``other`` applies ``first``'s weight otherwise (why they are not one layer)."""
+    if first.is_recurrent or other.is_recurrent:
+        return "read by a recurrent op"
+    if first.body is not None or other.body is not None:
+        return "read inside a Loop/Scan body"
+    if (first.op, first.layout, first.blocks, first.dtype) != \
+            (other.op, other.layout, other.blocks, other.dtype) or \
+            not _same_gather(first.chain, other.chain):
+        return "read in another layout"
+    return "applied with another bias"
 
 
 def _disjoint(a: Layer, b: Layer) -> bool:
@@ -1177,6 +1297,21 @@ def _is_maxout(index: GraphIndex, split: onnx.NodeProto) -> bool:
     return (len(parts) == len(split.output)
             and all(index.consumers.get(p) and p not in index.graph_outputs for p in parts)
             and all(r.op_type == "Max" and r.domain in _DEFAULT_DOMAIN for r in readers))
+
+
+def _count_targets(nodes, functions: dict[tuple[str, str], onnx.FunctionProto],
+                   seen: frozenset = frozenset()) -> int:
+    """Target ops among ``nodes``, in their subgraphs and in the functions they call."""
+    count = 0
+    for n in nodes:
+        key = (n.domain, n.op_type)
+        if key in functions and key not in seen:
+            count += _count_targets(functions[key].node, functions, seen | {key})
+        elif n.op_type in TARGET_OPS or n.op_type in RNN_OPS:
+            count += 1
+        else:
+            count += _count_subgraph_targets(n)
+    return count
 
 
 def _count_subgraph_targets(node: onnx.NodeProto) -> int:

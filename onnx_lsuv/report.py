@@ -81,13 +81,14 @@ class Report:
     def not_initialised(self) -> list[dict[str, Any]]:
         """The candidates a user would expect initialised (or, in a check, measured) that were
         not: inside an If branch, a weight that cannot be traced, an op not handled. Not on
-        target: the CLI exits 1 (3 with --check) and names each."""
-        return [s for s in self.skipped if not s.get("by_rule", s.get("excluded", False))]
+        target: the CLI exits 1 (3 with --check) and names each. (An entry without "by_rule",
+        from a report written before the rule, counts as left alone, as it did then.)"""
+        return [s for s in self.skipped if not s.get("by_rule", True)]
 
     @property
     def left_alone(self) -> list[dict[str, Any]]:
         """The candidates left alone by a documented rule or the user's --exclude."""
-        return [s for s in self.skipped if s.get("by_rule", s.get("excluded", False))]
+        return [s for s in self.skipped if s.get("by_rule", True)]
 
     def summary(self) -> dict[str, Any]:
         """The one-object summary that ``--json`` prints: counts, worst deviation, times."""

@@ -246,3 +246,128 @@ def test_fused_and_quantised_layers_are_reported_never_passed_over():
     assert [(s["name"], s["op"]) for s in rep.not_initialised] == [("fused", "FusedConv")]
     assert [(s["name"], s["op"]) for s in rep.left_alone] == [("qmm", "MatMulInteger")]
     assert not rep.converged
+
+
+# --- from the review: more candidates that passed in silence, and the rules' edges -----------
+
+def test_a_model_local_function_holding_layers_is_reported_not_initialised():
+    """torch's export_modules_as_functions writes each Linear as a call of a local function
+    whose body holds the MatMul: nothing looked inside functions, so exit 0 with 0 layers."""
+    fn = helper.make_function("local", "Lin", ["x", "W", "b"], ["y"],
+                              [helper.make_node("MatMul", ["x", "W"], ["t"]),
+                               helper.make_node("Add", ["t", "b"], ["y"])],
+                              [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Lin", ["x", "W1", "b1"], ["h1"], domain="local", name="lin1"),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Lin", ["r1", "W2", "b2"], ["y"], domain="local", name="lin2")]
+    inits = {"W1": rand(8, 16, seed=1) * 3, "b1": np.full(16, 0.1, np.float32),
+             "W2": rand(16, 4, seed=2) * 3, "b2": np.full(4, -0.1, np.float32)}
+    graph = helper.make_graph(nodes, "f", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(v, k)
+                                                 for k, v in inits.items()])
+    model = helper.make_model(graph, functions=[fn], ir_version=8, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    onnx.checker.check_model(model)
+    rep = lsuv_init(model, {"x": rand(64, 8, seed=3)}).report
+    assert sorted(s["name"] for s in rep.not_initialised) == ["lin1", "lin2"], rep.table()
+    assert "model-local function local.Lin" in rep.not_initialised[0]["reason"]
+    assert not rep.converged
+
+
+def test_deformconv_and_unknown_ops_with_weights_are_reported_not_initialised():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c", "offw"], ["off"], name="offsets", pads=[1, 1, 1, 1]),
+             helper.make_node("DeformConv", ["c", "dw", "off"], ["d"], name="deform",
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["y"])]
+    model = make_model(nodes, [("x", [8, 3, 6, 6])], [("y", None)],
+                       {"w": rand(4, 3, 3, 3, seed=1), "offw": rand(18, 4, 3, 3, seed=2) * 0.1,
+                        "dw": rand(5, 4, 3, 3, seed=3)}, opset=19)
+    rep = lsuv_init(model, {"x": rand(8, 3, 6, 6, seed=4)}).report
+    assert [r.name for r in rep.layers] == ["conv", "offsets"]
+    assert [s["name"] for s in rep.not_initialised] == ["deform"], rep.table()
+    # an op of another domain with a weight-like constant: unknown, so named
+    unknown = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Mystery", ["c", "k"], ["y"], name="mystery", domain="vendor")],
+        "u", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rand(4, 3, 3, 3, seed=1), "w"),
+         numpy_helper.from_array(rand(4, 4, seed=2), "k")]), ir_version=8,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("vendor", 1)])
+    from onnx_lsuv.layers import find_layers
+
+    found = find_layers(unknown)
+    assert [s.name for s in found.skipped if not s.by_rule] == ["mystery"]
+
+
+def test_weights_fed_as_graph_inputs_fail_not_pass_as_dynamic():
+    """torch.onnx.export(..., export_params=False): the weights are graph inputs. A Gemm's was
+    taken for a weight computed from the data (left alone, exit 0) and a MatMul's for a
+    product of two activations (no row at all)."""
+    nodes = [helper.make_node("Gemm", ["x", "fc_w", "fc_b"], ["h"], name="fc", transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Transpose", ["head_w"], ["head_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["r", "head_t"], ["y"], name="head"),
+             helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "xt"], ["gram"], name="gram")]
+    model = make_model(nodes, [("x", [16, 8]), ("fc_w", [12, 8]), ("fc_b", [12]),
+                               ("head_w", [4, 12])], [("y", None), ("gram", None)], {})
+    feeds = {"x": rand(16, 8, seed=1), "fc_w": rand(12, 8, seed=2),
+             "fc_b": rand(12, seed=3), "head_w": rand(4, 12, seed=4)}
+    rep = lsuv_init(model, feeds).report
+    missed = {s["name"]: s["reason"] for s in rep.not_initialised}
+    assert set(missed) == {"fc", "head"}, rep.table()  # x @ x^T stays no candidate
+    assert "export_params=False" in missed["head"] and "'fc_w'" in missed["fc"]
+    assert not rep.converged
+
+
+def test_a_layer_that_computes_a_constant_is_left_alone_by_rule():
+    """x @ W + (A @ B), the bias an exporter left unfolded: A @ B is no layer on the data."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+             helper.make_node("MatMul", ["A", "B"], ["ab"], name="const_mm"),
+             helper.make_node("Add", ["h", "ab"], ["y"])]
+    model = make_model(nodes, [("x", [16, 8])], [("y", None)],
+                       {"W": rand(8, 4, seed=1), "A": rand(16, 3, seed=2),
+                        "B": rand(3, 4, seed=3)})
+    rep = lsuv_init(model, {"x": rand(16, 8, seed=4)}).report
+    assert [s["name"] for s in rep.left_alone] == ["const_mm"] and rep.converged, rep.table()
+
+
+def test_a_conv_shared_across_fpn_levels_is_no_recurrence():
+    """A smoothing conv S applied to a level and to (lateral + its own output): the lateral
+    is a conv applied once, no step input of an unrolled cell, so S is scaled like any
+    layer, pooled over its uses (it was classed a recurrent weight and left at var 1.89)."""
+    pads = dict(pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "Wa"], ["a"], name="stage_a", **pads),
+             helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Conv", ["ra", "Wb"], ["b"], name="stage_b", **pads),
+             helper.make_node("Conv", ["a", "La"], ["la"], name="lat_a", **pads),
+             helper.make_node("Conv", ["b", "Lb"], ["lb"], name="lat_b", **pads),
+             helper.make_node("Conv", ["lb", "S"], ["pb"], name="smooth_b", **pads),
+             helper.make_node("Add", ["la", "pb"], ["m"]),
+             helper.make_node("Conv", ["m", "S"], ["pa"], name="smooth_a", **pads),
+             helper.make_node("Concat", ["pa", "pb"], ["y"], axis=1)]
+    inits = {k: rand(8, c, 3, 3, seed=j) for j, (k, c) in
+             enumerate([("Wa", 4), ("Wb", 8), ("La", 8), ("Lb", 8)])}
+    inits["S"] = rand(8, 8, 3, 3, seed=9) * 3
+    model = make_model(nodes, [("x", [16, 4, 8, 8])], [("y", None)], inits)
+    feeds = {"x": rand(16, 4, 8, 8, seed=5)}
+    result = lsuv_init(model, feeds)
+    rec = next(r for r in result.report.layers if r.name == "smooth_b")
+    assert rec.status == "converged", result.report.table()
+    assert not any("recurrent" in n for n in result.report.notes)
+    assert abs(pooled_var(result.model, feeds, ["pb", "pa"]) - 1) < 0.1
+
+
+def test_a_tie_through_another_bias_says_so():
+    nodes = [helper.make_node("Gemm", ["x", "W", "b0"], ["h"], name="l0", transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W", "b1"], ["y"], name="l1", transB=1)]
+    model = make_model(nodes, [("x", [16, 8])], [("y", None)],
+                       {"W": rand(8, 8, seed=1), "b0": np.full(8, 0.2, np.float32),
+                        "b1": np.full(8, -0.3, np.float32)})
+    rep = lsuv_init(model, {"x": rand(16, 8, seed=2)}).report
+    (tied,) = rep.skipped
+    assert "applied with another bias" in tied["reason"] and tied["by_rule"], tied
