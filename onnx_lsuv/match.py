@@ -1038,6 +1038,15 @@ def _weight_values(graph: onnx.GraphProto, out: dict[str, np.ndarray]) -> None:
             _weight_values(sub, out)
 
 
+def _sizes_that_hold(size: int) -> set[int]:
+    """The sizes of the tensors that ``_Matcher.holders`` may find a tensor of ``size`` in:
+    its own, k times it (a chunk of one), and for each of k equal pieces, the piece's size
+    and k' times it."""
+    pieces = {size // k for k in PIECES if size % k == 0}
+    return {size, *(size * k for k in PIECES), *pieces,
+            *(p * k for p in pieces for k in PIECES)}
+
+
 def _names_text(names: set[str]) -> str:
     shown = sorted(names)
     return ", ".join(repr(n) for n in shown[:3]) + (f" (+{len(shown) - 3})"
@@ -1085,12 +1094,15 @@ def fixed_weights(model: ModelLike, params: Mapping[str, Any] | str | os.PathLik
     values: dict[str, np.ndarray] = {}
     _weight_values(model.graph, values)
     matcher = _Matcher(params)
+    frozen_sizes = {matcher.params[n].size for n in frozen if n in matcher.params}
     out: dict[str, str] = {}
     for layer in find_layers(model).layers:
         for ref in (layer.weight, layer.recurrent):
             if ref is None or ref.name in out:
                 continue
             target = np.asarray(values.get(ref.name, np.zeros(0)))
+            if missing is None and not _sizes_that_hold(target.size) & frozen_sizes:
+                continue  # no non-trainable tensor could hold it (the common case: cheap)
             found = matcher.holders(target, ref.name) if target.dtype.kind == "f" and \
                 target.size else set()
             still, trained = found & frozen, found - frozen

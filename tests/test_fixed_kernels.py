@@ -168,5 +168,34 @@ def test_fixed_weights_finds_folded_and_transposed_kernels_and_says_when_ambiguo
     assert why.startswith("held both by the trainable torch tensor(s) 'learned' and the "
                           "non-trainable 'window'")
     assert fixed_weights(model, params, (), missing="not here") == {"stft": "not here"}
+    assert fixed_weights(model, {**params, "window": stft_kernel()}, (), missing="x") == {}
     with pytest.raises(InputError, match="frozen names"):
         fixed_weights(model, params, {"nope"})
+
+
+def test_fixed_weights_finds_recurrent_weights_gate_by_gate():
+    """An LSTM whose W and R the exporter reordered from torch's gates (i f g o) into ONNX's
+    (i o f c): found piece by piece in the trainable parameters (not fixed, even with
+    --only-matched's rule); held by a non-trainable one, fixed."""
+    from onnx_lsuv.match import fixed_weights
+
+    h, d = 4, 3
+    w_ih, w_hh = rand(4 * h, d, seed=6), rand(4 * h, h, seed=7)
+    order = [0, 3, 1, 2]  # ONNX gate j is torch gate order[j]
+
+    def onnx_gates(w):
+        return np.concatenate([w[g * h:(g + 1) * h] for g in order])[None]
+
+    inits = {"W": onnx_gates(w_ih), "R": onnx_gates(w_hh),
+             "B": rand(1, 8 * h, seed=8)}
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], name="/rnn/LSTM",
+                            hidden_size=h)
+    model = make_model([node], [("x", [5, "N", d])], [("y", [5, 1, "N", h])], inits)
+    params = {"rnn.weight_ih_l0": w_ih, "rnn.weight_hh_l0": w_hh}
+    assert fixed_weights(model, params, (), missing="missing") == {}
+    found = fixed_weights(model, params, {"rnn.weight_hh_l0"}, "torch")
+    assert found == {"R": "a non-trainable torch tensor 'rnn.weight_hh_l0'"}
+    x = np.random.default_rng(9).standard_normal((5, 16, d)).astype(np.float32)
+    result = lsuv_init(model, x, fixed=found)
+    assert not result.report.layers and "W" not in result.weights
+    assert "'R' is a non-trainable torch tensor" in result.report.left_alone[0]["reason"]
