@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import onnx_lsuv
 from onnx_lsuv.data import data_files
 from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
-from onnx_lsuv.match import load_params, match_parameters
+from onnx_lsuv.match import fixed_weights, load_params, match_parameters
 from onnx_lsuv.model_io import PROTOBUF_LIMIT, existing_file, load_model, tensor_bytes
 from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
 from onnx_lsuv.outputs import (
@@ -34,20 +35,23 @@ Examples:
   onnx-lsuv model.onnx --data inputs.npz -o init.onnx --report report.json --plot layers.png
   onnx-lsuv model.onnx --data b1.npy --data b2.npy -o init.onnx --save-weights init.npz
   onnx-lsuv model.onnx -d batch.npy -o init.onnx --match params.npz --save-weights new.npz
+  onnx-lsuv model.onnx -d batch.npy -o init.onnx --match trainable.npz --only-matched \
+      --save-weights new.npz   # layers whose weight is not in trainable.npz: left alone
   onnx-lsuv init.onnx --data batch.npy --check --json  # CI gate: exit {EXIT_CHECK_FAILED} if off
   onnx-lsuv model.onnx -o xavier.onnx --init xavier    # a baseline, no data needed
   onnx-lsuv trained.onnx -d batch.npy -o scaled.onnx --init rescale  # keep weights, rescale
 
 \b
 Exit codes: 0 done, every layer on target and every other candidate left alone by a
-documented rule (--exclude, a hand-set kernel, a quantised weight, a tie; counted in the
-summary); {EXIT_FAILURE} a layer not on target (did not converge, or dead: variance 0, NaN or
-Inf), or a candidate layer that could not be initialised (inside an If branch, a weight it
-cannot trace, an op it does not handle; named; the model IS written in both cases), or a
---match that left a changed tensor unmapped (written too), or ONNX Runtime failed on a
-measuring copy (nothing written); {EXIT_BAD_INPUT} bad input or usage, including a model
-ONNX Runtime refuses as it is (nothing written); {EXIT_CHECK_FAILED} --check found a layer
-off its target variance, or a candidate it could not measure.
+documented rule (--exclude, a hand-set kernel, a quantised weight, a tie, a weight not among
+the --match parameters with --only-matched; counted in the summary); {EXIT_FAILURE} a layer
+not on target (did not converge, or dead: variance 0, NaN or Inf), or a candidate layer that
+could not be initialised (inside an If branch, a weight it cannot trace, an op it does not
+handle; named; the model IS written in both cases), or a --match that left a changed tensor
+unmapped (written too), or ONNX Runtime failed on a measuring copy (nothing written);
+{EXIT_BAD_INPUT} bad input or usage, including a model ONNX Runtime refuses as it is
+(nothing written); {EXIT_CHECK_FAILED} --check found a layer off its target variance, or a
+candidate it could not measure.
 
 \b
 Shell completion (bash): eval "$(_ONNX_LSUV_COMPLETE=bash_source onnx-lsuv)"
@@ -126,7 +130,7 @@ GROUPS = {
     "Scaling": ["target_var", "tol", "max_iter", "strategy", "check"],
     "Beyond the paper (off by default)": ["target_mean", "after_activation", "per_channel"],
     "Output": ["output", "report_path", "as_json", "plot_path", "weights_path", "match_path",
-               "external_data", "overwrite"],
+               "only_matched", "external_data", "overwrite"],
     "Runtime": ["provider", "threads", "verbose", "quiet", "version", "help"],
 }
 
@@ -223,6 +227,11 @@ class GroupedCommand(click.Command):
                    "was exported from: --save-weights then writes the changed parameters "
                    "under those names, in those shapes (found by value; exit 1 when a "
                    "changed tensor is not found).")
+@click.option("--only-matched", is_flag=True,
+              help="With --match: leave alone (reported, exit 0) every layer whose weight's "
+                   "value is not among the --match parameters, e.g. a fixed STFT or mel "
+                   "kernel when they list only the trained ones. Default: such layers are "
+                   "initialised.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write tensors to OUT.data beside OUT. Default: as the input model does, "
                    "and always above protobuf's 2 GiB.")
@@ -341,6 +350,9 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
                              "new parameters go")
         params = load_params(existing_file(flags["match_path"], "--match parameters",
                                            "an .npz of name -> array"))
+    elif flags["only_matched"]:
+        raise InputError("--only-matched needs --match PARAMS.npz: the parameters a layer's "
+                         "weight must be found among")
     # Every file the run reads is protected: the model, each data file (a directory's files
     # too) and the model's external data. The model is parsed once, here: its big tensors
     # stay in their files (memory-mapped), and everything below reads this copy.
@@ -380,6 +392,9 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
         from onnx_lsuv.plot import require_matplotlib
 
         require_matplotlib()
+    if params is not None and flags["only_matched"]:
+        opts = dataclasses.replace(opts, fixed=fixed_weights(
+            loaded, params, missing="not among the --match parameters (--only-matched)"))
     progress = None if quiet else Progress(sys.stderr.isatty())
     if check:
         report = onnx_lsuv.check_variances(loaded, data, opts, source=model)

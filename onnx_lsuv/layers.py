@@ -27,9 +27,10 @@ target nodes in the same way is one layer measured over all its uses (an unrolle
 a shared conv), with their shared bias as its bias; a weight read in different ways is set at
 its first use (the others are reported as tied); a weight also read by a node that is not a
 target (an embedding's Gather tied to an LM head) is left alone unless selected; a kernel
-that looks hand-set (integer values, such as YOLOv8's fixed DFL conv) is left alone unless
-selected; and the user's ``--exclude`` / ``--include`` patterns apply. Layers come in the
-graph's node order, which ONNX requires to be topological.
+that looks hand-set (integer values, such as YOLOv8's fixed DFL conv), or a weight the options
+name ``fixed`` (a framework's non-trainable tensor), is left alone unless selected; and the
+user's ``--exclude`` / ``--include`` patterns apply. Layers come in the graph's node order,
+which ONNX requires to be topological.
 """
 
 from __future__ import annotations
@@ -260,10 +261,22 @@ class Selection:
     holds, overriding ``exclude`` and the layers left alone by default (a weight also read
     by a node that is not a target; a kernel that looks hand-set). So ``exclude=("*",),
     include=("Conv",)`` keeps only the convolutions.
+
+    ``fixed`` names weights (ONNX tensor names, with why) that are not to be trained, such as
+    a framework's buffers (``LSUVOptions.fixed``): a layer reading one is left alone, by
+    rule, unless ``include`` takes it.
     """
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    fixed: tuple[tuple[str, str], ...] = ()
+
+    def fixed_reason(self, layer: Layer) -> str | None:
+        """Why the layer is left alone when one of its weights (W or R) is in ``fixed``."""
+        why = dict(self.fixed)
+        ref = next((r for r in (layer.weight, layer.recurrent)
+                    if r is not None and r.name in why), None)
+        return None if ref is None else f"its weight {ref.name!r} is {why[ref.name]}: left alone"
 
     def matches(self, patterns: Sequence[str], names: Sequence[str]) -> str | None:
         """The first pattern that matches one of ``names``, if any."""
@@ -777,7 +790,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             skipped.append(Skipped(item.name, item.op, f"excluded by --exclude {pattern!r}",
                                    excluded=True))
             continue
-        fixed = None if forced else _looks_fixed(index, item)
+        fixed = None if forced else selection.fixed_reason(item) or _looks_fixed(index, item)
         if fixed:
             skipped.append(Skipped(item.name, item.op, fixed, left_alone=True))
             continue

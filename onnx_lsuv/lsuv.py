@@ -161,7 +161,7 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
             ModelProto). Defaults to ``model`` itself when it is a path.
         **keywords: Fields of ``LSUVOptions`` that override ``options``: target_var, tol,
             max_iter, seed, init, keep_bias, lstm_forget_bias, provider, strategy, threads,
-            include, exclude, target_mean, after_activation, per_channel.
+            include, exclude, target_mean, after_activation, per_channel, fixed.
             (``orthonormal=False`` and ``orthonormal_only=True`` still work, deprecated: they
             mean init="rescale" and init="orthonormal".)
 

@@ -43,7 +43,7 @@ import os
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -508,10 +508,32 @@ class _Matcher:
         layouts that put the new values in different places: the factor, the same for each,
         tells none of them apart), unless the model stores the kernel once for all of them."""
         rtol = _rtol(target.dtype)
+        fits: list[Placement] = []
+        for mine in self.scaled_holders(target, name):
+            pname = mine[0].param
+            first = self._value(mine[0], new).astype(np.float64)
+            tol = 10 * rtol * (np.abs(first).max() + 1e-30)
+            if any(not np.allclose(self._value(p, new), first, rtol=10 * rtol, atol=tol)
+                   for p in mine[1:]):
+                return (f"ambiguous: {pname}: a folded kernel whose values fit several layouts "
+                        "that put the new values in different places")
+            fits.append(mine[0])
+        if len(fits) > 1:
+            stored = self.stored(target, _key(target), name, None, False)
+            if len(fits) > stored == 1:
+                return fits  # one folded kernel the exporter stored once for all of them
+            return ("ambiguous: a folded kernel that fits " + ", ".join(
+                sorted(f.param for f in fits)))
+        return fits or None
+
+    def scaled_holders(self, target: np.ndarray, name: str):
+        """Per unclaimed parameter that holds ``target`` scaled by a per-unit factor which
+        some gamma / sqrt(var + eps) among the parameters explains (a folded BatchNorm): its
+        placements, one per layout and axis that fit."""
+        rtol = _rtol(target.dtype)
         t64 = target.astype(np.float64)
         profiles = {axis: _profile(t64, axis) for axis in range(target.ndim)
                     if target.shape[axis] >= 2}
-        fits: list[Placement] = []
         for pname in self.by_size.get(target.size, []):
             if (pname, None) in self.claimed:
                 continue
@@ -527,22 +549,33 @@ class _Matcher:
                 mine += [Placement(name, None, pname, None, arr, scale, axis)
                          for arr, scale in self._scaled_arrangements(source, t64, axis, rtol)
                          if batchnorm_pairs(self, scale, pname, rtol)]
-            if not mine:
-                continue
-            first = self._value(mine[0], new).astype(np.float64)
-            tol = 10 * rtol * (np.abs(first).max() + 1e-30)
-            if any(not np.allclose(self._value(p, new), first, rtol=10 * rtol, atol=tol)
-                   for p in mine[1:]):
-                return (f"ambiguous: {pname}: a folded kernel whose values fit several layouts "
-                        "that put the new values in different places")
-            fits.append(mine[0])
-        if len(fits) > 1:
-            stored = self.stored(target, _key(target), name, None, False)
-            if len(fits) > stored == 1:
-                return fits  # one folded kernel the exporter stored once for all of them
-            return ("ambiguous: a folded kernel that fits " + ", ".join(
-                sorted(f.param for f in fits)))
-        return fits or None
+            if mine:
+                yield mine
+
+    def holders(self, target: np.ndarray, name: str) -> set[str]:
+        """Every parameter that holds ``target``'s values in a layout the mapping knows: whole
+        or a chunk, exactly; else scaled per unit (a folded BatchNorm); else, piece by piece
+        (a recurrent W whose gates were reordered), the parameters of every piece. What the
+        mapping would choose among; empty when the value is found nowhere."""
+        def exact(values: np.ndarray) -> set[str]:
+            ties = _fingerprint(values)[1]
+            return {n for n, r in self.exact(values, _key(values), every_level=True)
+                    if self._arrange(n, r, values, ties, values) is not None}
+
+        found = exact(target)
+        if found:
+            return found
+        found = {p.param for mine in self.scaled_holders(target, name) for p in mine}
+        if found:
+            return found
+        for axis, n in enumerate(target.shape):
+            for k in PIECES:
+                if n % k or target.size // k < 2:
+                    continue
+                pieces = [exact(_part(target, (axis, j, k))) for j in range(k)]
+                if all(pieces):
+                    return set().union(*pieces)
+        return set()
 
     def _profile(self, name: str, axis: int, region: Region = None) -> np.ndarray:
         k = (name, region, axis)
@@ -988,6 +1021,101 @@ def _carry(matcher: _Matcher, result: MatchResult, kernels: list[Placement], bia
     result.mapped.append({"onnx": bias, "params": sorted(w[0] for w in writes),
                           "how": [f"{w[0]}: folded bias, carried {w[2]}" for w in writes]})
     return None
+
+
+def _weight_values(graph: onnx.GraphProto, out: dict[str, np.ndarray]) -> None:
+    """The constants of ``graph`` and of its subgraphs (a Loop/Scan body's own weights)."""
+    from .graph import subgraphs
+
+    for t in graph.initializer:
+        out.setdefault(t.name, tensor_array(t))
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                out.setdefault(node.output[0], numpy_helper.to_array(value))
+        for sub in subgraphs(node):
+            _weight_values(sub, out)
+
+
+def _sizes_that_hold(size: int) -> set[int]:
+    """The sizes of the tensors that ``_Matcher.holders`` may find a tensor of ``size`` in:
+    its own, k times it (a chunk of one), and for each of k equal pieces, the piece's size
+    and k' times it."""
+    pieces = {size // k for k in PIECES if size % k == 0}
+    return {size, *(size * k for k in PIECES), *pieces,
+            *(p * k for p in pieces for k in PIECES)}
+
+
+def _names_text(names: set[str]) -> str:
+    shown = sorted(names)
+    return ", ".join(repr(n) for n in shown[:3]) + (f" (+{len(shown) - 3})"
+                                                    if len(shown) > 3 else "")
+
+
+def fixed_weights(model: ModelLike, params: Mapping[str, Any] | str | os.PathLike,
+                  frozen: Collection[str] = (), framework: str = "framework",
+                  missing: str | None = None) -> dict[str, str]:
+    """The target weights of an exported model that stand for tensors the framework does not
+    train, found before LSUV: ``lsuv_init``'s ``fixed`` option, which leaves their layers
+    alone (an STFT, mel or constant-Q kernel held in a buffer or a frozen parameter).
+
+    The exporter renames, transposes, flips, splits and folds, so each target weight's
+    framework counterpart is found by value, in every layout and fold that
+    ``match_parameters`` knows (the same ``_Matcher``). A weight held only by tensors named
+    in ``frozen`` is fixed. One held both by a trainable and a non-trainable tensor is
+    ambiguous: it is left alone too, and said so (initialising a fixed kernel cannot be
+    undone by training; a trainable layer left alone is reported, and ``include`` takes it).
+    A weight found nowhere is initialised as usual, unless ``missing`` says why it is fixed
+    (the CLI's ``--only-matched``: PARAMS lists only what is trained).
+
+    Args:
+        model: The ONNX model as exported (a ModelProto or a path).
+        params: Every float tensor of the framework model, trainable or not, name -> array
+            (or the path of an .npz); what the mapping's folds read (a BatchNorm's
+            statistics) is among them.
+        frozen: The names in ``params`` that are not trained (torch buffers and parameters
+            with ``requires_grad=False``, Keras non-trainable weights, ...).
+        framework: The framework's name, for the reasons. Defaults to "framework".
+        missing: What a weight found nowhere is (completing "its weight W is ..."); None,
+            the default: such a weight is not fixed.
+
+    Returns:
+        ONNX tensor name -> why it is fixed (completing "its weight W is ...").
+    """
+    from .layers import find_layers
+
+    model = load_model(model)
+    params = load_params(params)
+    frozen = set(frozen)
+    unknown = sorted(frozen - set(params))
+    if unknown:
+        raise InputError(f"frozen names not among the parameters: {', '.join(unknown[:5])}")
+    values: dict[str, np.ndarray] = {}
+    _weight_values(model.graph, values)
+    matcher = _Matcher(params)
+    frozen_sizes = {matcher.params[n].size for n in frozen if n in matcher.params}
+    out: dict[str, str] = {}
+    for layer in find_layers(model).layers:
+        for ref in (layer.weight, layer.recurrent):
+            if ref is None or ref.name in out:
+                continue
+            target = np.asarray(values.get(ref.name, np.zeros(0)))
+            if missing is None and not _sizes_that_hold(target.size) & frozen_sizes:
+                continue  # no non-trainable tensor could hold it (the common case: cheap)
+            found = matcher.holders(target, ref.name) if target.dtype.kind == "f" and \
+                target.size else set()
+            still, trained = found & frozen, found - frozen
+            if still and trained:
+                out[ref.name] = (
+                    f"held both by the trainable {framework} tensor(s) {_names_text(trained)} "
+                    f"and the non-trainable {_names_text(still)}, so whether it is trained is "
+                    "not known (include it to initialise it)")
+            elif still:
+                out[ref.name] = f"a non-trainable {framework} tensor {_names_text(still)}"
+            elif not found and missing is not None:
+                out[ref.name] = missing
+    return out
 
 
 def load_params(params: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -67,6 +68,12 @@ class LSUVOptions:
             normalisation of the data folded into the weights (a per-channel TF LSUV,
             Kraehenbuehl et al. 2016): the rows of the orthonormal matrix are then scaled
             unequally. Defaults to False (the paper: one factor per layer, group or gate).
+        fixed: ONNX tensor names of weights that are not to be trained (a fixed STFT, mel or
+            constant-Q kernel): the layers that read them are left alone (neither pre-init
+            nor scaling) and reported, with exit 0; ``include`` overrides it. A list of
+            names, or a mapping name -> why (completing "its weight W is ..."), which the
+            one-call front ends build from the framework's non-trainable tensors
+            (``match.fixed_weights``). Kept as (name, why) pairs. Defaults to none.
     """
 
     target_var: float = 1.0
@@ -84,6 +91,7 @@ class LSUVOptions:
     target_mean: float | None = None
     after_activation: bool = False
     per_channel: bool = False
+    fixed: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("tol", "target_var"):
@@ -136,6 +144,7 @@ class LSUVOptions:
                 raise InputError(f"{name} must be a list of non-empty glob patterns, got "
                                  f"{getattr(self, name)!r}")
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "fixed", _fixed_pairs(self.fixed))
         # Store plain Python numbers: the report is JSON.
         object.__setattr__(self, "target_var", float(self.target_var))
         object.__setattr__(self, "tol", float(self.tol))
@@ -170,12 +179,33 @@ class LSUVOptions:
         """The include / exclude patterns as a ``layers.Selection``."""
         from .layers import Selection
 
-        return Selection(self.include, self.exclude)
+        return Selection(self.include, self.exclude, self.fixed)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["fixed"] = dict(self.fixed)
         return d
+
+
+LISTED = "listed in the option fixed"
+
+
+def _fixed_pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """``fixed`` as (ONNX tensor name, why) pairs, from a list of names (why: ``LISTED``),
+    a mapping name -> why, or such pairs (what this returns, so that replace() keeps it)."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        items = list(value.items()) if isinstance(value, Mapping) else [
+            tuple(v) if isinstance(v, (tuple, list)) else (v, LISTED) for v in value]
+    except TypeError:
+        items = None
+    if items is None or not all(len(i) == 2 and all(isinstance(x, str) and x for x in i)
+                                for i in items):
+        raise InputError(f"fixed must be a list of ONNX tensor names or a mapping name -> "
+                         f"reason (non-empty strings), got {value!r}")
+    return tuple(dict(items).items())
 
 
 def legacy_init(init: str, orthonormal: bool | None, orthonormal_only: bool | None) -> str:

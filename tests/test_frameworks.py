@@ -149,3 +149,52 @@ def test_paddle_stacked_rnn_whose_weights_state_dict_lists_twice(tmp_path, kind)
         if f"rnn.weight_ih_l{layer}" in facts["written"]:
             assert f"rnn.{layer}.cell.weight_ih" in facts["written"]
     assert {k: v for k, v in facts["variances"].items() if abs(v - 1.0) >= TOL} == {}
+
+
+# --- issue 27, pattern 6: a fixed signal kernel held in a non-trainable tensor ---
+
+
+def assert_fixed_left_alone(facts: dict, layers: set[str], framework: str, fixed: str) -> None:
+    """The trainable layers initialised and measured in the framework (as above); the fixed
+    kernel bit for bit in the framework and in every ONNX constant that holds its values,
+    written nowhere, and reported as left alone by rule naming the framework's tensor."""
+    assert_back_in_framework(facts, layers)
+    assert len(facts["layers"]) == len(layers) and facts["not_initialised"] == 0
+    kernel = facts["fixed"][fixed]
+    assert kernel["framework_same"] and kernel["onnx"] and kernel["onnx_same"], kernel
+    assert fixed not in facts["written"] and not set(kernel["onnx"]) & set(facts["changed"])
+    assert len(facts["left_alone"]) == 1
+    assert f"is a non-trainable {framework} tensor {fixed!r}: left alone" in \
+        facts["left_alone"][0]
+
+
+@pytest.mark.parametrize("exporter", ["tf2onnx", "keras"])
+def test_keras_fixed_kernel_is_left_alone(tmp_path, exporter):
+    """A Conv1D STFT with layer.trainable = False. Before: pre-initialised and scaled, then
+    written back into the frozen layer."""
+    out = str(tmp_path / "facts.json")
+    run_check("keras", "fixed", out, exporter)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_fixed_left_alone(facts, {"conv", "head"}, "Keras", "stft/kernel")
+
+
+@pytest.mark.parametrize("api", ["nnx", "linen"])
+def test_flax_fixed_kernel_is_left_alone(tmp_path, api):
+    """An STFT kernel in an nnx.Variable (linen: a "consts" collection) applied with
+    lax.conv. Before: initialised like a layer (nnx: written into the Variable)."""
+    out = str(tmp_path / "facts.json")
+    run_check("flax", f"fixed-{api}", out)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_fixed_left_alone(facts, {"conv", "fc"}, "Flax",
+                            "stft" if api == "nnx" else "consts/stft")
+
+
+def test_paddle_fixed_kernel_is_left_alone(tmp_path):
+    """A Conv1D STFT whose weight has stop_gradient = True. Before: initialised."""
+    out = str(tmp_path / "facts.json")
+    run_check("paddle", "fixed", out)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_fixed_left_alone(facts, {"conv", "fc"}, "Paddle", "stft.weight")

@@ -354,10 +354,6 @@ def test_cli_match_needs_save_weights_and_reports_unmapped(tmp_path):
         assert "fc.weight" not in w.files and "stem.weight" in w.files
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 # --- issue 26: copies stored once, symmetric weights, and a property test of the mapping ---
 
 
@@ -503,3 +499,148 @@ def test_property_the_module_computes_what_onnx_runtime_does_or_is_left_alone(
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         return
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+# --- issue 27, pattern 6: fixed signal-processing kernels (buffers, requires_grad=False) ---
+
+
+def stft_kernel(n: int = 16, bins: int = 4) -> np.ndarray:
+    """A windowed DFT filter bank (cos and sin rows), [2 bins, 1, n]: what an STFT front end
+    applies as a strided conv."""
+    t, f = np.arange(n), np.arange(1, bins + 1)
+    phase = 2 * np.pi * np.outer(f, t) / n
+    return (np.concatenate([np.cos(phase), np.sin(phase)]) * np.hanning(n))[:, None, :]
+
+
+class Spectral(nn.Module):
+    """An STFT kernel as a buffer (persistent=False: not even in state_dict) applied by
+    F.conv1d, a mel-like nn.Conv1d frozen with requires_grad_(False) (non-negative weights,
+    non-zero bias), then trainable layers: a Conv1d with a bias and a BatchNorm with trained
+    statistics, and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("stft", torch.tensor(stft_kernel(), dtype=torch.float32),
+                             persistent=False)
+        self.mel = nn.Conv1d(8, 6, 1)
+        with torch.no_grad():
+            self.mel.weight.abs_()
+            self.mel.bias.uniform_(0.1, 0.5)
+        self.mel.requires_grad_(False)
+        self.conv = nn.Conv1d(6, 12, 3, padding=1)
+        self.bn = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 5)
+        with torch.no_grad():
+            self.conv.bias.uniform_(-1, 1)
+            self.fc.bias.uniform_(-1, 1)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-1, 1)
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        power = torch.nn.functional.conv1d(x, self.stft, stride=4) ** 2
+        h = torch.log1p(self.mel(power))
+        h = torch.relu(self.bn(self.conv(h)))
+        return self.fc(h.mean(-1))
+
+
+def _holding(model: onnx.ModelProto, value: np.ndarray) -> list[str]:
+    """The ONNX constants whose values are ``value`` as it is (both exporters keep torch's
+    layout for Conv1d kernels)."""
+    from _common import constants
+
+    return [n for n, v in constants(model).items()
+            if v.shape == value.shape and np.array_equal(v, value)]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fixed_signal_kernels_are_left_alone(exporter):
+    """Before: the STFT and mel kernels were pre-initialised and scaled like any layer (and
+    the buffer was never written back: torch and the ONNX model then disagreed)."""
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    torch.manual_seed(0)
+    model, x = Spectral().eval(), torch.randn(32, 1, 128)
+    fixed = {"stft": model.stft.numpy().copy(), "mel.weight": model.mel.weight.numpy().copy(),
+             "mel.bias": model.mel.bias.numpy().copy()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lsuv_module(model, x, exporter=exporter, seed=3)
+    assert result.report.converged
+    # bit for bit in the module, and in the ONNX model under every name the export gave them
+    assert np.array_equal(model.stft.numpy(), fixed["stft"])
+    assert np.array_equal(model.mel.weight.numpy(), fixed["mel.weight"])
+    assert np.array_equal(model.mel.bias.numpy(), fixed["mel.bias"])
+    assert not set(result.params) & set(fixed)
+    from _common import constants
+
+    after = constants(result.model)
+    for name, value in fixed.items():
+        where = _holding(result.exported, value)
+        assert where, name
+        assert all(np.array_equal(after[n], value) for n in where), name
+    # reported as left alone by rule, naming the torch tensor
+    alone = [s for s in result.report.left_alone if "non-trainable torch tensor" in s["reason"]]
+    assert len(alone) == 2
+    assert sorted(a["reason"].split("tensor ")[1].split(":")[0] for a in alone) == [
+        "'mel.weight'", "'stft'"]
+    assert not result.report.not_initialised
+    assert len(result.report.layers) == 2  # conv (BatchNorm folded or not) and fc
+    # the trainable layers reach unit variance in torch's own forward, in float64
+    folded = "BatchNormalization" not in {n.op_type for n in result.exported.graph.node}
+    seen: dict[str, float] = {}
+    taps = {"conv": model.bn if folded else model.conv, "fc": model.fc}
+    hooks = [m.register_forward_hook(
+        lambda mod, inp, out, k=k: seen.__setitem__(k, float(out.double().var(unbiased=False))))
+        for k, m in taps.items()]
+    with torch.no_grad():
+        ours = model(x).numpy()
+    for h in hooks:
+        h.remove()
+    assert {k: v for k, v in seen.items() if abs(v - 1.0) >= TOL} == {}, seen
+    np.testing.assert_allclose(ours, ort_output(result.model, x.numpy()), rtol=1e-4,
+                               atol=1e-4 * np.abs(ours).max())
+
+
+class CopiedKernel(nn.Module):
+    """A trainable conv started from a copy of a fixed kernel held in a buffer: the export
+    holds the same values for both, so which ONNX weight is the trainable one is not known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        kernel = torch.tensor(stft_kernel(), dtype=torch.float32)
+        self.register_buffer("stft", kernel.clone())
+        self.learned = nn.Conv1d(1, 8, 16, stride=4)
+        with torch.no_grad():
+            self.learned.weight.copy_(kernel)
+            self.learned.bias.uniform_(-1, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        fixed = torch.nn.functional.conv1d(x, self.stft, stride=4)
+        return self.fc(torch.cat([fixed, self.learned(x)], 1).abs().mean(-1))
+
+
+def test_a_kernel_both_trainable_and_fixed_is_left_alone_and_said_so():
+    """The safe side: neither kernel is initialised (a fixed kernel changed would not come
+    back by training), each reported as ambiguous."""
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    torch.manual_seed(0)
+    model, x = CopiedKernel().eval(), torch.randn(16, 1, 64)
+    kernel = model.stft.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lsuv_module(model, x, exporter="torchscript", seed=1)
+    assert result.report.converged
+    assert torch.equal(model.stft, kernel) and torch.equal(model.learned.weight, kernel)
+    alone = [s["reason"] for s in result.report.left_alone]
+    assert len(alone) == 2 and all("held both by the trainable torch tensor(s) "
+                                   "'learned.weight'" in r and "non-trainable 'stft'" in r
+                                   for r in alone), alone
+    assert [r.name for r in result.report.layers] == ["/fc/Gemm"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

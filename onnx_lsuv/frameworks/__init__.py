@@ -11,12 +11,21 @@ Each submodule imports its framework lazily (install the extra: ``onnx-lsuv[torc
 Each exports the model with its exporter's default settings, runs ``lsuv_init`` on the
 export, maps the changed tensors back onto the framework's own parameters by value
 (``onnx_lsuv.match``), and writes them into the model (Flax linen: returns new variables).
+
+A tensor the framework does not train (a torch buffer or a parameter with
+``requires_grad=False``, a Keras non-trainable weight, a Flax variable outside ``params``, a
+Paddle parameter with ``stop_gradient``) is left alone: before LSUV, each target weight of the
+export is found by value among the framework's tensors (``match.fixed_weights``), and a layer
+whose weight is a non-trainable one (a fixed STFT, mel or constant-Q kernel) is neither
+pre-initialised nor scaled; the report lists it as left alone, with the tensor's name. One
+whose values both a trainable and a non-trainable tensor hold is left alone too, and said so.
+``include=[...]`` takes such a layer anyway.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +34,8 @@ import onnx
 
 from ..errors import InputError, LSUVError
 from ..lsuv import lsuv_init
-from ..match import MatchResult, match_parameters
+from ..match import MatchResult, fixed_weights, match_parameters
+from ..options import LSUVOptions
 from ..report import Report
 
 log = logging.getLogger("onnx_lsuv")
@@ -65,8 +75,14 @@ class FrameworkResult:
 
 
 def initialise(exported: onnx.ModelProto, data: Any, params: dict[str, np.ndarray],
-               strict: bool, options: dict[str, Any]) -> FrameworkResult:
-    """lsuv_init on the export, then the mapping; MatchError (strict) if it is incomplete."""
+               strict: bool, options: dict[str, Any],
+               frozen: Mapping[str, np.ndarray] | None = None,
+               framework: str = "framework") -> FrameworkResult:
+    """lsuv_init on the export, leaving alone the layers whose weight is one of ``frozen``
+    (the framework's non-trainable tensors, by name; they may be in ``params`` too), then
+    the mapping; MatchError (strict) if it is incomplete."""
+    if frozen:
+        options = leave_frozen(exported, params, frozen, framework, options)
     result = lsuv_init(exported, data, **options)
     if not result.report.layers:
         log.warning("the exported model has no layer that onnx-lsuv initialises (%d skipped: "
@@ -77,6 +93,21 @@ def initialise(exported: onnx.ModelProto, data: Any, params: dict[str, np.ndarra
     if strict and not matched.complete:
         raise MatchError(matched)
     return FrameworkResult(result.report, matched, matched.params, result.model, exported)
+
+
+def leave_frozen(exported: onnx.ModelProto, params: Mapping[str, np.ndarray],
+                 frozen: Mapping[str, np.ndarray], framework: str,
+                 options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the export's weights that are non-trainable tensors added to
+    ``fixed`` (after the caller's own, whether given as a keyword or in ``options=``)."""
+    found = fixed_weights(exported, {**params, **frozen}, set(frozen), framework)
+    if not found:
+        return options
+    given = options.get("fixed", getattr(options.get("options"), "fixed", ()))
+    mine = dict(LSUVOptions(fixed=given).fixed)
+    log.info("%d layer weight(s) of the export are %s non-trainable tensors: left alone",
+             len(set(found) - set(mine)), framework)
+    return {**options, "fixed": {**found, **mine}}
 
 
 def unique_names(names: Iterable[str], what: str) -> None:

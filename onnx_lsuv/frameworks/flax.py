@@ -46,6 +46,10 @@ def lsuv_nnx(model, batch, *, opset: int = 17, strict: bool = True,
             is not found among its variables. Defaults to True.
         **options: ``lsuv_init``'s options.
 
+    A layer whose kernel is held by a Variable that is not an ``nnx.Param`` (``nnx.Variable``,
+    ``BatchStat``: a fixed STFT or mel kernel) is left alone and reported (``include`` takes
+    it anyway).
+
     Returns:
         FrameworkResult; ``params`` are keyed by the nnx state paths joined by ".".
     """
@@ -58,7 +62,12 @@ def lsuv_nnx(model, batch, *, opset: int = 17, strict: bool = True,
     unique_names((n for n, _, _ in entries), "the nnx module")
     names = {n: path for n, path, _ in entries}
     params = {n: np.asarray(var.value) for n, _, var in entries if _is_float(var)}
-    result = initialise(_export(model, batch, opset), batch, params, strict, options)
+    # what nnx trains is its Params; any other Variable (BatchStat, a plain nnx.Variable
+    # holding a fixed kernel) is not
+    frozen = {n: params[n] for n, _, var in entries if n in params
+              and not issubclass(getattr(var, "type", type(var)), nnx.Param)}
+    result = initialise(_export(model, batch, opset), batch, params, strict, options, frozen,
+                        "Flax")
     if result.params:
         by_path = {names[n]: v for n, v in result.params.items()}
         updated = [(path, var.replace(jnp.asarray(by_path[path])) if path in by_path else var)
@@ -82,6 +91,9 @@ def lsuv_linen(module, variables, batch, *, opset: int = 17, strict: bool = True
             variables. Defaults to True.
         **options: ``lsuv_init``'s options.
 
+    A layer whose kernel is held outside the "params" collection (a fixed STFT or mel kernel
+    in a collection of its own) is left alone and reported (``include`` takes it anyway).
+
     Returns:
         FrameworkResult; ``variables`` holds the new variables (the argument is unchanged),
         ``params`` the changed ones, keyed by their paths joined by "/".
@@ -92,8 +104,10 @@ def lsuv_linen(module, variables, batch, *, opset: int = 17, strict: bool = True
     batch = np.asarray(batch)
     flat = traverse_util.flatten_dict(variables, sep="/")
     params = {k: np.asarray(v) for k, v in flat.items() if np.asarray(v).dtype.kind == "f"}
+    # what linen trains is the "params" collection; "batch_stats" and any other are not
+    frozen = {k: v for k, v in params.items() if k.split("/", 1)[0] != "params"}
     result = initialise(_export(lambda x: module.apply(variables, x), batch, opset), batch,
-                        params, strict, options)
+                        params, strict, options, frozen, "Flax")
     new = dict(flat)
     for name, value in result.params.items():
         new[name] = jnp.asarray(value)

@@ -57,6 +57,10 @@ def lsuv_model(model, batch, *, exporter: str = "tf2onnx", opset: int | None = N
             not found among its variables. Defaults to True.
         **options: ``lsuv_init``'s options.
 
+    A layer whose kernel is a non-trainable weight (``layer.trainable = False``, or a
+    variable made with ``trainable=False``; a fixed STFT or mel kernel) is left alone and
+    reported (``include`` takes it anyway).
+
     Returns:
         FrameworkResult; ``params`` are keyed by ``variable.path``.
     """
@@ -71,11 +75,13 @@ def lsuv_model(model, batch, *, exporter: str = "tf2onnx", opset: int | None = N
     unique_names((v.path for v in model.weights), "the Keras model")
     variables = {v.path: v for v in model.weights}
     params = {name: np.asarray(v.numpy()) for name, v in variables.items()}
+    # layer.trainable=False makes all its weights non-trainable (a variable's own flag stays)
+    frozen = {v.path: params[v.path] for v in model.non_trainable_weights}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         _export(model, batch, exporter, opset, path)
         exported = load_model(path)
-    result = initialise(exported, batch, params, strict, options)
+    result = initialise(exported, batch, params, strict, options, frozen, "Keras")
     for name, value in result.params.items():
         variables[name].assign(value)
     return result

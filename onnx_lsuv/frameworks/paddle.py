@@ -31,6 +31,9 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
             not found among its parameters. Defaults to True.
         **options: ``lsuv_init``'s options.
 
+    A layer whose weight has ``stop_gradient=True`` (a frozen parameter or a buffer; a fixed
+    STFT or mel kernel) is left alone and reported (``include`` takes it anyway).
+
     Returns:
         FrameworkResult; ``params`` are keyed like ``layer.state_dict()`` (a tensor under
         each of its names).
@@ -54,6 +57,11 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
             if v.dtype in (paddle.float16, paddle.float32, paddle.float64):
                 aliases.setdefault(first.setdefault(id(v), k), []).append(k)
         params = {k: state[k].numpy() for k in aliases}
+        # not trained: stop_gradient (frozen parameters, buffers; those left out of
+        # state_dict too, persistable=False)
+        frozen = {k: params[k] for k in aliases if state[k].stop_gradient}
+        frozen.update((k, b.numpy()) for k, b in layer.named_buffers() if k not in state
+                      and b.dtype in (paddle.float16, paddle.float32, paddle.float64))
         # the spec's name must be forward's own argument name, or the export fails
         arg = next(iter(inspect.signature(layer.forward).parameters), "x")
         spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), arg)]
@@ -65,7 +73,7 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
                 raise LSUVError(f"paddle2onnx could not export the layer (it exited with "
                                 f"{stop.code}; its log above says why)") from None
             exported = load_model(prefix + ".onnx")
-        result = initialise(exported, batch, params, strict, options)
+        result = initialise(exported, batch, params, strict, options, frozen, "Paddle")
         for name, value in list(result.params.items()):
             state[name].set_value(value)
             for alias in aliases[name][1:]:

@@ -57,6 +57,15 @@ def _as_input(t, module):
     return t.to(ref.device)
 
 
+def _frozen(module) -> dict[str, np.ndarray]:
+    """The float tensors torch does not train: buffers (those left out of state_dict too,
+    ``persistent=False``) and parameters with ``requires_grad=False``."""
+    out = {n: _to_numpy(b) for n, b in module.named_buffers() if b.is_floating_point()}
+    out.update((n, _to_numpy(p)) for n, p in module.named_parameters()
+               if not p.requires_grad and p.is_floating_point())
+    return out
+
+
 def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = None,
                 strict: bool = True, **options: Any) -> FrameworkResult:
     """LSUV-initialise a ``torch.nn.Module`` in place.
@@ -72,6 +81,9 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
         strict: Raise ``MatchError`` and leave the module untouched when a changed tensor
             is not found among its parameters. Defaults to True.
         **options: ``lsuv_init``'s options (seed, tol, target_var, ...).
+
+    A layer whose weight is a buffer or a parameter with ``requires_grad=False`` (a fixed
+    STFT or mel kernel) is left alone and reported (``include`` takes it anyway).
 
     Returns:
         FrameworkResult; ``params`` are the state_dict entries that were written.
@@ -106,7 +118,7 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
                 aliases.setdefault(first.setdefault(where, k), []).append(k)
         params = {k: _to_numpy(state[k]) for k in aliases}
         data = _feed(exported, [_to_numpy(a) for a in args])
-        result = initialise(exported, data, params, strict, options)
+        result = initialise(exported, data, params, strict, options, _frozen(module), "torch")
         with torch.no_grad():
             for name, value in list(result.params.items()):
                 target = state[name]

@@ -53,3 +53,24 @@ def summary(result, x: np.ndarray, framework_out, variances: dict, moved: list[s
 def write(path: str, facts: dict) -> None:
     with open(path, "w") as f:
         json.dump(facts, f, indent=1)
+
+
+def fixed_facts(result, fixed: dict, now: dict) -> dict:
+    """For each fixed framework tensor (name -> its value before the call): whether it is
+    bit for bit the same in the framework after (``now``), the ONNX constants of the export
+    that hold its values (in any layout: the same sorted values), and whether each of those
+    is bit for bit the same in the initialised model; and the report's left-alone reasons."""
+    before, after = constants(result.exported), constants(result.model)
+    facts = {}
+    for name, value in fixed.items():
+        value = np.asarray(value)
+        key = np.sort(value, axis=None)
+        holders = sorted(n for n, v in before.items() if v.size == value.size
+                         and v.dtype == value.dtype and np.array_equal(np.sort(v, axis=None), key))
+        facts[name] = {"framework_same": bool(np.array_equal(np.asarray(now[name]), value)),
+                       "onnx": holders,
+                       "onnx_same": all(n in after and np.array_equal(after[n], before[n])
+                                        for n in holders)}
+    return {"fixed": facts, "left_alone": [s["reason"] for s in result.report.left_alone],
+            "not_initialised": len(result.report.not_initialised),
+            "layers": [r.name for r in result.report.layers]}

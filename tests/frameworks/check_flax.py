@@ -3,7 +3,9 @@ whose RNG key is state but no parameter, updated in place) and ``lsuv_linen`` (t
 in linen, without the Dropout, new variables returned), through jax2onnx; then measured in
 Flax's own forward.
 
-Usage (in the Flax interpreter, onnx_lsuv on PYTHONPATH): check_flax.py nnx|linen OUT.json
+Usage (in the Flax interpreter, onnx_lsuv on PYTHONPATH): check_flax.py nnx|linen OUT.json;
+check_flax.py fixed-nnx|fixed-linen OUT.json: a fixed STFT kernel held outside the parameters
+(an nnx.Variable; linen: a "consts" collection) applied with lax.conv, then trainable layers.
 
 Measured: the variance of each Conv / ConvTranspose / Linear (Dense) output, computed by the
 module's own layers (nnx: called one by one, as the net's __call__ does; linen:
@@ -22,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen, nnx  # noqa: E402
 
-from _common import summary, var, write  # noqa: E402
+from _common import fixed_facts, summary, var, write  # noqa: E402
 
 BIAS = nnx.initializers.normal(1.0)
 X = np.random.default_rng(2).standard_normal((32, 12, 12, 3)).astype("float32")
@@ -74,9 +76,101 @@ def bn_stats(seed):
             jnp.asarray(rng.normal(0.0, 1.0, 8).astype("float32")))
 
 
+def stft_kernel(n: int = 16, bins: int = 4) -> np.ndarray:
+    """A windowed DFT filter bank, [n, 1, 2 bins] (WIO)."""
+    t, f = np.arange(n), np.arange(1, bins + 1)
+    phase = 2 * np.pi * np.outer(f, t) / n
+    bank = np.concatenate([np.cos(phase), np.sin(phase)]) * np.hanning(n)
+    return bank.T[:, None, :].astype("float32")
+
+
+def log_power(x, kernel):
+    s = jax.lax.conv_general_dilated(x, kernel, (4,), "VALID",
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
+    return jnp.log(jnp.square(s) + 1.0)
+
+
+AUDIO = np.random.default_rng(2).standard_normal((32, 128, 1)).astype("float32")
+
+
+class Spectral(nnx.Module):
+    """A fixed STFT kernel in an nnx.Variable (not a Param), then a trainable Conv with a
+    bias, a BatchNorm with trained statistics and a Linear head."""
+
+    def __init__(self, rngs):
+        self.stft = nnx.Variable(jnp.asarray(stft_kernel()))
+        self.conv = nnx.Conv(8, 12, (3,), padding="SAME", bias_init=BIAS, rngs=rngs)
+        self.bn = nnx.BatchNorm(12, rngs=rngs)
+        self.fc = nnx.Linear(12, 5, bias_init=BIAS, rngs=rngs)
+
+    def steps(self, x):
+        a = self.conv(log_power(x, self.stft.value))
+        return {"conv": a, "fc": self.fc(nnx.relu(self.bn(a)).mean(1))}
+
+    def __call__(self, x):
+        return self.steps(x)["fc"]
+
+
+class SpectralLinen(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        kernel = self.variable("consts", "stft", lambda: jnp.asarray(stft_kernel()))
+        h = linen.Conv(12, (3,), bias_init=BIAS, name="conv")(log_power(x, kernel.value))
+        h = linen.relu(linen.BatchNorm(use_running_average=True, name="bn")(h))
+        return linen.Dense(5, bias_init=BIAS, name="fc")(h.mean(1))
+
+
+def bn12(seed):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(a.astype("float32")) for a in (
+        rng.normal(0.5, 0.5, 12), rng.uniform(0.5, 2.0, 12), rng.uniform(0.5, 1.5, 12),
+        rng.normal(0.0, 1.0, 12)))
+
+
+def fixed(api: str, out_path: str) -> int:
+    from onnx_lsuv.frameworks.flax import lsuv_linen, lsuv_nnx
+
+    if api == "nnx":
+        model = Spectral(nnx.Rngs(0))
+        model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \
+            bn12(1)
+        model.eval()
+        before = arrays(model)
+        result = lsuv_nnx(model, AUDIO, seed=3)
+        after = arrays(model)
+        moved = [".".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])]
+        steps = model.steps(jnp.asarray(AUDIO))
+        out, variances = steps["fc"], {k: var(v) for k, v in steps.items()}
+        name, old, now = "stft", before[("stft",)], {"stft": after[("stft",)]}
+    else:
+        module = SpectralLinen()
+        variables = module.init(jax.random.PRNGKey(0), AUDIO)
+        mean, v, scale, shift = bn12(1)
+        variables = {"params": {**variables["params"], "bn": {"scale": scale, "bias": shift}},
+                     "batch_stats": {"bn": {"mean": mean, "var": v}},
+                     "consts": variables["consts"]}
+        result = lsuv_linen(module, variables, AUDIO, seed=3)
+        new = result.variables
+        flat_old = jax.tree_util.tree_leaves_with_path(variables)
+        flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
+        moved = ["/".join(p.key for p in k) for k, val in flat_old
+                 if not np.array_equal(np.asarray(val), np.asarray(flat_new[k]))]
+        out, state = module.apply(new, AUDIO, capture_intermediates=True)
+        inter = state["intermediates"]
+        variances = {k: var(inter[k]["__call__"][0]) for k in ("conv", "fc")}
+        name = "consts/stft"
+        old, now = np.asarray(variables["consts"]["stft"]), {name: new["consts"]["stft"]}
+    facts = summary(result, AUDIO, out, variances, moved)
+    facts.update(fixed_facts(result, {name: old}, now))
+    write(out_path, facts)
+    return 0
+
+
 def main(argv):
     from onnx_lsuv.frameworks.flax import lsuv_linen, lsuv_nnx
 
+    if argv[0].startswith("fixed-"):
+        return fixed(argv[0][len("fixed-"):], argv[1])
     if argv[0] == "nnx":
         model = CNN(nnx.Rngs(0))
         model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \

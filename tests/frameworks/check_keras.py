@@ -6,6 +6,8 @@ Usage (in the Keras interpreter, onnx_lsuv on PYTHONPATH):
   check_keras.py one OUT.json EXPORTER   the one call; facts to OUT.json
   check_keras.py shared OUT.json EXPORTER  the same on two Dense layers with equal constant
                                          biases (stored once by both exporters)
+  check_keras.py fixed OUT.json EXPORTER  a fixed STFT Conv1D (trainable=False), then
+                                         trainable layers: the fixed kernel left alone
   check_keras.py export DIR              DIR/model.onnx (tf2onnx), params.npz, x.npy
   check_keras.py measure DIR             loads DIR/new.npz into the model; DIR/measure.json
 
@@ -28,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers  # noqa: E402
 
-from _common import summary, var, write  # noqa: E402
+from _common import fixed_facts, summary, var, write  # noqa: E402
 
 
 def build():
@@ -104,8 +106,60 @@ def measure_dense(model, x) -> dict:
             for lay, i in zip(dense, inputs)}
 
 
+def stft_kernel(n: int = 16, bins: int = 4) -> np.ndarray:
+    """A windowed DFT filter bank, [n, 1, 2 bins] (Keras' Conv1D layout)."""
+    t, f = np.arange(n), np.arange(1, bins + 1)
+    phase = 2 * np.pi * np.outer(f, t) / n
+    bank = np.concatenate([np.cos(phase), np.sin(phase)]) * np.hanning(n)
+    return bank.T[:, None, :].astype("float32")
+
+
+def build_fixed():
+    """A fixed STFT Conv1D (no bias, layer.trainable = False), log power, then a trainable
+    Conv1D with a bias, pooling, a BatchNorm with trained statistics and a Dense head."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((128, 1), name="x")
+    stft = layers.Conv1D(8, 16, strides=4, use_bias=False, name="stft")
+    h = stft(inp)
+    h = keras.ops.log(keras.ops.square(h) + 1.0)
+    h = layers.ReLU()(layers.Conv1D(12, 3, padding="same", name="conv")(h))
+    h = layers.BatchNormalization(name="bn")(layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(inp, layers.Dense(5, name="head")(h))
+    stft.set_weights([stft_kernel()])
+    stft.trainable = False
+    rng = np.random.default_rng(1)
+    for w in model.weights:
+        leaf, shape = w.path.split("/")[-1], tuple(w.shape)
+        if leaf == "moving_variance":
+            w.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+        elif leaf in ("bias", "beta", "moving_mean"):
+            w.assign(rng.normal(0.0, 1.0, shape).astype("float32"))
+        elif leaf == "gamma":
+            w.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+    return model, np.random.default_rng(2).standard_normal((32, 128, 1)).astype("float32")
+
+
+def fixed(out_path: str, exporter: str) -> int:
+    from onnx_lsuv.frameworks.keras import lsuv_model
+
+    model, x = build_fixed()
+    before = {w.path: np.asarray(w.numpy()) for w in model.weights}
+    result = lsuv_model(model, x, exporter=exporter, seed=3)
+    now = {w.path: np.asarray(w.numpy()) for w in model.weights}
+    moved = [k for k in before if not np.array_equal(before[k], now[k])]
+    names = ("conv", "head")
+    taps = keras.Model(model.input, [model.get_layer(n).output for n in names])(x, training=False)
+    facts = summary(result, x, model(x, training=False),
+                    {n: var(t) for n, t in zip(names, taps)}, moved)
+    facts.update(fixed_facts(result, {"stft/kernel": before["stft/kernel"]}, now))
+    write(out_path, facts)
+    return 0
+
+
 def main(argv):
     mode = argv[0]
+    if mode == "fixed":
+        return fixed(argv[1], argv[2])
     if mode == "shared":
         from onnx_lsuv.frameworks.keras import lsuv_model
 

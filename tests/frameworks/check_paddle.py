@@ -6,6 +6,8 @@ Usage (in the Paddle interpreter, onnx_lsuv on PYTHONPATH):
   check_paddle.py OUT.json             the CNN
   check_paddle.py rnn KIND OUT.json    a stacked GRU or LSTM (KIND) whose input size equals its
                                        hidden size: state_dict lists each weight twice
+  check_paddle.py fixed OUT.json       a fixed STFT Conv1D (stop_gradient) before trainable
+                                       layers: the fixed kernel left alone
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from paddle import nn  # noqa: E402
 
-from _common import summary, var, write  # noqa: E402
+from _common import fixed_facts, summary, var, write  # noqa: E402
 
 
 class CNN(nn.Layer):
@@ -75,7 +77,62 @@ def rnn(kind: str, out_path: str) -> int:
     return 0
 
 
+class Spectral(nn.Layer):
+    """A fixed STFT Conv1D (a windowed DFT bank, no bias, weight.stop_gradient = True), log
+    power, then a trainable Conv1D with a bias, a BatchNorm1D and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        n, bins = 16, 4
+        t, f = np.arange(n), np.arange(1, bins + 1)
+        phase = 2 * np.pi * np.outer(f, t) / n
+        bank = np.concatenate([np.cos(phase), np.sin(phase)]) * np.hanning(n)
+        self.stft = nn.Conv1D(1, 2 * bins, n, stride=4, bias_attr=False)
+        self.stft.weight.set_value(bank[:, None, :].astype("float32"))
+        self.stft.weight.stop_gradient = True
+        self.conv = nn.Conv1D(2 * bins, 12, 3, padding=1)
+        self.bn = nn.BatchNorm1D(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, audio):
+        h = paddle.log(paddle.square(self.stft(audio)) + 1.0)
+        h = nn.functional.relu(self.bn(self.conv(h)))
+        return self.fc(h.mean(-1))
+
+
+def fixed(out_path: str) -> int:
+    from onnx_lsuv.frameworks.paddle import lsuv_layer
+
+    paddle.seed(0)
+    model = Spectral()
+    rng = np.random.default_rng(1)
+    for k, p in model.state_dict().items():  # non-zero biases, BatchNorm off its defaults
+        if k.endswith(("_mean", "bias")):
+            p.set_value(rng.normal(0.0, 1.0, p.shape).astype("float32"))
+        elif k.endswith("_variance"):
+            p.set_value(rng.uniform(0.5, 2.0, p.shape).astype("float32"))
+        elif k == "bn.weight":
+            p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
+    x = np.random.default_rng(2).standard_normal((32, 1, 128)).astype("float32")
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    result = lsuv_layer(model, x, seed=3)
+    now = {k: v.numpy() for k, v in model.state_dict().items()}
+    moved = [k for k in before if not np.array_equal(before[k], now[k])]
+    model.eval()
+    seen = {}
+    for name in ("conv", "fc"):
+        getattr(model, name).register_forward_post_hook(
+            lambda lay, inp, out, name=name: seen.__setitem__(name, var(out.numpy())))
+    out = model(paddle.to_tensor(x)).numpy()
+    facts = summary(result, x, out, seen, moved)
+    facts.update(fixed_facts(result, {"stft.weight": before["stft.weight"]}, now))
+    write(out_path, facts)
+    return 0
+
+
 def main(argv):
+    if argv[0] == "fixed":
+        return fixed(argv[1])
     from onnx_lsuv.frameworks.paddle import lsuv_layer
 
     if argv[0] == "rnn":
