@@ -644,9 +644,8 @@ def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     name = index.node_name(i)
     taken = _taken(index, i)
     out = []
-    for a in node.attribute:
-        if a.type != onnx.AttributeProto.GRAPH or a.name not in ("then_branch", "else_branch"):
-            continue
+    graphs = {a.name: a for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+    for a in (graphs[k] for k in ("then_branch", "else_branch") if k in graphs):
         sub = BranchIndex(a.g, index, i, a.name)
         data = _branch_data(sub, reached)
         why = _not_taken(name, a.name, taken)
