@@ -18,11 +18,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import IR_VERSION, OPSET, output_values, rand
-from independent import branch_values, matrices, orthonormal_up_to_scale
 from onnx_lsuv import check_variances, lsuv_init
 from onnx_lsuv.errors import EXIT_FAILURE
 from onnx_lsuv_cli.main import lsuv_command
+
+from conftest import IR_VERSION, OPSET, output_values, rand
+from independent import branch_values, matrices, orthonormal_up_to_scale
 
 TOL = 0.1
 
@@ -119,8 +120,8 @@ def feeds_at(rate, seed=7):
 VAD = {
     16000: ("then_branch", [("/conv16/Conv", "/conv16/Conv_output_0"),
                             ("/proj16/MatMul", "h16")],
-            {("", "conv16.weight"), ("", "conv16.bias"), ("then_branch", "/proj16/Constant_output_0"),
-             ("then_branch", "proj16.bias")}),
+            {("", "conv16.weight"), ("", "conv16.bias"),
+             ("then_branch", "/proj16/Constant_output_0"), ("then_branch", "proj16.bias")}),
     8000: ("else_branch", [("/conv8/Conv", "/conv8/Conv_output_0"), ("/proj8/MatMul", "h8")],
            {("else_branch", "conv8.weight"), ("else_branch", "conv8.bias"),
             ("else_branch", "proj8.weight"), ("else_branch", "proj8.bias")}),
