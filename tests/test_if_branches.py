@@ -477,3 +477,50 @@ def test_a_scripted_torch_if_initialises_the_taken_branch(tmp_path):
         expected = module(x, torch.tensor(16000)).numpy()
     (got,) = output_values(result.model, feeds, ["y"])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_an_if_inside_a_loop_body_and_a_loop_inside_a_branch_are_reported():
+    """What is not followed yet, named with its reason (the run exits 1 unless excluded): an
+    If inside a Loop body, whose branch may change from one iteration to the next, and a Loop
+    inside an If branch."""
+    def matmul_branch(tag, x):
+        return helper.make_graph(
+            [helper.make_node("MatMul", [x, f"{tag}.weight"], [f"{tag}_out"], name=f"/{tag}")],
+            tag, [], [vi(f"{tag}_out")],
+            [numpy_helper.from_array(rand(4, 4, seed=len(tag)), f"{tag}.weight")])
+
+    inner_if = helper.make_node("If", ["c_in"], ["h_out"], name="/step/If",
+                                then_branch=matmul_branch("a", "h_in"),
+                                else_branch=matmul_branch("b", "h_in"))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), inner_if],
+        "body", [vi("i", [], TensorProto.INT64), vi("c_in", [], TensorProto.BOOL),
+                 vi("h_in", [2, 4])], [vi("c_out", [], TensorProto.BOOL), vi("h_out", [2, 4])])
+    loop_in_branch = helper.make_graph(
+        [helper.make_node("Loop", ["steps", "go"], ["looped"], name="/inner/Loop",
+                          body=helper.make_graph(
+                              [helper.make_node("Identity", ["c2"], ["c2_out"]),
+                               helper.make_node("MatMul", ["x", "w_in_loop"], ["m2"],
+                                                name="/inner/MatMul")],
+                              "body2", [vi("j", [], TensorProto.INT64),
+                                        vi("c2", [], TensorProto.BOOL)],
+                              [vi("c2_out", [], TensorProto.BOOL), vi("m2")]))],
+        "then_branch", [], [vi("looped")])
+    nodes = [
+        helper.make_node("Loop", ["steps", "go", "x"], ["h"], name="/Loop", body=body),
+        helper.make_node("If", ["go"], ["z"], name="/If", then_branch=loop_in_branch,
+                         else_branch=matmul_branch("c", "x")),
+    ]
+    model = model_of(nodes, [vi("x", [2, 4]), vi("steps", [], TensorProto.INT64),
+                             vi("go", [], TensorProto.BOOL)],
+                     [vi("h", [2, 4]), vi("z", [2, 4])],
+                     {"w_in_loop": rand(4, 4, seed=9)})
+    feeds = {"x": rand(2, 4), "steps": np.array(2, np.int64), "go": np.array(True)}
+    result = lsuv_init(model, feeds, init="orthonormal")  # what is found, without data
+    reasons = {s["name"]: s["reason"] for s in result.report.not_initialised}
+    assert "an If inside the body, whose branch may change" in reasons["/Loop"], reasons
+    assert "inside a Loop body inside an If branch: not handled" in reasons["/inner/Loop"]
+    result = lsuv_init(model, feeds, exclude=["/Loop", "/inner/Loop"])
+    assert [rec.name for rec in result.report.layers] == []
+    assert [(s["name"], "in the else_branch of If /If" in s["reason"])
+            for s in result.report.not_initialised] == [("/c", True)]
