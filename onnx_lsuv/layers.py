@@ -637,7 +637,8 @@ def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     a graph of its own, by the same recognisers (nested Ifs too): its layers are targets,
     with weights in the branch (initializers, Constant nodes) or in an enclosing scope. A
     layer whose weight or bias another node of the branch also reads is left alone, as in a
-    Loop/Scan body. Every candidate of a branch the data does not take is reported as not
+    Loop/Scan body; a weight that several target nodes of the branch apply (pooled over its
+    uses in the main graph) is reported as not initialised. Every candidate of a branch the data does not take is reported as not
     reached: not initialised, unless the user excludes it (``--exclude <If>`` or
     ``<If>/<branch>``)."""
     node = index.graph.node[i]
@@ -655,9 +656,17 @@ def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
         named = {n.name for n in a.g.node if n.name}
         chains = {j for item in items if isinstance(item, Layer) and not item.branch
                   for c in (item.chain, item.bias_chain) if c for j in c.nodes}
+        pooled = _applied_twice([item for item in items if isinstance(item, Layer)
+                                 and not item.branch])
         within = (name, f"{name}/{a.name}")
         for item in items:
             local = not item.within
+            if id(item) in pooled and not why:
+                item = Skipped(item.name, item.op, (
+                    f"its weight {item.weight.name!r} is applied by {pooled[id(item)]} nodes "
+                    "of the branch (a layer applied twice, an unrolled recurrence): measuring "
+                    "a weight pooled over its uses inside an If branch is not handled, so not "
+                    "initialised"))
             if local and item.name not in named:
                 item.name = f"{name}/{a.name}/{item.name}"
             item.within = within + item.within
@@ -677,6 +686,19 @@ def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
                 item.node_index = i
             out.append(item)
     return out
+
+
+def _applied_twice(layers: list[Layer]) -> dict[int, int]:
+    """The layers of one branch whose weight another of them reads too (not disjoint parts
+    of it), by id: how many read it. In the main graph such uses are one layer, pooled; in a
+    branch that is not handled."""
+    shared = {}
+    for layer in layers:
+        same = [other for other in layers if other.weight == layer.weight
+                and (other is layer or not _disjoint(layer, other))]
+        if len(same) > 1:
+            shared[id(layer)] = len(same)
+    return shared
 
 
 def _taken(index: GraphIndex, i: int):

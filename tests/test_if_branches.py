@@ -524,3 +524,26 @@ def test_an_if_inside_a_loop_body_and_a_loop_inside_a_branch_are_reported():
     assert [rec.name for rec in result.report.layers] == []
     assert [(s["name"], "in the else_branch of If /If" in s["reason"])
             for s in result.report.not_initialised] == [("/c", True)]
+
+
+def test_a_weight_applied_twice_inside_a_branch_is_reported():
+    """Pooling a weight over its uses is the main graph's rule; inside a branch it is not
+    handled: both uses are named, not initialised (and nothing is written)."""
+    then = helper.make_graph([
+        helper.make_node("MatMul", ["x", "shared.weight"], ["m1"], name="/first/MatMul"),
+        helper.make_node("Tanh", ["m1"], ["t1"], name="/Tanh"),
+        helper.make_node("MatMul", ["t1", "shared.weight"], ["m2"], name="/second/MatMul"),
+    ], "then_branch", [], [vi("m2")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["same"])], "else_branch",
+                              [], [vi("same")])
+    nodes = rate_condition() + [helper.make_node("If", ["/Cast_output_0"], ["y"], name="/If",
+                                                 then_branch=then, else_branch=other)]
+    model = model_of(nodes, [vi("x", [8, 4]), vi("sr", [], TensorProto.INT64)],
+                     [vi("y", [8, 4])], {"shared.weight": rand(4, 4, seed=3)})
+    result = lsuv_init(model, {"x": rand(8, 4), "sr": np.array(16000, np.int64)})
+    assert not result.report.layers
+    assert [s["name"] for s in result.report.not_initialised] == ["/first/MatMul",
+                                                                  "/second/MatMul"]
+    assert all("applied by 2 nodes of the branch" in s["reason"]
+               for s in result.report.not_initialised)
+    assert_only_changed(model, result.model, set())
