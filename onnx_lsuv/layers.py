@@ -638,9 +638,9 @@ def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     with weights in the branch (initializers, Constant nodes) or in an enclosing scope. A
     layer whose weight or bias another node of the branch also reads is left alone, as in a
     Loop/Scan body; a weight that several target nodes of the branch apply (pooled over its
-    uses in the main graph) is reported as not initialised. Every candidate of a branch the data does not take is reported as not
-    reached: not initialised, unless the user excludes it (``--exclude <If>`` or
-    ``<If>/<branch>``)."""
+    uses in the main graph) is reported as not initialised. Every candidate of a branch the
+    data does not take is reported as not reached: not initialised, unless the user excludes
+    it (``--exclude <If>`` or ``<If>/<branch>``)."""
     node = index.graph.node[i]
     name = index.node_name(i)
     taken = _taken(index, i)
