@@ -42,8 +42,9 @@ Examples:
 Exit codes: 0 done, every layer on target and every other candidate left alone by a
 documented rule (--exclude, a hand-set kernel, a quantised weight, a tie; counted in the
 summary); {EXIT_FAILURE} a layer not on target (did not converge, or dead: variance 0, NaN or
-Inf), or a candidate layer that could not be initialised (inside an If branch, a weight it
-cannot trace, an op it does not handle; named; the model IS written in both cases), or a
+Inf), or a candidate layer that could not be initialised (in an If branch the data does not
+take, a weight it cannot trace, an op it does not handle; named; the model IS written in both
+cases), or a
 --match that left a changed tensor unmapped (written too), or ONNX Runtime failed on a
 measuring copy (nothing written); {EXIT_BAD_INPUT} bad input or usage, including a model
 ONNX Runtime refuses as it is (nothing written); {EXIT_CHECK_FAILED} --check found a layer

@@ -258,8 +258,8 @@ class Skipped:
     kernel, a quantised or integer weight, a weight computed from the data, a tie to another
     reader that writing it would change, one with no elements. Every other candidate is one a
     user would expect initialised that onnx-lsuv could not initialise or measure (a layer
-    inside an If branch, a weight it cannot trace, an op it does not handle): not on target,
-    so the run exits 1 and ``--check`` 3, naming it.
+    in an If branch the data does not take, a weight it cannot trace, an op it does not
+    handle): not on target, so the run exits 1 and ``--check`` 3, naming it.
     """
 
     name: str
