@@ -46,12 +46,12 @@ Exit codes: 0 done, every layer on target and every other candidate left alone b
 documented rule (--exclude, a hand-set kernel, a quantised weight, a tie, a weight not among
 the --match parameters with --only-matched; counted in the summary); {EXIT_FAILURE} a layer
 not on target (did not converge, or dead: variance 0, NaN or Inf), or a candidate layer that
-could not be initialised (inside an If branch, a weight it cannot trace, an op it does not
-handle; named; the model IS written in both cases), or a --match that left a changed tensor
-unmapped (written too), or ONNX Runtime failed on a measuring copy (nothing written);
-{EXIT_BAD_INPUT} bad input or usage, including a model ONNX Runtime refuses as it is
-(nothing written); {EXIT_CHECK_FAILED} --check found a layer off its target variance, or a
-candidate it could not measure.
+could not be initialised (in an If branch the data does not take, a weight it cannot trace,
+an op it does not handle; named; the model IS written in both cases), or a --match that left
+a changed tensor unmapped (written too), or ONNX Runtime failed on a measuring copy (nothing
+written); {EXIT_BAD_INPUT} bad input or usage, including a model ONNX Runtime refuses as it
+is (nothing written); {EXIT_CHECK_FAILED} --check found a layer off its target variance, or
+a candidate it could not measure.
 
 \b
 Shell completion (bash): eval "$(_ONNX_LSUV_COMPLETE=bash_source onnx-lsuv)"

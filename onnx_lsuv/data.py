@@ -484,4 +484,5 @@ def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
         raise InputError(f"input {name!r}: the data contains NaN or Inf values")
     if dtype is not None and arr.dtype != dtype:
         arr = _cast(name, arr, dtype)
-    return np.ascontiguousarray(arr)
+    # (np.ascontiguousarray makes a scalar 1-D: a scalar input, an If's sample rate, stays 0-D)
+    return arr if arr.ndim == 0 else np.ascontiguousarray(arr)

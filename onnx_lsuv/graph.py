@@ -22,12 +22,26 @@ OUTER_SCOPE = -1
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 
 
+# Where a graph sits inside the main graph: per level, (node index in the enclosing graph,
+# name of the node's graph attribute), outermost first; () is the main graph itself.
+Scope = tuple[tuple[int, str], ...]
+
+
 @dataclass(frozen=True)
 class ConstRef:
-    """A constant tensor of the graph: an initializer, or the ``value`` of a Constant node."""
+    """A constant tensor of the graph: an initializer, or the ``value`` of a Constant node; of
+    the main graph, or of an If branch (``scope``) whose layers are targets."""
 
     name: str  # the initializer's name, or the Constant node's output name
     constant_node: int | None = None  # index in graph.node when the tensor is a Constant's value
+    scope: Scope = ()  # the graph holding it (see ``Scope``)
+
+
+def scope_graph(graph: onnx.GraphProto, scope: Scope) -> onnx.GraphProto:
+    """The graph at ``scope`` inside ``graph`` (the main graph)."""
+    for i, attr in scope:
+        graph = next(a.g for a in graph.node[i].attribute if a.name == attr)
+    return graph
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -79,10 +93,17 @@ class GraphIndex:
     by a subgraph body of node i is listed as (i, OUTER_SCOPE).
     """
 
+    # The graph's place in the main graph, and which branch of each If the data takes
+    # (``layers.Branches``; None: no data decides, every branch counts).
+    scope: Scope = ()
+    branches: dict | None = None
+
     def __init__(self, graph: onnx.GraphProto, opset: int = 0) -> None:
         self.graph = graph
         self.opset = opset
         self.initializers = {t.name: t for t in graph.initializer}
+        # the model's local functions by (domain, name): set by layers.find_layers
+        self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.reads: list[set[str]] = []  # per node: every name it reads, outer scope included
@@ -124,17 +145,22 @@ class GraphIndex:
         """Follow Identity nodes back from ``name``; the constant found there, if any."""
         name = self.through_identity(name)
         if name in self.initializers:
-            return ConstRef(name)
+            return ConstRef(name, scope=self.scope)
         i = self.producer.get(name)
         if i is not None and self.graph.node[i].op_type == "Constant" and any(
                 a.name == "value" for a in self.graph.node[i].attribute):
-            return ConstRef(name, constant_node=i)
+            return ConstRef(name, constant_node=i, scope=self.scope)
         return None
 
     def tensor_proto(self, ref: ConstRef) -> onnx.TensorProto:
+        """The tensor ``ref`` names: in this graph, or (from the main graph's index) in the
+        If branch of its scope."""
+        graph = self.graph if ref.scope == self.scope else scope_graph(self.graph, ref.scope)
         if ref.constant_node is None:
-            return self.initializers[ref.name]
-        node = self.graph.node[ref.constant_node]
+            if graph is self.graph:
+                return self.initializers[ref.name]
+            return next(t for t in graph.initializer if t.name == ref.name)
+        node = graph.node[ref.constant_node]
         return next(a.t for a in node.attribute if a.name == "value")
 
     def const_array(self, ref: ConstRef) -> np.ndarray:
@@ -242,6 +268,58 @@ class BodyIndex(GraphIndex):
 
     def weight_proto(self, ref: ConstRef) -> onnx.TensorProto:
         return self.main.tensor_proto(ref)
+
+
+class BranchIndex(GraphIndex):
+    """A branch (then_branch or else_branch) of an If, in the main graph or in another
+    branch: its own constants (initializers, Constant nodes) are ``ConstRef``s of its scope;
+    a name it does not define is the enclosing graph's, resolved there."""
+
+    def __init__(self, branch: onnx.GraphProto, outer: GraphIndex, node: int,
+                 attr: str) -> None:
+        super().__init__(branch, outer.opset)
+        self.outer = outer
+        self.node_index = node
+        self.attr = attr
+        self.scope = (*outer.scope, (node, attr))
+        self.branches = outer.branches
+        self.functions = outer.functions
+        self.defined = ({i.name for i in branch.input} | set(self.initializers)
+                        | set(self.producer))
+
+    def resolve_const(self, name: str) -> ConstRef | None:
+        name = self.through_identity(name)
+        if name and name not in self.defined:  # read from the enclosing scope
+            return self.outer.resolve_const(name)
+        return super().resolve_const(name)
+
+    def tensor_proto(self, ref: ConstRef) -> onnx.TensorProto:
+        if ref.scope != self.scope:  # an enclosing graph's
+            return self.outer.tensor_proto(ref)
+        return super().tensor_proto(ref)
+
+
+def scope_index(index: GraphIndex, scope: Scope) -> GraphIndex:
+    """The index of the If branch at ``scope`` (inside ``index``'s graph), or ``index``."""
+    for i, attr in scope[len(index.scope):]:
+        branch = next(a.g for a in index.graph.node[i].attribute if a.name == attr)
+        index = BranchIndex(branch, index, i, attr)
+    return index
+
+
+def if_nodes(graph: onnx.GraphProto, scope: Scope = ()) -> list[tuple[Scope, int]]:
+    """Every If node of ``graph`` and, recursively, of its If branches, as (the scope of the
+    graph holding it, its index there), outer ones first. Not those inside Loop/Scan bodies,
+    whose branch may change from one iteration to the next."""
+    found = []
+    for i, node in enumerate(graph.node):
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            continue
+        found.append((scope, i))
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                found.extend(if_nodes(a.g, (*scope, (i, a.name))))
+    return found
 
 
 def state_pairs(loop: onnx.NodeProto, body: onnx.GraphProto) -> list[tuple[int, int]]:

@@ -7,7 +7,9 @@ with its reason, or nothing:
 * dense: Gemm (``transB``, ``beta``) and MatMul with a 2-D constant second operand; a fused
   projection that one Split cuts into equal parts is scaled per part;
 * recurrent: LSTM, GRU and RNN (W scaled per gate, R orthonormal per gate);
-* refused: fused attention nodes and targets inside If/Loop/Scan bodies, reported.
+* subgraphs: the layers of an If's branch that the data takes (nested Ifs too) and the
+  MatMul/Gemm layers of a Loop/Scan body (``recognise_subgraph``); the rest reported;
+* refused: fused attention nodes, reported.
 
 A recurrence written as a Loop or Scan body, or unrolled into steps, has R's rule too: the
 weight that multiplies the previous state (its input computed from a carried state, its output
@@ -48,9 +50,12 @@ from .graph import (
     OUTER_SCOPE,
     SUBGRAPH_OPS,
     BodyIndex,
+    BranchIndex,
     ConstRef,
     GraphIndex,
+    Scope,
     attribute,
+    outer_reads,
     reached_by_data,
     state_pairs,
     subgraphs,
@@ -77,6 +82,10 @@ NOT_ON_DATA = "both operands are constants, so it computes a constant of the mod
 # through them.
 _PASS_THROUGH = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast",
                  "Slice", "Split", "Concat")
+# Which branch of each If the data takes, by (the scope of the graph holding the If, its
+# index there): True for then_branch, False for else_branch, None where the batches of a
+# stream disagree. Evaluated once on the data (``lsuv``); an If not listed was not evaluated.
+Branches = dict[tuple[Scope, int], "bool | None"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,16 @@ class Layer:
             graph, the layer's node index in the body). ``node_index`` is then the Loop's, and
             ``output``, ``out_nodes`` and the chains refer to the body; the layer is measured
             over every iteration (its output exposed as a scan output on measuring copies).
+            For a layer inside an If branch: (the outermost If's index in the main graph,
+            the layer's node index in its branch), with ``branch`` saying where that is.
+        branch: For a layer inside the branch of an If that the data takes: the scope of
+            that branch (``graph.Scope``: the If and the branch per level, nested Ifs
+            too). ``body`` is set as for a Loop/Scan body's layer; the layer is measured
+            where the branch computes it (its output exposed as a new output of each If on
+            the way, on measuring copies) and its weight written where it lives (``weight``
+            and ``bias`` carry their scope).
+        within: The names of the enclosing Ifs, each also as "<If>/<branch>", outermost
+            first: ``--exclude`` and ``--include`` match them too.
         disjoint_readers: Nodes of other layers (excluded ones too) that read elements of
             the same stored weight disjoint from this layer's (Slices or one Split of one
             kernel), decided by their chains' gathers: rescaling this layer leaves what they
@@ -175,6 +194,8 @@ class Layer:
     bias_chain: WeightChain | None = None
     more_uses: list[Use] = field(default_factory=list)
     body: tuple[int, int] | None = None
+    branch: Scope = ()
+    within: tuple[str, ...] = ()
     disjoint_readers: set[int] = field(default_factory=set)
     shared_weight_users: list[str] = field(default_factory=list)
     weight_read_upstream: bool = False
@@ -222,6 +243,16 @@ class Layer:
         return {j for use in self.uses for j in use.chain_nodes}
 
     @property
+    def local_nodes(self) -> set[int]:
+        """The nodes of the layer in the graph that holds it: ``own_nodes`` in the main
+        graph; in a Loop/Scan body or If branch, its node, shape ops, bias Add and chains
+        there."""
+        if self.body is None:
+            return self.own_nodes
+        chains = {j for c in (self.chain, self.bias_chain) if c for j in c.nodes}
+        return {self.body[1], *self.out_nodes, *chains}
+
+    @property
     def own_nodes(self) -> set[int]:
         """The graph nodes that make up the layer (every use with its chain, shape ops, Add)."""
         return {j for use in self.uses for j in use.nodes}
@@ -236,8 +267,8 @@ class Skipped:
     kernel, a quantised or integer weight, a weight computed from the data, a tie to another
     reader that writing it would change, one with no elements. Every other candidate is one a
     user would expect initialised that onnx-lsuv could not initialise or measure (a layer
-    inside an If branch, a weight it cannot trace, an op it does not handle): not on target,
-    so the run exits 1 and ``--check`` 3, naming it.
+    in an If branch the data does not take, a weight it cannot trace, an op it does not
+    handle): not on target, so the run exits 1 and ``--check`` 3, naming it.
     """
 
     name: str
@@ -245,6 +276,7 @@ class Skipped:
     reason: str
     excluded: bool = False
     left_alone: bool = False
+    within: tuple[str, ...] = ()  # the enclosing Ifs' names, as ``Layer.within``
 
     @property
     def by_rule(self) -> bool:
@@ -627,12 +659,20 @@ def recognise_unknown(index: GraphIndex, i: int, reached: set[str],
 
 
 def recognise_subgraph(index: GraphIndex, i: int, reached: set[str]):
-    """If/Loop/Scan: the MatMul and Gemm layers of a Loop or Scan body whose weights are the
-    main graph's constants (read from the enclosing scope or passed through unchanged as
+    """If/Loop/Scan: the layers of the If branch that the data takes (``_branch_layers``);
+    the MatMul and Gemm layers of a Loop or Scan body of the main graph whose weights are
+    the main graph's constants (read from the enclosing scope or passed through unchanged as
     loop-carried values); every other target op inside a body is reported."""
     node = index.graph.node[i]
+    if node.op_type == "If":
+        return _branch_layers(index, i, reached) or None
     found: list = []
     handled = 0
+    if isinstance(index, BranchIndex):  # a Loop/Scan inside an If branch
+        inner = _count_subgraph_targets(node)
+        return Skipped(index.node_name(i), node.op_type, (
+            f"{inner} target op(s) inside a {node.op_type} body inside an If branch: not "
+            "handled, so not initialised")) if inner else None
     if node.op_type in ("Loop", "Scan") and index.opset >= 9:
         found = _body_layers(index, i, reached)
         handled = sum(isinstance(f, Layer) for f in found)
@@ -641,10 +681,140 @@ def recognise_subgraph(index: GraphIndex, i: int, reached: set[str]):
         reasons = sorted({f.reason for f in found if isinstance(f, Skipped)})
         why = f": {'; '.join(reasons)}" if reasons else (
             " (only MatMul and Gemm at the top of a Loop or Scan body, with weights from the "
-            "main graph, are handled)")
+            "main graph, are handled" + ("; an If inside the body, whose branch may change "
+                                         "from one iteration to the next, is not followed"
+                                         if _has_if(node) else "") + ")")
         found.append(Skipped(index.node_name(i), node.op_type,
                              f"{inner} target op(s) inside a subgraph left as they are{why}"))
     return found or None
+
+
+def _has_if(node: onnx.NodeProto) -> bool:
+    return any(n.op_type == "If" or (n.op_type in SUBGRAPH_OPS and _has_if(n))
+               for g in subgraphs(node) for n in g.node)
+
+
+def _graph_items(index: GraphIndex, reached: set[str]) -> list:
+    """What the recognisers find in ``index``'s graph (the main graph or an If branch), in
+    node order: Layers and Skipped candidates."""
+    found = []
+    for i, node in enumerate(index.graph.node):
+        entry = RECOGNISERS.get(node.op_type)
+        if entry is None or (entry[1] is not None and node.domain not in entry[1]):
+            result = recognise_unknown(index, i, reached, index.functions)
+        else:
+            result = entry[0](index, i, reached)
+        if isinstance(result, list):
+            found.extend(result)
+        elif result is not None:
+            found.append(result)
+    return found
+
+
+def _branch_data(sub: BranchIndex, reached: set[str]) -> set[str]:
+    """The tensors of a branch that depend on the data: those it reads from the enclosing
+    scope that do (``reached``), and what it computes from them."""
+    data = {n for n in sub.consumers if n not in sub.defined and n in reached}
+    for node in sub.graph.node:  # topological within the branch
+        reads = {x for x in node.input if x} | (outer_reads(node) if node.attribute else set())
+        if reads & data:
+            data.update(o for o in node.output if o)
+    return data
+
+
+def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
+    """The layers of If node ``i``'s branches (see ``recognise_subgraph``).
+
+    The branch the data takes (``index.branches``; both when no data decides) is searched as
+    a graph of its own, by the same recognisers (nested Ifs too): its layers are targets,
+    with weights in the branch (initializers, Constant nodes) or in an enclosing scope. A
+    layer whose weight or bias another node of the branch also reads is left alone, as in a
+    Loop/Scan body; a weight that several target nodes of the branch apply (pooled over its
+    uses in the main graph) is reported as not initialised. Every candidate of a branch the
+    data does not take is reported as not reached: not initialised, unless the user excludes
+    it (``--exclude <If>`` or ``<If>/<branch>``)."""
+    node = index.graph.node[i]
+    name = index.node_name(i)
+    taken = _taken(index, i)
+    out = []
+    graphs = {a.name: a for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+    for a in (graphs[k] for k in ("then_branch", "else_branch") if k in graphs):
+        sub = BranchIndex(a.g, index, i, a.name)
+        data = _branch_data(sub, reached)
+        why = _not_taken(name, a.name, taken)
+        if why:
+            sub.branches = None  # nothing in it runs: every branch inside it counts
+        items = _graph_items(sub, data)
+        named = {n.name for n in a.g.node if n.name}
+        chains = {j for item in items if isinstance(item, Layer) and not item.branch
+                  for c in (item.chain, item.bias_chain) if c for j in c.nodes}
+        pooled = _applied_twice([item for item in items if isinstance(item, Layer)
+                                 and not item.branch])
+        within = (name, f"{name}/{a.name}")
+        for item in items:
+            local = not item.within
+            if id(item) in pooled and not why:
+                item = Skipped(item.name, item.op, (
+                    f"its weight {item.weight.name!r} is applied by {pooled[id(item)]} nodes "
+                    "of the branch (a layer applied twice, an unrolled recurrence): measuring "
+                    "a weight pooled over its uses inside an If branch is not handled, so not "
+                    "initialised"))
+            if local and item.name not in named:
+                item.name = f"{name}/{a.name}/{item.name}"
+            item.within = within + item.within
+            if isinstance(item, Layer) and local and not why:
+                readers = _body_strangers(sub, item, chains)
+                if readers:
+                    item = Skipped(item.name, item.op, (
+                        "its weight or bias is also read inside the branch by "
+                        f"{', '.join(readers)}: left alone"), left_alone=True, within=item.within)
+            if why and isinstance(item, Layer):
+                item = Skipped(item.name, item.op, why, within=item.within)
+            elif why and not item.by_rule:
+                item.reason = f"{why} (also: {item.reason})"
+            if isinstance(item, Layer):
+                item.body = (i, item.body[1] if item.branch else item.node_index)
+                item.branch = ((i, a.name), *item.branch)
+                item.node_index = i
+            out.append(item)
+    return out
+
+
+def _applied_twice(layers: list[Layer]) -> dict[int, int]:
+    """The layers of one branch whose weight another of them reads too (not disjoint parts
+    of it), by id: how many read it. In the main graph such uses are one layer, pooled; in a
+    branch that is not handled."""
+    shared = {}
+    for layer in layers:
+        same = [other for other in layers if other.weight == layer.weight
+                and (other is layer or not _disjoint(layer, other))]
+        if len(same) > 1:
+            shared[id(layer)] = len(same)
+    return shared
+
+
+def _taken(index: GraphIndex, i: int):
+    """Which branch of If ``i`` the data takes: True (then), False (else), None (the batches
+    disagree), "unknown" (not evaluated), or "both" (no data decides: every branch counts)."""
+    if index.branches is None:
+        return "both"
+    return index.branches.get((index.scope, i), "unknown")
+
+
+def _not_taken(name: str, attr: str, taken) -> str | None:
+    """Why the branch ``attr`` of If ``name`` is not searched for targets, or None when it
+    is."""
+    if taken == "both" or taken is (attr == "then_branch"):
+        return None
+    accept = f"--exclude {name}/{attr} accepts that"
+    if taken is None:
+        return (f"in the {attr} of If {name}, whose condition differs between the batches: "
+                f"not handled, so not initialised; {accept}")
+    if taken == "unknown":
+        return (f"in the {attr} of If {name}, whose condition was not evaluated on the data: "
+                f"not initialised; {accept}")
+    return (f"in the {attr} of If {name}, which the data does not take (its condition is "
+            f"{not taken} on the batch): not reached, so not initialised; {accept}")
 
 
 def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
@@ -714,6 +884,8 @@ def _body_strangers(sub: BodyIndex, layer: Layer, chains: set[int]) -> list[str]
     if layer.bias is not None and layer.bias_chain is None and layer.bias_input is not None:
         holder = sub.graph.node[layer.bias_input[0]]
         sources.append(holder.input[layer.bias_input[1]])
+    if layer.recurrent is not None:  # an LSTM/GRU/RNN op in an If branch
+        sources.append(node.input[2])
     # Through this layer's chains; the other body layers' chains read their own parts.
     through = {j for c in (layer.chain, layer.bias_chain) if c for j in c.nodes}
     strangers = set()
@@ -736,12 +908,17 @@ RECOGNISERS: dict[str, tuple[Recogniser, tuple[str, ...] | None]] = {
 }
 
 
-def find_layers(model: onnx.ModelProto, selection: Selection | None = None) -> Discovery:
-    """Find the LSUV target layers of ``model``'s main graph, in topological order.
+def find_layers(model: onnx.ModelProto, selection: Selection | None = None,
+                branches: Branches | None = None) -> Discovery:
+    """Find the LSUV target layers of ``model``'s main graph (and of the If branches the
+    data takes), in topological order.
 
     Args:
         model: The model (its external data, if any, already loaded).
         selection: The user's ``--include`` / ``--exclude`` patterns. Defaults to none.
+        branches: Which branch of each If the data takes (see ``Branches``). Defaults to
+            None: no data decides, and every branch's layers are targets (an init without
+            measurement, or a listing of the layers).
 
     Returns:
         The targets, and the candidates that were skipped with the reason.
@@ -749,24 +926,14 @@ def find_layers(model: onnx.ModelProto, selection: Selection | None = None) -> D
     graph = model.graph
     opset = next((int(o.version) for o in model.opset_import if o.domain in _DEFAULT_DOMAIN), 0)
     index = GraphIndex(graph, opset)
-    reached = reached_by_data(model)
-    found = []
-    functions = {(f.domain, f.name): f for f in model.functions}
-    for i, node in enumerate(graph.node):
-        entry = RECOGNISERS.get(node.op_type)
-        if entry is None or (entry[1] is not None and node.domain not in entry[1]):
-            result = recognise_unknown(index, i, reached, functions)
-        else:
-            result = entry[0](index, i, reached)
-        if isinstance(result, list):
-            found.extend(result)
-        elif result is not None:
-            found.append(result)
+    index.branches = branches
+    index.functions = {(f.domain, f.name): f for f in model.functions}
+    found = _graph_items(index, reached_by_data(model))
     return _resolve(index, found, selection or Selection())
 
 
 def _names(layer: Layer) -> list[str]:
-    return [layer.name, layer.weight.name, layer.op]
+    return [layer.name, layer.weight.name, layer.op, *layer.within]
 
 
 def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
@@ -777,8 +944,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     recognised = [item for item in found if isinstance(item, Layer)]
     for item in found:
         if isinstance(item, Skipped):
-            pattern = None if item.by_rule else selection.matches(selection.exclude,
-                                                                  [item.name, item.op])
+            pattern = None if item.by_rule else selection.matches(
+                selection.exclude, [item.name, item.op, *item.within])
             if pattern:  # a candidate it could not initialise, which the user left out
                 item.reason += f" (excluded by --exclude {pattern!r})"
                 item.excluded = True
@@ -788,11 +955,12 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
         pattern = selection.matches(selection.exclude, _names(item))
         if pattern and not forced:
             skipped.append(Skipped(item.name, item.op, f"excluded by --exclude {pattern!r}",
-                                   excluded=True))
+                                   excluded=True, within=item.within))
             continue
         fixed = None if forced else selection.fixed_reason(item) or _looks_fixed(index, item)
         if fixed:
-            skipped.append(Skipped(item.name, item.op, fixed, left_alone=True))
+            skipped.append(Skipped(item.name, item.op, fixed, left_alone=True,
+                                   within=item.within))
             continue
         candidates.append(item)
     layers: list[Layer] = []
@@ -800,7 +968,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     # Readers that are targets themselves (tied ones' chains too). A Loop/Scan node counts for
     # the weights its body layers read, and only for those.
     targets = {j for item in candidates if item.body is None for j in item.own_nodes}
-    body_reads = {(item.node_index, item.weight) for item in candidates if item.body}
+    body_reads = {(item.node_index, ref) for item in candidates if item.body
+                  for ref in (item.weight, item.recurrent) if ref is not None}
     # The nodes that apply a layer's weight (a Loop/Scan for its body's layers), all of them.
     target_nodes = {item.node_index for item in recognised}
     for item in candidates:
@@ -817,7 +986,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             what = "weights" if item.is_recurrent else "weight"
             skipped.append(Skipped(item.name, item.op,
                                    f"{what} tied to layer {first.name}, {_how_else(first, item)} "
-                                   "(set at its first use)", left_alone=True))
+                                   "(set at its first use)", left_alone=True,
+                                   within=item.within))
             continue
         for r in refs:  # a new weight, or other elements of one (a Slice of a shared kernel)
             owner.setdefault(r, []).append(item)
@@ -826,7 +996,8 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     stepped = {u.node_index for lay in layers if lay.more_uses for u in lay.uses}
     for layer in layers:
         layer.disjoint_readers = _disjoint_readers(layer, recognised)
-        users = [j for ref in (layer.weight, layer.recurrent) if ref is not None
+        # (A weight in an If branch has its readers there checked by ``_branch_layers``.)
+        users = [j for ref in (layer.weight, layer.recurrent) if ref is not None and not ref.scope
                  for j, _ in index.readers_through(ref.name, layer.chain_nodes)[0]
                  if j not in layer.own_nodes and j not in layer.disjoint_readers]
         strangers = sorted({j for j in users if j not in targets
@@ -838,7 +1009,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
                 f"its weight {layer.weight.name!r} is also read by {who}, which is not a "
                 "target (a tie such as an LM head sharing the token embedding): left alone; "
                 f"--include {layer.name} initialises it anyway, changing that reader too"),
-                left_alone=True))
+                left_alone=True, within=layer.within))
             continue
         for j in users:
             if index.node_name(j) not in layer.shared_weight_users:

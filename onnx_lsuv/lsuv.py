@@ -34,9 +34,9 @@ from .baselines import BASELINES, baseline_weight
 from .data import BatchLike, Stream, load_data
 from .engine import Engine
 from .errors import InputError, LSUVError, RuntimeFailure
-from .graph import GraphIndex
-from .layers import Discovery, Layer, find_layers, recurrent_rule
-from .measure_graph import Point, activation_point
+from .graph import GraphIndex, if_nodes, scope_graph
+from .layers import Branches, Discovery, Layer, find_layers, recurrent_rule
+from .measure_graph import Point, activation_point, condition_model
 from .model_io import (
     ModelLike,
     complete_model,
@@ -50,7 +50,7 @@ from .model_io import (
 )
 from .options import LSUVOptions, legacy_init
 from .orthonormal import compute_dtype, orthonormal_each
-from .precision import float32_measuring, has_low_precision
+from .precision import float32_measuring, float32_twin, has_low_precision
 from .report import LayerRecord, Report
 from .sequential import final_measure, scale_sequential
 from .strategies import ProgressFn, Run, choose, final_check, no_progress
@@ -200,15 +200,17 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
 def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
           model: ModelLike, t_start: float) -> LSUVResult:
     sequential = _sequential(opts, feeds)
-    discovery = find_layers(work, opts.selection)
+    branches, branch_notes = _branches(work, feeds, opts, model)
+    discovery = find_layers(work, opts.selection, branches)
     bias_notes: list[str] = []
     mean_off: dict[int, str] = {}
     if opts.target_mean is not None:  # (the options allow it with a scaling init only)
         added, refused = add_biases(work, discovery.layers)
         if added:  # found again, with their new biases
-            discovery = find_layers(work, opts.selection)
+            discovery = find_layers(work, opts.selection, branches)
         bias_notes = added + refused
     report = _new_report(discovery, opts.to_dict())
+    _graph_notes(report, [(branch_notes, "If node(s) whose branch the data chose")])
     layers = discovery.layers
     if not layers:
         if report.not_initialised:
@@ -270,7 +272,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
         t = time.perf_counter()
         with _blaming_the_input(model, feeds):
             run = _measuring_run(Engine(opts.provider, opts.threads), work, state, feeds,
-                                 report, opts, progress)
+                                 report, opts, progress, branches)
             if sequential:
                 scale_sequential(run, points, mean_off)
             else:
@@ -319,18 +321,21 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     feeds = None
     try:
         feeds = load_data(data, work)
-        discovery = find_layers(work, opts.selection)
+        branches, branch_notes = _branches(work, feeds, opts, model if source is None
+                                           else source)
+        discovery = find_layers(work, opts.selection, branches)
         report = _new_report(discovery, dict(
             target_var=opts.target_var, tol=opts.tol, check=True, include=list(opts.include),
             exclude=list(opts.exclude), target_mean=opts.target_mean,
             after_activation=opts.after_activation, per_channel=opts.per_channel))
+        report.notes.extend(branch_notes)
         if discovery.layers:
             state = WeightState(work, discovery.layers)
             points, point_notes = _points(work, discovery.layers, opts)
             report.notes.extend(point_notes)
             with _blaming_the_input(model if source is None else source, feeds):
                 run = _measuring_run(Engine(opts.provider, opts.threads), work, state, feeds,
-                                     report, opts, no_progress)
+                                     report, opts, no_progress, branches)
                 if _sequential(opts, feeds):
                     final_measure(run, run.state.skeleton(run.work), points,
                                   _mean_off(discovery.layers, state), check=True)
@@ -490,7 +495,7 @@ def _set_forget_biases(state: WeightState, value: float, report: Report) -> None
 
 def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
                    feeds, report: Report, opts: LSUVOptions,
-                   progress: ProgressFn) -> Run:
+                   progress: ProgressFn, branches: Branches | None = None) -> Run:
     """The model, weights and feeds to measure with: the model itself, or its float32 twin
     where ONNX Runtime cannot run its float16/bfloat16 form (on the batch: a session that
     loads may still fail to run)."""
@@ -502,13 +507,79 @@ def _measuring_run(engine: Engine, work: onnx.ModelProto, state: WeightState,
                 feeds.first if isinstance(feeds, Stream) else feeds)
         except RuntimeFailure:
             twin, twin_state, twin_feeds = float32_measuring(work, state, feeds,
-                                                             opts.selection)
+                                                             opts.selection, branches)
             report.notes.append(f"ONNX Runtime ({engine.name}) cannot run this float16/bfloat16 "
                                 "model: measured in float32, weights written in their own dtype")
             log.info("%s", report.notes[-1])
             run = Run(engine, twin, twin_state, twin_feeds, report, opts, progress,
                       written_as_measured=False)
     return run
+
+
+def _branches(work: onnx.ModelProto, feeds, opts: LSUVOptions,
+              model: ModelLike) -> tuple[Branches | None, list[str]]:
+    """Which branch of each If the data takes (``layers.Branches``), from the If conditions
+    evaluated once on the data, and a note per If saying which; (None, []) without If nodes
+    or without data (nothing is measured then: every branch's layers are targets).
+
+    An If's condition is one boolean for the whole batch, so the batch takes one branch; a
+    stream's batches may take different ones (None then: that If is not handled)."""
+    ifs = if_nodes(work.graph)
+    if not ifs or feeds is None:
+        return None, []
+    with _blaming_the_input(model, feeds):
+        try:
+            seen = _conditions(work, feeds, ifs, opts)
+        except RuntimeFailure:
+            if not has_low_precision(work):
+                raise
+            low = {np.dtype(np.float16), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+                onnx.TensorProto.BFLOAT16))}
+
+            def cast(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return {k: v.astype(np.float32) if v.dtype in low else v
+                        for k, v in batch.items()}
+
+            seen = _conditions(float32_twin(work), feeds.map(cast) if isinstance(
+                feeds, Stream) else cast(feeds), ifs, opts)  # as the measuring will be
+    branches: Branches = {}
+    notes = []
+    for (scope, i), values in zip(ifs, seen):
+        if not values:
+            continue  # inside a branch the data does not take
+        taken = next(iter(values)) if len(values) == 1 else None
+        branches[(scope, i)] = taken
+        where = "".join(f"{_node_name(work.graph, scope[:d], j)}/{attr}/"
+                        for d, (j, attr) in enumerate(scope))
+        name = where + _node_name(work.graph, scope, i)
+        notes.append(f"If {name}: the batches take both branches (its condition differs "
+                     "between them): neither branch's layers are measured" if taken is None
+                     else f"If {name}: the data takes its {'then' if taken else 'else'}_branch "
+                     f"(its condition is {taken} on the batch): that branch's layers are "
+                     f"targets; the {'else' if taken else 'then'}_branch is not reached")
+        log.info("%s", notes[-1])
+    return branches, notes
+
+
+def _conditions(work: onnx.ModelProto, feeds, ifs: list, opts: LSUVOptions) -> list[set[bool]]:
+    """Per If of ``ifs``, the values its condition takes over the data's batches (none where
+    a branch around it is not taken)."""
+    state = WeightState(work, [])
+    skeleton, names = condition_model(state.skeleton(work), ifs)
+    run = Run(Engine(opts.provider, opts.threads), work, state, feeds, Report(), opts)
+    session = run.session(skeleton)
+    seen: list[set[bool]] = [set() for _ in ifs]
+    for batch in feeds if isinstance(feeds, Stream) else [feeds]:
+        for k, value in enumerate(session.run(batch, names)):
+            value = np.asarray(value).reshape(-1)
+            if value.size:  # (empty: an If around it took the other branch)
+                seen[k].add(bool(value[0]))
+    return seen
+
+
+def _node_name(graph: onnx.GraphProto, scope, i: int) -> str:
+    node = scope_graph(graph, scope).node[i]
+    return node.name or f"{node.op_type}_{i}"
 
 
 @contextlib.contextmanager

@@ -34,7 +34,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import OUTER_SCOPE, GraphIndex, attribute, rename_input, toposort
+from .graph import (
+    OUTER_SCOPE,
+    GraphIndex,
+    Scope,
+    attribute,
+    rename_input,
+    scope_graph,
+    toposort,
+)
 from .layers import Layer, Use
 from .model_io import default_opset
 
@@ -157,9 +165,15 @@ def find_tap(index: GraphIndex, layer: Layer, use: Use) -> Tap:
 def layer_taps(ed: GraphEditor, index: GraphIndex, layer: Layer) -> list[tuple[Use, Tap]]:
     """Where each use of ``layer`` is read on the measuring copy ``ed.model``: its tap; for a
     layer inside a Loop/Scan body, its output exposed as a new scan output (every iteration
-    stacked on a new first axis)."""
+    stacked on a new first axis); for a layer in an If branch, its output exposed as a new
+    output of each If on the way (the branch the data takes computes it: as it is)."""
     if layer.body is None:
         return [(use, find_tap(index, layer, use)) for use in layer.uses]
+    if layer.branch:
+        (seen,) = expose_in_branches(ed, layer.branch, [(layer.output, layer.dtype)])
+        use = Use(layer.node_index, seen, layer.output_rank, layer.out_axis, None,
+                  frozenset({layer.node_index}), layer.unit_shape)
+        return [(use, Tap(seen))]
     stacked = _expose(ed, layer)
     rank = layer.output_rank + 1 if layer.output_rank is not None else None
     axis = layer.out_axis + 1 if layer.out_axis >= 0 else layer.out_axis
@@ -187,6 +201,75 @@ def _expose(ed: GraphEditor, layer: Layer) -> str:
             if a.name in ("scan_output_axes", "scan_output_directions"):
                 a.ints.append(0)
     return outer
+
+
+def expose_in_branches(ed: GraphEditor, scope: Scope,
+                       tensors: list[tuple[str, np.dtype]]) -> list[str]:
+    """Make tensors (name, dtype) of the If branch at ``scope`` new outputs of each If on the
+    way out to the main graph; their main-graph names. The other branch of each If returns
+    an empty tensor of the same type in their place: the data never takes it (an If's
+    branches return as many outputs, of one type each; their shapes may differ)."""
+    names = [name for name, _ in tensors]
+    elems = [helper.np_dtype_to_tensor_dtype(np.dtype(dt)) for _, dt in tensors]
+    for depth in range(len(scope) - 1, -1, -1):
+        i, attr = scope[depth]
+        node = scope_graph(ed.graph, scope[:depth]).node[i]
+        branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        while len(node.output) < len(branches[attr].output):  # every output named
+            node.output.append(ed.fresh("unused"))
+        outer = []
+        for name, elem in zip(names, elems):
+            for key, g in branches.items():
+                inner = ed.fresh("branch_output")
+                if key == attr:
+                    g.node.append(helper.make_node("Identity", [name], [inner], name=inner))
+                else:
+                    empty = numpy_helper.from_array(
+                        np.zeros(0, helper.tensor_dtype_to_np_dtype(elem)))
+                    g.node.append(helper.make_node("Constant", [], [inner], name=inner,
+                                                   value=empty))
+                g.output.append(helper.make_tensor_value_info(inner, elem, None))
+            outer.append(ed.fresh("branch_value"))
+            node.output.append(outer[-1])
+        names = outer
+    return names
+
+
+def condition_model(model: onnx.ModelProto, ifs: list[tuple[Scope, int]]
+                    ) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose outputs are the conditions of the If nodes ``ifs`` (as
+    ``graph.if_nodes`` lists them), a nested If's exposed through the Ifs around it: what
+    decides which branch the data takes. A nested If's value means something only where
+    the data takes the branches around it."""
+    copy = _measuring_copy(model)
+    ed = GraphEditor(copy)
+    names = []
+    for scope, i in ifs:
+        cond = scope_graph(copy.graph, scope).node[i].input[0]
+        if not scope:
+            names.append(ed.op("Identity", [cond], "condition"))
+        else:
+            names.extend(expose_in_branches(ed, scope, [(cond, np.dtype(bool))]))
+    _set_outputs(copy.graph, names)
+    return copy, names
+
+
+def _recurrent_node(ed: GraphEditor, layer: Layer) -> onnx.NodeProto:
+    """The LSTM/GRU/RNN node of ``layer`` as ``recurrent_sums`` reads it: the node itself,
+    or, in an If branch, a stand-in whose inputs X, W (and sequence_lens) are the branch's
+    exposed to the main graph."""
+    if not layer.branch:
+        return ed.graph.node[layer.node_index]
+    node = scope_graph(ed.graph, layer.branch).node[layer.body[1]]
+    positions = [0, 1] + ([4] if len(node.input) > 4 and node.input[4] else [])
+    lens_dtype = np.int32
+    seen = expose_in_branches(ed, layer.branch, [
+        (node.input[k], lens_dtype if k == 4 else layer.dtype) for k in positions])
+    proxy = onnx.NodeProto()
+    proxy.CopyFrom(node)
+    for k, name in zip(positions, seen):
+        proxy.input[k] = name
+    return proxy
 
 
 @dataclass(frozen=True)
@@ -335,7 +418,7 @@ def stats_model(model: onnx.ModelProto, layers: list[Layer]) -> tuple[onnx.Model
     names = []
     for layer in layers:
         if layer.is_recurrent:
-            cs = recurrent_sums(ed, layer, copy.graph.node[layer.node_index])
+            cs = recurrent_sums(ed, layer, _recurrent_node(ed, layer))
         else:
             cs = channel_sums(ed, layer, layer_taps(ed, index, layer))
         names.append(cs.var)
@@ -582,7 +665,7 @@ def normalizing_model(
         c_target = ed.const(np.array(target, dt), "target")
         blocks = len(layer.blocks)
         if layer.is_recurrent:
-            node = copy.graph.node[layer.node_index]
+            node = _recurrent_node(ed, layer)
             cs = recurrent_sums(ed, layer, node)
         else:
             taps = layer_taps(ed, index, layer)
@@ -624,7 +707,10 @@ def normalizing_model(
         # Uses that feed each other (an unrolled recurrence) cannot be normalised in-graph:
         # the factor depends on every use. Their downstream layers see them unscaled, and the
         # re-measurement sends the layer to the try loop.
-        feeding = layer.weight_read_upstream and (len(layer.uses) > 1 or layer.body is not None)
+        # Nor can a layer in an If branch: its factor, computed from the If's output, would
+        # feed back into the If.
+        feeding = (layer.weight_read_upstream and (len(layer.uses) > 1 or layer.body is not None)
+                   ) or bool(layer.branch)
         for use, tap in [] if feeding else taps:
             _rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m, bias)
         var_after = None
@@ -636,7 +722,7 @@ def normalizing_model(
         readers = [(i, pos) for i, pos in
                    index.readers_through(layer.weight.name, layer.chain_nodes)[0]
                    if i not in layer.own_nodes and i not in layer.disjoint_readers
-                   and pos != OUTER_SCOPE] if blocks == 1 else []
+                   and pos != OUTER_SCOPE] if blocks == 1 and not layer.branch else []
         # Upstream in the graph as rewritten so far (earlier ties add edges): no cycle.
         upstream = GraphIndex(copy.graph).ancestors(layer.node_index) if readers else set()
         for i, pos in readers:
@@ -681,6 +767,8 @@ def activation_point(index: GraphIndex, layer: Layer) -> tuple[Point, str | None
     BatchNormalization tap, if any), or the layer's own output and the reason there is none."""
     if layer.is_recurrent:
         return Point(), "a recurrent op's activations are inside the op: measured at W x"
+    if layer.branch:
+        return Point(), "the layer is inside an If branch: measured at its output"
     if layer.body is not None:
         return Point(), "the layer is inside a Loop/Scan body: measured at its output"
     tensors, ops, bns = [], set(), []
@@ -735,7 +823,7 @@ def sums_model(model: onnx.ModelProto, items: list[tuple[Layer, Point]]
     result = []
     for layer, point in items:
         if layer.is_recurrent:
-            cs = recurrent_sums(ed, layer, copy.graph.node[layer.node_index])
+            cs = recurrent_sums(ed, layer, _recurrent_node(ed, layer))
         elif point.after_activation:
             cs = channel_sums(ed, layer, [(use, Tap(t)) for use, t in
                                           zip(layer.uses, point.tensors)])

@@ -71,7 +71,7 @@ def _graph_to_float32(g: onnx.GraphProto) -> None:
 
 
 def float32_measuring(work: onnx.ModelProto, state, feeds: dict[str, np.ndarray],
-                      selection=None):
+                      selection=None, branches=None):
     """The float32 twin of a float16/bfloat16 model, its weight state (the current weights,
     factors and biases of ``state``, in float32) and the feeds (one batch, or a data.Stream)
     cast to float32.
@@ -83,7 +83,7 @@ def float32_measuring(work: onnx.ModelProto, state, feeds: dict[str, np.ndarray]
     from .weights import WeightState
 
     twin = float32_twin(work)
-    twin_layers = find_layers(twin, selection).layers
+    twin_layers = find_layers(twin, selection, branches).layers
     twin_state = WeightState(twin, twin_layers)
     for lay in twin_layers:
         twin_state.set_base(lay, state.base[lay.index].astype(np.float32))

@@ -80,9 +80,10 @@ class Report:
     @property
     def not_initialised(self) -> list[dict[str, Any]]:
         """The candidates a user would expect initialised (or, in a check, measured) that were
-        not: inside an If branch, a weight that cannot be traced, an op not handled. Not on
-        target: the CLI exits 1 (3 with --check) and names each. (An entry without "by_rule",
-        from a report written before the rule, counts as left alone, as it did then.)"""
+        not: in an If branch the data does not take, a weight that cannot be traced, an op
+        not handled. Not on target: the CLI exits 1 (3 with --check) and names each. (An entry
+        without "by_rule", from a report written before the rule, counts as left alone, as it
+        did then.)"""
         return [s for s in self.skipped if not s.get("by_rule", True)]
 
     @property

@@ -254,8 +254,10 @@ def scale_fast(run: Run) -> None:
     t = time.perf_counter()
     for lay in layers[first_off:]:
         # A weight also read upstream changes the layer's own input, and a weight applied by
-        # several nodes is measured over all of them: whole passes then.
-        measure = (full_measure(run, skeleton, lay) if lay.weight_read_upstream or lay.more_uses
+        # several nodes is measured over all of them: whole passes then. So is a layer in an
+        # If branch, which the layer alone does not copy.
+        measure = (full_measure(run, skeleton, lay)
+                   if lay.weight_read_upstream or lay.more_uses or lay.branch
                    else layer_measure(run, skeleton, lay))
         tries(run, lay, measure)
         run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)

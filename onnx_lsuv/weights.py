@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import ConstRef, GraphIndex, attribute, rename_input
+from .graph import ConstRef, GraphIndex, attribute, rename_input, scope_graph, scope_index
 from .layers import Layer
 from .model_io import (
     DATA_FIELDS,
@@ -53,6 +53,8 @@ class WeightState:
         self._parts: dict[str, list[tuple[Layer, str]]] = {}
         self._refs: dict[str, ConstRef] = {}
         self._original: dict[str, np.ndarray] = {}
+        self._keys = _keys([ref for lay in layers
+                            for ref in (lay.weight, lay.bias, lay.recurrent) if ref is not None])
         for lay in layers:
             self.base[lay.index] = self._read(lay, lay.weight, lay.chain, "weight")
             self.bias[lay.index] = None if lay.bias is None else self._read(
@@ -74,7 +76,7 @@ class WeightState:
         weights = [name for name, parts in self._parts.items()
                    if any(kind != "bias" for _, kind in parts)]
         self._in_memory = [n for n in weights if self._refs[n].constant_node is None
-                           and n not in graph_inputs]
+                           and not self._refs[n].scope and n not in graph_inputs]
         self._in_proto = [n for n in weights if n not in self._in_memory]
         # Target weights and biases change: they are supplied from this state, never cached.
         self._large = {
@@ -91,8 +93,9 @@ class WeightState:
 
     def _read(self, layer: Layer, ref: ConstRef, chain, kind: str) -> np.ndarray:
         """A part as the layer reads it (through its chain: shape and dtype)."""
-        self._parts.setdefault(ref.name, []).append((layer, kind))
-        self._refs[ref.name] = ref
+        key = self._keys[ref]
+        self._parts.setdefault(key, []).append((layer, kind))
+        self._refs[key] = ref
         stored = self.index.const_array(ref)
         return stored if chain is None else chain.effective(stored)
 
@@ -343,11 +346,22 @@ class WeightState:
         for name, value in (pending or self.changed()).items():
             ref = self._refs[name]
             proto = index.tensor_proto(ref)
-            if pending is not None and ref.constant_node is None and value.nbytes >= MAP_MIN \
+            if pending is not None and ref.constant_node is None and not ref.scope \
+                    and value.nbytes >= MAP_MIN \
                     and value.dtype == onnx.helper.tensor_dtype_to_np_dtype(proto.data_type):
                 mark_pending(proto)
             else:
                 _write_const(index, ref, value)
+
+
+def _keys(refs: list[ConstRef]) -> dict[ConstRef, str]:
+    """The name each stored tensor goes by (in ``changed`` and the state): its own, unless
+    a tensor of another If branch has it too; then, for the branch's, "<name>@<scope>"."""
+    by_name: dict[str, set[ConstRef]] = {}
+    for ref in refs:
+        by_name.setdefault(ref.name, set()).add(ref)
+    return {ref: ref.name if len(by_name[ref.name]) == 1 or not ref.scope else
+            f"{ref.name}@{'/'.join(f'{i}.{attr}' for i, attr in ref.scope)}" for ref in refs}
 
 
 def _rescale(src: np.ndarray, dst: np.ndarray, factor: float,
@@ -429,11 +443,16 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         shifted = any(lay.index in shifting for lay in zeroers)
         if not zeroers or (not shifted and not np.any(index.const_array(ref))):
             continue  # nothing is zeroed, or it is zero already: nothing else changes
-        through = {j for lay in zeroers for j in lay.chain_nodes}
-        readers, returned = index.readers_through(ref.name, through)
+        # Its readers where it lives: the main graph, or an If branch (whose layers' nodes
+        # there are theirs; discovery left alone a layer whose branch bias others read).
+        where = scope_index(index, ref.scope)
+        local = bool(ref.scope)
+        through = {j for lay in zeroers for j in lay.chain_nodes} if not local else \
+            {j for lay in zeroers for c in (lay.chain, lay.bias_chain) if c for j in c.nodes}
+        readers, returned = where.readers_through(ref.name, through)
         # The zeroing layers' own nodes read it legitimately: the bias Add, and the node
         # itself where one tensor packs the weight and the bias (read through Slices).
-        own = {j for lay in zeroers for j in lay.own_nodes}
+        own = {j for lay in zeroers for j in (lay.local_nodes if local else lay.own_nodes)}
         others = {(j, pos) for j, pos in readers if j not in own}
         if not others and not returned and not (shifted and len(zeroers) > 1):
             continue  # every reader zeroes it (or the one layer shifting it is its only one)
@@ -451,18 +470,25 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
                 value = lay.bias_chain.effective(value)
                 lay.bias_chain = None
             tensor = numpy_helper.from_array(value, name)
-            graph.initializer.append(tensor)
-            if model.ir_version < 4:  # initializers must be graph inputs there
-                graph.input.append(onnx.helper.make_tensor_value_info(
-                    name, tensor.data_type, list(tensor.dims)))
-            if lay.body is not None:
-                rename_input(graph.node[lay.node_index], ref.name, name)
+            if lay.branch:  # the copy lives in the layer's branch, which alone reads it
+                branch = scope_graph(graph, lay.branch)
+                branch.initializer.append(tensor)
+                for node in branch.node:
+                    rename_input(node, ref.name, name)
+                lay.bias = ConstRef(name, scope=lay.branch)
             else:
-                for use in lay.uses:
-                    node_i, pos = use.bias_input
-                    graph.node[node_i].input[pos] = name
-            lay.bias = ConstRef(name)
-            who = sorted({index.node_name(j) for j, _ in others}) + (
+                graph.initializer.append(tensor)
+                if model.ir_version < 4:  # initializers must be graph inputs there
+                    graph.input.append(onnx.helper.make_tensor_value_info(
+                        name, tensor.data_type, list(tensor.dims)))
+                if lay.body is not None:
+                    rename_input(graph.node[lay.node_index], ref.name, name)
+                else:
+                    for use in lay.uses:
+                        node_i, pos = use.bias_input
+                        graph.node[node_i].input[pos] = name
+                lay.bias = ConstRef(name)
+            who = sorted({where.node_name(j) for j, _ in others}) + (
                 ["a graph output"] if returned else [])
             who += sorted(o.name for o in zeroers if o is not lay)
             notes.append(f"layer {lay.name}: its bias {ref.name!r} is also read by "
@@ -477,7 +503,7 @@ def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], 
     optional bias input (the node list is unchanged), for a target mean. Layers that cannot
     take one are named with the reason: a MatMul (a bias would need a new Add node), a layer
     applied by several nodes or inside a Loop/Scan body, a recurrent op (its mean is not
-    set), a Gemm whose beta is 0.
+    set), a Gemm whose beta is 0. One in an If branch gets it there.
 
     Returns:
         (notes on the biases added, notes on the layers left without one); the caller finds
@@ -489,9 +515,10 @@ def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], 
     for lay in layers:
         if lay.bias is not None or lay.is_recurrent:
             continue
-        node = model.graph.node[lay.node_index]
+        graph = scope_graph(model.graph, lay.branch)
+        node = graph.node[lay.body[1] if lay.branch else lay.node_index]
         why = None
-        if lay.body is not None:
+        if lay.body is not None and not lay.branch:
             why = "it is inside a Loop/Scan body"
         elif lay.more_uses:
             why = "its weight is applied by several nodes"
@@ -509,8 +536,8 @@ def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], 
             name, k = f"{lay.name}.bias.{k}", k + 1
         taken.add(name)
         tensor = numpy_helper.from_array(np.zeros(lay.layout.output_units, lay.dtype), name)
-        model.graph.initializer.append(tensor)
-        if model.ir_version < 4:
+        graph.initializer.append(tensor)
+        if model.ir_version < 4 and not lay.branch:
             model.graph.input.append(onnx.helper.make_tensor_value_info(
                 name, tensor.data_type, list(tensor.dims)))
         while len(node.input) < 3:

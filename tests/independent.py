@@ -172,6 +172,43 @@ def body_values(model: onnx.ModelProto, feeds: dict, loop_name: str,
     return [np.asarray(v, np.float64) for v in sess.run(outs, feeds)]
 
 
+def branch_values(model: onnx.ModelProto, feeds: dict, path: list[tuple[str, str]],
+                  inner: list[str], elem: int = TensorProto.FLOAT) -> list[np.ndarray]:
+    """Tensors ``inner`` (of type ``elem``) of the If branch at ``path`` ((If node name,
+    "then_branch" or "else_branch") per level, outermost first) as the data computes them
+    (float64), from the test's own copy that returns them as new outputs of each If on the
+    way out: the other branch returns an empty tensor in their place. The data must take the
+    branch (else the values come back empty)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    graph, levels = m.graph, []
+    for if_name, attr in path:
+        node = next(n for n in graph.node if n.name == if_name and n.op_type == "If")
+        levels.append((node, attr))
+        graph = next(a.g for a in node.attribute if a.name == attr)
+    names = list(inner)
+    for depth in reversed(range(len(levels))):
+        node, attr = levels[depth]
+        outs = []
+        for k, name in enumerate(names):
+            for a in node.attribute:
+                seen = f"independent_branch_{depth}_{k}_{a.name}"
+                if a.name == attr:
+                    a.g.node.append(helper.make_node("Identity", [name], [seen]))
+                else:
+                    empty = onnx.numpy_helper.from_array(
+                        np.zeros(0, helper.tensor_dtype_to_np_dtype(elem)))
+                    a.g.node.append(helper.make_node("Constant", [], [seen], value=empty))
+                a.g.output.append(helper.make_tensor_value_info(seen, elem, None))
+            outs.append(f"independent_branch_{depth}_{k}")
+            node.output.append(outs[-1])
+        names = outs
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(v, np.float64) for v in sess.run(names, feeds)]
+
+
 def pooled_variances(model: onnx.ModelProto, feeds: dict, targets: list[Target]) -> list[float]:
     """Each target's variance, all its outputs (and, in a body, all iterations) pooled."""
     m = onnx.ModelProto()

@@ -89,7 +89,9 @@ def branch(name, weight, bias_value):
 
 def voice_activity_like():
     """Every candidate layer inside the branches of an If chosen by an input (the sample
-    rate), as voice-activity models ship: nothing in the main graph to initialise."""
+    rate), as voice-activity models ship: nothing in the main graph to initialise. The batch
+    takes the then_branch (issue 27, pattern 1): its Conv is a target, the else_branch's is
+    not reached."""
     nodes = [
         helper.make_node("Constant", [], ["rate16k"],
                          value=numpy_helper.from_array(np.array(16000, np.int64))),
@@ -113,23 +115,24 @@ def save_batch(tmp_path, feeds):
     return path
 
 
-def test_a_run_whose_layers_all_sit_in_if_branches_exits_1_naming_them(tmp_path):
+def test_a_run_whose_if_branch_is_not_taken_exits_1_naming_its_layers(tmp_path):
+    """The taken branch's Conv is initialised; the other branch's, which the batch never
+    reaches, is named and the run exits 1 (and the check 3)."""
     model, feeds = voice_activity_like()
     onnx.save(model, tmp_path / "vad.onnx")
     data = save_batch(tmp_path, feeds)
     res = invoke(tmp_path / "vad.onnx", "-d", data, "-o", tmp_path / "out.onnx")
     assert res.exit_code == EXIT_FAILURE, res.output
-    assert "1 candidate layer(s) not initialised: by_rate (If): 2 target op(s)" in res.output, \
-        res.output
-    assert "NOT initialised: by_rate (If)" in res.output
-    # The check built on the README's recipe fails on it too, with 0 layers measured.
+    assert "1 candidate layer(s) not initialised: else_conv (Conv): in the else_branch of If " \
+        "by_rate, which the data does not take" in res.output, res.output
+    assert "NOT initialised: else_conv (Conv)" in res.output
     res = invoke(tmp_path / "out.onnx", "-d", data, "--check", "--json")
     assert res.exit_code == EXIT_CHECK_FAILED, res.output
-    assert "not measured: by_rate (If)" in res.output
-    # The Python API says the same.
+    assert "not measured: else_conv (Conv)" in res.output
     result = lsuv_init(model, feeds)
     assert not result.report.converged
-    assert [s["name"] for s in result.report.not_initialised] == ["by_rate"]
+    assert [s["name"] for s in result.report.not_initialised] == ["else_conv"]
+    assert [rec.name for rec in result.report.layers] == ["then_conv"]
     assert not check_variances(model, feeds).converged
 
 
@@ -138,15 +141,22 @@ def test_excluding_the_candidates_it_cannot_reach_accepts_them(tmp_path):
     onnx.save(model, tmp_path / "vad.onnx")
     data = save_batch(tmp_path, feeds)
     res = invoke(tmp_path / "vad.onnx", "-d", data, "-o", tmp_path / "out.onnx",
-                 "--exclude", "by_rate", "--report", tmp_path / "r.json")
+                 "--exclude", "by_rate/else_branch", "--report", tmp_path / "r.json")
     assert res.exit_code == 0, res.output
     import json
 
-    skipped = json.loads((tmp_path / "r.json").read_text())["skipped"]
-    assert skipped == [{"name": "by_rate", "op": "If", "excluded": True, "by_rule": True,
+    report = json.loads((tmp_path / "r.json").read_text())
+    skipped = report["skipped"]
+    assert skipped == [{"name": "else_conv", "op": "Conv", "excluded": True, "by_rule": True,
                         "reason": skipped[0]["reason"]}]
-    assert "excluded by --exclude 'by_rate'" in skipped[0]["reason"]
-    res = invoke(tmp_path / "out.onnx", "-d", data, "--check", "--exclude", "If")
+    assert "excluded by --exclude 'by_rate/else_branch'" in skipped[0]["reason"]
+    assert [(rec["name"], rec["status"]) for rec in report["layers"]] == \
+        [("then_conv", "converged")]
+    res = invoke(tmp_path / "out.onnx", "-d", data, "--check", "--exclude", "by_rate/else_*")
+    assert res.exit_code == 0, res.output
+    # The If's own name excludes every layer inside it: nothing initialised is accepted.
+    res = invoke(tmp_path / "vad.onnx", "-d", data, "-o", tmp_path / "none.onnx",
+                 "--exclude", "by_rate")
     assert res.exit_code == 0, res.output
 
 
