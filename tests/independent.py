@@ -267,11 +267,11 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 def gate_variances(model: onnx.ModelProto, feeds: dict, node_name: str) -> list[float]:
     """An LSTM/GRU/RNN node's input projections W_g x, per direction and gate: their variance
-    over every time step and batch row (float64, from the node's input and its W here)."""
+    over every time step and batch row (float64, from the node's input and its W as ONNX
+    Runtime computes them, through any chain of ops on the stored W)."""
     node = next(n for n in model.graph.node if n.name == node_name)
-    (x,) = weight_values(model, feeds, [node.input[0]])
-    w = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-             if t.name == node.input[1]).astype(np.float64)
+    x, w = weight_values(model, feeds, [node.input[0], node.input[1]])  # W through any chain
+    w = np.asarray(w, np.float64)
     x = np.asarray(x, np.float64).reshape(-1, w.shape[2])
     out = []
     for d in range(w.shape[0]):
