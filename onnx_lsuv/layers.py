@@ -533,9 +533,12 @@ def recognise_fused_attention(index: GraphIndex, i: int, reached: set[str]):
 
 
 def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
-    """Einsum with a constant float weight of rank 2 or more beside the data (Flax's
-    nnx.Einsum, jax2onnx's dot_general, nnx.Embed.attend as a tied head): a dense layer a user
-    expects initialised, which is not handled yet, so reported as not initialised."""
+    """Einsum of the data and a constant float weight of rank 2 or more (through layout ops):
+    Flax's nnx.Einsum and jax2onnx's dot_general write a dense layer as Einsum('btd,dh->bth',
+    x, W), nnx.Embed.attend a head as Einsum('abc,cd->abd', x, Transpose(table)). A target like
+    a MatMul: the weight's labels that the output keeps are its output units, those it sums
+    with the data its fan-in (``WeightLayout``'s Einsum view); its bias is a following Add's.
+    An Einsum it cannot map so is reported as not initialised, with the reason."""
     node = index.graph.node[i]
     consts = []
     for name in node.input:
@@ -552,8 +555,90 @@ def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
         return Skipped(name, node.op_type, NOT_REACHED)
     equation = attribute(node, "equation", b"")
     equation = equation.decode() if isinstance(equation, bytes) else str(equation)
-    return Skipped(name, node.op_type, f"Einsum {equation!r} with a constant weight "
-                   f"({', '.join(consts)}): not handled, so not initialised")
+    why = _einsum_problem(index, node, equation, reached)
+    if why:
+        return Skipped(name, node.op_type, f"Einsum {equation!r} with a constant weight "
+                       f"({', '.join(consts)}): {why}, so not initialised")
+    found = _weight_operand(index, i, reached)
+    if not isinstance(found, tuple):
+        return found
+    w_ref, chain = found
+    shape = _shape(index, w_ref, chain)
+    (data, weight), out = _einsum_terms(equation)
+    if len(shape) != len(weight):
+        return Skipped(name, node.op_type, f"Einsum {equation!r}: its weight has rank "
+                       f"{len(shape)}, not {len(weight)}, so not initialised")
+    units = [label for label in out if label in weight]  # in the output's order
+    fan_in = [label for label in weight if label in data]
+    layout = WeightLayout("Einsum", shape, perm=tuple(weight.index(label) for label in
+                                                      units + fan_in), unit_axes=len(units))
+    where = [out.index(label) for label in units]
+    rank = None if "." in out else len(out)
+    axis = where[0] if rank is not None and len(units) == 1 else -1
+    tail = tuple(shape[weight.index(label)] for label in units) if len(units) > 1 else None
+    fields = dict(bias=None, bias_input=None, bias_scale=1.0, output=node.output[0],
+                  output_rank=rank, out_axis=axis, unit_shape=tail)
+    fields.update(_following_bias(index, i, layout.output_units, axis, rank, tail))
+    return _new_layer(index, i, w_ref, layout, chain, **fields)
+
+
+def _einsum_terms(equation: str) -> tuple[list[str], str] | None:
+    """The operands' terms and the output's of an Einsum equation, spaces dropped and each
+    ellipsis written as one ``.``; an implicit output (no ``->``) is the ellipsis, then the
+    labels that occur once, in alphabetical order (numpy's rule). None when malformed."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        labels = lhs.replace("...", "").replace(",", "")
+        out = ("..." if "..." in lhs else "") + "".join(
+            sorted(c for c in set(labels) if labels.count(c) == 1))
+    parts = [t.replace("...", ".", 1) for t in terms + [out]]
+    if any(not all(c.isalpha() or c == "." for c in t) or t.count(".") > 1 for t in parts):
+        return None
+    return parts[:-1], parts[-1]
+
+
+def _einsum_problem(index: GraphIndex, node: onnx.NodeProto, equation: str,
+                    reached: set[str]) -> str | None:
+    """Why an Einsum with a constant weight is no dense layer onnx-lsuv can map, or None: it
+    must read the data first and the weight second, and each label of the weight be either
+    kept in the output (an output unit, on adjacent axes: the last ones, or one axis where
+    the output's rank is known) or summed with the data (the fan-in)."""
+    if len(node.input) != 2:
+        return f"an Einsum of {len(node.input)} operands (only the data's and a weight's)"
+    if node.input[0] not in reached:
+        return "its constant is the first operand: only Einsum(x, W) is handled"
+    terms = _einsum_terms(equation)
+    if terms is None:
+        return "an equation it does not read"
+    (data, weight), out = terms
+    if "." in weight:
+        return "the weight's term has an ellipsis"
+    plain = data.replace(".", "")
+    if len(set(weight)) < len(weight) or len(set(plain)) < len(plain) or \
+            len(set(out)) < len(out):
+        return "a label repeats within a term (a diagonal)"
+    shared = [c for c in weight if c in data and c in out]
+    if shared:
+        return (f"label(s) {', '.join(shared)} of the weight are also the data's and the "
+                "output's (a batch-like label on the weight: one matrix per entry) (not "
+                "handled)")
+    alone = [c for c in weight if c not in data and c not in out]
+    if alone:
+        return f"label(s) {', '.join(alone)} are summed over the weight alone (not handled)"
+    units = [c for c in out if c in weight]
+    if not units or len(units) == len(weight):
+        return "the weight has no output units or no fan-in"
+    where = [out.index(c) for c in units]
+    if where != list(range(where[0], where[0] + len(where))):
+        return "its output units are on axes that are not adjacent (not handled)"
+    if (len(units) > 1 or "." in out) and where[-1] != len(out) - 1:
+        return ("its output units are not the output's last axes, and the output's rank is "
+                "not known there (not handled)" if len(units) == 1 else
+                "its output units are spread over axes that are not the output's last "
+                "(not handled)")
+    return None
 
 
 # Layers that other tools fused or quantised, with their weights as constants: ONNX Runtime's
@@ -1051,12 +1136,13 @@ _SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
 
 def _following_bias(index: GraphIndex, i: int, units: int, axis: int,
-                    rank: int | None) -> dict:
+                    rank: int | None, tail: tuple[int, ...] | None = None) -> dict:
     """The bias Add after node ``i`` (through shape-only ops) whose constant has one value per
-    output unit on the output-unit axis (or axes), as Layer fields; none when there is none."""
+    output unit on the output-unit axis (or on the last axes, of shape ``tail``), as Layer
+    fields; none when there is none."""
     out = index.graph.node[i].output[0]
     walked: list[int] = []
-    where = _Units(axis, rank, None)
+    where = _Units(axis, rank, tail)
     while True:
         users = index.consumers.get(out, [])
         if len(users) != 1 or out in index.graph_outputs or users[0][1] == OUTER_SCOPE:

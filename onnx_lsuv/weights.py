@@ -491,9 +491,9 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
 def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], list[str]]:
     """Give each Conv, ConvTranspose and Gemm target that has no bias a zero one through its
     optional bias input (the node list is unchanged), for a target mean. Layers that cannot
-    take one are named with the reason: a MatMul (a bias would need a new Add node), a layer
-    applied by several nodes or inside a Loop/Scan body, a recurrent op (its mean is not
-    set), a Gemm whose beta is 0.
+    take one are named with the reason: a MatMul or Einsum (a bias would need a new Add
+    node), a layer applied by several nodes or inside a Loop/Scan body, a recurrent op (its
+    mean is not set), a Gemm whose beta is 0.
 
     Returns:
         (notes on the biases added, notes on the layers left without one); the caller finds
@@ -511,8 +511,8 @@ def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], 
             why = "it is inside a Loop/Scan body"
         elif lay.more_uses:
             why = "its weight is applied by several nodes"
-        elif lay.op == "MatMul":
-            why = "a MatMul has no bias input (one would need a new Add node)"
+        elif lay.op in ("MatMul", "Einsum"):
+            why = f"a {lay.op} has no bias input (one would need a new Add node)"
         elif lay.op == "Gemm" and float(attribute(node, "beta", 1.0)) == 0:
             why = "its Gemm's beta is 0"
         if why:

@@ -1,11 +1,11 @@
 """The tests' own notion of an exported model's LSUV targets, and their measurement.
 
-Written without onnx_lsuv, from the definitions: a target is a Conv, ConvTranspose, Gemm or
-MatMul whose first input depends on the data and whose second does not (in the main graph, or
-at the top of a Loop/Scan body, where a value the body returns unchanged does not depend on the
-iteration); its output is the tensor after the Add of a data-independent operand that follows
-it through shape-only ops, if there is one, else its own. Targets reading the same weight
-tensor are one layer, measured pooled. Variances are float64 statistics of what ONNX Runtime
+Written without onnx_lsuv, from the definitions: a target is a Conv, ConvTranspose, Gemm,
+MatMul or Einsum whose first input depends on the data and whose second does not (in the main
+graph, or at the top of a Loop/Scan body, where a value the body returns unchanged does not
+depend on the iteration); its output is the tensor after the Add of a data-independent operand
+that follows it through shape-only ops, if there is one, else its own. Targets reading the same
+weight tensor are one layer, measured pooled. Variances are float64 statistics of what ONNX Runtime
 computes, with the tensors exposed by this module (body tensors as extra scan outputs).
 """
 
@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 RECURRENT = ("LSTM", "GRU", "RNN")
 SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
@@ -242,6 +242,14 @@ def orthonormal_per_gate(node: onnx.NodeProto, w: np.ndarray, atol: float = 1e-5
 def matrices(node: onnx.NodeProto, w: np.ndarray, parts: int = 1) -> np.ndarray:
     """(groups, output units, fan-in) view of a target node's weight, from the ONNX spec."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Einsum":  # 'btd,dh->bth': rows h (the weight's labels kept), columns d
+        equation = attrs["equation"].decode().replace(" ", "")
+        weight, out = equation.split(",")[1].split("->")
+        rows = [c for c in out if c in weight]
+        cols = [c for c in weight if c not in out]
+        w = np.transpose(w, [weight.index(c) for c in rows + cols])
+        n_rows = int(np.prod(w.shape[:len(rows)]))
+        return w.reshape(parts, n_rows // parts, -1)
     if node.op_type == "Conv":
         g = int(attrs.get("group", 1))
         return w.reshape(g, w.shape[0] // g, -1)
