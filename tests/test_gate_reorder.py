@@ -152,6 +152,9 @@ def test_lstm_weights_through_torchs_gate_reorder_are_initialised_per_gate(bidir
     assert all(abs(v - 1) < TOL for v in after), (before, after)
     assert not all(abs(v - 1) < TOL for v in before)
     assert_r_orthonormal_per_gate(result.model, feeds)
+    r_names = "'lstm.weight_hh_l0', 'lstm.weight_hh_l0_reverse'" if bidirectional else \
+        "'lstm.weight_hh_l0'"
+    assert f"{r_names} (R): recurrent: orthonormal per gate, not scaled" in rep.notes[0]
     assert_structure_unchanged(model, result.model)
     new = stored(result.model)
     assert {k for k in params if k.startswith("lstm.weight")} <= set(result.weights)
