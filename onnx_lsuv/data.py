@@ -39,6 +39,9 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def _expected(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, list[int | str | None] | None]:
+    """The dtype and shape an input declares: per axis its size, its name, or None where it
+    is dynamic without a name. A negative size (old Paddle exports declare the batch -1) is
+    dynamic, as ONNX Runtime takes it; 0 is a size (ONNX Runtime feeds only empty arrays)."""
     t = vi.type.tensor_type
     if not vi.type.HasField("tensor_type"):
         return None, None
@@ -47,11 +50,11 @@ def _expected(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, list[int | str 
         return dtype, None
     dims: list[int | str | None] = []
     for d in t.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:
             dims.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
+        elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)
-        else:
+        else:  # unnamed, or a negative dim_value (old Paddle exports' -1): dynamic, as in ORT
             dims.append(None)
     return dtype, dims
 
@@ -474,9 +477,12 @@ def _check_one(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
             )
         bad = [k for k, d in enumerate(dims) if isinstance(d, int) and d != arr.shape[k]]
         if bad:
+            zero = ("; the model declares it 0, which ONNX Runtime takes as a size of 0, not "
+                    "as a dynamic axis (as it does -1): re-export with a dynamic axis, or set "
+                    "it to a name (its dim_param) in the model") if dims[bad[0]] == 0 else ""
             raise InputError(
                 f"input {name!r}: expected shape {_fmt_shape(dims)}, got {tuple(arr.shape)} "
-                f"(axis {bad[0]} differs)"
+                f"(axis {bad[0]} differs{zero})"
             )
     if arr.size == 0:
         raise InputError(f"input {name!r}: the array is empty (shape {tuple(arr.shape)})")

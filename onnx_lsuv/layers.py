@@ -16,8 +16,11 @@ weight that multiplies the previous state (its input computed from a carried sta
 flowing back into that state, through no other layer) is orthonormal per gate and not scaled.
 
 A weight is a constant (an initializer or a Constant node) read directly, or through a chain
-of layout ops on one (Transpose, Slice, Reshape, Squeeze, Unsqueeze, Identity, Flatten, and a
-float Cast: ``weight_chain``). A layer without a bias input takes as its bias the constant of
+of layout ops on one (Transpose, Slice, Reshape, Squeeze, Unsqueeze, Identity, Flatten, Split,
+a float Cast, and a Concat of such chains that uses each stored element at most once:
+``weight_chain``). A recurrent op's W, R and B may join several constants (PyTorch's
+TorchScript exporter without constant folding leaves its gate reorder and the directions' and
+biases' Concats in the graph). A layer without a bias input takes as its bias the constant of
 an Add that follows it through shape-only ops (Reshape, Squeeze, Unsqueeze, Transpose,
 Identity), when that constant lines up with its output units: PyTorch's Linear on 3-D input
 (MatMul -> Add), tf2onnx's Conv1D (Conv -> Squeeze -> Add) and Dense on 3-D input (MatMul ->
@@ -167,7 +170,10 @@ class Layer:
             Split cuts; the gates ("i", "o", "f", "c", per direction) of a recurrent op, whose
             parts are the input projections W_g x. One matrix group per block.
         recurrent: For LSTM/GRU/RNN, the recurrent weight R.
-        recurrent_layout: Its matrix view, one matrix per direction and gate.
+        recurrent_layout: Its matrix view, one matrix per direction and gate (as the op reads
+            it, through ``recurrent_chain``).
+        recurrent_chain: The layout ops between the stored R and the op, if any (torch's gate
+            reorder left in the graph).
         multiplies_state: The weight multiplies a recurrence's previous state, as an
             LSTM/GRU/RNN op's R does, in a recurrence written as a Loop or Scan body or
             unrolled into steps (``_feeds_back``): it gets R's rule, orthonormal per gate
@@ -202,8 +208,19 @@ class Layer:
     blocks: tuple[str, ...] = ("",)
     recurrent: ConstRef | None = None
     recurrent_layout: WeightLayout | None = None
+    recurrent_chain: WeightChain | None = None
     multiplies_state: bool = False
     row: int = 0
+
+    @property
+    def stored_weights(self) -> list[ConstRef]:
+        """Every stored constant the layer's weights (W, and R) are gathered from: a chain may
+        join several (torch's bidirectional LSTM: the forward and the reverse weight)."""
+        refs = [self.weight] + ([r for r, _ in self.chain.more] if self.chain else [])
+        if self.recurrent is not None:
+            refs.append(self.recurrent)
+            refs += [r for r, _ in self.recurrent_chain.more] if self.recurrent_chain else []
+        return list(dict.fromkeys(refs))
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -227,7 +244,8 @@ class Layer:
         if self.body is not None:  # in the main graph, the layer is its Loop/Scan node
             return Use(self.node_index, self.output, self.output_rank, self.out_axis, None,
                        frozenset({self.node_index}), self.unit_shape)
-        chains = {j for c in (self.chain, self.bias_chain) if c for j in c.nodes}
+        chains = {j for c in (self.chain, self.bias_chain, self.recurrent_chain) if c
+                  for j in c.nodes}
         return Use(self.node_index, self.output, self.output_rank, self.out_axis,
                    self.bias_input, frozenset({self.node_index, *self.out_nodes, *chains}),
                    self.unit_shape, frozenset(chains))
@@ -400,8 +418,7 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
         return None
     w_ref, chain, unhandled = _constant_or_chain(index, node.input[1])
     if unhandled:
-        return Skipped(name, node.op_type, f"weight comes through {unhandled}, which is not a "
-                       "rearrangement of its constant's elements (not handled)")
+        return Skipped(name, node.op_type, f"weight comes through {unhandled}")
     if w_ref is None:
         if node.op_type == "MatMul" and (index.resolve_weight(node.input[0]) is not None
                                          or trace_chain(index, node.input[0]) is not None):
@@ -428,26 +445,35 @@ def _weight_operand(index: GraphIndex, i: int, reached: set[str]):
     return w_ref, chain
 
 
-def _constant_or_chain(index: GraphIndex, name: str):
+def _constant_or_chain(index: GraphIndex, name: str, several: bool = False):
     """(stored constant, chain or None, "") for an input that is a constant or a chain of
-    layout ops on one; (None, None, the chain's ops) for a traced chain that is no pure
-    rearrangement; (None, None, "") for anything else."""
+    layout ops on one (with ``several``, a chain may join several constants: the chain then
+    names the others); (None, None, why) for a traced chain that is no pure rearrangement of
+    one constant's elements; (None, None, "") for anything else."""
     ref = index.resolve_weight(name)
     if ref is not None:
         return ref, None, ""
     traced = trace_chain(index, name)
     if traced is None:
         return None, None, ""
-    chain = build_chain(index, traced[0], traced[1], name)
+    refs, nodes = traced
+    ops = " -> ".join(index.graph.node[j].op_type for j in nodes)
+    if len(refs) > 1 and not several:
+        return None, None, (f"{ops}, which joins {len(refs)} constants "
+                            f"({', '.join(r.name for r in refs)}) (not handled)")
+    chain = build_chain(index, refs, nodes, name)
     if chain is None:
-        return None, None, " -> ".join(index.graph.node[j].op_type for j in traced[1])
-    return traced[0], chain, ""
+        return None, None, f"{ops}, which is not a rearrangement of its constant's elements " \
+            "(not handled)"
+    return refs[0], chain, ""
 
 
-def _bias_const(index: GraphIndex, name: str) -> tuple[ConstRef, WeightChain | None] | None:
+def _bias_const(index: GraphIndex, name: str,
+                several: bool = False) -> tuple[ConstRef, WeightChain | None] | None:
     """A bias input: a constant, or a chain of layout ops on one (Flax reshapes its bias
-    vector to [1, 1, 1, C] in the graph)."""
-    ref, chain, _ = _constant_or_chain(index, name)
+    vector to [1, 1, 1, C] in the graph), or with ``several`` on several (torch's LSTM joins
+    b_ih and b_hh into B)."""
+    ref, chain, _ = _constant_or_chain(index, name, several)
     return (ref, chain) if ref is not None else None
 
 
@@ -520,7 +546,13 @@ def recognise_dense(index: GraphIndex, i: int, reached: set[str]):
 
 
 def recognise_recurrent(index: GraphIndex, i: int, reached: set[str]):
-    """LSTM, GRU, RNN: W scaled per gate (its input projections), R orthonormal per gate."""
+    """LSTM, GRU, RNN: W scaled per gate (its input projections), R orthonormal per gate.
+
+    W, R and B are constants, or chains of layout ops on them (``weight_chain``): PyTorch's
+    TorchScript exporter without constant folding leaves its reorder of torch's gates (i, f,
+    g, o) into ONNX's (i, o, f, c) in the graph, as Unsqueeze(Concat(Slice(w), ...)), and
+    joins B from b_ih and b_hh. Gates are the ONNX op's, as it reads W and R; the new values
+    go back into the stored tensors through the inverse of each chain."""
     node = index.graph.node[i]
     name = index.node_name(i)
     if len(node.input) < 3:
@@ -529,27 +561,42 @@ def recognise_recurrent(index: GraphIndex, i: int, reached: set[str]):
         return Skipped(name, node.op_type, NOT_REACHED, left_alone=True)
     if len(node.input) > 4 and node.input[4] and index.opset < 11:
         return Skipped(name, node.op_type, "sequence_lens below opset 11 (no Range) is not handled")
-    w_ref, r_ref = index.resolve_const(node.input[1]), index.resolve_const(node.input[2])
-    if w_ref is None or r_ref is None:
-        return Skipped(name, node.op_type, "W or R is not a constant")
-    w, r = index.tensor_proto(w_ref), index.tensor_proto(r_ref)
-    problem = _weight_problem(w, w_ref.name) or _weight_problem(r, r_ref.name)
-    if problem:
-        return Skipped(name, node.op_type, problem, left_alone=True)
+    found = []
+    for what, x in (("W", node.input[1]), ("R", node.input[2])):
+        ref, chain, unhandled = _constant_or_chain(index, x, several=True)
+        if unhandled:
+            return Skipped(name, node.op_type, f"{what} comes through {unhandled}")
+        if ref is None:
+            why, rule = _why_not_const(index, x, reached)
+            return Skipped(name, node.op_type, f"{what}: {why}", left_alone=rule)
+        refs = [ref] + ([r for r, _ in chain.more] if chain else [])
+        problem = next((p for r in refs
+                        if (p := _weight_problem(index.weight_proto(r), r.name))), None)
+        if problem:
+            return Skipped(name, node.op_type, problem, left_alone=True)
+        found.append((ref, chain))
+    (w_ref, w_chain), (r_ref, r_chain) = found
+    if _read_dtype(index, w_ref, w_chain) != _read_dtype(index, r_ref, r_chain):
+        return Skipped(name, node.op_type, "W and R are read in different dtypes (not handled)")
     gates = GATES[node.op_type]
-    dirs = int(w.dims[0])
+    w_shape, r_shape = _shape(index, w_ref, w_chain), _shape(index, r_ref, r_chain)
     try:
-        layout = WeightLayout(node.op_type, tuple(w.dims), dirs * len(gates))
-        r_layout = WeightLayout(node.op_type, tuple(r.dims), dirs * len(gates))
+        dirs = w_shape[0] if len(w_shape) == 3 else 0
+        layout = WeightLayout(node.op_type, w_shape, dirs * len(gates))
+        r_layout = WeightLayout(node.op_type, r_shape, dirs * len(gates))
     except ValueError as err:
         return Skipped(name, node.op_type, str(err))
     prefixes = ("fw.", "bw.") if dirs == 2 else ("",)
-    bias = index.resolve_const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    return _new_layer(index, i, w_ref, layout, None, bias=bias,
-                      bias_input=(i, 3) if bias is not None else None, bias_scale=1.0,
+    fields = dict(bias=None, bias_input=None)
+    bias = _bias_const(index, node.input[3], several=True) \
+        if len(node.input) > 3 and node.input[3] else None
+    if bias is not None:
+        fields = dict(bias=bias[0], bias_chain=bias[1], bias_input=(i, 3))
+    return _new_layer(index, i, w_ref, layout, w_chain, bias_scale=1.0,
                       output="", output_rank=None,
                       blocks=tuple(p + g for p in prefixes for g in gates),
-                      recurrent=r_ref, recurrent_layout=r_layout)
+                      recurrent=r_ref, recurrent_layout=r_layout, recurrent_chain=r_chain,
+                      **fields)
 
 
 def recognise_fused_attention(index: GraphIndex, i: int, reached: set[str]):
@@ -562,9 +609,12 @@ def recognise_fused_attention(index: GraphIndex, i: int, reached: set[str]):
 
 
 def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
-    """Einsum with a constant float weight of rank 2 or more beside the data (Flax's
-    nnx.Einsum, jax2onnx's dot_general, nnx.Embed.attend as a tied head): a dense layer a user
-    expects initialised, which is not handled yet, so reported as not initialised."""
+    """Einsum of the data and a constant float weight of rank 2 or more (through layout ops):
+    Flax's nnx.Einsum and jax2onnx's dot_general write a dense layer as Einsum('btd,dh->bth',
+    x, W), nnx.Embed.attend a head as Einsum('abc,cd->abd', x, Transpose(table)). A target like
+    a MatMul: the weight's labels that the output keeps are its output units, those it sums
+    with the data its fan-in (``WeightLayout``'s Einsum view); its bias is a following Add's.
+    An Einsum it cannot map so is reported as not initialised, with the reason."""
     node = index.graph.node[i]
     consts = []
     for name in node.input:
@@ -581,8 +631,90 @@ def recognise_einsum(index: GraphIndex, i: int, reached: set[str]):
         return Skipped(name, node.op_type, NOT_REACHED, left_alone=True)
     equation = attribute(node, "equation", b"")
     equation = equation.decode() if isinstance(equation, bytes) else str(equation)
-    return Skipped(name, node.op_type, f"Einsum {equation!r} with a constant weight "
-                   f"({', '.join(consts)}): not handled, so not initialised")
+    why = _einsum_problem(index, node, equation, reached)
+    if why:
+        return Skipped(name, node.op_type, f"Einsum {equation!r} with a constant weight "
+                       f"({', '.join(consts)}): {why}, so not initialised")
+    found = _weight_operand(index, i, reached)
+    if not isinstance(found, tuple):
+        return found
+    w_ref, chain = found
+    shape = _shape(index, w_ref, chain)
+    (data, weight), out = _einsum_terms(equation)
+    if len(shape) != len(weight):
+        return Skipped(name, node.op_type, f"Einsum {equation!r}: its weight has rank "
+                       f"{len(shape)}, not {len(weight)}, so not initialised")
+    units = [label for label in out if label in weight]  # in the output's order
+    fan_in = [label for label in weight if label in data]
+    layout = WeightLayout("Einsum", shape, perm=tuple(weight.index(label) for label in
+                                                      units + fan_in), unit_axes=len(units))
+    where = [out.index(label) for label in units]
+    rank = None if "." in out else len(out)
+    axis = where[0] if rank is not None and len(units) == 1 else -1
+    tail = tuple(shape[weight.index(label)] for label in units) if len(units) > 1 else None
+    fields = dict(bias=None, bias_input=None, bias_scale=1.0, output=node.output[0],
+                  output_rank=rank, out_axis=axis, unit_shape=tail)
+    fields.update(_following_bias(index, i, layout.output_units, axis, rank, tail))
+    return _new_layer(index, i, w_ref, layout, chain, **fields)
+
+
+def _einsum_terms(equation: str) -> tuple[list[str], str] | None:
+    """The operands' terms and the output's of an Einsum equation, spaces dropped and each
+    ellipsis written as one ``.``; an implicit output (no ``->``) is the ellipsis, then the
+    labels that occur once, in alphabetical order (numpy's rule). None when malformed."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        labels = lhs.replace("...", "").replace(",", "")
+        out = ("..." if "..." in lhs else "") + "".join(
+            sorted(c for c in set(labels) if labels.count(c) == 1))
+    parts = [t.replace("...", ".", 1) for t in terms + [out]]
+    if any(not all(c.isalpha() or c == "." for c in t) or t.count(".") > 1 for t in parts):
+        return None
+    return parts[:-1], parts[-1]
+
+
+def _einsum_problem(index: GraphIndex, node: onnx.NodeProto, equation: str,
+                    reached: set[str]) -> str | None:
+    """Why an Einsum with a constant weight is no dense layer onnx-lsuv can map, or None: it
+    must read the data first and the weight second, and each label of the weight be either
+    kept in the output (an output unit, on adjacent axes: the last ones, or one axis where
+    the output's rank is known) or summed with the data (the fan-in)."""
+    if len(node.input) != 2:
+        return f"an Einsum of {len(node.input)} operands (only the data's and a weight's)"
+    if node.input[0] not in reached:
+        return "its constant is the first operand: only Einsum(x, W) is handled"
+    terms = _einsum_terms(equation)
+    if terms is None:
+        return "an equation it does not read"
+    (data, weight), out = terms
+    if "." in weight:
+        return "the weight's term has an ellipsis"
+    plain = data.replace(".", "")
+    if len(set(weight)) < len(weight) or len(set(plain)) < len(plain) or \
+            len(set(out)) < len(out):
+        return "a label repeats within a term (a diagonal)"
+    shared = [c for c in weight if c in data and c in out]
+    if shared:
+        return (f"label(s) {', '.join(shared)} of the weight are also the data's and the "
+                "output's (a batch-like label on the weight: one matrix per entry) (not "
+                "handled)")
+    alone = [c for c in weight if c not in data and c not in out]
+    if alone:
+        return f"label(s) {', '.join(alone)} are summed over the weight alone (not handled)"
+    units = [c for c in out if c in weight]
+    if not units or len(units) == len(weight):
+        return "the weight has no output units or no fan-in"
+    where = [out.index(c) for c in units]
+    if where != list(range(where[0], where[0] + len(where))):
+        return "its output units are on axes that are not adjacent (not handled)"
+    if (len(units) > 1 or "." in out) and where[-1] != len(out) - 1:
+        return ("its output units are not the output's last axes, and the output's rank is "
+                "not known there (not handled)" if len(units) == 1 else
+                "its output units are spread over axes that are not the output's last "
+                "(not handled)")
+    return None
 
 
 # Layers that other tools fused or quantised, with their weights as constants: ONNX Runtime's
@@ -973,7 +1105,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     # The nodes that apply a layer's weight (a Loop/Scan for its body's layers), all of them.
     target_nodes = {item.node_index for item in recognised}
     for item in candidates:
-        refs = [r for r in (item.weight, item.recurrent) if r is not None]
+        refs = item.stored_weights
         earlier = [lay for r in refs for lay in owner.get(r, [])]
         same = next((lay for lay in earlier if _same_use(lay, item)), None)
         if same is not None:
@@ -997,7 +1129,7 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
     for layer in layers:
         layer.disjoint_readers = _disjoint_readers(layer, recognised)
         # (A weight in an If branch has its readers there checked by ``_branch_layers``.)
-        users = [j for ref in (layer.weight, layer.recurrent) if ref is not None and not ref.scope
+        users = [j for ref in layer.stored_weights if not ref.scope
                  for j, _ in index.readers_through(ref.name, layer.chain_nodes)[0]
                  if j not in layer.own_nodes and j not in layer.disjoint_readers]
         strangers = sorted({j for j in users if j not in targets
@@ -1308,12 +1440,13 @@ _SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
 
 def _following_bias(index: GraphIndex, i: int, units: int, axis: int,
-                    rank: int | None) -> dict:
+                    rank: int | None, tail: tuple[int, ...] | None = None) -> dict:
     """The bias Add after node ``i`` (through shape-only ops) whose constant has one value per
-    output unit on the output-unit axis (or axes), as Layer fields; none when there is none."""
+    output unit on the output-unit axis (or on the last axes, of shape ``tail``), as Layer
+    fields; none when there is none."""
     out = index.graph.node[i].output[0]
     walked: list[int] = []
-    where = _Units(axis, rank, None)
+    where = _Units(axis, rank, tail)
     while True:
         users = index.consumers.get(out, [])
         if len(users) != 1 or out in index.graph_outputs or users[0][1] == OUTER_SCOPE:

@@ -9,11 +9,16 @@ any supported op becomes an array of shape (groups, out_per_group, fan_in) and b
 | ConvTranspose | (C, M/g, k1, k2, ...)   | axis 1                | group  |
 | Gemm          | (K, N), transB=1: (N, K)| N                     | 1      |
 | MatMul        | (K, N) (second operand) | N                     | 1      |
+| Einsum        | any (second operand)    | its labels in the output | 1   |
 | LSTM/GRU/RNN  | W (D, G*H, I), R (D, G*H, H) | H per gate      | D * G  |
 
 Gemm and MatMul also take ``groups`` > 1 for a fused projection (QKV): the output units split
 into equal contiguous parts, one matrix each, sharing the fan-in. A recurrent op's W and R hold
 one (H x input) matrix per direction and gate (G = 4 for LSTM, 3 for GRU, 1 for RNN).
+
+An Einsum's weight (Flax's nnx.Einsum: 'btd,dh->bth') is viewed through ``perm``: its axes
+whose labels the output keeps (the output units, in the output's order) first, then the axes
+summed with the data (the fan-in), each set flattened: one (units x fan-in) matrix.
 """
 
 from __future__ import annotations
@@ -37,17 +42,26 @@ class WeightLayout:
         groups: Number of independent groups (Conv/ConvTranspose ``group``; 1 otherwise).
         trans: The weight is stored (N, K): Gemm's ``transB``, or a MatMul that reads its
             weight through a Transpose (PyTorch's Linear exported without constant folding).
+        perm: Einsum only: the weight's axes, output units' first, then the fan-in's.
+        unit_axes: Einsum only: how many of ``perm`` are output units.
     """
 
     op: str
     shape: tuple[int, ...]
     groups: int = 1
     trans: bool = False
+    perm: tuple[int, ...] = ()
+    unit_axes: int = 0
 
     def __post_init__(self) -> None:
-        if self.op not in TARGET_OPS + RNN_OPS:
+        if self.op not in TARGET_OPS + RNN_OPS + ("Einsum",):
             raise ValueError(f"no weight layout for op {self.op!r}")
-        if self.op in RNN_OPS:
+        if self.op == "Einsum":
+            if sorted(self.perm) != list(range(len(self.shape))) or self.groups != 1 or \
+                    not 0 < self.unit_axes < len(self.shape):
+                raise ValueError(f"Einsum weight shape {self.shape} with axes {self.perm} "
+                                 f"({self.unit_axes} of units) is no matrix view")
+        elif self.op in RNN_OPS:
             if len(self.shape) != 3 or self.groups < 1 or (self.shape[0] * self.shape[1]) % \
                     self.groups:
                 raise ValueError(f"{self.op} weight shape {self.shape} does not split into "
@@ -71,6 +85,9 @@ class WeightLayout:
     def matrix_shape(self) -> tuple[int, int, int]:
         """(groups, output units per group, fan-in) of the matrix view."""
         s = self.shape
+        if self.op == "Einsum":
+            dims = [s[a] for a in self.perm]
+            return 1, int(np.prod(dims[:self.unit_axes])), int(np.prod(dims[self.unit_axes:]))
         if self.op == "Conv":
             return self.groups, s[0] // self.groups, int(np.prod(s[1:]))
         if self.op == "ConvTranspose":
@@ -91,6 +108,8 @@ class WeightLayout:
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"weight shape {weight.shape} does not match layout {self.shape}")
         g, out, fan_in = self.matrix_shape
+        if self.op == "Einsum":
+            return weight.transpose(self.perm).reshape(g, out, fan_in)
         if self.op == "Conv":
             return weight.reshape(g, out, fan_in)
         if self.op == "ConvTranspose":
@@ -106,7 +125,10 @@ class WeightLayout:
         g, out, fan_in = self.matrix_shape
         if tuple(matrices.shape) != (g, out, fan_in):
             raise ValueError(f"matrices shape {matrices.shape} != {(g, out, fan_in)}")
-        if self.op == "Conv":
+        if self.op == "Einsum":
+            w = matrices.reshape([self.shape[a] for a in self.perm]).transpose(
+                np.argsort(self.perm))
+        elif self.op == "Conv":
             w = matrices.reshape(self.shape)
         elif self.op == "ConvTranspose":
             c = self.shape[0] // g

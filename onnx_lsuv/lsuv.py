@@ -384,9 +384,12 @@ def _recurrent_notes(layers: list[Layer], init: str, node_name) -> list[str]:
     for a weight that multiplies the previous state of a Loop/Scan body or unrolled steps."""
     notes = []
     for lay in layers:
-        if lay.recurrent is not None:
-            notes.append(f"layer {lay.name}: its recurrent weight {lay.recurrent.name!r} "
-                         f"(R): {recurrent_rule(init)}")
+        if lay.recurrent is not None:  # R may be joined from several (torch's directions)
+            names = [lay.recurrent.name] + ([r.name for r, _ in lay.recurrent_chain.more]
+                                            if lay.recurrent_chain else [])
+            what = "weights" if len(names) > 1 else "weight"
+            notes.append(f"layer {lay.name}: its recurrent {what} "
+                         f"{', '.join(repr(n) for n in names)} (R): {recurrent_rule(init)}")
         elif lay.multiplies_state:
             where = (f"in the body of {node_name(lay.node_index)}" if lay.body is not None
                      else f"over {len(lay.uses)} unrolled steps")

@@ -701,8 +701,12 @@ def _old_values(model: onnx.ModelProto, consts: dict[str, np.ndarray], names) ->
         layer = by_layer.get(base)
         if layer is not None and layer.bias is not None and layer.bias.name in consts:
             value = consts[layer.bias.name]
+            more = [consts.get(r.name) for r, _ in layer.bias_chain.more] \
+                if layer.bias_chain is not None else []
+            if any(m is None for m in more):
+                continue
             if layer.bias_chain is not None:
-                value = layer.bias_chain.effective(value)
+                value = layer.bias_chain.effective(value, *more)
             old[n] = value
             readers[n] = [layer.weight.name]
             biases[layer.weight.name].add(n)

@@ -49,12 +49,16 @@ class WeightState:
         self.layers = layers
         self.base: dict[int, np.ndarray] = {}
         self.bias: dict[int, np.ndarray | None] = {}
-        # stored tensor name -> its (layer, part) readers; "weight", "bias" or "recurrent"
-        self._parts: dict[str, list[tuple[Layer, str]]] = {}
+        # stored tensor name -> its readers: (layer, "weight", "bias" or "recurrent", which of
+        # the chain's stored constants it is: 0 but for a chain that joins several)
+        self._parts: dict[str, list[tuple[Layer, str, int]]] = {}
         self._refs: dict[str, ConstRef] = {}
         self._original: dict[str, np.ndarray] = {}
         self._keys = _keys([ref for lay in layers
-                            for ref in (lay.weight, lay.bias, lay.recurrent) if ref is not None])
+                            for ref in (lay.weight, lay.bias, lay.recurrent) if ref is not None]
+                           + [r for lay in layers
+                              for c in (lay.chain, lay.bias_chain, lay.recurrent_chain) if c
+                              for r, _ in c.more])
         for lay in layers:
             self.base[lay.index] = self._read(lay, lay.weight, lay.chain, "weight")
             self.bias[lay.index] = None if lay.bias is None else self._read(
@@ -63,18 +67,19 @@ class WeightState:
         self._scaled: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> (scale, weight)
         self.applied = {lay.index: np.ones(len(lay.blocks)) for lay in layers}  # folded in
         # Recurrent weights R: orthonormal per gate, never scaled.
-        self.recurrent = {lay.index: self._read(lay, lay.recurrent, None, "recurrent")
+        self.recurrent = {lay.index: self._read(lay, lay.recurrent, lay.recurrent_chain,
+                                                "recurrent")
                           for lay in layers if lay.recurrent is not None}
         for name, parts in self._parts.items():  # the original is needed under partial parts
-            chains = [self._chain(lay, kind) for lay, kind in parts]
-            if len(parts) > 1 or any(c is not None and not c.covers_all for c in chains):
+            chains = [(self._chain(lay, kind), k) for lay, kind, k in parts]
+            if len(parts) > 1 or any(c is not None and not c.covers(k) for c, k in chains):
                 self._original[name] = self.index.const_array(self._refs[name])
         self.changed_bias: set[int] = set()
         # Weights handed to sessions as OrtValues; the rest (Constant nodes, initializers that
         # old exporters also list as graph inputs) are written into each measuring model.
         graph_inputs = {i.name for i in model.graph.input}
         weights = [name for name, parts in self._parts.items()
-                   if any(kind != "bias" for _, kind in parts)]
+                   if any(kind != "bias" for _, kind, _ in parts)]
         self._in_memory = [n for n in weights if self._refs[n].constant_node is None
                            and not self._refs[n].scope and n not in graph_inputs]
         self._in_proto = [n for n in weights if n not in self._in_memory]
@@ -87,21 +92,25 @@ class WeightState:
         conv_read = {name for i, node in enumerate(model.graph.node)
                      if node.op_type in INITIALIZER_OPS for name in self.index.reads[i]}
         conv_read |= {name for name, parts in self._parts.items()
-                      if any(lay.op in INITIALIZER_OPS for lay, _ in parts)}
+                      if any(lay.op in INITIALIZER_OPS for lay, _, _ in parts)}
         # What sessions read as graph inputs: supplied as feeds, never copied (see above).
         self.fed = {n for n in list(self._in_memory) + list(self._large) if n not in conv_read}
 
     def _read(self, layer: Layer, ref: ConstRef, chain, kind: str) -> np.ndarray:
-        """A part as the layer reads it (through its chain: shape and dtype)."""
-        key = self._keys[ref]
-        self._parts.setdefault(key, []).append((layer, kind))
-        self._refs[key] = ref
-        stored = self.index.const_array(ref)
-        return stored if chain is None else chain.effective(stored)
+        """A part as the layer reads it (through its chain: shape and dtype), from its stored
+        constant (or constants, where the chain joins several)."""
+        refs = [ref] + ([r for r, _ in chain.more] if chain is not None else [])
+        for k, r in enumerate(refs):
+            key = self._keys[r]
+            self._parts.setdefault(key, []).append((layer, kind, k))
+            self._refs[key] = r
+        stored = [self.index.const_array(r) for r in refs]
+        return stored[0] if chain is None else chain.effective(*stored)
 
     @staticmethod
     def _chain(layer: Layer, kind: str):
-        return {"weight": layer.chain, "bias": layer.bias_chain}.get(kind)
+        return {"weight": layer.chain, "bias": layer.bias_chain,
+                "recurrent": layer.recurrent_chain}[kind]
 
     def weight(self, layer: Layer) -> np.ndarray:
         """The layer's current weight as it reads it, in its own dtype: base x scale, computed
@@ -266,20 +275,21 @@ class WeightState:
         parts = self._parts[name]
         original = self._original.get(name)
         if original is None:  # one part, reading the whole tensor
-            layer, kind = parts[0]
+            layer, kind, k = parts[0]
             chain = self._chain(layer, kind)
             value = self._value(layer, kind)
             if chain is None:
                 return value
-            return chain.stored(value, np.zeros(chain.stored_shape, chain.stored_dtype))
+            shape = chain.stored_shape if k == 0 else chain.more[k - 1][1]
+            return chain.stored(value, np.zeros(shape, chain.stored_dtype), k)
         out = np.array(original)
-        for layer, kind in parts:
+        for layer, kind, k in parts:
             if kind == "bias" and layer.index not in self.changed_bias:
                 continue
             chain = self._chain(layer, kind)
             value = self._value(layer, kind)
             out = value.astype(out.dtype).reshape(out.shape) if chain is None else \
-                chain.stored(value, out)
+                chain.stored(value, out, k)
         return out
 
     def in_memory(self) -> dict[str, np.ndarray]:
@@ -297,8 +307,8 @@ class WeightState:
 
     def _changed_biases(self) -> list[str]:
         return [name for name, parts in self._parts.items()
-                if all(kind == "bias" for _, kind in parts)
-                and any(lay.index in self.changed_bias for lay, _ in parts)]
+                if all(kind == "bias" for _, kind, _ in parts)
+                and any(lay.index in self.changed_bias for lay, _, _ in parts)]
 
     def skeleton(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` with the changed biases written and every target weight that is
@@ -441,7 +451,11 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
     for ref, owners in by_ref.items():
         zeroers = [lay for lay in owners if lay.index in zeroing or lay.index in shifting]
         shifted = any(lay.index in shifting for lay in zeroers)
-        if not zeroers or (not shifted and not np.any(index.const_array(ref))):
+        # with the further constants a chain joins (torch's LSTM B from b_ih and b_hh)
+        refs = list(dict.fromkeys([ref] + [r for lay in zeroers if lay.bias_chain
+                                          for r, _ in lay.bias_chain.more]))
+        if not zeroers or (not shifted and not any(np.any(index.const_array(r))
+                                                   for r in refs)):
             continue  # nothing is zeroed, or it is zero already: nothing else changes
         # Its readers where it lives: the main graph, or an If branch (whose layers' nodes
         # there are theirs; discovery left alone a layer whose branch bias others read).
@@ -449,7 +463,11 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         local = bool(ref.scope)
         through = {j for lay in zeroers for j in lay.chain_nodes} if not local else \
             {j for lay in zeroers for c in (lay.chain, lay.bias_chain) if c for j in c.nodes}
-        readers, returned = where.readers_through(ref.name, through)
+        readers, returned = set(), False
+        for r in refs:
+            found, out = where.readers_through(r.name, through)
+            readers |= found
+            returned |= out
         # The zeroing layers' own nodes read it legitimately: the bias Add, and the node
         # itself where one tensor packs the weight and the bias (read through Slices).
         own = {j for lay in zeroers for j in (lay.local_nodes if local else lay.own_nodes)}
@@ -467,7 +485,8 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             taken.add(name)
             value = index.const_array(ref)
             if lay.body is None and lay.bias_chain is not None:  # as the layer reads it
-                value = lay.bias_chain.effective(value)
+                value = lay.bias_chain.effective(value, *(
+                    index.const_array(r) for r, _ in lay.bias_chain.more))
                 lay.bias_chain = None
             tensor = numpy_helper.from_array(value, name)
             if lay.branch:  # the copy lives in the layer's branch, which alone reads it
@@ -501,9 +520,9 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
 def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], list[str]]:
     """Give each Conv, ConvTranspose and Gemm target that has no bias a zero one through its
     optional bias input (the node list is unchanged), for a target mean. Layers that cannot
-    take one are named with the reason: a MatMul (a bias would need a new Add node), a layer
-    applied by several nodes or inside a Loop/Scan body, a recurrent op (its mean is not
-    set), a Gemm whose beta is 0. One in an If branch gets it there.
+    take one are named with the reason: a MatMul or Einsum (a bias would need a new Add
+    node), a layer applied by several nodes or inside a Loop/Scan body, a recurrent op (its
+    mean is not set), a Gemm whose beta is 0. One in an If branch gets it there.
 
     Returns:
         (notes on the biases added, notes on the layers left without one); the caller finds
@@ -522,8 +541,8 @@ def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], 
             why = "it is inside a Loop/Scan body"
         elif lay.more_uses:
             why = "its weight is applied by several nodes"
-        elif lay.op == "MatMul":
-            why = "a MatMul has no bias input (one would need a new Add node)"
+        elif lay.op in ("MatMul", "Einsum"):
+            why = f"a {lay.op} has no bias input (one would need a new Add node)"
         elif lay.op == "Gemm" and float(attribute(node, "beta", 1.0)) == 0:
             why = "its Gemm's beta is 0"
         if why:

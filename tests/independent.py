@@ -1,11 +1,11 @@
 """The tests' own notion of an exported model's LSUV targets, and their measurement.
 
-Written without onnx_lsuv, from the definitions: a target is a Conv, ConvTranspose, Gemm or
-MatMul whose first input depends on the data and whose second does not (in the main graph, or
-at the top of a Loop/Scan body, where a value the body returns unchanged does not depend on the
-iteration); its output is the tensor after the Add of a data-independent operand that follows
-it through shape-only ops, if there is one, else its own. Targets reading the same weight
-tensor are one layer, measured pooled. Variances are float64 statistics of what ONNX Runtime
+Written without onnx_lsuv, from the definitions: a target is a Conv, ConvTranspose, Gemm,
+MatMul or Einsum whose first input depends on the data and whose second does not (in the main
+graph, or at the top of a Loop/Scan body, where a value the body returns unchanged does not
+depend on the iteration); its output is the tensor after the Add of a data-independent operand
+that follows it through shape-only ops, if there is one, else its own. Targets reading the same
+weight tensor are one layer, measured pooled. Variances are float64 statistics of what ONNX Runtime
 computes, with the tensors exposed by this module (body tensors as extra scan outputs).
 """
 
@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 RECURRENT = ("LSTM", "GRU", "RNN")
 SHAPE_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
@@ -279,6 +279,14 @@ def orthonormal_per_gate(node: onnx.NodeProto, w: np.ndarray, atol: float = 1e-5
 def matrices(node: onnx.NodeProto, w: np.ndarray, parts: int = 1) -> np.ndarray:
     """(groups, output units, fan-in) view of a target node's weight, from the ONNX spec."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Einsum":  # 'btd,dh->bth': rows h (the weight's labels kept), columns d
+        equation = attrs["equation"].decode().replace(" ", "")
+        weight, out = equation.split(",")[1].split("->")
+        rows = [c for c in out if c in weight]
+        cols = [c for c in weight if c not in out]
+        w = np.transpose(w, [weight.index(c) for c in rows + cols])
+        n_rows = int(np.prod(w.shape[:len(rows)]))
+        return w.reshape(parts, n_rows // parts, -1)
     if node.op_type == "Conv":
         g = int(attrs.get("group", 1))
         return w.reshape(g, w.shape[0] // g, -1)
@@ -304,11 +312,11 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 def gate_variances(model: onnx.ModelProto, feeds: dict, node_name: str) -> list[float]:
     """An LSTM/GRU/RNN node's input projections W_g x, per direction and gate: their variance
-    over every time step and batch row (float64, from the node's input and its W here)."""
+    over every time step and batch row (float64, from the node's input and its W as ONNX
+    Runtime computes them, through any chain of ops on the stored W)."""
     node = next(n for n in model.graph.node if n.name == node_name)
-    (x,) = weight_values(model, feeds, [node.input[0]])
-    w = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-             if t.name == node.input[1]).astype(np.float64)
+    x, w = weight_values(model, feeds, [node.input[0], node.input[1]])  # W through any chain
+    w = np.asarray(w, np.float64)
     x = np.asarray(x, np.float64).reshape(-1, w.shape[2])
     out = []
     for d in range(w.shape[0]):

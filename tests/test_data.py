@@ -77,3 +77,55 @@ def test_wrong_rank_names_input_and_shapes():
     model, feeds, _ = models.gemm_mlp(1)
     with pytest.raises(InputError, match=r"input 'x': expected rank 2 .*\(N, 20\).*\(32, 20, 1\)"):
         load_batch(feeds["x"][..., None], model)
+
+
+def paddle_minus_one_batch(batch_dim: int):
+    """What old paddle2onnx versions write: the batch declared as ``dim_value: -1`` on the
+    input and the output (paddle2onnx 2.1 writes a dim_param instead), opset 11."""
+    from onnx import helper
+
+    from conftest import make_model, rand
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)]
+    inits = {"w": rand(4, 3, 3, 3, seed=1), "b": np.full(4, 0.3, np.float32),
+             "fw": rand(10, 144, seed=2), "fb": np.full(10, -0.5, np.float32)}
+    return make_model(nodes, [("x", [batch_dim, 3, 6, 6])], [("y", [batch_dim, 10])], inits,
+                      opset=11, ir_version=6)
+
+
+def test_a_batch_declared_minus_one_is_dynamic_as_in_onnx_runtime(tmp_path):
+    """ONNX Runtime takes a negative dim_value as a dynamic axis: so does the data check, and
+    the run initialises the layers to unit variance (measured here)."""
+    import onnx
+    from click.testing import CliRunner
+
+    from onnx_lsuv_cli.main import lsuv_command
+
+    from conftest import initializers, output_variances, rand
+
+    model = paddle_minus_one_batch(-1)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    x = rand(16, 3, 6, 6, seed=3)
+    assert load_batch(x, model)["x"].shape == (16, 3, 6, 6)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x)
+    args = [tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx"]
+    res = CliRunner().invoke(lsuv_command, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    out = onnx.load(tmp_path / "o.onnx")
+    assert [abs(v - 1) < 0.05 for v in output_variances(out, {"x": x}, ["c", "y"])] == [True] * 2
+    assert [n.SerializeToString() for n in out.graph.node] == \
+        [n.SerializeToString() for n in model.graph.node]
+    assert out.graph.input[0].SerializeToString() == model.graph.input[0].SerializeToString()
+    assert set(initializers(out)) == set(initializers(model))
+
+
+def test_a_batch_declared_zero_is_refused_saying_onnx_runtime_takes_it_as_a_size():
+    """dim_value 0 is a size of 0 to ONNX Runtime (it refuses any other batch), not a dynamic
+    axis: refused, saying so."""
+    model = paddle_minus_one_batch(0)
+    with pytest.raises(InputError, match=r"declares it 0, which ONNX Runtime takes as a size"):
+        load_batch(np.zeros((16, 3, 6, 6), np.float32), model)

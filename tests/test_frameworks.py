@@ -119,7 +119,8 @@ def test_flax(tmp_path, api):
     run_check("flax", api, out)
     with open(out) as f:
         facts = json.load(f)
-    assert_back_in_framework(facts, {"conv", "up", "fc"})
+    # nnx's net ends in an nnx.Einsum ('bd,dh->bh'): a layer, its kernel mapped back as is
+    assert_back_in_framework(facts, {"conv", "up", "fc"} | ({"ein"} if api == "nnx" else set()))
 
 
 def test_paddle(tmp_path):

@@ -50,7 +50,7 @@ FRAMEWORKS = {  # script, the modules it needs, the models it writes
                "gru_reset_before", "mha", "keras_export"]),
     "flax": ("export_flax.py", ("flax", "jax", "jax2onnx"),
              ["cnn", "conv_transpose", "attention", "attention_hand", "lstm_unrolled",
-              "lstm_scan", "gru_scan"]),
+              "lstm_scan", "gru_scan", "einsum"]),
     "paddle": ("export_paddle.py", ("paddle", "paddle2onnx"), ["cnn", "lstm"]),
     "sklearn": ("export_sklearn.py", ("sklearn", "skl2onnx"), ["mlp"]),
 }
@@ -158,17 +158,35 @@ def _feeding_targets(model: onnx.ModelProto, targets, recurrent) -> set[str]:
     return found
 
 
-def test_flax_einsum_layers_are_reported_not_initialised(exported):
-    """nnx.Einsum and a head through nnx.Embed.attend come out of jax2onnx as Einsum nodes with
-    constant weights: not handled yet, so each is named as not initialised and the run is not
-    converged (exit 1 in the CLI), while the Linear between them is initialised."""
+def test_flax_head_tied_through_embed_attend_is_left_alone_by_rule(exported):
+    """nnx.Embed -> nnx.Einsum -> Linear -> nnx.Embed.attend: jax2onnx writes the Einsum layer
+    and the head as Einsum nodes with constant weights, the head's a Transpose of the table
+    that the embedding's Gather reads too. The Einsum layer and the Linear reach unit variance
+    (measured here); the head is left alone by the tie rule (exit 0), its table bit for bit."""
     directory = exported("flax")
-    model = onnx.load(os.path.join(directory, "einsum.onnx"))
-    batch = np.load(os.path.join(directory, "einsum.npy"))
-    rep = lsuv_init(model, {model.graph.input[0].name: batch}, provider="cpu").report
-    einsums = [n.name or n.output[0] for n in model.graph.node if n.op_type == "Einsum"]
+    model = onnx.load(os.path.join(directory, "einsum_tied.onnx"))
+    batch = np.load(os.path.join(directory, "einsum_tied.npy"))
+    feeds = {model.graph.input[0].name: batch}
+    result = lsuv_init(model, feeds, provider="cpu")
+    rep = result.report
+    einsums = [n for n in model.graph.node if n.op_type == "Einsum"]
     assert len(einsums) == 2, [n.op_type for n in model.graph.node]
-    assert sorted(s["name"] for s in rep.not_initialised) == sorted(einsums), rep.table()
-    assert [r.op for r in rep.layers] in (["Gemm"], ["MatMul"]), rep.table()
-    assert not rep.converged
-
+    layer, head = einsums
+    assert [r.op for r in rep.layers] == ["Einsum", "Gemm"], rep.table()
+    assert [(s["name"], s["by_rule"]) for s in rep.skipped] == [(head.name, True)], rep.skipped
+    assert "Gather" in rep.skipped[0]["reason"] and not rep.not_initialised
+    assert rep.converged and rep.summary()["ok"], rep.table()
+    targets, _ = find_targets(model)
+    kept = [t for t in targets if t.nodes[0] is not head]
+    assert [t.nodes[0].op_type for t in kept] == ["Einsum", "Gemm"]
+    after = pooled_variances(result.model, feeds, kept)
+    assert all(abs(v - 1) < TOL for v in after), (after, rep.table())
+    (w,) = weight_values(result.model, feeds, [layer.input[1]])
+    assert orthonormal_up_to_scale(matrices(layer, np.asarray(w)))
+    head_table = next(n for n in model.graph.node if n.output[0] == head.input[1])
+    table = head_table.input[0]
+    old = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    new = {t.name: t.SerializeToString() for t in result.model.graph.initializer}
+    assert new[table] == old[table]
+    assert [n.SerializeToString() for n in result.model.graph.node] == \
+        [n.SerializeToString() for n in model.graph.node]

@@ -132,7 +132,7 @@ class GRUScan(nnx.Module):
 class EinsumHead(nnx.Module):
     """nnx.Einsum, then a Linear, then a head through nnx.Embed.attend (the embedding table
     transposed): jax2onnx writes the Einsum and the head as Einsum nodes with constant
-    weights, which onnx-lsuv does not initialise yet (and must say so)."""
+    weights ('btd,dh->bth' and 'abc,cd->abd' on Transpose(table)), dense layers."""
 
     def __init__(self, rngs):
         self.ein = nnx.Einsum("btd,dh->bth", (6, 12), (12,), bias_init=BIAS, rngs=rngs)
@@ -141,6 +141,21 @@ class EinsumHead(nnx.Module):
 
     def __call__(self, x):  # [N, 8, 6]
         return self.emb.attend(self.fc(nnx.relu(self.ein(x))))
+
+
+class EinsumTiedHead(nnx.Module):
+    """Tokens (the argmax of each input step) through nnx.Embed, nnx.Einsum, a Linear, and
+    the head tied to the embedding through nnx.Embed.attend: the table is read by a Gather
+    and by the head's Einsum, a tie that onnx-lsuv leaves alone by rule."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(20, 16, rngs=rngs)
+        self.ein = nnx.Einsum("btd,dh->bth", (16, 12), (12,), bias_init=BIAS, rngs=rngs)
+        self.fc = nnx.Linear(12, 16, bias_init=BIAS, rngs=rngs)
+
+    def __call__(self, x):  # [N, 8, 6]: tokens 0..5
+        h = self.emb(jnp.argmax(x, axis=-1))
+        return self.emb.attend(self.fc(nnx.relu(self.ein(h))))
 
 
 MODELS = {
@@ -153,6 +168,7 @@ MODELS = {
     "lstm_scan": (LSTMScan, (8, 6)),
     "gru_scan": (GRUScan, (8, 6)),
     "einsum": (EinsumHead, (8, 6)),
+    "einsum_tied": (EinsumTiedHead, (8, 6)),
 }
 
 

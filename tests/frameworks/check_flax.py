@@ -1,14 +1,14 @@
-"""Back into Flax: ``lsuv_nnx`` (an nnx CNN with BatchNorm, ConvTranspose and Dropout,
-whose RNG key is state but no parameter, updated in place) and ``lsuv_linen`` (the same net
-in linen, without the Dropout, new variables returned), through jax2onnx; then measured in
-Flax's own forward.
+"""Back into Flax: ``lsuv_nnx`` (an nnx CNN with BatchNorm, ConvTranspose, Dropout, whose
+RNG key is state but no parameter, and an nnx.Einsum head, updated in place) and
+``lsuv_linen`` (the same net in linen, without the Dropout and the Einsum, new variables
+returned), through jax2onnx; then measured in Flax's own forward.
 
 Usage (in the Flax interpreter, onnx_lsuv on PYTHONPATH): check_flax.py nnx|linen OUT.json;
 check_flax.py fixed-nnx|fixed-linen OUT.json: a fixed STFT kernel held outside the parameters
 (an nnx.Variable; linen: a "consts" collection) applied with lax.conv, then trainable layers.
 
-Measured: the variance of each Conv / ConvTranspose / Linear (Dense) output, computed by the
-module's own layers (nnx: called one by one, as the net's __call__ does; linen:
+Measured: the variance of each Conv / ConvTranspose / Linear (Dense) / Einsum output, computed
+by the module's own layers (nnx: called one by one, as the net's __call__ does; linen:
 capture_intermediates).
 """
 
@@ -38,15 +38,16 @@ class CNN(nnx.Module):
                                     bias_init=BIAS, rngs=rngs)
         self.drop = nnx.Dropout(0.2, rngs=rngs)  # holds an RNG key: not a parameter
         self.fc = nnx.Linear(6, 5, bias_init=BIAS, rngs=rngs)
+        self.ein = nnx.Einsum("bd,dh->bh", (5, 4), (4,), bias_init=BIAS, rngs=rngs)
 
     def steps(self, x):
         a = self.conv(x)
         b = self.up(nnx.relu(self.bn(a)))
         c = self.fc(self.drop(nnx.relu(b).mean((1, 2))))
-        return {"conv": a, "up": b, "fc": c}
+        return {"conv": a, "up": b, "fc": c, "ein": self.ein(nnx.relu(c))}
 
     def __call__(self, x):
-        return self.steps(x)["fc"]
+        return self.steps(x)["ein"]
 
 
 class Linen(linen.Module):
@@ -181,7 +182,7 @@ def main(argv):
         after = arrays(model)
         moved = [".".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])]
         steps = model.steps(jnp.asarray(X))
-        out = steps["fc"]
+        out = steps["ein"]
         variances = {k: var(v) for k, v in steps.items()}
     else:
         module = Linen()
