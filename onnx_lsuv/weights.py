@@ -471,7 +471,8 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         # The zeroing layers' own nodes read it legitimately: the bias Add, and the node
         # itself where one tensor packs the weight and the bias (read through Slices).
         own = {j for lay in zeroers for j in (lay.local_nodes if local else lay.own_nodes)}
-        others = {(j, pos) for j, pos in readers if j not in own}
+        others = {(j, pos) for j, pos in readers if j not in own
+                  or not local and _strangers_inside(where, j, refs, zeroers)}
         if not others and not returned and not (shifted and len(zeroers) > 1):
             continue  # every reader zeroes it (or the one layer shifting it is its only one)
         # Layers that each shift it, and nothing else reads it: the last keeps the tensor.
@@ -515,6 +516,55 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
                          f"zeros, once); {'shifting' if shifted else 'zeroing'} it gave the "
                          f"layer its own copy {name!r}")
     return notes
+
+
+def _strangers_inside(index: GraphIndex, j: int, refs: list[ConstRef],
+                      zeroers: list[Layer]) -> bool:
+    """Whether node ``j`` with subgraphs (an If, Loop or Scan of the main graph that holds
+    zeroing layers, so counted as theirs) also reads the tensors ``refs`` (or an Identity of
+    them: torch's deduplication) inside them by another node: the other branch's layer
+    reading a bias torch stored once for both, say."""
+    names, stack = set(), [r.name for r in refs]
+    while stack:
+        n = stack.pop()
+        if n not in names:
+            names.add(n)
+            stack.extend(index.graph.node[i].output[0] for i, pos in index.consumers.get(n, [])
+                         if index.graph.node[i].op_type == "Identity" and pos == 0)
+    # each zeroing layer inside j: the path of (node, subgraph) down to it, and its nodes there
+    inside = [(lay.branch or ((j, "body"),), lay.local_nodes) for lay in zeroers
+              if lay.body is not None and lay.body[0] == j]
+    return _read_by_others(index.graph.node[j], names, inside)
+
+
+def _read_by_others(node: onnx.NodeProto, names: set[str],
+                    inside: list[tuple[tuple, set[int]]]) -> bool:
+    """Whether a node of ``node``'s subgraphs reads ``names`` that is none of the layers'
+    ``inside`` (path, nodes), going down nested Ifs along the layers' paths."""
+    for a in node.attribute:
+        if a.type != onnx.AttributeProto.GRAPH:
+            continue
+        free = names - {t.name for t in a.g.initializer} - {i.name for i in a.g.input}
+        here = [(path[1:], nodes) for path, nodes in inside if path[0][1] == a.name]
+        for k, inner in enumerate(a.g.node):
+            if not free & _reads_all(inner):
+                continue
+            if any(not path and k in nodes for path, nodes in here):
+                continue  # a zeroing layer's own node
+            deeper = [(path, nodes) for path, nodes in here if path and path[0][0] == k]
+            if not deeper or _read_by_others(inner, free, deeper):
+                return True
+    return False
+
+
+def _reads_all(node: onnx.NodeProto) -> set[str]:
+    """What a node reads, inside its subgraphs too."""
+    names = {x for x in node.input if x}
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            for n in a.g.node:
+                names |= _reads_all(n)
+    return names
 
 
 def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], list[str]]:
