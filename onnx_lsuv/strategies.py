@@ -351,10 +351,105 @@ def next_scale(points: list[tuple[float, float]], target: float) -> float:
     return float(best) if np.isfinite(best) and best > 0 else s_now * np.sqrt(target / v_now)
 
 
+# The steepest growth var ~ s^p that a feeding weight's expanding step assumes, at least.
+_STEEPEST = 8.0
+
+
+def _signed(points: list[tuple[float, float]], target: float) -> list[tuple[float, float]]:
+    """(log s, log(var / target)) of each try with a finite, positive variance (the last try
+    of each scale), in the order of s: where the target lies, in the solve's coordinates."""
+    kept = {math.log(s): math.log(v / target) for s, v in points
+            if s > 0 and math.isfinite(s) and degenerate(v) is None}
+    return sorted(kept.items())
+
+
+def bracket(points: list[tuple[float, float]], target: float
+            ) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The narrowest pair of neighbouring tries (in log s) whose variances lie on either side
+    of the target, as (log s, log(var / target)) each; None before two tries straddle it.
+    var(s) is continuous, so a root lies between them; each try inside splits the pair, so
+    the narrowest pair never widens."""
+    pts = _signed(points, target)
+    pairs = [(a, b) for a, b in zip(pts, pts[1:]) if (a[1] < 0) != (b[1] < 0)]
+    return min(pairs, key=lambda p: p[1][0] - p[0][0], default=None)
+
+
+def _expanding_step(points: list[tuple[float, float]], target: float, uses: int) -> float:
+    """The next scale of a feeding weight before a bracket: a step on log s against
+    F = log(var / target) along the slope of the last two tries, kept between 0.5 and the
+    steepest growth its uses can give (s^2k for k uses, at least ``_STEEPEST``), and at most
+    twice as long as the last step (a flat stretch, such as a kept bias's floor, would send
+    it far past the target); at first, the paper's step from below (the first use's s^2
+    dominates a small variance) and the steepest from above (the last use's)."""
+    s_now, v_now = points[-1]
+    steepest = max(_STEEPEST, 2.0 * uses)
+    slope = 2.0 if v_now < target else steepest
+    dx = -math.log(v_now / target) / slope
+    pts = _signed(points[-2:], target) if len(points) >= 2 else []
+    if len(pts) == 2:
+        (x0, f0), (x1, f1) = pts
+        p = (f1 - f0) / (x1 - x0)
+        slope = min(max(p, 0.5), steepest) if math.isfinite(p) and p > 0 else slope
+        longest = 2.0 * abs(x1 - x0)
+        dx = min(max(-math.log(v_now / target) / slope, -longest), longest)
+    return float(s_now * math.exp(dx))
+
+
+def solve_scale(points: list[tuple[float, float]], target: float, feeding: int = 0) -> float:
+    """The weight scale to try next for one block, from the (scale, variance) pairs so far:
+    ``next_scale``'s fast steps where the variance is (close to) quadratic in the scale, a
+    bracketed solve where they fail.
+
+    A weight whose uses feed each other (a filter bank cascaded over octaves: the pooled
+    variance goes as a sum of s^2, s^4, ... s^2k over k uses) or that is read upstream of
+    its layer has no quadratic var(s): ``next_scale``'s fitted steps oscillated around the
+    target for all 10 tries. For such a weight (``feeding``: its number of uses, else 0),
+    ``_expanding_step`` moves until two tries straddle the target. Once they do (for any
+    weight), var(s) being continuous, a root lies between them, and every next try lies
+    strictly inside the narrowest such bracket: the first of ``next_scale``'s step (for a
+    weight that does not feed itself: exact for a one-use layer), inverse quadratic
+    interpolation on the last three tries, the secant of the last two and false position
+    (all on log s against log(var / target)) that lands inside it; the midpoint where the
+    bracket did not halve over the last two tries (Dekker's safeguard). The bracket thus at
+    least halves every three tries: the solve provably converges to a root.
+    """
+    inside = bracket(points, target)
+    if inside is None:
+        if not feeding:
+            return next_scale(points, target)
+        return _expanding_step(points, target, feeding)
+    (x_lo, f_lo), (x_hi, f_hi) = inside
+    width = x_hi - x_lo
+    earlier = bracket(points[:-2], target) if len(points) > 2 else None
+    if earlier is not None and width > (earlier[1][0] - earlier[0][0]) / 2:
+        return math.exp(x_lo + width / 2)  # not halved in two tries: bisect
+    candidates = []
+    if not feeding:
+        candidates.append(math.log(next_scale(points, target)))
+    latest = [_signed([p], target) for p in points[-3:]]
+    latest = [p[0] for p in latest if p]
+    if len(latest) == 3 and len({f for _, f in latest}) == 3:  # inverse quadratic
+        (x0, f0), (x1, f1), (x2, f2) = latest
+        candidates.append(x0 * f1 * f2 / ((f0 - f1) * (f0 - f2))
+                          + x1 * f0 * f2 / ((f1 - f0) * (f1 - f2))
+                          + x2 * f0 * f1 / ((f2 - f0) * (f2 - f1)))
+    if len(latest) >= 2 and latest[-1][1] != latest[-2][1]:  # the secant
+        (x0, f0), (x1, f1) = latest[-2:]
+        candidates.append(x1 - f1 * (x1 - x0) / (f1 - f0))
+    candidates.append(x_lo - f_lo * width / (f_hi - f_lo))
+    margin = 1e-3 * width
+    x = next((c for c in candidates if math.isfinite(c) and x_lo + margin < c < x_hi - margin),
+             x_lo + width / 2)
+    return math.exp(x)
+
+
 def tries(run: Run, lay: Layer, measure: Measure) -> None:
     """The paper's inner loop for one layer, for each of its blocks at once: measure, rescale,
     until every block is within tol (or degenerate) or its tries reach max_iter (those spent
-    by the one-pass solve count). Each next scale comes from ``next_scale``."""
+    by the one-pass solve count). Each next scale comes from ``solve_scale``: bracketed once
+    two tries straddle the target, and from the start for a weight whose uses feed each
+    other or that is read upstream (``Layer.weight_read_upstream``), whose var(s) is far
+    from quadratic."""
     records, opts = run.rows(lay), run.options
     target = opts.target_var
     var = measure()
@@ -362,6 +457,7 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
         if rec.var_before is None:
             rec.var_before = float(v)
     spent = np.array([rec.tries for rec in records])
+    feeding = len(lay.uses) if lay.weight_read_upstream else 0
     history = [[(float(s), float(v))] for s, v in zip(run.state.scale[lay.index], var)]
     while True:
         active = np.array([needs_factor(float(v), target, opts.tol) for v in var]) & (
@@ -369,7 +465,7 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
         if not active.any():
             break
         scale = run.state.scale[lay.index]
-        step = np.array([next_scale(h, target) / s if on else 1.0
+        step = np.array([solve_scale(h, target, feeding) / s if on else 1.0
                          for h, s, on in zip(history, scale, active)])
         run.state.multiply(lay, step)
         spent += active
