@@ -36,7 +36,7 @@ import onnx
 from .data import Stream
 from .layers import Layer, recurrent_rule
 from .measure_graph import Point, sums_model
-from .strategies import kept_note, solve_scale
+from .strategies import feeding, kept_note, solve_scale
 from .verdict import CONVERGED, NOT_CONVERGED, NOT_SCALED, judge_units, mean_tolerance
 
 log = logging.getLogger("onnx_lsuv")
@@ -201,8 +201,8 @@ class _Secant:
 
 class _Bracketed:
     """The variance alone (at the output or after an activation) of a weight whose uses feed
-    each other or that is read upstream (``Layer.weight_read_upstream``: a filter bank
-    cascaded over octaves), where neither ``_linear``'s quadratic nor a secant on log r
+    each other or that is read upstream (``strategies.feeding``: a filter bank cascaded over
+    octaves), where neither ``_linear``'s quadratic nor a secant on log r
     holds: per control, ``strategies.solve_scale`` on the tries so far (the factor since the
     start, the variance), which expands until two tries straddle the target and then solves
     within the bracket."""
@@ -449,8 +449,9 @@ def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
     goal = _Goal(run, lay, point, opts.target_mean is not None and lay.index not in mean_off)
     stats = ahead.pop(lay.index, None) or measure(run, skeleton, _items(points, lay))
     outer = None
-    if lay.weight_read_upstream and goal.mean is None:
-        outer = _Bracketed(goal, len(lay.uses))
+    steep = feeding(state, lay)
+    if steep and goal.mean is None:
+        outer = _Bracketed(goal, steep)
     elif point.after_activation:
         outer = _Secant(goal) if goal.mean is None else _ShiftSearch(goal) \
             if set(point.op.split("/")) <= HOMOGENEOUS else _Broyden(goal)

@@ -102,6 +102,53 @@ class Run:
                                             tries=None if check else rec.tries)
 
 
+class Measurer:
+    """Every layer's output variances (one array per layer, one value per block) with the
+    current weights, from one statistics model of every layer, built once for the run's
+    scaling: the re-measurement, each try of the try loop, the settling sweeps and the final
+    check all read it.
+
+    Where every target weight reaches sessions as a graph input (``WeightState.fed_weights``:
+    MatMul and Gemm weights on the CPU), one session serves them all, fed the current
+    weights on each run; otherwise each measurement opens a session with them. A pass is
+    run only when a weight changed since the last one: the pass after a layer's last try
+    also measured the next layer, with the final weights upstream of it. On an unrolled
+    decoder (6,000 nodes), opening a session took about 100 forwards: one per layer and
+    try was most of the time."""
+
+    def __init__(self, run: Run, skeleton: onnx.ModelProto) -> None:
+        self.run = run
+        self.model, self.names = stats_model(skeleton, run.layers)
+        self.session: Session | None = None
+        self.key: tuple | None = None
+        self.values: list[np.ndarray] = []
+        self.passes = 0
+
+    def _state_key(self) -> tuple:
+        state = self.run.state
+        return tuple(state.total_scale(lay).tobytes() for lay in self.run.layers)
+
+    def all(self) -> list[np.ndarray]:
+        """Every layer's variances with the weights as they are now."""
+        key = self._state_key()
+        if key == self.key:
+            return self.values
+        weights = self.run.state.fed_weights()
+        if weights is None or self.session is None:
+            self.session = self.run.session(self.model)
+        if weights is not None:
+            self.session.fed.update(weights)
+        values = self.session.run(self.run.feeds, self.names)
+        self.values = [np.atleast_1d(v).astype(np.float64) for v in values]
+        self.key = key
+        self.passes += 1
+        return self.values
+
+    def of(self, lay: Layer) -> Measure:
+        """A measurement of one layer: its variances from ``all``."""
+        return lambda: self.all()[lay.index]
+
+
 def measure_all(run: Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
     """Every layer's output variances (one per block) with the current weights, in one pass."""
     measuring, names = stats_model(skeleton, run.layers)
@@ -109,11 +156,15 @@ def measure_all(run: Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
     return [np.atleast_1d(v).astype(np.float64) for v in values]
 
 
-def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False) -> None:
+def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False,
+                measurer: Measurer | None = None) -> None:
     """Re-measure the written weights and judge every layer: the run's last word. A weight
-    tied to a later layer may still have moved an earlier one, which no per-layer loop sees."""
+    tied to a later layer may still have moved an earlier one, which no per-layer loop sees.
+    With ``measurer``, its measurement of the weights as they are (a pass of the same
+    session, or the last one where no weight changed since)."""
     ties = any(lay.shared_weight_users or lay.weight_read_upstream for lay in run.layers)
-    for lay, values in zip(run.layers, measure_all(run, skeleton)):
+    measured = measurer.all() if measurer is not None else measure_all(run, skeleton)
+    for lay, values in zip(run.layers, measured):
         before = [rec.status for rec in run.rows(lay)]
         run.judge(lay, values, check=check)
         for rec, status in zip(run.rows(lay), before):
@@ -125,12 +176,12 @@ def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False) -> Non
 SETTLING_SWEEPS = 3
 
 
-def settle(run: Run, skeleton: onnx.ModelProto) -> None:
+def settle(run: Run, measurer: Measurer) -> None:
     """The final check, then, where a later layer moved an earlier one off its target (a
     weight also read upstream, the steps of a recurrence: the paper's layer order is not a
     order of dependence there), up to ``SETTLING_SWEEPS`` more passes of the try loop over the
     layers found off, each with its remaining tries, and the final check again."""
-    final_check(run, skeleton)
+    final_check(run, measurer.model, measurer=measurer)
     for _ in range(SETTLING_SWEEPS):
         moved = [lay for lay in run.layers
                  if (lay.weight_read_upstream or lay.shared_weight_users)
@@ -143,8 +194,8 @@ def settle(run: Run, skeleton: onnx.ModelProto) -> None:
                  if any(rec.status not in GOOD for rec in run.rows(lay))]
         log.info("settling %d layer(s) that later layers moved off target", len(again))
         for lay in again:
-            tries(run, lay, full_measure(run, skeleton, lay))
-        final_check(run, skeleton)
+            tries(run, lay, measurer.of(lay))
+        final_check(run, measurer.model, measurer=measurer)
 
 
 def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
@@ -221,6 +272,7 @@ def scale_fast(run: Run) -> None:
     run.report.timings["one_pass_s"] = time.perf_counter() - t
 
     run.report.measured_in = "one pass" if exact else "re-measure"
+    measurer = None
     if exact:
         values = after
         log.info("every layer's variance measured in the one-pass graph on its rescaled "
@@ -228,12 +280,12 @@ def scale_fast(run: Run) -> None:
     else:
         t = time.perf_counter()
         run.progress("re-measure", 0, 1, "one forward pass of the written weights")
-        # The same rewrite on the written weights, with exact (float64) statistics. Up to the
-        # first layer that gets a factor here, every variance is the written model's: a layer
-        # within tol, or a degenerate one, gets factor 1. From that layer on the try loop
-        # redoes everything, and the final check measures the written model again.
-        norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol)
-        values = run.session(norm).run(run.feeds, [o.var_before for o in outs])
+        # Every variance of the written weights, in float64. Up to the first layer off its
+        # target, every layer is judged from it; from that layer on the try loop redoes
+        # everything, on the same statistics model, and the final check measures the written
+        # model again.
+        measurer = Measurer(run, skeleton)
+        values = measurer.all()
         run.progress("re-measure", 1, 1, "")
         run.report.timings["verify_s"] = time.perf_counter() - t
     first_off = None
@@ -252,24 +304,28 @@ def scale_fast(run: Run) -> None:
     log.info("layer %s is off its target after the one-pass solve: retrying it and the "
              "layers after it one at a time", layers[first_off].name)
     t = time.perf_counter()
+    measurer = measurer or Measurer(run, skeleton)
+    reusable = state.fed_weights() is not None
     for lay in layers[first_off:]:
         # A weight also read upstream changes the layer's own input, and a weight applied by
-        # several nodes is measured over all of them: whole passes then.
-        measure = (full_measure(run, skeleton, lay) if lay.weight_read_upstream or lay.more_uses
+        # several nodes is measured over all of them: whole passes then. So is every layer
+        # where one session measures any weights (a pass of it costs no new session; one
+        # pass measured the layer with the final weights upstream of it already).
+        measure = (measurer.of(lay) if reusable or lay.weight_read_upstream or lay.more_uses
                    else layer_measure(run, skeleton, lay))
         tries(run, lay, measure)
         run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)
-    settle(run, skeleton)
+    settle(run, measurer)
     run.report.timings["retry_s"] = time.perf_counter() - t
 
 
 def scale_naive(run: Run) -> None:
     """A whole forward pass per try, layer after layer; then the final check."""
-    skeleton = run.state.skeleton(run.work)
+    measurer = Measurer(run, run.state.skeleton(run.work))
     for lay in run.layers:
-        tries(run, lay, full_measure(run, skeleton, lay))
+        tries(run, lay, measurer.of(lay))
         run.progress("scaling", lay.index + 1, len(run.layers), lay.name)
-    settle(run, skeleton)
+    settle(run, measurer)
 
 
 def choose(run: Run) -> Callable[[Run], None]:
@@ -283,13 +339,6 @@ def choose(run: Run) -> Callable[[Run], None]:
         log.info("%s", run.report.notes[-1])
         return scale_naive
     return scale_fast
-
-
-def full_measure(run: Run, skeleton: onnx.ModelProto, lay: Layer) -> Measure:
-    """A measurement of one layer by a whole forward pass with the current weights."""
-    measuring, (name,) = stats_model(skeleton, [lay])
-    return lambda: np.atleast_1d(run.session(measuring).run(run.feeds, [name])[0]).astype(
-        np.float64)
 
 
 def layer_measure(run: Run, skeleton: onnx.ModelProto, lay: Layer) -> Measure:
@@ -353,6 +402,34 @@ def next_scale(points: list[tuple[float, float]], target: float) -> float:
 
 # The steepest growth var ~ s^p that a feeding weight's expanding step assumes, at least.
 _STEEPEST = 8.0
+# Ops whose outputs do not scale with their inputs (indices, shapes): a weight's scale does
+# not reach a use whose input depends on another use's output only through them.
+INDEX_OPS = frozenset({"ArgMax", "ArgMin", "Shape", "Size", "NonZero"})
+
+
+def feeding(state: WeightState, lay: Layer) -> int:
+    """How far a layer's variance may be from quadratic in its weight's scale s: 0 where it is
+    quadratic (var(s) = s^2 var(z) + 2 s cov(z, b) + var(b), ``next_scale``'s model), else
+    the number of its uses (a cascade of k uses pools terms up to s^2k).
+
+    Not quadratic: a weight whose uses feed each other by value (a filter bank cascaded over
+    octaves), one in a Loop/Scan body (iterations feed each other), one also read upstream by
+    another node. Quadratic again: uses that feed each other only through an index, as the
+    steps of an unrolled greedy decoder do (an ArgMax picks the next token, which an
+    embedding Gather reads): the scale does not travel through the index, and each step's
+    input stays as it is under a small change of the scale."""
+    if not lay.weight_read_upstream:
+        return 0
+    if lay.body is not None or lay.shared_weight_users or not lay.more_uses:
+        return max(2, len(lay.uses))
+    index = state.index
+    graph = index.graph
+    roots = [use.node_index for use in lay.uses]
+    cut = {i for i, node in enumerate(graph.node)
+           if node.op_type in INDEX_OPS and node.domain in ("", "ai.onnx")}
+    reached = index.downstream({o for r in roots for o in graph.node[r].output if o}, cut)
+    return len(lay.uses) if any(graph.node[r].input[0] in reached for r in roots) else 0
+
 
 
 def _signed(points: list[tuple[float, float]], target: float) -> list[tuple[float, float]]:
@@ -457,7 +534,7 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
         if rec.var_before is None:
             rec.var_before = float(v)
     spent = np.array([rec.tries for rec in records])
-    feeding = len(lay.uses) if lay.weight_read_upstream else 0
+    steep = feeding(run.state, lay)
     history = [[(float(s), float(v))] for s, v in zip(run.state.scale[lay.index], var)]
     while True:
         active = np.array([needs_factor(float(v), target, opts.tol) for v in var]) & (
@@ -465,7 +542,7 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
         if not active.any():
             break
         scale = run.state.scale[lay.index]
-        step = np.array([solve_scale(h, target, feeding) / s if on else 1.0
+        step = np.array([solve_scale(h, target, steep) / s if on else 1.0
                          for h, s, on in zip(history, scale, active)])
         run.state.multiply(lay, step)
         spent += active

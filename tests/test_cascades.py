@@ -20,7 +20,13 @@ from onnx import helper, numpy_helper
 from onnx_lsuv import lsuv_init
 
 from conftest import IR_VERSION, OPSET, make_model
-from independent import find_targets, orthonormal_up_to_scale, pooled_variances, read_weights
+from independent import (
+    Target,
+    find_targets,
+    orthonormal_up_to_scale,
+    pooled_variances,
+    read_weights,
+)
 
 TOL = 0.1
 MAX_TRIES = 6  # what the bracketed solve takes here (3 to 6); the base spent all 10
@@ -177,3 +183,74 @@ def test_the_bracketed_solve_converges_on_cascades_of_every_depth():
                 fitted_failures += abs(points[-1][1] - 1.0) >= TOL
     assert worst <= 8
     assert fitted_failures > cases // 10  # the case the bracket is for: not vacuous
+
+
+# --- pattern 5: an unrolled greedy decoder -------------------------------------------------
+
+def unrolled_decoder(tmp_path, steps=4):
+    """benchmarks/torch_models.GreedyDecoder, small: one decoder layer (d 16, 2 heads), its
+    greedy loop unrolled by torch.onnx.export (dynamo=False) into ``steps`` copies, each
+    weight read by one MatMul per step; each step's ArgMax picks the token the next step's
+    embedding Gather reads."""
+    pytest.importorskip("torch")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import torch
+    import torch_models
+
+    torch.manual_seed(0)
+    module = torch_models.GreedyDecoder(features=8, d=16, layers=1, heads=2, vocab=16,
+                                        steps=steps)
+    path = torch_models.export_onnx(module, (16, 6, 8), tmp_path / "decoder.onnx")
+    model = onnx.load(path)
+    return model, {"input": rand(16, 6, 8, seed=3)}
+
+
+def stored_weight_variances(model, feeds):
+    """The test's targets pooled by the stored tensor they read: the exporter (constant
+    folding off) reads each step's weight through its own Transpose of the parameter.
+    Stored name -> (pooled variance, the outputs pooled)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    targets, _ = find_targets(model)
+    pooled: dict[str, Target] = {}
+    for t in targets:
+        node = producer.get(t.weight)
+        stored = node.input[0] if node is not None and node.op_type == "Transpose" else t.weight
+        pooled.setdefault(stored, Target(stored)).outputs.extend(t.outputs)
+    groups = list(pooled.values())
+    return {t.weight: (v, t.outputs)
+            for t, v in zip(groups, pooled_variances(model, feeds, groups))}
+
+
+def test_an_unrolled_decoder_is_initialised_with_one_measuring_session_for_its_tries(
+        tmp_path, monkeypatch):
+    """Every layer pooled over its steps and on target by the test's own float64 measurement
+    (the head, whose argmax picks the next token through no other layer, gets the recurrent
+    rule of issue 26), with the tries measured by one session fed the weights: the base
+    opened a session (of the whole unrolled graph) per layer and per try."""
+    from onnx_lsuv import engine
+
+    model, feeds = unrolled_decoder(tmp_path)
+    opened = []
+    session = engine.Engine.session
+    monkeypatch.setattr(engine.Engine, "session",
+                        lambda self, *a, **k: opened.append(1) or session(self, *a, **k))
+    result = lsuv_init(model, feeds, provider="cpu", seed=0)
+    rep = result.report
+    assert rep.measured_in == "re-measure"  # (uses that feed each other: no one-pass answer)
+    assert len(opened) <= 2, len(opened)  # the one-pass graph; one statistics model for the rest
+    measured = stored_weight_variances(result.model, feeds)
+    assert len(measured["layers.0.fc1.weight"][1]) == 4  # pooled over the 4 steps
+    measured = {name: var for name, (var, _) in measured.items()}
+    rows = {r.weight: r for r in rep.layers}
+    assert set(rows) <= set(measured) | {"head.weight"}, (set(rows), set(measured))
+    for weight, rec in rows.items():
+        if rec.status == "not_scaled":
+            assert weight == "head.weight", rep.table()
+            continue
+        assert rec.status == "converged", rep.table()
+        assert abs(measured[weight] - 1.0) < TOL, (weight, measured[weight])
+        assert rec.var_after == pytest.approx(measured[weight], rel=1e-5)
+    assert len(rows) >= 9, rep.table()
