@@ -49,6 +49,13 @@ class Case:
     batch: int
     hw: int
     naive: bool = True  # run our naive strategy too
+    # the input's shape after the batch, where it is not an image of 3 x hw x hw
+    shape: tuple[int, ...] | None = None
+    lsuv030: bool = True  # lsuv 0.3.0 runs it (an image classifier)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, *(self.shape or (3, self.hw, self.hw)))
 
 
 CASES = {
@@ -56,6 +63,9 @@ CASES = {
     "resnet18": Case("resnet18", "resnet18_cifar", 32, 64),
     "resnet50": Case("resnet50", "resnet50_like", 8, 224),
     "resnet50_224": Case("resnet50_224", "resnet50_like", 32, 224),
+    # a transformer decoder (2 layers, d 48) whose 18 greedy steps the export unrolls (6,271
+    # nodes, each weight read by up to 18 MatMuls); input: 24 frames of 32 features
+    "decoder": Case("decoder", "greedy_decoder", 32, 24, shape=(24, 32), lsuv030=False),
 }
 DEFAULT_CPU = ["fitnet4", "resnet18", "resnet50"]
 
@@ -125,7 +135,7 @@ def _torch_call(code: str) -> str:
 def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
                lsuv_ok: bool, naive: bool) -> dict:
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((case.batch, 3, case.hw, case.hw)).astype(np.float32)
+    x = rng.standard_normal(case.input_shape).astype(np.float32)
     path = os.path.join(tmp, f"{case.key}.onnx")
     if torch_ok:  # torch works in subprocesses: its threads never share this process's cores
         _torch_call(f"import torch, torch_models; torch.manual_seed(0); "
@@ -148,7 +158,9 @@ def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
     timings = {k: statistics.median(r.report.timings.get(k, 0.0) for r in results)
                for k in ("init_s", "one_pass_s", "verify_s", "retry_s")}
     rep = results[-1].report
-    row = dict(model=case.key, batch=case.batch, hw=case.hw, layers=len(layers),
+    hw = "x".join(map(str, case.shape)) if case.shape else case.hw
+    row = dict(model=case.key, batch=case.batch, hw=hw, nodes=len(model.graph.node),
+               layers=len(layers),
                params=params, provider=rep.provider, forward_s=fwd, ours_s=ours_s, **timings,
                converged=rep.converged,
                worst=max(abs(r.var_after - 1.0) for r in rep.layers if r.var_after is not None))
@@ -156,7 +168,7 @@ def bench_case(case: Case, provider: str, reps: int, tmp: str, torch_ok: bool,
         t = time.perf_counter()
         lsuv_init(path, x, provider=provider, strategy="naive")
         row["naive_s"] = time.perf_counter() - t
-    if lsuv_ok and provider == "cpu":
+    if lsuv_ok and provider == "cpu" and case.lsuv030:
         r = json.loads(_torch_call(
             f"import json; from bench_lsuv_torch import time_lsuv_torch; "
             f"print(json.dumps(time_lsuv_torch({case.torch_name!r}, {case.batch}, {case.hw})))"

@@ -46,6 +46,7 @@ __all__ = [
     "resnet18_like",
     "resnet50_like",
     "caffenet_like",
+    "greedy_decoder",
     "MODELS",
     "DEFAULT_INPUT_SHAPES",
     "export_onnx",
@@ -289,12 +290,95 @@ def caffenet_like(classes: int = 1000, in_ch: int = 3, lrn: bool = True) -> nn.M
     return CaffeNet(classes, in_ch, lrn)
 
 
+# --------------------------------------------------------------------------- greedy decoder
+class _Attention(nn.Module):
+    """Multi-head attention with separate q, k, v, o Linears (as hand-written decoders and
+    Hugging Face's export), softmax(q k^T / sqrt(d_head) + mask) v."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(b, -1, h, d // h).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(memory)), split(self.v(memory))
+        scores = q @ k.transpose(-1, -2) / (d // h) ** 0.5
+        if mask is not None:
+            scores = scores + mask
+        y = torch.softmax(scores, dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _DecoderLayer(nn.Module):
+    """Pre-norm: self-attention (causal), cross-attention to the memory, a GELU MLP."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = _Attention(d, heads)
+        self.cross_attn = _Attention(d, heads)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x, memory, mask):
+        y = self.norm1(x)
+        x = x + self.self_attn(y, y, mask)
+        x = x + self.cross_attn(self.norm2(x), memory)
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm3(x))))
+
+
+class GreedyDecoder(nn.Module):
+    """A small encoder-decoder transformer whose greedy decoding is a Python loop, so that
+    ``torch.onnx.export`` unrolls it: each step embeds the tokens so far (an embedding
+    Gather of the previous step's ArgMax), runs every decoder layer over the whole prefix
+    (no cache: each weight is read by one MatMul per step) and picks the next token. The
+    input is a sequence of float features (what an OCR or speech front end hands a decoder);
+    the output, every step's logits (batch, steps, vocab)."""
+
+    def __init__(self, features: int = 32, d: int = 48, layers: int = 3, heads: int = 4,
+                 vocab: int = 64, steps: int = 16):
+        super().__init__()
+        self.steps = steps
+        self.encode = nn.Linear(features, d)
+        self.embed = nn.Embedding(vocab, d)
+        self.position = nn.Parameter(torch.randn(steps, d) * 0.1)
+        self.layers = nn.ModuleList(_DecoderLayer(d, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = self.encode(x)
+        tokens = torch.zeros(x.shape[0], 1, dtype=torch.long)  # BOS = 0
+        logits = []
+        for t in range(self.steps):
+            y = self.embed(tokens) + self.position[: t + 1]
+            mask = torch.triu(torch.full((t + 1, t + 1), float("-inf")), diagonal=1)
+            for layer in self.layers:
+                y = layer(y, memory, mask)
+            step = self.head(self.norm(y[:, -1]))
+            logits.append(step)
+            tokens = torch.cat([tokens, step.argmax(-1, keepdim=True)], dim=1)
+        return torch.stack(logits, dim=1)
+
+
+def greedy_decoder(steps: int = 18, layers: int = 2, d: int = 48) -> nn.Module:
+    """``GreedyDecoder``: 2 layers, d 48, 18 greedy steps unrolled by the export."""
+    return GreedyDecoder(d=d, layers=layers, steps=steps)
+
+
 MODELS = {
     "fitnet4": fitnet4,
     "resnet18_like": resnet18_like,
     "resnet18_cifar": resnet18_cifar,
     "resnet50_like": resnet50_like,
     "caffenet_like": caffenet_like,
+    "greedy_decoder": greedy_decoder,
 }
 
 # (N, C, H, W) each model is designed for; the ResNets accept any H, W >= 32.
@@ -304,6 +388,7 @@ DEFAULT_INPUT_SHAPES = {
     "resnet18_cifar": (1, 3, 32, 32),
     "resnet50_like": (1, 3, 224, 224),
     "caffenet_like": (1, 3, 227, 227),
+    "greedy_decoder": (1, 24, 32),  # (N, source length, features)
 }
 
 

@@ -1151,9 +1151,11 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
             layer.weight_read_upstream = any(j in upstream for j in users)
         if layer.more_uses:  # one use upstream of another: an unrolled recurrence
             roots = [u.node_index for u in layer.uses]
-            above = {r: index.ancestors(r) for r in roots}
-            layer.weight_read_upstream |= any(r in above[o] for r in roots for o in roots)
             outputs = {o for r in roots for o in index.graph.node[r].output if o}
+            # one walk down from every use (not one up from each: 18 steps of a 6,000-node
+            # decoder took seconds)
+            below = index.downstream(outputs, set())
+            layer.weight_read_upstream |= any(x in below for r in roots for x in index.reads[r])
             inputs = {index.graph.node[r].input[0] for r in roots}
             if _feeds_back(index, roots, outputs, inputs, target_nodes) and \
                     _steps_take_input(index, roots, target_nodes, stepped):
@@ -1363,10 +1365,12 @@ def _disjoint_readers(layer: Layer, recognised: list[Layer]) -> set[int]:
     through one Split share that node, and a walk from the weight through it reaches the
     other layer's chain and node. The nodes the layer has itself (the shared Split) stay
     its own."""
+    own = layer.own_nodes
     return {j for other in recognised
             if other is not layer and other.weight == layer.weight and other.body is None
+            and not other.own_nodes <= own  # one of its own uses (18 in a decoder)
             and _disjoint(layer, other)
-            for j in other.own_nodes} - layer.own_nodes
+            for j in other.own_nodes} - own
 
 
 def _how_else(first: Layer, other: Layer) -> str:

@@ -36,7 +36,7 @@ import onnx
 from .data import Stream
 from .layers import Layer, recurrent_rule
 from .measure_graph import Point, sums_model
-from .strategies import kept_note
+from .strategies import feeding, kept_note, solve_scale
 from .verdict import CONVERGED, NOT_CONVERGED, NOT_SCALED, judge_units, mean_tolerance
 
 log = logging.getLogger("onnx_lsuv")
@@ -197,6 +197,30 @@ class _Secant:
         self.f, self.x_prev = f, self.x.copy()
         self.x = self.x + dx
         return np.exp(dx)
+
+
+class _Bracketed:
+    """The variance alone (at the output or after an activation) of a weight whose uses feed
+    each other or that is read upstream (``strategies.feeding``: a filter bank cascaded over
+    octaves), where neither ``_linear``'s quadratic nor a secant on log r
+    holds: per control, ``strategies.solve_scale`` on the tries so far (the factor since the
+    start, the variance), which expands until two tries straddle the target and then solves
+    within the bracket."""
+
+    def __init__(self, goal: _Goal, uses: int) -> None:
+        self.goal = goal
+        self.uses = uses
+        self.level = np.ones(goal.controls)  # each control's factor since the start
+        self.points: list[list[tuple[float, float]]] = [[] for _ in range(goal.controls)]
+
+    def step(self, var: np.ndarray, active: np.ndarray) -> np.ndarray:
+        r = np.ones(self.goal.controls)
+        for c, (points, level, v) in enumerate(zip(self.points, self.level, var)):
+            points.append((float(level), float(v)))
+            if active[c]:
+                r[c] = solve_scale(points, self.goal.target, self.uses) / level
+        self.level = self.level * r
+        return r
 
 
 class _ShiftSearch:
@@ -425,7 +449,10 @@ def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
     goal = _Goal(run, lay, point, opts.target_mean is not None and lay.index not in mean_off)
     stats = ahead.pop(lay.index, None) or measure(run, skeleton, _items(points, lay))
     outer = None
-    if point.after_activation:
+    steep = feeding(state, lay)
+    if steep and goal.mean is None:
+        outer = _Bracketed(goal, steep)
+    elif point.after_activation:
         outer = _Secant(goal) if goal.mean is None else _ShiftSearch(goal) \
             if set(point.op.split("/")) <= HOMOGENEOUS else _Broyden(goal)
     tries = 0 if first else run.rows(lay)[0].tries
@@ -447,7 +474,7 @@ def _solve(run, skeleton: onnx.ModelProto, lay: Layer, nxt: Layer | None,
             break
         if beta is not None and not lay.is_recurrent:
             beta = state.unit_bias(lay)  # as shifted by the last try
-        if isinstance(outer, _Secant):
+        if isinstance(outer, (_Secant, _Bracketed)):
             r, d = outer.step(var, active), np.zeros(goal.controls)
         elif beta is None:  # at the output, a bias of another shape: the paper's step
             with np.errstate(all="ignore"):

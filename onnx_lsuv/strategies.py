@@ -102,6 +102,53 @@ class Run:
                                             tries=None if check else rec.tries)
 
 
+class Measurer:
+    """Every layer's output variances (one array per layer, one value per block) with the
+    current weights, from one statistics model of every layer, built once for the run's
+    scaling: the re-measurement, each try of the try loop, the settling sweeps and the final
+    check all read it.
+
+    Where every target weight reaches sessions as a graph input (``WeightState.fed_weights``:
+    MatMul and Gemm weights on the CPU), one session serves them all, fed the current
+    weights on each run; otherwise each measurement opens a session with them. A pass is
+    run only when a weight changed since the last one: the pass after a layer's last try
+    also measured the next layer, with the final weights upstream of it. On an unrolled
+    decoder (6,000 nodes), opening a session took about 100 forwards: one per layer and
+    try was most of the time."""
+
+    def __init__(self, run: Run, skeleton: onnx.ModelProto) -> None:
+        self.run = run
+        self.model, self.names = stats_model(skeleton, run.layers)
+        self.session: Session | None = None
+        self.key: tuple | None = None
+        self.values: list[np.ndarray] = []
+        self.passes = 0
+
+    def _state_key(self) -> tuple:
+        state = self.run.state
+        return tuple(state.total_scale(lay).tobytes() for lay in self.run.layers)
+
+    def all(self) -> list[np.ndarray]:
+        """Every layer's variances with the weights as they are now."""
+        key = self._state_key()
+        if key == self.key:
+            return self.values
+        weights = self.run.state.fed_weights()
+        if weights is None or self.session is None:
+            self.session = self.run.session(self.model)
+        if weights is not None:
+            self.session.fed.update(weights)
+        values = self.session.run(self.run.feeds, self.names)
+        self.values = [np.atleast_1d(v).astype(np.float64) for v in values]
+        self.key = key
+        self.passes += 1
+        return self.values
+
+    def of(self, lay: Layer) -> Measure:
+        """A measurement of one layer: its variances from ``all``."""
+        return lambda: self.all()[lay.index]
+
+
 def measure_all(run: Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
     """Every layer's output variances (one per block) with the current weights, in one pass."""
     measuring, names = stats_model(skeleton, run.layers)
@@ -109,11 +156,15 @@ def measure_all(run: Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
     return [np.atleast_1d(v).astype(np.float64) for v in values]
 
 
-def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False) -> None:
+def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False,
+                measurer: Measurer | None = None) -> None:
     """Re-measure the written weights and judge every layer: the run's last word. A weight
-    tied to a later layer may still have moved an earlier one, which no per-layer loop sees."""
+    tied to a later layer may still have moved an earlier one, which no per-layer loop sees.
+    With ``measurer``, its measurement of the weights as they are (a pass of the same
+    session, or the last one where no weight changed since)."""
     ties = any(lay.shared_weight_users or lay.weight_read_upstream for lay in run.layers)
-    for lay, values in zip(run.layers, measure_all(run, skeleton)):
+    measured = measurer.all() if measurer is not None else measure_all(run, skeleton)
+    for lay, values in zip(run.layers, measured):
         before = [rec.status for rec in run.rows(lay)]
         run.judge(lay, values, check=check)
         for rec, status in zip(run.rows(lay), before):
@@ -125,12 +176,12 @@ def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False) -> Non
 SETTLING_SWEEPS = 3
 
 
-def settle(run: Run, skeleton: onnx.ModelProto) -> None:
+def settle(run: Run, measurer: Measurer) -> None:
     """The final check, then, where a later layer moved an earlier one off its target (a
     weight also read upstream, the steps of a recurrence: the paper's layer order is not a
     order of dependence there), up to ``SETTLING_SWEEPS`` more passes of the try loop over the
     layers found off, each with its remaining tries, and the final check again."""
-    final_check(run, skeleton)
+    final_check(run, measurer.model, measurer=measurer)
     for _ in range(SETTLING_SWEEPS):
         moved = [lay for lay in run.layers
                  if (lay.weight_read_upstream or lay.shared_weight_users)
@@ -143,8 +194,8 @@ def settle(run: Run, skeleton: onnx.ModelProto) -> None:
                  if any(rec.status not in GOOD for rec in run.rows(lay))]
         log.info("settling %d layer(s) that later layers moved off target", len(again))
         for lay in again:
-            tries(run, lay, full_measure(run, skeleton, lay))
-        final_check(run, skeleton)
+            tries(run, lay, measurer.of(lay))
+        final_check(run, measurer.model, measurer=measurer)
 
 
 def _kept_biases(state: WeightState, layers: list[Layer]) -> dict[int, LayerBias]:
@@ -221,6 +272,7 @@ def scale_fast(run: Run) -> None:
     run.report.timings["one_pass_s"] = time.perf_counter() - t
 
     run.report.measured_in = "one pass" if exact else "re-measure"
+    measurer = None
     if exact:
         values = after
         log.info("every layer's variance measured in the one-pass graph on its rescaled "
@@ -228,12 +280,12 @@ def scale_fast(run: Run) -> None:
     else:
         t = time.perf_counter()
         run.progress("re-measure", 0, 1, "one forward pass of the written weights")
-        # The same rewrite on the written weights, with exact (float64) statistics. Up to the
-        # first layer that gets a factor here, every variance is the written model's: a layer
-        # within tol, or a degenerate one, gets factor 1. From that layer on the try loop
-        # redoes everything, and the final check measures the written model again.
-        norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol)
-        values = run.session(norm).run(run.feeds, [o.var_before for o in outs])
+        # Every variance of the written weights, in float64. Up to the first layer off its
+        # target, every layer is judged from it; from that layer on the try loop redoes
+        # everything, on the same statistics model, and the final check measures the written
+        # model again.
+        measurer = Measurer(run, skeleton)
+        values = measurer.all()
         run.progress("re-measure", 1, 1, "")
         run.report.timings["verify_s"] = time.perf_counter() - t
     first_off = None
@@ -252,26 +304,30 @@ def scale_fast(run: Run) -> None:
     log.info("layer %s is off its target after the one-pass solve: retrying it and the "
              "layers after it one at a time", layers[first_off].name)
     t = time.perf_counter()
+    measurer = measurer or Measurer(run, skeleton)
+    reusable = state.fed_weights() is not None
     for lay in layers[first_off:]:
         # A weight also read upstream changes the layer's own input, and a weight applied by
         # several nodes is measured over all of them: whole passes then. So is a layer in an
-        # If branch, which the layer alone does not copy.
-        measure = (full_measure(run, skeleton, lay)
-                   if lay.weight_read_upstream or lay.more_uses or lay.branch
+        # If branch, which the layer alone does not copy, and every layer where one session
+        # measures any weights (a pass of it costs no new session; one pass measured the
+        # layer with the final weights upstream of it already).
+        measure = (measurer.of(lay)
+                   if reusable or lay.weight_read_upstream or lay.more_uses or lay.branch
                    else layer_measure(run, skeleton, lay))
         tries(run, lay, measure)
         run.progress("retry", lay.index - first_off + 1, n - first_off, lay.name)
-    settle(run, skeleton)
+    settle(run, measurer)
     run.report.timings["retry_s"] = time.perf_counter() - t
 
 
 def scale_naive(run: Run) -> None:
     """A whole forward pass per try, layer after layer; then the final check."""
-    skeleton = run.state.skeleton(run.work)
+    measurer = Measurer(run, run.state.skeleton(run.work))
     for lay in run.layers:
-        tries(run, lay, full_measure(run, skeleton, lay))
+        tries(run, lay, measurer.of(lay))
         run.progress("scaling", lay.index + 1, len(run.layers), lay.name)
-    settle(run, skeleton)
+    settle(run, measurer)
 
 
 def choose(run: Run) -> Callable[[Run], None]:
@@ -285,13 +341,6 @@ def choose(run: Run) -> Callable[[Run], None]:
         log.info("%s", run.report.notes[-1])
         return scale_naive
     return scale_fast
-
-
-def full_measure(run: Run, skeleton: onnx.ModelProto, lay: Layer) -> Measure:
-    """A measurement of one layer by a whole forward pass with the current weights."""
-    measuring, (name,) = stats_model(skeleton, [lay])
-    return lambda: np.atleast_1d(run.session(measuring).run(run.feeds, [name])[0]).astype(
-        np.float64)
 
 
 def layer_measure(run: Run, skeleton: onnx.ModelProto, lay: Layer) -> Measure:
@@ -353,10 +402,133 @@ def next_scale(points: list[tuple[float, float]], target: float) -> float:
     return float(best) if np.isfinite(best) and best > 0 else s_now * np.sqrt(target / v_now)
 
 
+# The steepest growth var ~ s^p that a feeding weight's expanding step assumes, at least.
+_STEEPEST = 8.0
+# Ops whose outputs do not scale with their inputs (indices, shapes): a weight's scale does
+# not reach a use whose input depends on another use's output only through them.
+INDEX_OPS = frozenset({"ArgMax", "ArgMin", "Shape", "Size", "NonZero"})
+
+
+def feeding(state: WeightState, lay: Layer) -> int:
+    """How far a layer's variance may be from quadratic in its weight's scale s: 0 where it is
+    quadratic (var(s) = s^2 var(z) + 2 s cov(z, b) + var(b), ``next_scale``'s model), else
+    the number of its uses (a cascade of k uses pools terms up to s^2k).
+
+    Not quadratic: a weight whose uses feed each other by value (a filter bank cascaded over
+    octaves), one in a Loop/Scan body (iterations feed each other), one also read upstream by
+    another node. Quadratic again: uses that feed each other only through an index, as the
+    steps of an unrolled greedy decoder do (an ArgMax picks the next token, which an
+    embedding Gather reads): the scale does not travel through the index, and each step's
+    input stays as it is under a small change of the scale."""
+    if not lay.weight_read_upstream:
+        return 0
+    if lay.body is not None or lay.shared_weight_users or not lay.more_uses:
+        return max(2, len(lay.uses))
+    index = state.index
+    graph = index.graph
+    roots = [use.node_index for use in lay.uses]
+    cut = {i for i, node in enumerate(graph.node)
+           if node.op_type in INDEX_OPS and node.domain in ("", "ai.onnx")}
+    reached = index.downstream({o for r in roots for o in graph.node[r].output if o}, cut)
+    return len(lay.uses) if any(graph.node[r].input[0] in reached for r in roots) else 0
+
+
+
+def _signed(points: list[tuple[float, float]], target: float) -> list[tuple[float, float]]:
+    """(log s, log(var / target)) of each try with a finite, positive variance (the last try
+    of each scale), in the order of s: where the target lies, in the solve's coordinates."""
+    kept = {math.log(s): math.log(v / target) for s, v in points
+            if s > 0 and math.isfinite(s) and degenerate(v) is None}
+    return sorted(kept.items())
+
+
+def bracket(points: list[tuple[float, float]], target: float
+            ) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The narrowest pair of neighbouring tries (in log s) whose variances lie on either side
+    of the target, as (log s, log(var / target)) each; None before two tries straddle it.
+    var(s) is continuous, so a root lies between them; each try inside splits the pair, so
+    the narrowest pair never widens."""
+    pts = _signed(points, target)
+    pairs = [(a, b) for a, b in zip(pts, pts[1:]) if (a[1] < 0) != (b[1] < 0)]
+    return min(pairs, key=lambda p: p[1][0] - p[0][0], default=None)
+
+
+def _expanding_step(points: list[tuple[float, float]], target: float, uses: int) -> float:
+    """The next scale of a feeding weight before a bracket: a step on log s against
+    F = log(var / target) along the slope of the last two tries, kept between 0.5 and the
+    steepest growth its uses can give (s^2k for k uses, at least ``_STEEPEST``), and at most
+    twice as long as the last step (a flat stretch, such as a kept bias's floor, would send
+    it far past the target); at first, the paper's step from below (the first use's s^2
+    dominates a small variance) and the steepest from above (the last use's)."""
+    s_now, v_now = points[-1]
+    steepest = max(_STEEPEST, 2.0 * uses)
+    slope = 2.0 if v_now < target else steepest
+    dx = -math.log(v_now / target) / slope
+    pts = _signed(points[-2:], target) if len(points) >= 2 else []
+    if len(pts) == 2:
+        (x0, f0), (x1, f1) = pts
+        p = (f1 - f0) / (x1 - x0)
+        slope = min(max(p, 0.5), steepest) if math.isfinite(p) and p > 0 else slope
+        longest = 2.0 * abs(x1 - x0)
+        dx = min(max(-math.log(v_now / target) / slope, -longest), longest)
+    return float(s_now * math.exp(dx))
+
+
+def solve_scale(points: list[tuple[float, float]], target: float, feeding: int = 0) -> float:
+    """The weight scale to try next for one block, from the (scale, variance) pairs so far:
+    ``next_scale``'s fast steps where the variance is (close to) quadratic in the scale, a
+    bracketed solve where they fail.
+
+    A weight whose uses feed each other (a filter bank cascaded over octaves: the pooled
+    variance goes as a sum of s^2, s^4, ... s^2k over k uses) or that is read upstream of
+    its layer has no quadratic var(s): ``next_scale``'s fitted steps oscillated around the
+    target for all 10 tries. For such a weight (``feeding``: its number of uses, else 0),
+    ``_expanding_step`` moves until two tries straddle the target. Once they do (for any
+    weight), var(s) being continuous, a root lies between them, and every next try lies
+    strictly inside the narrowest such bracket: the first of ``next_scale``'s step (for a
+    weight that does not feed itself: exact for a one-use layer), inverse quadratic
+    interpolation on the last three tries, the secant of the last two and false position
+    (all on log s against log(var / target)) that lands inside it; the midpoint where the
+    bracket did not halve over the last two tries (Dekker's safeguard). The bracket thus at
+    least halves every three tries: the solve provably converges to a root.
+    """
+    inside = bracket(points, target)
+    if inside is None:
+        if not feeding:
+            return next_scale(points, target)
+        return _expanding_step(points, target, feeding)
+    (x_lo, f_lo), (x_hi, f_hi) = inside
+    width = x_hi - x_lo
+    earlier = bracket(points[:-2], target) if len(points) > 2 else None
+    if earlier is not None and width > (earlier[1][0] - earlier[0][0]) / 2:
+        return math.exp(x_lo + width / 2)  # not halved in two tries: bisect
+    candidates = []
+    if not feeding:
+        candidates.append(math.log(next_scale(points, target)))
+    latest = [_signed([p], target) for p in points[-3:]]
+    latest = [p[0] for p in latest if p]
+    if len(latest) == 3 and len({f for _, f in latest}) == 3:  # inverse quadratic
+        (x0, f0), (x1, f1), (x2, f2) = latest
+        candidates.append(x0 * f1 * f2 / ((f0 - f1) * (f0 - f2))
+                          + x1 * f0 * f2 / ((f1 - f0) * (f1 - f2))
+                          + x2 * f0 * f1 / ((f2 - f0) * (f2 - f1)))
+    if len(latest) >= 2 and latest[-1][1] != latest[-2][1]:  # the secant
+        (x0, f0), (x1, f1) = latest[-2:]
+        candidates.append(x1 - f1 * (x1 - x0) / (f1 - f0))
+    candidates.append(x_lo - f_lo * width / (f_hi - f_lo))
+    margin = 1e-3 * width
+    x = next((c for c in candidates if math.isfinite(c) and x_lo + margin < c < x_hi - margin),
+             x_lo + width / 2)
+    return math.exp(x)
+
+
 def tries(run: Run, lay: Layer, measure: Measure) -> None:
     """The paper's inner loop for one layer, for each of its blocks at once: measure, rescale,
     until every block is within tol (or degenerate) or its tries reach max_iter (those spent
-    by the one-pass solve count). Each next scale comes from ``next_scale``."""
+    by the one-pass solve count). Each next scale comes from ``solve_scale``: bracketed once
+    two tries straddle the target, and from the start for a weight whose uses feed each
+    other or that is read upstream (``Layer.weight_read_upstream``), whose var(s) is far
+    from quadratic."""
     records, opts = run.rows(lay), run.options
     target = opts.target_var
     var = measure()
@@ -364,6 +536,7 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
         if rec.var_before is None:
             rec.var_before = float(v)
     spent = np.array([rec.tries for rec in records])
+    steep = feeding(run.state, lay)
     history = [[(float(s), float(v))] for s, v in zip(run.state.scale[lay.index], var)]
     while True:
         active = np.array([needs_factor(float(v), target, opts.tol) for v in var]) & (
@@ -371,7 +544,7 @@ def tries(run: Run, lay: Layer, measure: Measure) -> None:
         if not active.any():
             break
         scale = run.state.scale[lay.index]
-        step = np.array([next_scale(h, target) / s if on else 1.0
+        step = np.array([solve_scale(h, target, steep) / s if on else 1.0
                          for h, s, on in zip(history, scale, active)])
         run.state.multiply(lay, step)
         spent += active

@@ -298,6 +298,14 @@ class WeightState:
         arrays.update(self._large)
         return arrays
 
+    def fed_weights(self) -> dict[str, np.ndarray] | None:
+        """Every target weight as it is now, by name, where each one reaches sessions as a
+        graph input (``fed``): one session then measures any weights it is fed, try after
+        try. None where one does not (a Conv's filter, a Constant node, the CUDA provider)."""
+        if self._in_proto or not set(self._in_memory) <= self.fed:
+            return None
+        return {name: np.ascontiguousarray(self.stored(name)) for name in self._in_memory}
+
     def write_constants(self, model: onnx.ModelProto, biases: bool = False) -> None:
         """Write the current weights that ``in_memory`` does not supply into ``model``, and
         with ``biases`` the changed biases (which ``skeleton`` writes as they were then)."""
