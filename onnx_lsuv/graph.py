@@ -382,6 +382,12 @@ def toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+# Ops whose outputs do not scale with their inputs (indices, shapes): a weight's scale does
+# not reach a use whose input depends on another use's output only through them, and no
+# recurrent state travels through them (a greedy decoder's ArgMax picks the next token).
+INDEX_OPS = frozenset({"ArgMax", "ArgMin", "Shape", "Size", "NonZero"})
+
+
 def attribute(node: onnx.NodeProto, name: str, default):
     """The value of ``node``'s attribute ``name``, or ``default`` when it is absent."""
     for a in node.attribute:

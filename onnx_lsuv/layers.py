@@ -50,6 +50,7 @@ import onnx
 
 from .baselines import BASELINES
 from .graph import (
+    INDEX_OPS,
     OUTER_SCOPE,
     SUBGRAPH_OPS,
     BodyIndex,
@@ -1177,14 +1178,19 @@ def _feeds_back(index: GraphIndex, nodes: list[int], start: set[str], end: set[s
 
     Through no other layer, so that the steps of an unrolled decoder or a stacked cell's
     input weight (whose input comes from the state only through another layer's weight) are
-    layers like any other; a cell's own gating (Sigmoid, Mul, Add) is no layer.
+    layers like any other; a cell's own gating (Sigmoid, Mul, Add) is no layer. Nor through
+    an index (ArgMax, Shape, ...): a greedy decoder's head, whose argmax picks the next token,
+    multiplies no state.
     """
     others = targets - set(nodes)
+    # nor through an index (an unrolled greedy decoder's ArgMax -> Gather of the next token)
+    blocked = others | set(nodes) | {i for i, n in enumerate(index.graph.node)
+                                     if n.op_type in INDEX_OPS}
     reads = {index.graph.node[j].input[0] for j in nodes}
-    if not reads & index.downstream(start, others | set(nodes)):
+    if not reads & index.downstream(start, blocked):
         return False
     outputs = {o for j in nodes for o in index.graph.node[j].output if o}
-    return bool(end & index.downstream(outputs, others | set(nodes)))
+    return bool(end & index.downstream(outputs, blocked))
 
 
 # Where a recurrence combines its state with the step's own input (W x_t + R h).

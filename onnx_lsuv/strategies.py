@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from .engine import Engine, Session
+from .graph import INDEX_OPS
 from .layers import Layer, recurrent_rule
 from .measure_graph import (
     MIN_WHERE_OPSET,
@@ -404,9 +405,6 @@ def next_scale(points: list[tuple[float, float]], target: float) -> float:
 
 # The steepest growth var ~ s^p that a feeding weight's expanding step assumes, at least.
 _STEEPEST = 8.0
-# Ops whose outputs do not scale with their inputs (indices, shapes): a weight's scale does
-# not reach a use whose input depends on another use's output only through them.
-INDEX_OPS = frozenset({"ArgMax", "ArgMin", "Shape", "Size", "NonZero"})
 
 
 def feeding(state: WeightState, lay: Layer) -> int:
