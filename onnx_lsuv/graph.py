@@ -36,6 +36,14 @@ class ConstRef:
     constant_node: int | None = None  # index in graph.node when the tensor is a Constant's value
     scope: Scope = ()  # the graph holding it (see ``Scope``)
 
+    @property
+    def scoped_name(self) -> str:
+        """The name with its scope, for one in an If branch ("<name>@<If>.<branch>/..."):
+        two branches may each hold a tensor of one name."""
+        if not self.scope:
+            return self.name
+        return f"{self.name}@{'/'.join(f'{i}.{attr}' for i, attr in self.scope)}"
+
 
 def scope_graph(graph: onnx.GraphProto, scope: Scope) -> onnx.GraphProto:
     """The graph at ``scope`` inside ``graph`` (the main graph)."""

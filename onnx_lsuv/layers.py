@@ -241,12 +241,21 @@ class Layer:
         return self.name if self.blocks == ("",) else f"{self.name}[{self.blocks[b]}]"
 
     @property
+    def chains(self) -> list[WeightChain]:
+        """The layer's chains of layout ops: weight, bias and recurrent weight, where any."""
+        return [c for c in (self.chain, self.bias_chain, self.recurrent_chain) if c]
+
+    @property
+    def chain_node_set(self) -> set[int]:
+        """The nodes of the layer's own chains, in the graph that holds it."""
+        return {j for c in self.chains for j in c.nodes}
+
+    @property
     def first_use(self) -> Use:
         if self.body is not None:  # in the main graph, the layer is its Loop/Scan node
             return Use(self.node_index, self.output, self.output_rank, self.out_axis, None,
                        frozenset({self.node_index}), self.unit_shape)
-        chains = {j for c in (self.chain, self.bias_chain, self.recurrent_chain) if c
-                  for j in c.nodes}
+        chains = self.chain_node_set
         return Use(self.node_index, self.output, self.output_rank, self.out_axis,
                    self.bias_input, frozenset({self.node_index, *self.out_nodes, *chains}),
                    self.unit_shape, frozenset(chains))
@@ -268,8 +277,7 @@ class Layer:
         there."""
         if self.body is None:
             return self.own_nodes
-        chains = {j for c in (self.chain, self.bias_chain) if c for j in c.nodes}
-        return {self.body[1], *self.out_nodes, *chains}
+        return {self.body[1], *self.out_nodes, *self.chain_node_set}
 
     @property
     def own_nodes(self) -> set[int]:
@@ -323,11 +331,15 @@ class Selection:
     fixed: tuple[tuple[str, str], ...] = ()
 
     def fixed_reason(self, layer: Layer) -> str | None:
-        """Why the layer is left alone when one of its weights (W or R) is in ``fixed``."""
+        """Why the layer is left alone when one of its stored weights (W or R, every constant
+        their chains join) is in ``fixed``: by its scoped name (one in an If branch), or by
+        its bare name, which names every tensor of that name."""
         why = dict(self.fixed)
-        ref = next((r for r in (layer.weight, layer.recurrent)
-                    if r is not None and r.name in why), None)
-        return None if ref is None else f"its weight {ref.name!r} is {why[ref.name]}: left alone"
+        for ref in layer.stored_weights:
+            key = next((k for k in (ref.scoped_name, ref.name) if k in why), None)
+            if key is not None:
+                return f"its weight {ref.name!r} is {why[key]}: left alone"
+        return None
 
     def matches(self, patterns: Sequence[str], names: Sequence[str]) -> str | None:
         """The first pattern that matches one of ``names``, if any."""
@@ -880,7 +892,7 @@ def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
         items = _graph_items(sub, data)
         named = {n.name for n in a.g.node if n.name}
         chains = {j for item in items if isinstance(item, Layer) and not item.branch
-                  for c in (item.chain, item.bias_chain) if c for j in c.nodes}
+                  for j in item.chain_node_set}
         pooled = _applied_twice([item for item in items if isinstance(item, Layer)
                                  and not item.branch])
         within = (name, f"{name}/{a.name}")
@@ -973,8 +985,7 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
         items.append(recognise_dense(sub, j, data))
     items = [item for item in items if item is not None]
     # The chains of every body layer are theirs: tf2onnx's GRU slices one kernel for two.
-    chains = {j for item in items if isinstance(item, Layer)
-              for c in (item.chain, item.bias_chain) if c for j in c.nodes}
+    chains = {j for item in items if isinstance(item, Layer) for j in item.chain_node_set}
     targets = {item.node_index for item in items if isinstance(item, Layer)}
     pairs = [(body.input[p].name, body.output[q].name)
              for p, q in state_pairs(loop, body) if q < len(body.output)]
@@ -1020,7 +1031,7 @@ def _body_strangers(sub: BodyIndex, layer: Layer, chains: set[int]) -> list[str]
     if layer.recurrent is not None:  # an LSTM/GRU/RNN op in an If branch
         sources.append(node.input[2])
     # Through this layer's chains; the other body layers' chains read their own parts.
-    through = {j for c in (layer.chain, layer.bias_chain) if c for j in c.nodes}
+    through = layer.chain_node_set
     strangers = set()
     for name in sources:
         readers, _ = sub.readers_through(sub.through_identity(name), through)
@@ -1143,6 +1154,15 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
                 "target (a tie such as an LM head sharing the token embedding): left alone; "
                 f"--include {layer.name} initialises it anyway, changing that reader too"),
                 left_alone=True, within=layer.within))
+            continue
+        outer = [r.name for r in layer.stored_weights if not r.scope]
+        if layer.branch and outer and read_inside(index, layer.body[0], outer, [layer]) \
+                and not selection.matches(selection.include, _names(layer)):
+            skipped.append(Skipped(layer.name, layer.op, (
+                f"its weight {layer.weight.name!r} (stored outside the If) is also read by "
+                f"another node inside {index.node_name(layer.body[0])} (the other branch, a "
+                "tied table): left alone; --include it to initialise it anyway, changing "
+                "that reader too"), left_alone=True, within=layer.within))
             continue
         for j in users:
             if index.node_name(j) not in layer.shared_weight_users:
@@ -1341,6 +1361,44 @@ def recurrent_rule(init: str, check: bool = False) -> str:
     return "recurrent: orthonormal per gate, not scaled"
 
 
+def read_inside(index: GraphIndex, j: int, names: list[str], layers: list[Layer]) -> bool:
+    """Whether node ``j`` with subgraphs (an If, Loop or Scan holding ``layers``, so counted
+    as theirs where it reads ``names``) also reads them (or an Identity of them: torch's
+    deduplication) inside by another node than those layers': the other branch's layer
+    reading a weight or bias torch stored once for both, a Gather of a tied table."""
+    seen, stack = set(), list(names)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(index.graph.node[i].output[0] for i, pos in index.consumers.get(n, [])
+                         if index.graph.node[i].op_type == "Identity" and pos == 0)
+    # each layer inside j: the path of (node, subgraph) down to it, and its nodes there
+    inside = [(lay.branch or ((j, "body"),), lay.local_nodes) for lay in layers
+              if lay.body is not None and lay.body[0] == j]
+    return _read_by_others(index.graph.node[j], seen, inside)
+
+
+def _read_by_others(node: onnx.NodeProto, names: set[str],
+                    inside: list[tuple[tuple, set[int]]]) -> bool:
+    """Whether a node of ``node``'s subgraphs reads ``names`` that is none of the layers'
+    ``inside`` (path, nodes), going down nested Ifs along the layers' paths."""
+    for a in node.attribute:
+        if a.type != onnx.AttributeProto.GRAPH:
+            continue
+        free = names - {t.name for t in a.g.initializer} - {i.name for i in a.g.input}
+        here = [(path[1:], nodes) for path, nodes in inside if path[0][1] == a.name]
+        for k, inner in enumerate(a.g.node):
+            if not free & ({x for x in inner.input if x} | outer_reads(inner)):
+                continue
+            if any(not path and k in nodes for path, nodes in here):
+                continue  # a node of one of the layers
+            deeper = [(path, nodes) for path, nodes in here if path and path[0][0] == k]
+            if not deeper or _read_by_others(inner, free, deeper):
+                return True
+    return False
+
+
 def _same_gather(a: WeightChain | None, b: WeightChain | None) -> bool:
     """Whether two chains (or none) read the same elements of their constant, in order."""
     if a is None or b is None:
@@ -1383,6 +1441,8 @@ def _how_else(first: Layer, other: Layer) -> str:
     """How ``other`` applies ``first``'s weight otherwise (why they are not one layer)."""
     if first.is_recurrent or other.is_recurrent:
         return "read by a recurrent op"
+    if first.branch or other.branch:
+        return "read inside an If branch"
     if first.body is not None or other.body is not None:
         return "read inside a Loop/Scan body"
     if (first.op, first.layout, first.blocks, first.dtype) != \

@@ -50,7 +50,7 @@ from .model_io import (
 )
 from .options import LSUVOptions, legacy_init
 from .orthonormal import compute_dtype, orthonormal_each
-from .precision import float32_measuring, float32_twin, has_low_precision
+from .precision import float32_feeds, float32_measuring, float32_twin, has_low_precision
 from .report import LayerRecord, Report
 from .sequential import final_measure, scale_sequential
 from .strategies import ProgressFn, Run, choose, final_check, no_progress
@@ -536,15 +536,8 @@ def _branches(work: onnx.ModelProto, feeds, opts: LSUVOptions,
         except RuntimeFailure:
             if not has_low_precision(work):
                 raise
-            low = {np.dtype(np.float16), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
-                onnx.TensorProto.BFLOAT16))}
-
-            def cast(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                return {k: v.astype(np.float32) if v.dtype in low else v
-                        for k, v in batch.items()}
-
-            seen = _conditions(float32_twin(work), feeds.map(cast) if isinstance(
-                feeds, Stream) else cast(feeds), ifs, opts)  # as the measuring will be
+            seen = _conditions(float32_twin(work), float32_feeds(feeds), ifs,
+                               opts)  # as the measuring will be
     branches: Branches = {}
     notes = []
     for (scope, i), values in zip(ifs, seen):

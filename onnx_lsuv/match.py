@@ -52,6 +52,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import InputError
+from .graph import GraphIndex
 from .model_io import ModelLike, load_model, tensor_array
 
 PIECES = (2, 3, 4, 6, 8)  # equal parts tried: fused QKV (3), LSTM gates (4, B: 8), GRU (3, 6)
@@ -1027,21 +1028,6 @@ def _carry(matcher: _Matcher, result: MatchResult, kernels: list[Placement], bia
     return None
 
 
-def _weight_values(graph: onnx.GraphProto, out: dict[str, np.ndarray]) -> None:
-    """The constants of ``graph`` and of its subgraphs (a Loop/Scan body's own weights)."""
-    from .graph import subgraphs
-
-    for t in graph.initializer:
-        out.setdefault(t.name, tensor_array(t))
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                out.setdefault(node.output[0], numpy_helper.to_array(value))
-        for sub in subgraphs(node):
-            _weight_values(sub, out)
-
-
 def _sizes_that_hold(size: int) -> set[int]:
     """The sizes of the tensors that ``_Matcher.holders`` may find a tensor of ``size`` in:
     its own, k times it (a chunk of one), and for each of k equal pieces, the piece's size
@@ -1085,7 +1071,8 @@ def fixed_weights(model: ModelLike, params: Mapping[str, Any] | str | os.PathLik
             the default: such a weight is not fixed.
 
     Returns:
-        ONNX tensor name -> why it is fixed (completing "its weight W is ...").
+        ONNX tensor name (``ConstRef.scoped_name``: with its scope, for one in an If branch)
+        -> why it is fixed (completing "its weight W is ...").
     """
     from .layers import find_layers
 
@@ -1095,30 +1082,30 @@ def fixed_weights(model: ModelLike, params: Mapping[str, Any] | str | os.PathLik
     unknown = sorted(frozen - set(params))
     if unknown:
         raise InputError(f"frozen names not among the parameters: {', '.join(unknown[:5])}")
-    values: dict[str, np.ndarray] = {}
-    _weight_values(model.graph, values)
+    index = GraphIndex(model.graph)
     matcher = _Matcher(params)
     frozen_sizes = {matcher.params[n].size for n in frozen if n in matcher.params}
     out: dict[str, str] = {}
     for layer in find_layers(model).layers:
-        for ref in (layer.weight, layer.recurrent):
-            if ref is None or ref.name in out:
+        for ref in layer.stored_weights:  # (every constant a chain joins, in its scope)
+            key = ref.scoped_name
+            if key in out:
                 continue
-            target = np.asarray(values.get(ref.name, np.zeros(0)))
+            target = np.asarray(index.const_array(ref))
             if missing is None and not _sizes_that_hold(target.size) & frozen_sizes:
                 continue  # no non-trainable tensor could hold it (the common case: cheap)
             found = matcher.holders(target, ref.name) if target.dtype.kind == "f" and \
                 target.size else set()
             still, trained = found & frozen, found - frozen
             if still and trained:
-                out[ref.name] = (
+                out[key] = (
                     f"held both by the trainable {framework} tensor(s) {_names_text(trained)} "
                     f"and the non-trainable {_names_text(still)}, so whether it is trained is "
                     "not known (include it to initialise it)")
             elif still:
-                out[ref.name] = f"a non-trainable {framework} tensor {_names_text(still)}"
+                out[key] = f"a non-trainable {framework} tensor {_names_text(still)}"
             elif not found and missing is not None:
-                out[ref.name] = missing
+                out[key] = missing
     return out
 
 

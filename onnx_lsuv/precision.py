@@ -93,11 +93,16 @@ def float32_measuring(work: onnx.ModelProto, state, feeds: dict[str, np.ndarray]
         if state.bias[lay.index] is not None:
             twin_state.bias[lay.index] = state.bias[lay.index].astype(np.float32)
     twin_state.changed_bias = set(state.changed_bias)
+    return twin, twin_state, float32_feeds(feeds)
+
+
+def float32_feeds(feeds):
+    """The batch (or a data.Stream of batches) as the float32 twin takes it: float16 and
+    bfloat16 arrays cast to float32, the rest as they are."""
     low = {np.dtype(np.float16), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
         TensorProto.BFLOAT16))}
 
     def cast(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: v.astype(np.float32) if v.dtype in low else v for k, v in batch.items()}
 
-    twin_feeds = feeds.map(cast) if hasattr(feeds, "map") else cast(feeds)  # a data.Stream
-    return twin, twin_state, twin_feeds
+    return feeds.map(cast) if hasattr(feeds, "map") else cast(feeds)  # a data.Stream

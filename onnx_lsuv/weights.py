@@ -7,7 +7,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import ConstRef, GraphIndex, attribute, rename_input, scope_graph, scope_index
-from .layers import Layer
+from .layers import Layer, read_inside
 from .model_io import (
     DATA_FIELDS,
     MAP_MIN,
@@ -56,9 +56,7 @@ class WeightState:
         self._original: dict[str, np.ndarray] = {}
         self._keys = _keys([ref for lay in layers
                             for ref in (lay.weight, lay.bias, lay.recurrent) if ref is not None]
-                           + [r for lay in layers
-                              for c in (lay.chain, lay.bias_chain, lay.recurrent_chain) if c
-                              for r, _ in c.more])
+                           + [r for lay in layers for c in lay.chains for r, _ in c.more])
         for lay in layers:
             self.base[lay.index] = self._read(lay, lay.weight, lay.chain, "weight")
             self.bias[lay.index] = None if lay.bias is None else self._read(
@@ -378,8 +376,7 @@ def _keys(refs: list[ConstRef]) -> dict[ConstRef, str]:
     by_name: dict[str, set[ConstRef]] = {}
     for ref in refs:
         by_name.setdefault(ref.name, set()).add(ref)
-    return {ref: ref.name if len(by_name[ref.name]) == 1 or not ref.scope else
-            f"{ref.name}@{'/'.join(f'{i}.{attr}' for i, attr in ref.scope)}" for ref in refs}
+    return {ref: ref.name if len(by_name[ref.name]) == 1 else ref.scoped_name for ref in refs}
 
 
 def _rescale(src: np.ndarray, dst: np.ndarray, factor: float,
@@ -470,7 +467,7 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         where = scope_index(index, ref.scope)
         local = bool(ref.scope)
         through = {j for lay in zeroers for j in lay.chain_nodes} if not local else \
-            {j for lay in zeroers for c in (lay.chain, lay.bias_chain) if c for j in c.nodes}
+            {j for lay in zeroers for j in lay.chain_node_set}
         readers, returned = set(), False
         for r in refs:
             found, out = where.readers_through(r.name, through)
@@ -480,7 +477,7 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
         # itself where one tensor packs the weight and the bias (read through Slices).
         own = {j for lay in zeroers for j in (lay.local_nodes if local else lay.own_nodes)}
         others = {(j, pos) for j, pos in readers if j not in own
-                  or not local and _strangers_inside(where, j, refs, zeroers)}
+                  or not local and read_inside(where, j, [r.name for r in refs], zeroers)}
         if not others and not returned and not (shifted and len(zeroers) > 1):
             continue  # every reader zeroes it (or the one layer shifting it is its only one)
         # Layers that each shift it, and nothing else reads it: the last keeps the tensor.
@@ -493,16 +490,16 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
                 k += 1
             taken.add(name)
             value = index.const_array(ref)
-            if lay.body is None and lay.bias_chain is not None:  # as the layer reads it
-                value = lay.bias_chain.effective(value, *(
+            if (lay.body is None or lay.branch) and lay.bias_chain is not None:
+                value = lay.bias_chain.effective(value, *(  # as the layer reads it
                     index.const_array(r) for r, _ in lay.bias_chain.more))
                 lay.bias_chain = None
             tensor = numpy_helper.from_array(value, name)
-            if lay.branch:  # the copy lives in the layer's branch, which alone reads it
-                branch = scope_graph(graph, lay.branch)
-                branch.initializer.append(tensor)
-                for node in branch.node:
-                    rename_input(node, ref.name, name)
+            if lay.branch:  # the copy lives in the layer's branch, read by the layer's node
+                branch = scope_graph(graph, lay.branch)  # (not by name: an Identity alias of
+                branch.initializer.append(tensor)       # a main-graph tensor, say)
+                node_i, pos = lay.bias_input
+                branch.node[node_i].input[pos] = name
                 lay.bias = ConstRef(name, scope=lay.branch)
             else:
                 graph.initializer.append(tensor)
@@ -519,60 +516,15 @@ def unshare_biases(model: onnx.ModelProto, layers: list[Layer], zeroing: set[int
             who = sorted({where.node_name(j) for j, _ in others}) + (
                 ["a graph output"] if returned else [])
             who += sorted(o.name for o in zeroers if o is not lay)
-            notes.append(f"layer {lay.name}: its bias {ref.name!r} is also read by "
+            shared = [r.name for r in refs if any(
+                (j, p) in others for j, p in where.readers_through(r.name, through)[0])] \
+                or [ref.name]
+            notes.append(f"layer {lay.name}: its bias {', '.join(map(repr, shared))} "
+                         "is also read by "
                          f"{', '.join(who)} (the exporter stored equal tensors, often all "
                          f"zeros, once); {'shifting' if shifted else 'zeroing'} it gave the "
                          f"layer its own copy {name!r}")
     return notes
-
-
-def _strangers_inside(index: GraphIndex, j: int, refs: list[ConstRef],
-                      zeroers: list[Layer]) -> bool:
-    """Whether node ``j`` with subgraphs (an If, Loop or Scan of the main graph that holds
-    zeroing layers, so counted as theirs) also reads the tensors ``refs`` (or an Identity of
-    them: torch's deduplication) inside them by another node: the other branch's layer
-    reading a bias torch stored once for both, say."""
-    names, stack = set(), [r.name for r in refs]
-    while stack:
-        n = stack.pop()
-        if n not in names:
-            names.add(n)
-            stack.extend(index.graph.node[i].output[0] for i, pos in index.consumers.get(n, [])
-                         if index.graph.node[i].op_type == "Identity" and pos == 0)
-    # each zeroing layer inside j: the path of (node, subgraph) down to it, and its nodes there
-    inside = [(lay.branch or ((j, "body"),), lay.local_nodes) for lay in zeroers
-              if lay.body is not None and lay.body[0] == j]
-    return _read_by_others(index.graph.node[j], names, inside)
-
-
-def _read_by_others(node: onnx.NodeProto, names: set[str],
-                    inside: list[tuple[tuple, set[int]]]) -> bool:
-    """Whether a node of ``node``'s subgraphs reads ``names`` that is none of the layers'
-    ``inside`` (path, nodes), going down nested Ifs along the layers' paths."""
-    for a in node.attribute:
-        if a.type != onnx.AttributeProto.GRAPH:
-            continue
-        free = names - {t.name for t in a.g.initializer} - {i.name for i in a.g.input}
-        here = [(path[1:], nodes) for path, nodes in inside if path[0][1] == a.name]
-        for k, inner in enumerate(a.g.node):
-            if not free & _reads_all(inner):
-                continue
-            if any(not path and k in nodes for path, nodes in here):
-                continue  # a zeroing layer's own node
-            deeper = [(path, nodes) for path, nodes in here if path and path[0][0] == k]
-            if not deeper or _read_by_others(inner, free, deeper):
-                return True
-    return False
-
-
-def _reads_all(node: onnx.NodeProto) -> set[str]:
-    """What a node reads, inside its subgraphs too."""
-    names = {x for x in node.input if x}
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            for n in a.g.node:
-                names |= _reads_all(n)
-    return names
 
 
 def add_biases(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[str], list[str]]:

@@ -313,3 +313,57 @@ def test_a_chain_through_a_concat_with_a_cast_keeps_the_graph_valid():
     (y,) = output_values(result.model, feeds, ["y"])
     assert abs(np.var(y.astype(np.float64)) - 1) < TOL
     assert stored(result.model)["w"].dtype == np.float16
+
+
+@pytest.mark.parametrize("in_branch", [False, True])
+def test_a_joined_bias_whose_b_hh_another_node_reads_gets_a_copy(in_branch):
+    """B joins b_ih and b_hh (torch's reorder); a main-graph Add also reads b_hh. Zeroing the
+    LSTM's bias must leave that reader as it was, in the main graph and with the LSTM inside
+    the taken branch of an If (where only the first joined tensor was copied, and b_hh was
+    zeroed in place); the note names the shared tensor."""
+    from independent import branch_values
+    from test_if_branches import rate_condition, vi
+
+    g = TorchScriptGraph()
+    ins = [g.node("Unsqueeze", [g.reorder(f"lstm.{kind}_l0"), g.const([0])])
+           for kind in ("weight_ih", "weight_hh")]
+    ins.append(g.node("Unsqueeze", [g.node("Concat", [g.reorder("lstm.bias_ih_l0"),
+                                                      g.reorder("lstm.bias_hh_l0")], axis=0),
+                                    g.const([0])]))
+    g.nodes.append(helper.make_node("LSTM", ["xt", *ins], ["h"], name="/lstm/LSTM",
+                                    hidden_size=H))
+    main = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+            helper.make_node("Add", ["z", "lstm.bias_hh_l0"], ["z2"], name="/other_add")]
+    if in_branch:
+        g.nodes.append(helper.make_node("Identity", ["h"], ["h16"]))
+        then = helper.make_graph(g.nodes, "then_branch", [], [vi("h16")])
+        other = helper.make_graph([helper.make_node("Identity", ["xt"], ["h8"])],
+                                  "else_branch", [], [vi("h8")])
+        main += rate_condition() + [helper.make_node(
+            "If", ["/Cast_output_0"], ["y"], name="/If", then_branch=then, else_branch=other)]
+    else:
+        g.nodes.append(helper.make_node("Identity", ["h"], ["y"]))
+        main += g.nodes
+    graph = helper.make_graph(main, "m", [vi("x", [4, T, F]), vi("sr", [], TensorProto.INT64),
+                                          vi("z", [4 * H])], [vi("y", None), vi("z2", [4 * H])],
+                              [numpy_helper.from_array(v, k)
+                               for k, v in torch_params(False).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=8)
+    feeds = {"x": rand(4, T, F, seed=3) * 2, "sr": np.array(16000, np.int64),
+             "z": rand(4 * H, seed=9)}
+    result = lsuv_init(model, feeds, exclude=["/If/else_branch"])
+    (z2,) = output_values(result.model, feeds, ["z2"])
+    (z2_before,) = output_values(model, feeds, ["z2"])
+    assert np.array_equal(z2, z2_before)
+    assert any("its bias 'lstm.bias_hh_l0' is also read by /other_add" in n
+               for n in result.report.notes), result.report.notes
+    lstm = next(n for n in (next(a.g for a in next(
+        n for n in result.model.graph.node if n.op_type == "If").attribute
+        if a.name == "then_branch").node if in_branch else result.model.graph.node)
+        if n.op_type == "LSTM")
+    if in_branch:
+        (b,) = branch_values(result.model, feeds, [("/If", "then_branch")], [lstm.input[3]])
+    else:
+        (b,) = output_values(result.model, feeds, [lstm.input[3]])
+    assert not np.any(b)  # the bias the LSTM reads is zeroed

@@ -552,3 +552,93 @@ def test_a_weight_applied_twice_inside_a_branch_is_reported():
     assert all("applied by 2 nodes of the branch" in s["reason"]
                for s in result.report.not_initialised)
     assert_only_changed(model, result.model, set())
+
+
+# --- from the review: the seams between If branches, biases, ties and fixed weights ---------
+
+def _model(nodes, inputs, outputs, inits):
+    graph = helper.make_graph(nodes, "main", inputs, outputs,
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_branch_layer_whose_bias_is_an_identity_alias_gets_a_copy_it_reads():
+    """torch stores equal tensors once behind Identity nodes: the branch's Gemm reads
+    b_alias = Identity(b), and a main-graph Add reads b. Zeroing the Gemm's bias must give
+    the Gemm a copy that it reads (a copy renamed by the stored name was read by nothing)."""
+    then = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b_alias"], ["t"],
+                                               name="/gemm", transB=1)],
+                             "then_branch", [], [vi("t")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else_branch", [],
+                              [vi("e")])
+    nodes = rate_condition() + [
+        helper.make_node("Identity", ["b"], ["b_alias"], name="/alias"),
+        helper.make_node("If", ["/Cast_output_0"], ["y"], name="/If", then_branch=then,
+                         else_branch=other),
+        helper.make_node("Add", ["z", "b"], ["z2"], name="/other_add")]
+    model = _model(nodes, [vi("x", [32, 6]), vi("sr", [], TensorProto.INT64), vi("z", [3, 4])],
+                   [vi("y", ["a", "b"]), vi("z2", [3, 4])],
+                   {"W": rand(4, 6, seed=1) * 3, "b": np.linspace(0.5, 1, 4).astype(np.float32)})
+    feeds = {"x": rand(32, 6, seed=2), "sr": np.array(16000, np.int64), "z": rand(3, 4, seed=3)}
+    result = lsuv_init(model, feeds, exclude=["/If/else_branch"])
+    assert result.report.converged, result.report.table()
+    (t,) = branch_values(result.model, feeds, [("/If", "then_branch")], ["t"])
+    assert abs(float(np.var(t)) - 1) < TOL
+    x = feeds["x"].astype(np.float64)  # the bias the Gemm reads is zero: t is x W^T exactly
+    w = next(numpy_helper.to_array(i) for i in result.model.graph.initializer if i.name == "W")
+    np.testing.assert_allclose(t, x @ w.astype(np.float64).T, rtol=1e-5, atol=1e-5)
+    (z2,) = output_values(result.model, feeds, ["z2"])
+    (z2_before,) = output_values(model, feeds, ["z2"])
+    assert np.array_equal(z2, z2_before)  # the other reader of b as it was
+
+
+@pytest.mark.parametrize("where", ["other_branch", "alias"])
+def test_a_branch_weight_also_read_elsewhere_inside_the_if_is_left_alone(where):
+    """W, stored in the main graph, is read by the taken branch's MatMul and by a Gather in
+    the other branch (directly, or through torch's Identity alias): a tie the tool must not
+    change in silence; left alone by the tie rule, W bit for bit."""
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="/mm")],
+                             "then_branch", [], [vi("t")])
+    table = "W_alias" if where == "alias" else "W"
+    other = helper.make_graph([helper.make_node("Gather", [table, "ids"], ["e"],
+                                                name="/gather")], "else_branch", [], [vi("e")])
+    nodes = rate_condition() + ([helper.make_node("Identity", ["W"], ["W_alias"])]
+                                if where == "alias" else []) + [
+        helper.make_node("If", ["/Cast_output_0"], ["y"], name="/If", then_branch=then,
+                         else_branch=other)]
+    model = _model(nodes, [vi("x", [32, 6]), vi("ids", [3], TensorProto.INT64),
+                           vi("sr", [], TensorProto.INT64)], [vi("y", ["a", "b"])],
+                   {"W": rand(6, 4, seed=1) * 3})
+    feeds = {"x": rand(32, 6, seed=2), "ids": np.array([0, 1, 2], np.int64),
+             "sr": np.array(16000, np.int64)}
+    result = lsuv_init(model, feeds)
+    (tied,) = [s for s in result.report.skipped if s["name"] == "/mm"]
+    assert tied["by_rule"] and "also read by another node inside /If" in tied["reason"]
+    assert tensors(result.model.graph) == tensors(model.graph)
+
+
+def test_fixed_weights_tell_two_branches_tensors_of_one_name_apart():
+    """Both branches hold an initializer named W; only the else branch's is among PARAMS: with
+    --only-matched's rule the then branch's W alone is fixed, by its scoped name."""
+    from onnx_lsuv.match import fixed_weights
+
+    w_then, w_else = rand(6, 4, seed=1), rand(6, 4, seed=2)
+    branches = [helper.make_graph([helper.make_node("MatMul", ["x", "W"], [out], name=name)],
+                                  attr, [], [vi(out)], [numpy_helper.from_array(w, "W")])
+                for attr, out, name, w in (("then_branch", "t", "/mm16", w_then),
+                                           ("else_branch", "e", "/mm8", w_else))]
+    nodes = rate_condition() + [helper.make_node("If", ["/Cast_output_0"], ["y"], name="/If",
+                                                 then_branch=branches[0],
+                                                 else_branch=branches[1])]
+    model = _model(nodes, [vi("x", [32, 6]), vi("sr", [], TensorProto.INT64)],
+                   [vi("y", ["a", "b"])], {})
+    found = fixed_weights(model, {"fc.weight": w_else}, missing="not among PARAMS")
+    assert list(found) == [k for k in found if k.startswith("W@") and "then_branch" in k]
+    assert len(found) == 1
+    feeds = {"x": rand(32, 6, seed=3), "sr": np.array(16000, np.int64)}
+    result = lsuv_init(model, feeds, fixed=found)
+    (left,) = [s for s in result.report.skipped if s["name"] == "/mm16"]
+    assert left["by_rule"] and "not among PARAMS" in left["reason"]
