@@ -321,8 +321,9 @@ def test_a_joined_bias_whose_b_hh_another_node_reads_gets_a_copy(in_branch):
     LSTM's bias must leave that reader as it was, in the main graph and with the LSTM inside
     the taken branch of an If (where only the first joined tensor was copied, and b_hh was
     zeroed in place); the note names the shared tensor."""
-    from independent import branch_values
     from test_if_branches import rate_condition, vi
+
+    from independent import branch_values
 
     g = TorchScriptGraph()
     ins = [g.node("Unsqueeze", [g.reorder(f"lstm.{kind}_l0"), g.const([0])])

@@ -447,7 +447,6 @@ def test_a_scripted_torch_if_initialises_the_taken_branch(tmp_path):
     taken = [n for n in then.node if n.op_type in ("Conv", "MatMul")]
     assert [n.op_type for n in taken] == ["Conv", "MatMul"]
     result = lsuv_init(model, feeds)
-    rows = {rec.name: rec for rec in result.report.layers}
     assert [r.name for r in result.report.layers if not r.name.startswith(lstm.name)] == \
         [n.name for n in taken]
     assert [r.status for r in result.report.layers if r.name.startswith(lstm.name)] == \
