@@ -237,6 +237,11 @@ def exact_in_one_pass(run: Run, lay: Layer, biases: dict[int, LayerBias]) -> boo
             and (lay.index in biases or not run.state.has_nonzero_bias(lay)))
 
 
+# The largest one-pass factor whose rescaled output is taken as the written model's (its
+# variance was 1e-8 of the target before); above it, the re-measurement decides.
+MAX_EXACT_FACTOR = 1e4
+
+
 def scale_fast(run: Run) -> None:
     """The one-pass solve, its re-measurement, and the try loop from the first layer off.
 
@@ -263,6 +268,11 @@ def scale_fast(run: Run) -> None:
         good = np.isfinite(raw) & (raw > 0)
         scales = np.where(good, raw, 1.0)  # never a NaN weight
         exact = exact and bool(good.all())  # else later layers read another output
+        # A factor this large scales up the float32 rounding in which the one-pass graph and
+        # the written model differ (s (W x) against (s W) x) with the signal: a variance
+        # near the noise floor (a Relu that the rescaled weights leave all but dead) is no
+        # measurement of the written model, which the re-measurement then is.
+        exact = exact and bool(np.all(scales <= MAX_EXACT_FACTOR))
         for rec, var, scale in zip(run.rows(lay), variances, scales):
             rec.var_before = float(var)
             rec.tries = int(scale != 1.0)

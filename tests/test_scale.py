@@ -241,6 +241,46 @@ def test_graphs_the_one_pass_cannot_stand_for_are_measured_again(case):
         assert rec.var_after == pytest.approx(want, rel=1e-4)
 
 
+def test_a_constant_channel_read_through_a_batchnorm_is_never_reported_converged():
+    """A conv whose input a Relu keeps at exactly 0 feeds a BatchNormalization: the one-pass
+    graph reads the conv's statistics off the BatchNormalization's output and converts them
+    back, which leaves a variance of about 1e-16 (float64 rounding of a constant channel).
+    Its factor (about 1e8) is no measurement of the written model: the property test found the
+    report saying 'converged' where the written model's variance is 0. Re-measured now, and
+    never converged (the test's own measurement)."""
+    conv = dict(group=1, kernel_shape=[1, 1], pads=[0, 0, 0, 0])
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **conv),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", **conv),
+             helper.make_node("BatchNormalization", ["c2", "g", "beta", "mean", "var"], ["bn"],
+                              epsilon=1e-5),
+             helper.make_node("Tanh", ["bn"], ["t"]),
+             helper.make_node("Flatten", ["t"], ["f"]),
+             helper.make_node("MatMul", ["f", "w3"], ["m"], name="fc"),
+             helper.make_node("Add", ["m", "b3"], ["y"])]
+    x = (np.random.default_rng(0).standard_normal((10, 2, 5, 5)) * 4.9).astype(np.float32)
+    inits = {"w1": np.array([[[[1.0531157]], [[1.7764913]]]], np.float32),
+             "b1": np.array([-100.0], np.float32),  # the Relu after it is dead: exactly 0
+             "w2": np.full((1, 1, 1, 1), -0.13796507, np.float32),  # (the property test's)
+             "g": np.array([1.5114859], np.float32), "beta": np.array([1.3521419], np.float32),
+             "mean": np.array([1.9613651], np.float32),
+             "var": np.array([0.9304033], np.float32),
+             "w3": np.random.default_rng(1).standard_normal((25, 3)).astype(np.float32),
+             "b3": np.array([-0.66, -1.24, 0.28], np.float32)}
+    graph = helper.make_graph(
+        nodes, "dead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=8)
+    result = lsuv_init(model, {"x": x}, provider="cpu", init="rescale")
+    targets, _ = independent.find_targets(result.model)
+    measured = independent.pooled_variances(result.model, {"x": x}, targets)
+    rec = result.report.layers[1]
+    assert measured[1] == 0.0  # the written conv2's output is constant
+    assert rec.status != "converged" and not result.report.converged, result.report.table()
+
+
 @pytest.mark.parametrize("external", [False, True])
 def test_a_result_saved_over_its_own_input_still_has_its_model(tmp_path, external):
     # The input's files stay open while the result lives: replacing (or removing) them does
