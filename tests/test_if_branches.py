@@ -555,15 +555,6 @@ def test_a_weight_applied_twice_inside_a_branch_is_reported():
 
 # --- from the review: the seams between If branches, biases, ties and fixed weights ---------
 
-def _model(nodes, inputs, outputs, inits):
-    graph = helper.make_graph(nodes, "main", inputs, outputs,
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              ir_version=IR_VERSION)
-    onnx.checker.check_model(model)
-    return model
-
-
 def test_a_branch_layer_whose_bias_is_an_identity_alias_gets_a_copy_it_reads():
     """torch stores equal tensors once behind Identity nodes: the branch's Gemm reads
     b_alias = Identity(b), and a main-graph Add reads b. Zeroing the Gemm's bias must give
@@ -578,7 +569,7 @@ def test_a_branch_layer_whose_bias_is_an_identity_alias_gets_a_copy_it_reads():
         helper.make_node("If", ["/Cast_output_0"], ["y"], name="/If", then_branch=then,
                          else_branch=other),
         helper.make_node("Add", ["z", "b"], ["z2"], name="/other_add")]
-    model = _model(nodes, [vi("x", [32, 6]), vi("sr", [], TensorProto.INT64), vi("z", [3, 4])],
+    model = model_of(nodes, [vi("x", [32, 6]), vi("sr", [], TensorProto.INT64), vi("z", [3, 4])],
                    [vi("y", ["a", "b"]), vi("z2", [3, 4])],
                    {"W": rand(4, 6, seed=1) * 3, "b": np.linspace(0.5, 1, 4).astype(np.float32)})
     feeds = {"x": rand(32, 6, seed=2), "sr": np.array(16000, np.int64), "z": rand(3, 4, seed=3)}
@@ -608,7 +599,7 @@ def test_a_branch_weight_also_read_elsewhere_inside_the_if_is_left_alone(where):
                                 if where == "alias" else []) + [
         helper.make_node("If", ["/Cast_output_0"], ["y"], name="/If", then_branch=then,
                          else_branch=other)]
-    model = _model(nodes, [vi("x", [32, 6]), vi("ids", [3], TensorProto.INT64),
+    model = model_of(nodes, [vi("x", [32, 6]), vi("ids", [3], TensorProto.INT64),
                            vi("sr", [], TensorProto.INT64)], [vi("y", ["a", "b"])],
                    {"W": rand(6, 4, seed=1) * 3})
     feeds = {"x": rand(32, 6, seed=2), "ids": np.array([0, 1, 2], np.int64),
@@ -632,7 +623,7 @@ def test_fixed_weights_tell_two_branches_tensors_of_one_name_apart():
     nodes = rate_condition() + [helper.make_node("If", ["/Cast_output_0"], ["y"], name="/If",
                                                  then_branch=branches[0],
                                                  else_branch=branches[1])]
-    model = _model(nodes, [vi("x", [32, 6]), vi("sr", [], TensorProto.INT64)],
+    model = model_of(nodes, [vi("x", [32, 6]), vi("sr", [], TensorProto.INT64)],
                    [vi("y", ["a", "b"])], {})
     found = fixed_weights(model, {"fc.weight": w_else}, missing="not among PARAMS")
     assert list(found) == [k for k in found if k.startswith("W@") and "then_branch" in k]
