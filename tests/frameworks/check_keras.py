@@ -33,6 +33,20 @@ from keras import layers  # noqa: E402
 from _common import fixed_facts, summary, var, write  # noqa: E402
 
 
+def off_defaults(model) -> None:
+    """Non-zero biases and BatchNorm statistics away from their defaults (fresh ones hide
+    misplaced biases)."""
+    rng = np.random.default_rng(1)
+    for w in model.weights:
+        leaf, shape = w.path.split("/")[-1], tuple(w.shape)
+        if leaf == "moving_variance":
+            w.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+        elif leaf in ("bias", "beta", "moving_mean"):
+            w.assign(rng.normal(0.0, 1.0, shape).astype("float32"))
+        elif leaf == "gamma":
+            w.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+
+
 def build():
     keras.utils.set_random_seed(0)
     inp = keras.Input((12, 12, 3), name="x")
@@ -51,16 +65,7 @@ def build():
     h = layers.LSTM(5, name="lstm")(h)
     out = layers.Dense(4, name="head")(h)
     model = keras.Model(inp, out)
-    rng = np.random.default_rng(1)
-    for w in model.weights:  # non-zero biases, BatchNorm away from its defaults
-        leaf = w.path.split("/")[-1]
-        shape = tuple(w.shape)
-        if leaf == "moving_variance":
-            w.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-        elif leaf in ("bias", "beta", "moving_mean"):
-            w.assign(rng.normal(0.0, 1.0, shape).astype("float32"))
-        elif leaf == "gamma":
-            w.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+    off_defaults(model)
     x = np.random.default_rng(2).standard_normal((32, 12, 12, 3)).astype("float32")
     return model, x
 
@@ -127,15 +132,7 @@ def build_fixed():
     model = keras.Model(inp, layers.Dense(5, name="head")(h))
     stft.set_weights([stft_kernel()])
     stft.trainable = False
-    rng = np.random.default_rng(1)
-    for w in model.weights:
-        leaf, shape = w.path.split("/")[-1], tuple(w.shape)
-        if leaf == "moving_variance":
-            w.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-        elif leaf in ("bias", "beta", "moving_mean"):
-            w.assign(rng.normal(0.0, 1.0, shape).astype("float32"))
-        elif leaf == "gamma":
-            w.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+    off_defaults(model)
     return model, np.random.default_rng(2).standard_normal((32, 128, 1)).astype("float32")
 
 

@@ -51,6 +51,19 @@ class Recurrent(nn.Layer):
         return self.head(h[:, -1])
 
 
+
+def off_defaults(model) -> None:
+    """Non-zero biases and BatchNorm statistics (and scale) away from their defaults."""
+    rng = np.random.default_rng(1)
+    for k, p in model.state_dict().items():
+        if k.endswith(("_mean", "bias")):
+            p.set_value(rng.normal(0.0, 1.0, p.shape).astype("float32"))
+        elif k.endswith("_variance"):
+            p.set_value(rng.uniform(0.5, 2.0, p.shape).astype("float32"))
+        elif k.startswith("bn") and k.endswith("weight"):
+            p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
+
+
 def rnn(kind: str, out_path: str) -> int:
     """The one call on a stacked GRU/LSTM; measured: the Linear outputs (hooks) and, per
     layer and gate, the input projection x W_g of the recurrent layer's input (Paddle's gate
@@ -105,14 +118,7 @@ def fixed(out_path: str) -> int:
 
     paddle.seed(0)
     model = Spectral()
-    rng = np.random.default_rng(1)
-    for k, p in model.state_dict().items():  # non-zero biases, BatchNorm off its defaults
-        if k.endswith(("_mean", "bias")):
-            p.set_value(rng.normal(0.0, 1.0, p.shape).astype("float32"))
-        elif k.endswith("_variance"):
-            p.set_value(rng.uniform(0.5, 2.0, p.shape).astype("float32"))
-        elif k == "bn.weight":
-            p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
+    off_defaults(model)
     x = np.random.default_rng(2).standard_normal((32, 1, 128)).astype("float32")
     before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     result = lsuv_layer(model, x, seed=3)
@@ -140,14 +146,7 @@ def main(argv):
 
     paddle.seed(0)
     model = CNN()
-    rng = np.random.default_rng(1)
-    for k, p in model.state_dict().items():  # non-zero biases, BatchNorm off its defaults
-        if k.endswith(("_mean", "bias")):
-            p.set_value(rng.normal(0.0, 1.0, p.shape).astype("float32"))
-        elif k.endswith("_variance"):
-            p.set_value(rng.uniform(0.5, 2.0, p.shape).astype("float32"))
-        elif k.startswith("bn") and k.endswith("weight"):
-            p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
+    off_defaults(model)
     x = np.random.default_rng(2).standard_normal((32, 3, 12, 12)).astype("float32")
     before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     result = lsuv_layer(model, x, seed=3)
