@@ -51,7 +51,6 @@ class Recurrent(nn.Layer):
         return self.head(h[:, -1])
 
 
-
 def off_defaults(model) -> None:
     """Non-zero biases and BatchNorm statistics (and scale) away from their defaults."""
     rng = np.random.default_rng(1)
