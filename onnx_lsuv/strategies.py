@@ -123,7 +123,6 @@ class Measurer:
         self.session: Session | None = None
         self.key: tuple | None = None
         self.values: list[np.ndarray] = []
-        self.passes = 0
 
     def _state_key(self) -> tuple:
         state = self.run.state
@@ -142,19 +141,11 @@ class Measurer:
         values = self.session.run(self.run.feeds, self.names)
         self.values = [np.atleast_1d(v).astype(np.float64) for v in values]
         self.key = key
-        self.passes += 1
         return self.values
 
     def of(self, lay: Layer) -> Measure:
         """A measurement of one layer: its variances from ``all``."""
         return lambda: self.all()[lay.index]
-
-
-def measure_all(run: Run, skeleton: onnx.ModelProto) -> list[np.ndarray]:
-    """Every layer's output variances (one per block) with the current weights, in one pass."""
-    measuring, names = stats_model(skeleton, run.layers)
-    values = run.session(measuring).run(run.feeds, names)
-    return [np.atleast_1d(v).astype(np.float64) for v in values]
 
 
 def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False,
@@ -164,8 +155,8 @@ def final_check(run: Run, skeleton: onnx.ModelProto, check: bool = False,
     With ``measurer``, its measurement of the weights as they are (a pass of the same
     session, or the last one where no weight changed since)."""
     ties = any(lay.shared_weight_users or lay.weight_read_upstream for lay in run.layers)
-    measured = measurer.all() if measurer is not None else measure_all(run, skeleton)
-    for lay, values in zip(run.layers, measured):
+    measurer = measurer or Measurer(run, skeleton)
+    for lay, values in zip(run.layers, measurer.all()):
         before = [rec.status for rec in run.rows(lay)]
         run.judge(lay, values, check=check)
         for rec, status in zip(run.rows(lay), before):
@@ -439,7 +430,6 @@ def feeding(state: WeightState, lay: Layer) -> int:
            if node.op_type in INDEX_OPS and node.domain in ("", "ai.onnx")}
     reached = index.downstream({o for r in roots for o in graph.node[r].output if o}, cut)
     return len(lay.uses) if any(graph.node[r].input[0] in reached for r in roots) else 0
-
 
 
 def _signed(points: list[tuple[float, float]], target: float) -> list[tuple[float, float]]:
