@@ -45,6 +45,11 @@ class ConstRef:
         return f"{self.name}@{'/'.join(f'{i}.{attr}' for i, attr in self.scope)}"
 
 
+def node_label(node: onnx.NodeProto, i: int) -> str:
+    """How messages name node ``i`` of its graph: its name, or its op type and index."""
+    return node.name or f"{node.op_type}_{i}"
+
+
 def scope_graph(graph: onnx.GraphProto, scope: Scope) -> onnx.GraphProto:
     """The graph at ``scope`` inside ``graph`` (the main graph)."""
     for i, attr in scope:
@@ -132,8 +137,7 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in graph.output}
 
     def node_name(self, i: int) -> str:
-        node = self.graph.node[i]
-        return node.name or f"{node.op_type}_{i}"
+        return node_label(self.graph.node[i], i)
 
     def through_identity(self, name: str) -> str:
         """The tensor that ``name`` is, up the chain of Identity nodes that produce it."""

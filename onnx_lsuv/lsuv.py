@@ -34,7 +34,7 @@ from .baselines import BASELINES, baseline_weight
 from .data import BatchLike, Stream, load_data
 from .engine import Engine
 from .errors import InputError, LSUVError, RuntimeFailure
-from .graph import GraphIndex, if_nodes, scope_graph
+from .graph import GraphIndex, if_nodes, node_label, scope_graph
 from .layers import Branches, Discovery, Layer, find_layers, recurrent_rule
 from .measure_graph import Point, activation_point, condition_model
 from .model_io import (
@@ -574,8 +574,7 @@ def _conditions(work: onnx.ModelProto, feeds, ifs: list, opts: LSUVOptions) -> l
 
 
 def _node_name(graph: onnx.GraphProto, scope, i: int) -> str:
-    node = scope_graph(graph, scope).node[i]
-    return node.name or f"{node.op_type}_{i}"
+    return node_label(scope_graph(graph, scope).node[i], i)
 
 
 @contextlib.contextmanager
