@@ -107,6 +107,15 @@ def _part(array: np.ndarray, region: Region) -> np.ndarray:
     return array[tuple(index)]
 
 
+def _splits(array: np.ndarray):
+    """(axis, k): each way to cut ``array`` into k equal pieces of two or more elements (a
+    recurrent W per gate, B = concat(Wb, Rb)), in the order they are tried."""
+    for axis, n in enumerate(array.shape):
+        for k in PIECES:
+            if n % k == 0 and array.size // k >= 2:
+                yield axis, k
+
+
 def _region_text(region: Region, what: str) -> str:
     if region is None:
         return ""
@@ -569,13 +578,10 @@ class _Matcher:
         found = {p.param for mine in self.scaled_holders(target, name) for p in mine}
         if found:
             return found
-        for axis, n in enumerate(target.shape):
-            for k in PIECES:
-                if n % k or target.size // k < 2:
-                    continue
-                pieces = [exact(_part(target, (axis, j, k))) for j in range(k)]
-                if all(pieces):
-                    return set().union(*pieces)
+        for axis, k in _splits(target):
+            pieces = [exact(_part(target, (axis, j, k))) for j in range(k)]
+            if all(pieces):
+                return set().union(*pieces)
         return set()
 
     def _profile(self, name: str, axis: int, region: Region = None) -> np.ndarray:
@@ -865,29 +871,26 @@ def _solve(matcher: _Matcher, name: str, before: np.ndarray, new: np.ndarray, pr
     if not isinstance(whole, str) or not pieces:
         return whole
     why = whole
-    for axis, n in enumerate(before.shape):
-        for k in PIECES:
-            if n % k or before.size // k < 2:
+    for axis, k in _splits(before):
+        placements: list[Placement] = []
+        used = Prefer(set(prefer.names), set(prefer.parents), prefer.strict)
+        failed = False
+        for j in range(k):
+            piece = (axis, j, k)
+            o, w = _part(before, piece), _part(new, piece)
+            if np.array_equal(o, w):
                 continue
-            placements: list[Placement] = []
-            used = Prefer(set(prefer.names), set(prefer.parents), prefer.strict)
-            failed = False
-            for j in range(k):
-                piece = (axis, j, k)
-                o, w = _part(before, piece), _part(new, piece)
-                if np.array_equal(o, w):
-                    continue
-                got = matcher.solve_exact(o, w, name, piece, used)
-                if isinstance(got, str):
-                    if got.startswith("ambiguous") and not why.startswith("ambiguous"):
-                        # found, but not placed: say that (the whole tensor's reason first)
-                        why = f"{_region_text(piece, 'piece')}: {got}"
-                    failed = True
-                    break
-                placements.extend(got)
-                used.names.update(p.param for p in got)
-            if not failed and placements:
-                return placements
+            got = matcher.solve_exact(o, w, name, piece, used)
+            if isinstance(got, str):
+                if got.startswith("ambiguous") and not why.startswith("ambiguous"):
+                    # found, but not placed: say that (the whole tensor's reason first)
+                    why = f"{_region_text(piece, 'piece')}: {got}"
+                failed = True
+                break
+            placements.extend(got)
+            used.names.update(p.param for p in got)
+        if not failed and placements:
+            return placements
     return why
 
 
