@@ -856,12 +856,16 @@ def _graph_items(index: GraphIndex, reached: set[str]) -> list:
     return found
 
 
-def _branch_data(sub: BranchIndex, reached: set[str]) -> set[str]:
-    """The tensors of a branch that depend on the data: those it reads from the enclosing
-    scope that do (``reached``), and what it computes from them."""
-    data = {n for n in sub.consumers if n not in sub.defined and n in reached}
-    for node in sub.graph.node:  # topological within the branch
-        reads = {x for x in node.input if x} | (outer_reads(node) if node.attribute else set())
+def _subgraph_data(sub: GraphIndex, reached: set[str], seeds: set[str] = frozenset(),
+                   nested: bool = True) -> set[str]:
+    """The tensors of a subgraph (an If branch, a Loop/Scan body) that depend on the data:
+    ``seeds``, those it reads from the enclosing scope that do (``reached``), and what it
+    computes from them (with ``nested``, through what its own subgraphs read too)."""
+    data = set(seeds) | {n for n in sub.consumers if n not in sub.defined and n in reached}
+    for node in sub.graph.node:  # topological within the subgraph
+        reads = {x for x in node.input if x}
+        if nested and node.attribute:
+            reads |= outer_reads(node)
         if reads & data:
             data.update(o for o in node.output if o)
     return data
@@ -885,7 +889,7 @@ def _branch_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     graphs = {a.name: a for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
     for a in (graphs[k] for k in ("then_branch", "else_branch") if k in graphs):
         sub = BranchIndex(a.g, index, i, a.name)
-        data = _branch_data(sub, reached)
+        data = _subgraph_data(sub, reached)
         why = _not_taken(name, a.name, taken)
         if why:
             sub.branches = None  # nothing in it runs: every branch inside it counts
@@ -967,11 +971,8 @@ def _body_layers(index: GraphIndex, i: int, reached: set[str]) -> list:
     loop = index.graph.node[i]
     body = next(a.g for a in loop.attribute if a.name == "body")
     sub = BodyIndex(body, index.opset, index, i)
-    data = {b.name for b in body.input if b.name not in sub.carried}
-    data |= {n for n in sub.consumers if n not in sub.defined and n in reached}
-    for node in body.node:  # topological within the body
-        if any(x in data for x in node.input if x):
-            data.update(o for o in node.output if o)
+    data = _subgraph_data(sub, reached, {b.name for b in body.input if b.name not in sub.carried},
+                          nested=False)
     items = []
     for j, node in enumerate(body.node):
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in _DEFAULT_DOMAIN:
@@ -1702,11 +1703,5 @@ def _count_targets(nodes, functions: dict[tuple[str, str], onnx.FunctionProto],
 
 
 def _count_subgraph_targets(node: onnx.NodeProto) -> int:
-    count = 0
-    for g in subgraphs(node):
-        for n in g.node:
-            if n.op_type in TARGET_OPS or n.op_type in RNN_OPS:
-                count += 1
-            elif n.op_type in SUBGRAPH_OPS:
-                count += _count_subgraph_targets(n)
-    return count
+    """Target ops inside ``node``'s subgraphs (If branches, Loop/Scan bodies), nested ones too."""
+    return sum(_count_targets(g.node, {}) for g in subgraphs(node))
