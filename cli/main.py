@@ -196,7 +196,7 @@ class UsageProblem(click.UsageError):
     other error of the tool: one ``error:`` line, exit 2."""
 
     def show(self, file=None) -> None:
-        text = self.format_message()
+        text = self.format_message().rstrip(".")
         click.echo(f"error: {text[:1].lower() + text[1:]} (onnx-lsuv --help lists the "
                    "options)", err=True)
 

@@ -25,7 +25,7 @@ whose values both a trainable and a non-trainable tensor hold is left alone too,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,50 @@ def initialise(exported: onnx.ModelProto, data: Any, params: dict[str, np.ndarra
     matched = match_parameters(exported, result.weights, params)
     if strict and not matched.complete:
         raise MatchError(matched)
+    name_modules(result.report, matched)
     return FrameworkResult(result.report, matched, matched.params, result.model, exported)
+
+
+def module_name(param: str) -> str:
+    """The module (layer) a parameter belongs to, in the framework's own words: its name
+    without the last part (torch ``layer1.0.conv1.weight`` -> ``layer1.0.conv1``; Flax linen
+    ``params/Conv_0/kernel`` -> ``Conv_0``; Keras ``sequential/conv/kernel`` ->
+    ``sequential/conv``)."""
+    if param.startswith("params/"):
+        param = param[len("params/"):]
+    cut = max(param.rfind("."), param.rfind("/"))
+    return param[:cut] if cut > 0 else param
+
+
+def name_modules(report: Report, matched: MatchResult) -> None:
+    """Give each layer record the framework's module name of its weight (``module``), where
+    the mapping found the weight among the parameters: the table shows it beside the ONNX
+    node's name (a dynamo export calls a conv ``node_conv2d_3``)."""
+    owner = {m["onnx"]: m["params"] for m in matched.mapped if m.get("params")}
+    for rec in report.layers:
+        params = owner.get(rec.weight)
+        if params:
+            rec.module = ", ".join(sorted({module_name(p) for p in params}))
+
+
+def forward_first(forward: Callable[[], Any], shape: tuple, expects: str,
+                  framework: str) -> None:
+    """Run the framework's own forward on the batch before exporting it: a batch that does
+    not fit the model gets the framework's own shape error, in one message naming the batch
+    shape and what the model expects, rather than an exporter's failure far from the cause
+    (jax2onnx tracing linen's shape checks, a Reshape error, paddle2onnx exiting -1).
+
+    Raises:
+        InputError: The forward failed on the batch.
+    """
+    try:
+        forward()
+    except Exception as err:  # the framework's own error type, whatever it is
+        said = " ".join(str(err).split())
+        said = said if len(said) <= 400 else said[:400] + " ..."
+        raise InputError(f"the batch of shape {tuple(shape)} does not fit the {framework} "
+                         f"model: its own forward fails on it ({type(err).__name__}: "
+                         f"{said}); {expects}. Nothing was exported or changed") from err
 
 
 def leave_frozen(exported: onnx.ModelProto, params: Mapping[str, np.ndarray],

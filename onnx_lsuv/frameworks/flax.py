@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import FrameworkResult, initialise, unique_names
+from . import FrameworkResult, forward_first, initialise, unique_names
 
 
 def _is_float(var) -> bool:
@@ -26,6 +26,18 @@ def _is_float(var) -> bool:
     if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return False
     return np.dtype(dtype).kind == "f"
+
+
+def _expects(params: dict[str, np.ndarray]) -> str:
+    """What the model takes, from its first kernel (Flax kernels end in (..., in, out): the
+    input's last axis is ``in``)."""
+    name = next((n for n, v in params.items() if n.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+                 == "kernel" and v.ndim >= 2), None)
+    if name is None:
+        return "see the module's __call__ for the shape it takes"
+    shape = params[name].shape
+    return (f"its first kernel {name} has shape {shape}: the input's last axis (features, "
+            f"or channels last) must be {shape[-2]}")
 
 
 def _export(fn, batch: np.ndarray, opset: int):
@@ -66,6 +78,9 @@ def lsuv_nnx(model, batch, *, opset: int = 17, strict: bool = True,
     # holding a fixed kernel) is not
     frozen = {n: params[n] for n, _, var in entries if n in params
               and not issubclass(getattr(var, "type", type(var)), nnx.Param)}
+    graphdef, state = nnx.split(model)  # a copy to run: a BatchNorm in train mode would
+    forward_first(lambda: nnx.merge(graphdef, state)(jnp.asarray(batch)),  # update stats
+                  batch.shape, _expects(params), "Flax")
     result = initialise(_export(model, batch, opset), batch, params, strict, options, frozen,
                         "Flax")
     if result.params:
@@ -106,6 +121,8 @@ def lsuv_linen(module, variables, batch, *, opset: int = 17, strict: bool = True
     params = {k: np.asarray(v) for k, v in flat.items() if np.asarray(v).dtype.kind == "f"}
     # what linen trains is the "params" collection; "batch_stats" and any other are not
     frozen = {k: v for k, v in params.items() if k.split("/", 1)[0] != "params"}
+    forward_first(lambda: module.apply(variables, jnp.asarray(batch)), batch.shape,
+                  _expects(params), "Flax")
     result = initialise(_export(lambda x: module.apply(variables, x), batch, opset), batch,
                         params, strict, options, frozen, "Flax")
     new = dict(flat)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import LSUVError
 from ..model_io import load_model
-from . import FrameworkResult, initialise
+from . import FrameworkResult, forward_first, initialise
 
 
 def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
@@ -62,6 +62,13 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
         frozen = {k: params[k] for k in aliases if state[k].stop_gradient}
         frozen.update((k, b.numpy()) for k, b in layer.named_buffers() if k not in state
                       and b.dtype in (paddle.float16, paddle.float32, paddle.float64))
+        # the batch through paddle's own forward first: paddle2onnx fails a wrong shape by
+        # exiting the process (and, called again, crashed it with SIGSEGV/SIGFPE)
+        first = next(((k, v.shape) for k, v in state.items() if len(v.shape) >= 2), None)
+        with paddle.no_grad():
+            forward_first(lambda: layer(paddle.to_tensor(batch)), batch.shape,
+                          f"its first weight {first[0]} has shape {list(first[1])}" if first
+                          else "see the layer's forward for the shape it takes", "Paddle")
         # the spec's name must be forward's own argument name, or the export fails
         arg = next(iter(inspect.signature(layer.forward).parameters), "x")
         spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), arg)]

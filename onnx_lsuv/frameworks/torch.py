@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model_io import load_model
-from . import FrameworkResult, initialise
+from . import FrameworkResult, forward_first, initialise
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -66,6 +66,15 @@ def _frozen(module) -> dict[str, np.ndarray]:
     return out
 
 
+def _expects(module) -> str:
+    """What the module takes, from the first submodule it registers that holds weights."""
+    for name, sub in module.named_modules():
+        if next(sub.parameters(recurse=False), None) is not None:
+            return (f"the first layer it registers with weights, {name or type(module).__name__}"
+                    f", is {sub!r}")
+    return "see the module's forward for the shape it takes"
+
+
 def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = None,
                 strict: bool = True, **options: Any) -> FrameworkResult:
     """LSUV-initialise a ``torch.nn.Module`` in place.
@@ -97,6 +106,8 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
     modes = [(m, m.training) for m in module.modules()]  # each its own (a frozen BN stays)
     module.eval()
     try:
+        with torch.no_grad():
+            forward_first(lambda: module(*args), args[0].shape, _expects(module), "PyTorch")
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             kwargs: dict[str, Any] = {"dynamo": exporter == "dynamo"}
