@@ -118,24 +118,51 @@ def name_modules(report: Report, matched: MatchResult) -> None:
             rec.module = ", ".join(sorted({module_name(p) for p in params}))
 
 
-def forward_first(forward: Callable[[], Any], shape: tuple, expects: str,
-                  framework: str) -> None:
+def forward_first(run: Callable[[np.ndarray], Any], batch: np.ndarray, expects: str,
+                  framework: str, guesses: Iterable[tuple[int, ...]] = ()) -> None:
     """Run the framework's own forward on the batch before exporting it: a batch that does
     not fit the model gets the framework's own shape error, in one message naming the batch
     shape and what the model expects, rather than an exporter's failure far from the cause
     (jax2onnx tracing linen's shape checks, a Reshape error, paddle2onnx exiting -1).
 
+    ``run`` takes an array (it runs the model on a copy or without updating any state: a
+    failed call leaves the model as it was). ``guesses`` are shapes the model may take, read
+    from its first weights; a few are tried on zeros, and the first that runs is named: the
+    message never claims a shape that the model's own forward has not taken.
+
     Raises:
         InputError: The forward failed on the batch.
     """
     try:
-        forward()
+        run(batch)
     except Exception as err:  # the framework's own error type, whatever it is
         said = " ".join(str(err).split())
         said = said if len(said) <= 400 else said[:400] + " ..."
-        raise InputError(f"the batch of shape {tuple(shape)} does not fit the {framework} "
+        fits = _first_that_runs(run, batch, guesses)
+        runs = f"; a batch of shape {fits} runs through it" if fits else ""
+        raise InputError(f"the batch of shape {tuple(batch.shape)} does not fit the {framework} "
                          f"model: its own forward fails on it ({type(err).__name__}: "
-                         f"{said}); {expects}. Nothing was exported or changed") from err
+                         f"{said}); {expects}{runs}. Nothing was exported or changed") from err
+
+
+def _first_that_runs(run: Callable[[np.ndarray], Any], batch: np.ndarray,
+                     guesses: Iterable[tuple[int, ...]], tries: int = 3) -> tuple | None:
+    """The first of (at most ``tries``) guessed shapes, other than the batch's, whose zeros
+    the model's forward runs on; None if none does."""
+    tried: list[tuple] = []
+    for shape in guesses:
+        shape = tuple(int(d) for d in shape)
+        if shape == tuple(batch.shape) or shape in tried or min(shape, default=1) < 1:
+            continue
+        if len(tried) == tries:
+            break
+        tried.append(shape)
+        try:
+            run(np.zeros(shape, batch.dtype))
+        except Exception:  # not this one either
+            continue
+        return shape
+    return None
 
 
 def leave_frozen(exported: onnx.ModelProto, params: Mapping[str, np.ndarray],

@@ -76,7 +76,7 @@ def lsuv_model(model, batch, *, exporter: str = "tf2onnx", opset: int | None = N
         shape = model.input_shape if model.built else None
     except Exception:  # a subclassed model has none (AttributeError, or keras' own error)
         shape = None
-    forward_first(lambda: model(batch[:1], training=False), batch.shape,
+    forward_first(lambda x: model(x[:1], training=False), batch,
                   f"it takes inputs of shape {shape}" if shape is not None
                   else "see the model's first layer for the shape it takes", "Keras")
     unique_names((v.path for v in model.weights), "the Keras model")

@@ -19,6 +19,17 @@ from ..model_io import load_model
 from . import FrameworkResult, forward_first, initialise
 
 
+def _guesses(batch: np.ndarray, weight: list[int] | None):
+    """Shapes the layer may take, from its first weight: a conv's [out, in, k...] (or a
+    transposed conv's [in, out, k...]) sets axis 1, a Linear's [in, out] the last axis."""
+    if weight is None or batch.ndim < 2:
+        return
+    if len(weight) > 2:
+        yield from ((*batch.shape[:1], c, *batch.shape[2:]) for c in (weight[1], weight[0]))
+    else:
+        yield (*batch.shape[:-1], weight[0])
+
+
 def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
                **options: Any) -> FrameworkResult:
     """LSUV-initialise a ``paddle.nn.Layer`` (one input) in place.
@@ -64,11 +75,13 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
                       and b.dtype in (paddle.float16, paddle.float32, paddle.float64))
         # the batch through paddle's own forward first: paddle2onnx fails a wrong shape by
         # exiting the process (and, called again, crashed it with SIGSEGV/SIGFPE)
-        first = next(((k, v.shape) for k, v in state.items() if len(v.shape) >= 2), None)
+        weight = next(((k, v.shape) for k, v in state.items() if len(v.shape) >= 2), None)
         with paddle.no_grad():
-            forward_first(lambda: layer(paddle.to_tensor(batch)), batch.shape,
-                          f"its first weight {first[0]} has shape {list(first[1])}" if first
-                          else "see the layer's forward for the shape it takes", "Paddle")
+            forward_first(lambda x: layer(paddle.to_tensor(x)), batch,
+                          f"the first weight in its state_dict, {weight[0]}, has shape "
+                          f"{list(weight[1])}" if weight
+                          else "see the layer's forward for the shape it takes", "Paddle",
+                          _guesses(batch, weight[1] if weight else None))
         # the spec's name must be forward's own argument name, or the export fails
         arg = next(iter(inspect.signature(layer.forward).parameters), "x")
         spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), arg)]
