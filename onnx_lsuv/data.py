@@ -63,6 +63,37 @@ def _fmt_shape(dims) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
+def declared_shape(vi: onnx.ValueInfoProto) -> str:
+    """An input's declared shape as messages write it: ``(N, 4, ?, 8)``; "(any shape)"."""
+    dims = _expected(vi)[1]
+    return "(any shape)" if dims is None else _fmt_shape(dims)
+
+
+def shapes_to_try(model: onnx.ModelProto, name: str, shape: tuple[int, ...]):
+    """Shapes the input ``name`` may have to take, read from each layer that takes it as its
+    data with a weight initializer: ``shape`` with a Conv's input channels on axis 1
+    (ConvTranspose's likewise), a Gemm's K on its axis, a MatMul's K on the last axis. Guesses
+    for the caller to run, never facts: an input may pass through a Transpose or a Reshape
+    first."""
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[0] != name or node.input[1] not in weights:
+            continue
+        w, attrs = weights[node.input[1]], {a.name: onnx.helper.get_attribute_value(a)
+                                            for a in node.attribute}
+        axis, size = None, None
+        if node.op_type == "Conv" and len(w) >= 3:
+            axis, size = 1, w[1] * attrs.get("group", 1)
+        elif node.op_type == "ConvTranspose" and len(w) >= 3:
+            axis, size = 1, w[0]
+        elif node.op_type == "Gemm" and len(w) == 2:
+            axis, size = (0 if attrs.get("transA") else 1), w[1 if attrs.get("transB") else 0]
+        elif node.op_type == "MatMul" and len(w) >= 2 and len(shape) >= 1:
+            axis, size = len(shape) - 1, w[-2]
+        if axis is not None and axis < len(shape) and size > 0:
+            yield tuple(size if k == axis else d for k, d in enumerate(shape))
+
+
 def _load_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
     path = existing_file(path, "data", "a .npy or .npz file")
     try:

@@ -31,7 +31,7 @@ import scipy
 
 from . import __version__
 from .baselines import BASELINES, baseline_weight
-from .data import BatchLike, Stream, constant_inputs, load_data
+from .data import BatchLike, Stream, constant_inputs, declared_shape, load_data, shapes_to_try
 from .engine import Engine
 from .errors import InputError, LSUVError, RuntimeFailure
 from .graph import GraphIndex, if_nodes, node_label, scope_graph
@@ -598,23 +598,57 @@ def _node_name(graph: onnx.GraphProto, scope, i: int) -> str:
 @contextlib.contextmanager
 def _blaming_the_input(model: ModelLike, feeds):
     """Turns a RuntimeFailure into an InputError when ONNX Runtime also refuses the user's own,
-    unmodified model on the same data (a custom op, duplicate node names, an IR or opset newer
-    than it supports): that is bad input, not a failure of onnx-lsuv's rewrites."""
+    unmodified model on the same data: it cannot load it (a custom op, duplicate node names,
+    an IR or opset newer than it supports), or it fails on the batch, whose shape fits the
+    declared one only through its named axes (see ``_misfit``). That is bad input, not a
+    failure of onnx-lsuv's rewrites."""
     try:
         yield
     except RuntimeFailure as err:
         try:
-            serialised = materialized(load_model(model, mapped=True)).SerializeToString()
+            original = materialized(load_model(model, mapped=True))
+            serialised = original.SerializeToString()
         except (ValueError, LSUVError):  # e.g. over protobuf's 2 GiB: no verdict either way
             raise err from None
+        where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
+        first = feeds.first if isinstance(feeds, Stream) else feeds
         try:
-            Engine("cpu").session(serialised).check(
-                feeds.first if isinstance(feeds, Stream) else feeds)
+            session = Engine("cpu").session(serialised)
         except RuntimeFailure as refused:
-            where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
             raise InputError(f"ONNX Runtime cannot run the model{where} as it is: "
                              f"{refused.__cause__ or refused}") from err
+        try:
+            session.check(first)
+        except RuntimeFailure as refused:
+            raise InputError(_misfit(original, session, first, refused.__cause__ or refused,
+                                     where)) from err
         raise
+
+
+def _misfit(model: onnx.ModelProto, session, feeds: dict[str, np.ndarray], cause,
+            where: str) -> str:
+    """What to say when ONNX Runtime loads the user's model but fails on the batch: each
+    input's batch shape beside its declared one, and, where a shape read from the layer that
+    takes the input (``shapes_to_try``) runs on zeros, that shape: the message never claims a
+    shape that ONNX Runtime has not run."""
+    declared = {vi.name: vi for vi in model.graph.input}
+    for name, arr in feeds.items():
+        if name not in declared:
+            continue
+        for shape in shapes_to_try(model, name, np.shape(arr)):
+            try:
+                session.check({**feeds, name: np.zeros(shape, np.asarray(arr).dtype)})
+            except RuntimeFailure:
+                continue
+            return (f"input {name!r}: the batch of shape {tuple(np.shape(arr))} does not fit "
+                    f"the model{where} (declared {declared_shape(declared[name])}): ONNX "
+                    f"Runtime fails on it ({cause}); a batch of shape {shape} runs through it")
+    shapes = ", ".join(f"{name!r}: batch {tuple(np.shape(arr))}, declared "
+                       f"{declared_shape(declared[name])}" for name, arr in feeds.items()
+                       if name in declared)
+    return (f"ONNX Runtime cannot run the model{where} on the data ({shapes}): {cause}; either "
+            "the batch's shape does not fit the model on an axis it declares by name, or the "
+            "model does not run as it is")
 
 
 def _std(flat: np.ndarray, step: int = 1 << 20) -> float:

@@ -215,6 +215,7 @@ def test_torch_front_end_reports_a_wrong_batch_shape_in_its_own_words(monkeypatc
     text = str(err.value)
     assert "batch of shape (16, 4, 8, 8) does not fit the PyTorch model" in text
     assert "Conv2d(3, 8" in text and "4 channels" in text
+    assert "a batch of shape (16, 3, 8, 8) runs through it" in text
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
@@ -242,3 +243,73 @@ def test_the_weight_norm_advice_speaks_the_exporting_framework(producer, says, n
     reason = result.report.skipped[0]["reason"]
     assert "computed in the graph" in reason and says in reason
     assert not_says not in reason
+
+
+# --- a wrong batch shape the declared shape lets through (named axes), CLI and --match ------
+
+def _named_axes(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """The model with its input's axes named (an export with dynamic axes): the declared
+    shape accepts any size on them."""
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim, names):
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    return model
+
+
+def _ort_runs(model: onnx.ModelProto, x: np.ndarray) -> bool:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    try:
+        session.run(None, {"x": x})
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind,bad,fits,declared", [
+    ("conv", (16, 3, 6, 6), (16, 4, 6, 6), "(N, C, H, W)"),
+    ("gemm", (32, 21), (32, 20), "(N, F)"),
+])
+@pytest.mark.parametrize("match", [False, True])
+def test_a_wrong_batch_shape_on_named_axes_names_the_input_and_a_shape_that_runs(
+        tmp_path, kind, bad, fits, declared, match):
+    """Before: "ONNX Runtime cannot run the model ... as it is", blaming the model, after
+    the pre-init and the orthonormal init, with neither the batch's shape nor the model's."""
+    model, _, _ = models.conv_chain() if kind == "conv" else models.gemm_mlp(1)
+    model = _named_axes(model, ["N", "C", "H", "W"] if kind == "conv" else ["N", "F"])
+    m = tmp_path / "m.onnx"
+    onnx.save(model, m)
+    np.save(tmp_path / "x.npy", rand(*bad, seed=3))
+    extra = []
+    if match:  # the framework's parameters, as --match reads them
+        np.savez(tmp_path / "p.npz", **{f"layer{i}.weight": onnx.numpy_helper.to_array(t)
+                                       for i, t in enumerate(model.graph.initializer)})
+        extra = ["--match", tmp_path / "p.npz", "--save-weights", tmp_path / "new.npz"]
+    res = cli(m, "--data", tmp_path / "x.npy", "-o", tmp_path / "o.onnx", *extra)
+    assert res.exit_code == EXIT_BAD_INPUT, res.output
+    error = next(x for x in res.output.splitlines() if x.startswith("error:"))
+    assert f"input 'x': the batch of shape {bad} does not fit the model" in error, error
+    assert f"(declared {declared})" in error and f"a batch of shape {fits} runs" in error
+    assert "as it is" not in error
+    assert not _ort_runs(model, rand(*bad, seed=3)) and _ort_runs(model, rand(*fits, seed=3))
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "new.npz").exists()
+
+
+def test_a_batch_that_fails_where_no_layer_says_the_shape_names_both_shapes(tmp_path):
+    """A Flatten before the Gemm: the shape the model takes is not read from a layer; the
+    message names the batch's shape and the declared one, and does not claim which is wrong."""
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]),
+             helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="fc", transB=1)]
+    model = make_model(nodes, [("x", ["N", 4, "H", "W"])], [("y", None)],
+                       {"w": rand(8, 4 * 6 * 6, seed=1), "b": rand(8, seed=2)})
+    m = tmp_path / "m.onnx"
+    onnx.save(model, m)
+    np.save(tmp_path / "x.npy", rand(16, 4, 5, 5, seed=3))
+    res = cli(m, "--data", tmp_path / "x.npy", "-o", tmp_path / "o.onnx")
+    assert res.exit_code == EXIT_BAD_INPUT, res.output
+    error = next(x for x in res.output.splitlines() if x.startswith("error:"))
+    assert "cannot run the model" in error and "on the data ('x': batch (16, 4, 5, 5), " \
+        "declared (N, 4, H, W))" in error, error
+    assert "does not fit the model on an axis it declares by name, or the model" in error
+    assert "runs through it" not in error
