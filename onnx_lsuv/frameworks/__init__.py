@@ -122,7 +122,8 @@ def forward_first(run: Callable[[np.ndarray], Any], batch: np.ndarray, expects: 
                   framework: str, guesses: Iterable[tuple[int, ...]] = ()) -> None:
     """Run the framework's own forward on the batch before exporting it: a batch that does
     not fit the model gets the framework's own shape error, in one message naming the batch
-    shape and what the model expects, rather than an exporter's failure far from the cause
+    shape and what the model expects (a shape it runs on, where one is found), rather than
+    an exporter's failure far from the cause
     (jax2onnx tracing linen's shape checks, a Reshape error, paddle2onnx exiting -1).
 
     ``run`` takes an array (it runs the model on a copy or without updating any state: a
@@ -139,10 +140,17 @@ def forward_first(run: Callable[[np.ndarray], Any], batch: np.ndarray, expects: 
         said = " ".join(str(err).split())
         said = said if len(said) <= 400 else said[:400] + " ..."
         fits = _first_that_runs(run, batch, guesses)
-        runs = f"; a batch of shape {fits} runs through it" if fits else ""
-        raise InputError(f"the batch of shape {tuple(batch.shape)} does not fit the {framework} "
-                         f"model: its own forward fails on it ({type(err).__name__}: "
-                         f"{said}); {expects}{runs}. Nothing was exported or changed") from err
+        shape, own = tuple(batch.shape), f"({type(err).__name__}: {said}); {expects}"
+        if fits:
+            raise InputError(f"the batch of shape {shape} does not fit the {framework} model: "
+                             f"its own forward fails on it {own}; a batch of shape {fits} "
+                             "runs through it. Nothing was exported or changed") from err
+        # no shape seen to run: the cause may be the model's (a BatchNorm in training mode
+        # in linen's apply, a missing RNG), not the batch's
+        raise InputError(f"the {framework} model's own forward fails on the batch of shape "
+                         f"{shape} {own}: either the batch does not fit the model, or the "
+                         "model does not run as it is called here. Nothing was exported or "
+                         "changed") from err
 
 
 def _first_that_runs(run: Callable[[np.ndarray], Any], batch: np.ndarray,

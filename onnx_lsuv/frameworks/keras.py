@@ -76,9 +76,12 @@ def lsuv_model(model, batch, *, exporter: str = "tf2onnx", opset: int | None = N
         shape = model.input_shape if model.built else None
     except Exception:  # a subclassed model has none (AttributeError, or keras' own error)
         shape = None
+    declared = isinstance(shape, tuple) and len(shape) > 1 and \
+        all(isinstance(d, int) for d in shape[1:])
     forward_first(lambda x: model(x[:1], training=False), batch,
                   f"it takes inputs of shape {shape}" if shape is not None
-                  else "see the model's first layer for the shape it takes", "Keras")
+                  else "see the model's first layer for the shape it takes", "Keras",
+                  [(batch.shape[0], *shape[1:])] if declared and batch.ndim else [])
     unique_names((v.path for v in model.weights), "the Keras model")
     variables = {v.path: v for v in model.weights}
     params = {name: np.asarray(v.numpy()) for name, v in variables.items()}

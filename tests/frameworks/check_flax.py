@@ -188,8 +188,14 @@ def wrong(out_path: str) -> int:
     linen_raised = raised(lambda: lsuv_linen(module, variables, bad, seed=3))
     now = {"/".join(p.key for p in k): np.asarray(v)
            for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+    # a batch of the right shape to a linen BatchNorm in training mode: apply cannot update
+    # the (immutable) batch_stats; the model's fault, not the batch's
+    train = linen.BatchNorm(use_running_average=False)
+    stats = train.init(jax.random.PRNGKey(0), X[:, 0, 0, :])
+    train_raised = raised(lambda: lsuv_linen(train, stats, X[:, 0, 0, :], seed=3))
     write(out_path, {"nnx": {**nnx_raised, "same": nnx_same},
-                     "linen": {**linen_raised, "same": same(flat, now)}})
+                     "linen": {**linen_raised, "same": same(flat, now)},
+                     "linen_train": train_raised})
     return 0
 
 
