@@ -9,6 +9,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 import warnings
 
 import click
@@ -16,10 +18,18 @@ import numpy as np
 
 import onnx_lsuv
 from onnx_lsuv.data import data_files
-from onnx_lsuv.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_FAILURE, InputError, LSUVError
+from onnx_lsuv.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    InputError,
+    LSUVError,
+)
 from onnx_lsuv.match import fixed_weights, load_params, match_parameters
 from onnx_lsuv.model_io import PROTOBUF_LIMIT, existing_file, load_model, tensor_bytes
-from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, legacy_init
+from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, command_line_words, legacy_init
 from onnx_lsuv.outputs import (
     Transaction,
     check_output_path,
@@ -27,36 +37,45 @@ from onnx_lsuv.outputs import (
     sync_file,
     write_file,
 )
-from onnx_lsuv.verdict import GOOD
+from onnx_lsuv.verdict import CONVERGED, GOOD
 
+EXIT_OK = 0
 EPILOG = f"""\b
 Examples:
   onnx-lsuv model.onnx --data batch.npy -o init.onnx
-  onnx-lsuv model.onnx --data inputs.npz -o init.onnx --report report.json --plot layers.png
-  onnx-lsuv model.onnx --data b1.npy --data b2.npy -o init.onnx --save-weights init.npz
-  onnx-lsuv model.onnx -d batch.npy -o init.onnx --match params.npz --save-weights new.npz
-  onnx-lsuv model.onnx -d batch.npy -o init.onnx --match trainable.npz --only-matched \
-      --save-weights new.npz   # layers whose weight is not in trainable.npz: left alone
-  onnx-lsuv init.onnx --data batch.npy --check --json  # CI gate: exit {EXIT_CHECK_FAILED} if off
-  onnx-lsuv model.onnx -o xavier.onnx --init xavier    # a baseline, no data needed
-  onnx-lsuv trained.onnx -d batch.npy -o scaled.onnx --init rescale  # keep weights, rescale
+  onnx-lsuv model.onnx -d inputs.npz -o init.onnx --report report.json \\
+      --plot layers.png
+  onnx-lsuv model.onnx -d b1.npy -d b2.npy -o init.onnx --save-weights w.npz
+  onnx-lsuv model.onnx -d batch.npy -o init.onnx --match params.npz \\
+      --save-weights new.npz
+  onnx-lsuv model.onnx -d batch.npy -o init.onnx --match trainable.npz \\
+      --only-matched --save-weights new.npz  # the rest: left alone
+  onnx-lsuv init.onnx -d batch.npy --check --json  # CI gate: exit {EXIT_CHECK_FAILED} if off
+  onnx-lsuv model.onnx -o xavier.onnx --init xavier  # a baseline, no data
+  onnx-lsuv trained.onnx -d batch.npy -o scaled.onnx --init rescale
 
 \b
-Exit codes: 0 done, every layer on target and every other candidate left alone by a
-documented rule (--exclude, a hand-set kernel, a quantised weight, a tie, a weight not among
-the --match parameters with --only-matched; counted in the summary); {EXIT_FAILURE} a layer
-not on target (did not converge, or dead: variance 0, NaN or Inf), or a candidate layer that
-could not be initialised (in an If branch the data does not take, a weight it cannot trace,
-an op it does not handle; named; the model IS written in both cases), or a --match that left
-a changed tensor unmapped (written too), or ONNX Runtime failed on a measuring copy (nothing
-written); {EXIT_BAD_INPUT} bad input or usage, including a model ONNX Runtime refuses as it
-is (nothing written); {EXIT_CHECK_FAILED} --check found a layer off its target variance, or
-a candidate it could not measure.
+Exit codes:
+  {EXIT_OK:<4} done: every layer on target, every other candidate left alone by a
+       documented rule (--exclude, a hand-set kernel, a quantised weight,
+       a tie, --only-matched), counted in the summary
+  {EXIT_FAILURE:<4} a layer not on target (did not converge, or dead: variance 0,
+       NaN or Inf), a candidate that could not be initialised (named), or
+       a --match that left a changed tensor unmapped: the model IS written;
+       or ONNX Runtime failed on a measuring copy: nothing written
+  {EXIT_BAD_INPUT:<4} bad input or usage, a model ONNX Runtime refuses as it is
+       included: nothing written
+  {EXIT_CHECK_FAILED:<4} --check found a layer off its target variance, or a candidate
+       it could not measure
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C): nothing written, or the files already
+       in place are named
+  {EXIT_TERMINATED:<4} terminated (SIGTERM: a timeout, CI cancellation, docker stop),
+       as {EXIT_INTERRUPTED}
 
 \b
-Shell completion (bash): eval "$(_ONNX_LSUV_COMPLETE=bash_source onnx-lsuv)"
+Shell completion (bash):
+  eval "$(_ONNX_LSUV_COMPLETE=bash_source onnx-lsuv)"
 """
-
 
 log = logging.getLogger("onnx_lsuv")
 
@@ -79,29 +98,66 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 class Progress:
-    """Progress on stderr: a bar redrawn in place on a terminal, plain lines otherwise."""
+    """Progress on stderr: a bar redrawn in place on a terminal, plain lines otherwise; each
+    with the time since its stage began. On a terminal the line is redrawn every
+    ``TICK`` seconds while a long step runs (the one-pass solve, the pre-init of a big
+    weight), so the elapsed time keeps moving."""
 
     LABELS = {"init": "pre-init", "scaling": "scaling", "re-measure": "re-measure",
               "retry": "retrying"}
+    TICK = 0.5
 
     def __init__(self, tty: bool) -> None:
         self.tty = tty
+        self._stage: str | None = None
+        self._began = time.perf_counter()
+        self._line: tuple[str, int, int, str] | None = None
+        self._lock = threading.Lock()
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def __call__(self, stage: str, done: int, total: int, detail: str) -> None:
-        label = self.LABELS.get(stage, stage)
-        if self.tty:
-            width = 30
-            filled = width * done // max(total, 1)
-            bar = "#" * filled + "-" * (width - filled)
-            end = "\n" if done >= total else ""
-            click.echo(f"\r{label:>10} [{bar}] {done}/{total} {detail[:40]:<40}", err=True,
-                       nl=False)
-            if end:
+        with self._lock:
+            if stage != self._stage:
+                self._stage, self._began = stage, time.perf_counter()
+            label = self.LABELS.get(stage, stage)
+            if self.tty:
+                self._line = (label, done, total, detail) if done < total else None
+                self._draw(label, done, total, detail)
+                if done >= total:
+                    click.echo("", err=True)
+                elif self._ticker is None:
+                    self._ticker = threading.Thread(target=self._tick, daemon=True)
+                    self._ticker.start()
+            elif stage != "init":
+                click.echo(f"{label}: {done}/{total}" + (f" {detail}" if detail else "")
+                           + f" ({self.elapsed()})", err=True)
+            elif done == total:  # a line per pre-init layer says little in a log
+                click.echo(f"{label}: {done}/{total} weights ({self.elapsed()})", err=True)
+
+    def elapsed(self) -> str:
+        return f"{time.perf_counter() - self._began:.1f} s"
+
+    def _draw(self, label: str, done: int, total: int, detail: str) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        click.echo(f"\r{label:>10} [{bar}] {done}/{total} {self.elapsed():>7} "
+                   f"{detail[:32]:<32}", err=True, nl=False)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.TICK):
+            with self._lock:
+                if self._line is not None:
+                    self._draw(*self._line)
+
+    def close(self) -> None:
+        """Stop the redrawing (and end an unfinished bar's line)."""
+        self._stop.set()
+        with self._lock:
+            if self._line is not None:
                 click.echo("", err=True)
-        elif stage != "init":
-            click.echo(f"{label}: {done}/{total}" + (f" {detail}" if detail else ""), err=True)
-        elif done == total:  # a line per pre-init layer says little in a log
-            click.echo(f"{label}: {done}/{total} weights", err=True)
+                self._line = None
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -135,9 +191,28 @@ GROUPS = {
 }
 
 
+class UsageProblem(click.UsageError):
+    """click's usage errors (an unknown option, a value it cannot parse) in the style of every
+    other error of the tool: one ``error:`` line, exit 2."""
+
+    def show(self, file=None) -> None:
+        text = self.format_message().rstrip(".")
+        click.echo(f"error: {text[:1].lower() + text[1:]} (onnx-lsuv --help lists the "
+                   "options)", err=True)
+
+
 class GroupedCommand(click.Command):
     """A click command whose --help shows its options in ``GROUPS``, with click's own
-    formatter (no add-on needed for five headings)."""
+    formatter (no add-on needed for five headings), and whose usage errors read as the
+    tool's own (``UsageProblem``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as err:
+            if isinstance(err, click.BadParameter):  # with the option's name, as click says it
+                raise UsageProblem(err.format_message(), err.ctx) from None
+            raise UsageProblem(err.message, err.ctx) from None
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         params = [p for p in self.get_params(ctx) if isinstance(p, click.Option)]
@@ -251,38 +326,100 @@ def lsuv_command(model: str, verbose: int, quiet: bool, as_json: bool, **flags) 
     Everything else in the model is written back unchanged; MODEL itself is never modified.
     """
     _setup_logging(verbose, quiet)
-    check = flags["check"]
+    if verbose and quiet:  # said even with -q: the user asked for both
+        click.echo("warning: -v does nothing with -q (-q shows only errors); drop one",
+                   err=True)
     tx = Transaction()
+    t_start = time.perf_counter()
+    progress = None if quiet else Progress(sys.stderr.isatty())
     try:
-        report, out = _run(model, flags, quiet, tx)
-        _finish(model, report, out, check, quiet, as_json)
+        with command_line_words():
+            report, out = _run(model, flags, tx, progress)
+            if progress is not None:
+                progress.close()
+            code = _finish(model, report, out, flags["check"], quiet, as_json, verbose)
     except LSUVError as err:
+        _stop(progress)
         click.echo(f"error: {err}", err=True)
+        _last_line(quiet, t_start, tx, err.exit_code)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (see main)
+        _stop(progress)
         what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        code = EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
         if tx.committed or tx.written:
             click.echo(f"{what} after writing {', '.join(tx.written)}", err=True)
         else:
             click.echo(f"{what}: nothing was written", err=True)
-        sys.exit(143 if isinstance(stop, Terminated) else 130)
+        _last_line(quiet, t_start, tx, code)
+        sys.exit(code)
     except Exception as err:  # an unexpected failure: one line, not a traceback
+        _stop(progress)
         click.echo(f"error: {type(err).__name__}: {err}", err=True)
         if verbose:
             raise
+        _last_line(quiet, t_start, tx, EXIT_FAILURE)
         sys.exit(EXIT_FAILURE)
+    if code:
+        sys.exit(code)
+
+
+EXIT_MEANING = {EXIT_FAILURE: "failed", EXIT_BAD_INPUT: "bad input or usage",
+                EXIT_CHECK_FAILED: "check failed", EXIT_INTERRUPTED: "interrupted",
+                EXIT_TERMINATED: "terminated"}
+
+
+def _stop(progress: Progress | None) -> None:
+    if progress is not None:
+        progress.close()
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.1f} s" if t >= 1 else f"{t:.2f} s"
+
+
+def _last_line(quiet: bool, t_start: float, tx: Transaction, code: int) -> None:
+    """The run's last line when it stopped early: how long, what was written, the exit."""
+    if quiet:
+        return
+    wrote = f"wrote {', '.join(tx.written)}" if tx.written else "nothing written"
+    click.echo(f"stopped after {_seconds(time.perf_counter() - t_start)}, {wrote} (exit "
+               f"{code}: {EXIT_MEANING.get(code, 'failed')})", err=True)
+
+
+def summary_line(report, out: str | None, model: str, check: bool, code: int) -> str:
+    """The last line of every run that got to the end: ``21/21 layers on target, 1.5 s,
+    wrote init.onnx`` (then what was left alone or not initialised, the exit code)."""
+    n = len(report.layers)
+    scaled = report.options.get("check") or report.options.get("init") in ("lsuv", "rescale")
+    if scaled:
+        head = f"{sum(r.status == CONVERGED for r in report.layers)}/{n} layers on target"
+    else:
+        head = f"{n} layers initialised ({report.options.get('init')}, no data pass)"
+    parts = [head]
+    if report.left_alone:
+        parts.append(f"{len(report.left_alone)} left alone")
+    if report.not_initialised:
+        parts.append(f"{len(report.not_initialised)} NOT "
+                     + ("measured" if check else "initialised"))
+    total = report.timings.get("total_s", 0.0)
+    parts.append(_seconds(total) + (f" on {report.provider}" if report.provider else ""))
+    parts.append(f"checked {model}, nothing written" if check else f"wrote {out}")
+    line = ", ".join(parts)
+    return line + (f" (exit {code}: {EXIT_MEANING.get(code, 'failed')})" if code else "")
+
+
+TABLE_ROWS = 40  # a longer table is shortened on a terminal (-v: every row)
 
 
 def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
-            as_json: bool) -> None:
-    """The table, the JSON summary and the exit code of a run that wrote what it had to."""
+            as_json: bool, verbose: int = 0) -> int:
+    """The table, the JSON summary, the last line; the exit code of a run that wrote what
+    it had to."""
     if not quiet:
-        click.echo(report.table(), err=True)
-        what = f"checked {model}" if check else f"wrote {out}"
-        alone = f", {len(report.left_alone)} left alone" if report.left_alone else ""
-        click.echo(f"{what}: {len(report.layers)} layers{alone}, provider "
-                   f"{report.provider or '-'}, {report.timings.get('total_s', 0):.2f} s",
-                   err=True)
+        short = sys.stderr.isatty() and not verbose
+        click.echo(report.table(limit=TABLE_ROWS if short else None,
+                                more="-v shows every row, --report keeps them"), err=True)
     if as_json:
         click.echo(json.dumps(report.summary(), indent=2))
     unmatched = bool(report.match) and not report.match["complete"]
@@ -291,6 +428,7 @@ def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
     if unmatched:
         click.echo(f"error: --match: {report.match['summary']}; --save-weights holds only the "
                    "parameters that were found", err=True)
+    code = EXIT_FAILURE if unmatched else 0
     if not report.converged:
         problems = []
         off = sum(r.status not in GOOD for r in report.layers)
@@ -304,9 +442,10 @@ def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
                 + " (--exclude NAME accepts leaving one as it is)")
         click.echo("error: " + "; ".join(problems)
                    + ("" if check else f" (the model was written to {out})"), err=True)
-        sys.exit(EXIT_CHECK_FAILED if check else EXIT_FAILURE)
-    if unmatched:
-        sys.exit(EXIT_FAILURE)
+        code = EXIT_CHECK_FAILED if check else EXIT_FAILURE
+    if not quiet:
+        click.echo(summary_line(report, out, model, check, code), err=True)
+    return code
 
 
 def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
@@ -327,7 +466,7 @@ def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
         after_activation=flags["after_activation"], per_channel=flags["per_channel"])
 
 
-def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
+def _run(model: str, flags: dict, tx: Transaction, progress: Progress | None):
     """Check every path and option first, call the library, then write all outputs in ``tx``
     as one transaction; (report, model path written)."""
     opts = _options(flags)
@@ -395,7 +534,9 @@ def _run(model: str, flags: dict, quiet: bool, tx: Transaction):
     if params is not None and flags["only_matched"]:
         opts = dataclasses.replace(opts, fixed=fixed_weights(
             loaded, params, missing="not among the --match parameters (--only-matched)"))
-    progress = None if quiet else Progress(sys.stderr.isatty())
+    if data and not opts.scaling and not check:
+        log.warning("--data does nothing with --init %s: it draws the weights without "
+                    "measuring (--init lsuv or rescale read the data)", opts.init)
     if check:
         report = onnx_lsuv.check_variances(loaded, data, opts, source=model)
         result = None

@@ -63,13 +63,51 @@ def _fmt_shape(dims) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
+def declared_shape(vi: onnx.ValueInfoProto) -> str:
+    """An input's declared shape as messages write it: ``(N, 4, ?, 8)``; "(any shape)"."""
+    dims = _expected(vi)[1]
+    return "(any shape)" if dims is None else _fmt_shape(dims)
+
+
+def shapes_to_try(model: onnx.ModelProto, name: str, shape: tuple[int, ...]):
+    """Shapes the input ``name`` may have to take, read from each layer that takes it as its
+    data with a weight initializer: ``shape`` with a Conv's input channels on axis 1
+    (ConvTranspose's likewise), a Gemm's K on its axis, a MatMul's K on the last axis. Guesses
+    for the caller to run, never facts: an input may pass through a Transpose or a Reshape
+    first."""
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[0] != name or node.input[1] not in weights:
+            continue
+        w, attrs = weights[node.input[1]], {a.name: onnx.helper.get_attribute_value(a)
+                                            for a in node.attribute}
+        axis, size = None, None
+        if node.op_type == "Conv" and len(w) >= 3:
+            axis, size = 1, w[1] * attrs.get("group", 1)
+        elif node.op_type == "ConvTranspose" and len(w) >= 3:
+            axis, size = 1, w[0]
+        elif node.op_type == "Gemm" and len(w) == 2:
+            axis, size = (0 if attrs.get("transA") else 1), w[1 if attrs.get("transB") else 0]
+        elif node.op_type == "MatMul" and len(w) >= 2 and len(shape) >= 1:
+            axis, size = len(shape) - 1, w[-2]
+        if axis is not None and axis < len(shape) and size > 0:
+            yield tuple(size if k == axis else d for k, d in enumerate(shape))
+
+
 def _load_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
     path = existing_file(path, "data", "a .npy or .npz file")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:  # members load lazily: read them here, inside the try
-                return {k: loaded[k] for k in loaded.files}
+                arrays = {k: loaded[k] for k in loaded.files}
+            if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
+                # one array for one input: whatever np.savez called it (arr_0), it is that
+                key = next(iter(arrays))
+                log.info("data %s: its one array %r is the model's one input %r", path, key,
+                         names[0])
+                return {names[0]: arrays[key]}
+            return arrays
     except Exception as err:  # numpy raises ValueError/OSError/BadZipFile variously
         raise InputError(f"cannot read data file {path} as .npy or .npz: {err}") from err
     if len(names) != 1:
@@ -116,8 +154,7 @@ def load_batch(data: BatchLike, model: onnx.ModelProto, warn_small: bool = True,
 
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise InputError(f"data does not match the model's inputs (missing input(s): "
-                         f"{', '.join(missing)}); the model expects: {', '.join(names)}")
+        raise InputError(_missing_inputs(data, missing, names, list(arrays)))
     initializers = {t.name for t in model.graph.initializer}
     for key in [k for k in arrays if k not in names]:
         if warn and key in initializers:
@@ -136,6 +173,24 @@ def load_batch(data: BatchLike, model: onnx.ModelProto, warn_small: bool = True,
     return feeds
 
 
+def _missing_inputs(data, missing: list[str], names: list[str], keys: list[str]) -> str:
+    """What is missing, the keys found instead, and how to write the data so that its keys
+    are the model's input names (np.savez's default keys arr_0, arr_1, ... are not)."""
+    what = f"data file {os.fspath(data)}" if isinstance(data, (str, os.PathLike)) else "data"
+    found = ", ".join(repr(k) for k in keys) or "none"
+    default = keys and all(k.startswith("arr_") and k[4:].isdigit() for k in keys)
+    why = (" (numpy's default names: np.savez was given the arrays without names)"
+           if default else "")
+    save = ", ".join(f"{n}=x{k}" if len(names) > 1 else f"{n}=x" for k, n in enumerate(names))
+    key_hint = "" if all(n.isidentifier() for n in names) else (
+        "; for names that are not Python identifiers: np.savez(path, **{"
+        + ", ".join(f"{n!r}: x{k}" for k, n in enumerate(names)) + "})")
+    return (f"{what} does not match the model's inputs: missing input(s) "
+            f"{', '.join(repr(n) for n in missing)}; it holds {found}{why}; the model expects "
+            f"{', '.join(repr(n) for n in names)}: save one array per input under its name, "
+            f"np.savez(path, {save}){key_hint}")
+
+
 def _warn_small(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> None:
     """Warn about a small batch, on the first input whose first axis is a symbolic (batch)
     dimension: a fixed first axis is often not the batch (a recurrent op's time axis)."""
@@ -151,6 +206,20 @@ def _warn_small(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> None:
             batch,
             MIN_RECOMMENDED_BATCH,
         )
+
+
+def constant_inputs(feeds: Mapping[str, np.ndarray]) -> list[str]:
+    """When every input of the batch holds one value throughout, each as "name = value";
+    else none. A constant batch gives every layer a constant output (or one shaped only by
+    padding and biases): nothing LSUV can measure."""
+    found = []
+    for name, a in feeds.items():
+        flat = np.asarray(a).reshape(-1)
+        if flat.size == 0 or not np.all(flat == flat[0]):
+            return []
+        found.append(f"{name} = {flat[0].item():.6g}" if flat.dtype.kind == "f"
+                     else f"{name} = {flat[0].item()}")
+    return found
 
 
 def data_files(items) -> list[str]:

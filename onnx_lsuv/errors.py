@@ -6,6 +6,8 @@ EXIT_FAILURE = 1  # a layer not on target (the model is written), or a failure o
 # (ONNX Runtime failing on a measuring copy, nothing written)
 EXIT_BAD_INPUT = 2  # bad input or usage: missing or invalid model, data or option
 EXIT_CHECK_FAILED = 3  # check mode: a layer is off its target variance (degenerate ones too)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): the shell's 128 + 2; temporary files removed
+EXIT_TERMINATED = 143  # SIGTERM (a timeout, CI cancellation, docker stop): 128 + 15
 
 
 class LSUVError(Exception):

@@ -351,6 +351,9 @@ class Selection:
 class Discovery:
     layers: list[Layer]
     skipped: list[Skipped]
+    # the include / exclude patterns that match no candidate (no node name, weight name or op
+    # type): options that do nothing, which the run says
+    unused_patterns: list[str] = field(default_factory=list)
 
 
 Recogniser = Callable[[GraphIndex, int, set], "Layer | Skipped | None"]
@@ -370,6 +373,40 @@ def _weight_problem(tensor: onnx.TensorProto, name: str) -> str | None:
     return None
 
 
+# What to do about a weight computed from constants (a weight normalisation), in the words of
+# the framework that exported the model (its ModelProto's producer_name).
+_COMPUTED_WEIGHT_ADVICE = {
+    "pytorch": "as a parametrisation such as weight_norm is under torch's dynamo exporter: "
+               "export with the TorchScript exporter (torch.onnx.export(..., dynamo=False)) or "
+               "remove the parametrisation before export (torch.nn.utils.parametrize."
+               "remove_parametrizations, torch.nn.utils.remove_weight_norm)",
+    "jax2onnx": "as a Flax weight normalisation (flax.linen.WeightNorm, or a kernel scaled in "
+                "__call__) computes it: export the model without the wrapper (its kernel as a "
+                "plain parameter), initialise, then wrap it again",
+    "tf2onnx": "as a Keras weight normalisation (a WeightNormalization wrapper, or a kernel "
+               "computed in call()) computes it: export the model without the wrapper (its "
+               "kernel as a plain weight), initialise, then wrap it again",
+    "paddle": "as paddle.nn.utils.weight_norm computes it: remove it before export "
+              "(paddle.nn.utils.remove_weight_norm), initialise, then apply it again",
+}
+_COMPUTED_WEIGHT_ADVICE["keras"] = _COMPUTED_WEIGHT_ADVICE["tf2onnx"]
+_COMPUTED_WEIGHT_ADVICE["paddle2onnx"] = _COMPUTED_WEIGHT_ADVICE["paddle"]
+
+
+def computed_weight_advice(producer: str) -> str:
+    """How to make a computed weight a constant, for the framework that wrote the model
+    (``producer_name``: pytorch, jax2onnx, tf2onnx, paddle2onnx/PaddlePaddle); any other
+    producer gets the advice without a framework's names."""
+    key = (producer or "").lower()
+    key = "paddle" if key.startswith("paddle") else key
+    return _COMPUTED_WEIGHT_ADVICE.get(key, (
+        "as a weight normalisation or another parametrisation computes it: export the model "
+        "with the weight as a plain constant (remove the parametrisation before export, or "
+        "fold it into the weight), initialise, then apply it again; PyTorch: export with "
+        "torch.onnx.export(..., dynamo=False) or torch.nn.utils.parametrize."
+        "remove_parametrizations first"))
+
+
 def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> tuple[str, bool]:
     """Why a weight input is not a constant (or a chain of layout ops on one), with a hint;
     and whether that leaves it alone by a documented rule (a quantised weight, a weight
@@ -385,11 +422,8 @@ def _why_not_const(index: GraphIndex, name: str, reached: set[str]) -> tuple[str
     if node is not None:
         upstream = index.ancestors(i) | {i}
         ops = sorted({index.graph.node[j].op_type for j in upstream} - {"Constant", "Identity"})
-        return (f"weight is computed in the graph from constants ({', '.join(ops)}), as a "
-                "parametrisation such as weight_norm is under torch's dynamo exporter: export "
-                "with the TorchScript exporter (torch.onnx.export(..., dynamo=False)) or remove "
-                "the parametrisation before export (torch.nn.utils.parametrize."
-                "remove_parametrizations, torch.nn.utils.remove_weight_norm)", False)
+        return (f"weight is computed in the graph from constants ({', '.join(ops)}), "
+                + computed_weight_advice(getattr(index, "exporter", "")), False)
     return "weight is not a constant", False
 
 
@@ -1073,6 +1107,7 @@ def find_layers(model: onnx.ModelProto, selection: Selection | None = None,
     index = GraphIndex(graph, opset)
     index.branches = branches
     index.functions = {(f.domain, f.name): f for f in model.functions}
+    index.exporter = model.producer_name  # advice in the words of the exporting framework
     found = _graph_items(index, reached_by_data(model))
     return _resolve(index, found, selection or Selection())
 
@@ -1185,7 +1220,11 @@ def _resolve(index: GraphIndex, found: list, selection: Selection) -> Discovery:
         layer.index = len(kept)
         layer.row = kept[-1].row + len(kept[-1].blocks) if kept else 0
         kept.append(layer)
-    return Discovery(kept, skipped)
+    names = [n for item in found for n in (
+        _names(item) if isinstance(item, Layer) else [item.name, item.op, *item.within])]
+    unused = [p for p in (*selection.include, *selection.exclude)
+              if not selection.matches([p], names)]
+    return Discovery(kept, skipped, unused)
 
 
 def _feeds_back(index: GraphIndex, nodes: list[int], start: set[str], end: set[str],

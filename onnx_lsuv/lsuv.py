@@ -31,7 +31,7 @@ import scipy
 
 from . import __version__
 from .baselines import BASELINES, baseline_weight
-from .data import BatchLike, Stream, load_data
+from .data import BatchLike, Stream, constant_inputs, declared_shape, load_data, shapes_to_try
 from .engine import Engine
 from .errors import InputError, LSUVError, RuntimeFailure
 from .graph import GraphIndex, if_nodes, node_label, scope_graph
@@ -48,7 +48,7 @@ from .model_io import (
     release_sources,
     source_keys,
 )
-from .options import LSUVOptions, legacy_init
+from .options import LSUVOptions, legacy_init, say
 from .orthonormal import compute_dtype, orthonormal_each
 from .precision import float32_feeds, float32_measuring, float32_twin, has_low_precision
 from .report import LayerRecord, Report
@@ -215,7 +215,14 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
     if not layers:
         if report.not_initialised:
             log.warning("no layer could be initialised: %d candidate(s) not initialised "
-                        "(--exclude them to accept that)", len(report.not_initialised))
+                        "(%s them to accept that)", len(report.not_initialised), say("exclude"))
+        elif report.skipped:  # the model has layers: each was excluded or left alone
+            excluded = sum(s["excluded"] for s in report.skipped)
+            log.warning("nothing to do: all %d candidate layers are left alone (%s)",
+                        len(report.skipped),
+                        f"{excluded} by {say('exclude')}" if excluded == len(report.skipped)
+                        else f"{excluded} by {say('exclude')}, "
+                        f"{len(report.skipped) - excluded} by a rule; see the table")
         else:
             log.warning("the model has no Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU or RNN "
                         "layer with a constant weight: nothing to do")
@@ -283,7 +290,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
                 state.bias[i] = run.state.bias[i].astype(state.bias[i].dtype)
                 state.changed_bias.add(i)
         report.timings["scaling_s"] = time.perf_counter() - t
-        _warn_off_target(report)
+        _warn_off_target(report, feeds)
 
     state.fold()
     changed = state.changed()
@@ -354,8 +361,9 @@ def _sequential(opts: LSUVOptions, feeds) -> bool:
     """Whether the run is solved layer by layer: asked for, or needed by the options or by a
     stream of batches (which the naive strategy does not take)."""
     if isinstance(feeds, Stream) and opts.strategy == "naive":
-        raise InputError("strategy 'naive' measures one batch: pool the batches (a list), or "
-                         "use 'fast' or 'sequential' for a stream")
+        raise InputError(f"{say('strategy', 'naive')} measures one batch: pool the batches "
+                         f"(several files, or a list), or use {say('strategy', 'fast')} or "
+                         f"{say('strategy', 'sequential')} for a stream")
     return opts.strategy == "sequential" or opts.extended or isinstance(feeds, Stream)
 
 
@@ -427,9 +435,14 @@ def _graph_notes(report: Report, kinds: list[tuple[list[str], str]]) -> None:
 
 
 def _new_report(discovery: Discovery, options: dict) -> Report:
+    for pattern in discovery.unused_patterns:
+        log.warning("%s %r matches no layer (no node name, weight name or op type; patterns "
+                    "are case-sensitive globs): it does nothing", say(
+                        "include" if pattern in options.get("include", ()) else "exclude"),
+                    pattern)
     for s in discovery.skipped:
-        if s.excluded:
-            log.info("not a target: %s (%s): %s", s.name, s.op, s.reason)
+        if s.excluded:  # the user's own choice: the table and the report list it
+            log.debug("not a target: %s (%s): %s", s.name, s.op, s.reason)
         elif s.by_rule:
             log.warning("not a target: %s (%s): %s", s.name, s.op, s.reason)
         else:
@@ -485,6 +498,11 @@ def _pre_init(state: WeightState, opts: LSUVOptions, progress: ProgressFn) -> No
 
 
 def _set_forget_biases(state: WeightState, value: float, report: Report) -> None:
+    if not any(lay.op == "LSTM" for lay in state.layers):
+        report.notes.append(f"{say('lstm_forget_bias')} does nothing: the model has no LSTM "
+                            "layer among its targets")
+        log.warning("%s", report.notes[-1])
+        return
     for lay in state.layers:
         if lay.op != "LSTM":
             continue
@@ -580,23 +598,57 @@ def _node_name(graph: onnx.GraphProto, scope, i: int) -> str:
 @contextlib.contextmanager
 def _blaming_the_input(model: ModelLike, feeds):
     """Turns a RuntimeFailure into an InputError when ONNX Runtime also refuses the user's own,
-    unmodified model on the same data (a custom op, duplicate node names, an IR or opset newer
-    than it supports): that is bad input, not a failure of onnx-lsuv's rewrites."""
+    unmodified model on the same data: it cannot load it (a custom op, duplicate node names,
+    an IR or opset newer than it supports), or it fails on the batch, whose shape fits the
+    declared one only through its named axes (see ``_misfit``). That is bad input, not a
+    failure of onnx-lsuv's rewrites."""
     try:
         yield
     except RuntimeFailure as err:
         try:
-            serialised = materialized(load_model(model, mapped=True)).SerializeToString()
+            original = materialized(load_model(model, mapped=True))
+            serialised = original.SerializeToString()
         except (ValueError, LSUVError):  # e.g. over protobuf's 2 GiB: no verdict either way
             raise err from None
+        where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
+        first = feeds.first if isinstance(feeds, Stream) else feeds
         try:
-            Engine("cpu").session(serialised).check(
-                feeds.first if isinstance(feeds, Stream) else feeds)
+            session = Engine("cpu").session(serialised)
         except RuntimeFailure as refused:
-            where = f" {model}" if not isinstance(model, onnx.ModelProto) else ""
             raise InputError(f"ONNX Runtime cannot run the model{where} as it is: "
                              f"{refused.__cause__ or refused}") from err
+        try:
+            session.check(first)
+        except RuntimeFailure as refused:
+            raise InputError(_misfit(original, session, first, refused.__cause__ or refused,
+                                     where)) from err
         raise
+
+
+def _misfit(model: onnx.ModelProto, session, feeds: dict[str, np.ndarray], cause,
+            where: str) -> str:
+    """What to say when ONNX Runtime loads the user's model but fails on the batch: each
+    input's batch shape beside its declared one, and, where a shape read from the layer that
+    takes the input (``shapes_to_try``) runs on zeros, that shape: the message never claims a
+    shape that ONNX Runtime has not run."""
+    declared = {vi.name: vi for vi in model.graph.input}
+    for name, arr in feeds.items():
+        if name not in declared:
+            continue
+        for shape in shapes_to_try(model, name, np.shape(arr)):
+            try:
+                session.check({**feeds, name: np.zeros(shape, np.asarray(arr).dtype)})
+            except RuntimeFailure:
+                continue
+            return (f"input {name!r}: the batch of shape {tuple(np.shape(arr))} does not fit "
+                    f"the model{where} (declared {declared_shape(declared[name])}): ONNX "
+                    f"Runtime fails on it ({cause}); a batch of shape {shape} runs through it")
+    shapes = ", ".join(f"{name!r}: batch {tuple(np.shape(arr))}, declared "
+                       f"{declared_shape(declared[name])}" for name, arr in feeds.items()
+                       if name in declared)
+    return (f"ONNX Runtime cannot run the model{where} on the data ({shapes}): {cause}; either "
+            "the batch's shape does not fit the model on an axis it declares by name, or the "
+            "model does not run as it is")
 
 
 def _std(flat: np.ndarray, step: int = 1 << 20) -> float:
@@ -606,12 +658,29 @@ def _std(flat: np.ndarray, step: int = 1 << 20) -> float:
     return float(np.sqrt(sq / max(flat.size, 1)))
 
 
-def _warn_off_target(report: Report) -> None:
+def _warn_off_target(report: Report, feeds) -> None:
+    """One warning per cause, naming its layers: a constant batch makes every layer's output
+    constant, which is said once, with what to do, not once per layer."""
+    constant = constant_inputs(feeds) if isinstance(feeds, dict) else None
+    if constant:
+        dead = [rec.name for rec in report.layers if rec.status == SKIPPED]
+        report.notes.append(
+            f"the data is constant ({', '.join(constant)}): "
+            + (f"{len(dead)} of {len(report.layers)} layers have a constant output and were "
+               "not scaled; " if dead else "the variances measured come from the model "
+               "(padding, biases), not from the data; ")
+            + "give a batch of real samples (LSUV measures each layer's output variance "
+            "over the batch)")
+        log.warning("%s", report.notes[-1])
+    groups: dict[tuple[str, str], list[str]] = {}
     for rec in report.layers:
-        if rec.status == SKIPPED:
-            log.warning("layer %s skipped (not on target): %s", rec.name, rec.message)
+        if rec.status == SKIPPED and not constant:
+            groups.setdefault(("skipped (not on target)", rec.message), []).append(rec.name)
         elif rec.status == NOT_CONVERGED:
-            log.warning("layer %s did not converge: %s", rec.name, rec.message)
+            groups.setdefault(("did not converge", rec.message), []).append(rec.name)
+    for (what, why), names in groups.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        log.warning("layer%s %s %s: %s", "s" if len(names) > 1 else "", shown, what, why)
 
 
 def _weight_stds(report: Report, state: WeightState) -> None:

@@ -102,11 +102,75 @@ def _parse(path: str, mapped: bool = False) -> onnx.ModelProto:
             loaded = _parse_leaving_big_tensors(path)
         else:
             loaded = onnx.load(path, load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError, IndexError) as err:
-        raise InputError(f"cannot read {path} as an ONNX model: {err}") from err
+    except OSError as err:
+        raise InputError(f"cannot read the model {path}: {err.strerror or err}") from err
+    except (DecodeError, RuntimeError, ValueError, IndexError) as err:
+        # protobuf's own words ("unsupported wire type 4") say nothing to a user: what the
+        # file looks like instead says what went wrong
+        raise InputError(f"cannot read {path}: not an ONNX model: {_what_it_is(path)}") from err
     if not loaded.HasField("graph") or not loaded.opset_import:
-        raise InputError(f"{path} is not an ONNX model (no graph or no opset)")
+        raise InputError(f"{path} is not an ONNX model (no graph or no opset): "
+                         f"{_what_it_is(path)}")
     return loaded
+
+
+# The first bytes of files that are given as MODEL by mistake, and what to do about each.
+_SWAPPED = ("did you swap MODEL and --data? The model comes first: "
+            "onnx-lsuv MODEL.onnx --data BATCH.npy -o OUT.onnx")
+_LOOKS_LIKE = [
+    (b"\x93NUMPY", "it is a NumPy .npy array (a data batch); " + _SWAPPED),
+    (b"PK\x03\x04", None),  # a zip: see _what_zip
+    (b"\x80", "it is a Python pickle (a PyTorch checkpoint saved with pickle, a joblib "
+              "model): export the model to ONNX first (torch.onnx.export, skl2onnx)"),
+    (b"\x89HDF", "it is an HDF5 file (a Keras .h5 model): export it to ONNX first (tf2onnx)"),
+]
+
+
+_EXPORT_FIRST = ("export the model to ONNX first (torch.onnx.export, tf2onnx, jax2onnx, "
+                 "paddle2onnx), or use the one-call front ends in onnx_lsuv.frameworks")
+
+
+def _what_zip(path: str) -> str:
+    """What a zip archive given as MODEL holds: a data batch (.npz), a PyTorch checkpoint or
+    a Keras model, by its members' names."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []
+    if names and all(n.endswith(".npy") for n in names):
+        return "it is a NumPy .npz archive (a data batch); " + _SWAPPED
+    if any(n.endswith("data.pkl") for n in names):
+        return "it is a PyTorch checkpoint (torch.save: weights, no graph); " + _EXPORT_FIRST
+    if "config.json" in names or any(n.endswith(".h5") for n in names):
+        return "it is a Keras model file (.keras); " + _EXPORT_FIRST
+    return "it is a zip archive, not an ONNX protobuf; " + _EXPORT_FIRST
+
+
+def _what_it_is(path: str) -> str:
+    """The likely cause, from the file's first bytes: a data batch given as MODEL, a
+    framework checkpoint, a text file; the file is otherwise truncated or corrupt."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "the file cannot be read"
+    for magic, why in _LOOKS_LIKE:
+        if head.startswith(magic):
+            return why or _what_zip(path)
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        return ("it is a text file (an ONNX model is binary protobuf; a textual .onnxtxt or "
+                "a Git LFS pointer, not the model itself?)")
+    return ("the file is not a protobuf ModelProto (truncated, corrupt, or another format); "
+            "an ONNX model is written by an exporter such as torch.onnx.export or onnx.save")
 
 
 def _external_info(t: onnx.TensorProto) -> dict[str, str]:

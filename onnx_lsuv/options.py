@@ -3,6 +3,8 @@ once, carried through the run and written into the report."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import warnings
@@ -20,6 +22,30 @@ PROVIDERS = ("auto", "cpu", "cuda")
 # msra: baselines to compare with. Only lsuv and rescale read data.
 INITS = ("lsuv", "rescale", "orthonormal") + BASELINES
 MAX_SEED = 2**63 - 1
+
+# Messages name an option as the caller wrote it: "--tol" on the command line, "tol" in
+# Python. The CLI sets this for its run (``command_line_words``); ``say`` reads it.
+_COMMAND_LINE = contextvars.ContextVar("onnx_lsuv_command_line", default=False)
+_NO_VALUE = object()
+
+
+def say(option: str, value: Any = _NO_VALUE) -> str:
+    """``option`` (a field of ``LSUVOptions``), with ``value`` if given, in the caller's
+    words: ``--strategy naive`` on the command line, ``strategy 'naive'`` in Python."""
+    if _COMMAND_LINE.get():
+        flag = "--" + option.replace("_", "-")
+        return flag if value is _NO_VALUE else f"{flag} {value}"
+    return option if value is _NO_VALUE else f"{option} {value!r}"
+
+
+@contextlib.contextmanager
+def command_line_words():
+    """Within it, messages name options by their flags (``say``): the CLI's run."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
 
 
 def _number(value: Any) -> bool:
@@ -97,41 +123,47 @@ class LSUVOptions:
         for name in ("tol", "target_var"):
             value = getattr(self, name)
             if not (_number(value) and math.isfinite(value) and value > 0):
-                raise InputError(f"{name} must be a positive number, got {value!r}")
+                raise InputError(f"{say(name)} must be a positive number, got {value!r}")
         if not (isinstance(self.max_iter, numbers.Integral) and not isinstance(self.max_iter, bool)
                 and self.max_iter >= 1):
-            raise InputError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+            raise InputError(f"{say('max_iter')} must be an integer >= 1, got {self.max_iter!r}")
         if not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
                 and 0 <= self.seed <= MAX_SEED):
-            raise InputError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+            raise InputError(f"{say('seed')} must be an integer from 0 to 2**63 - 1, got "
+                             f"{self.seed!r}")
         if self.init not in INITS:
-            raise InputError(f"init must be one of {INITS}, got {self.init!r}")
+            raise InputError(f"{say('init')} must be one of {INITS}, got {self.init!r}")
         if self.strategy not in STRATEGIES:
-            raise InputError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise InputError(f"{say('strategy')} must be one of {STRATEGIES}, got "
+                             f"{self.strategy!r}")
         if self.provider not in PROVIDERS:
-            raise InputError(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
+            raise InputError(f"{say('provider')} must be one of {PROVIDERS}, got "
+                             f"{self.provider!r}")
         if self.lstm_forget_bias is not None and not (
                 _number(self.lstm_forget_bias) and math.isfinite(self.lstm_forget_bias)):
-            raise InputError(f"lstm_forget_bias must be a finite number, got "
+            raise InputError(f"{say('lstm_forget_bias')} must be a finite number, got "
                              f"{self.lstm_forget_bias!r}")
         if self.target_mean is not None and not (
                 _number(self.target_mean) and math.isfinite(self.target_mean)):
-            raise InputError(f"target_mean must be a finite number, got {self.target_mean!r}")
+            raise InputError(f"{say('target_mean')} must be a finite number, got "
+                             f"{self.target_mean!r}")
         for name in ("after_activation", "per_channel"):
             if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise InputError(f"{say(name)} must be True or False, got {getattr(self, name)!r}")
         if self.extended and not self.scaling:
-            raise InputError(f"target_mean, after_activation and per_channel are targets of "
-                             f"the LSUV scaling: init {self.init!r} does none (use 'lsuv' or "
-                             "'rescale')")
+            raise InputError(f"{say('target_mean')}, {say('after_activation')} and "
+                             f"{say('per_channel')} are targets of the LSUV scaling: "
+                             f"{say('init', self.init)} does none (use {say('init', 'lsuv')} "
+                             f"or {say('init', 'rescale')})")
         if self.strategy == "naive" and self.extended:
-            raise InputError("strategy 'naive' is the paper's plain loop: it takes no "
-                             "target_mean, after_activation or per_channel; use 'fast' or "
-                             "'sequential'")
+            raise InputError(f"{say('strategy', 'naive')} is the paper's plain loop: it takes "
+                             f"no {say('target_mean')}, {say('after_activation')} or "
+                             f"{say('per_channel')}; use {say('strategy', 'fast')} or "
+                             f"{say('strategy', 'sequential')}")
         if self.threads is not None and not (
                 isinstance(self.threads, numbers.Integral) and not isinstance(self.threads, bool)
                 and self.threads >= 1):
-            raise InputError(f"threads must be an integer >= 1, got {self.threads!r}")
+            raise InputError(f"{say('threads')} must be an integer >= 1, got {self.threads!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -141,7 +173,7 @@ class LSUVOptions:
             except TypeError:
                 value = None
             if value is None or not all(isinstance(p, str) and p for p in value):
-                raise InputError(f"{name} must be a list of non-empty glob patterns, got "
+                raise InputError(f"{say(name)} must be a list of non-empty glob patterns, got "
                                  f"{getattr(self, name)!r}")
             object.__setattr__(self, name, value)
         object.__setattr__(self, "fixed", _fixed_pairs(self.fixed))

@@ -45,6 +45,9 @@ class LayerRecord:
     point: str | None = None
     channels: int | None = None
     channels_constant: int | None = None
+    # the framework's own name of the layer (torch: layer1.0.conv1), where a one-call front end
+    # mapped its weight back onto a parameter
+    module: str | None = None
 
 
 @dataclass
@@ -91,47 +94,59 @@ class Report:
         """The candidates left alone by a documented rule or the user's --exclude."""
         return [s for s in self.skipped if s.get("by_rule", True)]
 
-    def summary(self) -> dict[str, Any]:
-        """The one-object summary that ``--json`` prints: counts, worst deviation, times."""
+    def counts(self) -> dict[str, Any]:
+        """What ``--json`` and ``--report`` both start with (one schema, ``SCHEMA``): ``ok``,
+        ``n_layers`` (``layers`` is always the list of records), the records per status,
+        the counts of the skipped candidates, the worst deviation from the target."""
         target = self.options.get("target_var", 1.0)
         done = [r for r in self.layers if r.var_after is not None
                 and math.isfinite(r.var_after)]
-        counts = {s: sum(r.status == s for r in self.layers) for s in STATUSES}
-        return _finite({
+        return {
+            "schema": SCHEMA,
             "ok": self.converged,
-            "layers": len(self.layers),
-            **counts,
-            "not_targets": len(self.skipped),
-            "left_alone": len(self.left_alone),
-            "not_initialised": len(self.not_initialised),
+            "n_layers": len(self.layers),
+            "n_by_status": {s: sum(r.status == s for r in self.layers) for s in STATUSES},
+            "n_not_targets": len(self.skipped),
+            "n_left_alone": len(self.left_alone),
+            "n_not_initialised": len(self.not_initialised),
             "worst_abs_var_minus_target": max((abs(r.var_after - target) for r in done),
                                               default=None),
-            "provider": self.provider,
-            "timings": self.timings,
-            "options": self.options,
-            "versions": self.versions,
-            **({"match": {"changed": self.match["changed"],
-                          "mapped": len(self.match["mapped"]),
-                          "complete": self.match["complete"]}} if self.match else {}),
-        })
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What ``--json`` prints: the same object as ``to_dict`` (``--report``), so that
+        every field has one name and one meaning in both."""
+        return self.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
+        """The run as JSON (``--report`` and ``--json``): ``counts()``, then every record
+        (``layers``: a list, ``skipped``, ``notes``), the options, provider, timings and
+        versions; ``converged`` is ``ok`` under its older name."""
         d = asdict(self)
-        d["converged"] = self.converged
-        return _finite(d)
+        return _finite({**self.counts(), **d, "converged": self.converged})
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    def table(self) -> str:
-        """A fixed-width table of the layers, for stderr and for pasting into issues."""
+    def table(self, limit: int | None = None, more: str = "") -> str:
+        """A fixed-width table of the layers, for stderr and for pasting into issues.
+
+        Args:
+            limit: Show at most about this many rows: the first and the last, and every row
+                not on target wherever it is; a line says how many were hidden and ``more``
+                (how to see them). Defaults to None (every row).
+            more: How to see every row, for the hidden-rows line. Defaults to "".
+        """
         means = any(r.mean_after is not None for r in self.layers)
-        head = ["#", "node", "op", "weight shape", "tries", "var before", "var after"] + (
+        modules = any(r.module for r in self.layers)
+        head = ["#", "node"] + (["module"] if modules else []) + [
+            "op", "weight shape", "tries", "var before", "var after"] + (
             ["mean after"] if means else []) + ["scale", "status"]
         rows = [
             [
                 str(r.index),
                 r.name,
+                *([r.module or "-"] if modules else []),
                 r.op,
                 "x".join(map(str, r.weight_shape)) + (f" g{r.groups}" if r.groups > 1 else ""),
                 str(r.tries),
@@ -143,8 +158,10 @@ class Report:
             ]
             for r in self.layers
         ]
+        shown = _shown(self.layers, limit)
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-        right = {0, 4, 5, 6, 7, 8} if means else {0, 4, 5, 6, 7}
+        first = 5 if modules else 4
+        right = {0, *range(first, first + (5 if means else 4))}
 
         def fmt(cells: list[str]) -> str:
             return "  ".join(
@@ -152,12 +169,56 @@ class Report:
                 for i, (c, w) in enumerate(zip(cells, widths))
             ).rstrip()
 
-        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        lines = [fmt(head), fmt(["-" * w for w in widths])]
+        hidden = 0
+        for k, row in enumerate(rows):
+            if k in shown:
+                if hidden:
+                    lines.append(f"... {hidden} row(s) hidden")
+                    hidden = 0
+                lines.append(fmt(row))
+            else:
+                hidden += 1
+        if hidden:
+            lines.append(f"... {hidden} row(s) hidden")
+        if len(shown) < len(rows):
+            lines.append(f"{len(rows) - len(shown)} of {len(rows)} rows hidden, every one on "
+                         f"target" + (f": {more}" if more else ""))
+        for reason, names in _by_reason([s for s in self.left_alone if s.get("excluded")]):
+            lines.append(f"not a target: {names}: {reason}")
         for s in self.left_alone:
-            lines.append(f"not a target: {s['name']} ({s['op']}): {s['reason']}")
+            if not s.get("excluded"):
+                lines.append(f"not a target: {s['name']} ({s['op']}): {s['reason']}")
         for s in self.not_initialised:
             lines.append(f"NOT initialised: {s['name']} ({s['op']}): {s['reason']}")
         return "\n".join(lines)
+
+
+SCHEMA = 2  # of to_dict / --json / --report: 2 when ``layers`` became the list in both
+
+
+def _shown(layers: list[LayerRecord], limit: int | None) -> set[int]:
+    """The rows a table of at most about ``limit`` rows shows: the first and the last ones,
+    and every row not on target."""
+    if limit is None or len(layers) <= limit:
+        return set(range(len(layers)))
+    off = {k for k, r in enumerate(layers) if r.status not in GOOD}
+    room = max(limit - len(off), 4)
+    head = room * 3 // 4
+    return off | set(range(head)) | set(range(len(layers) - (room - head), len(layers)))
+
+
+def _by_reason(skipped: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The user's exclusions, one line per reason (``--exclude '*'`` excludes every layer
+    for one reason), naming at most five layers."""
+    groups: dict[str, list[str]] = {}
+    for s in skipped:
+        groups.setdefault(s["reason"], []).append(f"{s['name']} ({s['op']})")
+    out = []
+    for reason, names in groups.items():
+        text = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        out.append((reason, (f"{len(names)} layers, " if len(names) > 1 else "") + text))
+    return out
 
 
 def _num(x: float | None) -> str:

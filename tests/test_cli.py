@@ -95,9 +95,9 @@ def bad(tmp_path, args):
     ("npz_missing_key", "missing input"),
     ("no_out_dir", "output directory does not exist"),
     ("out_is_input", "--overwrite"),
-    ("tol", "tol must be"),
-    ("max_iter", "max_iter must be"),
-    ("target_var", "target_var must be"),
+    ("tol", "--tol must be"),
+    ("max_iter", "--max-iter must be"),
+    ("target_var", "--target-var must be"),
 ])
 def test_bad_input_exits_2_with_one_clear_message(tmp_path, case, expect):
     model, feeds, _ = models.two_inputs() if "two" in case or "npz" in case \

@@ -199,3 +199,66 @@ def test_paddle_fixed_kernel_is_left_alone(tmp_path):
     with open(out) as f:
         facts = json.load(f)
     assert_fixed_left_alone(facts, {"conv", "fc"}, "Paddle", "stft.weight")
+
+
+# --- issue 29: a wrong-shaped batch, caught by the framework's own forward first ---
+
+
+def assert_wrong_batch_said(facts: dict, shape: tuple, *words: str) -> None:
+    """onnx_lsuv's InputError naming the batch's shape and what the model takes (the
+    framework's own error quoted), and every parameter bit for bit as before."""
+    assert facts["input_error"], facts
+    message = facts["message"]
+    if any("runs through it" in w for w in words):  # a shape seen to run: the batch's fault
+        assert f"the batch of shape {shape} does not fit the" in message, message
+        assert "its own forward fails on it" in message
+    else:
+        assert f"model's own forward fails on the batch of shape {shape}" in message, message
+    assert "Nothing was exported" in message
+    for w in words:
+        assert w in message, message
+    assert facts["same"]
+
+
+def test_keras_wrong_batch_shape(tmp_path):
+    """Before: tf2onnx's or the exporter's own failure, far from the cause."""
+    out = str(tmp_path / "facts.json")
+    run_check("keras", "wrong", out)
+    with open(out) as f:
+        facts = json.load(f)
+    assert_wrong_batch_said(facts, (64, 21), "Keras model", "inputs of shape (None, 20)",
+                            "a batch of shape (64, 20) runs through it")
+
+
+def test_flax_wrong_batch_shape(tmp_path):
+    """Before: linen's TracerBoolConversionError under jax2onnx, nnx's error from the trace."""
+    out = str(tmp_path / "facts.json")
+    run_check("flax", "wrong", out)
+    with open(out) as f:
+        facts = json.load(f)
+    for api, kernel in (("nnx", "conv.kernel"), ("linen", "params/conv/kernel")):
+        assert_wrong_batch_said(facts[api], (8, 12, 12, 4), "Flax model",
+                                f"{kernel}, has shape (3, 3, 3, 8)",
+                                "a batch of shape (8, 12, 12, 3) runs through it")
+    # the right shape to a module that cannot run as called: not blamed on the batch
+    train = facts["linen_train"]
+    assert train["input_error"] and "does not fit the Flax model:" not in train["message"]
+    assert "own forward fails on the batch of shape (32, 3)" in train["message"]
+    assert "or the model does not run as it is called here" in train["message"]
+
+
+def test_paddle_two_wrong_batch_shapes_in_one_process(tmp_path):
+    """Before: "paddle2onnx exited -1", and the second call killed the process (SIGSEGV or
+    SIGFPE) in 6 of 33 runs; run_check asserts that the process exits normally."""
+    out = str(tmp_path / "facts.json")
+    run_check("paddle", "wrong", out)
+    with open(out) as f:
+        facts = json.load(f)
+    channels, rank5 = facts["calls"]
+    assert_wrong_batch_said({**channels, "same": facts["same"]}, (16, 4, 12, 12),
+                            "Paddle model", "conv.weight, has shape [8, 3, 3, 3]",
+                            "a batch of shape (16, 3, 12, 12) runs through it")
+    assert_wrong_batch_said({**rank5, "same": facts["same"]}, (16, 3, 12, 12, 1),
+                            "Paddle model", "conv.weight, has shape [8, 3, 3, 3]",
+                            "either the batch does not fit the model, or the model")
+    assert all(facts["training"])  # each sublayer back in its own (train) mode

@@ -229,12 +229,12 @@ def test_a_candidate_left_alone_by_a_documented_rule_keeps_exit_0_and_is_counted
     res = invoke(tmp_path / "m.onnx", "-d", tmp_path / "x.npy", "-o", tmp_path / "o.onnx",
                  "--json")
     assert res.exit_code == 0, res.output
-    assert "1 layers, 1 left alone" in res.output
+    assert "1/1 layers on target, 1 left alone" in res.output
     summary = res.output[res.output.index("{"):]
     import json
 
     summary = json.loads(summary[:summary.rindex("}") + 1])
-    assert summary["left_alone"] == 1 and summary["not_initialised"] == 0 and summary["ok"]
+    assert summary["n_left_alone"] == 1 and summary["n_not_initialised"] == 0 and summary["ok"]
     saved = onnx.load(tmp_path / "o.onnx")
     kept = next(t for t in saved.graph.initializer if t.name == "dfl")
     assert numpy_helper.to_array(kept).tobytes() == dfl.tobytes()

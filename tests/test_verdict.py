@@ -233,8 +233,8 @@ def test_tries_never_exceed_max_iter(strategy):
 
 @pytest.mark.parametrize("args, expect", [
     (["--seed", "-1"], "seed must be"),
-    (["--lstm-forget-bias", "nan"], "lstm_forget_bias must be a finite"),
-    (["--lstm-forget-bias", "inf"], "lstm_forget_bias must be a finite"),
+    (["--lstm-forget-bias", "nan"], "--lstm-forget-bias must be a finite"),
+    (["--lstm-forget-bias", "inf"], "--lstm-forget-bias must be a finite"),
     (["--threads", "0"], "threads must be"),
 ])
 def test_bad_option_values_exit_2_with_a_message(tmp_path, args, expect):

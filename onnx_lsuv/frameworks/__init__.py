@@ -25,7 +25,7 @@ whose values both a trainable and a non-trainable tensor hold is left alone too,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,85 @@ def initialise(exported: onnx.ModelProto, data: Any, params: dict[str, np.ndarra
     matched = match_parameters(exported, result.weights, params)
     if strict and not matched.complete:
         raise MatchError(matched)
+    name_modules(result.report, matched)
     return FrameworkResult(result.report, matched, matched.params, result.model, exported)
+
+
+def module_name(param: str) -> str:
+    """The module (layer) a parameter belongs to, in the framework's own words: its name
+    without the last part (torch ``layer1.0.conv1.weight`` -> ``layer1.0.conv1``; Flax linen
+    ``params/Conv_0/kernel`` -> ``Conv_0``; Keras ``sequential/conv/kernel`` ->
+    ``sequential/conv``)."""
+    if param.startswith("params/"):
+        param = param[len("params/"):]
+    cut = max(param.rfind("."), param.rfind("/"))
+    return param[:cut] if cut > 0 else param
+
+
+def name_modules(report: Report, matched: MatchResult) -> None:
+    """Give each layer record the framework's module name of its weight (``module``), where
+    the mapping found the weight among the parameters: the table shows it beside the ONNX
+    node's name (a dynamo export calls a conv ``node_conv2d_3``)."""
+    owner = {m["onnx"]: m["params"] for m in matched.mapped if m.get("params")}
+    for rec in report.layers:
+        params = owner.get(rec.weight)
+        if params:
+            rec.module = ", ".join(sorted({module_name(p) for p in params}))
+
+
+def forward_first(run: Callable[[np.ndarray], Any], batch: np.ndarray, expects: str,
+                  framework: str, guesses: Iterable[tuple[int, ...]] = ()) -> None:
+    """Run the framework's own forward on the batch before exporting it: a batch that does
+    not fit the model gets the framework's own shape error, in one message naming the batch
+    shape and what the model expects (a shape it runs on, where one is found), rather than
+    an exporter's failure far from the cause
+    (jax2onnx tracing linen's shape checks, a Reshape error, paddle2onnx exiting -1).
+
+    ``run`` takes an array (it runs the model on a copy or without updating any state: a
+    failed call leaves the model as it was). ``guesses`` are shapes the model may take, read
+    from its first weights; a few are tried on zeros, and the first that runs is named: the
+    message never claims a shape that the model's own forward has not taken.
+
+    Raises:
+        InputError: The forward failed on the batch.
+    """
+    try:
+        run(batch)
+    except Exception as err:  # the framework's own error type, whatever it is
+        said = " ".join(str(err).split())
+        said = said if len(said) <= 400 else said[:400] + " ..."
+        fits = _first_that_runs(run, batch, guesses)
+        shape, own = tuple(batch.shape), f"({type(err).__name__}: {said}); {expects}"
+        if fits:
+            raise InputError(f"the batch of shape {shape} does not fit the {framework} model: "
+                             f"its own forward fails on it {own}; a batch of shape {fits} "
+                             "runs through it. Nothing was exported or changed") from err
+        # no shape seen to run: the cause may be the model's (a BatchNorm in training mode
+        # in linen's apply, a missing RNG), not the batch's
+        raise InputError(f"the {framework} model's own forward fails on the batch of shape "
+                         f"{shape} {own}: either the batch does not fit the model, or the "
+                         "model does not run as it is called here. Nothing was exported or "
+                         "changed") from err
+
+
+def _first_that_runs(run: Callable[[np.ndarray], Any], batch: np.ndarray,
+                     guesses: Iterable[tuple[int, ...]], tries: int = 3) -> tuple | None:
+    """The first of (at most ``tries``) guessed shapes, other than the batch's, whose zeros
+    the model's forward runs on; None if none does."""
+    tried: list[tuple] = []
+    for shape in guesses:
+        shape = tuple(int(d) for d in shape)
+        if shape == tuple(batch.shape) or shape in tried or min(shape, default=1) < 1:
+            continue
+        if len(tried) == tries:
+            break
+        tried.append(shape)
+        try:
+            run(np.zeros(shape, batch.dtype))
+        except Exception:  # not this one either
+            continue
+        return shape
+    return None
 
 
 def leave_frozen(exported: onnx.ModelProto, params: Mapping[str, np.ndarray],

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import FrameworkResult, initialise, unique_names
+from . import FrameworkResult, forward_first, initialise, unique_names
 
 
 def _is_float(var) -> bool:
@@ -26,6 +26,28 @@ def _is_float(var) -> bool:
     if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return False
     return np.dtype(dtype).kind == "f"
+
+
+def _kernels(params: dict[str, np.ndarray]) -> list[str]:
+    return [n for n, v in params.items()
+            if n.rsplit("/", 1)[-1].rsplit(".", 1)[-1] == "kernel" and v.ndim >= 2]
+
+
+def _expects(params: dict[str, np.ndarray]) -> str:
+    """What the state says of the input: the first kernel it lists (the state's order, which
+    need not be the order of the calls: nnx sorts it by name)."""
+    kernels = _kernels(params)
+    if not kernels:
+        return "see the module's __call__ for the shape it takes"
+    return (f"the first kernel in its state, {kernels[0]}, has shape "
+            f"{params[kernels[0]].shape} (Flax kernels are (..., in, out))")
+
+
+def _guesses(batch: np.ndarray, params: dict[str, np.ndarray]):
+    """The batch with its last axis (features, or channels last) set to a kernel's ``in``."""
+    for name in _kernels(params):
+        if batch.ndim:
+            yield batch.shape[:-1] + (params[name].shape[-2],)
 
 
 def _export(fn, batch: np.ndarray, opset: int):
@@ -66,6 +88,10 @@ def lsuv_nnx(model, batch, *, opset: int = 17, strict: bool = True,
     # holding a fixed kernel) is not
     frozen = {n: params[n] for n, _, var in entries if n in params
               and not issubclass(getattr(var, "type", type(var)), nnx.Param)}
+    # each forward on a deep copy: a BatchNorm in train mode updates its statistics, a
+    # Dropout its RNG count (nnx.merge of nnx.split's state shares the Variables: no copy)
+    forward_first(lambda x: nnx.clone(model)(jnp.asarray(x)), batch, _expects(params), "Flax",
+                  _guesses(batch, params))
     result = initialise(_export(model, batch, opset), batch, params, strict, options, frozen,
                         "Flax")
     if result.params:
@@ -106,6 +132,8 @@ def lsuv_linen(module, variables, batch, *, opset: int = 17, strict: bool = True
     params = {k: np.asarray(v) for k, v in flat.items() if np.asarray(v).dtype.kind == "f"}
     # what linen trains is the "params" collection; "batch_stats" and any other are not
     frozen = {k: v for k, v in params.items() if k.split("/", 1)[0] != "params"}
+    forward_first(lambda x: module.apply(variables, jnp.asarray(x)), batch, _expects(params),
+                  "Flax", _guesses(batch, params))
     result = initialise(_export(lambda x: module.apply(variables, x), batch, opset), batch,
                         params, strict, options, frozen, "Flax")
     new = dict(flat)

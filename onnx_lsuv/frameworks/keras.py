@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model_io import load_model
-from . import FrameworkResult, initialise, unique_names
+from . import FrameworkResult, forward_first, initialise, unique_names
 
 EXPORTERS = ("tf2onnx", "keras")
 
@@ -71,7 +71,17 @@ def lsuv_model(model, batch, *, exporter: str = "tf2onnx", opset: int | None = N
                          "for several inputs, export the model yourself and use "
                          "onnx_lsuv.match.match_parameters")
     batch = np.asarray(batch)
-    model(batch[:1], training=False)  # builds the model (its weights exist from then on)
+    # builds the model (its weights exist from then on), and checks that the batch fits it
+    try:
+        shape = model.input_shape if model.built else None
+    except Exception:  # a subclassed model has none (AttributeError, or keras' own error)
+        shape = None
+    declared = isinstance(shape, tuple) and len(shape) > 1 and \
+        all(isinstance(d, int) for d in shape[1:])
+    forward_first(lambda x: model(x[:1], training=False), batch,
+                  f"it takes inputs of shape {shape}" if shape is not None
+                  else "see the model's first layer for the shape it takes", "Keras",
+                  [(batch.shape[0], *shape[1:])] if declared and batch.ndim else [])
     unique_names((v.path for v in model.weights), "the Keras model")
     variables = {v.path: v for v in model.weights}
     params = {name: np.asarray(v.numpy()) for name, v in variables.items()}

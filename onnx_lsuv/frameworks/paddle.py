@@ -16,7 +16,18 @@ import numpy as np
 
 from ..errors import LSUVError
 from ..model_io import load_model
-from . import FrameworkResult, initialise
+from . import FrameworkResult, forward_first, initialise
+
+
+def _guesses(batch: np.ndarray, weight: list[int] | None):
+    """Shapes the layer may take, from its first weight: a conv's [out, in, k...] (or a
+    transposed conv's [in, out, k...]) sets axis 1, a Linear's [in, out] the last axis."""
+    if weight is None or batch.ndim < 2:
+        return
+    if len(weight) > 2:
+        yield from ((*batch.shape[:1], c, *batch.shape[2:]) for c in (weight[1], weight[0]))
+    else:
+        yield (*batch.shape[:-1], weight[0])
 
 
 def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
@@ -62,6 +73,15 @@ def lsuv_layer(layer, batch, *, opset: int = 17, strict: bool = True,
         frozen = {k: params[k] for k in aliases if state[k].stop_gradient}
         frozen.update((k, b.numpy()) for k, b in layer.named_buffers() if k not in state
                       and b.dtype in (paddle.float16, paddle.float32, paddle.float64))
+        # the batch through paddle's own forward first: paddle2onnx fails a wrong shape by
+        # exiting the process (and, called again, crashed it with SIGSEGV/SIGFPE)
+        weight = next(((k, v.shape) for k, v in state.items() if len(v.shape) >= 2), None)
+        with paddle.no_grad():
+            forward_first(lambda x: layer(paddle.to_tensor(x)), batch,
+                          f"the first weight in its state_dict, {weight[0]}, has shape "
+                          f"{list(weight[1])}" if weight
+                          else "see the layer's forward for the shape it takes", "Paddle",
+                          _guesses(batch, weight[1] if weight else None))
         # the spec's name must be forward's own argument name, or the export fails
         arg = next(iter(inspect.signature(layer.forward).parameters), "x")
         spec = [paddle.static.InputSpec([None, *batch.shape[1:]], str(batch.dtype), arg)]

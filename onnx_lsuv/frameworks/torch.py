@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model_io import load_model
-from . import FrameworkResult, initialise
+from . import FrameworkResult, forward_first, initialise
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -66,6 +66,31 @@ def _frozen(module) -> dict[str, np.ndarray]:
     return out
 
 
+def _first_layer(module):
+    """The first submodule it registers that holds weights, and its name."""
+    for name, sub in module.named_modules():
+        if next(sub.parameters(recurse=False), None) is not None:
+            return name or type(module).__name__, sub
+    return None, None
+
+
+def _expects(module) -> str:
+    name, sub = _first_layer(module)
+    if sub is None:
+        return "see the module's forward for the shape it takes"
+    return f"the first layer it registers with weights, {name}, is {sub!r}"
+
+
+def _guesses(batch: np.ndarray, module):
+    """The batch with the first layer's in_channels on axis 1, or its in_features last."""
+    _, sub = _first_layer(module)
+    if sub is not None and batch.ndim >= 2:
+        if isinstance(getattr(sub, "in_channels", None), int):
+            yield (*batch.shape[:1], sub.in_channels, *batch.shape[2:])
+        if isinstance(getattr(sub, "in_features", None), int):
+            yield (*batch.shape[:-1], sub.in_features)
+
+
 def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = None,
                 strict: bool = True, **options: Any) -> FrameworkResult:
     """LSUV-initialise a ``torch.nn.Module`` in place.
@@ -97,6 +122,12 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
     modes = [(m, m.training) for m in module.modules()]  # each its own (a frozen BN stays)
     module.eval()
     try:
+        first = _to_numpy(args[0])  # (the batch as given, then each guess in its place)
+        with torch.no_grad():
+            forward_first(lambda x: module(*args) if x is first
+                          else module(_as_input(torch.as_tensor(x), module)), first,
+                          _expects(module), "PyTorch",
+                          _guesses(first, module) if len(args) == 1 else ())
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             kwargs: dict[str, Any] = {"dynamo": exporter == "dynamo"}

@@ -74,3 +74,23 @@ def fixed_facts(result, fixed: dict, now: dict) -> dict:
     return {"fixed": facts, "left_alone": [s["reason"] for s in result.report.left_alone],
             "not_initialised": len(result.report.not_initialised),
             "layers": [r.name for r in result.report.layers]}
+
+
+def raised(call) -> dict:
+    """What ``call()`` raised: its type, whether it is onnx_lsuv's InputError, its message
+    ({"type": None} if it returned)."""
+    from onnx_lsuv import InputError
+
+    try:
+        call()
+    except Exception as err:
+        return {"type": type(err).__name__, "input_error": isinstance(err, InputError),
+                "message": str(err)}
+    return {"type": None}
+
+
+def same(before: dict, after: dict) -> bool:
+    """Every array bit for bit the same (the same names, shapes, dtypes and bytes)."""
+    return before.keys() == after.keys() and all(
+        np.asarray(before[k]).dtype == np.asarray(after[k]).dtype
+        and np.array_equal(before[k], after[k]) for k in before)

@@ -5,7 +5,10 @@ returned), through jax2onnx; then measured in Flax's own forward.
 
 Usage (in the Flax interpreter, onnx_lsuv on PYTHONPATH): check_flax.py nnx|linen OUT.json;
 check_flax.py fixed-nnx|fixed-linen OUT.json: a fixed STFT kernel held outside the parameters
-(an nnx.Variable; linen: a "consts" collection) applied with lax.conv, then trainable layers.
+(an nnx.Variable; linen: a "consts" collection) applied with lax.conv, then trainable layers;
+check_flax.py wrong OUT.json: a batch with 4 channels, not 3, to lsuv_nnx (its BatchNorm in
+train mode: a forward would update its statistics) and to lsuv_linen: what each raised, and
+whether every variable is bit for bit as before.
 
 Measured: the variance of each Conv / ConvTranspose / Linear (Dense) / Einsum output, computed
 by the module's own layers (nnx: called one by one, as the net's __call__ does; linen:
@@ -24,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen, nnx  # noqa: E402
 
-from _common import fixed_facts, summary, var, write  # noqa: E402
+from _common import fixed_facts, raised, same, summary, var, write  # noqa: E402
 
 BIAS = nnx.initializers.normal(1.0)
 X = np.random.default_rng(2).standard_normal((32, 12, 12, 3)).astype("float32")
@@ -167,9 +170,40 @@ def fixed(api: str, out_path: str) -> int:
     return 0
 
 
+def wrong(out_path: str) -> int:
+    from onnx_lsuv.frameworks.flax import lsuv_linen, lsuv_nnx
+
+    bad = X[:8, :, :, :2].repeat(2, axis=3)  # (8, 12, 12, 4)
+    model = CNN(nnx.Rngs(0))
+    model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \
+        bn_stats(1)
+    model.train()
+    before = arrays(model)
+    nnx_raised = raised(lambda: lsuv_nnx(model, bad, seed=3))
+    nnx_same = same(before, arrays(model))
+    module = Linen()
+    variables = module.init(jax.random.PRNGKey(0), X)
+    flat = {"/".join(p.key for p in k): np.asarray(v).copy()
+            for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+    linen_raised = raised(lambda: lsuv_linen(module, variables, bad, seed=3))
+    now = {"/".join(p.key for p in k): np.asarray(v)
+           for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+    # a batch of the right shape to a linen BatchNorm in training mode: apply cannot update
+    # the (immutable) batch_stats; the model's fault, not the batch's
+    train = linen.BatchNorm(use_running_average=False)
+    stats = train.init(jax.random.PRNGKey(0), X[:, 0, 0, :])
+    train_raised = raised(lambda: lsuv_linen(train, stats, X[:, 0, 0, :], seed=3))
+    write(out_path, {"nnx": {**nnx_raised, "same": nnx_same},
+                     "linen": {**linen_raised, "same": same(flat, now)},
+                     "linen_train": train_raised})
+    return 0
+
+
 def main(argv):
     from onnx_lsuv.frameworks.flax import lsuv_linen, lsuv_nnx
 
+    if argv[0] == "wrong":
+        return wrong(argv[1])
     if argv[0].startswith("fixed-"):
         return fixed(argv[0][len("fixed-"):], argv[1])
     if argv[0] == "nnx":

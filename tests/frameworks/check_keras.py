@@ -8,6 +8,8 @@ Usage (in the Keras interpreter, onnx_lsuv on PYTHONPATH):
                                          biases (stored once by both exporters)
   check_keras.py fixed OUT.json EXPORTER  a fixed STFT Conv1D (trainable=False), then
                                          trainable layers: the fixed kernel left alone
+  check_keras.py wrong OUT.json          a batch of 21 features to the 20-feature Dense model:
+                                         what it raised; every weight as before?
   check_keras.py export DIR              DIR/model.onnx (tf2onnx), params.npz, x.npy
   check_keras.py measure DIR             loads DIR/new.npz into the model; DIR/measure.json
 
@@ -30,7 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers  # noqa: E402
 
-from _common import fixed_facts, summary, var, write  # noqa: E402
+from _common import fixed_facts, raised, same, summary, var, write  # noqa: E402
 
 
 def off_defaults(model) -> None:
@@ -153,8 +155,22 @@ def fixed(out_path: str, exporter: str) -> int:
     return 0
 
 
+def wrong(out_path: str) -> int:
+    from onnx_lsuv.frameworks.keras import lsuv_model
+
+    model, x = build_shared()
+    bad = np.concatenate([x, x[:, :1]], axis=1)  # (64, 21)
+    before = {w.path: np.asarray(w.numpy()).copy() for w in model.weights}
+    facts = raised(lambda: lsuv_model(model, bad, seed=3))
+    facts["same"] = same(before, {w.path: np.asarray(w.numpy()) for w in model.weights})
+    write(out_path, facts)
+    return 0
+
+
 def main(argv):
     mode = argv[0]
+    if mode == "wrong":
+        return wrong(argv[1])
     if mode == "fixed":
         return fixed(argv[1], argv[2])
     if mode == "shared":

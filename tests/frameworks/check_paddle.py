@@ -8,6 +8,9 @@ Usage (in the Paddle interpreter, onnx_lsuv on PYTHONPATH):
                                        hidden size: state_dict lists each weight twice
   check_paddle.py fixed OUT.json       a fixed STFT Conv1D (stop_gradient) before trainable
                                        layers: the fixed kernel left alone
+  check_paddle.py wrong OUT.json       two wrong batches to the CNN in one process (4 channels,
+                                       not 3; a fifth axis): what each raised; every tensor
+                                       of the state_dict as before?
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from paddle import nn  # noqa: E402
 
-from _common import fixed_facts, summary, var, write  # noqa: E402
+from _common import fixed_facts, raised, same, summary, var, write  # noqa: E402
 
 
 class CNN(nn.Layer):
@@ -135,7 +138,28 @@ def fixed(out_path: str) -> int:
     return 0
 
 
+def wrong(out_path: str) -> int:
+    """Before: paddle2onnx exited -1 on each, and the second call in a process killed it with
+    SIGSEGV or SIGFPE in 6 of 33 runs."""
+    from onnx_lsuv.frameworks.paddle import lsuv_layer
+
+    paddle.seed(0)
+    model = CNN()
+    off_defaults(model)
+    model.train()
+    x = np.random.default_rng(2).standard_normal((16, 3, 12, 12)).astype("float32")
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    calls = [raised(lambda bad=bad: lsuv_layer(model, bad, seed=3))
+             for bad in (x[:, [0, 1, 2, 0]], x[..., None])]
+    after = {k: v.numpy() for k, v in model.state_dict().items()}
+    write(out_path, {"calls": calls, "same": same(before, after),
+                     "training": [sub.training for sub in model.sublayers(include_self=True)]})
+    return 0
+
+
 def main(argv):
+    if argv[0] == "wrong":
+        return wrong(argv[1])
     if argv[0] == "fixed":
         return fixed(argv[1])
     from onnx_lsuv.frameworks.paddle import lsuv_layer
