@@ -52,6 +52,7 @@ from .options import LSUVOptions, legacy_init
 from .orthonormal import compute_dtype, orthonormal_each
 from .precision import float32_feeds, float32_measuring, float32_twin, has_low_precision
 from .report import LayerRecord, Report
+from .roles import Role, find_roles
 from .sequential import final_measure, scale_sequential
 from .strategies import ProgressFn, Run, choose, final_check, no_progress
 from .verdict import NOT_CONVERGED, SKIPPED
@@ -222,6 +223,8 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
         report.timings["total_s"] = time.perf_counter() - t_start
         return LSUVResult(work, report)
 
+    roles = find_roles(work, layers)
+    _role_columns(report, layers, roles)
     zeroing = {lay.index for lay in layers} if opts.zero_bias else set()
     shifting = set()
     if opts.target_mean is not None:
@@ -447,6 +450,15 @@ def _new_report(discovery: Discovery, options: dict) -> Report:
                   "onnxruntime": ort.__version__, "numpy": np.__version__,
                   "scipy": scipy.__version__},
     )
+
+
+def _role_columns(report: Report, layers: list[Layer], roles: dict[str, Role]) -> None:
+    """Each layer's transformer role (``roles.find_roles``) in its report rows."""
+    for lay in layers:
+        role = roles.get(lay.name)
+        if role is not None:
+            for rec in report.layers[lay.row:lay.row + len(lay.blocks)]:
+                rec.role, rec.role_block = role.kind, role.block
 
 
 def _pre_init(state: WeightState, opts: LSUVOptions, progress: ProgressFn) -> None:

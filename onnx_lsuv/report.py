@@ -45,6 +45,15 @@ class LayerRecord:
     point: str | None = None
     channels: int | None = None
     channels_constant: int | None = None
+    # the layer's transformer role (``roles.Role.kind``: "q", "attn_out", "embedding", ...)
+    # and its block; with policy "transformer", what set it: the measure ("output var",
+    # "logit std", "branch/stream var", "stream var", "head std", "admin"), its target and the
+    # value achieved on the written model
+    role: str | None = None
+    role_block: int | None = None
+    measure: str | None = None
+    target: float | None = None
+    achieved: float | None = None
 
 
 @dataclass
