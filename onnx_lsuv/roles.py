@@ -60,7 +60,13 @@ MASK_OPS = {"Add", "Sub", "Where"}
 # Ops that start a layer normalisation, fused or decomposed (LayerNorm: ReduceMean; RMSNorm:
 # Pow or ReduceMean of the square).
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-            "SkipSimplifiedLayerNormalization", "RMSNormalization", "ReduceMean", "Pow"}
+            "SkipSimplifiedLayerNormalization", "RMSNormalization", "ReduceMean", "Pow",
+            "GlobalAveragePool"}  # tf2onnx's LayerNorm: its means over the last axis of [B,T,D]
+# Attention computed inside one node (ONNX Runtime's transformer optimiser, opset 23): the
+# logits are not a tensor of the graph. com.microsoft Attention holds the q/k/v projection
+# itself (its weight input); MultiHeadAttention and ONNX's Attention read projected q, k, v.
+FUSED_ATTENTION = {("com.microsoft", "Attention"): False,
+                   ("com.microsoft", "MultiHeadAttention"): True, ("", "Attention"): True}
 
 
 @dataclass(frozen=True)
@@ -186,11 +192,29 @@ class _Walker:
                 pos = list(node.output).index(name)
                 if len(node.output) == 3:
                     piece = PIECES[pos]
+            elif node.op_type == "Slice" and node.input[0] == data[0]:
+                piece = self._slice_piece(node) or piece
             elif node.op_type == "Gather" or (node.op_type in LAYOUT_OPS - {"Expand"}
                                               and node.input[0] != data[0]):
                 return None  # the data is the index or the shape: not this tensor's values
             name = data[0]
         return self.by_output[name].index, piece
+
+    def _slice_piece(self, node: onnx.NodeProto) -> str:
+        """The third (q, k or v) of the sliced axis that a Slice of one axis with constant
+        starts and ends picks ([0, n), [n, 2n), [2n, 3n)); "" for another Slice. A fused
+        projection cut by three Slices is told apart only where they pick q, k, v in turn."""
+        inputs = list(node.input) + [""] * (5 - len(node.input))
+        starts, ends, steps = (self._const(x) if x else None for x in
+                               (inputs[1], inputs[2], inputs[4]))
+        if starts is None or ends is None or starts.size != 1 or ends.size != 1 or \
+                (steps is not None and int(steps.reshape(-1)[0]) != 1):
+            return ""
+        start = int(starts.reshape(-1)[0])
+        width = int(ends.reshape(-1)[0]) - start
+        if start < 0 or width <= 0 or start % width or start // width >= 3:
+            return ""
+        return PIECES[start // width]
 
     def _const(self, name: str) -> np.ndarray | None:
         ref = self.index.resolve_const(name)
@@ -207,20 +231,62 @@ def _attention(w: _Walker, i: int) -> Attention | None:
     while (p := w.node(logits)) is not None and p.op_type in MASK_OPS \
             and len(w.computed(p.input)) == 1:
         logits = w.computed(p.input)[0]  # past the mask
-    name = logits
-    while (p := w.node(name)) is not None and p.op_type in SCALE_OPS | {"Cast"} \
-            and len(w.computed(p.input)) == 1:
-        name = w.computed(p.input)[0]
-    mm = w.node(name)
+    mm = w.node(_scores(w, logits))
     if mm is None or mm.op_type != "MatMul" or len(w.computed(mm.input)) != 2:
         return None
     q, k = w.source(mm.input[0]), w.source(mm.input[1])
     v, out = None, []
-    for reader in w.readers(node.output[0]):
-        if reader.op_type == "MatMul" and reader.input[0] == node.output[0]:
+    for reader, probs in _prob_readers(w, node.output[0]):
+        if reader.op_type == "MatMul" and reader.input[0] == probs:
             v = w.source(reader.input[1])
             out = _first_layers(w, reader.output[0])
     return Attention(i, logits, q, k, v, out)
+
+
+def _scores(w: _Walker, logits: str) -> str:
+    """From the logits back past scales, Casts and layout ops (tf2onnx's Einsum written as
+    Reshape -> MatMul -> Reshape -> Squeeze) to the q.k^T product's tensor."""
+    name = logits
+    while (p := w.node(name)) is not None and p.op_type in SCALE_OPS | LAYOUT_OPS \
+            and len(w.computed(p.input)) == 1 and \
+            (p.op_type in SCALE_OPS or p.input[0] == w.computed(p.input)[0]):
+        name = w.computed(p.input)[0]
+    return name
+
+
+def _prob_readers(w: _Walker, probs: str) -> list[tuple[onnx.NodeProto, str]]:
+    """The nodes that read the attention probabilities, through layout ops (tf2onnx:
+    Unsqueeze -> Reshape before the MatMul with v), with the tensor each reads."""
+    found, stack, seen = [], [probs], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for reader in w.readers(n):
+            if reader.op_type in LAYOUT_OPS - {"Gather", "Split", "Slice"} \
+                    and reader.input[0] == n:
+                stack.extend(o for o in reader.output if o)
+            else:
+                found.append((reader, n))
+    return found
+
+
+def _fused_attentions(w: _Walker) -> list[Attention]:
+    """Attention nodes that compute the logits inside (``FUSED_ATTENTION``): their q, k, v
+    layers where the node reads projected q, k and v (its first three inputs), and the layers
+    reading its output. No logits: a q/k role from one of them has none to measure."""
+    found = []
+    for i, node in enumerate(w.graph.node):
+        reads_qkv = FUSED_ATTENTION.get((node.domain if node.domain != "ai.onnx" else "",
+                                         node.op_type))
+        if reads_qkv is None:
+            continue
+        q = k = v = None
+        if reads_qkv and len(node.input) >= 3 and all(node.input[:3]):
+            q, k, v = (w.source(x) for x in node.input[:3])
+        found.append(Attention(i, "", q, k, v, _first_layers(w, node.output[0])))
+    return found
 
 
 def _first_layers(w: _Walker, name: str) -> list[int]:
@@ -360,6 +426,7 @@ def find_roles(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, Role]:
     attentions = [a for j, n in enumerate(w.graph.node)
                   if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")
                   and (a := _attention(w, j)) is not None and a.q and a.k]
+    attentions += _fused_attentions(w)
     if not attentions:
         return {}
     residuals = [r for j in range(len(w.graph.node)) if (r := _residual(w, j)) is not None]
@@ -397,7 +464,7 @@ def find_roles(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, Role]:
             old = roles.get(j)
             if old is not None and old.kind not in ("q", "k", "v", "qkv"):
                 continue  # a branch's last layer: its residual rule
-            logits = (old.logits if old else ()) + (a.logits,)
+            logits = (old.logits if old else ()) + ((a.logits,) if a.logits else ())
             logits = tuple(dict.fromkeys(logits)) if any(x in ("q", "k") for x, _ in mine) \
                 else ()
             if len(mine) == 1 and (old is None or old.kind == mine[0][0]):

@@ -18,7 +18,7 @@ Two kinds of builder:
   small configs (no download), every bias and LayerNorm parameter non-default, for the real
   exporters; ``HF_ROLES`` says each parameter's role.
 
-Roles (the tests' own names, independent of onnx_lsuv): ``embed`` (the layer that writes the
+Roles (the tests' own names, independent of onnx_lsuv): ``embedding`` (the layer that writes the
 residual stream), ``q``, ``k``, ``v``, ``qkv`` (fused), ``attn_out`` and ``mlp_out`` (a
 branch's last layer), ``mlp_in``, ``head`` (the last layer before the graph output); a target
 not listed has none.
@@ -298,7 +298,8 @@ def transformer(embed: str = "tokens", qkv: str = "separate", norm: str = "pre",
         qkv: "separate" (q, k, v Linears), "split" / "slice" (one fused 3D projection cut by a
             Split / three Slices), "tf2onnx" (Keras MultiHeadAttention through tf2onnx),
             "attention_op" / "mha_op" (ONNX Runtime's contrib ops). Defaults to "separate".
-        norm: "pre" (LN -> branch -> Add) or "post" (branch -> Add -> LN). Defaults to "pre".
+        norm: "pre" (LN -> branch -> Add) or "post" (branch -> Add -> LN, and an LN on the
+            embeddings as BERT has). Defaults to "pre".
         ln: LayerNorm "op" or decomposed: "torch", "tf2onnx", "jax2onnx". Defaults to "op".
         dense: see ``_dense``. Defaults to "matmul".
         mask: add GPT-2's causal mask before the Softmax. Defaults to False.
@@ -312,7 +313,10 @@ def transformer(embed: str = "tokens", qkv: str = "separate", norm: str = "pre",
     g = _Graph(seed)
     case = Case(None, {}, {})
     s, inp = _embed(g, embed, dense)
-    case.roles["embed"] = "embed"
+    if norm == "post":  # BERT: a LayerNorm on the embeddings' sum sets the stream's scale,
+        s = _layernorm(g, s, ln)  # so the embedding has no stream-writer role
+    else:
+        case.roles["embed"] = "embedding"
     for b in range(blocks):
         x = _layernorm(g, s, ln) if norm == "pre" else s
         a = _attention(g, x, b, qkv, dense, mask, case)
@@ -391,7 +395,7 @@ def twin(name: str, **overrides) -> Case:
 
 # A parameter's role from its name in the Hugging Face model (the tests' ground truth).
 HF_ROLES = [
-    (r"(word_embeddings|wte|patch_embeddings\.projection)\.weight$", "embed"),
+    (r"(word_embeddings|wte|patch_embeddings\.projection)\.weight$", "embedding"),
     (r"(query|q_proj)\.weight$", "q"),
     (r"(key|k_proj)\.weight$", "k"),
     (r"(value|v_proj)\.weight$", "v"),
