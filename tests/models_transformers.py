@@ -50,6 +50,7 @@ class Case:
         roles: Target node name -> role (see the module's docstring).
         norm: Per block, "pre" or "post" (where its LayerNorms sit).
         softmax: The attention Softmax nodes' names, in block order (observable logits).
+        logits: The logits of each of them, in order: the scaled q.k^T before any mask.
         residual: The residual Add nodes' names (stream + branch), in order.
         fused: Names of fused attention nodes (their logits are inside the op).
     """
@@ -59,6 +60,7 @@ class Case:
     roles: dict[str, str]
     norm: list[str] = field(default_factory=list)
     softmax: list[str] = field(default_factory=list)
+    logits: list[str] = field(default_factory=list)
     residual: list[str] = field(default_factory=list)
     fused: list[str] = field(default_factory=list)
 
@@ -170,6 +172,7 @@ def _core(g: _Graph, q: str, k: str, v: str, b: int, mask: bool, case: Case) -> 
     PyTorch's eager attention (and jax2onnx's dot_product_attention) as exported."""
     logits = g.op("MatMul", [_heads(g, q, [0, 2, 1, 3]), _heads(g, k, [0, 2, 3, 1])])
     scaled = g.op("Mul", [logits, g.const(DH ** -0.5, "scale")])
+    case.logits.append(scaled)
     if mask:  # GPT-2: a causal mask of 0 / -inf-like values added before the Softmax
         causal = np.triu(np.full((T, T), -1e4, np.float32), 1)[None, None]
         scaled = g.op("Add", [scaled, g.const(causal, "mask")])
@@ -195,6 +198,7 @@ def _core_tf2onnx(g: _Graph, q: str, k: str, v: str, b: int, case: Case) -> str:
                               g.const([-1, HEADS, T, T, 1], "shape", np.int64)])
     logits = g.op("Squeeze", [logits, g.const([4], "axes", np.int64)])
     scaled = g.op("Mul", [logits, g.const(DH ** -0.5, "scale")])
+    case.logits.append(scaled)
     p = g.op("Softmax", [scaled], name=f"softmax{b}", axis=-1)
     case.softmax.append(p.removesuffix("_out"))
     pr = g.op("Reshape", [g.op("Unsqueeze", [p, g.const([4], "axes", np.int64)]),

@@ -1,0 +1,200 @@
+"""Transformer roles (``roles.find_roles``) in the graphs of every exporter, not only the plain
+PyTorch modules': Hugging Face BERT / GPT-2 / ViT under both torch exporters, tf2onnx's Keras
+MultiHeadAttention, jax2onnx's Flax nnx attention, and ONNX Runtime's fused contrib ops.
+
+Each pattern twice: built by hand as the exporter writes it (tests/models_transformers.py,
+in the default suite), and, marked ``exporters``, exported for real from a small model built
+in the test (skipped where the framework is absent). The expected roles are the tests' own:
+for the hand-built graphs, written next to each node; for real exports, each target's weight
+is found among the framework's own parameters by value (its sorted elements: the layouts
+differ, the draws do not) and the parameter's name says its role.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from models_transformers import TWINS, export_torch, hf_bert, hf_gpt2, hf_role, hf_vit, twin
+
+from onnx_lsuv.graph import GraphIndex
+from onnx_lsuv.layers import find_layers
+from onnx_lsuv.roles import find_roles
+
+from conftest import framework_python
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _roles(model: onnx.ModelProto):
+    discovery = find_layers(model)
+    return discovery, find_roles(model, discovery.layers)
+
+
+# --- hand-built twins -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(TWINS))
+def test_every_target_of_a_hand_built_twin_gets_its_role(name):
+    case = twin(name)
+    _, roles = _roles(case.model)
+    assert {k: r.kind for k, r in roles.items()} == case.roles
+    blocks = {r.block for r in roles.values() if r.block is not None}
+    assert blocks == set(range(len(case.norm)))
+    for r in roles.values():
+        if r.block is not None:
+            assert r.norm == case.norm[r.block], (r, case.norm)
+            assert r.n_blocks == len(case.norm)
+
+
+@pytest.mark.parametrize("name", list(TWINS))
+def test_q_and_k_measure_the_softmax_logits_and_branches_their_residual_add(name):
+    """q / k (or qkv) of block b point at block b's logits (the scaled q.k^T before the
+    mask); a fused attention node has none to point at. A branch's last layer points at its
+    residual Add, and the Add's other input is the stream."""
+    case = twin(name)
+    _, roles = _roles(case.model)
+    producer = {o: n for n in case.model.graph.node for o in n.output}
+    for r in roles.values():
+        if r.kind in ("q", "k", "qkv"):
+            want = () if case.fused else (case.logits[r.block],)
+            assert r.logits == want, (r, case.logits)
+        if r.kind in ("attn_out", "mlp_out"):
+            add = producer[r.residual]
+            assert add.name == case.residual[2 * r.block + (r.kind == "mlp_out")]
+            assert sorted(add.input) == sorted([r.stream, r.branch])
+
+
+def test_the_slice_cut_qkv_is_told_apart_from_a_projection_sliced_otherwise():
+    """Three Slices of a fused projection are q, k, v only where they cut it into thirds in
+    turn; Slices at other offsets (here: the same layer sliced [0, D) three times) give it no
+    role rather than a guessed one."""
+    case = twin("hf_gpt2_slice")
+    model = case.model
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Slice":
+            start = onnx.numpy_helper.to_array(inits[node.input[1]])
+            if int(start[0]) != 0:
+                inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(
+                    np.array([0], np.int64), node.input[1]))
+                inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(
+                    np.array([16], np.int64), node.input[2]))
+    _, roles = _roles(model)
+    assert not any(r.kind in ("qkv", "q", "k", "v") for r in roles.values()), roles
+
+
+# --- real exports -----------------------------------------------------------------------------
+
+def _by_value(model: onnx.ModelProto, roles, discovery, params: dict[str, np.ndarray]):
+    """Each target layer (and token-embedding Gather) of ``roles``' graph -> (its op, the
+    framework parameter whose values it stores)."""
+    index = GraphIndex(model.graph)
+    arrays = {lay.name: (lay.op, index.const_array(lay.weight)) for lay in discovery.layers}
+    for name in set(roles) - set(arrays):  # a Gather's table (token embedding)
+        node = next(n for n in model.graph.node if n.name == name)
+        arrays[name] = (node.op_type, index.const_array(index.resolve_const(node.input[0])))
+    keys = {n: np.sort(np.asarray(v, np.float64).ravel()) for n, v in params.items()}
+    found = {}
+    for name, (op, w) in arrays.items():
+        sig = np.sort(np.asarray(w, np.float64).ravel())
+        hits = [n for n, k in keys.items() if k.shape == sig.shape and np.allclose(k, sig)]
+        assert len(hits) <= 1, (name, hits)
+        found[name] = (op, hits[0] if hits else None)
+    return found
+
+
+def _check_real(model, params, role_of, norm: str, blocks: int, embedding: bool):
+    discovery, roles = _roles(model)
+    found = _by_value(model, roles, discovery, params)
+    tables = {param for op, param in found.values() if op == "Gather"}
+    expected = {}
+    for name, (op, param) in found.items():
+        role = role_of(param) if param else None
+        if role == "embedding" and op != "Gather" and param in tables:
+            role = "head"  # GPT-2's LM head: the token table, tied, read by a MatMul
+        if role == "embedding" and not embedding:
+            role = None
+        if role:
+            expected[name] = role
+    got = {k: r.kind for k, r in roles.items()}
+    assert got == expected, {k: (expected.get(k), got.get(k))
+                             for k in set(got) | set(expected) if got.get(k) != expected.get(k)}
+    kinds = [r.kind for r in roles.values()]
+    for kind in ("attn_out", "mlp_in", "mlp_out"):
+        assert kinds.count(kind) == blocks, kinds
+    assert kinds.count("head") == 1
+    assert {r.norm for r in roles.values() if r.block is not None} == {norm}
+    assert {r.block for r in roles.values() if r.block is not None} == set(range(blocks))
+
+
+HF = {"bert": (hf_bert, "post", False), "gpt2": (hf_gpt2, "pre", True),
+      "vit": (hf_vit, "pre", True)}
+
+
+@pytest.mark.exporters
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("arch", list(HF))
+def test_every_block_of_a_hugging_face_export_gets_its_roles(arch, dynamo, tmp_path):
+    """BertForSequenceClassification (post-LN: the embeddings' LayerNorm sets the stream, so
+    no stream writer; the pooler has no role), GPT2LMHeadModel (Conv1D as Gemm, the fused
+    c_attn cut by a Split, the LM head tied to the token table), ViTForImageClassification
+    (the patch Conv writes the stream), each from a small config, exported by TorchScript and
+    by dynamo."""
+    pytest.importorskip("transformers")
+    build, norm, embedding = HF[arch]
+    module, x = build()
+    model = export_torch(module, x, dynamo, str(tmp_path / f"{arch}.onnx"))
+    params = {n: p.detach().numpy() for n, p in module.named_parameters()}
+    _check_real(model, params, hf_role, norm, blocks=2, embedding=embedding)
+
+
+FRAMEWORK_ROLES = [(r"embed", "embedding"), (r"query", "q"), (r"key", "k"), (r"value", "v"),
+                   (r"(attention_output|mha\.out)", "attn_out"), (r"fc1", "mlp_in"),
+                   (r"fc2", "mlp_out"), (r"head", "head")]
+
+
+def _framework_role(param: str) -> str | None:
+    if not param.endswith("kernel"):
+        return None
+    return next((role for pattern, role in FRAMEWORK_ROLES if re.search(pattern, param)), None)
+
+
+@pytest.fixture(scope="module")
+def framework_export(tmp_path_factory):
+    """framework -> the directory its transformer export script wrote (once per module)."""
+    done: dict[str, str] = {}
+
+    def get(framework: str, modules) -> str:
+        if framework not in done:
+            python = framework_python(framework, modules)
+            if python is None:
+                pytest.skip(f"{framework} is not installed here (set "
+                            f"ONNX_LSUV_{framework.upper()}_PYTHON)")
+            out = str(tmp_path_factory.mktemp(framework))
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+            script = os.path.join(HERE, "exporters", f"export_{framework}_transformer.py")
+            proc = subprocess.run([python, script, out], env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            done[framework] = out
+        return done[framework]
+
+    return get
+
+
+@pytest.mark.exporters
+@pytest.mark.parametrize("framework, modules", [
+    ("keras", ("keras", "tensorflow", "tf2onnx")), ("flax", ("flax", "jax", "jax2onnx"))])
+def test_every_layer_of_a_keras_or_flax_prenorm_block_gets_its_role(framework, modules,
+                                                                   framework_export):
+    """tf2onnx on Keras MultiHeadAttention (q/k/v MatMuls with [heads, dim] biases, the
+    Einsums decomposed, LayerNorm decomposed around GlobalAveragePool) and jax2onnx on Flax
+    nnx.MultiHeadAttention (Gemm on 2-D Reshapes, LayerNorm as E[x^2] - E[x]^2)."""
+    directory = framework_export(framework, modules)
+    model = onnx.load(os.path.join(directory, "prenorm.onnx"))
+    params = dict(np.load(os.path.join(directory, "params", "prenorm.npz")))
+    _check_real(model, params, _framework_role, "pre", blocks=1, embedding=True)
