@@ -58,6 +58,9 @@ def test_q_and_k_measure_the_softmax_logits_and_branches_their_residual_add(name
     case = twin(name)
     _, roles = _roles(case.model)
     producer = {o: n for n in case.model.graph.node for o in n.output}
+    for kind in ("attn_out", "mlp_out"):
+        assert sorted(r.block for r in roles.values() if r.kind == kind) == \
+            list(range(len(case.norm))), roles
     for r in roles.values():
         if r.kind in ("q", "k", "qkv"):
             want = () if case.fused else (case.logits[r.block],)
