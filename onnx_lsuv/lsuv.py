@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 import scipy
 
-from . import __version__
+from . import __version__, policy
 from .baselines import BASELINES, baseline_weight
 from .data import BatchLike, Stream, load_data
 from .engine import Engine
@@ -225,6 +225,10 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
 
     roles = find_roles(work, layers)
     _role_columns(report, layers, roles)
+    transformer = opts.policy == "transformer" and opts.scaling
+    tables = policy.tables_of(work, roles) if transformer else {}
+    for table in tables.values():
+        report.layers.append(policy.table_record(table, len(report.layers), 0))
     zeroing = {lay.index for lay in layers} if opts.zero_bias else set()
     shifting = set()
     if opts.target_mean is not None:
@@ -280,6 +284,8 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
                 scale_sequential(run, points, mean_off)
             else:
                 choose(run)(run)
+            if transformer:
+                _transformer(run, roles, tables, points, mean_off, sequential)
         if run.state is not state:  # measured on the float32 twin: its scales, shifted biases
             state.scale = {lay.index: run.state.total_scale(lay) for lay in run.state.layers}
             for i in run.state.changed_bias:
@@ -291,6 +297,9 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
     state.fold()
     changed = state.changed()
     state.write(work, pending=changed)
+    for table in tables.values():  # (a token embedding's table: no target layer's weight)
+        changed[table.name] = table.current
+        policy.write_table(work, table)
     _weight_stds(report, state)
     report.timings["total_s"] = time.perf_counter() - t_start
     return LSUVResult(work, report, changed)
@@ -450,6 +459,31 @@ def _new_report(discovery: Discovery, options: dict) -> Report:
                   "onnxruntime": ort.__version__, "numpy": np.__version__,
                   "scipy": scipy.__version__},
     )
+
+
+def _transformer(run: Run, roles: dict[str, Role], tables: dict[str, policy.Table],
+                 points: dict[int, Point], mean_off: dict[int, str], sequential: bool) -> None:
+    """Policy "transformer" after the paper's scaling: each role's target (``policy``),
+    then every layer measured again on the written weights, the role layers judged by their
+    role's measure."""
+    if not roles:
+        run.report.notes.append("policy 'transformer': no transformer roles found (no "
+                                "attention recognised): the paper's rule for every layer")
+        log.warning("%s", run.report.notes[-1])
+        return
+    goals = policy.apply(run, roles, tables)
+    skeleton = run.state.skeleton(run.work)
+    if sequential:
+        final_measure(run, skeleton, points, mean_off)
+    else:
+        final_check(run, skeleton)
+    records: dict[str, list[LayerRecord]] = {}
+    for lay in run.layers:
+        records[lay.name] = run.rows(lay)
+    for rec in run.report.layers[sum(len(lay.blocks) for lay in run.layers):]:
+        records[rec.name] = [rec]
+    policy.final_roles(run, goals, records)
+    policy.policy_rows(run.report.layers, run.options.target_var)
 
 
 def _role_columns(report: Report, layers: list[Layer], roles: dict[str, Role]) -> None:

@@ -135,8 +135,11 @@ class Report:
     def table(self) -> str:
         """A fixed-width table of the layers, for stderr and for pasting into issues."""
         means = any(r.mean_after is not None for r in self.layers)
+        roles = any(r.role is not None for r in self.layers)
+        policy = any(r.measure is not None for r in self.layers)
         head = ["#", "node", "op", "weight shape", "tries", "var before", "var after"] + (
-            ["mean after"] if means else []) + ["scale", "status"]
+            ["mean after"] if means else []) + ["scale"] + (["role"] if roles else []) + (
+            ["set by", "target", "reached"] if policy else []) + ["status"]
         rows = [
             [
                 str(r.index),
@@ -148,12 +151,16 @@ class Report:
                 _num(r.var_after),
                 *([_num(r.mean_after)] if means else []),
                 _num(r.scale),
+                *([_role(r)] if roles else []),
+                *([r.measure or "-", _num(r.target), _num(r.achieved)] if policy else []),
                 r.status,
             ]
             for r in self.layers
         ]
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
         right = {0, 4, 5, 6, 7, 8} if means else {0, 4, 5, 6, 7}
+        if policy:
+            right |= {len(head) - 3, len(head) - 2}
 
         def fmt(cells: list[str]) -> str:
             return "  ".join(
@@ -167,6 +174,13 @@ class Report:
         for s in self.not_initialised:
             lines.append(f"NOT initialised: {s['name']} ({s['op']}): {s['reason']}")
         return "\n".join(lines)
+
+
+def _role(r: LayerRecord) -> str:
+    """The role column: the kind, and its block ("attn_out 3"), or "-"."""
+    if r.role is None:
+        return "-"
+    return r.role if r.role_block is None else f"{r.role} {r.role_block}"
 
 
 def _num(x: float | None) -> str:

@@ -1,0 +1,444 @@
+"""``policy="transformer"``: after Algorithm 1, each layer with a transformer role
+(``roles.find_roles``) is set to its role's target, measured where it matters, sequentially
+from the first to the last; every other layer keeps the paper's unit variance.
+
+The rules, one per role (the targets are options, see ``options.LSUVOptions``):
+
+* **embedding** (the layer that writes the residual stream: a patch embedding, or the table a
+  token-embedding Gather reads, scaled for this role only): the variance of the stream after
+  the embedding (the first residual Add's stream input) reaches ``stream_var``. The position
+  embedding added on the way is measured as it is: the stream is s u + w for the writer's
+  scale s, so Var(s) = s^2 Var(u) + 2 s Cov(u, w) + Var(w), a quadratic that
+  ``strategies.solve_scale`` solves from its tries (exact from the third).
+* **q and k** (or the q and k parts of a fused qkv layer): the std of the attention logits at
+  the Softmax input (before any mask) reaches ``attn_logit_std``. The logits are linear in
+  the product t = s_q s_k of the two scales (weight and bias together), so their variance is
+  t^2 times the one measured: one measurement gives t, applied as sqrt(t) to each side; the
+  next measurement checks it.
+* **v, mlp_in**: the paper's unit variance at their own output (Algorithm 1's result, kept).
+* **attn_out, mlp_out** in a pre-LN block (or one with no norm found): Var(branch) /
+  Var(stream) at the residual Add reaches ``branch_ratio`` (default 1 / (2 N_blocks)),
+  measured on the real stream, which the branch's last layer does not change: the ratio is
+  s^2 times the one measured (weight and bias scaled together).
+* **attn_out, mlp_out** in a post-LN block: the Admin rule (Liu et al. 2020, "Understanding
+  the Difficulty of Training Transformers"). Admin writes the i-th residual sublayer as
+  x_i = LN(b_i), b_i = w_i x_{i-1} + f_i(x_{i-1}), with w_1 = 1 and
+  w_{i+1}^2 = Var(b_i), profiled in one forward pass (the authors' code: the variance of the
+  previous sum, Var(w_i x_{i-1}) + Var(f_i)), so that each sum weighs the stream as a pre-LN
+  stream would, and no branch dominates the output's dependence on the earlier ones. A
+  LayerNorm is invariant to the scale of its input, so LN(w x + f(x)) = LN(x + f(x) / w):
+  the same block computes the same x_i when the branch is divided by w_i instead, and f_i is
+  linear in its last layer's weight and bias, so w_i becomes a factor 1 / w_i on that layer
+  and the model keeps its graph. The x_i are the same in both forms, so the profile is
+  measured here on the model itself, in graph order: Var f_i (its own factor not yet
+  applied) gives the target Var(branch) / Var(stream) = Var f_i / (w_i^2 Var x_{i-1}),
+  solved as a ratio; then, this form's sum being b_i / w_i,
+  w_{i+1}^2 = w_i^2 Var(residual Add output), measured.
+* **head** (a layer after the last residual Add from which a graph output is reached): the
+  std of its output reaches ``head_std``; 0 zeroes its weight and bias.
+
+Every target is measured again on the written weights at the end (``final_roles``) and
+judged within ``tol`` relative to the target (|value / target - 1| < tol, in the measure's own
+units: a std, a ratio, a variance); the report says for each layer which measure set it, the
+target and the value reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import InputError
+from .layers import Layer
+from .measure_graph import GraphEditor
+from .model_io import set_values
+from .report import LayerRecord
+from .roles import Role
+from .strategies import Run, solve_scale
+from .verdict import CONVERGED, NOT_CONVERGED, SKIPPED, degenerate, needs_factor
+
+log = logging.getLogger("onnx_lsuv")
+
+# What set a layer, as the report's ``measure`` says it.
+OUTPUT_VAR = "output var"
+LOGIT_STD = "logit std"
+BRANCH_RATIO = "branch/stream var"
+STREAM_VAR = "stream var"
+HEAD_STD = "head std"
+ADMIN = "admin"
+ZEROED = "zeroed"
+
+
+@dataclass
+class Table:
+    """A token-embedding table the policy scales (no target layer of its own)."""
+
+    name: str  # the initializer
+    key: str  # the Gather's node name (its role's key)
+    value: np.ndarray
+    scale: float = 1.0
+
+    @property
+    def current(self) -> np.ndarray:
+        return (self.value.astype(np.float64) * self.scale).astype(self.value.dtype)
+
+
+@dataclass
+class Goal:
+    """One target of the policy: the layers it scales, what is measured, the target."""
+
+    measure: str
+    layers: list[Layer]
+    target: float  # in the measure's own units (a std, a ratio, a variance)
+    numerator: str | None = None  # the tensor whose variance is measured
+    denominator: str | None = None  # a ratio's: the stream's
+    residual: str | None = None  # Admin: the residual Add's output
+    parts: dict[int, np.ndarray] = field(default_factory=dict)  # per layer: factor mask
+    table: Table | None = None
+    exponent: float = 1.0  # the measured variance goes as (scale)^(2 / exponent)
+    achieved: float | None = None
+    tries: int = 0
+    note: str = ""  # why the target was not reached, where the solve found it cannot be
+
+
+class _Stats:
+    """The variances of named tensors (float64, over every element) with the current weights
+    and biases: one statistics model for the run, a pass only when a weight changed."""
+
+    def __init__(self, run: Run, names: list[str], table: Table | None) -> None:
+        self.run = run
+        self.table = table
+        model = run.state.skeleton(run.work)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        del copy.graph.output[:]
+        ed = GraphEditor(copy)
+        self.names = list(dict.fromkeys(names))
+        outs = []
+        for n in self.names:
+            x = ed.op("Cast", [n], to=TensorProto.DOUBLE)
+            mean = ed.reduce("ReduceMean", x, None, keepdims=1)
+            d = ed.op("Sub", [x, mean])
+            outs.append(ed.reduce("ReduceMean", ed.op("Mul", [d, d]), None, keepdims=0))
+        for o in outs:
+            copy.graph.output.append(helper.make_empty_tensor_value_info(o))
+        if table is not None:  # fed, so that its scale needs no new model
+            init = next(t for t in copy.graph.initializer if t.name == table.name)
+            copy.graph.input.append(helper.make_tensor_value_info(
+                table.name, init.data_type, list(init.dims)))
+            copy.graph.initializer.remove(init)
+        self.model, self.outs = copy, outs
+        self.key: tuple | None = None
+        self.values: dict[str, float] = {}
+
+    def _key(self) -> tuple:
+        state = self.run.state
+        return (tuple(state.total_scale(lay).tobytes() for lay in state.layers),
+                tuple(sorted(state.changed_bias)),
+                tuple(b.tobytes() for i, b in sorted(state.bias.items())
+                      if i in state.changed_bias),
+                self.table.scale if self.table else None)
+
+    def __call__(self) -> dict[str, float]:
+        key = self._key()
+        if key != self.key:
+            session = self.run.session(self.model, biases=True)
+            if self.table is not None:
+                session.fed[self.table.name] = self.table.current
+            values = session.run(self.run.feeds, self.outs)
+            self.values = {n: float(np.asarray(v).reshape(-1)[0])
+                           for n, v in zip(self.names, values)}
+            self.key = key
+        return self.values
+
+
+def goals(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Goal]:
+    """The policy's targets in graph order (embedding first), from the roles."""
+    opts = run.options
+    by_name = {lay.name: lay for lay in run.layers}
+    out: list[Goal] = []
+    done_logits: set[str] = set()
+    for key, role in roles.items():
+        if role.kind == "embedding":
+            lay = by_name.get(key)
+            out.insert(0, Goal(STREAM_VAR, [lay] if lay else [], opts.stream_var,
+                               numerator=role.stream, table=tables.get(key)))
+    for lay in run.layers:
+        role = roles.get(lay.name)
+        if role is None:
+            continue
+        if role.kind in ("q", "k", "qkv"):
+            for logits in role.logits:
+                if logits in done_logits:
+                    continue
+                done_logits.add(logits)
+                members = [m for m in run.layers if m.name in roles
+                           and logits in roles[m.name].logits]
+                parts = {m.index: _qk_mask(m) for m in members if roles[m.name].kind == "qkv"}
+                if any(p is None for p in parts.values()):
+                    log.warning("attention %s: a fused qkv layer's parts are not equal thirds: "
+                                "its logits are left at the paper's rule", logits)
+                    continue
+                out.append(Goal(LOGIT_STD, members, opts.attn_logit_std, numerator=logits,
+                                parts=parts, exponent=2.0))
+        elif role.kind in ("attn_out", "mlp_out"):
+            if role.norm == "post":
+                out.append(Goal(ADMIN, [lay], math.nan, numerator=role.branch,
+                                denominator=role.stream, residual=role.residual))
+            else:
+                ratio = opts.branch_ratio or 1.0 / (2 * max(role.n_blocks, 1))
+                out.append(Goal(BRANCH_RATIO, [lay], ratio, numerator=role.branch,
+                                denominator=role.stream))
+        elif role.kind == "head":
+            out.append(Goal(HEAD_STD if opts.head_std > 0 else ZEROED, [lay], opts.head_std,
+                            numerator=lay.output))
+    return out
+
+
+def _qk_mask(lay: Layer) -> np.ndarray | None:
+    """Per output unit of a fused qkv layer: 1 on q's and k's units, 0 on v's (three equal
+    parts in the order q, k, v); per block where the layer has the three as blocks."""
+    if lay.blocks == ("q", "k", "v"):
+        return np.array([1.0, 1.0, 0.0])
+    units = lay.layout.output_units
+    if len(lay.blocks) != 1 or units % 3:
+        return None
+    mask = np.zeros(units)
+    mask[:2 * units // 3] = 1.0
+    return mask
+
+
+def _value(goal: Goal, values: dict[str, float]) -> float:
+    """The goal's measure, in the units of its target."""
+    v = values[goal.numerator]
+    if goal.denominator is not None:
+        return v / values[goal.denominator] if values[goal.denominator] > 0 else math.nan
+    if goal.measure in (LOGIT_STD, HEAD_STD, ZEROED):
+        return math.sqrt(v) if v >= 0 else math.nan
+    return v
+
+
+def _as_var(goal: Goal, value: float) -> float:
+    """The measure as a quantity quadratic in the goal's scale (what ``solve_scale`` solves):
+    a std squared, a ratio or a variance as it is."""
+    return value * value if goal.measure in (LOGIT_STD, HEAD_STD) else value
+
+
+def _scale(run: Run, goal: Goal, factor: float) -> list[str]:
+    """Multiply the goal's scale by ``factor``: the weights (and biases, so that the output
+    scales exactly) of its layers, or its table; the problems found (a bias that cannot be
+    scaled along)."""
+    problems = []
+    if goal.table is not None:
+        goal.table.scale *= factor
+        return problems
+    each = factor ** (1.0 / goal.exponent)
+    for lay in goal.layers:
+        mask = goal.parts.get(lay.index)
+        f = each if mask is None else 1.0 + (each - 1.0) * mask
+        b = run.state.unit_bias(lay)
+        if b is not None and np.any(b != 0):
+            f_units = np.asarray(f, np.float64).reshape(-1)
+            if f_units.size != b.size:  # one factor, or one per block: out to the units
+                f_units = np.repeat(f_units, b.size // f_units.size)
+            why = run.state.shift_bias(lay, (f_units - 1.0) * b)
+            if why:
+                problems.append(f"layer {lay.name}: bias not scaled with its weight ({why})")
+        elif b is None and run.state.has_nonzero_bias(lay):
+            problems.append(f"layer {lay.name}: its bias is not one value per unit: not "
+                            "scaled with its weight")
+        run.state.multiply(lay, f)
+    return problems
+
+
+def _solve(run: Run, goal: Goal, stats: _Stats, target: float) -> float:
+    """Scale the goal's layers until its measure is within tol of ``target`` (relative) or
+    max_iter tries are spent: the first step exact where the measure is quadratic in the
+    scale (``solve_scale`` on the tries so far), the later ones bracketed; the value
+    measured last."""
+    opts = run.options
+    var_target = _as_var(goal, target)
+    s = 1.0
+    value = _value(goal, stats())
+    points = [(s, _as_var(goal, value))]
+    while not _done(goal, value, target, opts.tol) and goal.tries < opts.max_iter:
+        if degenerate(points[-1][1]) is not None:
+            break
+        nxt = solve_scale(points, var_target)
+        problems = _scale(run, goal, nxt / s)
+        for p in problems:
+            if p not in run.report.notes:
+                run.report.notes.append(p)
+                log.info("%s", p)
+        s = nxt
+        goal.tries += 1
+        value = _value(goal, stats())
+        points.append((s, _as_var(goal, value)))
+        floor = _floor(points) if goal.measure == STREAM_VAR else None
+        if floor is not None and floor > var_target * (1.0 + opts.tol):
+            goal.note = (f"the stream without the embedding's part (a position embedding, a "
+                         f"class token) has variance {floor:.4g} > {target:.4g} already: the "
+                         "target cannot be reached by the embedding's scale; left as it was")
+            _scale(run, goal, 1.0 / s)
+            value = _value(goal, stats())
+            break
+    return value
+
+
+def _floor(points: list[tuple[float, float]]) -> float | None:
+    """The least variance s^2 Var(u) + 2 s Cov(u, w) + Var(w) can take over s, from the
+    quadratic through the last three tries; None before three, or where they fit none."""
+    distinct = list({s: (s, v) for s, v in points}.values())
+    if len(distinct) < 3:
+        return None
+    (s0, v0), (s1, v1), (s2, v2) = distinct[-3:]
+    with np.errstate(all="ignore"):
+        a, b, c = np.polyfit([s0, s1, s2], [v0, v1, v2], 2)
+    if not (np.isfinite([a, b, c]).all() and a > 0):
+        return None
+    return float(c - b * b / (4 * a))
+
+
+def _done(goal: Goal, value: float, target: float, tol: float) -> bool:
+    """Whether the goal is met: the paper's |var - target| < tol for its unit variance,
+    |value / target - 1| < tol for a role's target."""
+    if goal.measure == OUTPUT_VAR:
+        return not needs_factor(value, target, tol)
+    return _close(value, target, tol)
+
+
+def _close(value: float, target: float, tol: float) -> bool:
+    return math.isfinite(value) and target > 0 and abs(value / target - 1.0) < tol
+
+
+def _paper_goals(run: Run, todo: list[Goal]) -> list[Goal]:
+    """The paper's unit variance, solved again in order for every layer without a goal after
+    the first layer that has one (a layer the roles' scales may have moved: block 0 of a
+    post-LN model reads the embedding's stream itself), where its variance is one number
+    over its whole output (one block, not recurrent, not in a subgraph, one use, a weight
+    read by it alone); the final check judges the others as they are."""
+    mine = {lay.index for g in todo for lay in g.layers}
+    start = min(mine, default=len(run.layers))
+    if any(g.table is not None for g in todo):
+        start = 0
+    return [Goal(OUTPUT_VAR, [lay], run.options.target_var, numerator=lay.output)
+            for lay in run.layers[start:]
+            if lay.index not in mine and lay.blocks == ("",) and not lay.is_recurrent
+            and lay.body is None and not lay.branch and not lay.multiplies_state
+            and not lay.more_uses and not lay.weight_read_upstream
+            and not lay.shared_weight_users]
+
+
+def apply(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Goal]:
+    """Set every role's target, sequentially from the first layer to the last (a token
+    embedding's table first), every other layer after the first role's to the paper's unit
+    variance again (module docstring); the goals, with their measured values (checked
+    again by ``final_roles``)."""
+    if not isinstance(run.feeds, dict):
+        raise InputError("policy 'transformer' measures one batch: pool the batches (a list "
+                         "of arrays) instead of a stream")
+    todo = goals(run, roles, tables)
+    if not todo:
+        return []
+    todo += _paper_goals(run, todo)
+    todo.sort(key=lambda g: min((lay.index for lay in g.layers), default=-1))
+    names = [n for g in todo for n in (g.numerator, g.denominator, g.residual) if n]
+    table = next((g.table for g in todo if g.table is not None), None)
+    stats = _Stats(run, names, table)
+    admin_w2 = 1.0  # Admin's w_i^2 for the next post-LN branch
+    for goal in todo:
+        if goal.measure == ZEROED:
+            for lay in goal.layers:
+                run.state.multiply(lay, 0.0)
+                run.state.zero_bias(lay)
+            goal.achieved = _value(goal, stats())
+            continue
+        if goal.measure == ADMIN:
+            values = stats()  # Var f_i, its own factor not yet applied
+            goal.target = values[goal.numerator] / (admin_w2 * values[goal.denominator])
+        goal.achieved = _solve(run, goal, stats, goal.target)
+        if goal.measure == ADMIN:
+            admin_w2 *= stats()[goal.residual]
+        log.debug("policy: %s of %s: %.4g (target %.4g)", goal.measure,
+                  ", ".join(lay.name for lay in goal.layers) or goal.table.key,
+                  goal.achieved, goal.target)
+    run.state.fold()
+    if table is not None:  # in the measured model too, for the measurements after
+        write_table(run.work, table)
+    return todo
+
+
+def write_table(model: onnx.ModelProto, table: Table) -> None:
+    """Write the table's current value into ``model``'s initializer of that name."""
+    set_values(next(t for t in model.graph.initializer if t.name == table.name),
+               table.current)
+
+
+def final_roles(run: Run, todo: list[Goal], records: dict[str, list[LayerRecord]],
+                check: bool = False) -> None:
+    """Measure every goal again on the written weights and judge its layers' records: the
+    measure, its target and the value reached (|value / target - 1| < tol: converged)."""
+    if not todo:
+        return
+    names = [n for g in todo for n in (g.numerator, g.denominator) if n]
+    table = next((g.table for g in todo if g.table is not None), None)
+    values = _Stats(run, names, table)()
+    tol = run.options.tol
+    for goal in todo:
+        value = _value(goal, values)
+        goal.achieved = value
+        if goal.measure == OUTPUT_VAR:  # the paper's rule: the final check's judgement
+            for rec in records.get(goal.layers[0].name, []):
+                rec.tries += goal.tries
+            continue
+        if goal.measure == ZEROED:
+            status, message = (CONVERGED, "zeroed (head_std 0)") if value == 0 else (
+                NOT_CONVERGED, f"zeroed, but its output's std is {value:.4g}")
+        elif degenerate(value) is not None and goal.measure != ZEROED:
+            status, message = SKIPPED, degenerate(value) or "not measurable"
+        elif _close(value, goal.target, tol):
+            status, message = CONVERGED, ""
+        else:
+            status = NOT_CONVERGED
+            message = goal.note or (f"{goal.measure} {value:.4g}, target {goal.target:.4g}: "
+                                    f"|value / target - 1| >= {tol} after {goal.tries} tries")
+        keys = [lay.name for lay in goal.layers] or ([goal.table.key] if goal.table else [])
+        for key in keys:
+            for rec in records.get(key, []):
+                rec.measure, rec.target, rec.achieved = goal.measure, goal.target, value
+                rec.status, rec.message = status, message
+                if goal.table is not None:
+                    rec.scale = goal.table.scale
+                    rec.tries = goal.tries
+                else:
+                    rec.tries += goal.tries
+    for lay in run.layers:  # the factors, the policy's included
+        for rec, scale in zip(run.rows(lay), run.state.total_scale(lay)):
+            rec.scale = float(scale)
+
+
+def policy_rows(records: list[LayerRecord], target_var: float) -> None:
+    """The measure of each layer that kept the paper's rule: its output variance."""
+    for rec in records:
+        if rec.measure is None and rec.var_after is not None:
+            rec.measure, rec.target, rec.achieved = OUTPUT_VAR, target_var, rec.var_after
+
+
+def table_record(table: Table, index: int, n_blocks: int) -> LayerRecord:
+    """The report row of a token-embedding table the policy scales."""
+    return LayerRecord(index=index, name=table.key, op="Gather", weight=table.name,
+                       weight_shape=list(table.value.shape), groups=1, bias=None,
+                       role="embedding")
+
+
+def tables_of(work: onnx.ModelProto, roles: dict[str, Role]) -> dict[str, Table]:
+    """The tables of the token embeddings among ``roles`` (by role key)."""
+    inits = {t.name: t for t in work.graph.initializer}
+    return {key: Table(role.table, key, numpy_helper.to_array(inits[role.table]))
+            for key, role in roles.items() if role.kind == "embedding" and role.table
+            and role.table in inits}
