@@ -173,6 +173,8 @@ def goals(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
         if role is None:
             continue
         if role.kind in ("q", "k", "qkv"):
+            if not role.logits:
+                _logits_unobservable(run, lay, role)
             for logits in role.logits:
                 if logits in done_logits:
                     continue
@@ -198,6 +200,18 @@ def goals(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
             out.append(Goal(HEAD_STD if opts.head_std > 0 else ZEROED, [lay], opts.head_std,
                             numerator=lay.output))
     return out
+
+
+def _logits_unobservable(run: Run, lay: Layer, role: Role) -> None:
+    """Say in the report that a q/k layer keeps the paper's rule because its attention's
+    logits are no tensor of the graph (a fused attention node computes them inside)."""
+    where = f"inside the fused node {role.fused!r}" if role.fused else "nowhere in the graph"
+    note = (f"policy 'transformer': layer {lay.name} ({role.kind}): its attention logits are "
+            f"computed {where}, not observable: the logit rule is left alone for it, the "
+            "paper's unit variance at its own output kept")
+    if note not in run.report.notes:
+        run.report.notes.append(note)
+        log.warning("%s", note)
 
 
 def _qk_mask(lay: Layer) -> np.ndarray | None:

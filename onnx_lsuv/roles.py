@@ -94,6 +94,8 @@ class Role:
         parts: qkv: the pieces of the output units in order, e.g. ("q", "k", "v"): equal
             parts, of which q's and k's are scaled for the logits.
         table: embedding read by a Gather: the table (an initializer) that is scaled.
+        fused: q, k, v of an attention computed inside one node (``FUSED_ATTENTION``): that
+            node's name; its logits are no tensor of the graph, so ``logits`` is empty.
     """
 
     kind: str
@@ -106,6 +108,7 @@ class Role:
     residual: str | None = None
     parts: tuple[str, ...] = ()
     table: str | None = None
+    fused: str | None = None
 
     def label(self) -> str:
         """The role as the report shows it: "q", "mlp_out", "embedding" (block in the
@@ -123,6 +126,7 @@ class Attention:
     k: tuple[int, str] | None
     v: tuple[int, str] | None
     out: list[int]  # layer indices reading the attention's result
+    fused: str = ""  # the fused attention node computing the logits inside, if any
 
 
 @dataclass
@@ -285,7 +289,8 @@ def _fused_attentions(w: _Walker) -> list[Attention]:
         q = k = v = None
         if reads_qkv and len(node.input) >= 3 and all(node.input[:3]):
             q, k, v = (w.source(x) for x in node.input[:3])
-        found.append(Attention(i, "", q, k, v, _first_layers(w, node.output[0])))
+        found.append(Attention(i, "", q, k, v, _first_layers(w, node.output[0]),
+                               w.index.node_name(i)))
     return found
 
 
@@ -456,7 +461,7 @@ def find_roles(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, Role]:
     for a in attentions:
         r = next((by_block[o] for o in a.out if o in by_block), None)
         common = dict(block=r.block if r else None, n_blocks=n_blocks,
-                      norm=r.norm if r else None)
+                      norm=r.norm if r else None, fused=a.fused or None)
         sources = [(which, src) for which, src in (("q", a.q), ("k", a.k), ("v", a.v))
                    if src is not None]
         for j in {src[0] for _, src in sources}:
