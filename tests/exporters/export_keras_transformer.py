@@ -4,10 +4,10 @@ in a tf2onnx graph). Run from the Keras interpreter, like export_keras.py, whose
 
 Usage: python export_keras_transformer.py OUTDIR
 
-The model (``prenorm``): Dense(16) on the input features writes the residual stream, plus a
-learnt position table; a pre-LN block (LayerNormalization -> MultiHeadAttention (2 heads,
-Einsum projections) -> Add; LayerNormalization -> Dense(32, gelu) -> Dense(16) -> Add);
-a final LayerNormalization, the mean over tokens and a Dense(5) head.
+The model (``prenorm``): Dense(16) without bias on the input features writes the residual
+stream, plus a learnt position table; a pre-LN block (LayerNormalization ->
+MultiHeadAttention (2 heads, Einsum projections) -> Add; LayerNormalization -> Dense(32, relu)
+-> Dense(16) -> Add); a final LayerNormalization, the mean over tokens and a Dense(5) head.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class PositionTable(layers.Layer):
 def build_models():
     init = lambda s: keras.initializers.GlorotUniform(seed=s)  # noqa: E731
     inp = keras.Input((TOKENS, 12), name="x")
-    s = layers.Dense(WIDTH, kernel_initializer=init(1), name="embed")(inp)
+    # No bias: tf2onnx folds the embedding's bias into the position table (one [1, T, D]
+    # constant), and N(0, 1) biases alone would give the stream more than the policy's 1/3.
+    s = layers.Dense(WIDTH, use_bias=False, kernel_initializer=init(1), name="embed")(inp)
     s = PositionTable(name="pos")(s)
     h = layers.LayerNormalization(name="ln1")(s)
     h = layers.MultiHeadAttention(num_heads=2, key_dim=8, kernel_initializer=init(2),
