@@ -325,6 +325,10 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     """
     t_start = time.perf_counter()
     opts = make_options(options, **keywords)
+    if opts.policy != "paper":
+        raise InputError("a check re-measures the paper's target variance: policy "
+                         f"{opts.policy!r} is judged in the report of the run that set it "
+                         "(--report), not by --check")
     if data is None:
         raise InputError("data is required to check a model's variances")
     work = load_model(model, mapped=True)

@@ -30,8 +30,9 @@ The rules, one per role (the targets are options, see ``options.LSUVOptions``):
   the same block computes the same x_i when the branch is divided by w_i instead, and f_i is
   linear in its last layer's weight and bias, so w_i becomes a factor 1 / w_i on that layer
   and the model keeps its graph. The x_i are the same in both forms, so the profile is
-  measured here on the model itself, in graph order: Var f_i (its own factor not yet
-  applied) gives the target Var(branch) / Var(stream) = Var f_i / (w_i^2 Var x_{i-1}),
+  measured here on the model itself, in graph order: f_i's last layer is first set to the
+  paper's unit variance at its output (on the stream as the earlier factors left it), then
+  Var f_i gives the target Var(branch) / Var(stream) = Var f_i / (w_i^2 Var x_{i-1}),
   solved as a ratio; then, this form's sum being b_i / w_i,
   w_{i+1}^2 = w_i^2 Var(residual Add output), measured.
 * **head** (a layer after the last residual Add from which a graph output is reached): the
@@ -318,12 +319,17 @@ def _floor(points: list[tuple[float, float]]) -> float | None:
     return float(c - b * b / (4 * a))
 
 
+# How near a role's target its solve goes (relative) before it stops; judged within tol. A
+# linear target is met in one step; the stream's quadratic in two or three.
+PRECISION = 1e-3
+
+
 def _done(goal: Goal, value: float, target: float, tol: float) -> bool:
-    """Whether the goal is met: the paper's |var - target| < tol for its unit variance,
-    |value / target - 1| < tol for a role's target."""
+    """Whether the solve stops: the paper's |var - target| < tol for its unit variance,
+    |value / target - 1| < min(tol, PRECISION) for a role's target."""
     if goal.measure == OUTPUT_VAR:
         return not needs_factor(value, target, tol)
-    return _close(value, target, tol)
+    return _close(value, target, min(tol, PRECISION))
 
 
 def _close(value: float, target: float, tol: float) -> bool:
@@ -362,6 +368,7 @@ def apply(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
     todo += _paper_goals(run, todo)
     todo.sort(key=lambda g: min((lay.index for lay in g.layers), default=-1))
     names = [n for g in todo for n in (g.numerator, g.denominator, g.residual) if n]
+    names += [g.layers[0].output for g in todo if g.measure == ADMIN]
     table = next((g.table for g in todo if g.table is not None), None)
     stats = _Stats(run, names, table)
     admin_w2 = 1.0  # Admin's w_i^2 for the next post-LN branch
@@ -372,7 +379,11 @@ def apply(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
                 run.state.zero_bias(lay)
             goal.achieved = _value(goal, stats())
             continue
-        if goal.measure == ADMIN:
+        if goal.measure == ADMIN:  # f_i at the paper's unit variance first, then 1 / w_i
+            lay = goal.layers[0]
+            unit = Goal(OUTPUT_VAR, [lay], run.options.target_var, numerator=lay.output)
+            _solve(run, unit, stats, unit.target)
+            goal.tries += unit.tries
             values = stats()  # Var f_i, its own factor not yet applied
             goal.target = values[goal.numerator] / (admin_w2 * values[goal.denominator])
         goal.achieved = _solve(run, goal, stats, goal.target)
