@@ -59,7 +59,7 @@ from .layers import Layer
 from .measure_graph import GraphEditor
 from .model_io import set_values
 from .report import LayerRecord
-from .roles import Role
+from .roles import FUSED_LOGITS, Role, add_fused_logits
 from .strategies import Run, solve_scale
 from .verdict import CONVERGED, NOT_CONVERGED, SKIPPED, degenerate, needs_factor
 
@@ -118,8 +118,11 @@ class _Stats:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         del copy.graph.output[:]
-        ed = GraphEditor(copy)
         self.names = list(dict.fromkeys(names))
+        for n in self.names:  # logits computed inside a fused node: written out here
+            if n.startswith(FUSED_LOGITS):
+                add_fused_logits(copy, n)
+        ed = GraphEditor(copy)
         outs = []
         for n in self.names:
             x = ed.op("Cast", [n], to=TensorProto.DOUBLE)

@@ -67,6 +67,9 @@ NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 # itself (its weight input); MultiHeadAttention and ONNX's Attention read projected q, k, v.
 FUSED_ATTENTION = {("com.microsoft", "Attention"): False,
                    ("com.microsoft", "MultiHeadAttention"): True, ("", "Attention"): True}
+# The logits of a com.microsoft MultiHeadAttention, computed from its q and k inputs on
+# measuring copies (``add_fused_logits``): the name is this prefix and the node's name.
+FUSED_LOGITS = "onnx_lsuv::logits_of:"
 
 
 @dataclass(frozen=True)
@@ -289,9 +292,73 @@ def _fused_attentions(w: _Walker) -> list[Attention]:
         q = k = v = None
         if reads_qkv and len(node.input) >= 3 and all(node.input[:3]):
             q, k, v = (w.source(x) for x in node.input[:3])
-        found.append(Attention(i, "", q, k, v, _first_layers(w, node.output[0]),
+        logits = FUSED_LOGITS + node.name if _logits_computable(w, node) else ""
+        found.append(Attention(i, logits, q, k, v, _first_layers(w, node.output[0]),
                                w.index.node_name(i)))
     return found
+
+
+def _logits_computable(w: _Walker, node: onnx.NodeProto) -> bool:
+    """Whether ``add_fused_logits`` can write this node's logits: a named com.microsoft
+    MultiHeadAttention reading separate q and k of rank 3 ([batch, tokens, hidden], as the
+    layers' outputs are) and, if any, a constant bias."""
+    if node.domain != "com.microsoft" or node.op_type != "MultiHeadAttention" or \
+            not node.name or len(node.input) < 3 or not all(node.input[:3]):
+        return False
+    shapes = {v.name: v.type.tensor_type.shape for v in
+              list(w.graph.value_info) + list(w.graph.input) + list(w.graph.output)}
+    for x in node.input[:2]:
+        shape = shapes.get(x)
+        if shape is not None and len(shape.dim) != 3:
+            return False
+    return len(node.input) < 4 or not node.input[3] or \
+        w.index.resolve_const(node.input[3]) is not None
+
+
+def add_fused_logits(model: onnx.ModelProto, name: str) -> None:
+    """On a measuring copy, append the nodes that compute tensor ``name``
+    (``FUSED_LOGITS`` + a MultiHeadAttention's name): that node's logits before its mask,
+    as it computes them inside: per head, (q + b_q) (k + b_k)^T times its ``scale``
+    (default 1 / sqrt(head size)), from its own q, k and bias inputs."""
+    from onnx import helper, numpy_helper
+
+    node = next(n for n in model.graph.node if n.name == name[len(FUSED_LOGITS):])
+    heads = int(next(a.i for a in node.attribute if a.name == "num_heads"))
+    scale = next((a.f for a in node.attribute if a.name == "scale" and a.f), None)
+    q, k = node.input[0], node.input[1]
+    prefix = name + "/"
+    new = []
+    if len(node.input) > 3 and node.input[3]:
+        third = onnx.helper.make_node("Split", [node.input[3]],
+                                      [prefix + "bq", prefix + "bk", prefix + "bv"],
+                                      axis=0, num_outputs=3) \
+            if _opset(model) >= 18 else onnx.helper.make_node(
+                "Split", [node.input[3]], [prefix + "bq", prefix + "bk", prefix + "bv"], axis=0)
+        new.append(third)
+        new.append(helper.make_node("Add", [q, prefix + "bq"], [prefix + "q"]))
+        new.append(helper.make_node("Add", [k, prefix + "bk"], [prefix + "k"]))
+        q, k = prefix + "q", prefix + "k"
+    shape = numpy_helper.from_array(np.array([0, 0, heads, -1], np.int64), prefix + "shape")
+    model.graph.initializer.append(shape)
+    for x, perm in ((q, [0, 2, 1, 3]), (k, [0, 2, 3, 1])):
+        new.append(helper.make_node("Reshape", [x, shape.name], [x + "/heads"]))
+        new.append(helper.make_node("Transpose", [x + "/heads"], [x + "/t"], perm=perm))
+    new.append(helper.make_node("MatMul", [q + "/t", k + "/t"], [prefix + "dots"]))
+    if scale is None:  # 1 / sqrt(head size), from q's last axis
+        new += [helper.make_node("Shape", [q + "/heads"], [prefix + "dims"], start=-1),
+                helper.make_node("Cast", [prefix + "dims"], [prefix + "size"],
+                                 to=onnx.TensorProto.FLOAT),
+                helper.make_node("Sqrt", [prefix + "size"], [prefix + "root"]),
+                helper.make_node("Div", [prefix + "dots", prefix + "root"], [name])]
+    else:
+        factor = numpy_helper.from_array(np.array(scale, np.float32), prefix + "scale")
+        model.graph.initializer.append(factor)
+        new.append(helper.make_node("Mul", [prefix + "dots", factor.name], [name]))
+    model.graph.node.extend(new)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _first_layers(w: _Walker, name: str) -> list[int]:
