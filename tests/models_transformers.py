@@ -243,6 +243,13 @@ def _attention(g: _Graph, x: str, b: int, qkv: str, dense: str, mask: bool,
                    num_heads=HEADS)
         case.fused.append(name + "mha")
         return out
+    if qkv == "onnx_attention":  # ONNX's Attention (opset 23) on projected q, k, v
+        q, k, v = (_dense(g, x, D, D, name + p, dense) for p in "qkv")
+        case.roles.update({name + p: p for p in "qkv"})
+        out = g.op("Attention", [q, k, v], name=name + "attention", q_num_heads=HEADS,
+                   kv_num_heads=HEADS)
+        case.fused.append(name + "attention")
+        return out
     if qkv == "tf2onnx":  # q/k/v: MatMul [D, D] -> Reshape [B, T, H, dh] -> Add [H, dh]
         heads = []
         for p in "qkv":
@@ -301,7 +308,8 @@ def transformer(embed: str = "tokens", qkv: str = "separate", norm: str = "pre",
             (a Linear on features + a position table). Defaults to "tokens".
         qkv: "separate" (q, k, v Linears), "split" / "slice" (one fused 3D projection cut by a
             Split / three Slices), "tf2onnx" (Keras MultiHeadAttention through tf2onnx),
-            "attention_op" / "mha_op" (ONNX Runtime's contrib ops). Defaults to "separate".
+            "attention_op" / "mha_op" (ONNX Runtime's contrib ops), "onnx_attention"
+            (ONNX's Attention, opset 23). Defaults to "separate".
         norm: "pre" (LN -> branch -> Add) or "post" (branch -> Add -> LN, and an LN on the
             embeddings as BERT has). Defaults to "pre".
         ln: LayerNorm "op" or decomposed: "torch", "tf2onnx", "jax2onnx". Defaults to "op".
@@ -356,8 +364,9 @@ def transformer(embed: str = "tokens", qkv: str = "separate", norm: str = "pre",
         [helper.make_tensor_value_info(out, TensorProto.FLOAT,
                                        ["N", T, V] if head == "tokens" else ["N", C])],
         initializer=[numpy_helper.from_array(v, k) for k, v in g.inits.items()])
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
-    if not case.fused:
+    model = helper.make_model(graph, opset_imports=opsets,
+                              ir_version=IR_VERSION if opset < 23 else 11)
+    if not case.fused or qkv == "onnx_attention":
         onnx.checker.check_model(model)
     case.model = model
     rng = np.random.default_rng(seed + 100)
@@ -387,6 +396,8 @@ TWINS = {
     # ONNX Runtime's transformer optimiser (contrib ops)
     "ort_attention": dict(embed="tokens", qkv="attention_op", norm="post", head="first"),
     "ort_mha": dict(embed="tokens", qkv="mha_op", norm="post", head="first"),
+    # ONNX's own Attention op (opset 23)
+    "onnx_attention": dict(embed="tokens", qkv="onnx_attention", head="first", opset=23),
 }
 
 
