@@ -154,6 +154,7 @@ class _Walker:
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer]) -> None:
         self.graph = model.graph
+        self.model = model
         self.index = GraphIndex(model.graph)
         self.layers = [lay for lay in layers if lay.body is None and not lay.branch]
         self.by_output = {lay.output: lay for lay in self.layers}
@@ -283,69 +284,101 @@ def _fused_attentions(w: _Walker) -> list[Attention]:
     """Attention nodes that compute the logits inside (``FUSED_ATTENTION``): their q, k, v
     layers where the node reads projected q, k and v (its first three inputs), and the layers
     reading its output. No logits: a q/k role from one of them has none to measure."""
-    found = []
+    found, ranks = [], None
     for i, node in enumerate(w.graph.node):
         reads_qkv = FUSED_ATTENTION.get((node.domain if node.domain != "ai.onnx" else "",
                                          node.op_type))
         if reads_qkv is None:
             continue
+        ranks = _ranks(w.model) if ranks is None else ranks
         q = k = v = None
         if reads_qkv and len(node.input) >= 3 and all(node.input[:3]):
             q, k, v = (w.source(x) for x in node.input[:3])
-        logits = FUSED_LOGITS + node.name if _logits_computable(w, node) else ""
+        logits = FUSED_LOGITS + node.name if _logits_computable(w, node, ranks) else ""
         found.append(Attention(i, logits, q, k, v, _first_layers(w, node.output[0]),
                                w.index.node_name(i)))
     return found
 
 
-def _logits_computable(w: _Walker, node: onnx.NodeProto) -> bool:
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every tensor shape inference finds (a fused attention's q and k)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no ranks: no fused logits, reported as such
+        return {}
+    values = list(inferred.graph.value_info) + list(inferred.graph.input) + \
+        list(inferred.graph.output)
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values
+            if v.type.tensor_type.HasField("shape")}
+
+
+def _heads(node: onnx.NodeProto) -> int:
+    name = "num_heads" if node.domain == "com.microsoft" else "q_num_heads"
+    return next((int(a.i) for a in node.attribute if a.name == name), 0)
+
+
+def _logits_computable(w: _Walker, node: onnx.NodeProto, ranks: dict[str, int]) -> bool:
     """Whether ``add_fused_logits`` can write this node's logits: a named com.microsoft
-    MultiHeadAttention reading separate q and k of rank 3 ([batch, tokens, hidden], as the
-    layers' outputs are) and, if any, a constant bias."""
-    if node.domain != "com.microsoft" or node.op_type != "MultiHeadAttention" or \
-            not node.name or len(node.input) < 3 or not all(node.input[:3]):
+    MultiHeadAttention reading separate q and k of rank 3 ([batch, tokens, hidden], or not
+    known) and, if
+    any, a constant bias; ONNX's Attention reading q and k both of rank 3 (with as many
+    key as query heads) or both of rank 4 ([batch, heads, tokens, head size]), without past
+    keys or a softcap."""
+    if not node.name or len(node.input) < 3 or not all(node.input[:3]):
         return False
-    shapes = {v.name: v.type.tensor_type.shape for v in
-              list(w.graph.value_info) + list(w.graph.input) + list(w.graph.output)}
-    for x in node.input[:2]:
-        shape = shapes.get(x)
-        if shape is not None and len(shape.dim) != 3:
+    rank = {ranks.get(node.input[0]), ranks.get(node.input[1])}
+    attrs = {a.name: a for a in node.attribute}
+    if node.domain == "com.microsoft" and node.op_type == "MultiHeadAttention":
+        # (shape inference stops at the first contrib op: an unknown rank is taken as 3,
+        # the form ONNX Runtime's optimiser writes; another would fail loudly when measured)
+        return rank <= {3, None} and _heads(node) > 0 and (
+            len(node.input) < 4 or not node.input[3]
+            or w.index.resolve_const(node.input[3]) is not None)
+    if node.domain in ("", "ai.onnx") and node.op_type == "Attention":
+        if len(node.input) > 4 and node.input[4] or attrs.get("softcap", None) is not None \
+                and attrs["softcap"].f:
             return False
-    return len(node.input) < 4 or not node.input[3] or \
-        w.index.resolve_const(node.input[3]) is not None
+        same = "kv_num_heads" not in attrs or attrs["kv_num_heads"].i == _heads(node)
+        return rank == {4} or rank == {3} and _heads(node) > 0 and same
+    return False
 
 
 def add_fused_logits(model: onnx.ModelProto, name: str) -> None:
-    """On a measuring copy, append the nodes that compute tensor ``name``
-    (``FUSED_LOGITS`` + a MultiHeadAttention's name): that node's logits before its mask,
-    as it computes them inside: per head, (q + b_q) (k + b_k)^T times its ``scale``
-    (default 1 / sqrt(head size)), from its own q, k and bias inputs."""
+    """On a measuring copy, append the nodes that compute tensor ``name`` (``FUSED_LOGITS``
+    + the name of a node ``_logits_computable`` accepted): that node's logits before its
+    mask, as it computes them inside: per head, (q + b_q) (k + b_k)^T times its ``scale``
+    (default 1 / sqrt(head size)), from its own q, k (and MultiHeadAttention's bias)
+    inputs."""
     from onnx import helper, numpy_helper
 
     node = next(n for n in model.graph.node if n.name == name[len(FUSED_LOGITS):])
-    heads = int(next(a.i for a in node.attribute if a.name == "num_heads"))
     scale = next((a.f for a in node.attribute if a.name == "scale" and a.f), None)
     q, k = node.input[0], node.input[1]
     prefix = name + "/"
     new = []
-    if len(node.input) > 3 and node.input[3]:
-        third = onnx.helper.make_node("Split", [node.input[3]],
-                                      [prefix + "bq", prefix + "bk", prefix + "bv"],
-                                      axis=0, num_outputs=3) \
-            if _opset(model) >= 18 else onnx.helper.make_node(
-                "Split", [node.input[3]], [prefix + "bq", prefix + "bk", prefix + "bv"], axis=0)
-        new.append(third)
-        new.append(helper.make_node("Add", [q, prefix + "bq"], [prefix + "q"]))
-        new.append(helper.make_node("Add", [k, prefix + "bk"], [prefix + "k"]))
+    if node.domain == "com.microsoft" and len(node.input) > 3 and node.input[3]:
+        parts = [prefix + "bq", prefix + "bk", prefix + "bv"]
+        new.append(helper.make_node("Split", [node.input[3]], parts, axis=0, num_outputs=3)
+                   if _opset(model) >= 18 else
+                   helper.make_node("Split", [node.input[3]], parts, axis=0))
+        new.append(helper.make_node("Add", [q, parts[0]], [prefix + "q"]))
+        new.append(helper.make_node("Add", [k, parts[1]], [prefix + "k"]))
         q, k = prefix + "q", prefix + "k"
-    shape = numpy_helper.from_array(np.array([0, 0, heads, -1], np.int64), prefix + "shape")
-    model.graph.initializer.append(shape)
-    for x, perm in ((q, [0, 2, 1, 3]), (k, [0, 2, 3, 1])):
-        new.append(helper.make_node("Reshape", [x, shape.name], [x + "/heads"]))
-        new.append(helper.make_node("Transpose", [x + "/heads"], [x + "/t"], perm=perm))
+    if _ranks(model).get(node.input[0]) == 4:  # already [batch, heads, tokens, head size]
+        new.append(helper.make_node("Identity", [q], [q + "/t"]))
+        new.append(helper.make_node("Transpose", [k], [k + "/t"], perm=[0, 1, 3, 2]))
+        q_heads = q
+    else:
+        shape = numpy_helper.from_array(np.array([0, 0, _heads(node), -1], np.int64),
+                                        prefix + "shape")
+        model.graph.initializer.append(shape)
+        for x, perm in ((q, [0, 2, 1, 3]), (k, [0, 2, 3, 1])):
+            new.append(helper.make_node("Reshape", [x, shape.name], [x + "/heads"]))
+            new.append(helper.make_node("Transpose", [x + "/heads"], [x + "/t"], perm=perm))
+        q_heads = q + "/heads"
     new.append(helper.make_node("MatMul", [q + "/t", k + "/t"], [prefix + "dots"]))
     if scale is None:  # 1 / sqrt(head size), from q's last axis
-        new += [helper.make_node("Shape", [q + "/heads"], [prefix + "dims"], start=-1),
+        new += [helper.make_node("Shape", [q_heads], [prefix + "dims"], start=-1),
                 helper.make_node("Cast", [prefix + "dims"], [prefix + "size"],
                                  to=onnx.TensorProto.FLOAT),
                 helper.make_node("Sqrt", [prefix + "size"], [prefix + "root"]),

@@ -157,7 +157,8 @@ def data_dependent_from(model: onnx.ModelProto, seeds: set[str]) -> set[str]:
 
 def _check_policy(model, feeds, norm: str, blocks: int, embedding: bool):
     """Run policy="transformer" and measure its targets here (float64 statistics of this
-    test's own ONNX Runtime session): each observable attention's logit std, each residual
+    test's own ONNX Runtime session): each attention's logit std (a fused node's computed
+    here from its q and k inputs), each residual
     Add's Var(branch) / Var(stream) (pre-LN: 1 / (2 N_blocks); post-LN, Admin's: the value
     the report says, and within (0.005, 1]), the stream after the first residual's embedding
     (pre-LN with a stream writer: 1/3) and the head's output std (0.1). The run is ok: every
@@ -166,7 +167,9 @@ def _check_policy(model, feeds, norm: str, blocks: int, embedding: bool):
     rep = result.report
     assert rep.summary()["ok"], rep.table()
     logits = _logits(result.model)
-    assert len(logits) == blocks
+    fused = [n for n in result.model.graph.node if n.op_type in ("Attention",
+                                                                   "MultiHeadAttention")]
+    assert len(logits) + len(fused) == blocks
     residuals = _residuals(result.model)
     assert len(residuals) == 2 * blocks, residuals
     head = result.model.graph.output[0].name
@@ -178,6 +181,9 @@ def _check_policy(model, feeds, norm: str, blocks: int, embedding: bool):
 
     for name in logits:
         assert abs(var(name) ** 0.5 / LOGIT_STD - 1) < TOL, (name, var(name) ** 0.5)
+    for node in fused:
+        std = float(np.std(_fused_logits(result.model, feeds, node)))
+        assert abs(std / LOGIT_STD - 1) < TOL, (node.name, std)
     ratios = [var(b) / var(s) for s, b, _ in residuals]
     if norm == "pre":
         assert all(abs(r * 2 * blocks - 1) < TOL for r in ratios), ratios
@@ -201,16 +207,20 @@ def test_policy_transformer_reaches_each_role_target_on_a_hand_built_twin(name):
                   "embed" in case.roles)
 
 
-def _mha_logits(model, feeds, node: onnx.NodeProto) -> np.ndarray:
-    """com.microsoft MultiHeadAttention's logits before its mask, computed here from its q, k
-    and bias inputs: per head, (q + b_q)(k + b_k)^T / sqrt(head size)."""
-    q, k = output_values(model, feeds, list(node.input[:2]))
-    bias = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-                if t.name == node.input[3]).astype(np.float64)
-    heads = next(a.i for a in node.attribute if a.name == "num_heads")
+def _fused_logits(model, feeds, node: onnx.NodeProto) -> np.ndarray:
+    """The logits a fused attention node (com.microsoft MultiHeadAttention, ONNX Attention on
+    [batch, tokens, hidden]) computes inside, before its mask, computed here from its q, k
+    (and MultiHeadAttention's bias) inputs: per head, (q + b_q)(k + b_k)^T / sqrt(head
+    size)."""
+    q, k = (x.astype(np.float64) for x in output_values(model, feeds, list(node.input[:2])))
     d = q.shape[-1]
-    q = (q + bias[:d]).reshape(*q.shape[:2], heads, -1).transpose(0, 2, 1, 3)
-    k = (k + bias[d:2 * d]).reshape(*k.shape[:2], heads, -1).transpose(0, 2, 3, 1)
+    if node.op_type == "MultiHeadAttention" and len(node.input) > 3 and node.input[3]:
+        bias = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                    if t.name == node.input[3]).astype(np.float64)
+        q, k = q + bias[:d], k + bias[d:2 * d]
+    heads = next(a.i for a in node.attribute if a.name in ("num_heads", "q_num_heads"))
+    q = q.reshape(*q.shape[:2], heads, -1).transpose(0, 2, 1, 3)
+    k = k.reshape(*k.shape[:2], heads, -1).transpose(0, 2, 3, 1)
     return q @ k / np.sqrt(d // heads)
 
 
@@ -227,7 +237,7 @@ def test_policy_transformer_measures_ort_multi_head_attention_logits_from_its_q_
     nodes = [n for n in result.model.graph.node if n.op_type == "MultiHeadAttention"]
     records = {r.name: r for r in rep.layers}
     for b, node in enumerate(nodes):
-        std = float(np.std(_mha_logits(result.model, case.feeds, node)))
+        std = float(np.std(_fused_logits(result.model, case.feeds, node)))
         for p in "qk":
             rec = records[f"blk{b}.{p}"]
             assert rec.measure == "logit std" and abs(rec.achieved / std - 1) < 1e-4
