@@ -133,6 +133,7 @@ class _Stats:
             copy.graph.input.append(helper.make_tensor_value_info(
                 table.name, init.data_type, list(init.dims)))
             copy.graph.initializer.remove(init)
+            self.table_dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
         self.model, self.outs = copy, outs
         self.key: tuple | None = None
         self.values: dict[str, float] = {}
@@ -149,8 +150,8 @@ class _Stats:
         key = self._key()
         if key != self.key:
             session = self.run.session(self.model, biases=True)
-            if self.table is not None:
-                session.fed[self.table.name] = self.table.current
+            if self.table is not None:  # (in the measured model's dtype: a float32 twin's)
+                session.fed[self.table.name] = self.table.current.astype(self.table_dtype)
             values = session.run(self.run.feeds, self.outs)
             self.values = {n: float(np.asarray(v).reshape(-1)[0])
                            for n, v in zip(self.names, values)}
@@ -165,7 +166,7 @@ def goals(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
     out: list[Goal] = []
     done_logits: set[str] = set()
     for key, role in roles.items():
-        if role.kind == "embedding":
+        if role.kind == "embedding" and (key in by_name or key in tables):
             lay = by_name.get(key)
             out.insert(0, Goal(STREAM_VAR, [lay] if lay else [], opts.stream_var,
                                numerator=role.stream, table=tables.get(key)))
@@ -327,7 +328,8 @@ def _paper_goals(run: Run, todo: list[Goal]) -> list[Goal]:
     the first layer that has one (a layer the roles' scales may have moved: block 0 of a
     post-LN model reads the embedding's stream itself), where its variance is one number
     over its whole output (one block, not recurrent, not in a subgraph, one use, a weight
-    read by it alone); the final check judges the others as they are."""
+    read by it alone); the final check judges the others as they are. (The options beyond
+    the paper, whose targets are not a layer's whole output, are refused with the policy.)"""
     mine = {lay.index for g in todo for lay in g.layers}
     start = min(mine, default=len(run.layers))
     if any(g.table is not None for g in todo):
@@ -447,9 +449,25 @@ def table_record(table: Table, index: int, n_blocks: int) -> LayerRecord:
                        role="embedding")
 
 
-def tables_of(work: onnx.ModelProto, roles: dict[str, Role]) -> dict[str, Table]:
-    """The tables of the token embeddings among ``roles`` (by role key)."""
+def tables_of(work: onnx.ModelProto, roles: dict[str, Role], selection,
+              notes: list[str]) -> dict[str, Table]:
+    """The tables of the token embeddings among ``roles`` (by role key) that the policy
+    scales: not one the user excludes (by the Gather's name, the table's or "Gather") unless
+    included, nor one named in ``fixed`` (a framework's frozen table); those get a note."""
     inits = {t.name: t for t in work.graph.initializer}
-    return {key: Table(role.table, key, numpy_helper.to_array(inits[role.table]))
-            for key, role in roles.items() if role.kind == "embedding" and role.table
-            and role.table in inits}
+    tables = {}
+    for key, role in roles.items():
+        if role.kind != "embedding" or not role.table or role.table not in inits:
+            continue
+        names = [key, role.table, "Gather"]
+        why = dict(selection.fixed).get(role.table)
+        if selection.matches(selection.include, names) is None:
+            pattern = selection.matches(selection.exclude, names)
+            if pattern is not None:
+                why = f"excluded by {pattern!r}"
+        if why:
+            notes.append(f"token embedding {key}: its table {role.table!r} is {why}: not "
+                         "scaled, the stream's target not set")
+            continue
+        tables[key] = Table(role.table, key, numpy_helper.to_array(inits[role.table]))
+    return tables

@@ -258,7 +258,8 @@ def test_options_of_the_policy_are_checked():
     for bad in ({"policy": "gpt"}, {"policy": "transformer", "attn_logit_std": 0},
                 {"policy": "transformer", "head_std": -1.0},
                 {"policy": "transformer", "branch_ratio": float("nan")},
-                {"policy": "transformer", "init": "orthonormal"}):
+                {"policy": "transformer", "init": "orthonormal"},
+                {"policy": "transformer", "after_activation": True}):
         with pytest.raises(InputError):
             lsuv_init(model, x, **bad)
 
