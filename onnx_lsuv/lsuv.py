@@ -162,7 +162,8 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
             ModelProto). Defaults to ``model`` itself when it is a path.
         **keywords: Fields of ``LSUVOptions`` that override ``options``: target_var, tol,
             max_iter, seed, init, keep_bias, lstm_forget_bias, provider, strategy, threads,
-            include, exclude, target_mean, after_activation, per_channel, fixed.
+            include, exclude, target_mean, after_activation, per_channel, fixed, policy,
+            attn_logit_std, branch_ratio, stream_var, head_std.
             (``orthonormal=False`` and ``orthonormal_only=True`` still work, deprecated: they
             mean init="rescale" and init="orthonormal".)
 
@@ -480,6 +481,7 @@ def _transformer(run: Run, roles: dict[str, Role], tables: dict[str, policy.Tabl
                                 "attention recognised): the paper's rule for every layer")
         log.warning("%s", run.report.notes[-1])
         return
+    t = time.perf_counter()
     goals = policy.apply(run, roles, tables)
     skeleton = run.state.skeleton(run.work)
     if sequential:
@@ -493,6 +495,7 @@ def _transformer(run: Run, roles: dict[str, Role], tables: dict[str, policy.Tabl
         records[rec.name] = [rec]
     policy.final_roles(run, goals, records)
     policy.policy_rows(run.report.layers, run.options.target_var)
+    run.report.timings["policy_s"] = time.perf_counter() - t
 
 
 def _roles(work: onnx.ModelProto, layers: list[Layer], needed: bool) -> dict[str, Role]:

@@ -137,25 +137,37 @@ class _Stats:
         self.model, self.outs = copy, outs
         self.key: tuple | None = None
         self.values: dict[str, float] = {}
+        self.session = None
+        self.session_biases: tuple | None = None
+        self.passes = 0  # forward passes run
+
+    def _biases(self) -> tuple:
+        state = self.run.state
+        return tuple((i, state.bias[i].tobytes()) for i in sorted(state.changed_bias))
 
     def _key(self) -> tuple:
         state = self.run.state
         return (tuple(state.total_scale(lay).tobytes() for lay in state.layers),
-                tuple(sorted(state.changed_bias)),
-                tuple(b.tobytes() for i, b in sorted(state.bias.items())
-                      if i in state.changed_bias),
-                self.table.scale if self.table else None)
+                self._biases(), self.table.scale if self.table else None)
 
     def __call__(self) -> dict[str, float]:
+        """The variances with the weights as they are now: one session while the biases stay
+        (the weights fed to it where every one can be, as ``strategies.Measurer`` does)."""
         key = self._key()
         if key != self.key:
-            session = self.run.session(self.model, biases=True)
+            weights = self.run.state.fed_weights()
+            if weights is None or self.session is None or self.session_biases != key[1]:
+                self.session = self.run.session(self.model, biases=True)
+                self.session_biases = key[1]
+            if weights is not None:
+                self.session.fed.update(weights)
             if self.table is not None:  # (in the measured model's dtype: a float32 twin's)
-                session.fed[self.table.name] = self.table.current.astype(self.table_dtype)
-            values = session.run(self.run.feeds, self.outs)
+                self.session.fed[self.table.name] = self.table.current.astype(self.table_dtype)
+            values = self.session.run(self.run.feeds, self.outs)
             self.values = {n: float(np.asarray(v).reshape(-1)[0])
                            for n, v in zip(self.names, values)}
             self.key = key
+            self.passes += 1
         return self.values
 
 
@@ -383,6 +395,11 @@ def apply(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
     run.state.fold()
     if table is not None:  # in the measured model too, for the measurements after
         write_table(run.work, table)
+    roles_set = sum(g.measure != OUTPUT_VAR for g in todo)
+    run.report.notes.append(f"policy 'transformer': {roles_set} role target(s) and "
+                            f"{len(todo) - roles_set} layer(s) at the paper's variance again, "
+                            f"in {stats.passes} forward pass(es)")
+    log.info("%s", run.report.notes[-1])
     return todo
 
 
