@@ -195,6 +195,10 @@ class LSUVOptions:
         if self.policy == "transformer" and self.init not in ("lsuv", "rescale"):
             raise InputError(f"policy 'transformer' sets targets measured on data: init "
                              f"{self.init!r} measures none (use 'lsuv' or 'rescale')")
+        if self.policy == "transformer" and self.extended:
+            raise InputError("policy 'transformer' re-solves the other layers at their output "
+                             "after the roles' targets: it takes no target_mean, "
+                             "after_activation or per_channel")
 
     @property
     def extended(self) -> bool:

@@ -136,28 +136,41 @@ class _Stats:
             copy.graph.input.append(helper.make_tensor_value_info(
                 table.name, init.data_type, list(init.dims)))
             copy.graph.initializer.remove(init)
+            self.table_dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
         self.model, self.outs = copy, outs
         self.key: tuple | None = None
         self.values: dict[str, float] = {}
+        self.session = None
+        self.session_biases: tuple | None = None
+        self.passes = 0  # forward passes run
+
+    def _biases(self) -> tuple:
+        state = self.run.state
+        return tuple((i, state.bias[i].tobytes()) for i in sorted(state.changed_bias))
 
     def _key(self) -> tuple:
         state = self.run.state
         return (tuple(state.total_scale(lay).tobytes() for lay in state.layers),
-                tuple(sorted(state.changed_bias)),
-                tuple(b.tobytes() for i, b in sorted(state.bias.items())
-                      if i in state.changed_bias),
-                self.table.scale if self.table else None)
+                self._biases(), self.table.scale if self.table else None)
 
     def __call__(self) -> dict[str, float]:
+        """The variances with the weights as they are now: one session while the biases stay
+        (the weights fed to it where every one can be, as ``strategies.Measurer`` does)."""
         key = self._key()
         if key != self.key:
-            session = self.run.session(self.model, biases=True)
-            if self.table is not None:
-                session.fed[self.table.name] = self.table.current
-            values = session.run(self.run.feeds, self.outs)
+            weights = self.run.state.fed_weights()
+            if weights is None or self.session is None or self.session_biases != key[1]:
+                self.session = self.run.session(self.model, biases=True)
+                self.session_biases = key[1]
+            if weights is not None:
+                self.session.fed.update(weights)
+            if self.table is not None:  # (in the measured model's dtype: a float32 twin's)
+                self.session.fed[self.table.name] = self.table.current.astype(self.table_dtype)
+            values = self.session.run(self.run.feeds, self.outs)
             self.values = {n: float(np.asarray(v).reshape(-1)[0])
                            for n, v in zip(self.names, values)}
             self.key = key
+            self.passes += 1
         return self.values
 
 
@@ -168,7 +181,7 @@ def goals(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
     out: list[Goal] = []
     done_logits: set[str] = set()
     for key, role in roles.items():
-        if role.kind == "embedding":
+        if role.kind == "embedding" and (key in by_name or key in tables):
             lay = by_name.get(key)
             out.insert(0, Goal(STREAM_VAR, [lay] if lay else [], opts.stream_var,
                                numerator=role.stream, table=tables.get(key)))
@@ -344,7 +357,8 @@ def _paper_goals(run: Run, todo: list[Goal]) -> list[Goal]:
     the first layer that has one (a layer the roles' scales may have moved: block 0 of a
     post-LN model reads the embedding's stream itself), where its variance is one number
     over its whole output (one block, not recurrent, not in a subgraph, one use, a weight
-    read by it alone); the final check judges the others as they are."""
+    read by it alone); the final check judges the others as they are. (The options beyond
+    the paper, whose targets are not a layer's whole output, are refused with the policy.)"""
     mine = {lay.index for g in todo for lay in g.layers}
     start = min(mine, default=len(run.layers))
     if any(g.table is not None for g in todo):
@@ -398,6 +412,11 @@ def apply(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
     run.state.fold()
     if table is not None:  # in the measured model too, for the measurements after
         write_table(run.work, table)
+    roles_set = sum(g.measure != OUTPUT_VAR for g in todo)
+    run.report.notes.append(f"policy 'transformer': {roles_set} role target(s) and "
+                            f"{len(todo) - roles_set} layer(s) at the paper's variance again, "
+                            f"in {stats.passes} forward pass(es)")
+    log.info("%s", run.report.notes[-1])
     return todo
 
 
@@ -464,9 +483,25 @@ def table_record(table: Table, index: int, n_blocks: int) -> LayerRecord:
                        role="embedding")
 
 
-def tables_of(work: onnx.ModelProto, roles: dict[str, Role]) -> dict[str, Table]:
-    """The tables of the token embeddings among ``roles`` (by role key)."""
+def tables_of(work: onnx.ModelProto, roles: dict[str, Role], selection,
+              notes: list[str]) -> dict[str, Table]:
+    """The tables of the token embeddings among ``roles`` (by role key) that the policy
+    scales: not one the user excludes (by the Gather's name, the table's or "Gather") unless
+    included, nor one named in ``fixed`` (a framework's frozen table); those get a note."""
     inits = {t.name: t for t in work.graph.initializer}
-    return {key: Table(role.table, key, numpy_helper.to_array(inits[role.table]))
-            for key, role in roles.items() if role.kind == "embedding" and role.table
-            and role.table in inits}
+    tables = {}
+    for key, role in roles.items():
+        if role.kind != "embedding" or not role.table or role.table not in inits:
+            continue
+        names = [key, role.table, "Gather"]
+        why = dict(selection.fixed).get(role.table)
+        if selection.matches(selection.include, names) is None:
+            pattern = selection.matches(selection.exclude, names)
+            if pattern is not None:
+                why = f"excluded by {pattern!r}"
+        if why:
+            notes.append(f"token embedding {key}: its table {role.table!r} is {why}: not "
+                         "scaled, the stream's target not set")
+            continue
+        tables[key] = Table(role.table, key, numpy_helper.to_array(inits[role.table]))
+    return tables

@@ -104,7 +104,8 @@ class Report:
         """The one-object summary that ``--json`` prints: counts, worst deviation, times."""
         target = self.options.get("target_var", 1.0)
         done = [r for r in self.layers if r.var_after is not None
-                and math.isfinite(r.var_after)]
+                and math.isfinite(r.var_after)
+                and r.measure in (None, "output var")]  # (a role's target is not target_var)
         counts = {s: sum(r.status == s for r in self.layers) for s in STATUSES}
         return _finite({
             "ok": self.converged,

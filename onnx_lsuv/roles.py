@@ -25,7 +25,8 @@ from the graph alone, by the same walk for every exporter, with no names matched
 * **the stream writer** (``embedding``): the target layer whose output reaches the first
   residual Add's stream without passing another target layer (a patch embedding); where no
   target layer does, the one Gather that reads a constant float table with indices computed
-  from a graph input (a token embedding), whose table is then scaled. Not where a
+  from a graph input (a token embedding), whose table is then scaled: not a table that
+  another node also reads (a head tied to it). Not where a
   normalisation lies on the way (the stream's scale is the norm's, not the writer's).
 * **the head**: a target layer after the last residual Add whose output reaches a graph
   output without passing another target layer.
@@ -484,6 +485,9 @@ def _writer(w: _Walker, first: Residual) -> tuple[str, Layer | None, str | None]
             continue
         ref = w.index.resolve_const(node.input[0])
         if ref is None or ref.constant_node is not None:
+            continue
+        readers, returned = w.index.readers_through(ref.name, set())
+        if len(readers) != 1 or returned:  # tied (to a head) or read elsewhere: not scaled
             continue
         table = w.index.initializers[ref.name]
         if table.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,

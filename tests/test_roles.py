@@ -258,7 +258,8 @@ def test_options_of_the_policy_are_checked():
     for bad in ({"policy": "gpt"}, {"policy": "transformer", "attn_logit_std": 0},
                 {"policy": "transformer", "head_std": -1.0},
                 {"policy": "transformer", "branch_ratio": float("nan")},
-                {"policy": "transformer", "init": "orthonormal"}):
+                {"policy": "transformer", "init": "orthonormal"},
+                {"policy": "transformer", "after_activation": True}):
         with pytest.raises(InputError):
             lsuv_init(model, x, **bad)
 
@@ -585,3 +586,19 @@ def test_report_json_has_roles():
     assert roles["b1.q"] == ("q", "logit std")
     assert roles["b0.v"] == ("v", "output var")
     assert d["options"]["policy"] == "transformer"
+
+
+def test_excluded_or_fixed_token_table_is_left_alone(tmp_path):
+    """A token table the user excludes, or a frozen one (``fixed``, as the front ends pass a
+    framework's non-trainable tensors), is not scaled: bytes unchanged, a note says why."""
+    model, x = _model("gpt")
+    path = str(tmp_path / "gpt.onnx")
+    torch.onnx.export(model.eval(), (x,), path, dynamo=False)
+    table = {t.name: t.raw_data for t in onnx.load(path).graph.initializer}["wte.weight"]
+    for options in ({"exclude": ["/wte/*"]}, {"fixed": ["wte.weight"]}):
+        result = lsuv_init(path, x.numpy(), policy="transformer", **options)
+        written = {t.name: t.raw_data for t in result.model.graph.initializer}
+        assert written["wte.weight"] == table
+        assert "wte.weight" not in result.weights
+        assert any("token embedding /wte/Gather" in n for n in result.report.notes)
+        assert not any(r.role == "embedding" for r in result.report.layers)
