@@ -158,11 +158,11 @@ def data_dependent_from(model: onnx.ModelProto, seeds: set[str]) -> set[str]:
 def _check_policy(model, feeds, norm: str, blocks: int, embedding: bool):
     """Run policy="transformer" and measure its targets here (float64 statistics of this
     test's own ONNX Runtime session): each attention's logit std (a fused node's computed
-    here from its q and k inputs), each residual
-    Add's Var(branch) / Var(stream) (pre-LN: 1 / (2 N_blocks); post-LN, Admin's: the value
-    the report says, and within (0.005, 1]), the stream after the first residual's embedding
-    (pre-LN with a stream writer: 1/3) and the head's output std (0.1). The run is ok: every
-    layer on target or left alone by a reported rule."""
+    here from its q and k inputs), each residual Add's Var(branch) / Var(stream) (pre-LN:
+    1 / (2 N_blocks); post-LN, Admin's: the value the report says, and within (0.005, 1]),
+    the stream after the first residual's embedding (pre-LN with a stream writer: 1/3) and
+    the head's output std (0.1). The run is ok: every layer on target or left alone by a
+    reported rule."""
     result = lsuv_init(model, feeds, provider="cpu", policy="transformer")
     rep = result.report
     assert rep.summary()["ok"], rep.table()
