@@ -68,8 +68,8 @@ NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 # itself (its weight input); MultiHeadAttention and ONNX's Attention read projected q, k, v.
 FUSED_ATTENTION = {("com.microsoft", "Attention"): False,
                    ("com.microsoft", "MultiHeadAttention"): True, ("", "Attention"): True}
-# The logits of a com.microsoft MultiHeadAttention, computed from its q and k inputs on
-# measuring copies (``add_fused_logits``): the name is this prefix and the node's name.
+# The logits of a fused attention node, computed from its q and k inputs on measuring copies
+# (``add_fused_logits``): the name is this prefix and the node's (first) output's name.
 FUSED_LOGITS = "onnx_lsuv::logits_of:"
 
 
@@ -295,7 +295,7 @@ def _fused_attentions(w: _Walker) -> list[Attention]:
         q = k = v = None
         if reads_qkv and len(node.input) >= 3 and all(node.input[:3]):
             q, k, v = (w.source(x) for x in node.input[:3])
-        logits = FUSED_LOGITS + node.name if _logits_computable(w, node, ranks) else ""
+        logits = FUSED_LOGITS + node.output[0] if _logits_computable(w, node, ranks) else ""
         found.append(Attention(i, logits, q, k, v, _first_layers(w, node.output[0]),
                                w.index.node_name(i)))
     return found
@@ -319,13 +319,13 @@ def _heads(node: onnx.NodeProto) -> int:
 
 
 def _logits_computable(w: _Walker, node: onnx.NodeProto, ranks: dict[str, int]) -> bool:
-    """Whether ``add_fused_logits`` can write this node's logits: a named com.microsoft
+    """Whether ``add_fused_logits`` can write this node's logits: a com.microsoft
     MultiHeadAttention reading separate q and k of rank 3 ([batch, tokens, hidden], or not
     known) and, if
     any, a constant bias; ONNX's Attention reading q and k both of rank 3 (with as many
     key as query heads) or both of rank 4 ([batch, heads, tokens, head size]), without past
     keys or a softcap."""
-    if not node.name or len(node.input) < 3 or not all(node.input[:3]):
+    if not node.output[0] or len(node.input) < 3 or not all(node.input[:3]):
         return False
     rank = {ranks.get(node.input[0]), ranks.get(node.input[1])}
     attrs = {a.name: a for a in node.attribute}
@@ -352,7 +352,7 @@ def add_fused_logits(model: onnx.ModelProto, name: str) -> None:
     inputs."""
     from onnx import helper, numpy_helper
 
-    node = next(n for n in model.graph.node if n.name == name[len(FUSED_LOGITS):])
+    node = next(n for n in model.graph.node if n.output[0] == name[len(FUSED_LOGITS):])
     scale = next((a.f for a in node.attribute if a.name == "scale" and a.f), None)
     q, k = node.input[0], node.input[1]
     prefix = name + "/"

@@ -68,7 +68,7 @@ def test_q_and_k_measure_the_softmax_logits_and_branches_their_residual_add(name
             list(range(len(case.norm))), roles
     for r in roles.values():
         if r.kind in ("q", "k", "qkv"):
-            want = (FUSED_LOGITS + case.fused[r.block],) if case.fused else \
+            want = (FUSED_LOGITS + case.fused[r.block] + "_out",) if case.fused else \
                 (case.logits[r.block],)
             assert r.logits == want, (r, case.logits)
         if r.kind in ("attn_out", "mlp_out"):
@@ -419,3 +419,30 @@ def test_policy_transformer_on_a_keras_or_flax_prenorm_block_reaches_its_targets
     model = onnx.load(os.path.join(directory, "prenorm.onnx"))
     feeds = {model.graph.input[0].name: np.load(os.path.join(directory, "prenorm.npy"))}
     _check_policy(model, feeds, "pre", blocks=1, embedding=True)
+
+
+def test_policy_transformer_reports_the_logit_rule_left_alone_where_a_fused_node_hides_them():
+    """ONNX's Attention with a softcap (tanh of the logits inside the node): the logits the
+    Softmax reads cannot be written from q and k as a product, so q and k keep the paper's
+    unit variance (measured here) and the report says so for each, naming the node; the run
+    is ok (a reported rule), the other roles on target."""
+    case = twin("onnx_attention")
+    for node in case.model.graph.node:
+        if node.op_type == "Attention":
+            node.attribute.append(onnx.helper.make_attribute("softcap", 50.0))
+    result = lsuv_init(case.model, case.feeds, provider="cpu", policy="transformer")
+    rep = result.report
+    assert rep.summary()["ok"], rep.table()
+    for b, node in enumerate(case.fused):
+        for p in "qk":
+            assert any(f"layer blk{b}.{p} " in n and repr(node) in n and "not observable" in n
+                       for n in rep.notes), rep.notes
+    qk = [f"blk{b}.{p}" for b in range(len(case.norm)) for p in "qk"]
+    outs = [n.output[0] for n in case.model.graph.node if n.name in qk]
+    outs = [next(n.output[0] for n in case.model.graph.node if n.input and n.input[0] == o
+                 and n.op_type == "Add") for o in outs]  # after the bias
+    for name, y in zip(outs, output_values(result.model, case.feeds, outs)):
+        assert abs(np.var(y, dtype=np.float64) - 1) < TOL, name
+    head = result.model.graph.output[0].name
+    (y,) = output_values(result.model, case.feeds, [head])
+    assert abs(np.std(y, dtype=np.float64) / HEAD_STD - 1) < TOL
