@@ -1,6 +1,17 @@
 """``policy="transformer"``: after Algorithm 1, each layer with a transformer role
-(``roles.find_roles``) is set to its role's target, measured where it matters, sequentially
-from the first to the last; every other layer keeps the paper's unit variance.
+(``roles.find_roles``) is set to its role's target, measured where it matters; every other
+layer after the first role's is set to the paper's unit variance at its output again (the
+roles' factors move what it reads).
+
+How (``apply``): each target is exactly quadratic in its own scale (below), so one
+measurement gives its factor. The stream's writer is solved first, alone (everything after
+reads its scale). Then every other target's factor comes from one statistics pass at once,
+and a pass sees them all again, up to ``SWEEPS`` times while a target is off (a factor moves
+the measures after it: a branch's scale is in the next Add's stream); what is still off is
+then solved one target at a time in graph order, each from the tries so far
+(``strategies.solve_scale``, bracketed once two tries straddle it), as the paper's try loop
+does. Each solve goes to ``PRECISION`` (relative), and every pass is of one statistics model,
+a session kept while its constants stay (the weights fed to it, as ``Measurer`` does).
 
 The rules, one per role (the targets are options, see ``options.LSUVOptions``):
 
@@ -30,11 +41,11 @@ The rules, one per role (the targets are options, see ``options.LSUVOptions``):
   the same block computes the same x_i when the branch is divided by w_i instead, and f_i is
   linear in its last layer's weight and bias, so w_i becomes a factor 1 / w_i on that layer
   and the model keeps its graph. The x_i are the same in both forms, so the profile is
-  measured here on the model itself, in graph order: f_i's last layer is first set to the
-  paper's unit variance at its output (on the stream as the earlier factors left it), then
-  Var f_i gives the target Var(branch) / Var(stream) = Var f_i / (w_i^2 Var x_{i-1}),
-  solved as a ratio; then, this form's sum being b_i / w_i,
-  w_{i+1}^2 = w_i^2 Var(residual Add output), measured.
+  measured here on the model itself: f_i is the branch with its last layer at the paper's
+  unit variance at its output (Var(branch) / Var(last layer's output), which that layer's
+  own scale leaves as it is), and the target is Var(branch) / Var(stream) =
+  Var f_i / (w_i^2 Var x_{i-1}), a ratio; this form's sum being b_i / w_i,
+  w_{i+1}^2 = w_i^2 Var(residual Add output), measured (``_admin_targets``).
 * **head** (a layer after the last residual Add from which a graph output is reached): the
   std of its output reaches ``head_std``; 0 zeroes its weight and bias.
 
@@ -141,7 +152,7 @@ class _Stats:
         self.key: tuple | None = None
         self.values: dict[str, float] = {}
         self.session = None
-        self.session_biases: tuple | None = None
+        self.session_written: tuple | None = None
         self.passes = 0  # forward passes run
 
     def _biases(self) -> tuple:
@@ -153,17 +164,27 @@ class _Stats:
         return (tuple(state.total_scale(lay).tobytes() for lay in state.layers),
                 self._biases(), self.table.scale if self.table else None)
 
+    def _written(self) -> tuple:
+        """What a session holds as constants: the changed biases, the weights not fed to it
+        (a Conv's filter; every weight on CUDA)."""
+        state = self.run.state
+        return self._biases(), tuple(
+            state.total_scale(lay).tobytes() for lay in state.layers
+            if any(ref.name not in state.fed for ref in lay.stored_weights))
+
     def __call__(self) -> dict[str, float]:
-        """The variances with the weights as they are now: one session while the biases stay
-        (the weights fed to it where every one can be, as ``strategies.Measurer`` does)."""
+        """The variances with the weights as they are now: one session while what it holds
+        as constants stays, the other weights fed to it (as ``strategies.Measurer`` does)."""
         key = self._key()
         if key != self.key:
-            weights = self.run.state.fed_weights()
-            if weights is None or self.session is None or self.session_biases != key[1]:
+            written = self._written()
+            if self.session is None or self.session_written != written:
                 self.session = self.run.session(self.model, biases=True)
-                self.session_biases = key[1]
-            if weights is not None:
-                self.session.fed.update(weights)
+                self.session_written = written
+            else:
+                arrays = self.run.state.in_memory()
+                self.session.fed.update({n: np.ascontiguousarray(arrays[n])
+                                         for n in self.run.state.fed if n in arrays})
             if self.table is not None:  # (in the measured model's dtype: a float32 twin's)
                 self.session.fed[self.table.name] = self.table.current.astype(self.table_dtype)
             values = self.session.run(self.run.feeds, self.outs)
@@ -288,26 +309,24 @@ def _scale(run: Run, goal: Goal, factor: float) -> list[str]:
 
 
 def _solve(run: Run, goal: Goal, stats: _Stats, target: float) -> float:
-    """Scale the goal's layers until its measure is within tol of ``target`` (relative) or
-    max_iter tries are spent: the first step exact where the measure is quadratic in the
-    scale (``solve_scale`` on the tries so far), the later ones bracketed; the value
-    measured last."""
+    """Scale the goal's layers until its measure is within ``PRECISION`` of ``target``
+    (relative; a layer's unit variance: the paper's tol) or max_iter more tries are spent:
+    the first step exact where the measure is quadratic in the scale (``solve_scale`` on the
+    tries so far), the later ones bracketed; the value measured last."""
     opts = run.options
     var_target = _as_var(goal, target)
     s = 1.0
     value = _value(goal, stats())
     points = [(s, _as_var(goal, value))]
-    while not _done(goal, value, target, opts.tol) and goal.tries < opts.max_iter:
+    tries = 0  # (the simultaneous sweeps' steps not counted: max_iter tries from here)
+    while not _done(goal, value, target, opts.tol) and tries < opts.max_iter:
         if degenerate(points[-1][1]) is not None:
             break
         nxt = solve_scale(points, var_target)
-        problems = _scale(run, goal, nxt / s)
-        for p in problems:
-            if p not in run.report.notes:
-                run.report.notes.append(p)
-                log.info("%s", p)
+        _notes(run, _scale(run, goal, nxt / s))
         s = nxt
         goal.tries += 1
+        tries += 1
         value = _value(goal, stats())
         points.append((s, _as_var(goal, value)))
         floor = _floor(points) if goal.measure == STREAM_VAR else None
@@ -388,27 +407,23 @@ def apply(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
     names += [g.layers[0].output for g in todo if g.measure == ADMIN]
     table = next((g.table for g in todo if g.table is not None), None)
     stats = _Stats(run, names, table)
-    admin_w2 = 1.0  # Admin's w_i^2 for the next post-LN branch
     for goal in todo:
         if goal.measure == ZEROED:
             for lay in goal.layers:
                 run.state.multiply(lay, 0.0)
                 run.state.zero_bias(lay)
-            goal.achieved = _value(goal, stats())
+    for goal in todo:  # the stream's writer first: everything after reads its scale
+        if goal.measure == STREAM_VAR:
+            goal.achieved = _solve(run, goal, stats, goal.target)
+    _sweeps(run, todo, stats)
+    for goal in todo:  # what the sweeps left off its target: one at a time, in order
+        if goal.measure in (ZEROED, STREAM_VAR):
             continue
-        if goal.measure == ADMIN:  # f_i at the paper's unit variance first, then 1 / w_i
-            lay = goal.layers[0]
-            unit = Goal(OUTPUT_VAR, [lay], run.options.target_var, numerator=lay.output)
-            _solve(run, unit, stats, unit.target)
-            goal.tries += unit.tries
-            values = stats()  # Var f_i, its own factor not yet applied
-            goal.target = values[goal.numerator] / (admin_w2 * values[goal.denominator])
-        goal.achieved = _solve(run, goal, stats, goal.target)
         if goal.measure == ADMIN:
-            admin_w2 *= stats()[goal.residual]
+            _admin_targets(todo, stats())
+        goal.achieved = _solve(run, goal, stats, goal.target)
         log.debug("policy: %s of %s: %.4g (target %.4g)", goal.measure,
-                  ", ".join(lay.name for lay in goal.layers) or goal.table.key,
-                  goal.achieved, goal.target)
+                  ", ".join(lay.name for lay in goal.layers), goal.achieved, goal.target)
     run.state.fold()
     if table is not None:  # in the measured model too, for the measurements after
         write_table(run.work, table)
@@ -418,6 +433,59 @@ def apply(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
                             f"in {stats.passes} forward pass(es)")
     log.info("%s", run.report.notes[-1])
     return todo
+
+
+# Passes of the simultaneous solve before the goals still off go one at a time.
+SWEEPS = 8
+
+
+def _sweeps(run: Run, todo: list[Goal], stats: _Stats) -> None:
+    """The simultaneous solve: from one pass, every goal's factor at once, each exact for its
+    own measure (linear in its scale: the logits, a branch, the head, a layer's output), then
+    a pass to see them all again; up to ``SWEEPS`` passes while some goal is off. A factor
+    moves the measures after it (a branch's scale, the stream of the next Add): each sweep
+    takes up what the one before moved. (The stream's writer is solved before, alone.)"""
+    opts = run.options
+    for _ in range(SWEEPS):
+        values = stats()
+        _admin_targets(todo, values)
+        moved = False
+        for goal in todo:
+            if goal.measure in (ZEROED, STREAM_VAR):
+                continue
+            value = _value(goal, values)
+            var, target = _as_var(goal, value), _as_var(goal, goal.target)
+            if _done(goal, value, goal.target, opts.tol) or degenerate(var) is not None \
+                    or not (math.isfinite(target) and target > 0):
+                continue
+            _notes(run, _scale(run, goal, math.sqrt(target / var)))
+            goal.tries += 1
+            moved = True
+        if not moved:
+            return
+
+
+def _admin_targets(todo: list[Goal], values: dict[str, float]) -> None:
+    """Each post-LN branch's target from the measured values, in order: f_i is the branch at
+    the paper's unit variance at its last layer's output (Var(branch) / Var(output), which
+    the layer's own scale leaves as it is), w_1 = 1, w_{i+1}^2 = w_i^2 Var(residual sum i),
+    and the target Var(branch) / Var(stream) = Var(f_i) / (w_i^2 Var(stream))."""
+    w2 = 1.0
+    for goal in todo:
+        if goal.measure != ADMIN:
+            continue
+        out = values[goal.layers[0].output]
+        unit = values[goal.numerator] / out if out > 0 else math.nan
+        goal.target = unit / (w2 * values[goal.denominator]) \
+            if values[goal.denominator] > 0 else math.nan
+        w2 *= values[goal.residual]
+
+
+def _notes(run: Run, problems: list[str]) -> None:
+    for p in problems:
+        if p not in run.report.notes:
+            run.report.notes.append(p)
+            log.info("%s", p)
 
 
 def write_table(model: onnx.ModelProto, table: Table) -> None:
@@ -432,9 +500,11 @@ def final_roles(run: Run, todo: list[Goal], records: dict[str, list[LayerRecord]
     measure, its target and the value reached (|value / target - 1| < tol: converged)."""
     if not todo:
         return
-    names = [n for g in todo for n in (g.numerator, g.denominator) if n]
+    names = [n for g in todo for n in (g.numerator, g.denominator, g.residual) if n]
+    names += [g.layers[0].output for g in todo if g.measure == ADMIN]
     table = next((g.table for g in todo if g.table is not None), None)
     values = _Stats(run, names, table)()
+    _admin_targets(todo, values)
     tol = run.options.tol
     for goal in todo:
         value = _value(goal, values)

@@ -114,11 +114,6 @@ class Role:
     table: str | None = None
     fused: str | None = None
 
-    def label(self) -> str:
-        """The role as the report shows it: "q", "mlp_out", "embedding" (block in the
-        record's own column)."""
-        return self.kind
-
 
 @dataclass
 class Attention:
@@ -203,9 +198,8 @@ class _Walker:
                     piece = PIECES[pos]
             elif node.op_type == "Slice" and node.input[0] == data[0]:
                 piece = self._slice_piece(node) or piece
-            elif node.op_type == "Gather" or (node.op_type in LAYOUT_OPS - {"Expand"}
-                                              and node.input[0] != data[0]):
-                return None  # the data is the index or the shape: not this tensor's values
+            elif node.op_type != "Mul" and node.input[0] != data[0]:
+                return None  # the data is the index, the shape or the divisor: not its values
             name = data[0]
         return self.by_output[name].index, piece
 

@@ -34,7 +34,6 @@ from conftest import make_model, output_values, rand
 B, T, DIN, D, H, F = 16, 6, 5, 8, 2, 16
 HD = D // H
 N_BLOCKS = 2
-TOL = 0.1
 EXACT = 0.01  # the linear solves land within rounding; 1 % leaves float32's noise room
 
 
@@ -192,11 +191,11 @@ def test_roles_of_hand_built_blocks(style, norm, fused, decomposed, causal):
 
 def _admin_ok(values: dict[str, float], names: dict[str, list[str]]) -> None:
     """Admin (Liu et al. 2020) as its authors' profiling computes it: w_1 = 1 and
-    w_{i+1}^2 = w_i^2 Var(residual sum i); each branch was at unit variance before its factor
-    1 / w_i, so Var(branch_i) w_i^2 = 1 within tol."""
+    w_{i+1}^2 = w_i^2 Var(residual sum i); each branch f_i is taken at unit variance before
+    its factor 1 / w_i, so Var(branch_i) w_i^2 = 1."""
     w2 = 1.0
     for last, res in zip(names["last"], names["residual"]):
-        assert abs(values[last] * w2 - 1.0) < TOL, (last, values[last], w2)
+        assert abs(values[last] * w2 - 1.0) < EXACT, (last, values[last], w2)
         w2 *= values[res]
 
 
@@ -513,7 +512,7 @@ def test_policy_on_real_torch_exports(name, exporter):
     if name == "bert":  # post-LN: Admin
         w2 = 1.0
         for _stream, branch, total in adds:
-            assert abs(_var(branch) * w2 - 1.0) < TOL
+            assert abs(_var(branch) * w2 - 1.0) < EXACT
             w2 *= _var(total)
     else:
         for stream, branch, _ in adds:
