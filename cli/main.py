@@ -29,7 +29,14 @@ from onnx_lsuv.errors import (
 )
 from onnx_lsuv.match import fixed_weights, load_params, match_parameters
 from onnx_lsuv.model_io import PROTOBUF_LIMIT, existing_file, load_model, tensor_bytes
-from onnx_lsuv.options import INITS, PROVIDERS, STRATEGIES, command_line_words, legacy_init
+from onnx_lsuv.options import (
+    INITS,
+    POLICIES,
+    PROVIDERS,
+    STRATEGIES,
+    command_line_words,
+    legacy_init,
+)
 from onnx_lsuv.outputs import (
     Transaction,
     check_output_path,
@@ -185,6 +192,7 @@ GROUPS = {
     "Initialisation": ["init", "seed", "keep_bias", "lstm_forget_bias"],
     "Scaling": ["target_var", "tol", "max_iter", "strategy", "check"],
     "Beyond the paper (off by default)": ["target_mean", "after_activation", "per_channel"],
+    "Transformers": ["policy", "attn_logit_std", "branch_ratio", "stream_var", "head_std"],
     "Output": ["output", "report_path", "as_json", "plot_path", "weights_path", "match_path",
                "only_matched", "external_data", "overwrite"],
     "Runtime": ["provider", "threads", "verbose", "quiet", "version", "help"],
@@ -280,6 +288,22 @@ class GroupedCommand(click.Command):
 @click.option("--per-channel", is_flag=True,
               help="Give every output channel the target on its own (batch norm of the data "
                    "folded into the weights); the weight rows are then scaled unequally.")
+@click.option("--policy", type=click.Choice(POLICIES), default="paper", show_default=True,
+              help="paper: every layer to the target variance (Algorithm 1). transformer: "
+                   "then each layer with a transformer role (shown in the table) to its "
+                   "role's target, measured where it matters; the rest keep the paper's.")
+@click.option("--attn-logit-std", type=float, default=None, metavar="STD",
+              help="--policy transformer: std of the attention logits (Softmax input), set by "
+                   "q and k evenly. Default: 0.4.")
+@click.option("--branch-ratio", type=float, default=None, metavar="RATIO",
+              help="--policy transformer, pre-LN blocks: Var(branch) / Var(stream) at each "
+                   "residual Add, set by the branch's last layer. Default: 1 / (2 N_blocks).")
+@click.option("--stream-var", type=float, default=None, metavar="VAR",
+              help="--policy transformer: variance of the residual stream after the "
+                   "embedding, set by the layer (or token table) that writes it. Default: 1/3.")
+@click.option("--head-std", type=float, default=None, metavar="STD",
+              help="--policy transformer: std of the head's output; 0 zeroes the head. "
+                   "Default: 0.1.")
 @click.option("--check", is_flag=True,
               help=f"Re-measure MODEL on the data, write nothing; exit {EXIT_CHECK_FAILED} if any "
                    "layer is off its target variance by TOL or more, or dead (variance 0, "
@@ -448,6 +472,9 @@ def _finish(model: str, report, out: str | None, check: bool, quiet: bool,
     return code
 
 
+_POLICY_TARGETS = ("attn_logit_std", "branch_ratio", "stream_var", "head_std")
+
+
 def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
     """The run's options from the flags (the deprecated spellings mapped onto --init)."""
     with warnings.catch_warnings():
@@ -457,7 +484,13 @@ def _options(flags: dict) -> onnx_lsuv.LSUVOptions:
     if flags["no_orthonormal"] or flags["orthonormal_only"]:
         log.warning("--no-orthonormal and --orthonormal-only are deprecated: use --init %s",
                     init)
+    targets = {name: flags[name] for name in _POLICY_TARGETS if flags[name] is not None}
+    if targets and flags["policy"] != "transformer":
+        raise InputError(f"{', '.join('--' + n.replace('_', '-') for n in targets)}: "
+                         "targets of --policy transformer (the policy is "
+                         f"{flags['policy']!r})")
     return onnx_lsuv.LSUVOptions(
+        policy=flags["policy"], **targets,
         target_var=flags["target_var"], tol=flags["tol"], max_iter=flags["max_iter"],
         seed=flags["seed"], init=init, keep_bias=flags["keep_bias"],
         lstm_forget_bias=flags["lstm_forget_bias"], provider=flags["provider"],

@@ -647,11 +647,21 @@ def recognise_recurrent(index: GraphIndex, i: int, reached: set[str]):
 
 
 def recognise_fused_attention(index: GraphIndex, i: int, reached: set[str]):
+    """A fused attention node with constant inputs. Its weight matrices (com.microsoft
+    Attention's packed qkv weight) are not handled: reported as not initialised. A node whose
+    only constants are vectors (MultiHeadAttention's bias of q, k and v, which it reads
+    projected by target layers) is left alone by rule, saying so: those layers are set on
+    their MatMul outputs, before that bias."""
     node = index.graph.node[i]
     consts = [n for n in node.input if n and index.resolve_const(n) is not None]
     if not consts:
         return None
-    return Skipped(index.node_name(i), node.op_type,
+    name = index.node_name(i)
+    if all(len(_shape(index, index.resolve_const(n), None)) <= 1 for n in consts):
+        return Skipped(name, node.op_type, f"fused attention node: its biases "
+                       f"({', '.join(consts)}) are added inside it to q, k and v, whose "
+                       "layers are measured before them: left as they are", left_alone=True)
+    return Skipped(name, node.op_type,
                    f"fused attention node: its weights ({', '.join(consts)}) are not changed")
 
 

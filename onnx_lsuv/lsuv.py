@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 import scipy
 
-from . import __version__
+from . import __version__, policy
 from .baselines import BASELINES, baseline_weight
 from .data import BatchLike, Stream, constant_inputs, declared_shape, load_data, shapes_to_try
 from .engine import Engine
@@ -52,6 +52,7 @@ from .options import LSUVOptions, legacy_init, say
 from .orthonormal import compute_dtype, orthonormal_each
 from .precision import float32_feeds, float32_measuring, float32_twin, has_low_precision
 from .report import LayerRecord, Report
+from .roles import Role, find_roles
 from .sequential import final_measure, scale_sequential
 from .strategies import ProgressFn, Run, choose, final_check, no_progress
 from .verdict import NOT_CONVERGED, SKIPPED
@@ -161,7 +162,8 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
             ModelProto). Defaults to ``model`` itself when it is a path.
         **keywords: Fields of ``LSUVOptions`` that override ``options``: target_var, tol,
             max_iter, seed, init, keep_bias, lstm_forget_bias, provider, strategy, threads,
-            include, exclude, target_mean, after_activation, per_channel, fixed.
+            include, exclude, target_mean, after_activation, per_channel, fixed, policy,
+            attn_logit_std, branch_ratio, stream_var, head_std.
             (``orthonormal=False`` and ``orthonormal_only=True`` still work, deprecated: they
             mean init="rescale" and init="orthonormal".)
 
@@ -200,6 +202,9 @@ def lsuv_init(model: ModelLike, data: DataLike | None = None,
 def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
           model: ModelLike, t_start: float) -> LSUVResult:
     sequential = _sequential(opts, feeds)
+    if opts.policy == "transformer" and isinstance(feeds, Stream):
+        raise InputError("policy 'transformer' measures one batch: pool the batches (a list "
+                         "of arrays), not a stream of them")
     branches, branch_notes = _branches(work, feeds, opts, model)
     discovery = find_layers(work, opts.selection, branches)
     bias_notes: list[str] = []
@@ -229,6 +234,14 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
         report.timings["total_s"] = time.perf_counter() - t_start
         return LSUVResult(work, report)
 
+    transformer = opts.policy == "transformer" and opts.scaling
+    roles = _roles(work, layers, transformer)
+    _role_columns(report, layers, roles)
+    table_notes: list[str] = []
+    tables = policy.tables_of(work, roles, opts.selection, table_notes) if transformer else {}
+    _graph_notes(report, [(table_notes, "token embedding(s) left alone")])
+    for table in tables.values():
+        report.layers.append(policy.table_record(table, len(report.layers), 0))
     zeroing = {lay.index for lay in layers} if opts.zero_bias else set()
     shifting = set()
     if opts.target_mean is not None:
@@ -284,6 +297,8 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
                 scale_sequential(run, points, mean_off)
             else:
                 choose(run)(run)
+            if transformer:
+                _transformer(run, roles, tables, points, mean_off, sequential)
         if run.state is not state:  # measured on the float32 twin: its scales, shifted biases
             state.scale = {lay.index: run.state.total_scale(lay) for lay in run.state.layers}
             for i in run.state.changed_bias:
@@ -295,6 +310,9 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
     state.fold()
     changed = state.changed()
     state.write(work, pending=changed)
+    for table in tables.values():  # (a token embedding's table: no target layer's weight)
+        changed[table.name] = table.current
+        policy.write_table(work, table)
     _weight_stds(report, state)
     report.timings["total_s"] = time.perf_counter() - t_start
     return LSUVResult(work, report, changed)
@@ -320,6 +338,10 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     """
     t_start = time.perf_counter()
     opts = make_options(options, **keywords)
+    if opts.policy != "paper":
+        raise InputError("a check re-measures the paper's target variance: policy "
+                         f"{opts.policy!r} is judged in the report of the run that set it "
+                         "(--report), not by --check")
     if data is None:
         raise InputError("data is required to check a model's variances")
     work = load_model(model, mapped=True)
@@ -460,6 +482,55 @@ def _new_report(discovery: Discovery, options: dict) -> Report:
                   "onnxruntime": ort.__version__, "numpy": np.__version__,
                   "scipy": scipy.__version__},
     )
+
+
+def _transformer(run: Run, roles: dict[str, Role], tables: dict[str, policy.Table],
+                 points: dict[int, Point], mean_off: dict[int, str], sequential: bool) -> None:
+    """Policy "transformer" after the paper's scaling: each role's target (``policy``),
+    then every layer measured again on the written weights, the role layers judged by their
+    role's measure."""
+    if not roles:
+        run.report.notes.append("policy 'transformer': no transformer roles found (no "
+                                "attention recognised): the paper's rule for every layer")
+        log.warning("%s", run.report.notes[-1])
+        return
+    t = time.perf_counter()
+    goals = policy.apply(run, roles, tables)
+    skeleton = run.state.skeleton(run.work)
+    if sequential:
+        final_measure(run, skeleton, points, mean_off)
+    else:
+        final_check(run, skeleton)
+    records: dict[str, list[LayerRecord]] = {}
+    for lay in run.layers:
+        records[lay.name] = run.rows(lay)
+    for rec in run.report.layers[sum(len(lay.blocks) for lay in run.layers):]:
+        records[rec.name] = [rec]
+    policy.final_roles(run, goals, records)
+    policy.policy_rows(run.report.layers, run.options.target_var)
+    run.report.timings["policy_s"] = time.perf_counter() - t
+
+
+def _roles(work: onnx.ModelProto, layers: list[Layer], needed: bool) -> dict[str, Role]:
+    """The layers' transformer roles. Only shown in the report unless the policy needs them:
+    there, a failure of the recognition is the policy's error; elsewhere the paper's run goes
+    on without the column (logged with -v)."""
+    if needed:
+        return find_roles(work, layers)
+    try:
+        return find_roles(work, layers)
+    except Exception as err:  # noqa: BLE001  (the column is no part of the paper's result)
+        log.debug("transformer roles not found: %s: %s", type(err).__name__, err)
+        return {}
+
+
+def _role_columns(report: Report, layers: list[Layer], roles: dict[str, Role]) -> None:
+    """Each layer's transformer role (``roles.find_roles``) in its report rows."""
+    for lay in layers:
+        role = roles.get(lay.name)
+        if role is not None:
+            for rec in report.layers[lay.row:lay.row + len(lay.blocks)]:
+                rec.role, rec.role_block = role.kind, role.block
 
 
 def _pre_init(state: WeightState, opts: LSUVOptions, progress: ProgressFn) -> None:

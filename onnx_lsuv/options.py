@@ -21,6 +21,9 @@ PROVIDERS = ("auto", "cpu", "cuda")
 # and biases, only the LSUV scaling. orthonormal: the pre-init alone (Saxe et al.). xavier and
 # msra: baselines to compare with. Only lsuv and rescale read data.
 INITS = ("lsuv", "rescale", "orthonormal") + BASELINES
+# paper: Algorithm 1 for every layer. transformer: layers with a transformer role
+# (``roles.find_roles``) get their role's target (``policy``), the others the paper's.
+POLICIES = ("paper", "transformer")
 MAX_SEED = 2**63 - 1
 
 # Messages name an option as the caller wrote it: "--tol" on the command line, "tol" in
@@ -100,6 +103,18 @@ class LSUVOptions:
             names, or a mapping name -> why (completing "its weight W is ..."), which the
             one-call front ends build from the framework's non-trainable tensors
             (``match.fixed_weights``). Kept as (name, why) pairs. Defaults to none.
+        policy: "paper" (Algorithm 1 for every layer) or "transformer" (after it, the layers
+            with a transformer role get the role's target, measured where it matters: see
+            ``policy``). Defaults to "paper".
+        attn_logit_std: policy "transformer": the std of the attention logits (the Softmax
+            input) that q and k are scaled to, evenly between them. Defaults to 0.4.
+        branch_ratio: policy "transformer", pre-LN blocks: Var(branch) / Var(stream) at
+            each residual Add, set by the branch's last layer. Defaults to None:
+            1 / (2 N_blocks).
+        stream_var: policy "transformer": the variance of the residual stream after the
+            embedding, set by the layer that writes it. Defaults to 1/3.
+        head_std: policy "transformer": the std of the head's output; 0 zeroes its weight
+            and bias. Defaults to 0.1.
     """
 
     target_var: float = 1.0
@@ -118,6 +133,11 @@ class LSUVOptions:
     after_activation: bool = False
     per_channel: bool = False
     fixed: tuple[tuple[str, str], ...] = ()
+    policy: str = "paper"
+    attn_logit_std: float = 0.4
+    branch_ratio: float | None = None
+    stream_var: float = 1.0 / 3.0
+    head_std: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("tol", "target_var"):
@@ -133,6 +153,7 @@ class LSUVOptions:
                              f"{self.seed!r}")
         if self.init not in INITS:
             raise InputError(f"{say('init')} must be one of {INITS}, got {self.init!r}")
+        self._check_policy()
         if self.strategy not in STRATEGIES:
             raise InputError(f"{say('strategy')} must be one of {STRATEGIES}, got "
                              f"{self.strategy!r}")
@@ -184,6 +205,33 @@ class LSUVOptions:
         object.__setattr__(self, "seed", int(self.seed))
         if self.target_mean is not None:
             object.__setattr__(self, "target_mean", float(self.target_mean))
+
+    def _check_policy(self) -> None:
+        if self.policy not in POLICIES:
+            raise InputError(f"{say('policy')} must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("attn_logit_std", "stream_var"):
+            value = getattr(self, name)
+            if not (_number(value) and math.isfinite(value) and value > 0):
+                raise InputError(f"{say(name)} must be a positive number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.branch_ratio is not None:
+            if not (_number(self.branch_ratio) and math.isfinite(self.branch_ratio)
+                    and self.branch_ratio > 0):
+                raise InputError(f"{say('branch_ratio')} must be a positive number (or None: "
+                                 f"1 / (2 N_blocks)), got {self.branch_ratio!r}")
+            object.__setattr__(self, "branch_ratio", float(self.branch_ratio))
+        if not (_number(self.head_std) and math.isfinite(self.head_std) and self.head_std >= 0):
+            raise InputError(f"{say('head_std')} must be a number >= 0 (0 zeroes the head), got "
+                             f"{self.head_std!r}")
+        object.__setattr__(self, "head_std", float(self.head_std))
+        if self.policy == "transformer" and self.init not in ("lsuv", "rescale"):
+            raise InputError(f"{say('policy', 'transformer')} sets targets measured on data: "
+                             f"{say('init', self.init)} measures none (use lsuv or rescale)")
+        if self.policy == "transformer" and self.extended:
+            raise InputError(f"{say('policy', 'transformer')} re-solves the other layers at their "
+                             f"output after the roles' targets: it takes no "
+                             f"{say('target_mean')}, {say('after_activation')} or "
+                             f"{say('per_channel')}")
 
     @property
     def extended(self) -> bool:

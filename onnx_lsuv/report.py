@@ -48,6 +48,15 @@ class LayerRecord:
     # the framework's own name of the layer (torch: layer1.0.conv1), where a one-call front end
     # mapped its weight back onto a parameter
     module: str | None = None
+    # the layer's transformer role (``roles.Role.kind``: "q", "attn_out", "embedding", ...)
+    # and its block; with policy "transformer", what set it: the measure ("output var",
+    # "logit std", "branch/stream var", "stream var", "head std", "admin"), its target and the
+    # value achieved on the written model
+    role: str | None = None
+    role_block: int | None = None
+    measure: str | None = None
+    target: float | None = None
+    achieved: float | None = None
 
 
 @dataclass
@@ -100,7 +109,8 @@ class Report:
         the counts of the skipped candidates, the worst deviation from the target."""
         target = self.options.get("target_var", 1.0)
         done = [r for r in self.layers if r.var_after is not None
-                and math.isfinite(r.var_after)]
+                and math.isfinite(r.var_after)
+                and r.measure in (None, "output var")]  # (a role's target is not target_var)
         return {
             "schema": SCHEMA,
             "ok": self.converged,
@@ -139,9 +149,12 @@ class Report:
         """
         means = any(r.mean_after is not None for r in self.layers)
         modules = any(r.module for r in self.layers)
+        roles = any(r.role is not None for r in self.layers)
+        policy = any(r.measure is not None for r in self.layers)
         head = ["#", "node"] + (["module"] if modules else []) + [
             "op", "weight shape", "tries", "var before", "var after"] + (
-            ["mean after"] if means else []) + ["scale", "status"]
+            ["mean after"] if means else []) + ["scale"] + (["role"] if roles else []) + (
+            ["set by", "target", "reached"] if policy else []) + ["status"]
         rows = [
             [
                 str(r.index),
@@ -154,6 +167,8 @@ class Report:
                 _num(r.var_after),
                 *([_num(r.mean_after)] if means else []),
                 _num(r.scale),
+                *([_role(r)] if roles else []),
+                *([r.measure or "-", _num(r.target), _num(r.achieved)] if policy else []),
                 r.status,
             ]
             for r in self.layers
@@ -162,6 +177,8 @@ class Report:
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
         first = 5 if modules else 4
         right = {0, *range(first, first + (5 if means else 4))}
+        if policy:
+            right |= {len(head) - 3, len(head) - 2}
 
         def fmt(cells: list[str]) -> str:
             return "  ".join(
@@ -219,6 +236,13 @@ def _by_reason(skipped: list[dict[str, Any]]) -> list[tuple[str, str]]:
         text = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         out.append((reason, (f"{len(names)} layers, " if len(names) > 1 else "") + text))
     return out
+
+
+def _role(r: LayerRecord) -> str:
+    """The role column: the kind, and its block ("attn_out 3"), or "-"."""
+    if r.role is None:
+        return "-"
+    return r.role if r.role_block is None else f"{r.role} {r.role_block}"
 
 
 def _num(x: float | None) -> str:

@@ -105,7 +105,8 @@ def lsuv_module(module, batch, *, exporter: str = "dynamo", opset: int | None = 
         opset: The ONNX opset to export to. Defaults to the exporter's own.
         strict: Raise ``MatchError`` and leave the module untouched when a changed tensor
             is not found among its parameters. Defaults to True.
-        **options: ``lsuv_init``'s options (seed, tol, target_var, ...).
+        **options: ``lsuv_init``'s options (seed, tol, target_var, ...; policy="transformer"
+            and its targets for a transformer: see ``onnx_lsuv.policy``).
 
     A layer whose weight is a buffer or a parameter with ``requires_grad=False`` (a fixed
     STFT or mel kernel) is left alone and reported (``include`` takes it anyway).
