@@ -331,17 +331,14 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     Args:
         model: An onnx.ModelProto or the path of an .onnx file.
         data: The batch, as for ``lsuv_init``.
-        options: An ``LSUVOptions``; target_var, tol, provider and threads apply. Defaults to
-            ``LSUVOptions()``.
+        options: An ``LSUVOptions``; target_var, tol, provider and threads apply, and with
+            policy "transformer" the role targets: each layer with a role is judged by its
+            role's measure (``policy.final_roles``). Defaults to ``LSUVOptions()``.
         source: The file ``model`` was loaded from, for messages. Defaults to ``model``.
         **keywords: Fields of ``LSUVOptions`` that override ``options``.
     """
     t_start = time.perf_counter()
     opts = make_options(options, **keywords)
-    if opts.policy != "paper":
-        raise InputError("a check re-measures the paper's target variance: policy "
-                         f"{opts.policy!r} is judged in the report of the run that set it "
-                         "(--report), not by --check")
     if data is None:
         raise InputError("data is required to check a model's variances")
     work = load_model(model, mapped=True)
@@ -350,14 +347,27 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
     feeds = None
     try:
         feeds = load_data(data, work)
+        transformer = opts.policy == "transformer"
+        if transformer and isinstance(feeds, Stream):
+            raise InputError("policy 'transformer' measures one batch: pool the batches (a "
+                             "list of arrays), not a stream of them")
         branches, branch_notes = _branches(work, feeds, opts, model if source is None
                                            else source)
         discovery = find_layers(work, opts.selection, branches)
         report = _new_report(discovery, dict(
             target_var=opts.target_var, tol=opts.tol, check=True, include=list(opts.include),
             exclude=list(opts.exclude), target_mean=opts.target_mean,
-            after_activation=opts.after_activation, per_channel=opts.per_channel))
+            after_activation=opts.after_activation, per_channel=opts.per_channel,
+            **({"policy": opts.policy, "attn_logit_std": opts.attn_logit_std,
+                "branch_ratio": opts.branch_ratio, "stream_var": opts.stream_var,
+                "head_std": opts.head_std} if transformer else {})))
         report.notes.extend(branch_notes)
+        roles = _roles(work, discovery.layers, transformer)
+        _role_columns(report, discovery.layers, roles)
+        tables = policy.tables_of(work, roles, opts.selection, report.notes) \
+            if transformer else {}
+        for table in tables.values():
+            report.layers.append(policy.table_record(table, len(report.layers), 0))
         if discovery.layers:
             state = WeightState(work, discovery.layers)
             points, point_notes = _points(work, discovery.layers, opts)
@@ -370,6 +380,8 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
                                   _mean_off(discovery.layers, state), check=True)
                 else:
                     final_check(run, run.state.skeleton(run.work), check=True)
+                if transformer:
+                    _check_roles(run, roles, tables)
             _weight_stds(report, state)
     finally:
         release_sources(keys)
@@ -522,6 +534,22 @@ def _roles(work: onnx.ModelProto, layers: list[Layer], needed: bool) -> dict[str
     except Exception as err:  # noqa: BLE001  (the column is no part of the paper's result)
         log.debug("transformer roles not found: %s: %s", type(err).__name__, err)
         return {}
+
+
+def _check_roles(run: Run, roles: dict[str, Role], tables: dict[str, policy.Table]) -> None:
+    """Policy "transformer" in a check: each role's measure on the model as it is, judged
+    against its target (``policy.final_roles``; off_target where it is not within tol)."""
+    if not roles:
+        run.report.notes.append("policy 'transformer': no transformer roles found (no "
+                                "attention recognised): every layer checked by the paper's "
+                                "target")
+        return
+    goals = policy.goals(run, roles, tables)
+    records: dict[str, list[LayerRecord]] = {lay.name: run.rows(lay) for lay in run.layers}
+    for rec in run.report.layers[sum(len(lay.blocks) for lay in run.layers):]:
+        records[rec.name] = [rec]
+    policy.final_roles(run, goals, records, check=True)
+    policy.policy_rows(run.report.layers, run.options.target_var)
 
 
 def _role_columns(report: Report, layers: list[Layer], roles: dict[str, Role]) -> None:

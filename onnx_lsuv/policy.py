@@ -72,7 +72,14 @@ from .model_io import set_values
 from .report import LayerRecord
 from .roles import FUSED_LOGITS, Role, add_fused_logits
 from .strategies import Run, solve_scale
-from .verdict import CONVERGED, NOT_CONVERGED, SKIPPED, degenerate, needs_factor
+from .verdict import (
+    CONVERGED,
+    NOT_CONVERGED,
+    OFF_TARGET,
+    SKIPPED,
+    degenerate,
+    needs_factor,
+)
 
 log = logging.getLogger("onnx_lsuv")
 
@@ -497,7 +504,8 @@ def write_table(model: onnx.ModelProto, table: Table) -> None:
 def final_roles(run: Run, todo: list[Goal], records: dict[str, list[LayerRecord]],
                 check: bool = False) -> None:
     """Measure every goal again on the written weights and judge its layers' records: the
-    measure, its target and the value reached (|value / target - 1| < tol: converged)."""
+    measure, its target and the value reached (|value / target - 1| < tol: converged; with
+    ``check``, of a model as it is: off_target where not)."""
     if not todo:
         return
     names = [n for g in todo for n in (g.numerator, g.denominator, g.residual) if n]
@@ -513,17 +521,19 @@ def final_roles(run: Run, todo: list[Goal], records: dict[str, list[LayerRecord]
             for rec in records.get(goal.layers[0].name, []):
                 rec.tries += goal.tries
             continue
+        off = OFF_TARGET if check else NOT_CONVERGED
+        spent = "" if check else f" after {goal.tries} tries"
         if goal.measure == ZEROED:
             status, message = (CONVERGED, "zeroed (head_std 0)") if value == 0 else (
-                NOT_CONVERGED, f"zeroed, but its output's std is {value:.4g}")
-        elif degenerate(value) is not None and goal.measure != ZEROED:
-            status, message = SKIPPED, degenerate(value) or "not measurable"
+                off, f"zeroed, but its output's std is {value:.4g}")
+        elif degenerate(value) is not None:
+            status, message = OFF_TARGET if check else SKIPPED, degenerate(value)
         elif _close(value, goal.target, tol):
             status, message = CONVERGED, ""
         else:
-            status = NOT_CONVERGED
+            status = off
             message = goal.note or (f"{goal.measure} {value:.4g}, target {goal.target:.4g}: "
-                                    f"|value / target - 1| >= {tol} after {goal.tries} tries")
+                                    f"|value / target - 1| >= {tol}{spent}")
         keys = [lay.name for lay in goal.layers] or ([goal.table.key] if goal.table else [])
         for key in keys:
             for rec in records.get(key, []):

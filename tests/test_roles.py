@@ -601,3 +601,23 @@ def test_excluded_or_fixed_token_table_is_left_alone(tmp_path):
         assert "wte.weight" not in result.weights
         assert any("token embedding /wte/Gather" in n for n in result.report.notes)
         assert not any(r.role == "embedding" for r in result.report.layers)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_check_judges_the_role_targets(norm):
+    """check_variances with policy "transformer" measures every role's target on the model as
+    it is: the policy's output passes, the paper's output does not (its logits, branches and
+    head are far from the targets); the paper's check is unchanged."""
+    from onnx_lsuv import check_variances
+
+    model, _, _ = block_model("dynamo", norm, False, seed=3)
+    x = rand(B, T, DIN, seed=4)
+    policy_out = lsuv_init(model, x, policy="transformer").model
+    paper_out = lsuv_init(model, x).model
+    passed = check_variances(policy_out, x, policy="transformer")
+    assert passed.converged, passed.table()
+    assert {r.measure for r in passed.layers if r.role in ("q", "k")} == {"logit std"}
+    failed = check_variances(paper_out, x, policy="transformer")
+    assert not failed.converged
+    assert any(r.status == "off_target" and r.role == "head" for r in failed.layers)
+    assert check_variances(paper_out, x).converged
