@@ -27,6 +27,7 @@ import sys
 import zipfile
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import ROOT, framework_python, output_variances, target_outputs
@@ -101,8 +102,6 @@ def test_readme_first_command_on_the_sample(fresh_venv, tmp_path) -> None:
                                                  os.environ["PATH"]]))
     env.pop("PYTHONPATH", None)
     run(job, cwd=tmp_path, env=env)
-    import onnx
-
     out = job[job.index("-o") + 1]
     model = onnx.load(str(tmp_path / out))
     batch = np.load(tmp_path / "sample_models" / "digits_batch.npy")
@@ -155,4 +154,6 @@ def test_one_docs_example_per_framework(framework, fresh_venv, wheelhouse, unpac
                    cwd=tmp_path, env=env)
         assert proc.stdout.strip().startswith(unpacked_wheel), proc.stdout
         proc = run([python, str(script)], cwd=tmp_path, env=env)
+    # the example prints the report's table: every layer converged, none left out
     assert "converged" in proc.stdout, proc.stdout[-3000:]
+    assert "not_converged" not in proc.stdout and "NOT initialised" not in proc.stdout
