@@ -185,36 +185,34 @@ def external_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def external_runs(template, tmp_path_factory):
-    """The examples that need Keras, Flax or Paddle, started together (each in its own
-    interpreter and directory) when the first of them is asked for: they spend most of their
-    time importing and exporting, so they overlap."""
-    started: dict[str, tuple[subprocess.Popen | None, str]] = {}
-
-    def start_all() -> None:
-        for ex in EXAMPLES:
-            if ex.needs in (None, "torch") or ex.not_run or ex.id in started:
-                continue
-            python = framework_python(ex.needs, FRAMEWORKS[ex.needs])
-            if python is None:
-                started[ex.id] = (None, "")
-                continue
-            cwd = workdir(template, tmp_path_factory.mktemp("external"))
-            proc = subprocess.Popen([python, "-c", ex.code], cwd=cwd, env=external_env(),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            started[ex.id] = (proc, cwd)
+def external_runs(request, template, tmp_path_factory):
+    """The selected examples that need Keras, Flax or Paddle, each started in its own
+    interpreter and directory as soon as the first example test runs: they spend most of
+    their time importing and exporting, so they overlap with each other and with the rest."""
+    selected = {item.callspec.params["ex"].id for item in request.session.items
+                if hasattr(item, "callspec") and "ex" in item.callspec.params}
+    started: dict[str, subprocess.Popen | None] = {}
+    for ex in EXAMPLES:
+        if ex.needs in (None, "torch") or ex.not_run or ex.id not in selected:
+            continue
+        python = framework_python(ex.needs, FRAMEWORKS[ex.needs])
+        if python is None:
+            started[ex.id] = None
+            continue
+        cwd = workdir(template, tmp_path_factory.mktemp("external"))
+        started[ex.id] = subprocess.Popen([python, "-c", ex.code], cwd=cwd, env=external_env(),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True)
 
     def result(ex: Example) -> tuple[int, str] | None:
-        if not started:
-            start_all()
-        proc, _ = started[ex.id]
+        proc = started[ex.id]
         if proc is None:
             return None
         out, _ = proc.communicate(timeout=TIMEOUT_S)
         return proc.returncode, out
 
     yield result
-    for proc, _ in started.values():
+    for proc in started.values():
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
