@@ -1,5 +1,5 @@
 """Per-layer plot of a report, after the paper's Table 8: output variance before and after
-(log scale) and the final weight standard deviation. Needs matplotlib (``onnx-lsuv[plot]``)."""
+(log scale) and the final weight standard deviation. Needs matplotlib (``pip install matplotlib``, or the ``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise InputError("--plot needs matplotlib: pip install 'onnx-lsuv[plot]'") from err
+        raise InputError("--plot needs matplotlib: pip install matplotlib (or, from a checkout, "
+                         "pip install '.[plot]')") from err
     return plt
 
 

@@ -3,7 +3,7 @@
     python sample_models/generate.py                 # the committed files, regenerated
     python sample_models/generate.py --arch fitnet4 --activation tanh -o /tmp/fitnet4_tanh.onnx
 
-Needs scikit-learn for the digits batch (pip install 'onnx-lsuv[sample]').
+Needs scikit-learn for the digits batch (pip install scikit-learn, or pip install '.[sample]' from a checkout).
 """
 
 from __future__ import annotations
