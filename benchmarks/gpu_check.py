@@ -133,7 +133,7 @@ def run_cuda_tests(out_dir: str, deadline: Deadline) -> dict:
 
 
 def bench(tmp: str, deadline: Deadline, batch: int, hw: int, reps: int,
-          provider: str = "cuda") -> dict:
+          provider: str = "cuda", reference: bool = True) -> dict:
     """ResNet-50 at ``batch`` x 3 x ``hw`` x ``hw``: a plain ORT forward, ours end to end, both
     on ``provider``, and lsuv 0.3.0 on torch (fresh process) on the same device, on the same
     weights and batch."""
@@ -144,7 +144,7 @@ def bench(tmp: str, deadline: Deadline, batch: int, hw: int, reps: int,
 
     from run import plain_session
 
-    row: dict = dict(model="resnet50", batch=batch, hw=hw)
+    row: dict = dict(model="resnet50", batch=batch, hw=hw, provider=provider)
     path = os.path.join(tmp, "resnet50.onnx")
     shape = (batch, 3, hw, hw)
     t = time.perf_counter()
@@ -188,6 +188,9 @@ def bench(tmp: str, deadline: Deadline, batch: int, hw: int, reps: int,
         raise RuntimeError(f"onnx-lsuv ran on {rep.provider}, not {provider}")
     del results
 
+    if not reference:
+        row["lsuv030_skipped"] = True
+        return row
     try:
         ref = _python("import json; from bench_lsuv_torch import time_lsuv_torch; "
                       f"print(json.dumps(time_lsuv_torch('resnet50_like', {batch}, {hw}, "
@@ -225,12 +228,14 @@ def markdown(result: dict) -> str:
              f"{b.get('lsuv', '-')}.", ""]
     if "forward_s" in b:
         ratio = f"{b['ratio']:.1f}x" if "ratio" in b else "-"
-        lsuv = f"{b['lsuv030_s']:.2f}" if "lsuv030_s" in b else b.get("lsuv030_error", "-")
+        lsuv = (f"{b['lsuv030_s']:.2f}" if "lsuv030_s" in b else
+                "skipped" if b.get("lsuv030_skipped") else b.get("lsuv030_error", "-"))
         tfwd = f"{b['torch_forward_s'] * 1e3:.1f}" if "torch_forward_s" in b else "-"
+        dev = b["provider"].upper()
         lines += [
-            "| model | batch x hw | ORT CUDA forward ms | ours end to end s (fwd-eq) "
-            "| ortho init s | one-pass s | re-measure s | lsuv 0.3.0 on torch CUDA s "
-            "| lsuv 0.3.0 / ours | torch CUDA forward ms | worst abs(var-1) | converged |",
+            f"| model | batch x hw | ORT {dev} forward ms | ours end to end s (fwd-eq) "
+            f"| ortho init s | one-pass s | re-measure s | lsuv 0.3.0 on torch {dev} s "
+            f"| lsuv 0.3.0 / ours | torch {dev} forward ms | worst abs(var-1) | converged |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| ResNet-50 | {b['batch']} x {b['hw']} | {b['forward_s'] * 1e3:.1f} | "
             f"{b['ours_s']:.2f} ({b['fwd_eq']:.1f}) | {b['init_s']:.2f} | "
@@ -270,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hw", type=int, default=224)
     ap.add_argument("--reps", type=int, default=3, help="onnx-lsuv runs (median)")
     ap.add_argument("--skip-tests", action="store_true", help="benchmark only")
+    ap.add_argument("--skip-lsuv", action="store_true", help="no lsuv 0.3.0 column")
     ap.add_argument("--provider", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a dry run of the same steps on the CPU (ONNX Runtime and torch), "
                          "to check this script where there is no GPU; its figures are not the "
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnx-lsuv-gpu-") as tmp:
         try:
             result["bench"] = bench(tmp, deadline, args.batch, args.hw, args.reps,
-                                    args.provider)
+                                    args.provider, not args.skip_lsuv)
         except Exception as err:  # said in the table and the exit status, never swallowed
             result["bench"] = dict(error=f"{type(err).__name__}: {err}")
     result["wall_s"] = time.perf_counter() - start

@@ -10,7 +10,7 @@ DIR/sweep.json. The four axes (sizes chosen so that the full sweep fits 10 minut
 - depth: ResNet-18, 34, 50 and 101 (torchvision layout, ImageNet stem), batch 8, 224x224;
 - width: MLPs of 256 to 8192 units (256 input features -> Gemm to w -> ReLU -> Gemm w x w ->
   ReLU -> Gemm to 10), batch 256;
-- batch: ResNet-18 with the CIFAR stem at 32x32, batch 8 to 256;
+- batch: FitNet-4 (run.py's row, the LSUV paper's CIFAR-10 net) at 32x32, batch 8 to 256;
 - sequence length: a 4-layer pre-norm transformer encoder (d 256, 4 heads, MLP 1024, 64 input
   features), batch 8, 32 to 512 tokens.
 
@@ -53,7 +53,7 @@ from run import _torch_call, machine, peak_rss_mb, plain_session  # noqa: E402
 
 AXES = ("depth", "width", "batch", "seq")
 AXIS_TITLES = {"depth": "depth (ResNet-n)", "width": "width (MLP units)",
-               "batch": "batch (ResNet-18, CIFAR stem)", "seq": "sequence length (encoder)"}
+               "batch": "batch (FitNet-4)", "seq": "sequence length (encoder)"}
 SLOW_S = 3.0  # a timed run of ours longer than this is not repeated
 FORWARD_ROUND_S = 0.05  # forwards timed before each run of ours: at least 3, and this long
 MLP_FEATURES = 256
@@ -95,7 +95,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(depths=(18, 34), depth_batch=2, depth_hw=32, widths=(64, 128), width_batch=16,
-             batches=(2, 4), batch_hw=16, seqs=(8, 16),
+             batches=(2, 4), batch_hw=8, seqs=(8, 16),
              encoder=dict(d=32, layers=2, heads=2, features=8), seq_batch=2, reps=1,
              memory_on="last")
 
@@ -110,8 +110,7 @@ def points(plan: Plan) -> list[Point]:
         out.append(Point("width", w, f"MLP {w}", dict(kind="mlp", width=w),
                          (plan.width_batch, MLP_FEATURES)))
     for b in plan.batches:
-        out.append(Point("batch", b, "ResNet-18 (CIFAR stem)",
-                         dict(kind="resnet", depth=18, hw=plan.batch_hw, cifar=True),
+        out.append(Point("batch", b, "FitNet-4", dict(kind="fitnet4", hw=plan.batch_hw),
                          (b, 3, plan.batch_hw, plan.batch_hw)))
     for t in plan.seqs:
         out.append(Point("seq", t, f"encoder {plan.encoder['layers']} x d {plan.encoder['d']}",
@@ -307,6 +306,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, axis in zip(axes.flat, AXES):
@@ -325,6 +325,8 @@ def plot(rows: list[dict], path: str) -> None:
             ax.plot(*zip(*mem), "^:", label="peak memory")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         if axis != "depth":
             ax.set_xscale("log", base=2)
         ax.set_xticks(x)

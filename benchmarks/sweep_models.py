@@ -5,8 +5,9 @@ is imported once for every export):
 
     python -c "import sweep_models; sweep_models.export_all('specs.json')"
 
-A spec is a dict: {"kind": "resnet", "depth": 18 | 34 | 50 | 101, "hw": H, "cifar": bool}
-or {"kind": "encoder", "d": D, "layers": L, "heads": H, "features": F, "seq": T}, with
+A spec is a dict: {"kind": "resnet", "depth": 18 | 34 | 50 | 101, "hw": H, "cifar": bool},
+{"kind": "fitnet4", "hw": H} or {"kind": "encoder", "d": D, "layers": L, "heads": H,
+"features": F, "seq": T}, with
 "path" (where the .onnx goes) and "batch" (the export's dummy batch; the batch axis stays
 dynamic). ResNets are torch_models.ResNet in torchvision's layout; the encoder is a pre-norm
 transformer encoder written by hand (separate q, k, v, o Linears, as Hugging Face exports).
@@ -29,6 +30,7 @@ from torch_models import (  # noqa: E402
     ResNet,
     _Attention,
     export_onnx,
+    fitnet4,
 )
 
 # torchvision's block counts; 18 and 34 use BasicBlock, 50 and 101 Bottleneck
@@ -87,6 +89,8 @@ def build(spec: dict) -> tuple[nn.Module, tuple[int, ...]]:
     if spec["kind"] == "resnet":
         return resnet(spec["depth"], spec.get("cifar", False)), (spec["batch"], 3, spec["hw"],
                                                                  spec["hw"])
+    if spec["kind"] == "fitnet4":
+        return fitnet4(), (spec["batch"], 3, spec["hw"], spec["hw"])
     if spec["kind"] == "encoder":
         m = Encoder(spec["features"], spec["d"], spec["layers"], spec["heads"], spec["seq"])
         return m, (spec["batch"], spec["seq"], spec["features"])

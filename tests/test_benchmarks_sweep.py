@@ -42,13 +42,15 @@ def test_every_axis_runs_its_points_on_the_models_it_names(quick):
     assert got == {
         "depth": [(18, [2, 3, 32, 32]), (34, [2, 3, 32, 32])],
         "width": [(64, [16, 256]), (128, [16, 256])],
-        "batch": [(2, [2, 3, 16, 16]), (4, [4, 3, 16, 16])],
+        "batch": [(2, [2, 3, 8, 8]), (4, [4, 3, 8, 8])],
         "seq": [(8, [2, 8, 8]), (16, [2, 16, 8])],
     }
     layers = {(r["axis"], r["value"]): r["layers"] for r in rows}
     # ResNet-18: stem + 8 blocks x 2 convs + 3 downsample 1x1 + fc; ResNet-34: 16 blocks x 2
     assert layers["depth", 18] == 1 + 16 + 3 + 1 == 21
     assert layers["depth", 34] == 1 + 32 + 3 + 1 == 37
+    # FitNet-4: 17 convs and 2 fc
+    assert layers["batch", 2] == layers["batch", 4] == 17 + 2
     # the encoder (2 layers): embed + 2 x (q, k, v, o, fc1, fc2) + head
     assert layers["seq", 8] == layers["seq", 16] == 1 + 2 * 6 + 1
     for r in rows:
@@ -83,7 +85,7 @@ def test_the_table_and_the_plot_show_the_json(quick):
     for title in ("### depth", "### width", "### batch", "### sequence length"):
         assert title in text
     table_rows = [line for line in text.splitlines()
-                  if re.match(r"\| (ResNet|MLP|encoder)", line)]
+                  if re.match(r"\| (ResNet|MLP|encoder|FitNet)", line)]
     assert len(table_rows) == len(data["rows"])
     for line, r in zip(table_rows, data["rows"]):
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -38,13 +38,11 @@ def _env(**extra: str) -> dict:
 
 
 @pytest.mark.skipif(_cuda_works(), reason="CUDA works here: the no-CUDA path cannot be seen")
-@pytest.mark.parametrize("entry", [["bash", "benchmarks/gpu_check.sh"],
-                                   [sys.executable, "benchmarks/gpu_check.py", "--out"]])
-def test_without_cuda_the_check_says_so_and_how_to_run_it(entry, tmp_path):
+def test_without_cuda_the_check_says_so_and_how_to_run_it(tmp_path):
     out = tmp_path / "out"
     t = time.monotonic()
-    proc = subprocess.run([*entry, str(out)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
     seconds = time.monotonic() - t
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert seconds < 90
@@ -86,7 +84,7 @@ def test_the_dry_run_on_the_cpu_writes_the_json_and_the_table(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--provider", "cpu",
-         "--skip-tests", "--batch", "2", "--hw", "32", "--reps", "1"],
+         "--skip-tests", "--skip-lsuv", "--batch", "2", "--hw", "32", "--reps", "1"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     with open(out / "gpu_check.json") as f:
         result = json.load(f)
@@ -97,13 +95,8 @@ def test_the_dry_run_on_the_cpu_writes_the_json_and_the_table(tmp_path):
     assert b["fwd_eq"] == pytest.approx(b["ours_s"] / b["forward_s"])
     text = (out / "gpu_check.md").read_text()
     assert "DRY RUN on the CPU, not the GPU check" in text
+    assert "| ORT CPU forward ms |" in text
     assert f"({b['fwd_eq']:.1f})" in text
     assert f"| ours <= 3 forward-equivalents | {b['fwd_eq']:.2f} |" in text
-    if "lsuv030_s" in b:  # lsuv 0.3.0 installed: its column and the ratio
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert b["ratio"] == pytest.approx(b["lsuv030_s"] / b["ours_s"])
-        assert f"| lsuv 0.3.0 / ours >= 10x | {b['ratio']:.1f}x |" in text
-    else:  # not installed: said, and the exit status says a step failed
-        assert proc.returncode == 1
-        assert "No module named 'lsuv'" in b["lsuv030_error"]
-        assert "gpu_prepare.sh lsuv" in b["lsuv030_error"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| lsuv 0.3.0 / ours >= 10x | - | not measured |" in text  # --skip-lsuv
