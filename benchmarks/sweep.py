@@ -225,7 +225,8 @@ def measure(p: Point, path: str, tmp: str, reps: int) -> dict:
 
 def provenance() -> dict:
     """Where the onnx_lsuv that ran comes from: its checkout, commit, and whether its files
-    differ from that commit."""
+    differ from that commit. A copy outside git (``git archive`` of a commit) names its commit
+    in the environment variable ONNX_LSUV_COMMIT."""
     src = os.path.dirname(os.path.dirname(os.path.abspath(onnx_lsuv.__file__)))
 
     def git(*args: str) -> str:
@@ -234,6 +235,8 @@ def provenance() -> dict:
 
     commit = git("rev-parse", "--short", "HEAD") or None
     dirty = bool(commit and git("status", "--porcelain", "--", "onnx_lsuv"))
+    if commit is None and os.environ.get("ONNX_LSUV_COMMIT"):
+        commit = os.environ["ONNX_LSUV_COMMIT"] + " (a git archive of it)"
     return dict(onnx_lsuv_path=src, onnx_lsuv_commit=commit, onnx_lsuv_dirty=dirty,
                 onnx_lsuv=onnx_lsuv.__version__, onnxruntime=ort.__version__,
                 onnx=onnx.__version__, numpy=np.__version__, machine=machine())
@@ -286,7 +289,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"Command: `{meta['command']}` ({meta['wall_s'] / 60:.1f} minutes). onnx_lsuv "
             f"{meta['onnx_lsuv']} at commit {meta['onnx_lsuv_commit']}{dirty} "
             f"(`{meta['onnx_lsuv_path']}`), onnxruntime {meta['onnxruntime']}, onnx "
-            f"{meta['onnx']}, numpy {meta['numpy']}.", "",
+            f"{meta['onnx']}, numpy {meta['numpy']}. Load average (1 min) at the start and "
+            f"the end: {meta['load_average'][0]:.1f}, {meta['load_average'][1]:.1f}.", "",
             "fwd-eq: seconds divided by the median warm plain ONNX Runtime forward of the same "
             "model and batch in the same process. Peak MiB: resident high-water mark of a fresh "
             "process above one that only imported the libraries and loaded the batch.", "",
@@ -334,7 +338,11 @@ def plot(rows: list[dict], path: str) -> None:
         ax.minorticks_off()
         ax.set_ylabel("multiples of one plain forward")
         ax.grid(True, which="major", alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    handles = {}  # every line's label once (the memory line is missing where not measured)
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes.flat[0].legend(handles.values(), handles.keys(), fontsize=8)
     fig.suptitle("onnx-lsuv cost in plain ONNX Runtime forwards (CPU provider)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--axes: unknown axis {', '.join(unknown)}; expected some of {', '.join(AXES)}")
     plan = QUICK if args.quick else FULL
     reps = args.reps or plan.reps
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     pts = [p for p in points(plan) if p.axis in axes]
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnx-lsuv-sweep-") as tmp:
@@ -373,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:])
     meta = dict(provenance(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 command=command, wall_s=time.perf_counter() - start, reps=reps,
+                load_average=[load_start, os.getloadavg()[0]],
                 plan=asdict(plan))
     os.makedirs(args.out, exist_ok=True)
     text = markdown(rows, meta)
