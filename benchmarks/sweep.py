@@ -326,7 +326,7 @@ def plot(rows: list[dict], path: str) -> None:
         mem = [(r["value"], r["peak_ours_mb"] / r["peak_forward_mb"]) for r in rs
                if "peak_ours_mb" in r and r["peak_forward_mb"] > 0]
         if mem:
-            ax.plot(*zip(*mem), "^:", label="peak memory")
+            ax.plot(*zip(*mem), "^:", label="peak memory, ours / forward")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
