@@ -44,5 +44,10 @@ rm -rf "$HOME/site"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$HOME/site" \
   "$store/$name"
 rm -f "$store"/part?
-PYTHONPATH="$HOME/site" python3 -c "import onnxruntime as o; o.preload_dlls(); \
-print('gpu_setup: installed', o.__version__, 'from', o.__file__, o.get_available_providers())"
+PYTHONPATH="$HOME/site" python3 -c "
+import os, sys, onnxruntime as o
+if not o.__file__.startswith(os.path.join(os.environ['HOME'], 'site')):
+    sys.exit('gpu_setup: onnxruntime comes from ' + o.__file__ + ', not \$HOME/site')
+o.preload_dlls()
+print('gpu_setup: installed onnxruntime', o.__version__, 'in', os.path.dirname(o.__file__),
+      o.get_available_providers())"
