@@ -15,8 +15,9 @@ before the clock starts (as a user's are), and the clock stops after a
 
 lsuv 0.3.0 comes from PyPI (``pip install lsuv==0.3.0``). Where there is no
 package registry (the lent GPU machine), ``benchmarks/gpu_prepare.sh`` saves its
-wheel in the git-ignored ``.whl/`` here, and ``benchmarks/gpu_check.sh`` installs
-it from there.
+wheel in the git-ignored ``.whl/`` here, the check's device call carries it, and
+``benchmarks/gpu_check.py`` puts the wheel itself on the PYTHONPATH (a pure-Python
+wheel imports as it is).
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ sys.path.insert(0, HERE)
 EXIT_NO_CUDA = 2
 GOAL_RATIO = 10.0  # lsuv 0.3.0 / ours, at least
 GOAL_FWD_EQ = 3.0  # ours in plain CUDA forwards, at most
+# made here by benchmarks/gpu_prepare.sh, carried to the GPU machine (git-ignored)
+LSUV_WHEEL = os.path.join(ROOT, ".whl", "lsuv-0.3.0-py3-none-any.whl")
 HOW_TO_RUN = ("The check runs on the lent GPU machine: prepare here with "
               "'bash benchmarks/gpu_prepare.sh', then make the five device calls listed at the "
               "top of benchmarks/gpu_check.sh (four setup calls, then the check).")
@@ -50,11 +52,19 @@ class Deadline:
         return max(self.end - time.monotonic() - reserve, 1.0)
 
 
-def _python(code: str, timeout: float) -> subprocess.CompletedProcess:
-    """``code`` in a fresh Python with benchmarks/ importable (torch stays out of this process:
-    its CUDA context and threads never meet ONNX Runtime's)."""
+def lsuv_path() -> list[str]:
+    """Where lsuv 0.3.0 is not installed (the GPU machine has no registry): its carried wheel,
+    importable as it is (pure Python, metadata included), for the PYTHONPATH."""
+    from importlib.util import find_spec
+
+    return [LSUV_WHEEL] if find_spec("lsuv") is None and os.path.exists(LSUV_WHEEL) else []
+
+
+def _python(code: str, timeout: float, path: list[str] = ()) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python with benchmarks/ (and ``path``) importable (torch stays out
+    of this process: its CUDA context and threads never meet ONNX Runtime's)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in [HERE, ROOT, os.environ.get("PYTHONPATH", "")] if p))
+        p for p in [HERE, ROOT, *path, os.environ.get("PYTHONPATH", "")] if p))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=timeout)
 
@@ -194,7 +204,8 @@ def bench(tmp: str, deadline: Deadline, batch: int, hw: int, reps: int,
     try:
         ref = _python("import json; from bench_lsuv_torch import time_lsuv_torch; "
                       f"print(json.dumps(time_lsuv_torch('resnet50_like', {batch}, {hw}, "
-                      f"device={provider!r}, forward_reps=20)))", deadline.left(reserve=10.0))
+                      f"device={provider!r}, forward_reps=20)))", deadline.left(reserve=10.0),
+                      lsuv_path())
     except subprocess.TimeoutExpired:
         row["lsuv030_error"] = "lsuv 0.3.0 was cut off at the check's deadline"
         return row

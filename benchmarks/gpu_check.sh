@@ -31,19 +31,9 @@ py=${PYTHON:-python3}
 # checkout; onnx_lsuv_cli (cli/) through a link, as an install would name it
 shim=$(mktemp -d)
 ln -s "$PWD/cli" "$shim/onnx_lsuv_cli"
-export PYTHONPATH="$HOME/site:$HOME/site-lsuv:$PWD:$shim${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$HOME/site:$PWD:$shim${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 GPU_CHECK_SH=1
-# lsuv 0.3.0 from the carried wheel (pure Python; torch is on the machine)
-if ! "$py" -c "import lsuv" 2>/dev/null; then
-  whl=$(ls .whl/lsuv-0.3.0-py3-none-any.whl 2>/dev/null)
-  if [ -n "$whl" ]; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site-lsuv" "$whl" \
-      || echo "gpu_check: installing $whl failed: the lsuv 0.3.0 column will be missing" >&2
-  else
-    echo "gpu_check: no .whl/lsuv-0.3.0-py3-none-any.whl (carry .whl, made by" \
-         "'bash benchmarks/gpu_prepare.sh lsuv'): the lsuv 0.3.0 column will be missing" >&2
-  fi
-fi
+# lsuv 0.3.0: installed, else gpu_check.py imports it from the carried .whl/ (pure Python)
 # the Python check keeps its own 450 s deadline; this is the last guard against a hang
 timeout -k 10 470 "$py" benchmarks/gpu_check.py --out "$out" --budget 450
 rc=$?

@@ -10,9 +10,9 @@
 set -euo pipefail
 top=$(git rev-parse --show-toplevel)
 cd "$top"
-mkdir -p .git/info
-for d in /.gpu-wheel/ /.whl/; do
-  grep -qx "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)
+for d in .gpu-wheel .whl; do  # .gitignore names both; a checkout without it: info/exclude
+  git check-ignore -q "$d/x" || { mkdir -p "$(dirname "$exclude")"; echo "/$d/" >> "$exclude"; }
 done
 if [ "${1:-all}" != lsuv ]; then
   parts=../shared/tools/ort-gpu-parts
