@@ -330,7 +330,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.plot(*zip(*mem), "^:", label="peak memory, ours / forward")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         if axis != "depth":
             ax.set_xscale("log", base=2)
