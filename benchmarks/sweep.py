@@ -6,7 +6,8 @@ batch and sequence length, every figure measured side by side in one process (CP
 
 Writes DIR/SWEEP.md (one markdown table per axis), DIR/sweep.png (four panels) and
 DIR/sweep.json. benchmarks/sweep/ holds one full run, with a paragraph written by hand on
-what it shows (a new run into that folder replaces the file: keep the paragraph). The four axes (sizes chosen so that the full sweep fits 10 minutes on 2 cores):
+what it shows (a new run into that folder replaces the file: keep the paragraph). The four
+axes (sizes chosen so that the full sweep fits 10 minutes on 2 cores):
 
 - depth: ResNet-18, 34, 50 and 101 (torchvision layout, ImageNet stem), batch 8, 224x224;
 - width: MLPs of 256 to 8192 units (256 input features -> Gemm to w -> ReLU -> Gemm w x w ->
