@@ -10,6 +10,10 @@
 #
 #   bash benchmarks/gpu_prepare.sh
 #
+# (in the main checkout: ../shared/tools/ort-gpu-parts writes .git/info, which a git worktree's
+# .git file does not have). The device copy may have no .git: to name the commit in the table,
+# set ONNX_LSUV_COMMIT=<sha> before bash in the check's command.
+#
 # Then five `run` calls, back to back (the machine stays warm 30 s after a call, and $HOME/site
 # lasts only as long as the machine):
 #
