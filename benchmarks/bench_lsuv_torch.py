@@ -1,20 +1,30 @@
-"""Time the reference PyTorch LSUV (``lsuv`` 0.3.0, D. Mishkin) on CPU.
+"""Time the reference PyTorch LSUV (``lsuv`` 0.3.0, D. Mishkin) on the CPU or a CUDA GPU.
 
     .venv/bin/python benchmarks/bench_lsuv_torch.py                # default table
     .venv/bin/python benchmarks/bench_lsuv_torch.py resnet50_like:8:224 caffenet_like:16:227
+    python3 benchmarks/bench_lsuv_torch.py --device cuda resnet50_like:32:224
 
 Each positional argument is MODEL:BATCH:HW. The call timed is exactly the
 package README's single-batch form,
 ``lsuv_with_singlebatch(model, batch, device=torch.device('cpu'))``, plus
 ``verbose=False`` (its default ``True`` prints several lines per layer and
 per attempt). Defaults otherwise: needed_std=1.0, std_tol=0.1, max_attempts=10,
-do_orthonorm=True.
+do_orthonorm=True. With ``--device cuda`` the model and the batch are on the GPU
+before the clock starts (as a user's are), and the clock stops after a
+``torch.cuda.synchronize()``.
+
+lsuv 0.3.0 comes from PyPI (``pip install lsuv==0.3.0``). Where there is no
+package registry (the lent GPU machine), ``benchmarks/gpu_prepare.sh`` saves its
+wheel in the git-ignored ``.whl/`` here, the check's device call carries it, and
+``benchmarks/gpu_check.py`` puts the wheel itself on the PYTHONPATH (a pure-Python
+wheel imports as it is).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from importlib.metadata import version
@@ -52,28 +62,39 @@ def _layer_output_stds(model: nn.Module, x: torch.Tensor) -> list[float]:
 
 
 def time_lsuv_torch(model_name: str, batch: int, hw: int, seed: int = 0,
-                    in_ch: int = 3, verbose: bool = False) -> dict:
+                    in_ch: int = 3, verbose: bool = False, device: str = "cpu",
+                    forward_reps: int = 1) -> dict:
     """Build ``model_name``, run lsuv 0.3.0 on one N(0,1) batch of shape
-    (batch, in_ch, hw, hw) on the CPU and time it.
+    (batch, in_ch, hw, hw) on ``device`` ("cpu" or "cuda") and time it.
 
-    Returns seconds (wall time of the lsuv call), forward_seconds (one plain
-    eval/no_grad forward, after one untimed warm-up forward), torch_version,
-    lsuv_version, plus threads, n_layers, n_forwards (model forwards lsuv ran)
-    and max_std_err (max |std - 1| over layer outputs after lsuv, measured
-    outside the timing).
+    Returns seconds (wall time of the lsuv call), forward_seconds (the median of
+    ``forward_reps`` plain eval/no_grad forwards, after one untimed warm-up
+    forward), torch_version, lsuv_version, device, plus threads, n_layers,
+    n_forwards (model forwards lsuv ran) and max_std_err (max |std - 1| over
+    layer outputs after lsuv, measured outside the timing).
     """
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    x = torch.randn(batch, in_ch, hw, hw)
-    model = MODELS[model_name]()
+    dev = torch.device(device)
+    x = torch.randn(batch, in_ch, hw, hw).to(dev)  # drawn on the CPU: the same batch anywhere
+    model = MODELS[model_name]().to(dev)
     model.eval()
 
+    def sync() -> None:  # CUDA runs asynchronously: a clock reads after the GPU's work
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     with torch.no_grad():
-        model(x)  # warm-up (oneDNN primitive creation, allocator)
-        t0 = time.perf_counter()
-        model(x)
-        forward_seconds = time.perf_counter() - t0
+        model(x)  # warm-up (oneDNN primitive creation / CUDA context and cuDNN, allocator)
+        sync()
+        times = []
+        for _ in range(forward_reps):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+        forward_seconds = statistics.median(times)
 
     n_forwards = 0
 
@@ -83,7 +104,8 @@ def time_lsuv_torch(model_name: str, batch: int, hw: int, seed: int = 0,
 
     counter = model.register_forward_pre_hook(_count)
     t0 = time.perf_counter()
-    model = lsuv.lsuv_with_singlebatch(model, x, device=torch.device("cpu"), verbose=verbose)
+    model = lsuv.lsuv_with_singlebatch(model, x, device=dev, verbose=verbose)
+    sync()
     seconds = time.perf_counter() - t0
     counter.remove()
 
@@ -96,6 +118,7 @@ def time_lsuv_torch(model_name: str, batch: int, hw: int, seed: int = 0,
         "forward_seconds": forward_seconds,
         "torch_version": torch.__version__,
         "lsuv_version": version("lsuv"),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": threads,
         "n_layers": len(stds),
         "n_forwards": n_forwards,
@@ -111,13 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="*", help="MODEL:BATCH:HW (default: "
                     + " ".join(f"{m}:{b}:{h}" for m, b, h in DEFAULT_RUNS) + ")")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     args = ap.parse_args(argv)
     runs = [(r.split(":")[0], int(r.split(":")[1]), int(r.split(":")[2])) for r in args.runs] \
         or DEFAULT_RUNS
 
-    rows = [time_lsuv_torch(m, b, h, seed=args.seed) for m, b, h in runs]
+    rows = [time_lsuv_torch(m, b, h, seed=args.seed, device=args.device) for m, b, h in runs]
     r0 = rows[0]
-    print(f"torch {r0['torch_version']}, lsuv {r0['lsuv_version']}, {r0['threads']} threads")
+    print(f"torch {r0['torch_version']}, lsuv {r0['lsuv_version']}, {r0['device']}, "
+          f"{r0['threads']} threads")
     print(f"{'model':14s} {'batch':>5s} {'hw':>4s} {'lsuv s':>8s} {'fwd s':>8s} "
           f"{'lsuv/fwd':>8s} {'layers':>6s} {'fwds':>5s} {'max|std-1|':>10s}")
     for r in rows:
