@@ -1,5 +1,6 @@
 """Per-layer plot of a report, after the paper's Table 8: output variance before and after
-(log scale) and the final weight standard deviation. Needs matplotlib (``pip install matplotlib``, or the ``plot`` extra)."""
+(log scale) and the final weight standard deviation. Needs matplotlib (``pip install
+matplotlib``, or the ``plot`` extra)."""
 
 from __future__ import annotations
 
