@@ -54,14 +54,17 @@ _AXES_AS_INPUT = {"ReduceSum": 13, "ReduceSumSquare": 18, "ReduceMean": 18}
 class GraphEditor:
     """Appends uniquely named nodes and initializers to a graph (a measuring copy)."""
 
-    def __init__(self, model: onnx.ModelProto, exact: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, exact: bool = True, bounded: bool = False) -> None:
         self.model = model
         self.graph = model.graph
         self.opset = default_opset(model)
         # exact: statistics in float64 from the reductions on (every measurement a status is
         # judged from). Otherwise float32 (float64 for float64 layers): the one-pass solve,
         # whose factors the float64 re-measurement checks.
-        self.exact = exact
+        # bounded: float64 statistics whose first reduction of a float32 output runs in
+        # float32 over one axis, with a bound on its rounding (``_bounded_sums``).
+        self.exact = exact or bounded
+        self.bounded = bounded
         self._count = 0
         self._consts: dict[tuple, str] = {}
 
@@ -281,6 +284,11 @@ class ChannelSums:
     n: str  # scalar, in the statistics dtype
     mean: str  # scalar E[y]
     var: str  # scalar E[y^2] - E[y]^2
+    # bounded sums (``GraphEditor.bounded``): per channel, bounds on the rounding error of s1
+    # and s2, and one on that of var; None where every reduction ran in float64
+    e1: str | None = None
+    e2: str | None = None
+    err: str | None = None
 
 
 def channel_sums(ed: GraphEditor, layer: Layer, taps: list[tuple[Use, Tap]]) -> ChannelSums:
@@ -290,17 +298,86 @@ def channel_sums(ed: GraphEditor, layer: Layer, taps: list[tuple[Use, Tap]]) -> 
     sum y^2 = (sum t^2 - 2 b sum t + n_c b^2) / a^2)."""
     dt = ed.layer_dtype(layer)
     parts = [_use_sums(ed, layer, use, tap, dt) for use, tap in taps]
-    s1, s2, n = parts[0]
-    for p1, p2, pn in parts[1:]:
+    s1, s2, n, e1, e2 = parts[0]
+    for p1, p2, pn, q1, q2 in parts[1:]:
         s1, s2, n = ed.op("Add", [s1, p1]), ed.op("Add", [s2, p2]), ed.op("Add", [n, pn])
-    return _finish(ed, s1, s2, n, len(layer.blocks), dt)
+        e1, e2 = _add_bound(ed, e1, q1), _add_bound(ed, e2, q2)
+    return _finish(ed, s1, s2, n, len(layer.blocks), dt, e1, e2)
+
+
+def _add_bound(ed: GraphEditor, a: str | None, b: str | None) -> str | None:
+    """The sum of two error bounds, None standing for 0 (float64 throughout)."""
+    return b if a is None else a if b is None else ed.op("Add", [a, b])
+
+
+# float32's unit roundoff, and its smallest subnormal: a product below the normal range is off
+# by up to half of it, whatever its relative error.
+_U32 = 2.0 ** -24
+_TINY32 = 2.0 ** -149
+# A generous bound on the relative rounding of the float64 statistics after the reductions.
+_U64_SLACK = 2.0 ** -40
+
+
+def _bounded_sums(ed: GraphEditor, x: str, rank: int, channel: int,
+                  axes: list[int], units: int) -> tuple[str, str, str, str, str]:
+    """The per-channel sums of a float32 output ``x`` in two stages, and bounds on their error.
+
+    The first reduction runs in float32 over one axis of h elements (the last one that is not
+    the channel axis: a contiguous row), the rest in float64 on its results, which are h
+    times fewer. Whatever order ONNX Runtime adds a row in, a float32 sum of h terms is off
+    by at most gamma_h = h u / (1 - h u) times the sum of their magnitudes (Higham, Accuracy
+    and Stability, 4.2; u = 2^-24), a sum of squares also by half the smallest subnormal per
+    term (a square below the normal range). So, with n_c elements per channel and the rest
+    of the work in float64 (whose rounding is in the slack):
+    |err S2| <= gamma_h S2 + n_c 2^-149 and, by Cauchy-Schwarz (sum |x| <= sqrt(n_c S2)),
+    |err S1| <= gamma_h sqrt(n_c S2). A full float64 reduction (Cast, then reduce) read every
+    element twice as float64: 3 to 8 times the time of the two float32 reductions.
+
+    Returns:
+        (S1, S2, element count, bound on S1's error, bound on S2's error), all float64.
+    """
+    f64 = helper.np_dtype_to_tensor_dtype(np.dtype(np.float64))
+    k = rank - 1 if rank - 1 != channel else rank - 2
+    p1 = ed.op("Cast", [ed.reduce("ReduceSum", x, [k])], to=f64)
+    p2 = ed.op("Cast", [ed.reduce("ReduceSumSquare", x, [k])], to=f64)
+    rest = [a if a < k else a - 1 for a in axes if a != k]
+    s1 = ed.reduce("ReduceSum", p1, rest) if rest else p1
+    s2 = ed.reduce("ReduceSum", p2, rest) if rest else p2
+    shape = ed.op("Shape", [x])
+    n = ed.op("Cast", [ed.op("Size", [x])], to=f64)
+    h = ed.op("Cast", [ed.op("Gather", [shape, ed.const(np.array(k, np.int64))])], to=f64)
+    hu = ed.op("Mul", [h, ed.const(np.array(_U32), "u32")])
+    # h u / (1 - 2 h u): gamma_h, and room for the bounds' use of the computed S2
+    two_hu = ed.op("Add", [hu, hu])
+    gamma = ed.op("Add", [ed.op("Div", [hu, ed.op("Sub", [ed.const(np.array(1.0), "one64"),
+                                                               two_hu])]),
+                          ed.const(np.array(_U64_SLACK), "u64_slack")])
+    n_c = ed.op("Div", [n, ed.const(np.array(units, np.float64), "channels")])
+    e2 = ed.op("Add", [ed.op("Mul", [gamma, s2]),
+                       ed.op("Mul", [n_c, ed.const(np.array(_TINY32), "tiny32")])])
+    e1 = ed.op("Mul", [gamma, ed.op("Sqrt", [ed.op("Mul", [n_c, ed.op("Add", [s2, e2])])])])
+    return s1, s2, n, e1, e2
 
 
 def _use_sums(ed: GraphEditor, layer: Layer, use: Use, tap: Tap,
-              dt: np.dtype) -> tuple[str, str, str]:
-    """(per-channel sum, per-channel sum of squares, element count) of one use's output."""
-    x = _cast(ed, tap.tensor, layer.dtype, dt)
+              dt: np.dtype) -> tuple[str, str, str, str | None, str | None]:
+    """(per-channel sum, per-channel sum of squares, element count, and bounds on the sums'
+    errors: None where none is needed) of one use's output."""
     units = layer.layout.output_units
+    rank = use.output_rank
+    if (ed.bounded and np.dtype(layer.dtype) == np.float32 and rank is not None and rank >= 2
+            and use.unit_shape is None):
+        channel = use.out_axis % rank
+        axes = [a for a in range(rank) if a != channel]
+        s1, s2, n, e1, e2 = _bounded_sums(ed, tap.tensor, rank, channel, axes, units)
+        if tap.a is not None:  # y = (t - b) / a: the bounds go through the same map
+            inv_a = np.abs(1.0 / tap.a)
+            e2 = ed.op("Mul", [ed.op("Add", [e2, ed.op("Mul", [
+                ed.const(2 * np.abs(tap.b), "tap_2b"), e1])]), ed.const(inv_a * inv_a, "inv_a2")])
+            e1 = ed.op("Mul", [e1, ed.const(inv_a, "tap_abs_inv_a")])
+        s1, s2 = _from_tap(ed, tap, s1, s2, n, units, np.dtype(np.float64))
+        return s1, s2, n, e1, e2
+    x = _cast(ed, tap.tensor, layer.dtype, dt)
     if use.output_rank is not None and use.unit_shape is None:
         axes = [a for a in range(use.output_rank) if a != use.out_axis % use.output_rank]
     elif use.out_axis == -1:  # units on the last axis (or axes), rank unknown: (-1, units)
@@ -311,30 +388,54 @@ def _use_sums(ed: GraphEditor, layer: Layer, use: Use, tap: Tap,
     s1 = ed.reduce("ReduceSum", x, axes)
     s2 = ed.reduce("ReduceSumSquare", x, axes)
     n = ed.op("Cast", [ed.op("Size", [x])], to=helper.np_dtype_to_tensor_dtype(dt))
-    if tap.a is not None:
-        n_c = ed.op("Div", [n, ed.const(np.array(units, dt), "channels")])
-        b = ed.const(tap.b.astype(dt), "tap_b")
-        inv_a = ed.const((1.0 / tap.a).astype(dt), "tap_inv_a")
-        nb = ed.op("Mul", [n_c, b])
-        s2 = ed.op("Add", [ed.op("Sub", [s2, ed.op("Mul", [ed.op("Add", [b, b]), s1])]),
-                           ed.op("Mul", [nb, b])])
-        s2 = ed.op("Mul", [s2, ed.op("Mul", [inv_a, inv_a])])
-        s1 = ed.op("Mul", [ed.op("Sub", [s1, nb]), inv_a])
-    return s1, s2, n
+    s1, s2 = _from_tap(ed, tap, s1, s2, n, units, dt)
+    return s1, s2, n, None, None
 
 
-def _finish(ed: GraphEditor, s1: str, s2: str, n: str, blocks: int, dt: np.dtype) -> ChannelSums:
-    """Mean and variance from channel sums: one scalar, or one per block of equal channels."""
+def _from_tap(ed: GraphEditor, tap: Tap, s1: str, s2: str, n: str, units: int,
+              dt: np.dtype) -> tuple[str, str]:
+    """The layer output's per-channel sums from those of its tap t = a y + b."""
+    if tap.a is None:
+        return s1, s2
+    n_c = ed.op("Div", [n, ed.const(np.array(units, dt), "channels")])
+    b = ed.const(tap.b.astype(dt), "tap_b")
+    inv_a = ed.const((1.0 / tap.a).astype(dt), "tap_inv_a")
+    nb = ed.op("Mul", [n_c, b])
+    s2 = ed.op("Add", [ed.op("Sub", [s2, ed.op("Mul", [ed.op("Add", [b, b]), s1])]),
+                       ed.op("Mul", [nb, b])])
+    s2 = ed.op("Mul", [s2, ed.op("Mul", [inv_a, inv_a])])
+    s1 = ed.op("Mul", [ed.op("Sub", [s1, nb]), inv_a])
+    return s1, s2
+
+
+def _finish(ed: GraphEditor, s1: str, s2: str, n: str, blocks: int, dt: np.dtype,
+            e1: str | None = None, e2: str | None = None) -> ChannelSums:
+    """Mean and variance from channel sums: one scalar, or one per block of equal channels.
+
+    With bounds ``e1``, ``e2`` on the sums' errors per channel (float64), also a bound on
+    the variance's: with dm and dq those of the mean and of E[y^2],
+    |err var| <= dq + 2 |mean| dm + dm^2, plus float64's own rounding."""
     if blocks == 1:
-        mean = ed.op("Div", [ed.reduce("ReduceSum", s1, None), n])
-        mean_sq = ed.op("Div", [ed.reduce("ReduceSum", s2, None), n])
+        def total(x: str) -> str:
+            return ed.op("Div", [ed.reduce("ReduceSum", x, None), n])
     else:
         shape = ed.const(np.array([blocks, -1], np.int64))
         n_b = ed.op("Div", [n, ed.const(np.array(blocks, dt), "blocks")])
-        mean = ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [s1, shape]), [1]), n_b])
-        mean_sq = ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [s2, shape]), [1]), n_b])
-    var = ed.op("Sub", [mean_sq, ed.op("Mul", [mean, mean])])
-    return ChannelSums(s1, s2, n, mean, var)
+
+        def total(x: str) -> str:
+            return ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [x, shape]), [1]), n_b])
+    mean, mean_sq = total(s1), total(s2)
+    mean2 = ed.op("Mul", [mean, mean])
+    var = ed.op("Sub", [mean_sq, mean2])
+    err = None
+    if e1 is not None:
+        dm, dq = total(e1), total(e2)
+        err = ed.op("Add", [dq, ed.op("Mul", [dm, ed.op("Add", [
+            ed.op("Add", [ed.op("Abs", [mean]), ed.op("Abs", [mean])]), dm])])])
+        slack = ed.op("Mul", [ed.op("Add", [mean_sq, mean2]),
+                              ed.const(np.array(_U64_SLACK), "u64_slack")])
+        err = ed.op("Add", [err, slack])
+    return ChannelSums(s1, s2, n, mean, var, e1, e2, err)
 
 
 def recurrent_sums(ed: GraphEditor, layer: Layer, node: onnx.NodeProto) -> ChannelSums:
@@ -528,6 +629,8 @@ class NormalizedOutputs:
     # with ``after``: the float64 variance of the output as rescaled in the graph, which every
     # later layer reads (None where the graph does not rescale it: see ``normalizing_model``)
     var_after: str | None = None
+    # with ``bounded`` too: a bound on var_after's rounding error (None: float64 throughout)
+    var_after_err: str | None = None
 
 
 def _bias_solve(ed: GraphEditor, cs: ChannelSums, b: np.ndarray, dt: np.dtype,
@@ -595,12 +698,18 @@ def _rewire_scaled(ed: GraphEditor, graph: onnx.GraphProto, index: GraphIndex, l
 
 
 def _rescaled_var(ed: GraphEditor, layer: Layer, cs: ChannelSums, scale: str,
-                  bias: LayerBias | None, dt: np.dtype) -> str:
+                  bias: LayerBias | None, dt: np.dtype) -> ChannelSums:
     """The variance (per block) of a y + (1 - a) b per unit, from y's per-channel sums: with
     n_c elements per channel, sum = a S1 + (1 - a) n_c b and
-    sum of squares = a^2 S2 + 2 a (1 - a) b S1 + (1 - a)^2 n_c b^2."""
+    sum of squares = a^2 S2 + 2 a (1 - a) b S1 + (1 - a)^2 n_c b^2. With bounded sums, the
+    bounds on their errors go through the same map (a > 0): a e1, and
+    a^2 e2 + 2 a |1 - a| |b| e1."""
     s1 = ed.op("Mul", [cs.s1, scale])
-    s2 = ed.op("Mul", [cs.s2, ed.op("Mul", [scale, scale])])
+    a2 = ed.op("Mul", [scale, scale])
+    s2 = ed.op("Mul", [cs.s2, a2])
+    e1 = e2 = None
+    if cs.e1 is not None:
+        e1, e2 = ed.op("Mul", [cs.e1, scale]), ed.op("Mul", [cs.e2, a2])
     if bias is not None:
         b = ed.const(bias.value.astype(dt), "bias_after")
         rest = ed.op("Sub", [ed.const(np.array(1, dt), "one_after"), scale])
@@ -611,7 +720,10 @@ def _rescaled_var(ed: GraphEditor, layer: Layer, cs: ChannelSums, scale: str,
         cross = ed.op("Mul", [ed.op("Mul", [scale, rest_b]), cs.s1])
         s2 = ed.op("Add", [s2, ed.op("Add", [ed.op("Add", [cross, cross]),
                                              ed.op("Mul", [n_c, ed.op("Mul", [rest_b, rest_b])])])])
-    return _finish(ed, s1, s2, cs.n, len(layer.blocks), dt).var
+        if e1 is not None:
+            e_cross = ed.op("Mul", [ed.op("Abs", [ed.op("Mul", [scale, rest_b])]), cs.e1])
+            e2 = ed.op("Add", [e2, ed.op("Add", [e_cross, e_cross])])
+    return _finish(ed, s1, s2, cs.n, len(layer.blocks), dt, e1, e2)
 
 
 def normalizing_model(
@@ -622,6 +734,7 @@ def normalizing_model(
     tol: float,
     exact: bool = True,
     after: bool = False,
+    bounded: bool = False,
 ) -> tuple[onnx.ModelProto, list[NormalizedOutputs]]:
     """A copy of ``model`` that normalises each layer's output to ``target`` variance in-graph.
 
@@ -651,13 +764,17 @@ def normalizing_model(
             through that affine map (every statistic is then float64). Only where the graph
             rescales the output that later layers read: not for a recurrent op or a weight
             whose uses feed each other. Defaults to False.
+        bounded: float64 statistics whose first reduction of a float32 output runs in
+            float32 over one axis (``_bounded_sums``), with a bound on each ``var_after``'s
+            rounding error (``var_after_err``): what the one-pass solve measures in. The
+            caller trusts a variance only where its bound is small. Defaults to False.
 
     Returns:
         The normalising model, and per layer the names of its variance and factor outputs.
     """
     copy = _measuring_copy(model)
     index = GraphIndex(copy.graph)
-    ed = GraphEditor(copy, exact or after)
+    ed = GraphEditor(copy, exact or after, bounded)
     result = []
     reordered = False
     for layer in layers:
@@ -713,9 +830,10 @@ def normalizing_model(
                    ) or bool(layer.branch)
         for use, tap in [] if feeding else taps:
             _rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m, bias)
-        var_after = None
+        var_after = var_after_err = None
         if after and not feeding:  # every use rescaled: a y + (1 - a) b per unit, summed
-            var_after = _rescaled_var(ed, layer, cs, scale_units, bias, dt)
+            rescaled = _rescaled_var(ed, layer, cs, scale_units, bias, dt)
+            var_after, var_after_err = rescaled.var, rescaled.err
         # Tied weights: readers of this weight that are not upstream of the layer see it
         # scaled, as in the written model. (Upstream readers would make a cycle; the
         # re-measurement catches what they change. So does a read inside a body.)
@@ -730,11 +848,11 @@ def normalizing_model(
                 w_scaled = ed.op("Mul", [copy.graph.node[i].input[pos], scale_m])
                 copy.graph.node[i].input[pos] = w_scaled
                 reordered = True
-        result.append(NormalizedOutputs(cs.var, scale, var_after))
+        result.append(NormalizedOutputs(cs.var, scale, var_after, var_after_err))
     if reordered:
         toposort(copy.graph)
-    _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale, r.var_after)
-                              if n is not None])
+    _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale, r.var_after,
+                                                          r.var_after_err) if n is not None])
     return copy, result
 
 

@@ -231,6 +231,23 @@ def exact_in_one_pass(run: Run, lay: Layer, biases: dict[int, LayerBias]) -> boo
 # The largest one-pass factor whose rescaled output is taken as the written model's (its
 # variance was 1e-8 of the target before); above it, the re-measurement decides.
 MAX_EXACT_FACTOR = 1e4
+# The largest bound on a one-pass variance's rounding error, relative to the variance, under
+# which it stands for the written model's (float64) measurement: the float32 sums of a
+# typical layer are bounded at 1e-6 to 3e-5; a BatchNormalization tap with a large mean, an
+# output near float32's range or a long row of elements exceeds it.
+MAX_RELATIVE_ERROR = 1e-4
+
+
+def trusted(var: np.ndarray, err: np.ndarray, target: float, tol: float) -> bool:
+    """Whether variances measured with bounded sums (``measure_graph._bounded_sums``) are as
+    good as float64 ones: each bound finite and at most ``MAX_RELATIVE_ERROR`` of its variance,
+    and too small to move the variance across the edge of the tolerance (so that the
+    status is the one that the exact variance would get)."""
+    var, err = np.asarray(var, np.float64), np.asarray(err, np.float64)
+    with np.errstate(all="ignore"):
+        return bool(np.all(np.isfinite(var) & np.isfinite(err) & (err >= 0)
+                           & (err <= MAX_RELATIVE_ERROR * np.abs(var))
+                           & (np.abs(np.abs(var - target) - tol) > err)))
 
 
 def scale_fast(run: Run) -> None:
@@ -247,12 +264,22 @@ def scale_fast(run: Run) -> None:
     biases = _kept_biases(state, layers)
     exact = all(exact_in_one_pass(run, lay, biases) for lay in layers)
     norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol,
-                                   exact=False, after=exact)
+                                   after=exact, bounded=True)
     exact = exact and all(o.var_after is not None for o in outs)
     names = [x for o in outs for x in (o.var_before, o.scale)]
     after_names = [o.var_after for o in outs] if exact else []
-    values = run.session(norm).run(run.feeds, names + after_names)
-    after = values[len(names):]
+    err_names = [o.var_after_err for o in outs if o.var_after_err is not None] if exact else []
+    values = run.session(norm).run(run.feeds, names + after_names + err_names)
+    after = values[len(names):len(names) + len(after_names)]
+    if exact:  # bounded float32 sums: trusted where their bound is small (else float64 again)
+        errors = iter(values[len(names) + len(after_names):])
+        for lay, o, value in zip(layers, outs, after):
+            err = next(errors) if o.var_after_err is not None else np.zeros(1)
+            if not trusted(value, err, opts.target_var, opts.tol):
+                log.info("layer %s: its one-pass variance %s is known to %s only: measured "
+                         "again in float64", lay.name, np.atleast_1d(value),
+                         np.atleast_1d(err))
+                exact = False
     for lay, k in zip(layers, range(0, len(names), 2)):
         variances = np.atleast_1d(values[k]).astype(np.float64)
         raw = np.atleast_1d(values[k + 1]).astype(np.float64)
