@@ -28,6 +28,7 @@ of the model at an opset without ``Where`` (statistics only), is built here from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,10 +62,12 @@ class GraphEditor:
         # exact: statistics in float64 from the reductions on (every measurement a status is
         # judged from). Otherwise float32 (float64 for float64 layers): the one-pass solve,
         # whose factors the float64 re-measurement checks.
-        # bounded: float64 statistics whose first reduction of a float32 output runs in
-        # float32 over one axis, with a bound on its rounding (``_bounded_sums``).
-        self.exact = exact or bounded
+        self.exact = exact
+        # bounded: a float32 layer's sums in float32, their first reduction over one axis
+        # exported (``PartialSums``): its float64 variance and a bound on its error are
+        # computed from them outside the graph (``bounded_variance``).
         self.bounded = bounded
+        self.partials: list[PartialSums] = []  # of the layer being rewritten
         self._count = 0
         self._consts: dict[tuple, str] = {}
 
@@ -73,8 +76,19 @@ class GraphEditor:
         return np.dtype(np.float64) if self.exact else np.dtype(np.float32)
 
     def layer_dtype(self, layer: Layer) -> np.dtype:
-        """The statistics dtype for ``layer``: float64 when exact or for a float64 layer."""
-        return np.dtype(np.float64) if layer.dtype == np.float64 else self.stat_dtype
+        """The statistics dtype for ``layer``: float64 when exact or for a float64 layer;
+        float32 for a layer with bounded sums."""
+        if layer.dtype == np.float64:
+            return np.dtype(np.float64)
+        return np.dtype(np.float32) if self.bounded_layer(layer) else self.stat_dtype
+
+    def bounded_layer(self, layer: Layer) -> bool:
+        """Whether ``layer``'s sums are bounded (``bounded``, ``PartialSums``): a float32
+        layer of the main graph, not recurrent, each use of known rank with one unit axis."""
+        return (self.bounded and np.dtype(layer.dtype) == np.float32 and layer.body is None
+                and not layer.is_recurrent
+                and all(u.output_rank is not None and u.output_rank >= 2
+                        and u.unit_shape is None for u in layer.uses))
 
     def fresh(self, hint: str) -> str:
         self._count += 1
@@ -284,11 +298,6 @@ class ChannelSums:
     n: str  # scalar, in the statistics dtype
     mean: str  # scalar E[y]
     var: str  # scalar E[y^2] - E[y]^2
-    # bounded sums (``GraphEditor.bounded``): per channel, bounds on the rounding error of s1
-    # and s2, and one on that of var; None where every reduction ran in float64
-    e1: str | None = None
-    e2: str | None = None
-    err: str | None = None
 
 
 def channel_sums(ed: GraphEditor, layer: Layer, taps: list[tuple[Use, Tap]]) -> ChannelSums:
@@ -298,16 +307,10 @@ def channel_sums(ed: GraphEditor, layer: Layer, taps: list[tuple[Use, Tap]]) -> 
     sum y^2 = (sum t^2 - 2 b sum t + n_c b^2) / a^2)."""
     dt = ed.layer_dtype(layer)
     parts = [_use_sums(ed, layer, use, tap, dt) for use, tap in taps]
-    s1, s2, n, e1, e2 = parts[0]
-    for p1, p2, pn, q1, q2 in parts[1:]:
+    s1, s2, n = parts[0]
+    for p1, p2, pn in parts[1:]:
         s1, s2, n = ed.op("Add", [s1, p1]), ed.op("Add", [s2, p2]), ed.op("Add", [n, pn])
-        e1, e2 = _add_bound(ed, e1, q1), _add_bound(ed, e2, q2)
-    return _finish(ed, s1, s2, n, len(layer.blocks), dt, e1, e2)
-
-
-def _add_bound(ed: GraphEditor, a: str | None, b: str | None) -> str | None:
-    """The sum of two error bounds, None standing for 0 (float64 throughout)."""
-    return b if a is None else a if b is None else ed.op("Add", [a, b])
+    return _finish(ed, s1, s2, n, len(layer.blocks), dt)
 
 
 # float32's unit roundoff, and its smallest subnormal: a product below the normal range is off
@@ -318,65 +321,125 @@ _TINY32 = 2.0 ** -149
 _U64_SLACK = 2.0 ** -40
 
 
-def _bounded_sums(ed: GraphEditor, x: str, rank: int, channel: int,
-                  axes: list[int], units: int) -> tuple[str, str, str, str, str]:
-    """The per-channel sums of a float32 output ``x`` in two stages, and bounds on their error.
+@dataclass(frozen=True)
+class PartialSums:
+    """One use's float32 sums over one axis of its output, exported by a normalising model
+    with bounded sums: what ``bounded_variance`` computes the layer's variance from."""
 
-    The first reduction runs in float32 over one axis of h elements (the last one that is not
-    the channel axis: a contiguous row), the rest in float64 on its results, which are h
-    times fewer. Whatever order ONNX Runtime adds a row in, a float32 sum of h terms is off
-    by at most gamma_h = h u / (1 - h u) times the sum of their magnitudes (Higham, Accuracy
-    and Stability, 4.2; u = 2^-24), a sum of squares also by half the smallest subnormal per
-    term (a square below the normal range). So, with n_c elements per channel and the rest
-    of the work in float64 (whose rounding is in the slack):
-    |err S2| <= gamma_h S2 + n_c 2^-149 and, by Cauchy-Schwarz (sum |x| <= sqrt(n_c S2)),
-    |err S1| <= gamma_h sqrt(n_c S2). A full float64 reduction (Cast, then reduce) read every
-    element twice as float64: 3 to 8 times the time of the two float32 reductions.
+    s1: str  # the output's sum over one axis (float32): the other axes kept
+    s2: str  # its sum of squares over the same axis
+    size: str  # the output's element count (int64)
+    channel: int  # the unit axis of s1 and s2
+    tap_a: np.ndarray | None = None  # the tap t = a y + b per channel, if any
+    tap_b: np.ndarray | None = None
+
+
+# float32's unit roundoff, and its smallest subnormal (a square below the normal range is off
+# by up to half of it, whatever its relative error); a generous bound on the relative rounding
+# of the float64 work after the float32 sums.
+_U32 = 2.0 ** -24
+_TINY32 = 2.0 ** -149
+_U64_SLACK = 2.0 ** -40
+
+
+def bounded_variance(partials: Sequence[PartialSums], fetched: dict[str, np.ndarray],
+                     units: int, blocks: int, scale: np.ndarray, bias: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 variance (per block) of a layer's output as the one-pass graph rescales it,
+    a y + (1 - a) b per unit (``bias`` b, or none), from its uses' exported float32 sums, and
+    a bound on the variance's error.
+
+    Whatever order ONNX Runtime adds them in, a float32 sum of h terms is off by at most
+    gamma_h = h u / (1 - h u) times the sum of their magnitudes (Higham, Accuracy and
+    Stability of Numerical Algorithms, 4.2; u = 2^-24), and a sum of squares also by half the
+    smallest subnormal per term (a square below the normal range). So, per channel with n_c
+    elements, for the float32 sums of h elements each, summed on in float64:
+    |err S2| <= gamma_h S2 + n_c 2^-149 and (Cauchy-Schwarz: sum |x| <= sqrt(n_c S2))
+    |err S1| <= gamma_h sqrt(n_c S2). The bounds go through the tap's and the factor's affine
+    maps, and with dm, dq those of the mean and of E[y^2], |err var| <= dq + 2 |mean| dm +
+    dm^2, plus float64's own rounding (with the cancellation of a large mean in it).
+    Overflow or NaN anywhere gives a non-finite variance or bound.
+
+    Args:
+        partials: The layer's ``NormalizedOutputs.partials``.
+        fetched: Their values, by name.
+        units: Output units (channels).
+        blocks: Blocks of equal units (one variance each).
+        scale: The factor per block that the graph applied.
+        bias: The kept bias per unit that the graph solved for, or None.
 
     Returns:
-        (S1, S2, element count, bound on S1's error, bound on S2's error), all float64.
+        (variance per block, bound on its error per block).
     """
-    f64 = helper.np_dtype_to_tensor_dtype(np.dtype(np.float64))
+    s1 = s2 = e1 = e2 = np.zeros(units)
+    n = 0
+    with np.errstate(all="ignore"):
+        for p in partials:
+            q1 = np.asarray(fetched[p.s1], np.float64)
+            q2 = np.asarray(fetched[p.s2], np.float64)
+            size = int(fetched[p.size])
+            c1 = np.moveaxis(q1, p.channel, 0).reshape(units, -1).sum(1)
+            c2 = np.moveaxis(q2, p.channel, 0).reshape(units, -1).sum(1)
+            hu = size / max(q1.size, 1) * _U32  # h u: h elements per float32 sum
+            gamma = hu / (1 - 2 * hu) if 2 * hu < 1 else np.inf  # (room for the computed S2)
+            gamma += _U64_SLACK
+            n_c = size / units
+            d2 = gamma * c2 + n_c * _TINY32
+            d1 = gamma * np.sqrt(n_c * (c2 + d2))
+            if p.tap_a is not None:  # y = (t - b) / a per channel
+                inv_a, b = 1.0 / p.tap_a.astype(np.float64), p.tap_b.astype(np.float64)
+                terms = np.abs(c2) + np.abs(2 * b * c1) + n_c * b * b
+                c2 = (c2 - 2 * b * c1 + n_c * b * b) * inv_a * inv_a
+                c1 = (c1 - n_c * b) * inv_a
+                d2 = (d2 + 2 * np.abs(b) * d1 + _U64_SLACK * terms) * inv_a * inv_a
+                d1 = (d1 + _U64_SLACK * (np.abs(c1 / inv_a) + n_c * np.abs(b))) * np.abs(inv_a)
+            s1, s2, e1, e2, n = s1 + c1, s2 + c2, e1 + d1, e2 + d2, n + size
+        a = np.repeat(np.asarray(scale, np.float64).reshape(-1), units // blocks)
+        t1, t2 = a * s1, a * a * s2
+        d1, d2 = np.abs(a) * e1, a * a * e2
+        if bias is not None:
+            rest_b = (1 - a) * np.asarray(bias, np.float64)
+            n_c = n / units
+            t1 = t1 + n_c * rest_b
+            t2 = t2 + 2 * a * rest_b * s1 + n_c * rest_b * rest_b
+            d2 = d2 + 2 * np.abs(a * rest_b) * e1
+        n_b = n / blocks
+        mean = t1.reshape(blocks, -1).sum(1) / n_b
+        mean_sq = t2.reshape(blocks, -1).sum(1) / n_b
+        dm = d1.reshape(blocks, -1).sum(1) / n_b
+        dq = d2.reshape(blocks, -1).sum(1) / n_b
+        var = mean_sq - mean * mean
+        err = dq + dm * (2 * np.abs(mean) + dm) + _U64_SLACK * (np.abs(mean_sq) + mean * mean)
+    return var, err
+
+
+def _partial_sums(ed: GraphEditor, layer: Layer, use: Use, tap: Tap) -> tuple[str, str, str]:
+    """The float32 per-channel sums of one use's output (float32 ``channel_sums`` parts), in
+    two stages, the first one (over one axis, a contiguous row where it can be) exported as a
+    ``PartialSums`` in ``ed.partials``. A float64 reduction (Cast, then reduce) read each
+    element twice as float64: 3 to 8 times the time of the two float32 reductions."""
+    rank = use.output_rank
+    channel = use.out_axis % rank
     k = rank - 1 if rank - 1 != channel else rank - 2
-    p1 = ed.op("Cast", [ed.reduce("ReduceSum", x, [k])], to=f64)
-    p2 = ed.op("Cast", [ed.reduce("ReduceSumSquare", x, [k])], to=f64)
-    rest = [a if a < k else a - 1 for a in axes if a != k]
+    p1 = ed.reduce("ReduceSum", tap.tensor, [k])
+    p2 = ed.reduce("ReduceSumSquare", tap.tensor, [k])
+    size = ed.op("Size", [tap.tensor])
+    ed.partials.append(PartialSums(p1, p2, size, channel - (channel > k), tap.a, tap.b))
+    rest = [a - (a > k) for a in range(rank) if a not in (k, channel)]
     s1 = ed.reduce("ReduceSum", p1, rest) if rest else p1
     s2 = ed.reduce("ReduceSum", p2, rest) if rest else p2
-    shape = ed.op("Shape", [x])
-    n = ed.op("Cast", [ed.op("Size", [x])], to=f64)
-    h = ed.op("Cast", [ed.op("Gather", [shape, ed.const(np.array(k, np.int64))])], to=f64)
-    hu = ed.op("Mul", [h, ed.const(np.array(_U32), "u32")])
-    # h u / (1 - 2 h u): gamma_h, and room for the bounds' use of the computed S2
-    two_hu = ed.op("Add", [hu, hu])
-    gamma = ed.op("Add", [ed.op("Div", [hu, ed.op("Sub", [ed.const(np.array(1.0), "one64"),
-                                                               two_hu])]),
-                          ed.const(np.array(_U64_SLACK), "u64_slack")])
-    n_c = ed.op("Div", [n, ed.const(np.array(units, np.float64), "channels")])
-    e2 = ed.op("Add", [ed.op("Mul", [gamma, s2]),
-                       ed.op("Mul", [n_c, ed.const(np.array(_TINY32), "tiny32")])])
-    e1 = ed.op("Mul", [gamma, ed.op("Sqrt", [ed.op("Mul", [n_c, ed.op("Add", [s2, e2])])])])
-    return s1, s2, n, e1, e2
+    f32 = np.dtype(np.float32)
+    n = ed.op("Cast", [size], to=helper.np_dtype_to_tensor_dtype(f32))
+    s1, s2 = _from_tap(ed, tap, s1, s2, n, layer.layout.output_units, f32)
+    return s1, s2, n
 
 
 def _use_sums(ed: GraphEditor, layer: Layer, use: Use, tap: Tap,
-              dt: np.dtype) -> tuple[str, str, str, str | None, str | None]:
-    """(per-channel sum, per-channel sum of squares, element count, and bounds on the sums'
-    errors: None where none is needed) of one use's output."""
+              dt: np.dtype) -> tuple[str, str, str]:
+    """(per-channel sum, per-channel sum of squares, element count) of one use's output."""
     units = layer.layout.output_units
-    rank = use.output_rank
-    if (ed.bounded and np.dtype(layer.dtype) == np.float32 and rank is not None and rank >= 2
-            and use.unit_shape is None):
-        channel = use.out_axis % rank
-        axes = [a for a in range(rank) if a != channel]
-        s1, s2, n, e1, e2 = _bounded_sums(ed, tap.tensor, rank, channel, axes, units)
-        if tap.a is not None:  # y = (t - b) / a: the bounds go through the same map
-            inv_a = np.abs(1.0 / tap.a)
-            e2 = ed.op("Mul", [ed.op("Add", [e2, ed.op("Mul", [
-                ed.const(2 * np.abs(tap.b), "tap_2b"), e1])]), ed.const(inv_a * inv_a, "inv_a2")])
-            e1 = ed.op("Mul", [e1, ed.const(inv_a, "tap_abs_inv_a")])
-        s1, s2 = _from_tap(ed, tap, s1, s2, n, units, np.dtype(np.float64))
-        return s1, s2, n, e1, e2
+    if ed.bounded_layer(layer):
+        return _partial_sums(ed, layer, use, tap)
     x = _cast(ed, tap.tensor, layer.dtype, dt)
     if use.output_rank is not None and use.unit_shape is None:
         axes = [a for a in range(use.output_rank) if a != use.out_axis % use.output_rank]
@@ -389,7 +452,7 @@ def _use_sums(ed: GraphEditor, layer: Layer, use: Use, tap: Tap,
     s2 = ed.reduce("ReduceSumSquare", x, axes)
     n = ed.op("Cast", [ed.op("Size", [x])], to=helper.np_dtype_to_tensor_dtype(dt))
     s1, s2 = _from_tap(ed, tap, s1, s2, n, units, dt)
-    return s1, s2, n, None, None
+    return s1, s2, n
 
 
 def _from_tap(ed: GraphEditor, tap: Tap, s1: str, s2: str, n: str, units: int,
@@ -408,34 +471,18 @@ def _from_tap(ed: GraphEditor, tap: Tap, s1: str, s2: str, n: str, units: int,
     return s1, s2
 
 
-def _finish(ed: GraphEditor, s1: str, s2: str, n: str, blocks: int, dt: np.dtype,
-            e1: str | None = None, e2: str | None = None) -> ChannelSums:
-    """Mean and variance from channel sums: one scalar, or one per block of equal channels.
-
-    With bounds ``e1``, ``e2`` on the sums' errors per channel (float64), also a bound on
-    the variance's: with dm and dq those of the mean and of E[y^2],
-    |err var| <= dq + 2 |mean| dm + dm^2, plus float64's own rounding."""
+def _finish(ed: GraphEditor, s1: str, s2: str, n: str, blocks: int, dt: np.dtype) -> ChannelSums:
+    """Mean and variance from channel sums: one scalar, or one per block of equal channels."""
     if blocks == 1:
-        def total(x: str) -> str:
-            return ed.op("Div", [ed.reduce("ReduceSum", x, None), n])
+        mean = ed.op("Div", [ed.reduce("ReduceSum", s1, None), n])
+        mean_sq = ed.op("Div", [ed.reduce("ReduceSum", s2, None), n])
     else:
         shape = ed.const(np.array([blocks, -1], np.int64))
         n_b = ed.op("Div", [n, ed.const(np.array(blocks, dt), "blocks")])
-
-        def total(x: str) -> str:
-            return ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [x, shape]), [1]), n_b])
-    mean, mean_sq = total(s1), total(s2)
-    mean2 = ed.op("Mul", [mean, mean])
-    var = ed.op("Sub", [mean_sq, mean2])
-    err = None
-    if e1 is not None:
-        dm, dq = total(e1), total(e2)
-        err = ed.op("Add", [dq, ed.op("Mul", [dm, ed.op("Add", [
-            ed.op("Add", [ed.op("Abs", [mean]), ed.op("Abs", [mean])]), dm])])])
-        slack = ed.op("Mul", [ed.op("Add", [mean_sq, mean2]),
-                              ed.const(np.array(_U64_SLACK), "u64_slack")])
-        err = ed.op("Add", [err, slack])
-    return ChannelSums(s1, s2, n, mean, var, e1, e2, err)
+        mean = ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [s1, shape]), [1]), n_b])
+        mean_sq = ed.op("Div", [ed.reduce("ReduceSum", ed.op("Reshape", [s2, shape]), [1]), n_b])
+    var = ed.op("Sub", [mean_sq, ed.op("Mul", [mean, mean])])
+    return ChannelSums(s1, s2, n, mean, var)
 
 
 def recurrent_sums(ed: GraphEditor, layer: Layer, node: onnx.NodeProto) -> ChannelSums:
@@ -629,8 +676,9 @@ class NormalizedOutputs:
     # with ``after``: the float64 variance of the output as rescaled in the graph, which every
     # later layer reads (None where the graph does not rescale it: see ``normalizing_model``)
     var_after: str | None = None
-    # with ``bounded`` too: a bound on var_after's rounding error (None: float64 throughout)
-    var_after_err: str | None = None
+    # with ``after`` and bounded sums instead of var_after: the exported sums of each use
+    # (``bounded_variance`` computes the variance and a bound on its error from them)
+    partials: tuple[PartialSums, ...] = ()
 
 
 def _bias_solve(ed: GraphEditor, cs: ChannelSums, b: np.ndarray, dt: np.dtype,
@@ -698,18 +746,12 @@ def _rewire_scaled(ed: GraphEditor, graph: onnx.GraphProto, index: GraphIndex, l
 
 
 def _rescaled_var(ed: GraphEditor, layer: Layer, cs: ChannelSums, scale: str,
-                  bias: LayerBias | None, dt: np.dtype) -> ChannelSums:
+                  bias: LayerBias | None, dt: np.dtype) -> str:
     """The variance (per block) of a y + (1 - a) b per unit, from y's per-channel sums: with
     n_c elements per channel, sum = a S1 + (1 - a) n_c b and
-    sum of squares = a^2 S2 + 2 a (1 - a) b S1 + (1 - a)^2 n_c b^2. With bounded sums, the
-    bounds on their errors go through the same map (a > 0): a e1, and
-    a^2 e2 + 2 a |1 - a| |b| e1."""
+    sum of squares = a^2 S2 + 2 a (1 - a) b S1 + (1 - a)^2 n_c b^2."""
     s1 = ed.op("Mul", [cs.s1, scale])
-    a2 = ed.op("Mul", [scale, scale])
-    s2 = ed.op("Mul", [cs.s2, a2])
-    e1 = e2 = None
-    if cs.e1 is not None:
-        e1, e2 = ed.op("Mul", [cs.e1, scale]), ed.op("Mul", [cs.e2, a2])
+    s2 = ed.op("Mul", [cs.s2, ed.op("Mul", [scale, scale])])
     if bias is not None:
         b = ed.const(bias.value.astype(dt), "bias_after")
         rest = ed.op("Sub", [ed.const(np.array(1, dt), "one_after"), scale])
@@ -720,10 +762,7 @@ def _rescaled_var(ed: GraphEditor, layer: Layer, cs: ChannelSums, scale: str,
         cross = ed.op("Mul", [ed.op("Mul", [scale, rest_b]), cs.s1])
         s2 = ed.op("Add", [s2, ed.op("Add", [ed.op("Add", [cross, cross]),
                                              ed.op("Mul", [n_c, ed.op("Mul", [rest_b, rest_b])])])])
-        if e1 is not None:
-            e_cross = ed.op("Mul", [ed.op("Abs", [ed.op("Mul", [scale, rest_b])]), cs.e1])
-            e2 = ed.op("Add", [e2, ed.op("Add", [e_cross, e_cross])])
-    return _finish(ed, s1, s2, cs.n, len(layer.blocks), dt, e1, e2)
+    return _finish(ed, s1, s2, cs.n, len(layer.blocks), dt).var
 
 
 def normalizing_model(
@@ -764,10 +803,13 @@ def normalizing_model(
             through that affine map (every statistic is then float64). Only where the graph
             rescales the output that later layers read: not for a recurrent op or a weight
             whose uses feed each other. Defaults to False.
-        bounded: float64 statistics whose first reduction of a float32 output runs in
-            float32 over one axis (``_bounded_sums``), with a bound on each ``var_after``'s
-            rounding error (``var_after_err``): what the one-pass solve measures in. The
-            caller trusts a variance only where its bound is small. Defaults to False.
+        bounded: A float32 layer's statistics in float32, from two reductions of its output
+            over one axis, which are exported (``partials``): with ``after``, its rescaled
+            output's float64 variance and a bound on that variance's error come from them
+            (``bounded_variance``), computed outside the graph. What the one-pass solve
+            measures in: far fewer nodes and no float64 copy of any output; the caller
+            trusts a variance only where its bound is small. Other layers as without it.
+            Defaults to False.
 
     Returns:
         The normalising model, and per layer the names of its variance and factor outputs.
@@ -775,6 +817,7 @@ def normalizing_model(
     copy = _measuring_copy(model)
     index = GraphIndex(copy.graph)
     ed = GraphEditor(copy, exact or after, bounded)
+    exported: list[str] = []
     result = []
     reordered = False
     for layer in layers:
@@ -786,7 +829,9 @@ def normalizing_model(
             cs = recurrent_sums(ed, layer, node)
         else:
             taps = layer_taps(ed, index, layer)
+            ed.partials = []
             cs = channel_sums(ed, layer, taps)
+            partials = tuple(ed.partials)
         bias = biases.get(layer.index)
         if bias is None:
             vz = cs.var
@@ -830,10 +875,14 @@ def normalizing_model(
                    ) or bool(layer.branch)
         for use, tap in [] if feeding else taps:
             _rewire_scaled(ed, copy.graph, index, layer, use, tap, scale_m, bias)
-        var_after = var_after_err = None
-        if after and not feeding:  # every use rescaled: a y + (1 - a) b per unit, summed
-            rescaled = _rescaled_var(ed, layer, cs, scale_units, bias, dt)
-            var_after, var_after_err = rescaled.var, rescaled.err
+        var_after = None
+        if after and not feeding and partials:  # computed from them: bounded_variance
+            exported += [x for p in partials for x in (p.s1, p.s2, p.size)]
+        elif after and not feeding:  # every use rescaled: a y + (1 - a) b per unit, summed
+            var_after = _rescaled_var(ed, layer, cs, scale_units, bias, dt)
+            partials = ()
+        else:
+            partials = ()
         # Tied weights: readers of this weight that are not upstream of the layer see it
         # scaled, as in the written model. (Upstream readers would make a cycle; the
         # re-measurement catches what they change. So does a read inside a body.)
@@ -848,11 +897,11 @@ def normalizing_model(
                 w_scaled = ed.op("Mul", [copy.graph.node[i].input[pos], scale_m])
                 copy.graph.node[i].input[pos] = w_scaled
                 reordered = True
-        result.append(NormalizedOutputs(cs.var, scale, var_after, var_after_err))
+        result.append(NormalizedOutputs(cs.var, scale, var_after, partials))
     if reordered:
         toposort(copy.graph)
-    _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale, r.var_after,
-                                                          r.var_after_err) if n is not None])
+    _set_outputs(copy.graph, [n for r in result for n in (r.var_before, r.scale, r.var_after)
+                              if n is not None] + exported)
     return copy, result
 
 

@@ -32,6 +32,7 @@ from .measure_graph import (
     MIN_WHERE_OPSET,
     WEIGHT_INPUT,
     LayerBias,
+    bounded_variance,
     fetching_model,
     layer_inputs,
     layer_model,
@@ -264,22 +265,14 @@ def scale_fast(run: Run) -> None:
     biases = _kept_biases(state, layers)
     exact = all(exact_in_one_pass(run, lay, biases) for lay in layers)
     norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol,
-                                   after=exact, bounded=True)
-    exact = exact and all(o.var_after is not None for o in outs)
+                                   exact=False, after=exact, bounded=True)
+    exact = exact and all(o.var_after is not None or o.partials for o in outs)
     names = [x for o in outs for x in (o.var_before, o.scale)]
-    after_names = [o.var_after for o in outs] if exact else []
-    err_names = [o.var_after_err for o in outs if o.var_after_err is not None] if exact else []
-    values = run.session(norm).run(run.feeds, names + after_names + err_names)
-    after = values[len(names):len(names) + len(after_names)]
-    if exact:  # bounded float32 sums: trusted where their bound is small (else float64 again)
-        errors = iter(values[len(names) + len(after_names):])
-        for lay, o, value in zip(layers, outs, after):
-            err = next(errors) if o.var_after_err is not None else np.zeros(1)
-            if not trusted(value, err, opts.target_var, opts.tol):
-                log.info("layer %s: its one-pass variance %s is known to %s only: measured "
-                         "again in float64", lay.name, np.atleast_1d(value),
-                         np.atleast_1d(err))
-                exact = False
+    after_names = [o.var_after for o in outs if o.var_after is not None] if exact else []
+    sums = [x for o in outs for p in o.partials for x in (p.s1, p.s2, p.size)] if exact else []
+    values = run.session(norm).run(run.feeds, names + after_names + sums)
+    fetched = dict(zip(names + after_names + sums, values))
+    applied = {}  # layer index -> the factors the graph applied
     for lay, k in zip(layers, range(0, len(names), 2)):
         variances = np.atleast_1d(values[k]).astype(np.float64)
         raw = np.atleast_1d(values[k + 1]).astype(np.float64)
@@ -296,6 +289,21 @@ def scale_fast(run: Run) -> None:
             rec.tries = int(scale != 1.0)
             log.debug("layer %s: var %.4g, scale %.4g", rec.name, var, scale)
         state.multiply(lay, scales)
+        applied[lay.index] = scales
+    if exact:  # each layer's float64 variance, where the graph gave bounded sums
+        after = []
+        for lay, o in zip(layers, outs):
+            if o.var_after is not None:
+                after.append(fetched[o.var_after])
+                continue
+            var, err = bounded_variance(o.partials, fetched, lay.layout.output_units,
+                                        len(lay.blocks), applied[lay.index],
+                                        biases[lay.index].value if lay.index in biases else None)
+            after.append(var)
+            if not trusted(var, err, opts.target_var, opts.tol):
+                log.info("layer %s: its one-pass variance %s is known to +-%s only: measured "
+                         "again in float64", lay.name, var, err)
+                exact = False
     state.fold()  # the re-measure reads the scaled weights: held once, not beside the bases
     run.progress("scaling", n, n, "")
     run.report.timings["one_pass_s"] = time.perf_counter() - t
