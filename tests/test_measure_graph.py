@@ -144,10 +144,10 @@ def test_a_large_mean_makes_the_bound_large_and_the_solve_measure_again():
     """A BatchNormalization tap with running mean 300 (y = (t + 300 a) / a) and a tanh
     saturated to 0.995: the float32 sums cannot be trusted; the one-pass solve says so and
     the float64 re-measurement judges them, as the test's own float64 measurement does."""
-    import independent
-
     from onnx_lsuv import lsuv_init
     from onnx_lsuv.strategies import trusted
+
+    import independent
 
     for model, feeds in (_bounded_cases()["bn_mean_300"], _saturated_tanh()):
         layers, got = _bounded_variances(model, feeds)
@@ -164,9 +164,9 @@ def test_a_large_mean_makes_the_bound_large_and_the_solve_measure_again():
 def test_the_one_pass_variances_are_the_written_models_at_any_scale(factor):
     """lsuv_init's one-pass statistics (bounded float32 sums) against the test's float64
     measurement of the written model, with the data scaled to the edges of float32."""
-    import independent
-
     from onnx_lsuv import lsuv_init
+
+    import independent
 
     model, feeds, _ = models.conv_bn()
     feeds = {k: (v * factor).astype(np.float32) for k, v in feeds.items()}
