@@ -254,10 +254,12 @@ def trusted(var: np.ndarray, err: np.ndarray, target: float, tol: float) -> bool
 def scale_fast(run: Run) -> None:
     """The one-pass solve, its re-measurement, and the try loop from the first layer off.
 
-    The one-pass graph also measures, in float64, each layer's output as it rescales it,
-    which later layers read. Where that is exactly the written model's layer output for
-    every layer (``exact_in_one_pass``, and every factor applied as computed), those are the
-    written model's variances, and the re-measurement pass is skipped; otherwise it runs."""
+    The one-pass graph also measures each layer's output as it rescales it, which later
+    layers read: in float64 from its exported float32 sums, with a bound on the error
+    (``measure_graph.bounded_variance``). Where that is exactly the written model's layer
+    output for every layer (``exact_in_one_pass``, and every factor applied as computed) and
+    every bound is small (``trusted``), those are the written model's variances, and the
+    re-measurement pass is skipped; otherwise it runs, in float64."""
     layers, state, n, opts = run.layers, run.state, len(run.layers), run.options
     t = time.perf_counter()
     run.progress("scaling", 0, n, "one forward pass for every layer")
