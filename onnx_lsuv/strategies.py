@@ -32,6 +32,7 @@ from .measure_graph import (
     MIN_WHERE_OPSET,
     WEIGHT_INPUT,
     LayerBias,
+    bounded_variance,
     fetching_model,
     layer_inputs,
     layer_model,
@@ -231,15 +232,34 @@ def exact_in_one_pass(run: Run, lay: Layer, biases: dict[int, LayerBias]) -> boo
 # The largest one-pass factor whose rescaled output is taken as the written model's (its
 # variance was 1e-8 of the target before); above it, the re-measurement decides.
 MAX_EXACT_FACTOR = 1e4
+# The largest bound on a one-pass variance's rounding error, relative to the variance, under
+# which it stands for the written model's (float64) measurement: the float32 sums of a
+# typical layer are bounded at 1e-6 to 3e-5; a BatchNormalization tap with a large mean, an
+# output near float32's range or a long row of elements exceeds it.
+MAX_RELATIVE_ERROR = 1e-4
+
+
+def trusted(var: np.ndarray, err: np.ndarray, target: float, tol: float) -> bool:
+    """Whether variances measured with bounded sums (``measure_graph._bounded_sums``) are as
+    good as float64 ones: each bound finite and at most ``MAX_RELATIVE_ERROR`` of its variance,
+    and too small to move the variance across the edge of the tolerance (so that the
+    status is the one that the exact variance would get)."""
+    var, err = np.asarray(var, np.float64), np.asarray(err, np.float64)
+    with np.errstate(all="ignore"):
+        return bool(np.all(np.isfinite(var) & np.isfinite(err) & (err >= 0)
+                           & (err <= MAX_RELATIVE_ERROR * np.abs(var))
+                           & (np.abs(np.abs(var - target) - tol) > err)))
 
 
 def scale_fast(run: Run) -> None:
     """The one-pass solve, its re-measurement, and the try loop from the first layer off.
 
-    The one-pass graph also measures, in float64, each layer's output as it rescales it,
-    which later layers read. Where that is exactly the written model's layer output for
-    every layer (``exact_in_one_pass``, and every factor applied as computed), those are the
-    written model's variances, and the re-measurement pass is skipped; otherwise it runs."""
+    The one-pass graph also measures each layer's output as it rescales it, which later
+    layers read: in float64 from its exported float32 sums, with a bound on the error
+    (``measure_graph.bounded_variance``). Where that is exactly the written model's layer
+    output for every layer (``exact_in_one_pass``, and every factor applied as computed) and
+    every bound is small (``trusted``), those are the written model's variances, and the
+    re-measurement pass is skipped; otherwise it runs, in float64."""
     layers, state, n, opts = run.layers, run.state, len(run.layers), run.options
     t = time.perf_counter()
     run.progress("scaling", 0, n, "one forward pass for every layer")
@@ -247,12 +267,14 @@ def scale_fast(run: Run) -> None:
     biases = _kept_biases(state, layers)
     exact = all(exact_in_one_pass(run, lay, biases) for lay in layers)
     norm, outs = normalizing_model(skeleton, layers, biases, opts.target_var, opts.tol,
-                                   exact=False, after=exact)
-    exact = exact and all(o.var_after is not None for o in outs)
+                                   exact=False, after=exact, bounded=True)
+    exact = exact and all(o.var_after is not None or o.partials for o in outs)
     names = [x for o in outs for x in (o.var_before, o.scale)]
-    after_names = [o.var_after for o in outs] if exact else []
-    values = run.session(norm).run(run.feeds, names + after_names)
-    after = values[len(names):]
+    after_names = [o.var_after for o in outs if o.var_after is not None] if exact else []
+    sums = [x for o in outs for p in o.partials for x in (p.s1, p.s2, p.size)] if exact else []
+    values = run.session(norm).run(run.feeds, names + after_names + sums)
+    fetched = dict(zip(names + after_names + sums, values))
+    applied = {}  # layer index -> the factors the graph applied
     for lay, k in zip(layers, range(0, len(names), 2)):
         variances = np.atleast_1d(values[k]).astype(np.float64)
         raw = np.atleast_1d(values[k + 1]).astype(np.float64)
@@ -269,6 +291,21 @@ def scale_fast(run: Run) -> None:
             rec.tries = int(scale != 1.0)
             log.debug("layer %s: var %.4g, scale %.4g", rec.name, var, scale)
         state.multiply(lay, scales)
+        applied[lay.index] = scales
+    if exact:  # each layer's float64 variance, where the graph gave bounded sums
+        after = []
+        for lay, o in zip(layers, outs):
+            if o.var_after is not None:
+                after.append(fetched[o.var_after])
+                continue
+            var, err = bounded_variance(o.partials, fetched, lay.layout.output_units,
+                                        len(lay.blocks), applied[lay.index],
+                                        biases[lay.index].value if lay.index in biases else None)
+            after.append(var)
+            if not trusted(var, err, opts.target_var, opts.tol):
+                log.info("layer %s: its one-pass variance %s is known to +-%s only: measured "
+                         "again in float64", lay.name, var, err)
+                exact = False
     state.fold()  # the re-measure reads the scaled weights: held once, not beside the bases
     run.progress("scaling", n, n, "")
     run.report.timings["one_pass_s"] = time.perf_counter() - t
