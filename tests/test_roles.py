@@ -240,6 +240,25 @@ def test_paper_policy_is_the_default_and_changes_nothing():
     assert "set by" not in paper.report.table().splitlines()[0]
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_the_paper_policy_on_pre_ln_blocks_points_at_the_transformer_policy(norm, caplog):
+    """The default stays the paper's; on pre-LN blocks the run says, once, that the policy
+    exists (a note and a warning), and on post-LN blocks, where it did not help in
+    experiments/, it says nothing."""
+    model, _, _ = block_model("torchscript", norm, True)
+    x = rand(B, T, DIN, seed=2)
+    with caplog.at_level("WARNING", logger="onnx_lsuv"):
+        result = lsuv_init(model, x)
+    said = [n for n in result.report.notes if "policy 'transformer'" in n]
+    warned = [r for r in caplog.records if "policy 'transformer'" in r.getMessage()]
+    if norm == "pre":
+        assert len(said) == 1 and "pre-LN" in said[0] and len(warned) == 1
+    else:
+        assert not said and not warned
+    chosen = lsuv_init(model, x, policy="transformer")
+    assert not [n for n in chosen.report.notes if "sets targets made for them" in n]
+
+
 def test_head_std_zero_zeroes_the_head():
     model, names, _ = block_model("dynamo", "pre", False)
     x = rand(B, T, DIN, seed=2)
