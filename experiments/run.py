@@ -256,18 +256,22 @@ def _status(res: dict) -> str:
     return "n/c" if tables.not_converged(res) else f"test {res['test_acc'][-1]:.1%}"
 
 
-def execute(plan: Plan | study.TransformerPlan, jobs: int,
-            echo=print) -> tuple[list[dict], list[str], float]:
-    """Every run of ``plan``, ``jobs`` at a time in worker processes.
+def execute(plan: Plan | study.TransformerPlan, jobs: int, echo=print,
+            reused: list[dict] = ()) -> tuple[list[dict], list[str], float]:
+    """Every run of ``plan``, ``jobs`` at a time in worker processes, but those whose config
+    a run in ``reused`` has: that run is taken as it is.
 
     Returns (results, failures, seconds). A run that raises is reported and the others go on,
     so one failure does not throw away the rest of a long study.
     """
-    configs = plan.configs()
+    have = {json.dumps(r["config"], sort_keys=True): r for r in reused}
+    taken = [have[k] for k in {json.dumps(asdict(c), sort_keys=True) for c in plan.configs()}
+             if k in have]
+    configs = [c for c in plan.configs() if json.dumps(asdict(c), sort_keys=True) not in have]
     # The slowest first, so that the pool drains evenly and the short MLP runs fill the end.
     configs.sort(key=lambda c: -_cost(c))
     t = time.perf_counter()
-    results, failures = [], []
+    results, failures = list(taken), []
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_work, cfg): cfg for cfg in configs}
         for done, fut in enumerate(as_completed(futures), 1):
@@ -319,12 +323,13 @@ def _commit(path: str) -> str:
 
 
 def write_outputs(plan: Plan | study.TransformerPlan, results: list[dict], seconds: float,
-                  jobs: int, out: str, command: str) -> None:
+                  jobs: int, out: str, command: str, extra: dict | None = None) -> None:
     """results.json, then RESULTS.md and the PNG curves, under ``out``."""
     os.makedirs(out, exist_ok=True)
     meta = {"command": command, "date": datetime.date.today().isoformat(),
             "wall_s": round(seconds, 1), "jobs": jobs, "machine": _machine(),
-            "versions": _versions(), "plan": _plan_dict(plan)}
+            "versions": _versions(), "experiments_commit": _commit(__file__),
+            "plan": _plan_dict(plan), **(extra or {})}
     if isinstance(plan, study.TransformerPlan) and study.LM_ARCH in plan.budgets:
         meta["lm_data"] = {k: v for k, v in study.stdlib_text().items()
                            if k not in ("train", "val")}
@@ -628,11 +633,20 @@ def transformers_markdown(plan: study.TransformerPlan, results: list[dict], meta
         "",
         f"Written by `{meta['command']}` on {meta['date']}: {len(results)} runs in "
         f"{meta['wall_s'] / 60:.1f} minutes, {meta['jobs']} at a time ({meta['machine']}).",
-        f"onnx-lsuv: commit {v.get('onnx_lsuv_commit', 'unknown')}.",
+        f"onnx-lsuv: commit {v.get('onnx_lsuv_commit', 'unknown')}; experiments/: commit "
+        f"{meta.get('experiments_commit', 'unknown')}.",
         "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "onnx_lsuv_commit")
         + ".",
         "Every number below is computed from `results.json` by "
         "`experiments/result_tables.py`; `experiments/README.md` discusses them.",
+    ]
+    if meta.get("reused"):
+        r = meta["reused"]
+        out.append(f"The {r['runs']} runs of PyTorch's default init (which never calls "
+                   f"onnx-lsuv) were taken from `{r['from']}/results.json`, written by "
+                   f"`{r['command']}` on {r['date']} (experiments/ commit "
+                   f"{r['experiments_commit']}); the wall time above leaves them out.")
+    out += [
         "",
         "## Settings",
         "",
@@ -676,7 +690,8 @@ def transformers_markdown(plan: study.TransformerPlan, results: list[dict], meta
             f"file: held out when crc32(path) % {study.VAL_EVERY} == 0; each side's files in "
             "crc32 order, concatenated and cut at "
             f"{lm['chars']['train']:,} training and {lm['chars']['val']:,} validation "
-            f"characters ({lm['files_used']['train']} and {lm['files_used']['val']} files). "
+            f"characters ({len(lm['train_files'])} and {len(lm['val_files'])} files, listed "
+            "in `results.json`). "
             f"Vocabulary: newline and the 95 printable ASCII characters, and one token for "
             f"any other ({lm['unk']['train']} and {lm['unk']['val']} such characters); "
             f"{study.VOCAB_SIZE} tokens, chance = ln {study.VOCAB_SIZE} = "
@@ -787,6 +802,12 @@ def checks(results: list[dict], n_test: int) -> list[str]:
 @click.option("--calibration", is_flag=True,
               help="With --study transformers: also the transformer policy with other "
                    "options (transformer_study.CALIBRATION) on the ViT, 3 seeds.")
+@click.option("--reuse-default", "reuse", type=click.Path(exists=True, file_okay=False),
+              default=None,
+              help="With --study transformers: take the PyTorch-default runs (which never call "
+                   "onnx-lsuv) from this folder's results.json where their config is one of "
+                   "this plan's, instead of running them again; RESULTS.md says how many and "
+                   "from where.")
 @click.option("--arch", "archs", multiple=True,
               type=click.Choice(list(ARCH_TITLES) + list(MODERN_TITLES) + list(
                   a for a in study.ARCHS if a not in MODERN_TITLES)),
@@ -802,7 +823,8 @@ def checks(results: list[dict], n_test: int) -> list[str]:
                    "transformers: default, paper, transformer).")
 def main(quick: bool, out: str | None, jobs: int | None, seeds: int | None,
          lr: float | None, tables_only: bool, which: str, calibration: bool,
-         archs: tuple[str, ...], activations: tuple[str, ...], inits: tuple[str, ...]) -> None:
+         reuse: str | None, archs: tuple[str, ...], activations: tuple[str, ...],
+         inits: tuple[str, ...]) -> None:
     root = os.path.dirname(HERE)
     suffix = "-transformers" if which == "transformers" else ""
     out = out or (os.path.join(root, "out", f"experiments{suffix}-quick") if quick
@@ -817,15 +839,37 @@ def main(quick: bool, out: str | None, jobs: int | None, seeds: int | None,
         plan = _transformer_plan(quick, calibration, seeds, lr, archs, activations, inits)
     else:
         plan = _paper_plan(quick, seeds, lr, archs, activations, inits)
+    reused, extra = _reused(reuse, which == "transformers")
     jobs = jobs or _cpus()
     command = " ".join(["python experiments/run.py", *sys.argv[1:]])
     click.echo(f"{len(plan.configs())} runs, {jobs} at a time; writing to {out}", err=True)
-    results, failures, seconds = execute(plan, jobs, echo=lambda s: click.echo(s, err=True))
-    write_outputs(plan, results, seconds, jobs, out, command)
+    results, failures, seconds = execute(plan, jobs, echo=lambda s: click.echo(s, err=True),
+                                         reused=reused)
+    if reused:
+        extra["reused"]["runs"] = sum(r in reused for r in results)
+    write_outputs(plan, results, seconds, jobs, out, command, extra)
     click.echo(f"done in {seconds / 60:.1f} min: {os.path.join(out, 'RESULTS.md')}", err=True)
     if failures:
         raise click.ClickException(f"{len(failures)} run(s) failed (the tables leave them "
                                    "out):\n" + "\n".join(failures))
+
+
+def _reused(folder: str | None, transformers: bool) -> tuple[list[dict], dict]:
+    """--reuse-default: the PyTorch-default runs of ``folder``'s results.json, and what the
+    new results.json records about them (from where, written by what, when)."""
+    if folder is None:
+        return [], {}
+    if not transformers:
+        raise click.UsageError("--reuse-default goes with --study transformers")
+    with open(os.path.join(folder, "results.json")) as f:
+        saved = json.load(f)
+    runs = [r for r in saved["runs"] if r["config"]["init"] == "default"
+            and r["config"].get("study") == study.STUDY]
+    meta = saved["meta"]
+    return runs, {"reused": {"from": os.path.relpath(folder, os.path.dirname(HERE)),
+                             "command": meta["command"], "date": meta["date"],
+                             "experiments_commit": meta.get("experiments_commit", "unknown"),
+                             "runs": 0}}
 
 
 def _transformer_plan(quick: bool, calibration: bool, seeds: int | None, lr: float | None,

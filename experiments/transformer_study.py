@@ -119,7 +119,7 @@ def stdlib_text(train_chars: int = TRAIN_CHARS, val_chars: int = VAL_CHARS) -> d
     parts: dict[str, list[str]] = {"train": [], "val": []}
     want = {"train": train_chars, "val": val_chars}
     have = {"train": 0, "val": 0}
-    used = {"train": 0, "val": 0}
+    used: dict[str, list[str]] = {"train": [], "val": []}
     for rel in files:
         side = "val" if is_validation(rel) else "train"
         if have[side] >= want[side]:
@@ -130,11 +130,11 @@ def stdlib_text(train_chars: int = TRAIN_CHARS, val_chars: int = VAL_CHARS) -> d
             text = f.read()[:want[side] - have[side]]
         parts[side].append(text)
         have[side] += len(text)
-        used[side] += 1
+        used[side].append(rel)
     ids = {side: encode("".join(p)) for side, p in parts.items()}
     return {"train": ids["train"], "val": ids["val"], "python": sys.version.split()[0],
-            "stdlib": root, "files": len(files),
-            "files_used": used, "chars": {s: int(len(v)) for s, v in ids.items()},
+            "stdlib": root, "files": len(files), "train_files": used["train"],
+            "val_files": used["val"], "chars": {s: int(len(v)) for s, v in ids.items()},
             "unk": {s: int((v == UNK).sum()) for s, v in ids.items()}}
 
 
