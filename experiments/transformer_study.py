@@ -60,9 +60,16 @@ TITLES = {
                       "4 blocks, dim 64, 4 heads, MLP 256, context 64, nn.Embedding tokens, "
                       "learned positions, untied head)",
 }
-# The calibration sweep (run only if asked for): a name -> lsuv_module keywords for the
-# transformer policy. "" is the policy at its defaults. Filled in from the policy's own options.
-CALIBRATION: dict[str, dict] = {"": {}}
+# The calibration sweep (``run.py --calibration``): a name -> lsuv_module keywords for the
+# transformer policy, one of its defaults changed at a time (stream_var 1/3, head_std 0.1,
+# branch_ratio 1 / (2 N_blocks) = 1/8 on these 4-block nets, attn_logit_std 0.4). "": the
+# defaults.
+CALIBRATION: dict[str, dict] = {
+    "": {},
+    "stream_var=1": {"stream_var": 1.0},
+    "head_std=0": {"head_std": 0.0},
+    "branch_ratio=1/N": {"branch_ratio": 0.25},
+}
 
 # ---- the character language model's data: the standard library's .py files ----
 
