@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -699,7 +700,7 @@ def plot_transformer(results: Sequence[dict], arch: str, inits: Sequence[str], p
         eval_ax.set_ylim(0, 100)
     eval_ax.set_xlabel("step" if lm else "epoch")
     loss_ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 80), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

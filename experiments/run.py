@@ -329,7 +329,7 @@ def write_outputs(plan: Plan | study.TransformerPlan, results: list[dict], secon
     meta = {"command": command, "date": datetime.date.today().isoformat(),
             "wall_s": round(seconds, 1), "jobs": jobs, "machine": _machine(),
             "versions": _versions(), "experiments_commit": _commit(__file__),
-            "plan": _plan_dict(plan), **(extra or {})}
+            "plan": _plan_dict(plan), **(extra or {})}  # extra's versions and commit: the start's
     if isinstance(plan, study.TransformerPlan) and study.LM_ARCH in plan.budgets:
         meta["lm_data"] = {k: v for k, v in study.stdlib_text().items()
                            if k not in ("train", "val")}
@@ -840,6 +840,8 @@ def main(quick: bool, out: str | None, jobs: int | None, seeds: int | None,
     else:
         plan = _paper_plan(quick, seeds, lr, archs, activations, inits)
     reused, extra = _reused(reuse, which == "transformers")
+    # which code ran: taken before the runs (an edit while they run does not change them)
+    extra.update(versions=_versions(), experiments_commit=_commit(__file__))
     jobs = jobs or _cpus()
     command = " ".join(["python experiments/run.py", *sys.argv[1:]])
     click.echo(f"{len(plan.configs())} runs, {jobs} at a time; writing to {out}", err=True)
