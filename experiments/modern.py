@@ -30,6 +30,8 @@ PATCH, DIM, DEPTH, HEADS, MLP = 2, 64, 4, 4, 128
 
 
 class _Block(nn.Module):
+    pre_ln, causal = True, False  # what transformer_study's health statistics read
+
     def __init__(self, dim: int, heads: int, mlp: int) -> None:
         super().__init__()
         self.heads = heads
@@ -39,6 +41,9 @@ class _Block(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+        # the attention logits, the Softmax's input, pass through here: a place for a forward
+        # hook (transformer_study's health statistics). It computes and exports nothing.
+        self.logits = nn.Identity()
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
@@ -47,7 +52,7 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         q, k, v = self._split(self.q(h)), self._split(self.k(h)), self._split(self.v(h))
-        att = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
+        att = torch.softmax(self.logits(q @ k.transpose(-2, -1) * self.scale), dim=-1)
         x = x + self.proj((att @ v).transpose(1, 2).reshape(x.shape))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 

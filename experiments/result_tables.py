@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -477,3 +478,229 @@ def plot_modern(results: Sequence[dict], arch: str, inits: Sequence[str], path: 
     lines = [(MODERN_LABELS.get(init, init), color, _select(results, arch=arch, init=init))
              for init, color in zip(inits, ("tab:gray", "tab:red"))]
     _plot_columns([("AdamW", lines)], path, title)
+
+
+# ---- issue 28: three inits on three transformers (transformer_study.py) ----
+
+TRANSFORMER_LABELS = {"default": "PyTorch's default", "paper": "paper LSUV (`policy=\"paper\"`)",
+                      "transformer": "`policy=\"transformer\"`"}
+TRANSFORMER_COLORS = {"default": "tab:gray", "paper": "tab:red", "transformer": "tab:blue"}
+
+
+def _spread(values: Sequence[float], digits: int) -> list[str]:
+    """Mean, min-max and the sample standard deviation (n - 1; "-" for one value)."""
+    sd = f"{statistics.stdev(values):.{digits}f}" if len(values) > 1 else "-"
+    return [f"{statistics.mean(values):.{digits}f}",
+            f"{min(values):.{digits}f}-{max(values):.{digits}f}", sd]
+
+
+def _study_runs(results: Sequence[dict], arch: str, init: str, variant: str = "") -> list[dict]:
+    return _select(results, arch=arch, init=init, variant=variant, study="transformers")
+
+
+def table_transformer_digits(results: Sequence[dict], arch: str, inits: Sequence[str],
+                             threshold: float) -> str:
+    """Per init: the final test accuracy (mean, min-max, std over the seeds, and per seed),
+    the epoch and the training seconds at which each seed first reached ``threshold``, and
+    the mean training loss after the first and the last epoch."""
+    thr = f"{threshold * 100:.0f}%"
+    lines = ["| init | test accuracy, mean % | min-max | std | per seed, % | epochs to "
+             f"{thr}, per seed | training s to {thr}, mean | training loss, epoch 1 | "
+             "training loss, last |", "|---|---:|---|---:|---|---|---:|---:|---:|"]
+    for init in inits:
+        runs = _study_runs(results, arch, init)
+        if not runs:
+            continue
+        acc = [r["test_acc"][-1] * 100 for r in runs]
+        reached = [epochs_to(r, threshold) for r in runs]
+        secs = [r["epoch_s"][e - 1] for r, e in zip(runs, reached) if e]
+        lines.append(
+            f"| {TRANSFORMER_LABELS[init]} | " + " | ".join(_spread(acc, 1)) + " | "
+            + ", ".join(f"{a:.1f}" for a in acc) + " | "
+            + ", ".join(str(e or "-") for e in reached) + " | "
+            + (f"{statistics.mean(secs):.1f}" if secs else "-") + " | "
+            f"{statistics.mean(r['train_loss'][0] for r in runs):.3f} | "
+            f"{statistics.mean(r['train_loss'][-1] for r in runs):.3f} |")
+    return "\n".join(lines)
+
+
+def steps_to(run: dict, threshold: float) -> int | None:
+    """The training steps after which the validation loss first was at or below
+    ``threshold`` (validation runs after each epoch of ``steps`` mini-batches)."""
+    steps = run["config"]["budget"]["steps"]
+    return next(((i + 1) * steps for i, v in enumerate(run["val_loss"]) if v <= threshold),
+                None)
+
+
+def table_transformer_lm(results: Sequence[dict], arch: str, inits: Sequence[str],
+                         threshold: float) -> str:
+    """Per init: the final validation loss (nats per character; mean, min-max, std, per seed),
+    the steps to a validation loss of ``threshold`` per seed, the last epoch's training
+    loss."""
+    lines = ["| init | validation loss, mean | min-max | std | per seed | steps to "
+             f"{threshold:g}, per seed | training loss, last |",
+             "|---|---:|---|---:|---|---|---:|"]
+    for init in inits:
+        runs = _study_runs(results, arch, init)
+        if not runs:
+            continue
+        loss = [r["val_loss"][-1] for r in runs]
+        lines.append(
+            f"| {TRANSFORMER_LABELS[init]} | " + " | ".join(_spread(loss, 3)) + " | "
+            + ", ".join(f"{v:.3f}" for v in loss) + " | "
+            + ", ".join(str(steps_to(r, threshold) or "-") for r in runs) + " | "
+            f"{statistics.mean(r['train_loss'][-1] for r in runs):.3f} |")
+    return "\n".join(lines)
+
+
+def _per_block(runs: Sequence[dict], key: str, digits: int) -> str:
+    """A per-block health statistic, each block's mean over the seeds, block 1 first."""
+    blocks = zip(*(r["health"][key] for r in runs))
+    return ", ".join(f"{statistics.mean(b):.{digits}f}" for b in blocks)
+
+
+def table_health(results: Sequence[dict], arch: str, inits: Sequence[str],
+                 variant: str = "") -> str:
+    """Issue 28's health statistics at init, per init (means over the seeds): the stream's
+    variance where block 1 reads it, per block the attention logits' std and the two
+    branch / stream variance ratios, the head's logit std and the initial loss."""
+    lines = ["| init | stream var, block 1 in | attention logit std, per block | Var(attn "
+             "branch) / Var(stream), per block | Var(MLP branch) / Var(stream), per block | "
+             "head logit std | initial loss |", "|---|---:|---|---|---|---:|---:|"]
+    for init in inits:
+        runs = [r for r in _study_runs(results, arch, init, variant) if r.get("health")]
+        if not runs:
+            continue
+        h = [r["health"] for r in runs]
+        lines.append(
+            f"| {TRANSFORMER_LABELS[init]} | "
+            f"{statistics.mean(x['stream_var'] for x in h):.3g} | "
+            f"{_per_block(runs, 'logit_std', 2)} | {_per_block(runs, 'attn_ratio', 3)} | "
+            f"{_per_block(runs, 'mlp_ratio', 3)} | "
+            f"{statistics.mean(x['head_std'] for x in h):.3f} | "
+            f"{statistics.mean(x['initial_loss'] for x in h):.3f} |")
+    return "\n".join(lines)
+
+
+def table_roles(results: Sequence[dict], arch: str, init: str = "transformer") -> str:
+    """The roles onnx-lsuv's report gives the layers of ``arch`` under ``init`` (seed 0 of
+    the main runs): per role its layers (with their block), and what the policy set them by:
+    the measure, its target and the range of the values achieved, as the report says."""
+    runs = _study_runs(results, arch, init)
+    if not runs or not runs[0].get("lsuv_layers"):
+        return ""
+    by_role: dict[tuple, list[dict]] = {}
+    for layer in runs[0]["lsuv_layers"]:
+        key = (str(layer.get("role") or "(none)"), str(layer.get("measure") or ""),
+               layer.get("target"))
+        by_role.setdefault(key, []).append(layer)
+    lines = ["| role | layers (block) | measure | target | achieved, min-max |",
+             "|---|---|---|---:|---|"]
+    for (role, measure, target), layers in by_role.items():
+        names = ", ".join(layer["name"] + ("" if layer.get("role_block") is None
+                                           else f" ({layer['role_block']})")
+                          for layer in layers)
+        got = [x["achieved"] for x in layers if x.get("achieved") is not None]
+        lines.append(f"| {role} | {names} | {measure} | "
+                     f"{'' if target is None else f'{target:.4g}'} | "
+                     + (f"{min(got):.4g}-{max(got):.4g}" if got else "") + " |")
+    return "\n".join(lines)
+
+
+def table_calibration(results: Sequence[dict], arch: str, variants: dict[str, dict],
+                      threshold: float) -> str:
+    """The transformer policy with other options (every row kept): its keywords, the final
+    test accuracy (mean, min-max, std, per seed) and the health statistics' extremes."""
+    lines = ["| `policy=\"transformer\"` with | test accuracy, mean % | min-max | std | "
+             "per seed, % | stream var | max attention logit std | max attn ratio | "
+             "max MLP ratio | head logit std |", "|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, keywords in variants.items():
+        runs = _study_runs(results, arch, "transformer", name)
+        if not runs:
+            continue
+        acc = [r["test_acc"][-1] * 100 for r in runs]
+        h = [r["health"] for r in runs]
+        what = ", ".join(f"`{k}={v!r}`" for k, v in keywords.items()) or "its defaults"
+        lines.append(
+            f"| {what} | " + " | ".join(_spread(acc, 1)) + " | "
+            + ", ".join(f"{a:.1f}" for a in acc) + " | "
+            f"{statistics.mean(x['stream_var'] for x in h):.3g} | "
+            f"{statistics.mean(max(x['logit_std']) for x in h):.2f} | "
+            f"{statistics.mean(max(x['attn_ratio']) for x in h):.3f} | "
+            f"{statistics.mean(max(x['mlp_ratio']) for x in h):.3f} | "
+            f"{statistics.mean(x['head_std'] for x in h):.3f} |")
+    return "\n".join(lines)
+
+
+def transformer_goals(results: Sequence[dict], digits_archs: Sequence[str], lm_arch: str,
+                      margin: float = 3.0) -> list[str]:
+    """Issue 28's goals, checked on the results: on each digits net the transformer policy's
+    mean accuracy >= the default's and >= paper LSUV's + ``margin`` points; on the language
+    model its mean validation loss <= the default's; and the stretch (above the default by
+    more than the seeds' spread: the policy's worst seed above the default's best)."""
+    def mean_of(arch, init, key):
+        runs = _study_runs(results, arch, init)
+        return [r[key][-1] * (100 if key == "test_acc" else 1) for r in runs] if runs else None
+
+    lines = []
+    for arch in digits_archs:
+        d, p, t = (mean_of(arch, i, "test_acc") for i in ("default", "paper", "transformer"))
+        if not (d and p and t):
+            continue
+        md, mp, mt = statistics.mean(d), statistics.mean(p), statistics.mean(t)
+        lines.append(
+            f"- {arch}: transformer {mt:.1f}% against default {md:.1f}% "
+            f"({'met' if mt >= md else 'NOT met'}: >= the default) and paper LSUV {mp:.1f}% "
+            f"({'met' if mt >= mp + margin else 'NOT met'}: >= paper + {margin:g}); stretch "
+            f"(worst transformer seed above the best default seed): "
+            f"{'met' if min(t) > max(d) else 'not met'}.")
+    d, p, t = (mean_of(lm_arch, i, "val_loss") for i in ("default", "paper", "transformer"))
+    if d and p and t:
+        md, mp, mt = statistics.mean(d), statistics.mean(p), statistics.mean(t)
+        lines.append(
+            f"- {lm_arch}: transformer validation loss {mt:.3f} against default {md:.3f} "
+            f"({'met' if mt <= md else 'NOT met'}: <= the default) and paper LSUV {mp:.3f}; "
+            f"stretch (worst transformer seed below the best default seed): "
+            f"{'met' if max(t) < min(d) else 'not met'}.")
+    return lines
+
+
+def plot_transformer(results: Sequence[dict], arch: str, inits: Sequence[str], path: str,
+                     title: str, lm: bool) -> None:
+    """Per init: the training loss (top; the mean over the seeds bold, each seed faint) and
+    the test accuracy or, for the language model, the validation loss (bottom), against
+    epochs or steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, eval_ax) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
+    key = "val_loss" if lm else "test_acc"
+    for init in inits:
+        runs = [r for r in _study_runs(results, arch, init) if r["train_loss"]]
+        if not runs:
+            continue
+        per = runs[0]["config"]["budget"].get("steps") or 1
+        n = min(len(r["train_loss"]) for r in runs)
+        x = [(i + 1) * per for i in range(n)]
+        color = TRANSFORMER_COLORS[init]
+        for r in runs:
+            loss_ax.plot(x, r["train_loss"][:n], color=color, alpha=0.25, lw=0.8)
+            eval_ax.plot(x, [v * (1 if lm else 100) for v in r[key][:n]], color=color,
+                         alpha=0.25, lw=0.8)
+        loss_ax.plot(x, np.mean([r["train_loss"][:n] for r in runs], axis=0), color=color,
+                     lw=1.8, label=f"{TRANSFORMER_LABELS[init]} ({len(runs)} seeds)")
+        eval_ax.plot(x, np.mean([r[key][:n] for r in runs], axis=0) * (1 if lm else 100),
+                     color=color, lw=1.8)
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("training loss")
+    eval_ax.set_ylabel("validation loss, nats / char" if lm else "test accuracy, %")
+    if not lm:
+        eval_ax.set_ylim(0, 100)
+    eval_ax.set_xlabel("step" if lm else "epoch")
+    loss_ax.legend(fontsize=8)
+    fig.suptitle(textwrap.fill(title, 80), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -30,6 +31,8 @@ import click
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "sample_models")]
+
+import transformer_study as study  # noqa: E402
 
 from onnx_lsuv.data import MIN_RECOMMENDED_BATCH  # noqa: E402
 
@@ -232,7 +235,10 @@ _EPOCH_S = {"fitnet4_digits": 3.5, "fitresnet4_digits": 3.5, "mlp25_digits": 0.2
 
 
 def _cost(cfg: RunConfig) -> float:
-    """A run's rough cost: its epochs, maxout's doubled layers, BatchNormalization."""
+    """A run's rough cost: its epochs, maxout's doubled layers, BatchNormalization (the
+    language model: its steps, about 0.1 s each)."""
+    if cfg.budget.steps:
+        return cfg.budget.epochs * cfg.budget.steps * 0.1
     return (cfg.budget.epochs * _EPOCH_S.get(cfg.arch, 1.0)
             * (2.0 if cfg.activation == "maxout" else 1.0) * (1.15 if cfg.bn else 1.0))
 
@@ -244,17 +250,28 @@ def _label(cfg: RunConfig) -> str:
             + (f" tol {cfg.tol:g}" if cfg.tol != tables.DEFAULT_TOL else ""))
 
 
-def execute(plan: Plan, jobs: int, echo=print) -> tuple[list[dict], list[str], float]:
-    """Every run of ``plan``, ``jobs`` at a time in worker processes.
+def _status(res: dict) -> str:
+    if res.get("val_loss"):  # the language model: chance is not ln 10
+        return "diverged" if res["diverged"] else f"val loss {res['val_loss'][-1]:.3f}"
+    return "n/c" if tables.not_converged(res) else f"test {res['test_acc'][-1]:.1%}"
+
+
+def execute(plan: Plan | study.TransformerPlan, jobs: int, echo=print,
+            reused: list[dict] = ()) -> tuple[list[dict], list[str], float]:
+    """Every run of ``plan``, ``jobs`` at a time in worker processes, but those whose config
+    a run in ``reused`` has: that run is taken as it is.
 
     Returns (results, failures, seconds). A run that raises is reported and the others go on,
     so one failure does not throw away the rest of a long study.
     """
-    configs = plan.configs()
+    have = {json.dumps(r["config"], sort_keys=True): r for r in reused}
+    taken = [have[k] for k in {json.dumps(asdict(c), sort_keys=True) for c in plan.configs()}
+             if k in have]
+    configs = [c for c in plan.configs() if json.dumps(asdict(c), sort_keys=True) not in have]
     # The slowest first, so that the pool drains evenly and the short MLP runs fill the end.
     configs.sort(key=lambda c: -_cost(c))
     t = time.perf_counter()
-    results, failures = [], []
+    results, failures = list(taken), []
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_work, cfg): cfg for cfg in configs}
         for done, fut in enumerate(as_completed(futures), 1):
@@ -266,8 +283,7 @@ def execute(plan: Plan, jobs: int, echo=print) -> tuple[list[dict], list[str], f
                 echo(f"[{done:3d}/{len(configs)}] {_label(cfg)}: FAILED: {err!r}")
                 continue
             results.append(res)
-            status = "n/c" if tables.not_converged(res) else f"{res['test_acc'][-1]:.1%}"
-            echo(f"[{done:3d}/{len(configs)}] {_label(cfg)}: test {status}, "
+            echo(f"[{done:3d}/{len(configs)}] {_label(cfg)}: {_status(res)}, "
                  f"{res['init_s'] + res['train_s']:.0f} s")
     results.sort(key=lambda r: json.dumps(r["config"], sort_keys=True))
     return results, failures, time.perf_counter() - t
@@ -282,26 +298,57 @@ def _versions() -> dict[str, str]:
 
     import onnx_lsuv
 
-    return {"onnx_lsuv": onnx_lsuv.__version__, "torch": torch.__version__,
+    return {"onnx_lsuv": onnx_lsuv.__version__, "onnx_lsuv_commit": _commit(onnx_lsuv.__file__),
+            "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
             "python": platform.python_version()}
 
 
-def write_outputs(plan: Plan, results: list[dict], seconds: float, jobs: int, out: str,
-                  command: str) -> None:
+def _commit(path: str) -> str:
+    """The git commit of the checkout ``path`` is in ("+ changes" when its tracked files
+    differ from it), or "unknown" outside a git checkout: which onnx-lsuv made the results."""
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(path))
+    try:
+        head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + changes" if dirty else "")
+
+
+def write_outputs(plan: Plan | study.TransformerPlan, results: list[dict], seconds: float,
+                  jobs: int, out: str, command: str, extra: dict | None = None) -> None:
     """results.json, then RESULTS.md and the PNG curves, under ``out``."""
     os.makedirs(out, exist_ok=True)
     meta = {"command": command, "date": datetime.date.today().isoformat(),
             "wall_s": round(seconds, 1), "jobs": jobs, "machine": _machine(),
-            "versions": _versions(), "plan": _plan_dict(plan)}
+            "versions": _versions(), "experiments_commit": _commit(__file__),
+            "plan": _plan_dict(plan), **(extra or {})}  # extra's versions and commit: the start's
+    if isinstance(plan, study.TransformerPlan) and study.LM_ARCH in plan.budgets:
+        meta["lm_data"] = {k: v for k, v in study.stdlib_text().items()
+                           if k not in ("train", "val")}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "runs": results}, f, indent=1)
     write_tables(plan, results, meta, out)
 
 
-def write_tables(plan: Plan, results: list[dict], meta: dict, out: str) -> None:
+def write_tables(plan: Plan | study.TransformerPlan, results: list[dict], meta: dict,
+                 out: str) -> None:
     """RESULTS.md and the PNG curves under ``out``, from the runs' results."""
+    if isinstance(plan, study.TransformerPlan):
+        for arch in plan.budgets:
+            tables.plot_transformer(results, arch, plan.inits,
+                                    os.path.join(out, f"curves_{arch}.png"), study.TITLES[arch],
+                                    lm=arch == study.LM_ARCH)
+        with open(os.path.join(out, "RESULTS.md"), "w") as f:
+            f.write(transformers_markdown(plan, results, meta))
+        return
     for arch in plan.budgets:
         tables.plot_curves(results, arch, plan.activations, plan.inits, plan.lsuv_batch,
                            os.path.join(out, f"curves_{arch}.png"), ARCH_TITLES[arch])
@@ -339,13 +386,15 @@ def convs_after_pools(arch: str) -> list[int]:
     return out
 
 
-def _plan_dict(plan: Plan) -> dict:
+def _plan_dict(plan: Plan | study.TransformerPlan) -> dict:
     return asdict(plan)
 
 
-def _plan_from_dict(d: dict) -> Plan:
+def _plan_from_dict(d: dict) -> Plan | study.TransformerPlan:
     """The plan a results.json records (one written before a study existed lacks its
     fields: the study is then off)."""
+    if d.get("study") == study.STUDY:
+        return study.plan_from_dict(d)
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     d["budgets"] = {k: Budget(**v) for k, v in d["budgets"].items()}
     if d.get("modern_budget") is not None:
@@ -574,6 +623,127 @@ def analytic_gains() -> dict[str, float]:
             "maxout": 1.0}
 
 
+def transformers_markdown(plan: study.TransformerPlan, results: list[dict], meta: dict) -> str:
+    """RESULTS.md of ``--study transformers``: settings, issue 28's goals checked, per net the
+    accuracy or loss table, the curves, the health statistics at init and the roles found,
+    the calibration sweep if it ran, the checks."""
+    v = meta["versions"]
+    out = [
+        "# Results: three inits on three transformers (issue 28)",
+        "",
+        f"Written by `{meta['command']}` on {meta['date']}: {len(results)} runs in "
+        f"{meta['wall_s'] / 60:.1f} minutes, {meta['jobs']} at a time ({meta['machine']}).",
+        f"onnx-lsuv: commit {v.get('onnx_lsuv_commit', 'unknown')}; experiments/: commit "
+        f"{meta.get('experiments_commit', 'unknown')}.",
+        "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "onnx_lsuv_commit")
+        + ".",
+        "Every number below is computed from `results.json` by "
+        "`experiments/result_tables.py`; `experiments/README.md` discusses them.",
+    ]
+    if meta.get("reused"):
+        r = meta["reused"]
+        out.append(f"The {r['runs']} runs of PyTorch's default init (which never calls "
+                   f"onnx-lsuv) were taken from `{r['from']}/results.json`, written by "
+                   f"`{r['command']}` on {r['date']} (experiments/ commit "
+                   f"{r['experiments_commit']}); the wall time above leaves them out.")
+    out += [
+        "",
+        "## Settings",
+        "",
+        "- Inits: PyTorch's defaults as the modules are built (Linear: Kaiming-uniform with "
+        "a = sqrt(5); nn.Embedding: N(0, 1); LayerNorm 1 and 0; position embeddings "
+        "truncated normal, std 0.02), or `onnx_lsuv.frameworks.torch.lsuv_module(module, "
+        "batch, exporter=\"torchscript\", policy=...)` from those weights: a TorchScript "
+        "export, LSUV on it (Tol_var 0.1, T_max 10, seed = the run's seed) and the new "
+        "weights written back by name. `policy=\"paper\"`: Algorithm 1 on every layer; "
+        "`policy=\"transformer\"`: the per-role targets, at the policy's defaults unless a "
+        "row says otherwise.",
+        f"- LSUV measures on {plan.lsuv_batch} training images (the digits nets) or "
+        f"{plan.lsuv_batch} windows of {study.CONTEXT} training characters (the language "
+        f"model): one fixed draw (seed {LSUV_BATCH_SEED}) for every run.",
+        "- A seed sets PyTorch's initial weights (which LSUV starts from) and the order of the "
+        "training batches; the same for every init.",
+        "- Health statistics: measured on each net before training with PyTorch forward hooks "
+        "in float64, apart from onnx-lsuv, on data LSUV never saw: the 450 test images, or "
+        f"the first {study.HEALTH_WINDOWS} validation windows. Means over the seeds; per "
+        "block, block 1 first. A causal block's logit std is over its unmasked entries.",
+    ]
+    for arch, b in plan.budgets.items():
+        seeds = plan.seeds[arch]
+        drop = f", x0.1 from epoch {b.lr_drop_epoch + 1}" if b.lr_drop_epoch is not None else ""
+        subset = f", first {b.train_subset} training items" if b.train_subset else ""
+        if b.steps:
+            out.append(f"- {study.TITLES[arch]}: AdamW, lr {b.lr} (linear warm-up over "
+                       f"{b.warmup_steps} steps{drop}), weight decay {b.weight_decay}, batch "
+                       f"{b.batch} random windows, {b.epochs} x {b.steps} = "
+                       f"{b.epochs * b.steps} steps, the validation loss after every "
+                       f"{b.steps}{subset}; seeds {', '.join(map(str, seeds))}.")
+        else:
+            out.append(f"- {study.TITLES[arch]}: AdamW, lr {b.lr}{drop}, weight decay "
+                       f"{b.weight_decay}, batch {b.batch}, {b.epochs} epochs{subset}; seeds "
+                       f"{', '.join(map(str, seeds))}.")
+    lm = meta.get("lm_data")
+    if lm:
+        out.append(
+            f"- The language model's text: Python {lm['python']}'s standard library "
+            f"(`{lm['stdlib']}`, {lm['files']} .py files outside site-packages), split by "
+            f"file: held out when crc32(path) % {study.VAL_EVERY} == 0; each side's files in "
+            "crc32 order, concatenated and cut at "
+            f"{lm['chars']['train']:,} training and {lm['chars']['val']:,} validation "
+            f"characters ({len(lm['train_files'])} and {len(lm['val_files'])} files, listed "
+            "in `results.json`). "
+            f"Vocabulary: newline and the 95 printable ASCII characters, and one token for "
+            f"any other ({lm['unk']['train']} and {lm['unk']['val']} such characters); "
+            f"{study.VOCAB_SIZE} tokens, chance = ln {study.VOCAB_SIZE} = "
+            f"{math.log(study.VOCAB_SIZE):.2f} nats.")
+    goals = tables.transformer_goals(results, [a for a in study.DIGITS_ARCHS
+                                               if a in plan.budgets], study.LM_ARCH)
+    if goals:
+        out += ["", "## Issue 28's goals, checked on these runs", ""] + goals
+    for arch in plan.budgets:
+        is_lm = arch == study.LM_ARCH
+        out += ["", f"## {study.TITLES[arch]}", "",
+                tables.table_transformer_lm(results, arch, plan.inits, plan.lm_threshold)
+                if is_lm else tables.table_transformer_digits(results, arch, plan.inits,
+                                                              plan.threshold),
+                "", f"![training curves](curves_{arch}.png)", "",
+                "### Health at init", "", tables.table_health(results, arch, plan.inits)]
+        roles = tables.table_roles(results, arch)
+        if roles:
+            out += ["", "### The layers' roles in onnx-lsuv's report (transformer policy, "
+                    "seed 0)", "", roles]
+    if plan.calibration_arch in plan.budgets and len(plan.calibration) > 1:
+        variants = {k: study.CALIBRATION[k] for k in plan.calibration}
+        out += ["", f"## Calibration sweep: the transformer policy's options, "
+                f"{plan.calibration_arch}", "",
+                f"Seeds {', '.join(map(str, plan.calibration_seeds))} (the first row: the "
+                "main runs of those seeds at the defaults). Every row that ran is kept.", "",
+                tables.table_calibration(
+                    [r for r in results if r["config"]["variant"]
+                     or r["config"]["seed"] in plan.calibration_seeds],
+                    plan.calibration_arch, variants, plan.threshold)]
+    out += ["", "## Checks", ""] + transformer_checks(results)
+    return "\n".join(out) + "\n"
+
+
+def transformer_checks(results: list[dict]) -> list[str]:
+    """Whether the runs measured what they claim to: onnx-lsuv's verdict per policy, the
+    export round trip."""
+    lines = []
+    for init in study.INITS[1:]:
+        runs = [r for r in results if r["config"]["init"] == init]
+        if runs:
+            ok = sum(bool(r["lsuv_converged"]) for r in runs)
+            lines.append(f"- `policy=\"{init}\"`: onnx-lsuv reported every layer converged "
+                         f"in {ok} of {len(runs)} runs.")
+    trips = [r["conversion_diff"] for r in results if r["conversion_diff"] is not None]
+    if trips:
+        lines.append("- The export round trip: largest max |PyTorch module with the "
+                     "written-back weights - ONNX Runtime on onnx-lsuv's model| / max |ONNX "
+                     f"Runtime| over the LSUV runs: {max(trips):.2g}.")
+    return lines or ["- No LSUV run finished."]
+
+
 def checks(results: list[dict], n_test: int) -> list[str]:
     """Lines that say whether the runs measured what they claim to."""
     if not results:
@@ -622,27 +792,118 @@ def checks(results: list[dict], n_test: int) -> list[str]:
                    "modern net's 0.001 (AdamW).")
 @click.option("--tables-only", is_flag=True,
               help="Rewrite RESULTS.md and the plots from the results.json in --out; no runs.")
+@click.option("--study", "which", type=click.Choice(["paper", "transformers"]),
+              default="paper", show_default=True,
+              help="paper: the paper's claims (and the modern ViT). transformers: issue 28's "
+                   "three inits (PyTorch's default, policy=\"paper\" and "
+                   "policy=\"transformer\") on the digits ViT, a post-LN encoder and a "
+                   "character LM on the standard library; writes experiments/"
+                   "results-transformers by default.")
+@click.option("--calibration", is_flag=True,
+              help="With --study transformers: also the transformer policy with other "
+                   "options (transformer_study.CALIBRATION) on the ViT, 3 seeds.")
+@click.option("--reuse-default", "reuse", type=click.Path(exists=True, file_okay=False),
+              default=None,
+              help="With --study transformers: take the PyTorch-default runs (which never call "
+                   "onnx-lsuv) from this folder's results.json where their config is one of "
+                   "this plan's, instead of running them again; RESULTS.md says how many and "
+                   "from where.")
 @click.option("--arch", "archs", multiple=True,
-              type=click.Choice(list(ARCH_TITLES) + list(MODERN_TITLES)),
+              type=click.Choice(list(ARCH_TITLES) + list(MODERN_TITLES) + list(
+                  a for a in study.ARCHS if a not in MODERN_TITLES)),
               help="Only this net (repeat for more). Defaults to all. The modern net "
                    "(vit_digits) runs only when named, or when no --arch, --activation or "
-                   "--init narrows the plan.")
+                   "--init narrows the plan. postln_digits and chargpt_stdlib: --study "
+                   "transformers only.")
 @click.option("--activation", "activations", multiple=True, type=click.Choice(ACTIVATIONS),
               help="Only this activation (repeat for more). Defaults to all five.")
-@click.option("--init", "inits", multiple=True, type=click.Choice(INITS),
-              help="Only this init (repeat for more). Defaults to all four.")
+@click.option("--init", "inits", multiple=True,
+              type=click.Choice(list(INITS) + list(study.INITS)),
+              help="Only this init (repeat for more). Defaults to all four (--study "
+                   "transformers: default, paper, transformer).")
 def main(quick: bool, out: str | None, jobs: int | None, seeds: int | None,
-         lr: float | None, tables_only: bool, archs: tuple[str, ...],
-         activations: tuple[str, ...], inits: tuple[str, ...]) -> None:
+         lr: float | None, tables_only: bool, which: str, calibration: bool,
+         reuse: str | None, archs: tuple[str, ...], activations: tuple[str, ...],
+         inits: tuple[str, ...]) -> None:
     root = os.path.dirname(HERE)
-    out = out or (os.path.join(root, "out", "experiments-quick") if quick
-                  else os.path.join(HERE, "results"))
+    suffix = "-transformers" if which == "transformers" else ""
+    out = out or (os.path.join(root, "out", f"experiments{suffix}-quick") if quick
+                  else os.path.join(HERE, f"results{suffix}"))
     if tables_only:
         with open(os.path.join(out, "results.json")) as f:
             saved = json.load(f)
         write_tables(_plan_from_dict(saved["meta"]["plan"]), saved["runs"], saved["meta"], out)
         click.echo(f"rewrote {os.path.join(out, 'RESULTS.md')}", err=True)
         return
+    if which == "transformers":
+        plan = _transformer_plan(quick, calibration, seeds, lr, archs, activations, inits)
+    else:
+        plan = _paper_plan(quick, seeds, lr, archs, activations, inits)
+    reused, extra = _reused(reuse, which == "transformers")
+    # which code ran: taken before the runs (an edit while they run does not change them)
+    extra.update(versions=_versions(), experiments_commit=_commit(__file__))
+    jobs = jobs or _cpus()
+    command = " ".join(["python experiments/run.py", *sys.argv[1:]])
+    click.echo(f"{len(plan.configs())} runs, {jobs} at a time; writing to {out}", err=True)
+    results, failures, seconds = execute(plan, jobs, echo=lambda s: click.echo(s, err=True),
+                                         reused=reused)
+    if reused:
+        extra["reused"]["runs"] = sum(r in reused for r in results)
+    write_outputs(plan, results, seconds, jobs, out, command, extra)
+    click.echo(f"done in {seconds / 60:.1f} min: {os.path.join(out, 'RESULTS.md')}", err=True)
+    if failures:
+        raise click.ClickException(f"{len(failures)} run(s) failed (the tables leave them "
+                                   "out):\n" + "\n".join(failures))
+
+
+def _reused(folder: str | None, transformers: bool) -> tuple[list[dict], dict]:
+    """--reuse-default: the PyTorch-default runs of ``folder``'s results.json, and what the
+    new results.json records about them (from where, written by what, when)."""
+    if folder is None:
+        return [], {}
+    if not transformers:
+        raise click.UsageError("--reuse-default goes with --study transformers")
+    with open(os.path.join(folder, "results.json")) as f:
+        saved = json.load(f)
+    runs = [r for r in saved["runs"] if r["config"]["init"] == "default"
+            and r["config"].get("study") == study.STUDY]
+    meta = saved["meta"]
+    return runs, {"reused": {"from": os.path.relpath(folder, os.path.dirname(HERE)),
+                             "command": meta["command"], "date": meta["date"],
+                             "experiments_commit": meta.get("experiments_commit", "unknown"),
+                             "runs": 0}}
+
+
+def _transformer_plan(quick: bool, calibration: bool, seeds: int | None, lr: float | None,
+                      archs: tuple[str, ...], activations: tuple[str, ...],
+                      inits: tuple[str, ...]) -> study.TransformerPlan:
+    """--study transformers' plan, from the options (refused where they do not apply)."""
+    wrong = [a for a in archs if a not in study.ARCHS] + [i for i in inits
+                                                          if i not in study.INITS]
+    if wrong or activations:
+        raise click.UsageError(f"--study transformers runs the nets {', '.join(study.ARCHS)} "
+                               f"with the inits {', '.join(study.INITS)} (each net its own "
+                               f"activation); not {', '.join(wrong or activations)}")
+    plan = (study.QUICK if quick else study.FULL).narrowed(archs, inits)
+    if seeds is not None:
+        plan = plan.with_seeds(seeds)
+    if lr is not None:
+        plan = replace(plan, budgets={k: replace(b, lr=lr) for k, b in plan.budgets.items()})
+    if calibration:
+        plan = replace(plan, calibration_arch="vit_digits", calibration=tuple(study.CALIBRATION),
+                       calibration_seeds=(0,) if quick else (0, 1, 2))
+    if not plan.configs():
+        raise click.UsageError("nothing to run: the --arch and --init choices leave no run")
+    return plan
+
+
+def _paper_plan(quick: bool, seeds: int | None, lr: float | None, archs: tuple[str, ...],
+                activations: tuple[str, ...], inits: tuple[str, ...]) -> Plan:
+    """The paper study's plan, from the options (refused where they do not apply)."""
+    wrong = [a for a in archs if a not in ARCH_TITLES and a not in MODERN_TITLES] + [
+        i for i in inits if i not in INITS]
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)}: --study transformers only")
     plan = (QUICK if quick else FULL).narrowed(archs, activations, inits)
     if not plan.configs():
         raise click.UsageError("nothing to run: the --arch, --activation and --init choices "
@@ -652,15 +913,7 @@ def main(quick: bool, out: str | None, jobs: int | None, seeds: int | None,
     if lr is not None:
         plan = replace(plan, budgets={k: replace(b, lr=lr) for k, b in plan.budgets.items()},
                        modern_budget=plan.modern_budget and replace(plan.modern_budget, lr=lr))
-    jobs = jobs or _cpus()
-    command = " ".join(["python experiments/run.py", *sys.argv[1:]])
-    click.echo(f"{len(plan.configs())} runs, {jobs} at a time; writing to {out}", err=True)
-    results, failures, seconds = execute(plan, jobs, echo=lambda s: click.echo(s, err=True))
-    write_outputs(plan, results, seconds, jobs, out, command)
-    click.echo(f"done in {seconds / 60:.1f} min: {os.path.join(out, 'RESULTS.md')}", err=True)
-    if failures:
-        raise click.ClickException(f"{len(failures)} run(s) failed (the tables leave them "
-                                   "out):\n" + "\n".join(failures))
+    return plan
 
 
 if __name__ == "__main__":

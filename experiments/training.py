@@ -51,6 +51,10 @@ class Budget:
     lr_drop_epoch: int | None = None  # lr x 0.1 from this epoch on (0-based)
     train_subset: int | None = None  # first n training images only (the quick smoke mode)
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (the modern net)
+    # the language model (transformer_study.py): an "epoch" is this many random mini-batches
+    # (then one validation pass), and the lr rises linearly over the first warmup_steps
+    steps: int | None = None
+    warmup_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class RunConfig:
     max_iter: int = 10
     variant: str = ""  # LSUV only: a key of VARIANTS
     bn: str = ""  # "before" or "after": BatchNormalization by every hidden non-linearity
+    study: str = ""  # "transformers": issue 28's study (transformer_study.py); "": the paper's
 
 
 @dataclass
@@ -85,6 +90,11 @@ class RunResult:
     diverged: bool = False
     init_s: float = 0.0
     train_s: float = 0.0
+    # transformer_study.py: the validation loss after each epoch (the language model), the
+    # health statistics at init, and onnx-lsuv's report per layer (name, status, role, ...)
+    val_loss: list[float] = field(default_factory=list)
+    health: dict = field(default_factory=dict)
+    lsuv_layers: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,6 +199,10 @@ def run(cfg: RunConfig) -> RunResult:
     """Initialise and train one net; everything the tables and plots need."""
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
+    if cfg.study == "transformers":
+        from transformer_study import run_transformer
+
+        return run_transformer(cfg)
     if cfg.arch in MODERN_ARCHITECTURES:
         from modern import run_modern
 
