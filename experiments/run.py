@@ -32,12 +32,11 @@ import click
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "sample_models")]
 
-import transformer_study as study  # noqa: E402
-
 from onnx_lsuv.data import MIN_RECOMMENDED_BATCH  # noqa: E402
 
 import paper  # noqa: E402
 import result_tables as tables  # noqa: E402
+import transformer_study as study  # noqa: E402
 from fitnets import ARCHITECTURES, BN_POSITIONS, VLRELU_SLOPE  # noqa: E402
 from modern import MODERN_INITS  # noqa: E402
 from training import (  # noqa: E402

@@ -18,9 +18,8 @@ from conftest import ROOT  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-import transformer_study as study  # noqa: E402
-
 import result_tables as tables  # noqa: E402
+import transformer_study as study  # noqa: E402
 from run import _plan_from_dict  # noqa: E402
 
 
