@@ -318,14 +318,6 @@ def channel_sums(ed: GraphEditor, layer: Layer, taps: list[tuple[Use, Tap]]) -> 
     return _finish(ed, s1, s2, n, len(layer.blocks), dt)
 
 
-# float32's unit roundoff, and its smallest subnormal: a product below the normal range is off
-# by up to half of it, whatever its relative error.
-_U32 = 2.0 ** -24
-_TINY32 = 2.0 ** -149
-# A generous bound on the relative rounding of the float64 statistics after the reductions.
-_U64_SLACK = 2.0 ** -40
-
-
 @dataclass(frozen=True)
 class PartialSums:
     """One use's float32 sums over one axis of its output, exported by a normalising model
@@ -341,10 +333,13 @@ class PartialSums:
 
 # float32's unit roundoff, and its smallest subnormal (a square below the normal range is off
 # by up to half of it, whatever its relative error); a generous bound on the relative rounding
-# of the float64 work after the float32 sums.
+# of the float64 work on a few terms after the float32 sums, and float64's unit roundoff for
+# the sums of many (m terms summed in any order: off by at most (m - 1) 2^-53 relative to the
+# sum of their magnitudes, to first order).
 _U32 = 2.0 ** -24
 _TINY32 = 2.0 ** -149
 _U64_SLACK = 2.0 ** -40
+_U64 = 2.0 ** -53
 
 
 def bounded_variance(partials: Sequence[PartialSums], fetched: dict[str, np.ndarray],
@@ -387,7 +382,8 @@ def bounded_variance(partials: Sequence[PartialSums], fetched: dict[str, np.ndar
             c2 = np.moveaxis(q2, p.channel, 0).reshape(units, -1).sum(1)
             hu = size / max(q1.size, 1) * _U32  # h u: h elements per float32 sum
             gamma = hu / (1 - 2 * hu) if 2 * hu < 1 else np.inf  # (room for the computed S2)
-            gamma += _U64_SLACK
+            rows = q1.size / units  # float32 sums added on in float64, per channel
+            gamma += max(_U64_SLACK, (rows + 2) * _U64)
             n_c = size / units
             d2 = gamma * c2 + n_c * _TINY32
             d1 = gamma * np.sqrt(n_c * (c2 + d2))
@@ -828,6 +824,7 @@ def normalizing_model(
     for layer in layers:
         dt = ed.layer_dtype(layer)
         c_target = ed.const(np.array(target, dt), "target")
+        partials: tuple[PartialSums, ...] = ()
         blocks = len(layer.blocks)
         if layer.is_recurrent:
             node = _recurrent_node(ed, layer)

@@ -240,7 +240,7 @@ MAX_RELATIVE_ERROR = 1e-4
 
 
 def trusted(var: np.ndarray, err: np.ndarray, target: float, tol: float) -> bool:
-    """Whether variances measured with bounded sums (``measure_graph._bounded_sums``) are as
+    """Whether variances measured with bounded sums (``measure_graph.bounded_variance``) are as
     good as float64 ones: each bound finite and at most ``MAX_RELATIVE_ERROR`` of its variance,
     and too small to move the variance across the edge of the tolerance (so that the
     status is the one that the exact variance would get)."""

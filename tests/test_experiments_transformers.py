@@ -161,7 +161,7 @@ def test_quick_study_writes_its_tables_curves_and_health(tmp_path):
     out = tmp_path / "quick"
     run = [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--study",
            "transformers", "--quick", "--out", str(out)]
-    proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     runs = data["runs"]
@@ -193,6 +193,7 @@ def test_quick_study_writes_its_tables_curves_and_health(tmp_path):
         assert tables.table_health(runs, arch, plan.inits) in text
         png = (out / f"curves_{arch}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    proc = subprocess.run(run + ["--tables-only"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(run + ["--tables-only"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "RESULTS.md").read_text() == text

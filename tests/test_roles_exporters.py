@@ -173,7 +173,7 @@ def _check_policy(model, feeds, norm: str, blocks: int, embedding: bool):
     residuals = _residuals(result.model)
     assert len(residuals) == 2 * blocks, residuals
     head = result.model.graph.output[0].name
-    names = logits + [n for r in residuals for n in r[:2]] + [head]
+    names = list(dict.fromkeys(logits + [n for r in residuals for n in r] + [head]))
     values = dict(zip(names, output_values(result.model, feeds, names)))
 
     def var(name):
@@ -191,6 +191,12 @@ def _check_policy(model, feeds, norm: str, blocks: int, embedding: bool):
         reported = sorted(r.achieved for r in rep.layers if r.measure == "admin")
         assert np.allclose(sorted(ratios), reported, rtol=1e-3), (ratios, reported)
         assert all(0.005 < r <= 1 for r in ratios), ratios
+        # Admin computed here, as its authors' profiling does (w_1 = 1, w_{i+1}^2 = w_i^2
+        # Var(residual sum i)): each branch at Var(branch_i) w_i^2 = 1
+        w2 = 1.0
+        for _, branch, total in residuals:
+            assert abs(var(branch) * w2 - 1) < TOL, (branch, var(branch), w2)
+            w2 *= var(total)
     if embedding:
         assert abs(var(residuals[0][0]) / STREAM_VAR - 1) < TOL, var(residuals[0][0])
     assert abs(var(head) ** 0.5 / HEAD_STD - 1) < TOL, var(head) ** 0.5
