@@ -105,3 +105,20 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
+
+
+def cli(*args: str):
+    """The CLI in process (click's runner), on the CPU provider."""
+    from click.testing import CliRunner
+
+    from onnx_lsuv_cli.main import lsuv_command
+
+    return CliRunner().invoke(lsuv_command, [*map(str, args), "--provider", "cpu"])
+
+
+def saved(tmp_path, model, feeds):
+    """``model`` and its one feed saved as m.onnx and d.npy in ``tmp_path``."""
+    m, d = tmp_path / "m.onnx", tmp_path / "d.npy"
+    onnx.save(model, m)
+    np.save(d, next(iter(feeds.values())))
+    return m, d

@@ -214,3 +214,17 @@ def conv_bn(zero_gamma=False):
 
 ALL["conv_bn"] = conv_bn
 ALL["conv_bn_zero_gamma"] = lambda: conv_bn(zero_gamma=True)
+
+
+def weight_norm_conv(producer: str | None = None):
+    """A Conv whose weight is computed in the graph as weight_norm writes it (torch's dynamo
+    exporter keeps it as arithmetic: w = g * v / ||v||), exported by ``producer``."""
+    nodes = [helper.make_node("ReduceL2", ["v"], ["norm"], axes=[1, 2], keepdims=1),
+             helper.make_node("Div", ["v", "norm"], ["dir"]),
+             helper.make_node("Mul", ["g", "dir"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="pos_conv")]
+    model = make_model(nodes, [("x", ["N", 4, 8])], [("y", None)],
+                       {"v": rand(4, 4, 3, seed=1), "g": rand(4, 1, 1, seed=2)})
+    if producer is not None:
+        model.producer_name = producer
+    return model

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import time
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -22,22 +21,11 @@ from onnx import helper
 from onnx_lsuv_cli.main import Progress, lsuv_command
 
 import models
-from conftest import ROOT, make_model, output_variances, rand
+from conftest import ROOT, cli, make_model, output_variances, rand, saved
 
 EXE = shutil.which("onnx-lsuv")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-
-
-def cli(*args: str):
-    return CliRunner().invoke(lsuv_command, [*map(str, args), "--provider", "cpu"])
-
-
-def saved(tmp_path, model, feeds):
-    m, d = tmp_path / "m.onnx", tmp_path / "d.npy"
-    onnx.save(model, m)
-    np.save(d, next(iter(feeds.values())))
-    return m, d
 
 
 # --- the summary line -------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lsuv import lsuv_init
 
+import models
 from conftest import make_model, output_values, rand
 from independent import body_values
 
@@ -295,13 +296,7 @@ def test_a_weight_shared_by_independent_branches_is_solved_in_one_pass():
 # --- pattern 5 and the layers that must not be touched ----------------------------------------
 
 def test_a_weight_computed_in_the_graph_says_why_and_what_to_do():
-    # torch's dynamo exporter keeps weight_norm as arithmetic: w = g * v / ||v||.
-    nodes = [helper.make_node("ReduceL2", ["v"], ["norm"], axes=[1, 2], keepdims=1),
-             helper.make_node("Div", ["v", "norm"], ["dir"]),
-             helper.make_node("Mul", ["g", "dir"], ["w"]),
-             helper.make_node("Conv", ["x", "w"], ["y"], name="pos_conv")]
-    model = make_model(nodes, [("x", ["N", 4, 8])], [("y", None)],
-                       {"v": rand(4, 4, 3, seed=1), "g": rand(4, 1, 1, seed=2)})
+    model = models.weight_norm_conv()  # weight_norm kept as arithmetic (torch's dynamo)
     result = lsuv_init(model, rand(8, 4, 8, seed=3), provider="cpu")
     reason = result.report.skipped[0]["reason"]
     assert "computed in the graph" in reason and "Div, Mul, ReduceL2" in reason

@@ -7,27 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from onnx import helper
 
 from onnx_lsuv import InputError, lsuv_init
 from onnx_lsuv.errors import EXIT_BAD_INPUT
-from onnx_lsuv_cli.main import lsuv_command
 
 import models
-from conftest import make_model, output_variances, rand
-
-
-def cli(*args: str):
-    return CliRunner().invoke(lsuv_command, [*map(str, args), "--provider", "cpu"])
-
-
-def saved(tmp_path, model, feeds):
-    m, d = tmp_path / "m.onnx", tmp_path / "d.npy"
-    onnx.save(model, m)
-    np.save(d, next(iter(feeds.values())))
-    return m, d
-
+from conftest import cli, make_model, output_variances, rand, saved
 
 # --- a file that is not an ONNX model -------------------------------------------------------
 
@@ -221,17 +207,6 @@ def test_torch_front_end_reports_a_wrong_batch_shape_in_its_own_words(monkeypatc
 
 # --- advice in the user's framework ----------------------------------------------------------
 
-def _weight_norm_model(producer: str) -> onnx.ModelProto:
-    nodes = [helper.make_node("ReduceL2", ["v"], ["norm"], axes=[1, 2], keepdims=1),
-             helper.make_node("Div", ["v", "norm"], ["dir"]),
-             helper.make_node("Mul", ["g", "dir"], ["w"]),
-             helper.make_node("Conv", ["x", "w"], ["y"], name="pos_conv")]
-    model = make_model(nodes, [("x", ["N", 4, 8])], [("y", None)],
-                       {"v": rand(4, 4, 3, seed=1), "g": rand(4, 1, 1, seed=2)})
-    model.producer_name = producer
-    return model
-
-
 @pytest.mark.parametrize("producer,says,not_says", [
     ("jax2onnx", "flax.linen.WeightNorm", "torch"),
     ("tf2onnx", "Keras weight normalisation", "torch"),
@@ -239,7 +214,7 @@ def _weight_norm_model(producer: str) -> onnx.ModelProto:
     ("pytorch", "torch.onnx.export(..., dynamo=False)", "Flax"),
 ])
 def test_the_weight_norm_advice_speaks_the_exporting_framework(producer, says, not_says):
-    result = lsuv_init(_weight_norm_model(producer), rand(8, 4, 8, seed=3), provider="cpu")
+    result = lsuv_init(models.weight_norm_conv(producer), rand(8, 4, 8, seed=3), provider="cpu")
     reason = result.report.skipped[0]["reason"]
     assert "computed in the graph" in reason and says in reason
     assert not_says not in reason
