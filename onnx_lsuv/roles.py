@@ -178,6 +178,7 @@ class _Walker:
         shapes = {i for i, n in enumerate(self.graph.node) if n.op_type in ("Shape", "Size")}
         self.tainted = self.index.downstream({lay.output for lay in self.layers}, shapes)
         self._ranks: dict[str, int] | None = None
+        self._dims: dict[str, list[int]] | None = None
 
     def node(self, name: str) -> onnx.NodeProto | None:
         i = self.index.producer.get(name)
@@ -261,9 +262,12 @@ class _Walker:
         if unit_axes != [(1, units)] or axes[-1] != (1, units):
             return None
         shape = self._const(node.input[1])
-        if shape is None:
+        if shape is None:  # computed from Shape ops (torch's unflatten): evaluated
+            shape = self._shape_value(node.input[1])
+        dims = [int(x) for x in shape.reshape(-1)] if shape is not None else \
+            self._dims_of(node.output[0])
+        if dims is None:
             return None
-        dims = [int(x) for x in shape.reshape(-1)]
         prod = 1
         for q in range(len(dims) - 1, -1, -1):
             if dims[q] <= 0:
@@ -360,6 +364,52 @@ class _Walker:
             self._ranks = _ranks(self.model)
         return self._ranks.get(name)
 
+    def _shape_value(self, name: str) -> np.ndarray | None:
+        """The value of a shape tensor computed only from constants and the Shape of tensors
+        whose shapes inference finds fixed (evaluated here by ONNX's reference evaluator);
+        None where it reads anything else."""
+        from onnx import helper, numpy_helper
+        from onnx.reference import ReferenceEvaluator
+
+        nodes, inits, stack, seen = {}, {}, [name], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or not n:
+                continue
+            seen.add(n)
+            if n in self.index.initializers:
+                inits[n] = self.index.initializers[n]
+                continue
+            j = self.index.producer.get(n)
+            if j is None or len(nodes) > 64:
+                return None
+            node = self.graph.node[j]
+            if node.op_type == "Shape":
+                dims = self._dims_of(node.input[0])
+                if dims is None or min(dims, default=0) < 0:
+                    return None
+                lo, hi = _int(node, "start", 0), _int(node, "end", len(dims))
+                value = np.array(dims[lo:hi] if hi else dims[lo:], np.int64)
+                nodes[j] = helper.make_node("Constant", [], [n],
+                                            value=numpy_helper.from_array(value))
+                continue
+            nodes[j] = node
+            stack.extend(node.input)
+        try:
+            graph = helper.make_graph([nodes[j] for j in sorted(nodes)], "shape", [],
+                                      [helper.make_empty_tensor_value_info(name)],
+                                      list(inits.values()))
+            model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+            return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+        except Exception:  # noqa: BLE001 - not evaluable: unproven
+            return None
+
+    def _dims_of(self, name: str) -> list[int] | None:
+        """The static shape shape inference finds for ``name``, None where a dim is unknown."""
+        if self._dims is None:
+            self._dims = _static_dims(self.model)
+        return self._dims.get(name)
+
     def _const(self, name: str) -> np.ndarray | None:
         ref = self.index.resolve_const(name)
         return None if ref is None else self.index.const_array(ref)
@@ -446,6 +496,23 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         list(inferred.graph.output)
     return {v.name: len(v.type.tensor_type.shape.dim) for v in values
             if v.type.tensor_type.HasField("shape")}
+
+
+def _static_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The shape of every tensor that shape inference (with the shapes' values propagated:
+    torch's unflatten computes a Reshape's target from Shape) finds, -1 for a dim it does not
+    know (a dynamic batch)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - no shapes: a Reshape it would prove stays unproven
+        return {}
+    out = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [int(d.dim_value) if d.HasField("dim_value") else -1
+                           for d in t.shape.dim]
+    return out
 
 
 def _heads(node: onnx.NodeProto) -> int:
