@@ -9,7 +9,10 @@ from the graph alone, by the same walk for every exporter, with no names matched
   Mul/Div/Cast to the MatMul of q and k^T, and from each of its inputs back through layout ops
   (Transpose, Reshape, Squeeze, Unsqueeze, Gather/Split/Slice of one piece, Mul/Div by a
   scale) to the target layer that computes it: the q and k layers (one fused layer feeding
-  both: ``qkv``). From the Softmax forward through the MatMul with v to the v layer (back
+  both: ``qkv``, whose q and k units are read from the ops that cut it, and proven, or the
+  layer gets no role and a note: ``_Walker._piece``). A Softmax in a residual branch that
+  no attention is recognised from leaves its block without roles, with a note
+  (``find_roles``). From the Softmax forward through the MatMul with v to the v layer (back
   from its other input) and to the first target layers that read the result: the
   out-projection.
 * **residual Adds**: an Add of two computed tensors, one of which (the *branch*) comes
@@ -85,7 +88,8 @@ class Role:
             residual stream), "head" (the last layer before a graph output).
         block: The transformer block (0-based, in graph order), None for embedding and head.
         n_blocks: How many blocks the model has (attention branches, MLP-only blocks
-            counted apart).
+            counted apart; a branch with an attention that was not recognised counts as
+            one, its layers without a role).
         norm: "pre" or "post" (where the block's LayerNorm sits), None where none was found
             or for embedding and head.
         logits: q, k, qkv: the attention logits this layer's scale moves (the Softmax input
