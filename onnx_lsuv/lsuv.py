@@ -235,7 +235,7 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
         return LSUVResult(work, report)
 
     transformer = opts.policy == "transformer" and opts.scaling
-    roles = _roles(work, layers, transformer)
+    roles = _roles(work, layers, transformer, report.notes)
     _role_columns(report, layers, roles)
     if roles and not transformer and opts.scaling:
         _suggest_the_policy(report, roles)
@@ -364,7 +364,7 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
                 "branch_ratio": opts.branch_ratio, "stream_var": opts.stream_var,
                 "head_std": opts.head_std} if transformer else {})))
         report.notes.extend(branch_notes)
-        roles = _roles(work, discovery.layers, transformer)
+        roles = _roles(work, discovery.layers, transformer, report.notes)
         _role_columns(report, discovery.layers, roles)
         tables = policy.tables_of(work, roles, opts.selection, report.notes) \
             if transformer else {}
@@ -525,12 +525,14 @@ def _transformer(run: Run, roles: dict[str, Role], tables: dict[str, policy.Tabl
     run.report.timings["policy_s"] = time.perf_counter() - t
 
 
-def _roles(work: onnx.ModelProto, layers: list[Layer], needed: bool) -> dict[str, Role]:
+def _roles(work: onnx.ModelProto, layers: list[Layer], needed: bool,
+           notes: list[str]) -> dict[str, Role]:
     """The layers' transformer roles. Only shown in the report unless the policy needs them:
-    there, a failure of the recognition is the policy's error; elsewhere the paper's run goes
-    on without the column (logged with -v)."""
+    there, a failure of the recognition is the policy's error, and what it left without a
+    role is said in ``notes``; elsewhere the paper's run goes on without the column (logged
+    with -v)."""
     if needed:
-        return find_roles(work, layers)
+        return find_roles(work, layers, notes)
     try:
         return find_roles(work, layers)
     except Exception as err:  # noqa: BLE001  (the column is no part of the paper's result)

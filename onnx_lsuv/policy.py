@@ -226,10 +226,12 @@ def goals(run: Run, roles: dict[str, Role], tables: dict[str, Table]) -> list[Go
                 done_logits.add(logits)
                 members = [m for m in run.layers if m.name in roles
                            and logits in roles[m.name].logits]
-                parts = {m.index: _qk_mask(m) for m in members if roles[m.name].kind == "qkv"}
+                parts = {m.index: _qk_mask(m, roles[m.name]) for m in members
+                         if roles[m.name].kind == "qkv"}
                 if any(p is None for p in parts.values()):
-                    log.warning("attention %s: a fused qkv layer's parts are not equal thirds: "
-                                "its logits are left at the paper's rule", logits)
+                    _notes(run, [f"policy 'transformer': attention logits {logits}: a fused "
+                                 "qkv layer's q and k units are not known: its logits are "
+                                 "left at the paper's rule"])
                     continue
                 out.append(Goal(LOGIT_STD, members, opts.attn_logit_std, numerator=logits,
                                 parts=parts, exponent=2.0))
@@ -259,17 +261,21 @@ def _logits_unobservable(run: Run, lay: Layer, role: Role) -> None:
         log.warning("%s", note)
 
 
-def _qk_mask(lay: Layer) -> np.ndarray | None:
-    """Per output unit of a fused qkv layer: 1 on q's and k's units, 0 on v's (three equal
-    parts in the order q, k, v); per block where the layer has the three as blocks."""
-    if lay.blocks == ("q", "k", "v"):
-        return np.array([1.0, 1.0, 0.0])
+def _qk_mask(lay: Layer, role: Role) -> np.ndarray | None:
+    """Per output unit of a fused qkv layer: 1 on q's and k's units, 0 on v's, from the units
+    the roles proved q's and k's (``Role.qk_units``: a GQA's unequal parts, a per-head
+    layout's interleaved ones); per block where the layer has q, k, v as its three blocks
+    and the units say the same (the first two thirds)."""
     units = lay.layout.output_units
-    if len(lay.blocks) != 1 or units % 3:
+    if not role.qk_units or role.qk_units[-1] >= units:
         return None
     mask = np.zeros(units)
-    mask[:2 * units // 3] = 1.0
-    return mask
+    mask[list(role.qk_units)] = 1.0
+    if lay.blocks == ("q", "k", "v"):
+        third = np.repeat([1.0, 1.0, 0.0], units // 3) if units % 3 == 0 else None
+        return np.array([1.0, 1.0, 0.0]) if third is not None and \
+            np.array_equal(mask, third) else None
+    return mask if len(lay.blocks) == 1 else None
 
 
 def _value(goal: Goal, values: dict[str, float]) -> float:

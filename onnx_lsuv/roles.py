@@ -9,7 +9,10 @@ from the graph alone, by the same walk for every exporter, with no names matched
   Mul/Div/Cast to the MatMul of q and k^T, and from each of its inputs back through layout ops
   (Transpose, Reshape, Squeeze, Unsqueeze, Gather/Split/Slice of one piece, Mul/Div by a
   scale) to the target layer that computes it: the q and k layers (one fused layer feeding
-  both: ``qkv``). From the Softmax forward through the MatMul with v to the v layer (back
+  both: ``qkv``, whose q and k units are read from the ops that cut it, and proven, or the
+  layer gets no role and a note: ``_Walker._piece``). A Softmax in a residual branch that
+  no attention is recognised from leaves its block without roles, with a note
+  (``find_roles``). From the Softmax forward through the MatMul with v to the v layer (back
   from its other input) and to the first target layers that read the result: the
   out-projection.
 * **residual Adds**: an Add of two computed tensors, one of which (the *branch*) comes
@@ -85,7 +88,8 @@ class Role:
             residual stream), "head" (the last layer before a graph output).
         block: The transformer block (0-based, in graph order), None for embedding and head.
         n_blocks: How many blocks the model has (attention branches, MLP-only blocks
-            counted apart).
+            counted apart; a branch with an attention that was not recognised counts as
+            one, its layers without a role).
         norm: "pre" or "post" (where the block's LayerNorm sits), None where none was found
             or for embedding and head.
         logits: q, k, qkv: the attention logits this layer's scale moves (the Softmax input
@@ -95,8 +99,10 @@ class Role:
         branch: attn_out, mlp_out: the residual Add's branch input (this layer's output, up
             to layout ops and a constant scale).
         residual: attn_out, mlp_out: the residual Add's output.
-        parts: qkv: the pieces of the output units in order, e.g. ("q", "k", "v"): equal
-            parts, of which q's and k's are scaled for the logits.
+        parts: qkv: the pieces of the output units in order, e.g. ("q", "k", "v").
+        qk_units: qkv: the output units that are q's and k's (sorted), read from the ops
+            that cut the layer's output (``_Walker._piece``): the units scaled for the
+            logits; v's are not among them.
         table: embedding read by a Gather: the table (an initializer) that is scaled.
         fused: q, k, v of an attention computed inside one node (``FUSED_ATTENTION``): that
             node's name; its logits are no tensor of the graph, so ``logits`` is empty.
@@ -111,6 +117,7 @@ class Role:
     branch: str | None = None
     residual: str | None = None
     parts: tuple[str, ...] = ()
+    qk_units: tuple[int, ...] = ()
     table: str | None = None
     fused: str | None = None
 
@@ -121,9 +128,9 @@ class Attention:
 
     softmax: int  # node index
     logits: str
-    q: tuple[int, str] | None  # (layer index, piece: "" or "q"/"k"/"v")
-    k: tuple[int, str] | None
-    v: tuple[int, str] | None
+    q: tuple[int, Piece] | None  # (layer index, its units picked: ``_Walker._piece``)
+    k: tuple[int, Piece] | None
+    v: tuple[int, Piece] | None
     out: list[int]  # layer indices reading the attention's result
     fused: str = ""  # the fused attention node computing the logits inside, if any
 
@@ -140,9 +147,25 @@ class Residual:
     attention: bool = False
     norm: str | None = None
     block: int = 0
+    nodes: frozenset[int] = frozenset()  # the branch's nodes (after the stream)
+    unknown: bool = False  # an attention-like branch no attention was recognised in
 
 
 PIECES = ("q", "k", "v")
+# The units of a layer's output that a walk from an attention reaches (``_Walker._piece``):
+# () for all of them, the sorted unit indices of a proven piece, or UNPROVEN.
+Piece = tuple[int, ...] | str
+UNPROVEN = "?"
+
+
+def _ints(node: onnx.NodeProto, name: str) -> list[int] | None:
+    a = next((a for a in node.attribute if a.name == name), None)
+    return None if a is None else [int(x) for x in a.ints]
+
+
+def _int(node: onnx.NodeProto, name: str, default: int) -> int:
+    a = next((a for a in node.attribute if a.name == name), None)
+    return default if a is None else int(a.i)
 
 
 class _Walker:
@@ -158,6 +181,8 @@ class _Walker:
         # (a Shape reads no values: what is computed from a shape is no layer's signal)
         shapes = {i for i, n in enumerate(self.graph.node) if n.op_type in ("Shape", "Size")}
         self.tainted = self.index.downstream({lay.output for lay in self.layers}, shapes)
+        self._ranks: dict[str, int] | None = None
+        self._dims: dict[str, list[int]] | None = None
 
     def node(self, name: str) -> onnx.NodeProto | None:
         i = self.index.producer.get(name)
@@ -167,13 +192,12 @@ class _Walker:
         """The ones of ``names`` that a target layer computes (directly or downstream)."""
         return [n for n in names if n and n in self.tainted]
 
-    def source(self, name: str, scales: bool = True) -> tuple[int, str] | None:
+    def source(self, name: str, scales: bool = True) -> tuple[int, Piece] | None:
         """The target layer that ``name`` is (up to layout ops, and with ``scales`` a scale by
-        a tensor no target computes), and the piece of its output picked on the way (a
-        Gather of a constant index, a Split's output, taken as q, k, v in that order: the
-        piece nearest the layer); None where another op is on the way."""
-        piece = ""
+        a tensor no target computes), and the piece of its output units picked on the way
+        (``_piece``); None where another op is on the way."""
         seen = set()
+        chain: list[tuple[onnx.NodeProto, str, str]] = []  # (node, data input, output)
         while name not in self.by_output:
             if name in seen:
                 return None
@@ -188,36 +212,207 @@ class _Walker:
             data = self.computed(node.input)
             if len(data) != 1:
                 return None
-            if node.op_type == "Gather" and node.input[0] == data[0]:
-                idx = self._const(node.input[1])
-                if idx is not None and idx.size == 1 and 0 <= int(idx.reshape(-1)[0]) < 3:
-                    piece = PIECES[int(idx.reshape(-1)[0])]
-            elif node.op_type == "Split":
-                pos = list(node.output).index(name)
-                if len(node.output) == 3:
-                    piece = PIECES[pos]
-            elif node.op_type == "Slice" and node.input[0] == data[0]:
-                piece = self._slice_piece(node) or piece
-            elif node.op_type != "Mul" and node.input[0] != data[0]:
-                return None  # the data is the index, the shape or the divisor: not its values
+            if node.op_type not in SCALE_OPS and node.input[0] != data[0]:
+                return None  # the data is the index, the shape: not its values
+            if node.op_type == "Div" and node.input[0] != data[0]:
+                return None  # the divisor
+            chain.append((node, data[0], name))
             name = data[0]
-        return self.by_output[name].index, piece
+        lay = self.by_output[name]
+        return lay.index, self._piece(lay, chain[::-1])
 
-    def _slice_piece(self, node: onnx.NodeProto) -> str:
-        """The third (q, k or v) of the sliced axis that a Slice of one axis with constant
-        starts and ends picks ([0, n), [n, 2n), [2n, 3n)); "" for another Slice. A fused
-        projection cut by three Slices is told apart only where they pick q, k, v in turn."""
-        inputs = list(node.input) + [""] * (5 - len(node.input))
-        starts, ends, steps = (self._const(x) if x else None for x in
-                               (inputs[1], inputs[2], inputs[4]))
-        if starts is None or ends is None or starts.size != 1 or ends.size != 1 or \
-                (steps is not None and int(steps.reshape(-1)[0]) != 1):
-            return ""
-        start = int(starts.reshape(-1)[0])
-        width = int(ends.reshape(-1)[0]) - start
-        if start < 0 or width <= 0 or start % width or start // width >= 3:
-            return ""
-        return PIECES[start // width]
+    def _piece(self, lay: Layer, chain: list[tuple[onnx.NodeProto, str, str]]) -> Piece:
+        """The output units of ``lay`` that the end of ``chain`` (the ops from its output on)
+        holds: () for all of them (nothing picked), the sorted unit indices where one
+        Gather of a constant index, one output of a Split or one Slice picks a piece of an
+        axis that is proven a factor of the layer's unit axis (the axes followed forward
+        through Reshapes of constant shape, Transposes, Squeezes and Unsqueezes: a Reshape's
+        trailing dims whose product is the unit count are the unit axis in row-major order,
+        so a per-head layout, [q|k|v] inside each head, gets its interleaved units); "?"
+        where a piece is picked whose units this cannot prove (``UNPROVEN``)."""
+        picks = [n for n, _, _ in chain if n.op_type in ("Gather", "Split", "Slice")]
+        if not picks:
+            return ()
+        units = lay.layout.output_units
+        rank = lay.output_rank if lay.output_rank is not None else \
+            self._rank_of(lay.output)
+        if rank is None or lay.out_axis not in (-1, rank - 1) or len(picks) > 1:
+            return UNPROVEN
+        # per axis: None (not a unit axis) or (stride, size) of the unit index
+        axes: list[tuple[int, int] | None] = [None] * (rank - 1) + [(1, units)]
+        for node, _, out in chain:
+            op = node.op_type
+            if op in ("Identity", "Cast", "Dropout", "Contiguous") or op in SCALE_OPS:
+                continue
+            if op == "Reshape":
+                axes = self._reshaped(axes, node, units)
+            elif op == "Transpose":
+                perm = _ints(node, "perm")
+                axes = [axes[p] for p in perm] if perm and len(perm) == len(axes) else None
+            elif op in ("Squeeze", "Unsqueeze"):
+                axes = self._squeezed(axes, node)
+            elif op in ("Gather", "Split", "Slice"):
+                return self._picked(axes, node, out, units)
+            else:
+                return UNPROVEN
+            if axes is None:
+                return UNPROVEN
+        return UNPROVEN
+
+    def _reshaped(self, axes, node: onnx.NodeProto, units: int):
+        """The axes after a Reshape of constant shape: the unit axis must be whole and last
+        before it, and the new shape's trailing dims must multiply to the unit count."""
+        unit_axes = [a for a in axes if a is not None]
+        if unit_axes != [(1, units)] or axes[-1] != (1, units):
+            return None
+        shape = self._const(node.input[1])
+        if shape is None:  # computed from Shape ops (torch's unflatten): evaluated
+            shape = self._shape_value(node.input[1])
+        dims = [int(x) for x in shape.reshape(-1)] if shape is not None else \
+            self._dims_of(node.output[0])
+        if dims is None:
+            return None
+        prod = 1
+        for q in range(len(dims) - 1, -1, -1):
+            if dims[q] <= 0:
+                return None
+            prod *= dims[q]
+            if prod == units:
+                out: list[tuple[int, int] | None] = [None] * q
+                stride = units
+                for d in dims[q:]:
+                    stride //= d
+                    out.append((stride, d))
+                return out
+            if prod > units:
+                return None
+        return None
+
+    def _squeezed(self, axes, node: onnx.NodeProto):
+        """The axes after a Squeeze or Unsqueeze of constant axes (a unit axis squeezed only
+        where its size is 1)."""
+        given = _ints(node, "axes")
+        if given is None and len(node.input) > 1 and node.input[1]:
+            c = self._const(node.input[1])
+            given = None if c is None else [int(x) for x in c.reshape(-1)]
+        if given is None:
+            return None
+        if node.op_type == "Unsqueeze":
+            n = len(axes) + len(given)
+            out = list(axes)
+            for a in sorted(x % n for x in given):
+                out.insert(a, None)
+            return out
+        drop = {x % len(axes) for x in given}
+        if any(axes[a] is not None and axes[a][1] != 1 for a in drop):
+            return None
+        return [a for k, a in enumerate(axes) if k not in drop]
+
+    def _picked(self, axes, node: onnx.NodeProto, out: str, units: int) -> Piece:
+        """The units a Gather (constant scalar index), a Split's output or a Slice (one
+        axis, constant starts and ends, step 1) picks on a unit factor axis."""
+        op = node.op_type
+        if op == "Slice":
+            inputs = list(node.input) + [""] * (5 - len(node.input))
+            starts, ends, ax, steps = (self._const(x) if x else None for x in inputs[1:5])
+            if starts is None or ends is None or starts.size != 1 or ends.size != 1 or \
+                    (steps is not None and int(steps.reshape(-1)[0]) != 1):
+                return UNPROVEN
+            axis = int(ax.reshape(-1)[0]) if ax is not None else 0
+        else:
+            axis = _int(node, "axis", 0)
+        if not -len(axes) <= axis < len(axes):
+            return UNPROVEN
+        factor = axes[axis]
+        if factor is None:
+            return ()  # a piece of a non-unit axis (a token, a batch): every unit
+        stride, size = factor
+        if op == "Gather":
+            idx = self._const(node.input[1])
+            if idx is None or idx.size != 1 or idx.ndim != 0:
+                return UNPROVEN
+            lo = int(idx.reshape(-1)[0]) % size
+            hi = lo + 1
+        elif op == "Split":
+            sizes = self._split_sizes(node, size)
+            if sizes is None:
+                return UNPROVEN
+            pos = list(node.output).index(out)
+            lo = sum(sizes[:pos])
+            hi = lo + sizes[pos]
+        else:
+            lo = int(starts.reshape(-1)[0])
+            hi = int(ends.reshape(-1)[0])
+            lo, hi = (x + size if x < 0 else x for x in (lo, hi))
+            lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
+            if hi <= lo:
+                return UNPROVEN
+        coord = (np.arange(units) // stride) % size
+        return tuple(int(u) for u in np.flatnonzero((coord >= lo) & (coord < hi)))
+
+    def _split_sizes(self, node: onnx.NodeProto, size: int) -> list[int] | None:
+        """A Split's sizes along its axis: its ``split`` input or attribute, else equal parts
+        (opset 18's ``num_outputs``: the last part the smaller)."""
+        sizes = _ints(node, "split")
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            c = self._const(node.input[1])
+            sizes = None if c is None else [int(x) for x in c.reshape(-1)]
+        if sizes is None:
+            n = len(node.output)
+            each = -(-size // n)
+            sizes = [min(each, size - k * each) for k in range(n)]
+        return sizes if sum(sizes) == size and len(sizes) == len(node.output) else None
+
+    def _rank_of(self, name: str) -> int | None:
+        if self._ranks is None:
+            self._ranks = _ranks(self.model)
+        return self._ranks.get(name)
+
+    def _shape_value(self, name: str) -> np.ndarray | None:
+        """The value of a shape tensor computed only from constants and the Shape of tensors
+        whose shapes inference finds fixed (evaluated here by ONNX's reference evaluator);
+        None where it reads anything else."""
+        from onnx import helper, numpy_helper
+        from onnx.reference import ReferenceEvaluator
+
+        nodes, inits, stack, seen = {}, {}, [name], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or not n:
+                continue
+            seen.add(n)
+            if n in self.index.initializers:
+                inits[n] = self.index.initializers[n]
+                continue
+            j = self.index.producer.get(n)
+            if j is None or len(nodes) > 64:
+                return None
+            node = self.graph.node[j]
+            if node.op_type == "Shape":
+                dims = self._dims_of(node.input[0])
+                if dims is None or min(dims, default=0) < 0:
+                    return None
+                lo, hi = _int(node, "start", 0), _int(node, "end", len(dims))
+                value = np.array(dims[lo:hi] if hi else dims[lo:], np.int64)
+                nodes[j] = helper.make_node("Constant", [], [n],
+                                            value=numpy_helper.from_array(value))
+                continue
+            nodes[j] = node
+            stack.extend(node.input)
+        try:
+            graph = helper.make_graph([nodes[j] for j in sorted(nodes)], "shape", [],
+                                      [helper.make_empty_tensor_value_info(name)],
+                                      list(inits.values()))
+            model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+            return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+        except Exception:  # noqa: BLE001 - not evaluable: unproven
+            return None
+
+    def _dims_of(self, name: str) -> list[int] | None:
+        """The static shape shape inference finds for ``name``, None where a dim is unknown."""
+        if self._dims is None:
+            self._dims = _static_dims(self.model)
+        return self._dims.get(name)
 
     def _const(self, name: str) -> np.ndarray | None:
         ref = self.index.resolve_const(name)
@@ -305,6 +500,23 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         list(inferred.graph.output)
     return {v.name: len(v.type.tensor_type.shape.dim) for v in values
             if v.type.tensor_type.HasField("shape")}
+
+
+def _static_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The shape of every tensor that shape inference (with the shapes' values propagated:
+    torch's unflatten computes a Reshape's target from Shape) finds, -1 for a dim it does not
+    know (a dynamic batch)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - no shapes: a Reshape it would prove stays unproven
+        return {}
+    out = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [int(d.dim_value) if d.HasField("dim_value") else -1
+                           for d in t.shape.dim]
+    return out
 
 
 def _heads(node: onnx.NodeProto) -> int:
@@ -426,8 +638,9 @@ def _residual(w: _Walker, i: int) -> Residual | None:
         after = w.index.downstream({stream}, set())
         layers = [lay.index for lay in w.layers if lay.node_index in inside
                   and any(x in after for x in w.graph.node[lay.node_index].input)]
+        nodes = frozenset(j for j in inside if any(x in after for x in w.graph.node[j].input))
         return Residual(i, stream, branch, last.index, layers,
-                        norm=_norm(w, stream, inside, node.output[0]))
+                        norm=_norm(w, stream, inside, node.output[0]), nodes=nodes)
     return None
 
 
@@ -513,41 +726,79 @@ def _from_input(w: _Walker, name: str, inputs: set[str]) -> bool:
     return False
 
 
-def find_roles(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, Role]:
+def find_roles(model: onnx.ModelProto, layers: list[Layer],
+               notes: list[str] | None = None) -> dict[str, Role]:
     """Each target layer's transformer role, by layer name (``Layer.name``); a token embedding
     read by a Gather is keyed by the Gather's node name. Layers without a role are left out;
     a model without a recognised attention gets none (see the module's docstring).
+
+    What the walk cannot prove gets no role and a note, never a guess: a Softmax in a
+    residual branch that no attention was recognised from (an op the walk does not know
+    between q.k^T and it, such as a soft-cap tanh), and a fused projection whose q, k, v
+    units are not proven (``_Walker._piece``). A residual branch holding a Softmax or a
+    MatMul of two computed tensors, with no attention recognised in it, is no MLP: its
+    layers and those of the MLP branch after it in the same block get no role (the
+    paper's rule). Such a branch still starts a block and is counted in ``n_blocks`` (it is
+    a transformer block whose attention was not recognised), so that the other blocks'
+    targets, 1 / (2 N_blocks), use the model's real depth.
 
     Args:
         model: The model (its main graph is read; layers in Loop/Scan bodies and If
             branches get no role).
         layers: Its target layers (``layers.find_layers``).
+        notes: Where to append the notes (the report's); None: logged only.
     """
     w = _Walker(model, layers)
     if not w.layers:
         return {}
-    attentions = [a for j, n in enumerate(w.graph.node)
-                  if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")
-                  and (a := _attention(w, j)) is not None and a.q and a.k]
+    said = notes if notes is not None else []
+
+    def note(text: str) -> None:
+        if text not in said:
+            said.append(text)
+            log.warning("%s", text)
+
+    softmaxes = [j for j, n in enumerate(w.graph.node)
+                 if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
+    attentions = [a for j in softmaxes if (a := _attention(w, j)) is not None and a.q and a.k]
     attentions += _fused_attentions(w)
     if not attentions:
         return {}
     residuals = [r for j in range(len(w.graph.node)) if (r := _residual(w, j)) is not None]
     outs = {o: a for a in attentions for o in a.out}
+    found = {a.softmax for a in attentions}
     block = -1
     had_mlp = True
+    unknown_block = False
     for r in residuals:
         r.attention = r.last in outs
-        if r.attention or had_mlp:
+        like = not r.attention and any(  # an attention that was not recognised
+            w.graph.node[j].op_type == "Softmax" or w.graph.node[j].op_type == "MatMul"
+            and len(w.computed(w.graph.node[j].input)) == 2 for j in r.nodes)
+        if r.attention or like or had_mlp:  # an attention (or an MLP after an MLP) starts one
             block += 1
-            had_mlp = False
-        if not r.attention:
-            had_mlp = True
+            unknown_block = like
+        else:  # the MLP after the block's attention: no role if that one was not recognised
+            r.unknown = unknown_block
+        r.unknown = r.unknown or like
+        had_mlp = not (r.attention or like)
         r.block = block
     n_blocks = block + 1
-    roles: dict[int, Role] = {}
     names = {lay.index: lay.name for lay in w.layers}
+    for j in softmaxes:
+        if j in found:
+            continue
+        r = next((r for r in residuals if j in r.nodes), None)
+        if r is not None:
+            note(f"policy 'transformer': Softmax {w.index.node_name(j)}: no attention "
+                 f"recognised from it (an op between q.k^T and the Softmax that the walk does "
+                 f"not know): block {r.block}'s layers ("
+                 + ", ".join(names[k] for x in residuals if x.block == r.block
+                             for k in x.layers) + ") get no role: the paper's rule")
+    roles: dict[int, Role] = {}
     for r in residuals:
+        if r.unknown:
+            continue
         common = dict(block=r.block, n_blocks=n_blocks, norm=r.norm)
         roles[r.last] = Role("attn_out" if r.attention else "mlp_out", stream=r.stream,
                              branch=r.branch, residual=w.graph.node[r.node].output[0], **common)
@@ -570,13 +821,17 @@ def find_roles(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, Role]:
             logits = (old.logits if old else ()) + ((a.logits,) if a.logits else ())
             logits = tuple(dict.fromkeys(logits)) if any(x in ("q", "k") for x, _ in mine) \
                 else ()
-            if len(mine) == 1 and (old is None or old.kind == mine[0][0]):
+            qk = _qk_units(mine)
+            if len(mine) == 1 and mine[0][1] == () and (old is None or old.kind == mine[0][0]):
                 roles[j] = Role(mine[0][0], logits=logits, **common)
-            elif all(which == piece for which, piece in mine) and len(mine) == 3:
-                roles[j] = Role("qkv", logits=logits, parts=PIECES, **common)
+            elif qk is not None and old is None:
+                roles[j] = Role("qkv", logits=logits, parts=PIECES, qk_units=qk, **common)
             else:  # one layer in two roles without telling its parts apart: none
-                log.debug("layer %s: feeds %s of an attention, parts not found: no role",
-                          names[j], ", ".join(x for x, _ in mine))
+                note(f"policy 'transformer': layer {names[j]} feeds "
+                     + ", ".join(x for x, _ in mine) + f" of the attention at Softmax "
+                     f"{w.index.node_name(a.softmax)}, cut in a way whose q, k, v units are "
+                     "not proven (only a cut of the unit axis's outermost factor, or a "
+                     "Reshape's factor of it, is): no role, the paper's rule")
                 roles.pop(j, None)
     out: dict[str, Role] = {names[j]: role for j, role in sorted(roles.items())}
     if residuals:
@@ -593,3 +848,14 @@ def find_roles(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, Role]:
                     w.index.downstream({lay.output}, blocked - {lay.node_index}):
                 out[lay.name] = Role("head", n_blocks=n_blocks)
     return out
+
+
+def _qk_units(mine: list[tuple[str, Piece]]) -> tuple[int, ...] | None:
+    """The q and k units of a layer that feeds q and k (and v) of one attention through
+    proven pieces that do not overlap; None where that is not so."""
+    if {"q", "k"} - {x for x, _ in mine} or any(not p or p == UNPROVEN for _, p in mine):
+        return None
+    sets = [set(p) for _, p in mine]
+    if sum(len(x) for x in sets) != len(set().union(*sets)):
+        return None
+    return tuple(sorted(u for x, p in mine if x in ("q", "k") for u in p))

@@ -90,7 +90,7 @@ class _Graph:
 
 
 def block_model(style: str, norm: str, fused: bool, decomposed: bool = False,
-                causal: bool = False, seed: int = 0):
+                causal: bool = False, seed: int = 0, softcap: tuple[int, ...] = ()):
     """An embedding (a Linear writing the stream, plus a position embedding), N_BLOCKS
     transformer blocks and a head, as ``style`` ("torchscript" or "dynamo") writes them.
 
@@ -138,6 +138,10 @@ def block_model(style: str, norm: str, fused: bool, decomposed: bool = False,
         names["logits"].append(scores)
         x = g.op("Add", [scores, g.const(f"{p}/mask", mask)], f"{p}/masked") if causal \
             else scores
+        if i in softcap:  # Gemma-2's logit soft-cap, 5 tanh(a / 5), as TorchScript writes it
+            t = g.op("Tanh", [g.op("Div", [x, g.const(f"{p}/five", np.float32(5))],
+                                   f"{p}/capdiv")], f"{p}/Tanh")
+            x = g.op("Mul", [t, g.const(f"{p}/five_1", np.float32(5))], f"{p}/capmul")
         att = g.op("MatMul", [g.op("Softmax", [x], f"{p}/Softmax", axis=-1), vh], f"{p}/av")
         o = g.op("Reshape", [g.op("Transpose", [att], f"{p}/T", perm=[0, 2, 1, 3]),
                              g.const(f"{p}/shape_o", np.array([B, T, D]))], f"{p}/merge")
@@ -299,6 +303,143 @@ def test_no_attention_no_roles():
     assert any("no transformer roles" in n for n in result.report.notes)
     assert {t.name: t.SerializeToString() for t in result.model.graph.initializer} == \
         {t.name: t.SerializeToString() for t in paper.model.graph.initializer}
+
+
+def fused_layout_model(layout: str, seed: int = 0):
+    """Pre-LN blocks (opset 17, TorchScript's form) whose fused qkv is cut in a layout other
+    than [q | k | v]: "neox", GPT-NeoX/Pythia's qkv.view(B, T, H, 3 d).split(d, -1) (per
+    head [q | k | v]: a Reshape to [B, T, H, 3 HD], then a Split of the last axis); "gqa",
+    a Split of the unit axis into unequal parts [D, HD, HD] (H query heads, one key/value
+    head that the MatMuls broadcast).
+
+    Returns the model, the logits per block, the qkv weights' and biases' names, and the
+    units of q and k and those of v."""
+    g = _Graph(seed, 17)
+    width = D + 2 * HD if layout == "gqa" else 3 * D
+    units = np.arange(width)
+    if layout == "neox":
+        part = (units % (3 * HD)) // HD
+        qk, v_units = units[part < 2], units[part == 2]
+    elif layout == "strided":
+        qk, v_units = units[units % 3 < 2], units[units % 3 == 2]
+    else:
+        qk, v_units = units[:D + HD], units[D + HD:]
+    s = g.op("Add", [g.linear("x", "emb", DIN, D, True), g.param("pos", 1, T, D, scale=0.1)],
+             "pos/Add")
+    logits, weights = [], []
+    for i in range(N_BLOCKS):
+        p = f"b{i}"
+        qkv = g.linear(g.layer_norm(s, f"{p}.ln1", False), f"{p}.qkv", D, width, True)
+        weights.append((f"{p}.qkv.weight", f"{p}.qkv.bias"))
+        outs = [f"{p}/q", f"{p}/k", f"{p}/v"]
+        if layout == "neox":
+            r = g.op("Reshape", [qkv, g.const(f"{p}/s", np.array([B, T, H, 3 * HD]))],
+                     f"{p}/Reshape")
+            g.nodes.append(helper.make_node("Split", [r, g.const(f"{p}/sp", np.array([HD] * 3))],
+                                            outs, name=f"{p}/Split", axis=-1))
+            qh, kh, vh = (g.op("Transpose", [t], f"{t}/T", perm=perm) for t, perm in
+                          zip(outs, ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])))
+        elif layout == "strided":  # per unit [q | k | v]: Slices with step 3
+            q, k, v = (g.op("Slice", [qkv, g.const(f"{p}/st{j}", np.array([j])),
+                                      g.const(f"{p}/en{j}", np.array([3 * D])),
+                                      g.const(f"{p}/ax{j}", np.array([-1])),
+                                      g.const(f"{p}/sp{j}", np.array([3]))], f"{p}/Slice{j}")
+                       for j in range(3))
+            qh, kh, vh = (g.heads(t, f"{p}/{n}", perm) for t, n, perm in
+                          ((q, "q", [0, 2, 1, 3]), (k, "k", [0, 2, 3, 1]),
+                           (v, "v", [0, 2, 1, 3])))
+        else:
+            g.nodes.append(helper.make_node("Split", [qkv, g.const(f"{p}/sp",
+                                                                   np.array([D, HD, HD]))],
+                                            outs, name=f"{p}/Split", axis=-1))
+            qh = g.heads(outs[0], f"{p}/q", [0, 2, 1, 3])
+            kh, vh = (g.op("Transpose", [g.op("Reshape", [t, g.const(
+                f"{t}/s1", np.array([B, T, 1, HD]))], f"{t}/R")], f"{t}/T", perm=perm)
+                for t, perm in ((outs[1], [0, 2, 3, 1]), (outs[2], [0, 2, 1, 3])))
+        scores = g.op("Div", [g.op("MatMul", [qh, kh], f"{p}/qk"),
+                              g.const(f"{p}/sqrt", np.float32(math.sqrt(HD)))], f"{p}/scores")
+        logits.append(scores)
+        att = g.op("MatMul", [g.op("Softmax", [scores], f"{p}/Softmax", axis=-1), vh], f"{p}/av")
+        o = g.op("Reshape", [g.op("Transpose", [att], f"{p}/T", perm=[0, 2, 1, 3]),
+                             g.const(f"{p}/shape_o", np.array([B, T, D]))], f"{p}/merge")
+        s = g.op("Add", [s, g.linear(o, f"{p}.out", D, D, True)], f"{p}/Add")
+        f1 = g.op("Relu", [g.linear(g.layer_norm(s, f"{p}.ln2", False), f"{p}.fc1", D, F,
+                                    True)], f"{p}/Relu")
+        s = g.op("Add", [s, g.linear(f1, f"{p}.fc2", F, D, True)], f"{p}/Add_1")
+    y = g.linear(g.layer_norm(s, "ln_f", False), "head", D, 3, True)
+    model = make_model(g.nodes, [("x", [B, T, DIN])], [(y, None)], g.inits, opset=17)
+    return model, logits, weights, qk, v_units
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("layout", ["neox", "gqa"])
+def test_fused_qkv_cut_per_head_or_unequal_scales_only_q_and_k(layout):
+    """A fused qkv whose q, k, v are not the three equal thirds in order (GPT-NeoX's per-head
+    [q | k | v], a GQA's unequal Split): the logit rule scales exactly q's and k's units,
+    read from the ops that cut the layer; v's weights and biases are the paper's, bit for
+    bit; the logits (own ORT session, float64) reach their target."""
+    model, logits, weights, qk, v_units = fused_layout_model(layout, seed=3)
+    x = rand(B, T, DIN, seed=4) * 2.0
+    paper = _weights(lsuv_init(model, x).model)
+    result = lsuv_init(model, x, policy="transformer")
+    assert result.report.converged, result.report.table()
+    mine = _weights(result.model)
+    for w, b in weights:
+        assert np.array_equal(mine[w][:, v_units], paper[w][:, v_units]), w
+        assert np.array_equal(mine[b][v_units], paper[b][v_units]), b
+        assert not np.allclose(mine[w][:, qk], paper[w][:, qk])  # q and k were scaled
+    for lg in output_values(result.model, {"x": x}, logits):
+        assert abs(math.sqrt(_var(lg)) / 0.4 - 1) < EXACT
+    roles = find_roles(model, find_layers(model).layers)
+    qkv = [r for k, r in roles.items() if ".qkv" in k]
+    assert [r.kind for r in qkv] == ["qkv"] * N_BLOCKS
+    assert all(r.qk_units == tuple(int(u) for u in qk) for r in qkv)
+
+
+def test_fused_qkv_cut_unproven_is_left_to_the_paper_with_a_note():
+    """A fused qkv cut in a way the roles do not prove (Slices with step 3: per unit
+    [q | k | v]) gets no role: the paper's rule, and a note in the report naming it."""
+    model, *_ = fused_layout_model("strided", seed=3)
+    x = rand(B, T, DIN, seed=4) * 2.0
+    report = lsuv_init(model, x, policy="transformer").report
+    for rec in report.layers:
+        if ".qkv" in rec.name:
+            assert (rec.role, rec.measure, rec.status) == (None, "output var", "converged")
+    assert sum("not proven" in n for n in report.notes) == N_BLOCKS, report.notes
+    notes: list[str] = []
+    roles = find_roles(model, find_layers(model).layers, notes)
+    assert not any(".qkv" in k for k in roles) and roles["b0.out"].kind == "attn_out"
+    assert [n for n in notes if "not proven" in n and ".qkv" in n] and len(notes) == N_BLOCKS
+
+
+def test_softcapped_attention_is_no_mlp():
+    """An attention the walk does not recognise (a tanh soft-cap between q.k^T and the
+    Softmax) is not taken for an MLP: its block's layers get no role and a note names the
+    Softmax; it still counts as a block, so the other block's branch ratio is 1 / (2 * 2),
+    measured with this test's own ORT session."""
+    model, names, expect = block_model("torchscript", "pre", False, softcap=(1,), seed=1)
+    roles = find_roles(model, find_layers(model).layers)
+    assert {k: (r.kind, r.block) for k, r in roles.items()} == \
+        {k: v for k, v in expect.items() if not k.startswith("b1.")}
+    assert {r.n_blocks for r in roles.values()} == {N_BLOCKS}
+    x = rand(B, T, DIN, seed=2) * 2.0
+    result = lsuv_init(model, x, policy="transformer")
+    report = result.report
+    assert any("b1/Softmax" in n for n in report.notes), report.notes
+    for rec in report.layers:
+        if rec.name.startswith("b1."):
+            assert rec.role is None and rec.measure == "output var", rec
+    tensors = names["stream"][:2] + names["branch"][:2] + names["logits"][:1]
+    values = dict(zip(tensors, map(_var, output_values(result.model, {"x": x}, tensors))))
+    for stream, branch in zip(names["stream"][:2], names["branch"][:2]):
+        assert abs(values[branch] / values[stream] / (1 / (2 * N_BLOCKS)) - 1) < EXACT
+    assert abs(math.sqrt(values[names["logits"][0]]) / 0.4 - 1) < EXACT
+    notes: list[str] = []
+    find_roles(model, find_layers(model).layers, notes)
+    assert len(notes) == 1 and "b1/Softmax" in notes[0], notes
 
 
 # ---- real torch exports -------------------------------------------------------------------
@@ -640,3 +781,100 @@ def test_check_judges_the_role_targets(norm):
     assert not failed.converged
     assert any(r.status == "off_target" and r.role == "head" for r in failed.layers)
     assert check_variances(paper_out, x).converged
+
+
+class _NeoXBlock(nn.Module):
+    """GPT-NeoX/Pythia's attention: qkv.view(B, T, H, 3 d).split(d, -1), per head [q|k|v];
+    with ``cap``, Gemma-2's logit soft-cap 5 tanh(a / 5) before the Softmax."""
+
+    def __init__(self, cap: bool = False) -> None:
+        super().__init__()
+        self.cap = cap
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.fc1, self.fc2 = nn.Linear(D, F), nn.Linear(F, D)
+
+    def parts(self, x):
+        h = self.qkv(self.ln1(x)).view(x.shape[0], T, H, 3 * HD)
+        return [t.transpose(1, 2) for t in h.split(HD, dim=-1)]
+
+    def logits(self, x):
+        q, k, _ = self.parts(x)
+        return q @ k.transpose(-1, -2) / math.sqrt(HD)
+
+    def attn(self, x):
+        a = self.logits(x)
+        if self.cap:
+            a = 5.0 * torch.tanh(a / 5.0)
+        y = torch.softmax(a, -1) @ self.parts(x)[2]
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+
+
+class _NeoX(nn.Module):
+    def __init__(self, caps=(False, False)) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Linear(DIN, D), nn.Linear(D, 3)
+        self.blocks = nn.Sequential(*[_NeoXBlock(c) for c in caps])
+        self.ln = nn.LayerNorm(D)
+
+    def forward(self, x):
+        return self.head(self.ln(self.blocks(self.emb(x))))
+
+
+def _neox(caps):
+    torch.manual_seed(0)
+    model = _NeoX(caps)
+    _nonzero_norms(model)
+    return model, torch.randn(32, T, DIN, generator=torch.Generator().manual_seed(1))
+
+
+def test_neox_torchscript_export_scales_only_q_and_k():
+    """The TorchScript export of a GPT-NeoX-style model: v's rows of each qkv weight are the
+    paper's, bit for bit, and the logits recomputed in torch (float64) reach the target."""
+    import copy
+
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    model, x = _neox((False, False))
+    paper = copy.deepcopy(model)
+    lsuv_module(paper, x, exporter="torchscript")
+    report = lsuv_module(model, x, exporter="torchscript", policy="transformer").report
+    assert [r.role for r in report.layers if "qkv" in r.name] == ["qkv"] * N_BLOCKS
+    assert report.converged, report.table()
+    part = (torch.arange(3 * D) % (3 * HD)) // HD
+    with torch.no_grad():
+        mine, ref = model.double(), paper.double()
+        s = mine.emb(x.double())
+        for b, b_ref in zip(mine.blocks, ref.blocks):
+            assert torch.equal(b.qkv.weight[part == 2], b_ref.qkv.weight[part == 2])
+            assert torch.equal(b.qkv.bias[part == 2], b_ref.qkv.bias[part == 2])
+            assert abs(float(b.logits(s).std(unbiased=False)) / 0.4 - 1) < EXACT
+            s = b(s)
+
+
+def test_softcapped_torchscript_export_block_has_no_role():
+    """The TorchScript export of a two-block model whose second attention is soft-capped:
+    that block's layers get no role and a note; the first block's branch ratios, computed
+    in torch (float64) on the written weights, are 1 / (2 * 2)."""
+    from onnx_lsuv.frameworks.torch import lsuv_module
+
+    model, x = _neox((False, True))
+    report = lsuv_module(model, x, exporter="torchscript", policy="transformer").report
+    rows = {r.name: r.role for r in report.layers}
+    assert [v for k, v in rows.items() if "blocks.1" in k] == [None] * 4, rows
+    assert [v for k, v in rows.items() if "blocks.0" in k] == \
+        ["qkv", "attn_out", "mlp_in", "mlp_out"], rows
+    assert any("blocks.1" in n and "Softmax" in n for n in report.notes), report.notes
+    with torch.no_grad():
+        m = model.double()
+        s = m.emb(x.double())
+        b = m.blocks[0]
+        a = b.attn(s)
+        assert abs(_var(a) / _var(s) / (1 / (2 * N_BLOCKS)) - 1) < EXACT
+        s = s + a
+        f = b.fc2(torch.relu(b.fc1(b.ln2(s))))
+        assert abs(_var(f) / _var(s) / (1 / (2 * N_BLOCKS)) - 1) < EXACT
