@@ -203,8 +203,8 @@ def _lsuv(work: onnx.ModelProto, feeds, opts: LSUVOptions, progress: ProgressFn,
           model: ModelLike, t_start: float) -> LSUVResult:
     sequential = _sequential(opts, feeds)
     if opts.policy == "transformer" and isinstance(feeds, Stream):
-        raise InputError("policy 'transformer' measures one batch: pool the batches (a list "
-                         "of arrays), not a stream of them")
+        raise InputError(f"{say('policy', 'transformer')} measures one batch: pool the batches "
+                         "(several files, or a list of arrays), not a stream of them")
     branches, branch_notes = _branches(work, feeds, opts, model)
     discovery = find_layers(work, opts.selection, branches)
     bias_notes: list[str] = []
@@ -351,8 +351,8 @@ def check_variances(model: ModelLike, data: DataLike, options: LSUVOptions | Non
         feeds = load_data(data, work)
         transformer = opts.policy == "transformer"
         if transformer and isinstance(feeds, Stream):
-            raise InputError("policy 'transformer' measures one batch: pool the batches (a "
-                             "list of arrays), not a stream of them")
+            raise InputError(f"{say('policy', 'transformer')} measures one batch: pool the "
+                             "batches (several files, or a list of arrays), not a stream")
         branches, branch_notes = _branches(work, feeds, opts, model if source is None
                                            else source)
         discovery = find_layers(work, opts.selection, branches)
@@ -504,8 +504,8 @@ def _transformer(run: Run, roles: dict[str, Role], tables: dict[str, policy.Tabl
     then every layer measured again on the written weights, the role layers judged by their
     role's measure."""
     if not roles:
-        run.report.notes.append("policy 'transformer': no transformer roles found (no "
-                                "attention recognised): the paper's rule for every layer")
+        run.report.notes.append(f"{say('policy', 'transformer')}: no transformer roles found "
+                                "(no attention recognised): the paper's rule for every layer")
         log.warning("%s", run.report.notes[-1])
         return
     t = time.perf_counter()
