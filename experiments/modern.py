@@ -29,32 +29,48 @@ MODERN_INITS = ("default", "lsuv")  # PyTorch's own init, or onnx-lsuv's LSUV
 PATCH, DIM, DEPTH, HEADS, MLP = 2, 64, 4, 4, 128
 
 
-class _Block(nn.Module):
-    pre_ln, causal = True, False  # what transformer_study's health statistics read
+class Block(nn.Module):
+    """A transformer block with the ViT's layout (separate q, k, v and out-projections; an MLP
+    with GELU): pre-LN, x + f(LN(x)), or post-LN, LN(x + f(x)); causal or not. ``logits`` is
+    an nn.Identity the attention logits pass through before the mask and the Softmax: a place
+    for a forward hook that exports to nothing."""
 
-    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+    def __init__(self, dim: int, heads: int, mlp: int, pre_ln: bool, causal: bool = False,
+                 context: int = 0) -> None:
         super().__init__()
-        self.heads = heads
+        self.pre_ln, self.causal, self.heads = pre_ln, causal, heads
         self.scale = 1.0 / math.sqrt(dim // heads)
         self.norm1 = nn.LayerNorm(dim)
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
-        # the attention logits, the Softmax's input, pass through here: a place for a forward
-        # hook (transformer_study's health statistics). It computes and exports nothing.
         self.logits = nn.Identity()
+        if causal:
+            self.register_buffer("mask", torch.ones(context, context, dtype=torch.bool).tril(),
+                                 persistent=False)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         return x.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split(self.q(h)), self._split(self.k(h)), self._split(self.v(h))
-        att = torch.softmax(self.logits(q @ k.transpose(-2, -1) * self.scale), dim=-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(x.shape))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        att = self.logits(q @ k.transpose(-2, -1) * self.scale)
+        if self.causal:
+            t = h.shape[1]
+            att = att.masked_fill(~self.mask[:t, :t], float("-inf"))
+        return self.proj((torch.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(h.shape))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attention(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attention(x))
+        return self.norm2(x + self.mlp(x))
 
 
 class ViT(nn.Module):
@@ -66,7 +82,7 @@ class ViT(nn.Module):
         self.embed = nn.Linear(PATCH * PATCH, DIM)
         self.pos = nn.Parameter(torch.zeros(1, self.tokens, DIM))
         nn.init.trunc_normal_(self.pos, std=0.02)  # as timm's ViT does
-        self.blocks = nn.ModuleList(_Block(DIM, HEADS, MLP) for _ in range(DEPTH))
+        self.blocks = nn.ModuleList(Block(DIM, HEADS, MLP, pre_ln=True) for _ in range(DEPTH))
         self.norm = nn.LayerNorm(DIM)
         self.head = nn.Linear(DIM, classes)
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modern import ViT, linears, vit_data
+from modern import Block, ViT, linears, vit_data
 from onnx_torch import cpu_session
 from training import LSUV_BATCH_SEED, Budget, RunConfig, RunResult, lsuv_batch, optimizer, train
 
@@ -160,50 +160,6 @@ def random_windows(ids: np.ndarray, n: int, gen: np.random.Generator,
 
 
 # ---- the nets ----
-
-class Block(nn.Module):
-    """A transformer block with the ViT's layout (separate q, k, v and out-projections; an MLP
-    with GELU): pre-LN, x + f(LN(x)), or post-LN, LN(x + f(x)); causal or not. ``logits`` is
-    an nn.Identity the attention logits pass through before the mask and the Softmax: a place
-    for a forward hook that exports to nothing."""
-
-    def __init__(self, dim: int, heads: int, mlp: int, pre_ln: bool, causal: bool = False,
-                 context: int = 0) -> None:
-        super().__init__()
-        self.pre_ln, self.causal, self.heads = pre_ln, causal, heads
-        self.scale = 1.0 / math.sqrt(dim // heads)
-        self.norm1 = nn.LayerNorm(dim)
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
-        self.logits = nn.Identity()
-        if causal:
-            self.register_buffer("mask", torch.ones(context, context, dtype=torch.bool).tril(),
-                                 persistent=False)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        return x.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
-
-    def attention(self, h: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._split(self.q(h)), self._split(self.k(h)), self._split(self.v(h))
-        att = self.logits(q @ k.transpose(-2, -1) * self.scale)
-        if self.causal:
-            t = h.shape[1]
-            att = att.masked_fill(~self.mask[:t, :t], float("-inf"))
-        return self.proj((torch.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(h.shape))
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(h)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pre_ln:
-            x = x + self.attention(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attention(x))
-        return self.norm2(x + self.mlp(x))
-
 
 class PostLNEncoder(nn.Module):
     """BERT-style: the ViT's 2x2 patches and learned positions, a LayerNorm on the embedding
