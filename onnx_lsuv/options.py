@@ -51,6 +51,13 @@ def command_line_words():
         _COMMAND_LINE.reset(token)
 
 
+
+def _extended_targets(conjunction: str) -> str:
+    """The targets beyond the paper's, in the caller's words: "--target-mean,
+    --after-activation or --per-channel" (``LSUVOptions.extended``)."""
+    return (f"{say('target_mean')}, {say('after_activation')} {conjunction} "
+            f"{say('per_channel')}")
+
 def _number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -172,14 +179,12 @@ class LSUVOptions:
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{say(name)} must be True or False, got {getattr(self, name)!r}")
         if self.extended and not self.scaling:
-            raise InputError(f"{say('target_mean')}, {say('after_activation')} and "
-                             f"{say('per_channel')} are targets of the LSUV scaling: "
+            raise InputError(f"{_extended_targets('and')} are targets of the LSUV scaling: "
                              f"{say('init', self.init)} does none (use {say('init', 'lsuv')} "
                              f"or {say('init', 'rescale')})")
         if self.strategy == "naive" and self.extended:
             raise InputError(f"{say('strategy', 'naive')} is the paper's plain loop: it takes "
-                             f"no {say('target_mean')}, {say('after_activation')} or "
-                             f"{say('per_channel')}; use {say('strategy', 'fast')} or "
+                             f"no {_extended_targets('or')}; use {say('strategy', 'fast')} or "
                              f"{say('strategy', 'sequential')}")
         if self.threads is not None and not (
                 isinstance(self.threads, numbers.Integral) and not isinstance(self.threads, bool)
@@ -224,14 +229,13 @@ class LSUVOptions:
             raise InputError(f"{say('head_std')} must be a number >= 0 (0 zeroes the head), got "
                              f"{self.head_std!r}")
         object.__setattr__(self, "head_std", float(self.head_std))
-        if self.policy == "transformer" and self.init not in ("lsuv", "rescale"):
+        if self.policy == "transformer" and not self.scaling:
             raise InputError(f"{say('policy', 'transformer')} sets targets measured on data: "
                              f"{say('init', self.init)} measures none (use lsuv or rescale)")
         if self.policy == "transformer" and self.extended:
             raise InputError(f"{say('policy', 'transformer')} re-solves the other layers at their "
                              f"output after the roles' targets: it takes no "
-                             f"{say('target_mean')}, {say('after_activation')} or "
-                             f"{say('per_channel')}")
+                             f"{_extended_targets('or')}")
 
     @property
     def extended(self) -> bool:
