@@ -124,6 +124,17 @@ def output_variances(module: nn.Module, x: np.ndarray) -> dict[str, float]:
     return seen
 
 
+
+def round_trip_diff(module: nn.Module, model, probe: np.ndarray) -> float:
+    """The round trip, checked: the largest difference between the module with the weights
+    written back and ONNX Runtime on the initialised ONNX ``model``, on ``probe``, relative to
+    the output's largest value. Leaves the module in eval mode."""
+    (expected,) = cpu_session(model).run(None, {model.graph.input[0].name: probe})
+    module.eval()
+    with torch.no_grad():
+        got = module(torch.from_numpy(probe)).numpy()
+    return float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+
 def run_modern(cfg: RunConfig) -> RunResult:
     """Initialise (PyTorch's default, or LSUV through the export round trip) and train."""
     from onnx_lsuv.frameworks.torch import lsuv_module
@@ -144,16 +155,8 @@ def run_modern(cfg: RunConfig) -> RunResult:
                            max_iter=cfg.max_iter, provider="cpu", threads=1)
         res.lsuv_converged = done.report.converged
         res.lsuv_tries = sum(layer.tries for layer in done.report.layers)
-        # The round trip, checked: the module with the weights written back computes what
-        # ONNX Runtime computes on the initialised ONNX model (exported with the batch's
-        # size), on as many test images.
-        probe = x_te[:len(batch)]
-        (expected,) = cpu_session(done.model).run(None, {done.model.graph.input[0].name: probe})
-        module.eval()
-        with torch.no_grad():
-            got = module(torch.from_numpy(probe)).numpy()
-        res.conversion_diff = float(np.max(np.abs(got - expected))
-                                    / max(float(np.max(np.abs(expected))), 1e-30))
+        # (exported with the batch's size: as many test images)
+        res.conversion_diff = round_trip_diff(module, done.model, x_te[:len(batch)])
     else:
         res.conversion_diff = None  # nothing converted: PyTorch's module as it was built
     res.init_s = time.perf_counter() - t

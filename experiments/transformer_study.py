@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modern import Block, ViT, linears, vit_data
-from onnx_torch import cpu_session
+from modern import Block, ViT, linears, round_trip_diff, vit_data
 from training import LSUV_BATCH_SEED, Budget, RunConfig, RunResult, lsuv_batch, optimizer, train
 
 STUDY = "transformers"
@@ -303,12 +302,7 @@ def initialise(module: nn.Module, batch: np.ndarray, cfg: RunConfig, res: RunRes
     res.lsuv_converged = done.report.converged
     res.lsuv_tries = sum(layer.tries for layer in done.report.layers)
     res.lsuv_layers = lsuv_layers(done.report)
-    (expected,) = cpu_session(done.model).run(None, {done.model.graph.input[0].name: probe})
-    module.eval()
-    with torch.no_grad():
-        got = module(torch.from_numpy(probe)).numpy()
-    res.conversion_diff = float(np.max(np.abs(got - expected))
-                                / max(float(np.max(np.abs(expected))), 1e-30))
+    res.conversion_diff = round_trip_diff(module, done.model, probe)
 
 
 def run_transformer(cfg: RunConfig) -> RunResult:
