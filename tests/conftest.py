@@ -32,6 +32,24 @@ def framework_python(framework: str, modules) -> str | None:
     return None
 
 
+
+def run_export_script(framework: str, modules, script: str, out: str, timeout: int) -> str:
+    """Run tests/exporters/``script`` with the interpreter that has ``framework`` (skip the
+    test where none has it), writing into ``out``; ``out``. Nothing downloads: polygraphy's
+    own installs are off."""
+    import subprocess
+
+    python = framework_python(framework, modules)
+    if python is None:
+        pytest.skip(f"{framework} is not installed here (set "
+                    f"ONNX_LSUV_{framework.upper()}_PYTHON, see .ci/exporter-venvs)")
+    env = dict(os.environ, POLYGRAPHY_AUTOINSTALL_DEPS="0", TF_CPP_MIN_LOG_LEVEL="3",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([python, os.path.join(ROOT, "tests", "exporters", script), out],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
 def make_model(nodes, inputs, outputs, inits, opset=OPSET, ir_version=IR_VERSION):
     """A checked model. inputs/outputs: (name, shape) or (name, shape, elem_type)."""
 

@@ -18,7 +18,6 @@ changed, and every main-graph weight is orthonormal up to scale per group.
 from __future__ import annotations
 
 import os
-import subprocess
 
 import numpy as np
 import onnx
@@ -28,7 +27,7 @@ from onnx import numpy_helper
 from onnx_lsuv import lsuv_init
 from onnx_lsuv.match import match_parameters
 
-from conftest import framework_python
+from conftest import run_export_script
 from independent import (
     data_dependent,
     find_targets,
@@ -41,7 +40,6 @@ from independent import (
     weight_values,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 0.1
 
 FRAMEWORKS = {  # script, the modules it needs, the models it writes
@@ -65,18 +63,9 @@ def exported(tmp_path_factory):
 
     def get(framework: str) -> str:
         if framework not in done:
-            python = framework_python(framework, FRAMEWORKS[framework][1])
-            if python is None:
-                pytest.skip(f"{framework} is not installed here (set "
-                            f"ONNX_LSUV_{framework.upper()}_PYTHON, see .ci/exporter-venvs)")
-            out = str(tmp_path_factory.mktemp(framework))
-            env = dict(os.environ, POLYGRAPHY_AUTOINSTALL_DEPS="0", TF_CPP_MIN_LOG_LEVEL="3",
-                       JAX_PLATFORMS="cpu")
-            script = os.path.join(HERE, "exporters", FRAMEWORKS[framework][0])
-            proc = subprocess.run([python, script, out], env=env, capture_output=True,
-                                  text=True, timeout=900)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            done[framework] = out
+            script, modules, _ = FRAMEWORKS[framework]
+            done[framework] = run_export_script(framework, modules, script,
+                                                str(tmp_path_factory.mktemp(framework)), 900)
         return done[framework]
 
     return get

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 
 import numpy as np
 import onnx
@@ -26,10 +25,9 @@ from onnx_lsuv.graph import GraphIndex
 from onnx_lsuv.layers import find_layers
 from onnx_lsuv.roles import FUSED_LOGITS, find_roles
 
-from conftest import framework_python, output_values
+from conftest import output_values, run_export_script
 from independent import data_dependent, find_targets
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # The policy's targets (its defaults), judged here within TOL relative.
 LOGIT_STD, STREAM_VAR, HEAD_STD, TOL = 0.4, 1 / 3, 0.1, 0.1
 
@@ -386,17 +384,9 @@ def framework_export(tmp_path_factory):
 
     def get(framework: str, modules) -> str:
         if framework not in done:
-            python = framework_python(framework, modules)
-            if python is None:
-                pytest.skip(f"{framework} is not installed here (set "
-                            f"ONNX_LSUV_{framework.upper()}_PYTHON)")
-            out = str(tmp_path_factory.mktemp(framework))
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-            script = os.path.join(HERE, "exporters", f"export_{framework}_transformer.py")
-            proc = subprocess.run([python, script, out], env=env, capture_output=True,
-                                  text=True, timeout=600)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            done[framework] = out
+            done[framework] = run_export_script(
+                framework, modules, f"export_{framework}_transformer.py",
+                str(tmp_path_factory.mktemp(framework)), 600)
         return done[framework]
 
     return get
