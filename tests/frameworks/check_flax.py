@@ -72,6 +72,22 @@ def arrays(model) -> dict:
     return out
 
 
+def flat(variables) -> dict:
+    """A linen variables tree as numpy, by its path ("params/conv/kernel")."""
+    return {"/".join(p.key for p in k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+def changed(before: dict, after: dict) -> list:
+    """The keys whose arrays differ, in ``before``'s order."""
+    return [k for k in before if not np.array_equal(before[k], after[k])]
+
+
+def set_bn(model, stats) -> None:
+    """An nnx model's BatchNorm ``bn`` given (mean, var, scale, bias): not fresh ones."""
+    model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = stats
+
+
 def bn_stats(seed):
     rng = np.random.default_rng(seed)
     return (jnp.asarray(rng.normal(0.5, 0.5, 8).astype("float32")),
@@ -136,13 +152,12 @@ def fixed(api: str, out_path: str) -> int:
 
     if api == "nnx":
         model = Spectral(nnx.Rngs(0))
-        model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \
-            bn12(1)
+        set_bn(model, bn12(1))
         model.eval()
         before = arrays(model)
         result = lsuv_nnx(model, AUDIO, seed=3)
         after = arrays(model)
-        moved = [".".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])]
+        moved = [".".join(map(str, k)) for k in changed(before, after)]
         steps = model.steps(jnp.asarray(AUDIO))
         out, variances = steps["fc"], {k: var(v) for k, v in steps.items()}
         name, old, now = "stft", before[("stft",)], {"stft": after[("stft",)]}
@@ -155,10 +170,7 @@ def fixed(api: str, out_path: str) -> int:
                      "consts": variables["consts"]}
         result = lsuv_linen(module, variables, AUDIO, seed=3)
         new = result.variables
-        flat_old = jax.tree_util.tree_leaves_with_path(variables)
-        flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
-        moved = ["/".join(p.key for p in k) for k, val in flat_old
-                 if not np.array_equal(np.asarray(val), np.asarray(flat_new[k]))]
+        moved = changed(flat(variables), flat(new))
         out, state = module.apply(new, AUDIO, capture_intermediates=True)
         inter = state["intermediates"]
         variances = {k: var(inter[k]["__call__"][0]) for k in ("conv", "fc")}
@@ -175,26 +187,22 @@ def wrong(out_path: str) -> int:
 
     bad = X[:8, :, :, :2].repeat(2, axis=3)  # (8, 12, 12, 4)
     model = CNN(nnx.Rngs(0))
-    model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \
-        bn_stats(1)
+    set_bn(model, bn_stats(1))
     model.train()
     before = arrays(model)
     nnx_raised = raised(lambda: lsuv_nnx(model, bad, seed=3))
     nnx_same = same(before, arrays(model))
     module = Linen()
     variables = module.init(jax.random.PRNGKey(0), X)
-    flat = {"/".join(p.key for p in k): np.asarray(v).copy()
-            for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+    old = {k: v.copy() for k, v in flat(variables).items()}
     linen_raised = raised(lambda: lsuv_linen(module, variables, bad, seed=3))
-    now = {"/".join(p.key for p in k): np.asarray(v)
-           for k, v in jax.tree_util.tree_leaves_with_path(variables)}
     # a batch of the right shape to a linen BatchNorm in training mode: apply cannot update
     # the (immutable) batch_stats; the model's fault, not the batch's
     train = linen.BatchNorm(use_running_average=False)
     stats = train.init(jax.random.PRNGKey(0), X[:, 0, 0, :])
     train_raised = raised(lambda: lsuv_linen(train, stats, X[:, 0, 0, :], seed=3))
     write(out_path, {"nnx": {**nnx_raised, "same": nnx_same},
-                     "linen": {**linen_raised, "same": same(flat, now)},
+                     "linen": {**linen_raised, "same": same(old, flat(variables))},
                      "linen_train": train_raised})
     return 0
 
@@ -208,13 +216,12 @@ def main(argv):
         return fixed(argv[0][len("fixed-"):], argv[1])
     if argv[0] == "nnx":
         model = CNN(nnx.Rngs(0))
-        model.bn.mean.value, model.bn.var.value, model.bn.scale.value, model.bn.bias.value = \
-            bn_stats(1)
+        set_bn(model, bn_stats(1))
         model.eval()
         before = arrays(model)
         result = lsuv_nnx(model, X, seed=3)
         after = arrays(model)
-        moved = [".".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])]
+        moved = [".".join(map(str, k)) for k in changed(before, after)]
         steps = model.steps(jnp.asarray(X))
         out = steps["ein"]
         variances = {k: var(v) for k, v in steps.items()}
@@ -226,10 +233,7 @@ def main(argv):
                      "batch_stats": {"bn": {"mean": mean, "var": v}}}
         result = lsuv_linen(module, variables, X, seed=3)
         new = result.variables
-        flat_old = jax.tree_util.tree_leaves_with_path(variables)
-        flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
-        moved = ["/".join(p.key for p in k) for k, val in flat_old
-                 if not np.array_equal(np.asarray(val), np.asarray(flat_new[k]))]
+        moved = changed(flat(variables), flat(new))
         out, state = module.apply(new, X, capture_intermediates=True)
         inter = state["intermediates"]
         variances = {k: var(inter[k]["__call__"][0]) for k in ("conv", "up", "fc")}
